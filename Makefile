@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make bench   install what is missing, then run the benchmark suite (tiny CPU mode without a GPU)
+#   make test    install what is missing, then run the tests
+# On a CPU machine the pins below take the wheels already on disk (torch 2.13.0+cpu, triton 3.8.0).
+# On a GPU machine keep your CUDA torch:  make test TORCH_PINS=
+PYTHON ?= python3
+TORCH_PINS ?= torch==2.13.0 triton==3.8.0 numpy<2.4
+DEPS = diffusers==0.42.1 cuda-python pybind11>=2.12 ninja pytest pytest-benchmark
+STAMP = .installed-$(shell $(PYTHON) -c "import sys; print('%d%d' % sys.version_info[:2])")
+
+.PHONY: install bench test gpu-wheels clean
+
+install: $(STAMP)
+
+# Re-run the install only when the build inputs change (a plain `make test` then costs nothing extra).
+$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+	$(PYTHON) -m pip install -q $(foreach p,$(TORCH_PINS) $(DEPS),"$(p)")
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+bench: install
+	$(PYTHON) -m benchmarks.run
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+# Pure-Python wheels that benchmarks/gpu_check.sh installs on the GPU machine (Python 3.12, no network there).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		diffusers==0.42.1 importlib_metadata
+
+clean:
+	rm -rf build build-* .installed-* dcgen_kernels/_C*.so *.egg-info

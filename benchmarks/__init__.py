@@ -1,0 +1,1 @@
+"""Benchmarks for dcgen_kernels; the entry point is `python -m benchmarks.run` (see run.py)."""

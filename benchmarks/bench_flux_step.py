@@ -1,0 +1,139 @@
+"""One FLUX transformer step (FluxTransformer2DModel.forward): stock diffusers eager vs dcgen_kernels.patch.
+
+Real mode: the FLUX.1-dev 12B config with random bf16 weights built directly on the GPU (latency does not
+depend on weight values; nothing is downloaded). Tiny mode: a 1+1-block fp32 model on the CPU.
+Both variants run on the same model object and the same inputs in the same process: stock first, then
+patch(model) -> time -> unpatch(model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import dcgen_kernels
+
+from .common import (ANCHOR_LABEL, REL_L2_TOL, check_record, dcgen_fallbacks, error_record, first_call, flux_ids,
+                     rel_l2)
+from .timing import time_ms
+
+FLUX_DEV_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
+                 num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                 axes_dims_rope=(16, 24, 24))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: dict
+    dtype: torch.dtype
+    text_tokens: int
+    sizes: tuple  # (image tokens, warm-up calls, timed calls); ~2.5 min in all on an H100
+    weights: str
+
+
+REAL = Config(FLUX_DEV_12B, torch.bfloat16, 512, ((4096, 2, 5), (16384, 1, 3)),
+              "random (diffusers' default init, built on the GPU in bf16); latency does not depend on weight values")
+TINY = Config(FLUX_TINY, torch.float32, 16, ((64, 1, 3),), "random (diffusers' default init), fp32 on the CPU")
+
+
+def build_model(cfg: Config, device: torch.device):
+    """Parameters are created on `device` in cfg.dtype: 12B fp32 parameters on the host would take minutes."""
+    from diffusers import FluxTransformer2DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**cfg.model)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(cfg: Config, image_tokens: int, device: torch.device) -> dict:
+    m, dtype = cfg.model, cfg.dtype
+    txt_ids, img_ids = flux_ids(cfg.text_tokens, image_tokens, device)
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, m["in_channels"], device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, cfg.text_tokens, m["joint_attention_dim"], device=device, dtype=dtype),
+        pooled_projections=torch.randn(1, m["pooled_projection_dim"], device=device, dtype=dtype),
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),
+        guidance=torch.tensor([3.5], device=device, dtype=dtype),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        return_dict=False,
+    )
+
+
+def _patched(model, step, device, warmup, iters, stock_out, tolerance, backend) -> dict:
+    dcgen_kernels.patch(model, backend=backend)
+    try:
+        report = dcgen_kernels.patch_report(model)
+        out, exc, messages = first_call(step)
+        if exc is not None:
+            raise exc
+        rec = check_record(rel_l2(out, stock_out), tolerance)
+        rec["ms"] = time_ms(step, device, warmup, iters)
+        rec.update(modules_replaced=len(report.replaced), modules_skipped=len(report.skipped), report=str(report),
+                   fallbacks=dcgen_fallbacks(messages))
+        return rec
+    finally:
+        dcgen_kernels.unpatch(model)
+
+
+def _reference_deviation(model, step, stock_out) -> float:
+    """rel-L2 of the patched model on the fp32 reference backend vs stock: bf16 noise of the stock path itself,
+    grown through every block. The fused op may deviate about as much (2x allowed) without being wrong."""
+    dcgen_kernels.patch(model, backend="reference")
+    try:
+        return rel_l2(step(), stock_out)
+    finally:
+        dcgen_kernels.unpatch(model)
+
+
+def run(device: torch.device, tiny: bool, anchors: dict) -> dict:
+    """anchors: the anchor file's "flux12b_step_ms_by_image_tokens" block (or None)."""
+    cfg = TINY if tiny else REAL
+    result = {"config": {"model": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.model.items()},
+                         "dtype": str(cfg.dtype).removeprefix("torch."), "device": str(device), "batch": 1,
+                         "text_tokens": cfg.text_tokens, "weights": cfg.weights},
+              "sizes": {}}
+    model = build_model(cfg, device)
+    try:
+        for image_tokens, warmup, iters in cfg.sizes:
+            rec = result["sizes"][str(image_tokens)] = {"warmup": warmup, "iters": iters}
+            try:
+                x = make_inputs(cfg, image_tokens, device)
+                step = lambda: model(**x)[0]  # noqa: E731
+                with torch.no_grad():
+                    stock_out = step()
+                    rec["stock"] = {"ms": time_ms(step, device, warmup, iters)}
+                    anchor = (anchors or {}).get(str(image_tokens))
+                    if anchor:
+                        rec["stock"][ANCHOR_LABEL] = anchor
+                    if "noise_floor" not in result:  # first size only: the fp32 reference attention is costly
+                        result["noise_floor"] = {"image_tokens": image_tokens,
+                                                 "rel_l2_reference_backend_vs_stock":
+                                                     _reference_deviation(model, step, stock_out)}
+                    tolerance = max(REL_L2_TOL, 2 * result["noise_floor"]["rel_l2_reference_backend_vs_stock"])
+                    # "patched" is what users get (backend auto); "patched_triton" forces the Triton kernels.
+                    for name, backend in (("patched", "auto"), ("patched_triton", "triton")):
+                        try:
+                            rec[name] = _patched(model, step, device, warmup, iters, stock_out, tolerance, backend)
+                            rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
+                        except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
+                            rec[name] = error_record(err)
+                    rec["unpatched_after"] = not dcgen_kernels.is_patched(model)
+            except Exception as err:  # noqa: BLE001
+                rec.update(error_record(err))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result

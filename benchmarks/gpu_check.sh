@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One command for a fresh H100/H200 (no network), from the repository root or anywhere:
+#     bash benchmarks/gpu_check.sh [--dry-run]
+# Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu ->
+# benchmark suite. Writes ${OUT:-benchmarks/results}/gpu_check-<gpu>-<date>.{json,log}, copied to
+# benchmarks/results/ too when $OUT is set. Whole run <= 8 min: every phase has a timeout, and the pytest
+# phase leaves the suite at least SUITE_RESERVE_S. A failing phase is recorded and the next one still runs;
+# the exit status is non-zero if any phase failed.
+# --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode; works without a GPU.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+DRY_RUN=${DCGEN_DRY_RUN:-0}
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+BUDGET_S=480
+SUITE_RESERVE_S=240   # real-size suite: ~30 s ceilings + attention, ~2.5 min FLUX steps, plus JIT compiles
+START=$EPOCHSECONDS
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true)
+SLUG=$(printf '%s' "${GPU_NAME:-no-gpu}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
+[[ $DRY_RUN == 1 ]] && SLUG=dryrun-$SLUG
+RESULTS=$ROOT/benchmarks/results
+OUT_DIR=${OUT:-$RESULTS}
+mkdir -p "$OUT_DIR" "$RESULTS"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+BASE=$OUT_DIR/gpu_check-$SLUG-$(date -u +%Y%m%d-%H%M%S)
+WORK=$(mktemp -d)
+PHASES=$WORK/phases.tsv   # name, status, seconds: read by run.py into the JSON
+JUNIT=$WORK/pytest-junit.xml
+
+cuda_arch() {  # e.g. 90a on an H100: the arch-specific 'a' targets carry wgmma/TMA (sm_90 and newer)
+  if [[ -n ${DCGEN_CUDA_ARCHS:-} ]]; then echo "$DCGEN_CUDA_ARCHS"; return; fi
+  local cap
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .' || true)
+  if [[ -z $cap ]]; then echo 90a; return; fi  # no GPU (dry run): build for the H100 target
+  if ((cap >= 90)); then echo "${cap}a"; else echo "$cap"; fi
+}
+
+record() {  # record NAME STATUS SECONDS
+  printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$PHASES"
+  echo "=== [$1] $2 in ${3}s (elapsed $((EPOCHSECONDS - START))s of ${BUDGET_S}s)"
+}
+
+FAILED=()
+phase() {  # phase NAME TIMEOUT_S [OK_RC] -- CMD...: run with a timeout, time and record it; never fatal
+  local name=$1 limit=$2 ok_rc=0
+  shift 2
+  if [[ $1 != -- ]]; then ok_rc=$1; shift; fi
+  shift
+  echo "=== [$name] (timeout ${limit}s) $*"
+  local t0=$EPOCHREALTIME rc=0
+  timeout -k 10 "$limit" "$@" || rc=$?
+  local dt status
+  dt=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+  case $rc in
+    0) status=ok ;;
+    "$ok_rc") status="ok (rc=$rc)" ;;
+    124) status="timeout after ${limit}s"; FAILED+=("$name") ;;
+    *) status="failed (rc=$rc)"; FAILED+=("$name") ;;
+  esac
+  record "$name" "$status" "$dt"
+}
+
+main() {
+  echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); dry run: $DRY_RUN; results: $BASE.json"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null \
+    || echo "nvidia-smi: no GPU visible"
+
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    phase install_wheels 120 -- "$PY" -m pip install -q --no-index --no-deps --upgrade --target .pysite .whl/*.whl
+    export PYTHONPATH=$ROOT/.pysite:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  else
+    record install_wheels "skipped (no .whl/*.whl; using the installed diffusers, if any)" 0
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  fi
+
+  if [[ -f CMakeLists.txt ]]; then
+    local arch so
+    arch=$(cuda_arch)
+    echo "building _C for DCGEN_CUDA_ARCHS=$arch"
+    phase cmake_configure 90 -- cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DDCGEN_CUDA_ARCHS="$arch" -DPython_EXECUTABLE="$(command -v "$PY")" \
+      -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)"
+    phase cmake_build 180 -- cmake --build build-gpu
+    so=$(find build-gpu -name '_C*.so' -print -quit)
+    if [[ -n $so ]]; then
+      cp -f "$so" dcgen_kernels/ && echo "installed $so -> dcgen_kernels/"
+    else
+      record install_extension "failed (no _C*.so under build-gpu/)" 0
+      FAILED+=(install_extension)
+    fi
+  else
+    record cmake_build "skipped (no CMakeLists.txt)" 0
+  fi
+
+  local left=$((BUDGET_S - (EPOCHSECONDS - START) - SUITE_RESERVE_S))
+  phase pytest_gpu $((left > 60 ? (left < 180 ? left : 180) : 60)) -- \
+    "$PY" -m pytest -m gpu -q tests --junitxml="$JUNIT"
+
+  local suite_args=(--out "$BASE.json" --pytest-junit "$JUNIT" --phases "$PHASES")
+  if [[ $DRY_RUN == 1 ]]; then suite_args+=(--tiny); fi
+  left=$((BUDGET_S - (EPOCHSECONDS - START) - 15))
+  phase suite $((left > 120 ? left : 120)) -- "$PY" benchmarks/run.py "${suite_args[@]}"
+
+  echo "gpu_check: total $((EPOCHSECONDS - START))s; results $BASE.json; log $BASE.log"
+  if ((${#FAILED[@]})); then
+    echo "gpu_check: FAILED phases: ${FAILED[*]}"
+    return 1
+  fi
+  echo "gpu_check: all phases ok"
+}
+
+rc=0
+main 2>&1 | tee "$BASE.log" || rc=$?
+if [[ -n ${OUT:-} && $OUT_DIR != "$RESULTS" ]]; then
+  cp -f "$BASE.json" "$BASE.log" "$RESULTS"/ 2>/dev/null || true
+fi
+rm -rf "$WORK"
+exit "$rc"

@@ -1,0 +1,318 @@
+"""dcgen_kernels benchmark suite: `python -m benchmarks.run [--tiny] [--out results.json]`.
+
+With a CUDA GPU it runs at real sizes; without one (or with --tiny) it runs a tiny CPU configuration that only
+proves the code paths work: its timings are not meaningful.
+
+How to read the numbers
+- Every time is a median (CUDA events per call after warm-up; perf_counter on the CPU) in milliseconds, and
+  every comparison is within this run: "stock" is diffusers' eager path, timed in the same process.
+- Ceilings are measured in the same run (1 GiB device copy counting read + write bytes; bf16 8192³ GEMM) and
+  shown beside the anchor values of an H100 measured on 2026-11-27 (benchmarks/anchors/). "%GEMM" is a
+  variant's attention TFLOP/s (4·B·H·N²·D / t, matmuls only) over this run's measured GEMM TFLOP/s.
+- flux_attention: B1 H24 D128 bf16, 512 text + 4096 / 16384 image tokens. "stock" includes the q/k RMSNorms,
+  the [text, image] concat, RoPE and layout copies; "sdpa_cudnn" / "sdpa_flash" are SDPA alone on prepared
+  inputs (a bound for attention without that work); "dcgen_*" are the fused op on the raw projection views.
+  "x stock" = stock ms / variant ms. rel-L2 is against the stock output; above 1e-2 the check says FAILED.
+- flux_step: one FluxTransformer2DModel forward, FLUX.1-dev 12B config, random bf16 weights (latency does not
+  depend on them), stock vs dcgen_kernels.patch(model) on the same model. Its check allows max(1e-2, twice the
+  deviation of the fp32 reference backend from stock), since bf16 noise grows through the 57 blocks.
+- targets: fused attention faster than stock at both N; fused attention ≥ 650 TFLOP/s (a goal); the patched
+  4096-token step faster than stock. A target counts only variants whose correctness check is ok.
+- problems: every section that raised (its "error" is in the JSON), every FAILED check, and failed GPU tests;
+  the exit status is 1 when there are any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/run.py` puts benchmarks/ first, not the repository root
+    sys.path.insert(0, str(REPO))
+
+ANCHOR_FILE = REPO / "benchmarks" / "anchors" / "h100-2026-11-27.json"
+ATTENTION_GOAL_TFLOPS = 650
+TINY_NOTE = "tiny CPU mode, timings are not meaningful"
+
+
+def _command_output(*cmd: str):
+    try:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device) -> dict:
+    import torch
+    import triton
+
+    import dcgen_kernels
+
+    try:
+        import diffusers
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    cuda = device.type == "cuda"
+    nvcc = _command_output("nvcc", "--version")
+    status = _command_output("git", "status", "--porcelain")
+    return {
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                     "diffusers": diffusers_version, "dcgen_kernels": dcgen_kernels.__version__,
+                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+                     "nvcc": nvcc.splitlines()[-1] if nvcc else None},
+        # The GPU machine gets the work tree without .git: gpu_check's caller passes the commit in.
+        "git": {"commit": os.environ.get("DCGEN_GIT_COMMIT") or _command_output("git", "rev-parse", "HEAD"),
+                "dirty": None if status is None else bool(status)},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "dcgen_kernels_info": dcgen_kernels.info(),
+    }
+
+
+def load_anchors() -> dict:
+    data = json.loads(ANCHOR_FILE.read_text())
+    keys = ("gpu", "date", "stack", "note", "ceilings", "attention_B1_H24_D128_bf16",
+            "plain_triton_flash_attention_fwd", "flux12b_step_ms_by_image_tokens", "flux12b_step_ms_4096_torch_compile")
+    return {"file": str(ANCHOR_FILE.relative_to(REPO)), **{k: data.get(k) for k in keys}}
+
+
+def gpu_check_record(junit: str | None, phases: str | None) -> dict:
+    """Phases gpu_check.sh ran before this suite (a TSV: name, status, seconds) and the GPU tests' counts."""
+    rec = {}
+    if phases and Path(phases).exists():
+        rows = [line.split("\t") for line in Path(phases).read_text().splitlines() if line]
+        rec["phases"] = [{"phase": name, "status": status, "seconds": float(seconds)} for name, status, seconds in rows]
+    if junit:
+        if not Path(junit).exists():
+            rec["pytest"] = {"error": f"no pytest report at {junit} (pytest did not run or crashed)"}
+        else:
+            root = ET.parse(junit).getroot()
+            suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+            counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+            counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+            rec["pytest"] = counts
+    return rec
+
+
+def _target(name: str, passed, detail: str) -> dict:
+    return {"target": name, "pass": passed, "detail": detail}
+
+
+def _best_dcgen(variants: dict):
+    """Fastest dcgen variant whose output passed the correctness check, as (name, record) or None."""
+    good = [(n, r) for n, r in variants.items() if n.startswith("dcgen_") and "ms" in r and r.get("check") == "ok"]
+    return min(good, key=lambda nr: nr[1]["ms"], default=None)
+
+
+def targets(report: dict, tiny: bool) -> list:
+    """The performance targets at the real sizes; in tiny mode listed but not evaluated."""
+    from benchmarks import bench_flux_attention, bench_flux_step
+
+    att_cfg, step_key = bench_flux_attention.REAL, str(bench_flux_step.REAL.sizes[0][0])
+    out = []
+    for image_tokens in att_cfg.image_tokens:
+        key = f"N={att_cfg.text_tokens + image_tokens}"
+        variants = report.get("flux_attention", {}).get("sizes", {}).get(key, {}).get("variants", {})
+        best, stock_ms = _best_dcgen(variants), variants.get("stock", {}).get("ms")
+        speed = tflops = (False, "no checked dcgen result or no stock time")
+        if best and stock_ms:
+            name, rec = best
+            speed = (rec["ms"] < stock_ms, f"{name} {rec['ms']:.3f} ms vs stock {stock_ms:.3f} ms")
+            tflops = (rec["tflops"] >= ATTENTION_GOAL_TFLOPS, f"{name} {rec['tflops']:.0f} TFLOP/s")
+        out += [_target(f"fused attention faster than stock at {key}", *speed),
+                _target(f"fused attention >= {ATTENTION_GOAL_TFLOPS} TFLOP/s at {key} (goal)", *tflops)]
+
+    size = report.get("flux_step", {}).get("sizes", {}).get(step_key, {})
+    stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
+    step = (False, f"no checked result (patched: {patched.get('error') or patched.get('check')})")
+    if stock_ms and "ms" in patched and patched.get("check") == "ok":
+        step = (patched["ms"] < stock_ms, f"patched {patched['ms']:.1f} ms vs stock {stock_ms:.1f} ms")
+    out.append(_target(f"FLUX step at {step_key} image tokens: patched faster than stock", *step))
+    if tiny:
+        for t in out:
+            t.update({"pass": None, "detail": f"not evaluated: {TINY_NOTE}"})
+    return out
+
+
+def problems(node, path="") -> list:
+    """Paths of every recorded error and FAILED check, plus failed GPU tests. The environment section is
+    descriptive (dcgen_kernels.info() names why `_C` is absent under "error") and is not searched."""
+    found = []
+    if isinstance(node, dict) and path != "/environment":
+        if node.get("error"):
+            found.append(f"{path}: {node['error']}")
+        if node.get("check") == "FAILED":
+            found.append(f"{path}: rel-L2 {node.get('rel_l2_vs_stock')} > {node.get('tolerance')}")
+        if path == "/gpu_check/pytest" and (node.get("failures") or node.get("errors")):
+            found.append(f"{path}: {node.get('failures')} failed, {node.get('errors')} errors")
+        for key, value in node.items():
+            found += problems(value, f"{path}/{key}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- table
+def _fmt(value, spec: str, width: int) -> str:
+    return f"{value:{width}{spec}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+def _status(rec: dict):
+    """A non-timing outcome of a variant, shortened for the table, or None when it has a time."""
+    for key in ("error", "unavailable", "skipped"):
+        if key in rec:
+            return f"{key}: {str(rec[key]).splitlines()[0][:90]}"
+    return None
+
+
+def table(report: dict) -> str:
+    from benchmarks.common import ANCHOR_LABEL
+
+    env = report.get("environment", {})
+    versions = env.get("versions", {})
+    where = f"{env['gpu']} (capability {env.get('capability')})" if env.get("gpu") else "CPU"
+    lines = [f"== dcgen_kernels benchmarks: {report['mode']} on {where}, torch {versions.get('torch')}, "
+             f"triton {versions.get('triton')}, diffusers {versions.get('diffusers')}"]
+    if report["mode"] != "gpu":
+        lines.append(f"   {TINY_NOTE}")
+
+    ceil = report.get("ceilings", {})
+    anchor = ceil.get(ANCHOR_LABEL, {})
+    lines.append(f"{'ceilings':34}{'this run':>10}  {ANCHOR_LABEL}")
+    if "error" in ceil:
+        lines.append(f"  {_status(ceil)}")
+    else:
+        lines.append(f"  {'device copy GB/s':32}{_fmt(ceil.get('copy_GBps'), '.0f', 10)}  "
+                     f"{_fmt(anchor.get('copy_GBps'), '.0f', 10)}")
+        lines.append(f"  {ceil.get('gemm_dtype')} GEMM {ceil.get('gemm_n')}^3 TFLOP/s".ljust(34)
+                     + f"{_fmt(ceil.get('gemm_tflops'), '.1f', 10)}  {_fmt(anchor.get('gemm_tflops'), '.1f', 10)}")
+
+    att = report.get("flux_attention", {})
+    cfg = att.get("config", {})
+    lines.append(f"flux_attention B{cfg.get('B')} H{cfg.get('H')} D{cfg.get('D')} {cfg.get('dtype')}")
+    lines.append(f"  {'N':<8}{'variant':<14}{'ms':>9}{'TFLOP/s':>9}{'%GEMM':>7}{'x stock':>9}{'rel-L2':>9}"
+                 f"{'check':>7}{'anchor ms':>11}")
+    if "error" in att:
+        lines.append(f"  {_status(att)}")
+    for key, size in att.get("sizes", {}).items():
+        if "error" in size:
+            lines.append(f"  {key[2:]:<8}{_status(size)}")
+        for name, rec in size.get("variants", {}).items():
+            status = _status(rec)
+            row = f"  {key[2:]:<8}{name:<14}"
+            if status:
+                lines.append(row + status)
+                continue
+            frac = rec.get("frac_of_measured_gemm")
+            lines.append(row + f"{_fmt(rec['ms'], '.3f', 9)}{_fmt(rec['tflops'], '.1f', 9)}"
+                         f"{_fmt(frac * 100 if frac else None, '.0f', 7)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
+                         f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
+                         f"{_fmt(rec.get(ANCHOR_LABEL, {}).get('ms'), '.3f', 11)}")
+
+    step = report.get("flux_step", {})
+    lines.append(f"flux_step ({step.get('config', {}).get('weights', 'not run')})")
+    lines.append(f"  {'tokens':<8}{'variant':<14}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'anchor ms':>11}")
+    if "error" in step:
+        lines.append(f"  {_status(step)}")
+    for key, size in step.get("sizes", {}).items():
+        if "error" in size:
+            lines.append(f"  {key:<8}{_status(size)}")
+        for name in ("stock", "patched", "patched_triton"):
+            rec = size.get(name)
+            if rec is None:
+                continue
+            row = f"  {key:<8}{name:<14}"
+            status = _status(rec)
+            lines.append(row + status if status else
+                         row + f"{_fmt(rec['ms'], '.2f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
+                         f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
+                         f"{_fmt(rec.get(ANCHOR_LABEL), '.1f', 11)}")
+
+    pytest_counts = report.get("gpu_check", {}).get("pytest")
+    if pytest_counts:
+        lines.append("pytest -m gpu: " + (pytest_counts.get("error") or ", ".join(
+            f"{pytest_counts[k]} {k}" for k in ("passed", "failures", "errors", "skipped"))))
+    lines.append("targets")
+    for t in report.get("targets", []):
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
+        lines.append(f"  {mark}  {t['target']}: {t['detail']}")
+    found = report.get("problems", [])
+    lines.append(f"problems: {len(found)}" + "".join(f"\n  {p.splitlines()[0][:160]}" for p in found))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="force the tiny CPU configuration")
+    parser.add_argument("--out", help="write the results JSON here (rewritten after every section)")
+    parser.add_argument("--pytest-junit", help="junit XML of the GPU test run, to record its counts")
+    parser.add_argument("--phases", help="TSV of gpu_check.sh phases (name, status, seconds), to record")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.manual_seed(0)  # same random inputs and weights on every run
+    gpu = torch.cuda.is_available() and not args.tiny
+    if not gpu:
+        # Run the Triton kernels through the interpreter on CPU tensors; must precede the first @triton.jit.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        print(f"{'--tiny' if args.tiny else 'no CUDA GPU'}: {TINY_NOTE}", flush=True)
+    device = torch.device("cuda" if gpu else "cpu")
+
+    from benchmarks import bench_flux_attention, bench_flux_step
+    from benchmarks.common import ANCHOR_LABEL, error_record
+    from benchmarks.timing import measure_ceilings
+
+    report = {"schema": "dcgen_kernels-benchmarks/1", "mode": "gpu" if gpu else "tiny-cpu"}
+
+    def save():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+    def section(name, fn):
+        print(f"[run] {name} ...", flush=True)
+        try:
+            report[name] = fn()
+        except Exception as err:  # noqa: BLE001 - recorded; the suite goes on
+            report[name] = error_record(err)
+        save()
+        return report[name]
+
+    section("environment", lambda: environment(device))
+    anchors = section("anchors", load_anchors)
+    if args.pytest_junit or args.phases:
+        section("gpu_check", lambda: gpu_check_record(args.pytest_junit, args.phases))
+
+    def ceilings():
+        rec = measure_ceilings(device)
+        anchor = anchors.get("ceilings") or {}
+        rec[ANCHOR_LABEL] = {"copy_GBps": anchor.get("copy_TBps", 0) * 1e3 or None,
+                             "gemm_tflops": anchor.get("bf16_gemm_tflops")}
+        return rec
+
+    gemm_tflops = section("ceilings", ceilings).get("gemm_tflops")
+    section("flux_attention", lambda: bench_flux_attention.run(
+        device, not gpu, gemm_tflops, anchors.get("attention_B1_H24_D128_bf16")))
+    section("flux_step", lambda: bench_flux_step.run(device, not gpu, anchors.get("flux12b_step_ms_by_image_tokens")))
+    report["targets"] = targets(report, tiny=not gpu)
+    report["problems"] = problems(report)
+    save()
+    if args.out:
+        print(f"[run] wrote {args.out}", flush=True)
+    print(table(report), flush=True)
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

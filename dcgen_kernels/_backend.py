@@ -1,0 +1,107 @@
+"""Backend selection shared by every op.
+
+``auto`` tries ``cuda`` -> ``triton`` -> ``reference``. Backends an op does not implement, or that cannot run
+on this machine at all (no ``_C``, Triton on a CPU tensor without ``TRITON_INTERPRET=1``), are skipped quietly
+in ``auto``; a backend that is there but rejects this particular call (dtype, head_dim, strides) is skipped with
+a one-time warning naming the reason, because that is a performance cliff the user should hear about.
+An explicitly requested backend that cannot serve the call always warns once and falls back down the chain.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Mapping, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "DCGEN_BACKEND"
+
+# A support check returns None when the backend can serve the call, else the reason it cannot.
+SupportCheck = Callable[[], Optional[str]]
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - triton ships with torch on Linux
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def triton_device_error(device: torch.device) -> Optional[str]:
+    """Why Triton cannot run on `device` on this machine, or None."""
+    reason = triton_import_error()
+    if reason:
+        return reason
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return None
+    return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+
+
+def check_backend_name(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def requested(backend: str) -> str:
+    """The backend asked for: the call's argument, or DCGEN_BACKEND when the call says 'auto'."""
+    check_backend_name(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            if env not in BACKEND_CHOICES:
+                raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKEND_CHOICES}, got {env!r}")
+            return env
+    return backend
+
+
+def select(
+    op: str,
+    backend: str,
+    platform_checks: Mapping[str, SupportCheck],
+    case_checks: Mapping[str, SupportCheck],
+) -> str:
+    """Pick the backend for one call of `op`.
+
+    platform_checks: per implemented backend, whether it can run on this machine/device at all.
+    case_checks: per implemented backend, whether it supports this call's dtypes, shapes and strides.
+    Backends missing from platform_checks are not implemented for `op`. 'reference' always serves.
+    """
+    choice = requested(backend)
+    explicit = choice != "auto"
+    order = BACKENDS[BACKENDS.index(choice):] if explicit else BACKENDS
+    for name in order:
+        if name == "reference":
+            return name
+        if name not in platform_checks:
+            reason = f"{op} has no {name} backend"
+            quiet = not (explicit and name == choice)
+        else:
+            reason = platform_checks[name]()
+            quiet = reason is not None and not (explicit and name == choice)
+            if reason is None:
+                reason = case_checks[name]() if name in case_checks else None
+                if reason is None:
+                    return name
+        if not quiet:
+            nxt = order[order.index(name) + 1]
+            warn_once(f"{op}:{name}:{reason}", f"dcgen_kernels.{op}: {name} backend cannot serve this call ({reason}); "
+                      f"falling back to {nxt}")
+    raise AssertionError("unreachable: reference always serves")

@@ -1,0 +1,41 @@
+"""Optional compiled extension `dcgen_kernels._C` (CUDA kernels behind raw-pointer pybind11 bindings)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+try:
+    _C = importlib.import_module("dcgen_kernels._C")
+    C_IMPORT_ERROR: Optional[str] = None
+except ModuleNotFoundError:
+    _C = None
+    C_IMPORT_ERROR = "no _C module: installed without nvcc or with DCGEN_BUILD_CUDA=0"
+except ImportError as exc:  # built, but does not load (wrong Python/CUDA runtime)
+    _C = None
+    C_IMPORT_ERROR = f"_C does not load: {exc}"
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def compiled_archs() -> list[str]:
+    return list(_C.compiled_archs()) if _C is not None else []
+
+
+def cuda_device_error(device: torch.device) -> Optional[str]:
+    """Why the `_C` kernels cannot run on `device`, or None."""
+    if _C is None:
+        return f"dcgen_kernels._C is not built ({C_IMPORT_ERROR})"
+    if device.type != "cuda":
+        return f"CUDA kernels need a CUDA tensor, got device {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"{major}{minor}"
+    if not any(a.rstrip("af") == arch for a in compiled_archs()):
+        return f"_C was built for sm_{compiled_archs()} but this GPU is sm_{arch} (rebuild with DCGEN_CUDA_ARCHS)"
+    return None
+
+
+def stream_handle(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream

@@ -1,0 +1,78 @@
+"""Helpers shared by the op modules: argument validation and autograd through the fp32 reference."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: Optional[int] = None,
+    shape: Optional[Sequence[int]] = None,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    device: Optional[torch.device] = None,
+    last_dim_contiguous: bool = False,
+) -> torch.Tensor:
+    """Raise TypeError/ValueError naming `name` and what was expected."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on device {device} like the first input, got {t.device}")
+    if last_dim_contiguous and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
+    return t
+
+
+def tma_alignment_error(name: str, t: torch.Tensor) -> Optional[str]:
+    """TMA descriptors need a 16-byte aligned base and 16-byte multiples for every stride but the last."""
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return f"{name} data pointer is not 16-byte aligned"
+    for stride in t.stride()[:-1]:
+        if (stride * size) % 16:
+            return f"{name} strides {t.stride()} are not multiples of 16 bytes"
+    return None
+
+
+def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -> None:
+    """Backward of `op` = vjp of its fp32 reference, recomputed under autograd.
+
+    The first `n_tensor_inputs` arguments of `op` are (optional) tensors; the rest are passed through.
+    Correct for every backend's forward; memory-lean because the reference uses SDPA-style primitives.
+    """
+
+    def setup_context(ctx, inputs, output):
+        tensors = inputs[:n_tensor_inputs]
+        ctx.present = [t is not None for t in tensors]
+        ctx.save_for_backward(*[t for t in tensors if t is not None])
+        ctx.rest = inputs[n_tensor_inputs:]
+
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        tensors = [next(saved) if present else None for present in ctx.present]
+        wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(tensors)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(tensors, wanted)]
+            out = reference(*leaves, *ctx.rest[:-1])  # the last non-tensor input is the backend name
+            grads = torch.autograd.grad(out, [t for t, w in zip(leaves, wanted) if w], grad_out, allow_unused=True)
+        grads = iter(grads)
+        return tuple(next(grads) if w else None for w in wanted) + (None,) * len(ctx.rest)
+
+    op.register_autograd(backward, setup_context=setup_context)

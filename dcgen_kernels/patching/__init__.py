@@ -1,0 +1,101 @@
+"""`patch(model)`: swap a diffusers model's hot modules for dcgen_kernels ops, per model family.
+
+Only instances are touched (processors are per module); parameters, buffers and state_dict stay as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from .. import _backend
+from . import flux
+
+logger = logging.getLogger("dcgen_kernels")
+
+_FAMILIES = (flux,)
+_REPORT_ATTR = "_dcgen_patch_report"
+
+
+@dataclasses.dataclass
+class PatchReport:
+    model: str
+    backend: str
+    replaced: list = dataclasses.field(default_factory=list)  # (module name, family, replaced class)
+    skipped: list = dataclasses.field(default_factory=list)  # (module name, family, reason)
+
+    def __str__(self) -> str:
+        lines = [f"dcgen_kernels.patch({self.model}, backend={self.backend!r}): "
+                 f"{len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        counts: dict = {}
+        for _, family, cls in self.replaced:
+            counts[(family, cls)] = counts.get((family, cls), 0) + 1
+        lines += [f"  replaced {n} x {cls} ({family})" for (family, cls), n in counts.items()]
+        lines += [f"  skipped {name}: {reason}" for name, _, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _supported_text() -> str:
+    return "; ".join(family.SUPPORTED for family in _FAMILIES)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}")
+
+
+def patch(model: torch.nn.Module, *, backend: str = "auto") -> torch.nn.Module:
+    """Replace supported modules of `model` in place and return it. Idempotent; `unpatch` reverts it.
+
+    backend: 'auto' (default), 'cuda', 'triton' or 'reference' for every replaced op.
+    Raises ValueError when the model has no supported module.
+    """
+    _check_model(model)
+    _backend.check_backend_name(backend)
+    report = PatchReport(model=type(model).__name__, backend=backend)
+    for name, module in model.named_modules():
+        for family in _FAMILIES:
+            result = family.patch_module(module, backend)
+            if result is None:
+                continue
+            cls, reason = result
+            if reason is None:
+                report.replaced.append((name, family.FAMILY, cls))
+            else:
+                report.skipped.append((name, family.FAMILY, reason))
+            break
+    if not report.replaced:
+        detail = f" (skipped: {'; '.join(f'{n}: {r}' for n, _, r in report.skipped)})" if report.skipped else ""
+        raise ValueError(f"dcgen_kernels.patch found no supported module in {type(model).__name__}{detail}. "
+                         f"Supported: {_supported_text()}")
+    setattr(model, _REPORT_ATTR, report)
+    logger.info("%s", report)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore every module `patch` replaced; a model that was never patched is returned unchanged."""
+    _check_model(model)
+    for module in model.modules():
+        for family in _FAMILIES:
+            if family.unpatch_module(module):
+                break
+    if hasattr(model, _REPORT_ATTR):
+        delattr(model, _REPORT_ATTR)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    _check_model(model)
+    return getattr(model, _REPORT_ATTR, None) is not None
+
+
+def patch_report(model: torch.nn.Module) -> PatchReport:
+    """The report of the last `patch(model)`; raises ValueError when the model is not patched."""
+    _check_model(model)
+    report = getattr(model, _REPORT_ATTR, None)
+    if report is None:
+        raise ValueError(f"{type(model).__name__} is not patched by dcgen_kernels")
+    return report

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+import dcgen_kernels
+
+
+def test_info_reports_versions_gpu_extension_and_backends():
+    report = dcgen_kernels.info()
+    assert report["dcgen_kernels"] == dcgen_kernels.__version__
+    assert report["torch"] and report["python"]
+    assert set(report["backends"]) == {"reference", "triton", "cuda"}
+    assert report["backends"]["reference"]["available"] is True
+    for name in ("triton", "cuda"):
+        entry = report["backends"][name]
+        assert entry["available"] == (entry["reason"] is None)
+    assert set(report["gpu"]) == {"name", "capability", "source"}
+    ext = report["extension"]
+    assert ext["built"] == (ext["error"] is None)
+    if ext["built"]:
+        assert ext["archs"], "a built _C must say which archs it holds"
+
+
+@pytest.mark.skipif(os.environ.get("DCGEN_REQUIRE_C") != "1", reason="only where the build must have produced _C")
+def test_extension_is_built_where_required():
+    ext = dcgen_kernels.info()["extension"]
+    assert ext["built"], ext["error"]
+    from dcgen_kernels import _C
+
+    assert _C.device_count() >= 0

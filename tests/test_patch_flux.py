@@ -1,0 +1,140 @@
+import warnings
+
+import pytest
+import torch
+
+import dcgen_kernels
+from dcgen_kernels.patching.flux import DCGenFluxAttnProcessor
+from tests.helpers import TOLERANCE, rel_l2, tiny_flux, tiny_flux_inputs
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate_qkv", "fused_qkv"])
+def test_patched_reference_equals_stock(fused):
+    model = tiny_flux()
+    if fused:
+        model.fuse_qkv_projections()
+    inputs = tiny_flux_inputs()
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate_qkv", "fused_qkv"])
+def test_patched_triton_bf16_matches_fp32_stock(fused):
+    model = tiny_flux()
+    inputs = tiny_flux_inputs()
+    expected = run(model, inputs)
+    model = model.to(torch.bfloat16)
+    if fused:
+        model.fuse_qkv_projections()
+    bf16_inputs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and "ids" not in k
+                       else v) for k, v in inputs.items()}
+    stock_error = rel_l2(run(model, bf16_inputs), expected)
+    dcgen_kernels.patch(model, backend="triton")
+    patched_error = rel_l2(run(model, bf16_inputs), expected)
+    # The fused op runs its norm/RoPE in fp32, so it is no less accurate than stock bf16 diffusers.
+    assert patched_error <= max(1.5 * stock_error, TOLERANCE[torch.bfloat16]), (patched_error, stock_error)
+
+
+def test_patch_replaces_every_flux_attention_and_reports_it():
+    model = dcgen_kernels.patch(tiny_flux())
+    report = dcgen_kernels.patch_report(model)
+    assert dcgen_kernels.is_patched(model)
+    assert sorted(name for name, _, _ in report.replaced) == ["single_transformer_blocks.0.attn",
+                                                              "transformer_blocks.0.attn"]
+    assert report.skipped == []
+    assert "2 replaced" in str(report) and "FluxAttnProcessor" in str(report)
+    assert all(isinstance(model.get_submodule(n).processor, DCGenFluxAttnProcessor) for n, _, _ in report.replaced)
+
+
+def test_patch_is_idempotent_and_unpatch_restores_the_original_processors():
+    model = tiny_flux()
+    originals = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    dcgen_kernels.patch(model, backend="reference")
+    dcgen_kernels.patch(model, backend="triton")  # re-patching only switches the backend
+    for name, module in model.named_modules():
+        if name in originals:
+            assert module.processor.original is originals[name] and module.processor.backend == "triton"
+    dcgen_kernels.unpatch(model)
+    assert not dcgen_kernels.is_patched(model)
+    assert {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")} == originals
+    with pytest.raises(ValueError, match="not patched"):
+        dcgen_kernels.patch_report(model)
+
+
+def test_patch_leaves_parameters_and_state_dict_untouched():
+    model = tiny_flux()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dcgen_kernels.patch(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_attention_mask_falls_back_to_diffusers_with_a_warning():
+    model = tiny_flux()
+    attn = model.transformer_blocks[0].attn
+    hidden, enc = torch.randn(1, 10, 128), torch.randn(1, 3, 128)
+    mask = torch.ones(1, 1, 13, 13, dtype=torch.bool)
+    with torch.no_grad():
+        expected = attn(hidden, enc, attention_mask=mask)
+        dcgen_kernels.patch(model)
+        dcgen_kernels._backend._warned.clear()
+        with pytest.warns(RuntimeWarning, match="attention_mask"):
+            out = attn(hidden, enc, attention_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+
+
+def test_model_without_supported_modules_is_rejected():
+    with pytest.raises(ValueError, match="no supported module in Sequential.*FluxTransformer2DModel"):
+        dcgen_kernels.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        dcgen_kernels.patch("flux")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dcgen_kernels.patch(tiny_flux(), backend="fastest")
+
+
+def test_patched_model_compiles_without_graph_breaks_and_matches():
+    model = tiny_flux()
+    inputs = tiny_flux_inputs()
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rel_l2(run(compiled, inputs), expected) < 1e-5
+
+
+def test_patched_model_gradients_match_stock():
+    """DC-Gen fine-tuning trains through patched blocks: parameter gradients must equal stock ones."""
+    model = tiny_flux()
+    inputs = {**tiny_flux_inputs(), "return_dict": False}
+
+    def grads():
+        model.zero_grad()
+        model(**inputs)[0].square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads()
+    dcgen_kernels.patch(model, backend="reference")
+    got = grads()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert rel_l2(got[name], expected[name]) < 1e-4, name
+
+
+@pytest.mark.gpu
+def test_patched_tiny_flux_on_gpu():
+    model = tiny_flux(dtype=torch.bfloat16, device="cuda")
+    inputs = tiny_flux_inputs(dtype=torch.bfloat16, device="cuda")
+    reference = tiny_flux(device="cuda")
+    reference.load_state_dict(model.state_dict())
+    expected = run(reference, {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                               for k, v in inputs.items()})
+    dcgen_kernels.patch(model)
+    assert rel_l2(run(model, inputs), expected) <= 2 * TOLERANCE[torch.bfloat16]
