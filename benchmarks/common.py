@@ -1,7 +1,10 @@
-"""Helpers shared by the benchmark modules: error records, correctness checks, FLUX positions and RoPE."""
+"""Helpers shared by the benchmark modules: error records, correctness checks, op loading, models built on the
+device, FLUX positions and RoPE."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import traceback
 import warnings
@@ -45,8 +48,71 @@ def first_call(fn: Callable[[], object]):
     return out, exc, [str(w.message) for w in caught]
 
 
+def reset_dcgen_warnings() -> None:
+    """Forget which dcgen_kernels fallback warnings were already shown. They are shown once per (op, backend,
+    reason) per process, and ops may share a name there (the two SANA linear attentions do), so a benchmark
+    that must see whether *this* call falls back clears the record before its first call."""
+    from dcgen_kernels import _backend
+
+    warned = getattr(_backend, "_warned", None)
+    if isinstance(warned, set):
+        warned.clear()
+
+
 def dcgen_fallbacks(messages: list) -> list:
     return [m for m in messages if m.startswith("dcgen_kernels")]
+
+
+# dcgen_kernels.ops names -> the ops submodule that defines them (tried when the package does not re-export them).
+OP_MODULES = {"sana_linear_attention": "sana_linear_attention",
+              "sana_multiscale_linear_attention": "sana_linear_attention",
+              "glumbconv": "glumbconv",
+              "ada_layer_norm_modulate": "ada_layer_norm",
+              "gated_residual": "ada_layer_norm",
+              "key_padding_attention": "key_padding_attention"}
+
+
+def load_op(name: str):
+    """(the callable dcgen_kernels.ops.<name>, None) or (None, why it is not importable)."""
+    ops = importlib.import_module("dcgen_kernels.ops")
+    fn = getattr(ops, name, None)
+    if fn is not None:
+        return fn, None
+    module = OP_MODULES.get(name)
+    if module is None:
+        return None, f"dcgen_kernels.ops has no {name}"
+    try:
+        fn = getattr(importlib.import_module(f"dcgen_kernels.ops.{module}"), name, None)
+    except Exception as err:  # noqa: BLE001 - an op being written may not import yet
+        return None, f"dcgen_kernels.ops.{module} does not import: {type(err).__name__}: {err}"
+    return (fn, None) if fn is not None else (None, f"dcgen_kernels.ops.{module} has no {name}")
+
+
+def accepts_backend(fn) -> bool:
+    try:
+        return "backend" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # e.g. a torch.library op without a Python signature
+        return True
+
+
+def build_module(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """`factory()` with parameters created directly on `device` in `dtype` (a 1.6B model in fp32 on the host
+    would take minutes), seeded so that every section building the same model gets the same weights. Eval
+    mode, no grad. Buffers the model creates in an explicit dtype (SANA's fp32 sincos table) keep it."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = factory()
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def image_grid(image_tokens: int) -> int:

@@ -16,8 +16,24 @@ How to read the numbers
 - flux_step: one FluxTransformer2DModel forward, FLUX.1-dev 12B config, random bf16 weights (latency does not
   depend on them), stock vs dcgen_kernels.patch(model) on the same model. Its check allows max(1e-2, twice the
   deviation of the fp32 reference backend from stock), since bf16 noise grows through the 57 blocks.
+- sana_ops: each SANA / DC-AE op vs the stock diffusers math it replaces (bench_sana_ops.py names it), bf16, B=1,
+  at SANA-1.6B shapes (C 2240, 70x32 heads, FFN 5600, cross 20x112 over 300 text tokens) for N = 4096 / 16384,
+  and the DC-AE multi-scale linear attention at the 4K decoder's stage shapes. "dcgen" is backend auto (what
+  patch() uses), "dcgen_triton"/"dcgen_cuda" force a backend (skipped when it would fall back). GB/s counts
+  inputs read once + output written once (memory-bound ops), "%copy" is that over this run's copy ceiling;
+  TFLOP/s for glumbconv (its GEMMs + depthwise conv) and the cross-attention. Checks at rel-L2 1e-2.
+- sana_step: one SanaTransformer2DModel forward, SANA-1.6B config, random bf16 weights, 300 text tokens with a
+  mask of ones, at c32_128x128 (SANA 4K) and c128_64x64 (DC-Gen-SANA 4K): stock eager vs patch(model); checks
+  allow max(2e-2, twice the fp32-reference-backend deviation). sana_step_compile: torch.compile of the stock
+  model (Inductor, mode default) at the same shapes, run last; "compile s" is its first call in wall seconds.
+- dcae_decode: AutoencoderDC.decode of a 1x32x128x128 latent (a 4096^2 image), stock vs patched, for the SANA 1.0
+  f32c32 decoder (EfficientViT stages) and for AutoencoderDC()'s defaults (all ResBlocks, the anchor's config).
 - targets: fused attention faster than stock at both N; fused attention ≥ 650 TFLOP/s (a goal); the patched
-  4096-token step faster than stock. A target counts only variants whose correctness check is ok.
+  4096-token step faster than stock; the patched SANA step ≤ 0.5x stock eager and faster than torch.compile of
+  stock at both shapes; sana_linear_attention ≥ 80% of the copy ceiling at 16384 tokens; the patched SANA 1.0
+  DC-AE 4K decode faster than stock. A target counts only variants whose correctness check is ok.
+- --budget-s (gpu_check passes what is left of its 8 minutes): a section that would not fit is recorded as
+  skipped instead of being killed with the suite; the torch.compile section needs the most.
 - problems: every section that raised (its "error" is in the JSON), every FAILED check, and failed GPU tests;
   the exit status is 1 when there are any.
 """
@@ -31,6 +47,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -40,6 +57,10 @@ if str(REPO) not in sys.path:  # `python benchmarks/run.py` puts benchmarks/ fir
 
 ANCHOR_FILE = REPO / "benchmarks" / "anchors" / "h100-2026-11-27.json"
 ATTENTION_GOAL_TFLOPS = 650
+SANA_STEP_MAX_FRACTION_OF_STOCK = 0.5
+LINEAR_ATTENTION_MIN_FRACTION_OF_COPY = 0.8
+# Seconds a section needs on an H100 at least (for --budget-s); sections not listed need little.
+SECTION_MIN_S = {"sana_ops": 45, "sana_step": 45, "dcae_decode": 40, "sana_step_compile": 120}
 TINY_NOTE = "tiny CPU mode, timings are not meaningful"
 
 
@@ -83,7 +104,8 @@ def environment(device) -> dict:
 def load_anchors() -> dict:
     data = json.loads(ANCHOR_FILE.read_text())
     keys = ("gpu", "date", "stack", "note", "ceilings", "attention_B1_H24_D128_bf16",
-            "plain_triton_flash_attention_fwd", "flux12b_step_ms_by_image_tokens", "flux12b_step_ms_4096_torch_compile")
+            "plain_triton_flash_attention_fwd", "flux12b_step_ms_by_image_tokens", "flux12b_step_ms_4096_torch_compile",
+            "sana1600m_step_ms", "sana1600m_step_ms_second_run", "autoencoder_decode_ms", "autoencoder_decode_note")
     return {"file": str(ANCHOR_FILE.relative_to(REPO)), **{k: data.get(k) for k in keys}}
 
 
@@ -111,7 +133,8 @@ def _target(name: str, passed, detail: str) -> dict:
 
 def _best_dcgen(variants: dict):
     """Fastest dcgen variant whose output passed the correctness check, as (name, record) or None."""
-    good = [(n, r) for n, r in variants.items() if n.startswith("dcgen_") and "ms" in r and r.get("check") == "ok"]
+    good = [(n, r) for n, r in variants.items()
+            if (n == "dcgen" or n.startswith("dcgen_")) and "ms" in r and r.get("check") == "ok"]
     return min(good, key=lambda nr: nr[1]["ms"], default=None)
 
 
@@ -139,9 +162,71 @@ def targets(report: dict, tiny: bool) -> list:
     if stock_ms and "ms" in patched and patched.get("check") == "ok":
         step = (patched["ms"] < stock_ms, f"patched {patched['ms']:.1f} ms vs stock {stock_ms:.1f} ms")
     out.append(_target(f"FLUX step at {step_key} image tokens: patched faster than stock", *step))
+    out += sana_targets(report)
     if tiny:
         for t in out:
             t.update({"pass": None, "detail": f"not evaluated: {TINY_NOTE}"})
+    return out
+
+
+def _checked_ms(rec: dict):
+    """A variant's ms when its correctness check passed, else None."""
+    return rec.get("ms") if isinstance(rec, dict) and rec.get("check") == "ok" else None
+
+
+def _why_not(rec) -> str:
+    if not isinstance(rec, dict) or not rec:
+        return "not run"
+    for key in ("error", "unavailable", "skipped"):
+        if rec.get(key):
+            return f"{key}: {str(rec[key]).splitlines()[0][:100]}"
+    return f"check {rec.get('check')}" if "check" in rec else "no time"
+
+
+def sana_targets(report: dict) -> list:
+    from benchmarks import bench_dcae_decode, bench_sana_ops, bench_sana_step
+
+    out = []
+    steps = report.get("sana_step", {}).get("sizes", {})
+    compiled = report.get("sana_step_compile", {}).get("sizes", {})
+    for shape in bench_sana_step.REAL.shapes:
+        size = steps.get(shape.key, {})
+        stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
+        patched_ms = _checked_ms(patched)
+        half = fast = (False, f"no checked patched result ({_why_not(patched or size)})" if not patched_ms else
+                       "no stock time")
+        if patched_ms and stock_ms:
+            ratio = patched_ms / stock_ms
+            half = (ratio <= SANA_STEP_MAX_FRACTION_OF_STOCK,
+                    f"patched {patched_ms:.1f} ms = {ratio:.2f}x stock {stock_ms:.1f} ms")
+        comp = compiled.get(shape.key, {}).get("torch_compile") or compiled.get(shape.key, {})
+        comp_ms = _checked_ms(comp)
+        if patched_ms:
+            fast = ((patched_ms < comp_ms, f"patched {patched_ms:.1f} ms vs torch.compile {comp_ms:.1f} ms")
+                    if comp_ms else (False, f"no checked torch.compile result ({_why_not(comp)})"))
+        out += [_target(f"SANA step {shape.key}: patched <= {SANA_STEP_MAX_FRACTION_OF_STOCK}x stock eager", *half),
+                _target(f"SANA step {shape.key}: patched faster than torch.compile of stock", *fast)]
+
+    n = bench_sana_ops.REAL.grids[-1] ** 2
+    variants = (report.get("sana_ops", {}).get("ops", {}).get("sana_linear_attention", {}).get("sizes", {})
+                .get(f"N={n}", {}).get("variants", {}))
+    best = _best_dcgen(variants)
+    frac = (False, "no checked dcgen result")
+    if best and best[1].get("frac_of_copy") is not None:
+        name, rec = best
+        frac = (rec["frac_of_copy"] >= LINEAR_ATTENTION_MIN_FRACTION_OF_COPY,
+                f"{name} {rec['GBps']:.0f} GB/s = {rec['frac_of_copy'] * 100:.0f}% of copy")
+    out.append(_target(f"sana_linear_attention >= {LINEAR_ATTENTION_MIN_FRACTION_OF_COPY * 100:.0f}% of the copy "
+                       f"ceiling at N={n}", *frac))
+
+    key = bench_dcae_decode.REAL.models[0].key
+    size = report.get("dcae_decode", {}).get("sizes", {}).get(key, {})
+    stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
+    patched_ms = _checked_ms(patched)
+    dec = (False, f"no checked patched result ({_why_not(patched or size)})")
+    if patched_ms and stock_ms:
+        dec = (patched_ms < stock_ms, f"patched {patched_ms:.0f} ms vs stock {stock_ms:.0f} ms")
+    out.append(_target(f"DC-AE {key} 4K decode: patched faster than stock", *dec))
     return out
 
 
@@ -237,6 +322,8 @@ def table(report: dict) -> str:
                          f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
                          f"{_fmt(rec.get(ANCHOR_LABEL), '.1f', 11)}")
 
+    lines += sana_tables(report)
+
     pytest_counts = report.get("gpu_check", {}).get("pytest")
     if pytest_counts:
         lines.append("pytest -m gpu: " + (pytest_counts.get("error") or ", ".join(
@@ -250,6 +337,115 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+OP_LABELS = {"sana_linear_attention": "linear_attn", "sana_multiscale_linear_attention": "dcae_linear_attn",
+             "glumbconv": "glumbconv", "ada_layer_norm_modulate": "adaln_modulate", "gated_residual": "gated_residual",
+             "key_padding_attention": "cross_attn"}
+
+
+def _step_row(key: str, name: str, rec: dict, width: int) -> str:
+    from benchmarks.common import ANCHOR_LABEL
+
+    row = f"  {key:<{width}}{name:<16}"
+    status = _status(rec)
+    if status:
+        return row + status
+    anchor = rec.get(ANCHOR_LABEL)
+    anchor_ms = anchor.get("ms") if isinstance(anchor, dict) else anchor
+    return (row + f"{_fmt(rec.get('ms'), '.2f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
+            f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}{_fmt(rec.get('compile_s'), '.1f', 11)}"
+            f"{_fmt(anchor_ms, '.1f', 11)}")
+
+
+def sana_tables(report: dict) -> list:
+    from benchmarks.common import ANCHOR_LABEL
+
+    lines = []
+    ops = report.get("sana_ops", {})
+    cfg = ops.get("config", {})
+    lines.append(f"sana_ops {cfg.get('dtype')} (C {cfg.get('hidden')}, {cfg.get('heads')}x{cfg.get('head_dim')} heads, "
+                 f"FFN {cfg.get('ffn_hidden')}, cross {cfg.get('cross_heads')}x{cfg.get('cross_head_dim')} over "
+                 f"{cfg.get('text_tokens')} text tokens)")
+    lines.append(f"  {'op':<17}{'size':<12}{'variant':<13}{'ms':>9}{'GB/s':>7}{'%copy':>6}{'TFLOP/s':>8}{'x stock':>8}"
+                 f"{'rel-L2':>9}{'check':>7}")
+    if "error" in ops:
+        lines.append(f"  {_status(ops)}")
+    skipped = {}
+    for op, op_rec in ops.get("ops", {}).items():
+        label = OP_LABELS.get(op, op)
+        if op_rec.get("error"):
+            lines.append(f"  {label:<17}{_status(op_rec)}")
+        if op_rec.get("unavailable"):
+            lines.append(f"  {label:<17}{'':<12}{'dcgen':<13}{_status({'unavailable': op_rec['unavailable']})}")
+        for key, size in op_rec.get("sizes", {}).items():
+            if "error" in size:
+                lines.append(f"  {label:<17}{key:<12}{_status(size)}")
+            for name, rec in size.get("variants", {}).items():
+                if "skipped" in rec:  # listed once per variant below, not once per row
+                    first, count = skipped.get(name, (str(rec["skipped"]).splitlines()[0][:100], 0))
+                    skipped[name] = (first, count + 1)
+                    continue
+                if "unavailable" in rec and op_rec.get("unavailable"):
+                    continue  # said once per op above
+                row = f"  {label:<17}{key:<12}{name:<13}"
+                status = _status(rec)
+                if status:
+                    lines.append(row + status)
+                    continue
+                frac = rec.get("frac_of_copy")
+                lines.append(row + f"{_fmt(rec['ms'], '.3f', 9)}{_fmt(rec.get('GBps'), '.0f', 7)}"
+                             f"{_fmt(frac * 100 if frac is not None else None, '.0f', 6)}{_fmt(rec.get('tflops'), '.1f', 8)}"
+                             f"{_fmt(rec.get('speedup_vs_stock'), '.2f', 8)}{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}"
+                             f"{rec.get('check', ''):>7}")
+    lines += [f"  ({name} skipped in {count} rows, e.g. {why})" for name, (why, count) in skipped.items()]
+
+    step, comp = report.get("sana_step", {}), report.get("sana_step_compile", {})
+    model = step.get("config", {}).get("model", {})
+    lines.append(f"sana_step {model.get('num_layers')} layers, {model.get('num_attention_heads')}x"
+                 f"{model.get('attention_head_dim')} heads, {step.get('config', {}).get('text_tokens')} text tokens "
+                 f"(mask of ones), {step.get('config', {}).get('weights', 'not run')}")
+    lines.append(f"  {'shape':<14}{'variant':<16}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'compile s':>11}"
+                 f"{'anchor ms':>11}")
+    for sec in (step, comp):
+        if "error" in sec or "unavailable" in sec or "skipped" in sec:
+            lines.append(f"  {'':<14}{'torch_compile' if sec is comp else '':<16}{_status(sec)}")
+    keys = list(step.get("sizes", {})) + [k for k in comp.get("sizes", {}) if k not in step.get("sizes", {})]
+    for key in keys:
+        size, csize = step.get("sizes", {}).get(key, {}), comp.get("sizes", {}).get(key, {})
+        if "error" in size:
+            lines.append(f"  {key:<14}{_status(size)}")
+        floor = size.get("noise_floor", {}).get("rel_l2_reference_backend_vs_stock")
+        for name in ("stock", "patched", "patched_triton"):
+            if name in size:
+                lines.append(_step_row(key, name, size[name], 14))
+        if "torch_compile" in csize:
+            lines.append(_step_row(key, "torch_compile", csize["torch_compile"], 14))
+        elif "error" in csize or "skipped" in csize:
+            lines.append(f"  {key:<14}{'torch_compile':<16}{_status(csize)}")
+        if floor is not None:
+            lines.append(f"  {key:<14}(noise floor: fp32 reference backend vs stock rel-L2 {floor:.1e})")
+
+    dec = report.get("dcae_decode", {})
+    lat = dec.get("config", {}).get("latent")
+    lines.append(f"dcae_decode latent {'x'.join(map(str, lat)) if lat else '-'} {dec.get('config', {}).get('dtype', '')}")
+    lines.append(f"  {'config':<18}{'variant':<12}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'anchor ms':>11}")
+    if "error" in dec:
+        lines.append(f"  {_status(dec)}")
+    for key, size in dec.get("sizes", {}).items():
+        if "error" in size:
+            lines.append(f"  {key:<18}{_status(size)}")
+        for name in ("stock", "patched"):
+            rec = size.get(name)
+            if rec is None:
+                continue
+            row = f"  {key:<18}{name:<12}"
+            status = _status(rec)
+            lines.append(row + status if status else
+                         row + f"{_fmt(rec.get('ms'), '.1f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
+                         f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
+                         f"{_fmt(rec.get(ANCHOR_LABEL), '.1f', 11)}")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -257,7 +453,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results JSON here (rewritten after every section)")
     parser.add_argument("--pytest-junit", help="junit XML of the GPU test run, to record its counts")
     parser.add_argument("--phases", help="TSV of gpu_check.sh phases (name, status, seconds), to record")
+    parser.add_argument("--budget-s", type=float, help="seconds this run may take (GPU mode): a section that would "
+                        "not fit in what is left is recorded as skipped")
     args = parser.parse_args(argv)
+    started = time.monotonic()
 
     import torch
 
@@ -269,7 +468,8 @@ def main(argv=None) -> int:
         print(f"{'--tiny' if args.tiny else 'no CUDA GPU'}: {TINY_NOTE}", flush=True)
     device = torch.device("cuda" if gpu else "cpu")
 
-    from benchmarks import bench_flux_attention, bench_flux_step
+    from benchmarks import (bench_dcae_decode, bench_flux_attention, bench_flux_step, bench_sana_ops,
+                            bench_sana_step)
     from benchmarks.common import ANCHOR_LABEL, error_record
     from benchmarks.timing import measure_ceilings
 
@@ -280,12 +480,31 @@ def main(argv=None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
 
-    def section(name, fn):
+    def time_left():
+        return None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
+
+    def section(name, fn, progressive=False):
+        """progressive: fn takes a callback that records (and saves) its partial result after each size."""
+        left = time_left()
+        if gpu and left is not None and left < SECTION_MIN_S.get(name, 0):
+            print(f"[run] {name} skipped: {left:.0f} s left of --budget-s", flush=True)
+            report[name] = {"skipped": f"{left:.0f} s left of the {args.budget_s:.0f} s budget, "
+                                       f"this section needs about {SECTION_MIN_S[name]} s"}
+            save()
+            return report[name]
         print(f"[run] {name} ...", flush=True)
+        t0 = time.monotonic()
+
+        def progress(partial):
+            report[name] = partial
+            save()
+
         try:
-            report[name] = fn()
+            report[name] = fn(progress) if progressive else fn()
         except Exception as err:  # noqa: BLE001 - recorded; the suite goes on
             report[name] = error_record(err)
+        if isinstance(report[name], dict) and name not in ("environment", "anchors", "gpu_check"):
+            report[name]["section_s"] = time.monotonic() - t0
         save()
         return report[name]
 
@@ -305,6 +524,15 @@ def main(argv=None) -> int:
     section("flux_attention", lambda: bench_flux_attention.run(
         device, not gpu, gemm_tflops, anchors.get("attention_B1_H24_D128_bf16")))
     section("flux_step", lambda: bench_flux_step.run(device, not gpu, anchors.get("flux12b_step_ms_by_image_tokens")))
+    # SANA / DC-AE; the slow torch.compile variants last, so a timeout loses little.
+    copy_gbps = report["ceilings"].get("copy_GBps")
+    section("sana_ops", lambda progress: bench_sana_ops.run(device, not gpu, copy_gbps, progress), progressive=True)
+    eager = section("sana_step", lambda progress: bench_sana_step.run(
+        device, not gpu, anchors.get("sana1600m_step_ms"), progress), progressive=True)
+    section("dcae_decode", lambda progress: bench_dcae_decode.run(
+        device, not gpu, anchors.get("autoencoder_decode_ms"), progress), progressive=True)
+    section("sana_step_compile", lambda progress: bench_sana_step.run_compile(
+        device, not gpu, eager, anchors.get("sana1600m_step_ms_second_run"), progress, time_left), progressive=True)
     report["targets"] = targets(report, tiny=not gpu)
     report["problems"] = problems(report)
     save()

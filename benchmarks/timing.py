@@ -71,3 +71,15 @@ def measure_ceilings(device: torch.device) -> dict:
         "gemm_ms": gemm_ms,
         "gemm_tflops": 2 * n**3 / gemm_ms / 1e9,
     }
+
+
+def wall_s(fn: Callable[[], object], device: torch.device):
+    """(result, seconds) of one call of `fn`, synchronised on both sides: e.g. a torch.compile first call,
+    whose time is compilation plus one execution."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0

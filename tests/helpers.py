@@ -49,3 +49,44 @@ def tiny_flux_inputs(text_tokens=7, grid=8, dtype=torch.float32, device="cpu"):
         txt_ids=torch.zeros(text_tokens, 3, device=device),
         return_dict=False,
     )
+
+
+def tiny_sana(in_channels=8, dtype=torch.float32, device="cpu"):
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(
+        in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=32,
+        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64,
+        caption_channels=24, mlp_ratio=2.5, sample_size=8,
+    )
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tiny_sana_inputs(in_channels=8, height=6, width=7, text_tokens=5, dtype=torch.float32, device="cpu"):
+    mask = torch.ones(2, text_tokens, device=device)
+    mask[1, 3:] = 0  # the second prompt is padded: the cross-attention must ignore those keys
+    return dict(
+        hidden_states=torch.randn(2, in_channels, height, width, dtype=dtype, device=device),
+        encoder_hidden_states=torch.randn(2, text_tokens, 24, dtype=dtype, device=device),
+        timestep=torch.tensor([10.0, 500.0], dtype=dtype, device=device),
+        encoder_attention_mask=mask,
+        return_dict=False,
+    )
+
+
+def tiny_dcae(dtype=torch.float32, device="cpu"):
+    """DC-AE with both block kinds (ResBlock and EfficientViTBlock), RMSNorm, multiscale attention."""
+    from diffusers import AutoencoderDC
+
+    blocks = ("ResBlock", "EfficientViTBlock")
+    model = AutoencoderDC(
+        in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types=blocks,
+        decoder_block_types=blocks, encoder_block_out_channels=(16, 32), decoder_block_out_channels=(16, 32),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+    )
+    with torch.no_grad():  # norms start at weight 1 / bias 0: randomise so the affine part is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.1)
+    return model.to(device=device, dtype=dtype).eval()

@@ -45,16 +45,27 @@ def test_patch_replaces_every_flux_attention_and_reports_it():
     model = dcgen_kernels.patch(tiny_flux())
     report = dcgen_kernels.patch_report(model)
     assert dcgen_kernels.is_patched(model)
-    assert sorted(name for name, _, _ in report.replaced) == ["single_transformer_blocks.0.attn",
-                                                              "transformer_blocks.0.attn"]
+    replaced = {name: cls for name, _, cls in report.replaced}
+    assert replaced == {"transformer_blocks.0.attn": "FluxAttnProcessor", "transformer_blocks.0.norm1": "AdaLayerNormZero",
+                        "transformer_blocks.0.norm1_context": "AdaLayerNormZero",
+                        "single_transformer_blocks.0.attn": "FluxAttnProcessor",
+                        "single_transformer_blocks.0.norm": "AdaLayerNormZeroSingle",
+                        "norm_out": "AdaLayerNormContinuous", "transformer_blocks.0": "FluxTransformerBlock",
+                        "single_transformer_blocks.0": "FluxSingleTransformerBlock"}
     assert report.skipped == []
-    assert "2 replaced" in str(report) and "FluxAttnProcessor" in str(report)
-    assert all(isinstance(model.get_submodule(n).processor, DCGenFluxAttnProcessor) for n, _, _ in report.replaced)
+    assert "8 replaced" in str(report) and "2 x FluxAttnProcessor" in str(report)
+    for name, cls in replaced.items():
+        module = model.get_submodule(name)
+        if cls == "FluxAttnProcessor":
+            assert isinstance(module.processor, DCGenFluxAttnProcessor)
+        else:
+            assert vars(module)["forward"].__func__ is not type(module).forward  # per instance; class untouched
 
 
 def test_patch_is_idempotent_and_unpatch_restores_the_original_processors():
     model = tiny_flux()
     originals = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    class_forwards = {type(m): type(m).forward for m in model.modules()}
     dcgen_kernels.patch(model, backend="reference")
     dcgen_kernels.patch(model, backend="triton")  # re-patching only switches the backend
     for name, module in model.named_modules():
@@ -63,6 +74,8 @@ def test_patch_is_idempotent_and_unpatch_restores_the_original_processors():
     dcgen_kernels.unpatch(model)
     assert not dcgen_kernels.is_patched(model)
     assert {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")} == originals
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert {type(m): type(m).forward for m in model.modules()} == class_forwards
     with pytest.raises(ValueError, match="not patched"):
         dcgen_kernels.patch_report(model)
 

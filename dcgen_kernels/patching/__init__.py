@@ -11,11 +11,11 @@ import logging
 import torch
 
 from .. import _backend
-from . import flux
+from . import dcae, flux, sana
 
 logger = logging.getLogger("dcgen_kernels")
 
-_FAMILIES = (flux,)
+_FAMILIES = (flux, sana, dcae)
 _REPORT_ATTR = "_dcgen_patch_report"
 
 

@@ -1,4 +1,5 @@
-"""FLUX family: swap diffusers' `FluxAttnProcessor` for one that calls the fused `flux_attention` op."""
+"""FLUX family: `FluxAttnProcessor` -> the fused `flux_attention` op; adaLN norms -> `ada_layer_norm_modulate`;
+the blocks' gated residuals and their inline MLP norm -> `gated_residual` / `ada_layer_norm_modulate`."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from ..ops.ada_layer_norm import ada_layer_norm_modulate, gated_residual
 from ..ops.flux_attention import flux_attention
+from ._instance import backend_of, replace_forward, restore_forward
 
 FAMILY = "flux"
-SUPPORTED = "FluxTransformer2DModel / FluxAttention with FluxAttnProcessor (diffusers >= 0.35)"
+SUPPORTED = ("FluxTransformer2DModel: FluxAttention with FluxAttnProcessor, AdaLayerNormZero/ZeroSingle/Continuous, "
+             "FluxTransformerBlock, FluxSingleTransformerBlock (diffusers >= 0.35)")
 
 
 def _flux_classes():
@@ -93,8 +97,130 @@ def _skip_reason(attn) -> Optional[str]:
     return None
 
 
+# ----------------------------------------------------------------------------------------------- adaLN norms
+def _modulate(module, x, scale, shift):
+    """norm(x) * (1 + scale) + shift with (B, C) modulation, in one pass."""
+    if scale.dtype != x.dtype:  # stock promotes the result to the modulation's dtype: keep its exact semantics
+        return module.norm(x) * (1 + scale[:, None]) + shift[:, None]
+    return ada_layer_norm_modulate(x, scale, shift, eps=module.norm.eps, backend=backend_of(module))
+
+
+def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    return _modulate(self, x, scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _ada_zero_single_forward(self, x, emb=None):
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
+    return _modulate(self, x, scale_msa, shift_msa), gate_msa
+
+
+def _ada_continuous_forward(self, x, conditioning_embedding):
+    emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)  # AdaLayerNormContinuous orders its chunks (scale, shift)
+    return ada_layer_norm_modulate(x, scale, shift, norm_weight=self.norm.weight, norm_bias=self.norm.bias,
+                                   eps=self.norm.eps, backend=backend_of(self))
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                        joint_attention_kwargs=None):
+    if temb.dtype != hidden_states.dtype:  # stock promotes to temb's dtype: keep its exact semantics
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                  joint_attention_kwargs)
+    backend = backend_of(self)
+    norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+    norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
+    outputs = self.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_context,
+                        image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    attn_output, context_attn_output = outputs[0], outputs[1]
+
+    hidden_states = gated_residual(hidden_states, gate_msa, attn_output, backend=backend)
+    norm_hidden = ada_layer_norm_modulate(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps, backend=backend)
+    hidden_states = gated_residual(hidden_states, gate_mlp, self.ff(norm_hidden), backend=backend)
+    if len(outputs) == 3:  # IP-adapter output
+        hidden_states = hidden_states + outputs[2]
+
+    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa, context_attn_output, backend=backend)
+    norm_context = ada_layer_norm_modulate(encoder_hidden_states, c_scale_mlp, c_shift_mlp,
+                                           eps=self.norm2_context.eps, backend=backend)
+    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context),
+                                           backend=backend)
+    return _clip_fp16(encoder_hidden_states), hidden_states
+
+
+def _flux_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                               joint_attention_kwargs=None):
+    if temb.dtype != hidden_states.dtype:
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                  joint_attention_kwargs)
+    text_seq_len = encoder_hidden_states.shape[1]
+    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    norm_hidden, gate = self.norm(residual, emb=temb)
+    mlp_hidden = self.act_mlp(self.proj_mlp(norm_hidden))
+    attn_output = self.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb,
+                            **(joint_attention_kwargs or {}))
+    out = self.proj_out(torch.cat([attn_output, mlp_hidden], dim=2))
+    hidden_states = _clip_fp16(gated_residual(residual, gate, out, backend=backend_of(self)))
+    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def _block_classes() -> dict:
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    except ImportError:
+        return {}
+    return {FluxTransformerBlock: _flux_block_forward, FluxSingleTransformerBlock: _flux_single_block_forward}
+
+
+def _block_skip_reason(block) -> Optional[str]:
+    for name in ("norm2", "norm2_context"):
+        norm = getattr(block, name, None)
+        if norm is not None and (type(norm) is not torch.nn.LayerNorm or norm.elementwise_affine):
+            return f"{name} is not a LayerNorm without affine"
+    return None
+
+
+def _norm_classes() -> dict:
+    try:
+        from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+    except ImportError:
+        return {}
+    # (forward, whether it passes the LayerNorm's own affine weights to the op)
+    return {AdaLayerNormZero: (_ada_zero_forward, False), AdaLayerNormZeroSingle: (_ada_zero_single_forward, False),
+            AdaLayerNormContinuous: (_ada_continuous_forward, True)}
+
+
+def _norm_skip_reason(module, takes_affine: bool) -> Optional[str]:
+    norm = module.norm
+    if type(norm) is not torch.nn.LayerNorm:
+        return f"its norm is {type(norm).__name__}, not torch.nn.LayerNorm"
+    if norm.elementwise_affine and not takes_affine:
+        return "its LayerNorm has an affine weight"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- entry points
 def patch_module(module: torch.nn.Module, backend: str):
-    """Returns (original processor class name, reason it was skipped or None) for a FluxAttention, else None."""
+    """(replaced class name, reason it was skipped or None) for a module this family handles, else None."""
+    norm_rule = _norm_classes().get(type(module))
+    if norm_rule is not None:
+        forward, reason = norm_rule[0], _norm_skip_reason(module, norm_rule[1])
+    else:
+        forward = _block_classes().get(type(module))
+        reason = _block_skip_reason(module) if forward is not None else None
+    if forward is not None:
+        if reason is None:
+            replace_forward(module, forward, backend)
+        return type(module).__name__, reason
     classes = _flux_classes()
     if classes is None or not isinstance(module, classes[0]):
         return None
@@ -111,6 +237,8 @@ def patch_module(module: torch.nn.Module, backend: str):
 
 
 def unpatch_module(module: torch.nn.Module) -> bool:
+    if restore_forward(module):
+        return True
     processor = getattr(module, "processor", None)
     if isinstance(processor, DCGenFluxAttnProcessor):
         module.set_processor(processor.original)

@@ -1,0 +1,228 @@
+"""One SANA transformer step (SanaTransformer2DModel.forward): stock eager vs dcgen_kernels.patch vs torch.compile.
+
+Real mode: the SANA-1.6B config (Sana_1600M_*_diffusers: 20 layers, 70 heads x 32 = 2240, cross-attention
+20 x 112 over 2240, caption_channels 2304 (Gemma-2 2B), mlp_ratio 2.5, patch_size 1, no attention bias, LayerNorm
+eps 1e-6 without affine; interpolation_scale 2.0 and sample_size = the latent side as diffusers' converter sets
+them for the 4K checkpoint), random bf16 weights built directly on the GPU, B=1, 300 text tokens with an
+encoder_attention_mask of ones (the stock path still hands SDPA the float bias built from it), at
+  c32_128x128  SANA 4K: DC-AE f32c32 latent of a 4096^2 image (16384 tokens), in/out channels 32;
+  c128_64x64   DC-Gen-SANA 4K: f64c128 latent of a 4096^2 image (4096 tokens), in/out channels 128.
+Tiny mode: a 2-layer fp32 model on the CPU at toy shapes.
+
+`run` (eager section): stock, the noise floor (patch(model, backend="reference") vs stock: bf16 noise of the
+stock path grown through the blocks), patched (backend auto, what users get) and patched_triton. The check
+allows max(2e-2, twice the noise floor).
+`run_compile` (a later section, since it is slow: ~40 s of compilation per shape on an H100): rebuilds the same
+seeded model, runs torch.compile(model) (mode default, Inductor) and reports its first-call seconds (compilation
+plus one execution) apart from its steady-state ms. Tiny mode uses torch.compile(backend="eager") instead:
+Dynamo traces the model (the same capture path) without Inductor code generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import dcgen_kernels
+
+from .common import (ANCHOR_LABEL, build_module, check_record, dcgen_fallbacks, error_record, first_call,
+                     free_device_memory, rel_l2)
+from .timing import time_ms, wall_s
+
+STEP_TOL = 2e-2
+SANA_1600M = dict(num_attention_heads=70, attention_head_dim=32, num_layers=20, num_cross_attention_heads=20,
+                  cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304, mlp_ratio=2.5,
+                  attention_bias=False, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+                  interpolation_scale=2.0)
+SANA_TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, num_cross_attention_heads=2,
+                 cross_attention_head_dim=32, cross_attention_dim=64, caption_channels=48, mlp_ratio=2.5,
+                 attention_bias=False, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+                 interpolation_scale=2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    key: str
+    in_channels: int
+    grid: int
+    warmup: int
+    iters: int
+    anchor_key: str = ""  # in the anchor file's "sana1600m_step_ms"
+    compile_anchor_key: str = ""  # in its "sana1600m_step_ms_second_run"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: dict
+    dtype: torch.dtype
+    text_tokens: int
+    shapes: tuple
+    compile_backend: str
+    weights: str
+
+
+# ~170 ms and ~45 ms per stock step on an H100: ~10 s eager in all, plus ~2 x 40 s torch.compile.
+REAL = Config(SANA_1600M, torch.bfloat16, 300,
+              (Shape("c32_128x128", 32, 128, 1, 3, "c32_128x128", "sana_c32_128"),
+               Shape("c128_64x64", 128, 64, 2, 5, "c128_64x64", "sana_c128_64")),
+              "inductor", "random (diffusers' default init, built on the GPU in bf16); latency does not depend on them")
+TINY = Config(SANA_TINY, torch.float32, 8, (Shape("c8_8x8", 8, 8, 0, 1), Shape("c16_4x4", 16, 4, 0, 1)),
+              "eager", "random (diffusers' default init), fp32 on the CPU")
+
+
+def build_model(cfg: Config, shape: Shape, device: torch.device):
+    from diffusers import SanaTransformer2DModel
+
+    kwargs = dict(cfg.model, in_channels=shape.in_channels, out_channels=shape.in_channels, sample_size=shape.grid)
+    return build_module(lambda: SanaTransformer2DModel(**kwargs), device, cfg.dtype, seed=shape.in_channels)
+
+
+def make_inputs(cfg: Config, shape: Shape, device: torch.device) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(shape.grid)
+    randn = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=cfg.dtype)  # noqa: E731
+    return dict(
+        hidden_states=randn(1, shape.in_channels, shape.grid, shape.grid),
+        encoder_hidden_states=randn(1, cfg.text_tokens, cfg.model["caption_channels"]),
+        timestep=torch.tensor([500.0], device=device, dtype=cfg.dtype),
+        # A tokenizer's attention mask, all ones: SanaTransformer2DModel turns it into a zero float bias.
+        encoder_attention_mask=torch.ones(1, cfg.text_tokens, device=device, dtype=torch.int64),
+        return_dict=False,
+    )
+
+
+def _config_record(cfg: Config, device) -> dict:
+    return {"model": dict(cfg.model), "dtype": str(cfg.dtype).removeprefix("torch."), "device": str(device),
+            "batch": 1, "text_tokens": cfg.text_tokens, "encoder_attention_mask": f"all ones ({cfg.text_tokens} valid tokens)",
+            "shapes": {s.key: {"in_channels": s.in_channels, "latent": [s.grid, s.grid], "image_tokens": s.grid**2}
+                       for s in cfg.shapes},
+            "weights": cfg.weights, "tolerance": f"max({STEP_TOL}, 2 x noise floor)"}
+
+
+def _patched(model, step, device, warmup, iters, stock_out, tolerance, backend) -> dict:
+    try:
+        dcgen_kernels.patch(model, backend=backend)
+    except ValueError as err:  # no supported module: this dcgen_kernels does not patch SANA (yet)
+        return {"unavailable": f"{type(err).__name__}: {err}"}
+    try:
+        report = dcgen_kernels.patch_report(model)
+        out, exc, messages = first_call(step)
+        if exc is not None:
+            raise exc
+        rec = check_record(rel_l2(out, stock_out), tolerance)
+        del out
+        rec["ms"] = time_ms(step, device, warmup, iters)
+        rec.update(modules_replaced=len(report.replaced), modules_skipped=len(report.skipped), report=str(report),
+                   fallbacks=dcgen_fallbacks(messages))
+        return rec
+    finally:
+        dcgen_kernels.unpatch(model)
+
+
+def _noise_floor(model, step, stock_out) -> dict:
+    try:
+        dcgen_kernels.patch(model, backend="reference")
+    except ValueError as err:
+        return {"unavailable": f"{type(err).__name__}: {err}"}
+    try:
+        return {"rel_l2_reference_backend_vs_stock": rel_l2(step(), stock_out)}
+    finally:
+        dcgen_kernels.unpatch(model)
+
+
+def _tolerance(floor: dict) -> float:
+    return max(STEP_TOL, 2 * floor.get("rel_l2_reference_backend_vs_stock", 0.0))
+
+
+def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
+    """Eager variants. anchors: the anchor file's "sana1600m_step_ms" block (or None)."""
+    cfg = TINY if tiny else REAL
+    result = {"config": _config_record(cfg, device), "sizes": {}}
+    for shape in cfg.shapes:
+        rec = result["sizes"][shape.key] = {"warmup": shape.warmup, "iters": shape.iters}
+        model = None
+        try:
+            model = build_model(cfg, shape, device)
+            x = make_inputs(cfg, shape, device)
+            step = lambda: model(**x)[0]  # noqa: E731
+            with torch.no_grad():
+                stock_out = step()
+                rec["stock"] = {"ms": time_ms(step, device, shape.warmup, shape.iters)}
+                if (anchors or {}).get(shape.anchor_key):
+                    rec["stock"][ANCHOR_LABEL] = anchors[shape.anchor_key]
+                rec["noise_floor"] = _noise_floor(model, step, stock_out)
+                tolerance = _tolerance(rec["noise_floor"])
+                for name, backend in (("patched", "auto"), ("patched_triton", "triton")):
+                    try:
+                        rec[name] = _patched(model, step, device, shape.warmup, shape.iters, stock_out, tolerance,
+                                             backend)
+                        if "ms" in rec[name]:
+                            rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
+                    except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
+                        rec[name] = error_record(err)
+                rec["unpatched_after"] = not dcgen_kernels.is_patched(model)
+        except Exception as err:  # noqa: BLE001
+            rec.update(error_record(err))
+        finally:
+            del model
+            free_device_memory(device)
+        if progress:
+            progress(result)
+    return result
+
+
+COMPILE_MIN_S_PER_SHAPE = 60  # H100: ~40 s of Inductor compilation + build and timing
+
+
+def run_compile(device: torch.device, tiny: bool, eager: dict = None, anchors=None, progress=None,
+                time_left=None) -> dict:
+    """torch.compile of the stock model, per shape. eager: the `run` section's result, for the stock ms and the
+    tolerance; anchors: the anchor file's "sana1600m_step_ms_second_run" block (or None); time_left(): seconds
+    left of the run's budget or None (a shape that would not fit is skipped)."""
+    cfg = TINY if tiny else REAL
+    result = {"config": {"backend": cfg.compile_backend, "mode": "default", "dtype": str(cfg.dtype),
+                         "note": "compile_s = wall seconds of the first call (compilation + one execution); "
+                                 "same seeded weights and inputs as the eager section"},
+              "sizes": {}}
+    try:
+        import torch._dynamo as dynamo
+    except ImportError as err:
+        return {"unavailable": f"torch._dynamo: {err}"}
+    for shape in cfg.shapes:
+        eager_size = ((eager or {}).get("sizes") or {}).get(shape.key, {})
+        rec = result["sizes"][shape.key] = {"warmup": shape.warmup, "iters": shape.iters}
+        left = time_left() if time_left and not tiny else None
+        if left is not None and left < COMPILE_MIN_S_PER_SHAPE:
+            rec["skipped"] = f"{left:.0f} s left of the run's budget, a shape needs about {COMPILE_MIN_S_PER_SHAPE} s"
+            if progress:
+                progress(result)
+            continue
+        model = compiled = None
+        try:
+            model = build_model(cfg, shape, device)
+            x = make_inputs(cfg, shape, device)
+            dynamo.reset()
+            compiled = torch.compile(model, backend=cfg.compile_backend)
+            with torch.no_grad():
+                stock_out = model(**x)[0]
+                out, seconds = wall_s(lambda: compiled(**x)[0], device)
+                tolerance = _tolerance(eager_size.get("noise_floor", {}))
+                rec["torch_compile"] = {"compile_s": seconds, **check_record(rel_l2(out, stock_out), tolerance)}
+                del out, stock_out
+                rec["torch_compile"]["ms"] = time_ms(lambda: compiled(**x)[0], device, shape.warmup, shape.iters)
+            stock_ms = eager_size.get("stock", {}).get("ms")
+            if stock_ms:
+                rec["torch_compile"]["speedup_vs_stock"] = stock_ms / rec["torch_compile"]["ms"]
+            anchor = (anchors or {}).get(shape.compile_anchor_key)
+            if anchor:
+                rec["torch_compile"][ANCHOR_LABEL] = {"ms": anchor.get("torch_compile"),
+                                                      "compile_s": anchor.get("compile_s")}
+        except Exception as err:  # noqa: BLE001
+            rec.update(error_record(err))
+        finally:
+            del model, compiled
+            dynamo.reset()
+            free_device_memory(device)
+        if progress:
+            progress(result)
+    return result

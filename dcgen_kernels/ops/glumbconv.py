@@ -1,0 +1,167 @@
+"""Op `glumbconv`: SANA's Mix-FFN (diffusers `GLUMBConv` without its optional RMSNorm and residual) on tokens.
+
+Stock runs 1x1 conv -> SiLU -> 3x3 depthwise conv -> chunk -> x * SiLU(gate) -> 1x1 conv on an NCHW view,
+with separate passes over the (B, 2*hid, H, W) activations for the SiLU, the conv, the chunk and the gating.
+Here the 1x1 convs are cuBLAS GEMMs on the tokens (the first with its bias fused in the cuBLASLt epilogue),
+and one Triton kernel reads the GEMM's channels-last output once, applies the SiLU on load, the depthwise
+conv with its bias and the gating, and writes the (B, N, hid) input of the second GEMM.
+
+Backends (auto order triton -> reference; there is no cuda backend):
+- triton: torch GEMMs around the fused depthwise + GLU kernel; fp32, bf16 and fp16.
+- reference: fp32 torch convs in diffusers' order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ._common import cdiv, check_tensor, register_reference_autograd
+
+__all__ = ["glumbconv", "glumbconv_reference"]
+
+# Enough programs to fill an H100 several times over before the rows a program walks get shorter.
+_TARGET_PROGRAMS = 1024
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def glumbconv_reference(x, height: int, width: int, inverted_weight, inverted_bias, depth_weight, depth_bias,
+                        point_weight):
+    """fp32 diffusers GLUMBConv (norm_type=None, residual_connection=False) on (B, N, C) tokens."""
+    h = x.float().unflatten(1, (height, width)).permute(0, 3, 1, 2)
+    h = F.silu(F.conv2d(h, inverted_weight.float(), inverted_bias.float()))
+    h = F.conv2d(h, depth_weight.float(), depth_bias.float(), padding=1, groups=h.shape[1])
+    value, gate = h.chunk(2, dim=1)
+    h = F.conv2d(value * F.silu(gate), point_weight.float())
+    return h.flatten(2).transpose(1, 2).to(x.dtype)
+
+
+def _reference_tensors_first(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight,
+                             height, width):
+    return glumbconv_reference(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias,
+                               point_weight)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _validate(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight) -> None:
+    check_tensor("x", x, ndim=3)
+    B, N, C = x.shape
+    for name, size in (("height", height), ("width", width)):
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if height * width != N:
+        raise ValueError(f"x must hold height * width = {height} * {width} = {height * width} tokens "
+                         f"(x.shape[1]), got {N}")
+    same = dict(dtypes=(x.dtype,), device=x.device)
+    check_tensor("inverted_weight", inverted_weight, ndim=4, **same)
+    hid2 = inverted_weight.shape[0]
+    if tuple(inverted_weight.shape[1:]) != (C, 1, 1) or hid2 % 2:
+        raise ValueError(f"inverted_weight must have shape (2*hidden, C={C}, 1, 1), got {tuple(inverted_weight.shape)}")
+    check_tensor("inverted_bias", inverted_bias, shape=(hid2,), **same)
+    check_tensor("depth_weight", depth_weight, shape=(hid2, 1, 3, 3), **same)
+    check_tensor("depth_bias", depth_bias, shape=(hid2,), **same)
+    check_tensor("point_weight", point_weight, ndim=4, **same)
+    if tuple(point_weight.shape[1:]) != (hid2 // 2, 1, 1):
+        raise ValueError(f"point_weight must have shape (C_out, hidden={hid2 // 2}, 1, 1), "
+                         f"got {tuple(point_weight.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------- triton
+def _block_config(batch: int, height: int, width: int, hidden: int) -> dict:
+    """Tile sizes and output rows per program. Under the interpreter small tiles let small test shapes cover
+    full and partial blocks in every direction."""
+    if _backend.triton_interpreter_enabled():
+        return dict(BLOCK_W=8, BLOCK_C=32, rows_per_program=4, num_warps=4)
+    block_w, block_c = 32, 64
+    columns = batch * cdiv(width, block_w) * cdiv(hidden, block_c)
+    rows = min(height, 32)  # each program re-reads 2 halo rows: the longer its walk, the less it re-reads
+    while rows > 8 and columns * cdiv(height, rows) < _TARGET_PROGRAMS:
+        rows //= 2
+    return dict(BLOCK_W=block_w, BLOCK_C=block_c, rows_per_program=rows, num_warps=4)
+
+
+def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, config: Optional[dict] = None):
+    """out (B*N, hid) = value * SiLU(gate) of depthwise3x3(SiLU(pre)) + bias, pre (B*N, 2*hid) channels-last."""
+    from ..triton_kernels.glumbconv import depthwise_glu_kernel
+
+    hidden = pre.shape[1] // 2
+    batch = pre.shape[0] // (height * width)
+    cfg = dict(config or _block_config(batch, height, width, hidden))
+    rows = cfg.pop("rows_per_program")
+    row_blocks = cdiv(height, rows)
+    grid = (cdiv(width, cfg["BLOCK_W"]), cdiv(hidden, cfg["BLOCK_C"]), batch * row_blocks)
+    depthwise_glu_kernel[grid](
+        pre, depth_weight.reshape(-1).contiguous(), depth_bias.contiguous(), out,
+        height, width, hidden, rows, row_blocks, **cfg,
+    )
+
+
+def _triton_forward(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight):
+    B, N, C = x.shape
+    hidden = inverted_weight.shape[0] // 2
+    # cuBLASLt fuses the bias; the SiLU is applied by the depthwise kernel as it loads.
+    pre = torch.addmm(inverted_bias, x.reshape(B * N, C), inverted_weight.reshape(2 * hidden, C).t())
+    gated = torch.empty(B * N, hidden, dtype=x.dtype, device=x.device)
+    _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, gated)
+    return torch.mm(gated, point_weight.reshape(-1, hidden).t()).view(B, N, -1)
+
+
+def select_backend(x: torch.Tensor, backend: str) -> str:
+    return _backend.select(
+        "glumbconv",
+        backend,
+        platform_checks={"triton": lambda: _backend.triton_device_error(x.device)},
+        case_checks={},
+    )
+
+
+# ----------------------------------------------------------------------------------------------- custom op
+@torch.library.custom_op("dcgen::glumbconv", mutates_args=())
+def _glumbconv_op(
+    x: torch.Tensor, inverted_weight: torch.Tensor, inverted_bias: torch.Tensor, depth_weight: torch.Tensor,
+    depth_bias: torch.Tensor, point_weight: torch.Tensor, height: int, width: int, backend: str,
+) -> torch.Tensor:
+    args = (x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight)
+    if x.shape[0] == 0:
+        return x.new_empty(0, x.shape[1], point_weight.shape[0])
+    if select_backend(x, backend) == "triton":
+        return _triton_forward(*args)
+    return glumbconv_reference(*args)
+
+
+@_glumbconv_op.register_fake
+def _(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight, height, width, backend):
+    return x.new_empty(x.shape[0], x.shape[1], point_weight.shape[0])
+
+
+register_reference_autograd(_glumbconv_op, _reference_tensors_first, n_tensor_inputs=6)
+
+
+def glumbconv(
+    x: torch.Tensor,
+    height: int,
+    width: int,
+    inverted_weight: torch.Tensor,
+    inverted_bias: torch.Tensor,
+    depth_weight: torch.Tensor,
+    depth_bias: torch.Tensor,
+    point_weight: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GLUMBConv on tokens: conv_point(value * SiLU(gate)), [value, gate] = conv_depth(SiLU(conv_inverted(x))).
+
+    x: (B, N = height*width, C) tokens, row-major over (h, w) like SANA's `unflatten(1, (height, width))`;
+    any strides (a non-viewable x is copied once for the GEMM). Weights as diffusers' Conv2d stores them, all in
+    x's dtype and on x's device: inverted_weight (2*hid, C, 1, 1), inverted_bias (2*hid,), depth_weight
+    (2*hid, 1, 3, 3), depth_bias (2*hid,), point_weight (C_out, hid, 1, 1).
+    Returns contiguous (B, N, C_out) in x's dtype. The GEMMs accumulate in fp32 and round their outputs to x's
+    dtype; the depthwise conv and gating run in fp32. Gradients flow through the fp32 reference.
+    """
+    _backend.check_backend_name(backend)
+    _validate(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight)
+    return _glumbconv_op(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight, height, width,
+                         backend)

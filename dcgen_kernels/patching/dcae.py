@@ -1,0 +1,55 @@
+"""DC-AE family (`AutoencoderDC`): ResBlock's channel RMSNorm + residual -> one `channel_rms_norm` pass.
+
+Its EfficientViT blocks are SANA-family modules (GLUMBConv, SanaMultiscaleLinearAttention): see sana.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.channel_rms_norm import channel_rms_norm
+from ._instance import backend_of, replace_forward, restore_forward
+
+FAMILY = "dcae"
+SUPPORTED = "AutoencoderDC: ResBlock with rms_norm"
+
+
+def _res_block_class():
+    try:
+        from diffusers.models.autoencoders.autoencoder_dc import ResBlock
+    except ImportError:
+        return None
+    return ResBlock
+
+
+def _res_block_forward(self, hidden_states):
+    x = self.conv2(self.nonlinearity(self.conv1(hidden_states)))
+    if not (x.is_contiguous() and hidden_states.is_contiguous()):  # e.g. channels_last: the stock tail
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1) + hidden_states
+    return channel_rms_norm(x, self.norm.weight, self.norm.bias, hidden_states, eps=float(self.norm.eps),
+                            backend=backend_of(self))
+
+
+def _skip_reason(block) -> Optional[str]:
+    from diffusers.models.normalization import RMSNorm
+
+    if block.norm_type != "rms_norm" or type(block.norm) is not RMSNorm:
+        return f"norm_type {block.norm_type!r} (only rms_norm is fused)"
+    return None
+
+
+def patch_module(module: torch.nn.Module, backend: str):
+    """(replaced class name, reason it was skipped or None) for a module this family handles, else None."""
+    cls = _res_block_class()
+    if cls is None or type(module) is not cls:
+        return None
+    reason = _skip_reason(module)
+    if reason is None:
+        replace_forward(module, _res_block_forward, backend)
+    return cls.__name__, reason
+
+
+def unpatch_module(module: torch.nn.Module) -> bool:
+    return restore_forward(module)

@@ -1,0 +1,242 @@
+"""SANA family, for `SanaTransformer2DModel` and the EfficientViT blocks of `AutoencoderDC` (DC-AE), which reuse
+`GLUMBConv` and the multiscale linear attention.
+
+- SanaTransformerBlock: forward replaced by one using `ada_layer_norm_modulate`, `gated_residual` and
+  `glumbconv` on tokens (no NCHW round trip for the Mix-FFN); SanaModulatedNorm (norm_out) likewise.
+- Attention with SanaLinearAttnProcessor2_0 (self-attention): `sana_linear_attention`.
+- Attention with SanaAttnProcessor2_0 (cross-attention): `key_padding_attention`, which keeps SDPA on its
+  flash/cuDNN kernels instead of the float-mask path.
+- SanaMultiscaleLinearAttention: `sana_multiscale_linear_attention` for its linear branch.
+- GLUMBConv: forward replaced by `glumbconv` (+ its RMSNorm and residual when configured).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from ..ops.ada_layer_norm import ada_layer_norm_modulate, gated_residual
+from ..ops.glumbconv import glumbconv
+from ..ops.key_padding_attention import key_padding_attention
+from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
+from ._instance import backend_of, replace_forward, restore_forward
+
+FAMILY = "sana"
+SUPPORTED = ("SanaTransformer2DModel and AutoencoderDC: SanaTransformerBlock, SanaModulatedNorm, Attention with "
+             "SanaLinearAttnProcessor2_0 / SanaAttnProcessor2_0, SanaMultiscaleLinearAttention, GLUMBConv")
+
+
+def _classes() -> Optional[dict]:
+    try:
+        from diffusers.models.attention_processor import (Attention, SanaLinearAttnProcessor2_0,
+                                                          SanaMultiscaleAttnProcessor2_0,
+                                                          SanaMultiscaleLinearAttention)
+        from diffusers.models.transformers.sana_transformer import (GLUMBConv, SanaAttnProcessor2_0,
+                                                                    SanaModulatedNorm, SanaTransformerBlock)
+    except ImportError:
+        return None
+    return dict(Attention=Attention, SanaLinearAttnProcessor2_0=SanaLinearAttnProcessor2_0,
+                SanaModulatedNorm=SanaModulatedNorm,
+                SanaAttnProcessor2_0=SanaAttnProcessor2_0, SanaMultiscaleAttnProcessor2_0=SanaMultiscaleAttnProcessor2_0,
+                SanaMultiscaleLinearAttention=SanaMultiscaleLinearAttention, GLUMBConv=GLUMBConv,
+                SanaTransformerBlock=SanaTransformerBlock)
+
+
+def _fallback(reason: str, original, *args):
+    _backend.warn_once(f"sana-processor:{reason}", f"dcgen_kernels: SANA attention falls back to diffusers' "
+                       f"processor because {reason}")
+    return original(*args)
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    # diffusers' SANA processors clip fp16 outputs to the finite range; keep that behaviour.
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+# ----------------------------------------------------------------------------------------------- processors
+class DCGenSanaLinearAttnProcessor:
+    """SanaLinearAttnProcessor2_0 with the linear attention in one fused op."""
+
+    def __init__(self, original, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if encoder_hidden_states is not None:
+            return _fallback("linear attention was given encoder_hidden_states", self.original, attn,
+                             hidden_states, encoder_hidden_states, attention_mask)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = sana_linear_attention(query, key, value, attn.heads, backend=self.backend)
+        return _clip_fp16(attn.to_out[1](attn.to_out[0](out)))
+
+
+class DCGenSanaCrossAttnProcessor:
+    """SanaAttnProcessor2_0 with the float key-padding mask turned into a form SDPA's fast kernels accept."""
+
+    def __init__(self, original, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if encoder_hidden_states is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        head_dim = key.shape[-1] // attn.heads
+        heads = lambda t: t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
+        out = key_padding_attention(heads(query), heads(key), heads(value), attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        return _clip_fp16(attn.to_out[1](attn.to_out[0](out)))
+
+
+class DCGenSanaMultiscaleAttnProcessor:
+    """SanaMultiscaleAttnProcessor2_0 whose linear branch runs `sana_multiscale_linear_attention`: ReLU, the
+    fp32 math and the cast back happen in the kernel instead of on an fp32 copy of the whole qkv tensor."""
+
+    def __init__(self, original, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states):
+        batch, _, height, width = hidden_states.shape
+        if height * width <= attn.attention_head_dim:  # diffusers uses quadratic attention there
+            return self.original(attn, hidden_states)
+        residual = hidden_states
+        x = hidden_states.movedim(1, -1)
+        qkv = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=3).movedim(-1, 1)
+        qkv = torch.cat([qkv] + [block(qkv) for block in attn.to_qkv_multiscale], dim=1)
+        query, key, value = qkv.reshape(batch, -1, 3 * attn.attention_head_dim, height * width).chunk(3, dim=2)
+        out = sana_multiscale_linear_attention(query, key, value, eps=attn.eps, backend=self.backend)
+        out = attn.to_out(out.reshape(batch, -1, height, width).movedim(1, -1)).movedim(-1, 1)
+        if attn.norm_type == "rms_norm":
+            out = attn.norm_out(out.movedim(1, -1)).movedim(-1, 1)
+        else:
+            out = attn.norm_out(out)
+        return out + residual if attn.residual_connection else out
+
+
+_PROCESSORS = {"SanaLinearAttnProcessor2_0": DCGenSanaLinearAttnProcessor,
+               "SanaAttnProcessor2_0": DCGenSanaCrossAttnProcessor,
+               "SanaMultiscaleAttnProcessor2_0": DCGenSanaMultiscaleAttnProcessor}
+_OURS = tuple(_PROCESSORS.values())
+
+
+# ----------------------------------------------------------------------------------------------- forwards
+def _glumbconv_tokens(ff, tokens, height, width, backend):
+    return glumbconv(tokens, height, width, ff.conv_inverted.weight, ff.conv_inverted.bias, ff.conv_depth.weight,
+                     ff.conv_depth.bias, ff.conv_point.weight, backend=backend)
+
+
+def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                        encoder_attention_mask=None, timestep=None, height=None, width=None):
+    backend = backend_of(self)
+    batch = hidden_states.shape[0]
+    if hidden_states.stride(-1) != 1:  # PatchEmbed's flatten(2).transpose(1, 2) feeds the first block channel-strided
+        hidden_states = hidden_states.contiguous()
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+
+    norm = ada_layer_norm_modulate(hidden_states, scale_msa, shift_msa, eps=self.norm1.eps, backend=backend)
+    hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm), backend=backend)
+    if self.attn2 is not None:
+        hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=encoder_attention_mask) + hidden_states
+    norm = ada_layer_norm_modulate(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps, backend=backend)
+    ff = _glumbconv_tokens(self.ff, norm, height, width, backend)
+    return gated_residual(hidden_states, gate_mlp, ff, backend=backend)
+
+
+def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
+    shift, scale = (scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)).chunk(2, dim=1)
+    if scale.dtype != hidden_states.dtype:  # stock promotes to the modulation's dtype: keep its exact semantics
+        return self.norm(hidden_states) * (1 + scale) + shift
+    return ada_layer_norm_modulate(hidden_states, scale, shift, norm_weight=self.norm.weight,
+                                   norm_bias=self.norm.bias, eps=self.norm.eps, backend=backend_of(self))
+
+
+def _glumbconv_forward(self, hidden_states):
+    """GLUMBConv on an NCHW map: tokens are its channels-last view (a copy unless already channels_last)."""
+    batch, channels, height, width = hidden_states.shape
+    tokens = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+    out = _glumbconv_tokens(self, tokens, height, width, backend_of(self))
+    if self.norm_type == "rms_norm":
+        out = self.norm(out)  # over channels, which tokens already have last
+    out = out.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+    return out + hidden_states if self.residual_connection else out
+
+
+def _block_skip_reason(block) -> Optional[str]:
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name)
+        if type(norm) is not torch.nn.LayerNorm or norm.elementwise_affine:
+            return f"{name} is not a LayerNorm without affine"
+    if block.ff.norm_type is not None or block.ff.residual_connection:
+        return "its GLUMBConv has a norm or residual (SANA blocks have neither)"
+    return None
+
+
+def _glumbconv_skip_reason(module) -> Optional[str]:
+    if module.norm_type not in (None, "rms_norm"):
+        return f"norm_type {module.norm_type!r}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+def patch_module(module: torch.nn.Module, backend: str):
+    """(replaced class name, reason it was skipped or None) for a module this family handles, else None."""
+    classes = _classes()
+    if classes is None:
+        return None
+    if isinstance(module, classes["SanaTransformerBlock"]):
+        return _replace(module, _sana_block_forward, _block_skip_reason(module), backend)
+    if isinstance(module, classes["SanaModulatedNorm"]):
+        reason = None if type(module.norm) is torch.nn.LayerNorm else "its norm is not torch.nn.LayerNorm"
+        return _replace(module, _modulated_norm_forward, reason, backend)
+    if isinstance(module, classes["GLUMBConv"]):
+        return _replace(module, _glumbconv_forward, _glumbconv_skip_reason(module), backend)
+    if isinstance(module, (classes["Attention"], classes["SanaMultiscaleLinearAttention"])):
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, _OURS):
+            processor.backend = backend
+            return type(processor.original).__name__, None
+        ours = _PROCESSORS.get(type(processor).__name__)
+        if ours is None or type(processor) is not classes[type(processor).__name__]:
+            return None  # another model's attention: not ours to judge
+        _set_processor(module, ours(processor, backend))
+        return type(processor).__name__, None
+    return None
+
+
+def _set_processor(module, processor) -> None:
+    # Attention has set_processor; SanaMultiscaleLinearAttention keeps a plain attribute.
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
+
+
+def _replace(module, forward, reason, backend):
+    if reason is None:
+        replace_forward(module, forward, backend)
+    return type(module).__name__, reason
+
+
+def unpatch_module(module: torch.nn.Module) -> bool:
+    if restore_forward(module):
+        return True
+    processor = getattr(module, "processor", None)
+    if isinstance(processor, _OURS):
+        _set_processor(module, processor.original)
+        return True
+    return False

@@ -1,0 +1,275 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcgen_kernels import _backend
+from dcgen_kernels.ops.ada_layer_norm import (
+    TRITON_MAX_CHANNELS, ada_layer_norm_modulate, ada_layer_norm_modulate_into, ada_layer_norm_modulate_reference,
+    gated_residual, gated_residual_into, gated_residual_reference,
+)
+from tests.helpers import TOLERANCE, rel_l2
+from tests.test_key_padding_attention import KeyPaddingSanaAttnProcessor
+
+
+def activations(B=2, N=37, C=200, dtype=torch.bfloat16, device="cpu"):
+    """A (B, N, C) view with a row stride > C, like one half of a fused projection's output."""
+    return torch.randn(B, N, 2 * C, device=device).to(dtype)[..., C:]
+
+
+def modulation(layout, B=2, C=200, dtype=torch.bfloat16, device="cpu"):
+    """(shift, scale, gate) views as the models chunk them: strided, never copied."""
+    if layout == "sana":  # (scale_shift_table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1): (B, 1, C)
+        return (torch.randn(6, C, device=device) / 4 + torch.randn(B, 6, C, device=device) / 4).to(dtype).chunk(6, 1)[:3]
+    if layout == "flux":  # AdaLayerNormZero: emb.chunk(6, dim=1): (B, C)
+        return torch.randn(B, 6 * C, device=device).div(4).to(dtype).chunk(6, dim=1)[:3]
+    return tuple(torch.randn(1, 1, C, device=device).div(4).to(dtype) for _ in range(3))  # broadcast over batch
+
+
+def diffusers_modulate(x, scale, shift, weight=None, bias=None, eps=1e-6):
+    scale, shift = (t[:, None] if t.dim() == 2 else t for t in (scale, shift))
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps) * (1 + scale) + shift
+
+
+# --------------------------------------------------------------------------------------------- reference
+def test_reference_equals_flux_ada_layer_norm_zero_modules():
+    from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    x, emb = torch.randn(2, 13, 64), torch.randn(2, 64)
+    for module in (AdaLayerNormZero(64), AdaLayerNormZeroSingle(64)):
+        with torch.no_grad():
+            expected, gate = module(x, emb=emb)[:2]
+            shift, scale, _ = module.linear(F.silu(emb)).chunk(6 if isinstance(module, AdaLayerNormZero) else 3,
+                                                               dim=1)[:3]
+            assert rel_l2(ada_layer_norm_modulate_reference(x, scale, shift), expected) < 1e-6
+            residual, branch = torch.randn(2, 13, 64), torch.randn(2, 13, 64)
+            assert rel_l2(gated_residual_reference(residual, gate, branch),
+                          residual + gate.unsqueeze(1) * branch) < 1e-6
+
+
+@pytest.mark.parametrize("flux_norm_out", [True, False], ids=["flux_norm_out", "class_defaults"])
+def test_reference_equals_ada_layer_norm_continuous(flux_norm_out):
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    kwargs = dict(elementwise_affine=False, eps=1e-6) if flux_norm_out else {}  # defaults: affine + bias, eps 1e-5
+    module = AdaLayerNormContinuous(64, 32, **kwargs)
+    for p in module.norm.parameters():
+        torch.nn.init.uniform_(p, 0.5, 1.5)
+    x, cond = torch.randn(2, 13, 64), torch.randn(2, 32)
+    with torch.no_grad():
+        scale, shift = module.linear(F.silu(cond)).chunk(2, dim=1)  # (scale, shift): this order
+        ours = ada_layer_norm_modulate_reference(x, scale, shift, module.norm.weight, module.norm.bias,
+                                                 module.norm.eps)
+        assert rel_l2(ours, module(x, cond)) < 1e-6
+
+
+def sana_block_forward_with_ops(block, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep,
+                                height, width):
+    """SanaTransformerBlock.forward with the adaLN ops: how a patched block calls them."""
+    B = hidden_states.shape[0]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        block.scale_shift_table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)
+    norm = ada_layer_norm_modulate(hidden_states, scale_msa, shift_msa, eps=block.norm1.eps)
+    hidden_states = gated_residual(hidden_states, gate_msa, block.attn1(norm))
+    hidden_states = hidden_states + block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                                attention_mask=encoder_attention_mask)
+    norm = ada_layer_norm_modulate(hidden_states, scale_mlp, shift_mlp, eps=block.norm2.eps)
+    ff = block.ff(norm.unflatten(1, (height, width)).permute(0, 3, 1, 2)).flatten(2, 3).permute(0, 2, 1)
+    return gated_residual(hidden_states, gate_mlp, ff)
+
+
+def test_patched_sana_block_equals_stock():
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    C, h, w, S_txt = 64, 4, 6, 9
+    block = SanaTransformerBlock(dim=C, num_attention_heads=2, attention_head_dim=32, num_cross_attention_heads=2,
+                                 cross_attention_head_dim=32, cross_attention_dim=C).eval()
+    hidden, enc = torch.randn(2, h * w, C), torch.randn(2, S_txt, C)
+    keep = torch.stack([torch.arange(S_txt) < 6, torch.arange(S_txt) < 3]).float()
+    kwargs = dict(encoder_attention_mask=((1 - keep) * -10000.0).unsqueeze(1), timestep=torch.randn(2, 6 * C),
+                  height=h, width=w)  # the bias as SanaTransformer2DModel.forward builds it
+    with torch.no_grad():
+        expected = block(hidden, encoder_hidden_states=enc, **kwargs)
+        block.attn2.set_processor(KeyPaddingSanaAttnProcessor())
+        ours = sana_block_forward_with_ops(block, hidden, enc, **kwargs)
+    assert rel_l2(ours, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_is_no_less_accurate_than_diffusers(dtype):
+    """diffusers rounds after each half-precision op (norm, 1 + scale, product, sum); the op rounds once."""
+    x = activations(C=256, dtype=torch.float32)
+    shift, scale, _ = modulation("flux", C=256, dtype=torch.float32)
+    truth = diffusers_modulate(x, scale, shift)
+    half = [t.to(dtype) for t in (x, scale, shift)]
+    # The interpreter truncates bf16 stores where the GPU rounds to nearest: check the bf16 rounding on the reference.
+    backend = "reference" if dtype == torch.bfloat16 else "triton"
+    assert rel_l2(ada_layer_norm_modulate(*half, backend=backend), truth) < rel_l2(diffusers_modulate(*half), truth)
+
+
+# --------------------------------------------------------------------------------------------- triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["sana", "flux", "broadcast"])
+def test_triton_modulate_matches_reference(dtype, layout):
+    x = activations(dtype=dtype)
+    shift, scale, _ = modulation(layout, dtype=dtype)
+    out = torch.full((2, 37, 200), float("nan"), dtype=dtype)
+    ada_layer_norm_modulate_into(x, scale, shift, None, None, 1e-6, out, "triton")
+    assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift)) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+@pytest.mark.parametrize("mod_dtype", [torch.float32, torch.bfloat16], ids=["fp32_mod", "bf16_mod"])
+def test_triton_modulate_affine_norm_and_mixed_dtypes(mod_dtype):
+    x = activations(C=96, dtype=torch.bfloat16)
+    shift, scale, _ = modulation("flux", C=96, dtype=mod_dtype)
+    weight, bias = torch.rand(96).add(0.5), torch.randn(96)
+    out = ada_layer_norm_modulate(x, scale, shift, norm_weight=weight, norm_bias=bias, eps=1e-5, backend="triton")
+    expected = ada_layer_norm_modulate_reference(x, scale, shift, weight, bias, 1e-5)
+    assert out.dtype == torch.bfloat16 and rel_l2(out, expected) <= TOLERANCE[torch.bfloat16] / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["sana", "flux", "broadcast"])
+def test_triton_gated_residual_matches_reference(dtype, layout):
+    residual, x = activations(C=300, dtype=dtype), activations(C=300, dtype=dtype)
+    _, _, gate = modulation(layout, C=300, dtype=dtype)
+    out = torch.full((2, 37, 300), float("nan"), dtype=dtype)
+    gated_residual_into(residual, gate, x, out, "triton")
+    assert rel_l2(out, gated_residual_reference(residual, gate, x)) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+def test_gated_residual_output_dtype_follows_residual():
+    residual, x = activations(dtype=torch.float32), activations(dtype=torch.bfloat16)
+    gate = modulation("flux", dtype=torch.bfloat16)[2]
+    out = gated_residual(residual, gate, x, backend="triton")
+    assert out.dtype == torch.float32 and rel_l2(out, gated_residual_reference(residual, gate, x)) < 1e-6
+
+
+def test_empty_sequence():
+    x = torch.randn(2, 0, 64)
+    shift, scale, gate = modulation("flux", C=64, dtype=torch.float32)
+    assert ada_layer_norm_modulate(x, scale, shift, backend="triton").shape == (2, 0, 64)
+    assert gated_residual(x, gate, x, backend="triton").shape == (2, 0, 64)
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _mod_args():
+    x = activations()
+    shift, scale, gate = modulation("sana")
+    return x, scale, shift, gate
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x[0], sc, sh), ValueError, "x must have 3 dimensions"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x.int(), sc, sh), TypeError, "x must have dtype"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x.transpose(1, 2), sc, sh), ValueError, "x must be contiguous"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x[..., :0], sc[..., :0], sh[..., :0]), ValueError,
+     "x must have at least one channel"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, "s", sh), TypeError, "scale must be a torch.Tensor"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc[..., :-1], sh), ValueError, r"scale must have shape \(B, C\)"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh.expand(2, 3, 200)), ValueError, "shift must have shape"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh[0, 0]), ValueError, "shift must have shape"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc.repeat(3, 1, 1), sh), ValueError, "scale must have shape"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc.to("meta"), sh), ValueError, "scale must be on device"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, torch.randn(2, 1, 400)[..., ::2]), ValueError,
+     "shift must be contiguous in its last dimension"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, norm_weight=torch.ones(3)), ValueError,
+     r"norm_weight must have shape \(200,\)"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, norm_bias=torch.ones(200).long()), TypeError,
+     "norm_bias must have dtype"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, eps=0.0), ValueError, "eps must be a positive float"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, backend="gpu"), ValueError, "backend must be one of"),
+    (lambda x, sc, sh, g: gated_residual(x, g, x[:, :-1]), ValueError, "x must have the same shape as residual"),
+    (lambda x, sc, sh, g: gated_residual(x, g, x.to("meta")), ValueError, "x must be on device"),
+    (lambda x, sc, sh, g: gated_residual(x.half().int(), g, x), TypeError, "residual must have dtype"),
+    (lambda x, sc, sh, g: gated_residual(x, g[:, :, :5], x), ValueError, "gate must have shape"),
+    (lambda x, sc, sh, g: gated_residual(x, g, x, backend=None), ValueError, "backend must be one of"),
+])
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*_mod_args())
+
+
+# --------------------------------------------------------------------------------------------- backends
+def test_explicit_backend_falls_back_with_one_warning():
+    C = TRITON_MAX_CHANNELS + 8
+    x, scale, shift = torch.randn(1, 3, C), torch.randn(1, C), torch.randn(1, C)
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="triton backend cannot serve.*channels"):
+        out = ada_layer_norm_modulate(x, scale, shift, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ada_layer_norm_modulate(x, scale, shift, backend="triton")  # second call: silent
+    assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift)) < 1e-6
+
+
+def test_gated_residual_has_no_cuda_backend_and_says_so_once():
+    x, _, _, gate = _mod_args()
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="no cuda backend.*falling back to triton"):
+        out = gated_residual(x, gate, x, backend="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gated_residual(x, gate, x, backend="cuda")
+    assert rel_l2(out, gated_residual_reference(x, gate, x)) <= TOLERANCE[torch.bfloat16] / 2
+
+
+# --------------------------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("layout", ["sana", "flux"])
+def test_gradients_match_diffusers_math(layout):
+    x = activations(C=64, dtype=torch.float32)
+    shift, scale, gate = modulation(layout, C=64, dtype=torch.float32)
+    weight, bias = torch.rand(64).add(0.5), torch.randn(64)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, scale, shift, gate, weight, bias)]
+    branch = torch.randn(2, 37, 64, requires_grad=True)
+    grad = torch.randn(2, 37, 64)
+
+    def run(modulate, gated):
+        lx, lsc, lsh, lg, lw, lb = leaves
+        y = gated(lx, lg, modulate(lx, lsc, lsh, lw, lb) * branch)
+        return torch.autograd.grad(y, leaves + [branch], grad)
+
+    ours = run(lambda *a: ada_layer_norm_modulate(*a[:3], norm_weight=a[3], norm_bias=a[4], backend="triton"),
+               lambda r, g, b: gated_residual(r, g, b, backend="triton"))
+    theirs = run(diffusers_modulate, lambda r, g, b: r + (g[:, None] if g.dim() == 2 else g) * b)
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(ours, theirs))
+
+
+# --------------------------------------------------------------------------------------------- compile
+def test_ops_trace_in_torch_compile_without_graph_breaks():
+    x = activations(C=64, dtype=torch.float32)
+    shift, scale, gate = modulation("sana", C=64, dtype=torch.float32)
+
+    def block(x, scale, shift, gate):
+        return gated_residual(x, gate, ada_layer_norm_modulate(x, scale, shift, backend="triton") * 2)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    expected = gated_residual_reference(x, gate, 2 * ada_layer_norm_modulate_reference(x, scale, shift))
+    assert rel_l2(compiled(x, scale, shift, gate), expected) < 1e-6
+
+
+def test_fake_impl_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = activations(dtype=torch.bfloat16)
+        shift, scale, gate = modulation("flux", dtype=torch.float32)
+        out = gated_residual(x, gate, ada_layer_norm_modulate(x, scale, shift))
+    assert out.shape == (2, 37, 200) and out.dtype == torch.bfloat16 and out.is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("model,B,N,C", [("flux", 1, 4608, 3072), ("sana", 2, 4096, 2240)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_triton_at_model_shapes(model, B, N, C, dtype):
+    x = activations(B, N, C, dtype=dtype, device="cuda")
+    shift, scale, gate = modulation(model, B=B, C=C, dtype=dtype, device="cuda")
+    out = torch.full((B, N, C), float("nan"), dtype=dtype, device="cuda")
+    ada_layer_norm_modulate_into(x, scale, shift, None, None, 1e-6, out, "triton")
+    assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift)) <= TOLERANCE[dtype] / 2
+    branch = torch.randn(B, N, C, device="cuda").to(dtype)
+    out.fill_(float("nan"))
+    gated_residual_into(x, gate, branch, out, "triton")
+    assert rel_l2(out, gated_residual_reference(x, gate, branch)) <= TOLERANCE[dtype] / 2

@@ -1,0 +1,91 @@
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dcgen_kernels.ops.channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
+from tests.helpers import TOLERANCE, rel_l2
+
+channel_rms_norm_module = sys.modules["dcgen_kernels.ops.channel_rms_norm"]
+
+
+def make_inputs(B=2, C=43, H=19, W=17, dtype=torch.float32, device="cpu"):
+    x = torch.randn(B, C, H, W, device=device).to(dtype)
+    weight = torch.rand(C, device=device).add(0.5).to(dtype)
+    bias = torch.randn(C, device=device).to(dtype)
+    residual = torch.randn(B, C, H, W, device=device).to(dtype)
+    return x, weight, bias, residual
+
+
+def diffusers_norm_residual(x, weight, bias, residual, eps=1e-5):
+    """DC-AE ResBlock's tail: diffusers RMSNorm over channels via movedim, then + residual."""
+    from diffusers.models.normalization import RMSNorm
+
+    norm = RMSNorm(x.shape[1], eps=eps, elementwise_affine=True, bias=True).to(x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+    return norm(x.movedim(1, -1)).movedim(-1, 1) + residual
+
+
+def test_reference_equals_diffusers_rms_norm_with_residual():
+    x, w, b, r = make_inputs()
+    assert rel_l2(channel_rms_norm_reference(x, w, b, r), diffusers_norm_residual(x, w, b, r)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_affine,with_residual", [(True, True), (False, False), (True, False)])
+def test_triton_matches_reference(dtype, with_affine, with_residual):
+    x, w, b, r = make_inputs(dtype=dtype)  # 43 channels, 323 pixels: partial channel and pixel blocks
+    w, b = (w, b) if with_affine else (None, None)
+    r = r if with_residual else None
+    out = torch.full_like(x, float("nan"))
+    channel_rms_norm_module._launch_triton(x, w, b, r, 1e-5, out=out)
+    assert rel_l2(out, channel_rms_norm_reference(x, w, b, r)) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w, b, r: channel_rms_norm(x[0], w, b, r), ValueError, "x must have 4 dimensions"),
+    (lambda x, w, b, r: channel_rms_norm(x.transpose(2, 3), w, b, None), ValueError, "contiguous NCHW"),
+    (lambda x, w, b, r: channel_rms_norm(x, w[:-1], b, r), ValueError, r"weight must have shape \(43,\)"),
+    (lambda x, w, b, r: channel_rms_norm(x, w, b, r[:, :-1]), ValueError, "residual must have shape"),
+    (lambda x, w, b, r: channel_rms_norm(x, w, b, r.half()), TypeError, "residual must have dtype"),
+    (lambda x, w, b, r: channel_rms_norm(x.int(), None, None, None), TypeError, "x must have dtype"),
+    (lambda x, w, b, r: channel_rms_norm(x, w, b.to("meta"), r), ValueError, "bias must be on device"),
+    (lambda x, w, b, r: channel_rms_norm(x, w, b, r, eps=0.0), ValueError, "eps must be a positive float"),
+])
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*make_inputs())
+
+
+def test_gradients_match_diffusers():
+    x, w, b, r = [t.requires_grad_(True) for t in make_inputs(H=5, W=6)]
+    grad = torch.randn(x.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = torch.autograd.grad(channel_rms_norm(x, w, b, r, backend="triton"), [x, w, b, r], grad)
+    from diffusers.models.normalization import RMSNorm
+
+    norm = RMSNorm(43, eps=1e-5, elementwise_affine=True, bias=True)
+    norm.weight, norm.bias = torch.nn.Parameter(w), torch.nn.Parameter(b)  # share the leaves
+    stock = norm(x.movedim(1, -1)).movedim(-1, 1) + r
+    theirs = torch.autograd.grad(stock, [x, norm.weight, norm.bias, r], grad)
+    assert all(rel_l2(a, t) < 1e-5 for a, t in zip(ours, theirs))
+
+
+def test_compiles_without_graph_breaks():
+    x, w, b, r = make_inputs()
+    compiled = torch.compile(lambda *a: channel_rms_norm(*a, backend="reference"), backend="aot_eager",
+                             fullgraph=True)
+    assert rel_l2(compiled(x, w, b, r), channel_rms_norm_reference(x, w, b, r)) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,H", [(128, 1024), (1024, 128), (200, 77)])
+def test_triton_on_gpu(C, H):
+    x, w, b, r = make_inputs(B=1, C=C, H=H, W=H, dtype=torch.bfloat16, device="cuda")
+    out = torch.full_like(x, float("nan"))
+    channel_rms_norm_module._launch_triton(x, w, b, r, 1e-5, out=out)
+    assert rel_l2(out, channel_rms_norm_reference(x, w, b, r)) <= TOLERANCE[torch.bfloat16] / 2

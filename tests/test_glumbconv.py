@@ -1,0 +1,171 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcgen_kernels import _backend
+from dcgen_kernels.ops.glumbconv import _launch_depthwise_glu, glumbconv, glumbconv_reference
+from tests.helpers import TOLERANCE, rel_l2
+
+
+def make_weights(C=20, hidden=40, C_out=None, dtype=torch.float32, device="cpu"):
+    """Random GLUMBConv weights scaled like a trained layer (unit-variance activations throughout)."""
+    C_out = C_out or C
+    shapes = [(2 * hidden, C, 1, 1), (2 * hidden,), (2 * hidden, 1, 3, 3), (2 * hidden,), (C_out, hidden, 1, 1)]
+    fan_in = [C, 1, 3, 1, hidden]
+    return [(torch.randn(s, device=device) / f**0.5).to(dtype) for s, f in zip(shapes, fan_in)]
+
+
+def make_tokens(B=2, H=7, W=9, C=20, dtype=torch.float32, device="cpu"):
+    return torch.randn(B, H * W, C, device=device).to(dtype)
+
+
+def diffusers_module(weights):
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+
+    C, hidden, C_out = weights[0].shape[1], weights[4].shape[1], weights[4].shape[0]
+    module = GLUMBConv(C, C_out, hidden / C, norm_type=None, residual_connection=False)
+    assert module.conv_point.in_channels == hidden
+    params = [module.conv_inverted.weight, module.conv_inverted.bias, module.conv_depth.weight,
+              module.conv_depth.bias, module.conv_point.weight]
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    return module, params
+
+
+def on_tokens(module, x, H, W):
+    """How SanaTransformerBlock calls its feed-forward."""
+    return module(x.unflatten(1, (H, W)).permute(0, 3, 1, 2)).flatten(2, 3).permute(0, 2, 1)
+
+
+def depthwise_glu_fp32(pre, H, W, depth_weight, depth_bias):
+    h = F.silu(pre.float()).unflatten(0, (-1, H, W)).permute(0, 3, 1, 2)
+    h = F.conv2d(h, depth_weight.float(), depth_bias.float(), padding=1, groups=h.shape[1])
+    value, gate = h.chunk(2, dim=1)
+    return (value * F.silu(gate)).flatten(2).transpose(1, 2).flatten(0, 1)
+
+
+@pytest.mark.parametrize("C,hidden,C_out", [(20, 40, 20), (24, 72, 16)])
+def test_reference_equals_diffusers_glumbconv(C, hidden, C_out):
+    weights = make_weights(C, hidden, C_out)
+    x = make_tokens(C=C)
+    module, _ = diffusers_module(weights)
+    with torch.no_grad():
+        assert rel_l2(glumbconv_reference(x, 7, 9, *weights), on_tokens(module, x, 7, 9)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,W,hidden", [(7, 9, 40), (5, 13, 72)])
+def test_depthwise_glu_kernel_matches_reference(dtype, H, W, hidden):
+    pre = torch.randn(H * W, 2 * hidden).to(dtype)
+    _, _, depth_weight, depth_bias, _ = make_weights(hidden=hidden, dtype=dtype)
+    out = torch.full((H * W, hidden), float("nan"), dtype=dtype)
+    _launch_depthwise_glu(pre, H, W, depth_weight, depth_bias, out)
+    expected = depthwise_glu_fp32(pre, H, W, depth_weight, depth_bias)
+    assert rel_l2(out, expected) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,W,C,hidden,C_out", [(2, 7, 9, 20, 40, 20), (1, 5, 13, 24, 72, 16)])
+def test_triton_matches_reference(dtype, B, H, W, C, hidden, C_out):
+    weights = make_weights(C, hidden, C_out, dtype=dtype)
+    x = make_tokens(B=B, H=H, W=W, C=C, dtype=dtype)
+    out = glumbconv(x, H, W, *weights, backend="triton")
+    assert out.shape == (B, H * W, C_out) and out.dtype == dtype
+    assert rel_l2(out, glumbconv_reference(x, H, W, *weights)) <= TOLERANCE[dtype]
+
+
+def test_strided_tokens_from_nchw():
+    """DC-AE's feature maps are NCHW: their token view is strided, and the op takes it as it is."""
+    weights = make_weights()
+    x_nchw = torch.randn(2, 20, 7, 9)
+    tokens = x_nchw.permute(0, 2, 3, 1).flatten(1, 2)
+    out = glumbconv(tokens, 7, 9, *weights, backend="triton")
+    assert rel_l2(out, glumbconv_reference(tokens.contiguous(), 7, 9, *weights)) <= TOLERANCE[torch.float32]
+
+
+def test_empty_batch():
+    weights = make_weights(C_out=12)
+    assert glumbconv(make_tokens(B=0), 7, 9, *weights).shape == (0, 63, 12)
+
+
+def _swap(weights, index, value):
+    return weights[:index] + [value] + weights[index + 1:]
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w: glumbconv(x.numpy(), 7, 9, *w), TypeError, "x must be a torch.Tensor"),
+    (lambda x, w: glumbconv(x[0], 7, 9, *w), ValueError, "x must have 3 dimensions"),
+    (lambda x, w: glumbconv(x.int(), 7, 9, *w), TypeError, "x must have dtype"),
+    (lambda x, w: glumbconv(x, 0, 9, *w), ValueError, "height must be a positive int"),
+    (lambda x, w: glumbconv(x, 7, True, *w), ValueError, "width must be a positive int"),
+    (lambda x, w: glumbconv(x, 9, 9, *w), ValueError, "x must hold height"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 0, w[0][:, :5])), ValueError, r"inverted_weight must have shape"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 0, w[0][:-1])), ValueError, r"inverted_weight must have shape"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 0, w[0].half())), TypeError, "inverted_weight must have dtype"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 1, w[1][:-2])), ValueError, r"inverted_bias must have shape"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 2, w[2][..., :2])), ValueError, r"depth_weight must have shape"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 3, w[3].to("meta"))), ValueError, "depth_bias must be on device"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 4, w[4][:, :-1])), ValueError, r"point_weight must have shape"),
+    (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 4, w[4][..., 0])), ValueError, "point_weight must have 4 dim"),
+    (lambda x, w: glumbconv(x, 7, 9, *w, backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(make_tokens(), make_weights())
+
+
+def test_explicit_backend_falls_back_with_one_warning():
+    weights = make_weights()
+    x = make_tokens(B=1, H=3, W=4)
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve.*no cuda backend.*falling back to triton"):
+        out = glumbconv(x, 3, 4, *weights, backend="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        glumbconv(x, 3, 4, *weights, backend="cuda")  # second call: silent
+    assert rel_l2(out, glumbconv_reference(x, 3, 4, *weights)) <= TOLERANCE[torch.float32]
+
+
+def test_gradients_match_diffusers_glumbconv():
+    weights = make_weights(24, 72, 16)
+    x = make_tokens(H=5, W=6, C=24).requires_grad_(True)
+    module, params = diffusers_module(weights)
+    leaves = [w.clone().requires_grad_(True) for w in weights]
+    grad = torch.randn(2, 30, 16)
+    ours = torch.autograd.grad(glumbconv(x, 5, 6, *leaves), [x, *leaves], grad)
+    theirs = torch.autograd.grad(on_tokens(module, x, 5, 6), [x, *params], grad)
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(ours, theirs))
+
+
+def test_torch_compile_fullgraph():
+    weights = make_weights()
+    x = make_tokens(B=1, H=3, W=4)
+    compiled = torch.compile(lambda t: glumbconv(t, 3, 4, *weights) * 2, backend="aot_eager", fullgraph=True)
+    assert rel_l2(compiled(x), 2 * glumbconv_reference(x, 3, 4, *weights)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_depthwise_glu_partial_tiles(dtype):
+    """Odd sizes at the GPU tile config: partial column, channel and row blocks."""
+    H, W, hidden = 45, 37, 200
+    pre = torch.randn(2 * H * W, 2 * hidden, device="cuda").to(dtype)
+    _, _, depth_weight, depth_bias, _ = make_weights(hidden=hidden, dtype=dtype, device="cuda")
+    out = torch.full((2 * H * W, hidden), float("nan"), dtype=dtype, device="cuda")
+    _launch_depthwise_glu(pre, H, W, depth_weight, depth_bias, out)
+    assert rel_l2(out, depthwise_glu_fp32(pre, H, W, depth_weight, depth_bias)) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,side,C,hidden", [(2, 64, 2240, 5600), (1, 128, 512, 2048)])
+def test_gpu_sana_and_dcae_shapes(dtype, B, side, C, hidden, monkeypatch):
+    """SANA-1.6B's Mix-FFN on a 64x64 latent (CFG batch), and a DC-AE decoder stage (C=512, expand 4)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # a true fp32 reference
+    weights = make_weights(C, hidden, dtype=dtype, device="cuda")
+    x = make_tokens(B=B, H=side, W=side, C=C, dtype=dtype, device="cuda")
+    out = glumbconv(x, side, side, *weights, backend="triton")
+    assert rel_l2(out, glumbconv_reference(x, side, side, *weights)) <= TOLERANCE[dtype]

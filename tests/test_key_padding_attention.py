@@ -1,0 +1,170 @@
+import sys
+
+import pytest
+import torch
+
+from dcgen_kernels.ops.key_padding_attention import key_padding_attention, key_padding_attention_reference
+from tests.helpers import TOLERANCE, rel_l2
+
+kpa_module = sys.modules["dcgen_kernels.ops.key_padding_attention"]
+S_KV = 11
+
+
+class KeyPaddingSanaAttnProcessor:
+    """SanaAttnProcessor2_0 with its masked SDPA replaced by key_padding_attention (mask passed through raw)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        B = hidden_states.shape[0]
+        heads = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa: E731
+        q = heads(attn.to_q(hidden_states))
+        k, v = heads(attn.to_k(encoder_hidden_states)), heads(attn.to_v(encoder_hidden_states))
+        out = key_padding_attention(q, k, v, attention_mask).transpose(1, 2).reshape(B, -1, q.shape[1] * q.shape[3])
+        return attn.to_out[0](out.to(q.dtype))
+
+
+def prefix(*lengths):
+    return torch.stack([torch.arange(S_KV) < n for n in lengths]).float()
+
+
+def sana_bias(keep, dtype=torch.float32):
+    """SanaTransformer2DModel.forward: (1 - mask) * -10000.0, unsqueezed to (B, 1, S_kv)."""
+    return ((1 - keep.to(dtype)) * -10000.0).unsqueeze(1)
+
+
+def qkv(B=2, H=3, S_q=13, D=16, dtype=torch.float32, device="cpu"):
+    return [torch.randn(B, H, s, D, device=device).to(dtype) for s in (S_q, S_KV, S_KV)]
+
+
+CASES = {  # keep mask -> (keys SDPA sees, whether it still gets a mask)
+    "prefix_b1": (prefix(7), 7, False),
+    "same_prefix_b2": (prefix(7, 7), 7, False),
+    "scattered_b1": (torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0]]).float(), [0, 2, 3, 6], False),
+    "no_padding_b2": (prefix(S_KV, S_KV), None, False),
+    "different_lengths_b2": (prefix(7, 3), 7, True),  # trimmed to the longest, masked
+    "one_fully_padded_b2": (prefix(7, 0), None, True),  # diffusers' call unchanged
+}
+
+
+# --------------------------------------------------------------------------------------------- vs diffusers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_sana_cross_attention_processor(case, dtype):
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+    keep, keys, masked = CASES[case]
+    B = keep.shape[0]
+    attn = Attention(query_dim=64, cross_attention_dim=48, heads=4, dim_head=16, bias=True, out_bias=True,
+                     processor=SanaAttnProcessor2_0()).to(dtype).eval()
+    hidden, enc = torch.randn(B, 23, 64).to(dtype), torch.randn(B, S_KV, 48).to(dtype)
+    mask = sana_bias(keep, dtype)
+    plan = kpa_module._plan(mask)
+    assert (plan.keys.tolist() if torch.is_tensor(plan.keys) else plan.keys) == keys and plan.masked == masked
+    with torch.no_grad():
+        expected = attn(hidden, encoder_hidden_states=enc, attention_mask=mask)
+        attn.set_processor(KeyPaddingSanaAttnProcessor())
+        ours = attn(hidden, encoder_hidden_states=enc, attention_mask=mask)
+    assert rel_l2(ours, expected) <= (1e-6 if dtype == torch.float32 else TOLERANCE[dtype] / 10)
+
+
+@pytest.mark.parametrize("shape", ["b_s", "b_1_s", "b_1_1_s"])
+def test_bool_mask_equals_float_bias(shape):
+    q, k, v = qkv()
+    keep = prefix(7, 4).bool()
+    mask = {"b_s": keep, "b_1_s": keep[:, None], "b_1_1_s": keep[:, None, None]}[shape]
+    assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, sana_bias(keep))) < 1e-6
+
+
+def test_mask_shared_across_the_batch_slices_once():
+    q, k, v = qkv(B=3)
+    mask = sana_bias(prefix(5))
+    assert kpa_module._plan(mask) == kpa_module._Plan(keys=5, masked=False)
+    assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask)) < 1e-6
+
+
+def test_general_float_bias_runs_unchanged():
+    q, k, v = qkv()
+    mask = torch.randn(2, 1, S_KV)  # not a padding mask: nothing may be dropped
+    assert kpa_module._plan(mask) == kpa_module._Plan(keys=None, masked=True)
+    assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask)) == 0
+
+
+def test_fully_padded_row_attends_over_all_keys_like_diffusers():
+    q, k, v = qkv(B=1)
+    mask = sana_bias(prefix(0))
+    out = key_padding_attention(q, k, v, mask)
+    assert rel_l2(out, key_padding_attention_reference(q, k, v, mask)) == 0
+    # A uniform -10000 shift leaves plain attention, up to the fp32 rounding of logits near -10000 (ulp 2**-10).
+    assert rel_l2(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 2e-3
+
+
+def test_plan_is_cached_per_mask_object(monkeypatch):
+    calls = []
+    plan = kpa_module._plan
+    monkeypatch.setattr(kpa_module, "_plan", lambda mask: calls.append(1) or plan(mask))
+    q, k, v = qkv()
+    mask = sana_bias(prefix(7, 7))
+    for _ in range(3):
+        key_padding_attention(q, k, v, mask)
+    assert len(calls) == 1
+    mask[1, 0, 6] = -10000.0  # in-place edit: the cached plan no longer holds
+    assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask)) < 1e-6
+    key_padding_attention(q, k, v, mask.clone())
+    assert len(calls) == 3
+
+
+def test_no_mask_is_plain_sdpa():
+    q, k, v = qkv()
+    assert torch.equal(key_padding_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+# --------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v, m: key_padding_attention(q[0], k, v, m), ValueError, "q must have 4 dimensions"),
+    (lambda q, k, v, m: key_padding_attention(q.int(), k, v, m), TypeError, "q must have dtype"),
+    (lambda q, k, v, m: key_padding_attention(q, k.half(), v, m), TypeError, "k must have dtype"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v.to("meta"), m), ValueError, "v must be on device"),
+    (lambda q, k, v, m: key_padding_attention(q, k[:, :2], v, m), ValueError, "k must have shape"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v[:, :, :5], m), ValueError, "v must have shape"),
+    (lambda q, k, v, m: key_padding_attention(q, k[:, :, :0], v[:, :, :0], m[..., :0]), ValueError,
+     "at least one key"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v, [1, 0]), TypeError, "attn_mask must be a torch.Tensor"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v, m.long()), TypeError, "attn_mask must have dtype"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v, m[..., :5]), ValueError, "attn_mask must be a key-padding"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v, m.expand(2, 13, S_KV)), ValueError, "key-padding mask"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v, m.repeat(3, 1, 1)), ValueError, "key-padding mask"),
+    (lambda q, k, v, m: key_padding_attention(q, k, v, m[:, 0]), TypeError, "a 2-D attn_mask must be bool"),
+])
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*qkv(), sana_bias(prefix(7, 3)))
+
+
+# --------------------------------------------------------------------------------------------- compile
+@pytest.mark.parametrize("case", ["same_prefix_b2", "different_lengths_b2"])
+def test_traces_in_torch_compile_without_graph_breaks(case):
+    """Traced, the op is diffusers' masked call (the key plan is data-dependent): same result, no graph break."""
+    torch._dynamo.reset()
+    q, k, v = qkv()
+    mask = sana_bias(CASES[case][0])
+    compiled = torch.compile(lambda *a: key_padding_attention(*a) * 2, fullgraph=True, backend="aot_eager")
+    assert rel_l2(compiled(q, k, v, mask), 2 * key_padding_attention(q, k, v, mask)) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [(120, 120), (120, 7)], ids=["same_length", "different_lengths"])
+def test_gpu_sana_cross_attention_shapes(lengths):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 20, s, 112, device="cuda", dtype=torch.bfloat16) for s in (4096, 300, 300))
+    keep = torch.stack([torch.arange(300, device="cuda") < n for n in lengths])
+    mask = ((1 - keep.to(torch.bfloat16)) * -10000.0).unsqueeze(1)
+    expected = key_padding_attention_reference(q, k, v, mask)
+    if lengths[0] == lengths[1]:  # the mask-free call must be served by flash attention
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = key_padding_attention(q, k, v, mask)
+    else:
+        out = key_padding_attention(q, k, v, mask)
+    assert rel_l2(out, expected) <= TOLERANCE[torch.bfloat16] / 2  # flash vs masked kernel: bf16 output rounding

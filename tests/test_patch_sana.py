@@ -1,0 +1,130 @@
+import warnings
+
+import pytest
+import torch
+
+import dcgen_kernels
+from tests.helpers import TOLERANCE, rel_l2, tiny_dcae, tiny_sana, tiny_sana_inputs
+
+
+def run_sana(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def decode(model, latent):
+    with torch.no_grad():
+        return model.decode(latent).sample
+
+
+def to_dtype(inputs, dtype):
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "encoder_attention_mask"
+                else v) for k, v in inputs.items()}
+
+
+def test_sana_patched_reference_equals_stock():
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert rel_l2(run_sana(model, inputs), expected) < 1e-5
+
+
+def test_sana_patched_triton_bf16_close_to_fp32_stock():
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    expected = run_sana(model, inputs)
+    model = model.to(torch.bfloat16)
+    bf16_inputs = to_dtype(inputs, torch.bfloat16)
+    stock_error = rel_l2(run_sana(model, bf16_inputs), expected)
+    dcgen_kernels.patch(model, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every op must run its Triton kernel, not fall back
+        patched_error = rel_l2(run_sana(model, bf16_inputs), expected)
+    assert patched_error <= max(1.5 * stock_error, 2 * TOLERANCE[torch.bfloat16]), (patched_error, stock_error)
+
+
+def test_sana_report_unpatch_and_state_dict():
+    model = tiny_sana()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    dcgen_kernels.patch(model)
+    dcgen_kernels.patch(model)  # idempotent
+    report = dcgen_kernels.patch_report(model)
+    kinds = sorted({cls for _, _, cls in report.replaced})
+    assert kinds == ["GLUMBConv", "SanaAttnProcessor2_0", "SanaLinearAttnProcessor2_0", "SanaModulatedNorm",
+                     "SanaTransformerBlock"]
+    assert len(report.replaced) == 9 and report.skipped == []  # 2 blocks x (block, attn1, attn2, ff) + norm_out
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    dcgen_kernels.unpatch(model)
+    assert {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")} == processors
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_sana_dc_gen_latent_channels():
+    """DC-Gen-SANA runs on 128-channel f64c128 latents: same blocks, wider patch embedding."""
+    model, inputs = tiny_sana(in_channels=32), tiny_sana_inputs(in_channels=32)
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert rel_l2(run_sana(model, inputs), expected) < 1e-5
+
+
+def test_sana_patched_model_compiles_without_graph_breaks():
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert rel_l2(run_sana(compiled, inputs), expected) < 1e-5
+
+
+def test_sana_gradients_match_stock():
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+
+    def grads():
+        model.zero_grad()
+        model(**inputs)[0].square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads()
+    dcgen_kernels.patch(model, backend="reference")
+    got = grads()
+    assert got.keys() == expected.keys()
+    for n in expected:  # attn2.to_k.bias gets an exactly-zero gradient (softmax shift invariance): absolute floor
+        assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-7, n
+
+
+def test_dcae_decode_patched_reference_equals_stock():
+    model = tiny_dcae()
+    latent = torch.randn(1, 8, 5, 6)  # 30 tokens > head_dim 8: the multiscale attention's linear branch
+    expected = decode(model, latent)
+    dcgen_kernels.patch(model, backend="reference")
+    report = dcgen_kernels.patch_report(model)
+    kinds = sorted({cls for _, _, cls in report.replaced})
+    assert kinds == ["GLUMBConv", "ResBlock", "SanaMultiscaleAttnProcessor2_0"]
+    assert rel_l2(decode(model, latent), expected) < 1e-5
+
+
+def test_dcae_decode_patched_triton_bf16_close_to_fp32_stock():
+    model = tiny_dcae()
+    latent = torch.randn(1, 8, 5, 6)
+    expected = decode(model, latent)
+    model = model.to(torch.bfloat16)
+    stock_error = rel_l2(decode(model, latent.bfloat16()), expected)
+    dcgen_kernels.patch(model, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patched_error = rel_l2(decode(model, latent.bfloat16()), expected)
+    assert patched_error <= max(1.5 * stock_error, 2 * TOLERANCE[torch.bfloat16]), (patched_error, stock_error)
+
+
+@pytest.mark.gpu
+def test_sana_and_dcae_patched_on_gpu():
+    model, inputs = tiny_sana(device="cuda"), tiny_sana_inputs(device="cuda")
+    expected = run_sana(model, inputs)
+    model = model.to(torch.bfloat16)
+    dcgen_kernels.patch(model)
+    assert rel_l2(run_sana(model, to_dtype(inputs, torch.bfloat16)), expected) <= 2 * TOLERANCE[torch.bfloat16]
+    vae, latent = tiny_dcae(device="cuda"), torch.randn(1, 8, 16, 16, device="cuda")
+    expected = decode(vae, latent)
+    vae = vae.to(torch.bfloat16)
+    dcgen_kernels.patch(vae)
+    assert rel_l2(decode(vae, latent.bfloat16()), expected) <= 2 * TOLERANCE[torch.bfloat16]

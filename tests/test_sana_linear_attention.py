@@ -1,0 +1,265 @@
+import warnings
+
+import pytest
+import torch
+
+from dcgen_kernels import _backend
+from dcgen_kernels.ops.sana_linear_attention import (
+    _launch_triton,
+    relu_linear_attention_fp32,
+    sana_linear_attention,
+    sana_linear_attention_into,
+    sana_linear_attention_reference,
+    sana_multiscale_linear_attention,
+    sana_multiscale_linear_attention_into,
+    sana_multiscale_linear_attention_reference,
+)
+from tests.helpers import TOLERANCE, rel_l2
+
+
+def make_inputs(B=2, N=37, H=3, D=32, dtype=torch.bfloat16, device="cpu"):
+    """Token-major Q/K/V: strided (B, N, H*D) chunks of one fused projection."""
+    return torch.randn(B, N, 3 * H * D, device=device).to(dtype).chunk(3, dim=-1)
+
+
+def make_multiscale_inputs(B=2, heads=4, D=32, N=35, dtype=torch.bfloat16, device="cpu"):
+    """Channel-first Q/K/V: the (B, heads, D, N) chunks of DC-AE's multiscale QKV reshape."""
+    qkv = torch.randn(B, heads * 3 * D, N, device=device).to(dtype)
+    return qkv.reshape(B, heads, 3 * D, N).chunk(3, dim=2)
+
+
+def sana_attention_module(C=96, heads=3, qk_norm=None):
+    """Self-attention built like SanaTransformerBlock.attn1."""
+    from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
+
+    return Attention(query_dim=C, heads=heads, dim_head=C // heads, kv_heads=heads if qk_norm else None,
+                     qk_norm=qk_norm, bias=True, cross_attention_dim=None,
+                     processor=SanaLinearAttnProcessor2_0()).eval()
+
+
+def multiscale_qkv(attn, x):
+    """Q/K/V exactly as SanaMultiscaleAttnProcessor2_0 builds them, before its fp32 upcast and ReLU."""
+    B, _, height, width = x.shape
+    hidden = x.movedim(1, -1)
+    hidden = torch.cat([attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)], dim=3).movedim(-1, 1)
+    hidden = torch.cat([hidden] + [block(hidden) for block in attn.to_qkv_multiscale], dim=1)
+    return hidden.reshape(B, -1, 3 * attn.attention_head_dim, height * width).chunk(3, dim=2)
+
+
+def multiscale_module(C=64, D=32, dtype=torch.float32):
+    from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
+
+    return SanaMultiscaleLinearAttention(C, C, attention_head_dim=D, norm_type="rms_norm", kernel_sizes=(5,),
+                                         residual_connection=True).to(dtype).eval()
+
+
+# --------------------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+def test_reference_equals_sana_linear_attn_processor(qk_norm):
+    attn = sana_attention_module(qk_norm=qk_norm)
+    x = torch.randn(2, 29, 96)
+    with torch.no_grad():
+        expected = attn(x)
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        if qk_norm:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        ours = attn.to_out[1](attn.to_out[0](sana_linear_attention_reference(q, k, v, attn.heads)))
+    assert rel_l2(ours, expected) < 1e-6
+
+
+def test_multiscale_reference_equals_apply_linear_attention():
+    attn = multiscale_module()
+    with torch.no_grad():
+        q, k, v = multiscale_qkv(attn, torch.randn(2, 64, 5, 7))
+        relu = attn.nonlinearity
+        expected = attn.apply_linear_attention(relu(q), relu(k), v)
+        ours = sana_multiscale_linear_attention_reference(q, k, v, attn.eps)
+    assert rel_l2(ours, expected) < 1e-6
+
+
+def test_multiscale_triton_matches_stock_upcast_path():
+    """bf16 module: stock upcasts the bf16 Q/K/V to fp32 and casts back; our op takes the bf16 chunks."""
+    attn = multiscale_module(dtype=torch.bfloat16)
+    with torch.no_grad():
+        q, k, v = multiscale_qkv(attn, torch.randn(1, 64, 6, 7).bfloat16())
+        relu = attn.nonlinearity
+        expected = attn.apply_linear_attention(relu(q.float()), relu(k.float()), v.float()).to(torch.bfloat16)
+        ours = sana_multiscale_linear_attention(q, k, v, eps=attn.eps, backend="triton")
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous()
+    assert rel_l2(ours, expected) <= TOLERANCE[torch.bfloat16]
+
+
+# --------------------------------------------------------------------------------------------- triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("D", [32, 72, 112])
+def test_triton_matches_reference(dtype, D):
+    q, k, v = make_inputs(D=D, dtype=dtype)
+    wide = torch.full((2, 37, 2 * 3 * D), float("nan"), dtype=dtype)
+    out = wide[..., :3 * D]  # a strided output: the kernel must write every element and nothing else
+    sana_linear_attention_into(q, k, v, 3, 1e-15, out, "triton")
+    assert rel_l2(out, sana_linear_attention_reference(q, k, v, 3)) <= max(TOLERANCE[dtype], 1e-6)
+    assert wide[..., 3 * D:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("D", [32, 72])
+def test_multiscale_triton_matches_reference(dtype, D):
+    q, k, v = make_multiscale_inputs(D=D, dtype=dtype)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    sana_multiscale_linear_attention_into(q, k, v, 1e-15, out, "triton")
+    assert rel_l2(out, sana_multiscale_linear_attention_reference(q, k, v)) <= max(TOLERANCE[dtype], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_math_is_fp32_accurate_before_the_output_cast(dtype):
+    """An fp32 output isolates the kernel math (bf16 hi/lo splits of KᵀV, and of Q for fp16) from the final
+    rounding to the input dtype; the interpreter truncates bf16 conversions, so a GPU does better."""
+    q, k, v = torch.randn(3, 2, 3, 45, 32).to(dtype)
+    out = torch.full(q.shape, float("nan"))
+    _launch_triton(q, k, v, 1e-15, out)
+    assert rel_l2(out, relu_linear_attention_fp32(q, k, v, 1e-15)) < 5e-5
+
+
+def test_all_negative_query_row_gives_zeros():
+    """ReLU(Q[n]) = 0 makes the quotient 0 / eps = 0, as in diffusers."""
+    q, k, v = make_inputs(N=20, H=1, dtype=torch.float32)
+    q = q.clone()
+    q[:, 3] = -1.0
+    out = sana_linear_attention(q, k, v, 1, backend="triton")
+    assert out[:, 3].eq(0).all() and rel_l2(out, sana_linear_attention_reference(q, k, v, 1)) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: sana_linear_attention(q[0], k, v, 3), ValueError, "q must have 3 dimensions"),
+    (lambda q, k, v: sana_linear_attention(q, k[:, :5], v, 3), ValueError, r"k must have shape \(2, 37, 96\)"),
+    (lambda q, k, v: sana_linear_attention(q, k, v.half(), 3), TypeError, "v must have dtype"),
+    (lambda q, k, v: sana_linear_attention(q.int(), k, v, 3), TypeError, "q must have dtype"),
+    (lambda q, k, v: sana_linear_attention(q, k.to("meta"), v, 3), ValueError, "k must be on device"),
+    (lambda q, k, v: sana_linear_attention(q.mT.mT[..., ::2], k[..., ::2], v[..., ::2], 3), ValueError,
+     "q must be contiguous in its last dimension"),
+    (lambda q, k, v: sana_linear_attention(q[:, :0], k[:, :0], v[:, :0], 3), ValueError, "non-empty"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, 5), ValueError, "heads must be a positive divisor"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, 0), ValueError, "heads must be a positive divisor"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, 3.0), TypeError, "heads must be an int"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, 3, eps=-1e-15), ValueError, "eps must be a non-negative"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, 3, eps=float("inf")), ValueError, "eps must be a non-neg"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, 3, backend="gpu"), ValueError, "backend must be one of"),
+    (lambda q, k, v: sana_linear_attention("q", k, v, 3), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*make_inputs())
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: sana_multiscale_linear_attention(q[0], k, v), ValueError, "q must have 4 dimensions"),
+    (lambda q, k, v: sana_multiscale_linear_attention(q, k[..., 1:], v), ValueError, "k must have shape"),
+    (lambda q, k, v: sana_multiscale_linear_attention(q, k, v.float()), TypeError, "v must have dtype"),
+    (lambda q, k, v: sana_multiscale_linear_attention(q, k, v, eps=None), ValueError, "eps must be"),
+    (lambda q, k, v: sana_multiscale_linear_attention(q, k, v, backend=None), ValueError, "backend must be"),
+])
+def test_multiscale_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*make_multiscale_inputs())
+
+
+def test_explicit_backend_falls_back_with_one_warning():
+    q, k, v = make_inputs(N=9, H=1, D=160, dtype=torch.float32)
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="triton backend cannot serve.*head_dim 160"):
+        out = sana_linear_attention(q, k, v, 1, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sana_linear_attention(q, k, v, 1, backend="triton")  # second call: silent
+    assert rel_l2(out, sana_linear_attention_reference(q, k, v, 1)) < 1e-6
+
+
+def test_cuda_backend_request_falls_back():
+    q, k, v = make_multiscale_inputs(dtype=torch.float32)
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="has no cuda backend"):
+        out = sana_multiscale_linear_attention(q, k, v, backend="cuda")
+    assert rel_l2(out, sana_multiscale_linear_attention_reference(q, k, v)) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------- autograd
+def test_gradients_match_sana_processor():
+    attn = sana_attention_module()
+    x = torch.randn(2, 21, 96, requires_grad=True)
+    grad = torch.randn(2, 21, 96)
+    params = [x, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]
+    theirs = torch.autograd.grad(attn(x), params, grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = sana_linear_attention(attn.to_q(x), attn.to_k(x), attn.to_v(x), attn.heads, backend="triton")
+    ours = torch.autograd.grad(attn.to_out[0](out), params, grad)
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(ours, theirs))
+
+
+def test_multiscale_gradients_match_apply_linear_attention():
+    attn = multiscale_module()
+    q, k, v = (t.contiguous().requires_grad_(True) for t in make_multiscale_inputs(dtype=torch.float32))
+    grad = torch.randn(q.shape)
+    relu = attn.nonlinearity
+    theirs = torch.autograd.grad(attn.apply_linear_attention(relu(q), relu(k), v), [q, k, v], grad)
+    ours = torch.autograd.grad(sana_multiscale_linear_attention(q, k, v, backend="triton"), [q, k, v], grad)
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(ours, theirs))
+
+
+# --------------------------------------------------------------------------------------------- compile
+def test_custom_ops_trace_in_torch_compile_without_graph_breaks():
+    q, k, v = make_inputs(N=19, dtype=torch.float32)
+    mq, mk, mv = make_multiscale_inputs(N=19, dtype=torch.float32)
+
+    def both(q, k, v, mq, mk, mv):
+        return (sana_linear_attention(q, k, v, 3, backend="triton") * 2,
+                sana_multiscale_linear_attention(mq, mk, mv, backend="triton") + 1)
+
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    token_major, channel_first = compiled(q, k, v, mq, mk, mv)
+    assert rel_l2(token_major, 2 * sana_linear_attention_reference(q, k, v, 3)) < 1e-6
+    assert rel_l2(channel_first, 1 + sana_multiscale_linear_attention_reference(mq, mk, mv)) < 1e-6
+
+
+def test_fake_impl_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = sana_linear_attention(*make_inputs(), 3)
+        ms = sana_multiscale_linear_attention(*make_multiscale_inputs())
+    assert out.shape == (2, 37, 96) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert ms.shape == (2, 4, 32, 35) and ms.is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("N", [4096, 16384])
+def test_gpu_sana_shapes(N, dtype):
+    """SANA-1.6B self-attention: 70 heads × 32 at 1K/2K latents (32², 64²... tokens 4096, 16384)."""
+    q, k, v = make_inputs(B=1, N=N, H=70, D=32, dtype=dtype, device="cuda")
+    out = torch.full((1, N, 2240), float("nan"), dtype=dtype, device="cuda")
+    sana_linear_attention_into(q, k, v, 70, 1e-15, out, "triton")
+    assert rel_l2(out, sana_linear_attention_reference(q, k, v, 70)) <= TOLERANCE[dtype] / 2
+    again = sana_linear_attention(q, k, v, 70, backend="triton")
+    assert torch.equal(out, again)  # fixed-order reduction: bitwise deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 72, 112])
+def test_gpu_other_head_dims(D):
+    q, k, v = make_inputs(B=2, N=3000, H=4, D=D, dtype=torch.bfloat16, device="cuda")
+    out = sana_linear_attention(q, k, v, 4, backend="triton")
+    assert rel_l2(out, sana_linear_attention_reference(q, k, v, 4)) <= TOLERANCE[torch.bfloat16] / 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,N", [(64, 16384), (32, 65536)])
+def test_gpu_dc_ae_shapes(heads, N, dtype):
+    """DC-AE f32c32 decoder at 4096²: 1024 ch at 128² (2 × 32 heads × 32), 512 ch at 256² (2 × 16 heads)."""
+    q, k, v = make_multiscale_inputs(B=1, heads=heads, D=32, N=N, dtype=dtype, device="cuda")
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+    sana_multiscale_linear_attention_into(q, k, v, 1e-15, out, "triton")
+    assert rel_l2(out, sana_multiscale_linear_attention_reference(q, k, v)) <= max(TOLERANCE[dtype] / 2, 1e-6)
