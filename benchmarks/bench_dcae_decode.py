@@ -87,10 +87,11 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
     """anchors: the anchor file's "autoencoder_decode_ms" block (or None)."""
     cfg = TINY if tiny else REAL
     b, c, h, w = cfg.latent
+    models = {m.key: {k: _config_value(v) for k, v in m.kwargs.items()} or "AutoencoderDC() defaults"
+              for m in cfg.models}
     result = {"config": {"latent": list(cfg.latent), "dtype": str(cfg.dtype).removeprefix("torch."),
-                         "device": str(device), "weights": cfg.weights, "tolerance": f"max({DECODE_TOL}, 2 x noise floor)",
-                         "models": {m.key: {k: _config_value(v) for k, v in m.kwargs.items()} or "AutoencoderDC() defaults"
-                                    for m in cfg.models}},
+                         "device": str(device), "weights": cfg.weights,
+                         "tolerance": f"max({DECODE_TOL}, 2 x noise floor)", "models": models},
               "sizes": {}}
     for spec in cfg.models:
         rec = result["sizes"][spec.key] = {"warmup": spec.warmup, "iters": spec.iters}

@@ -23,6 +23,8 @@ Stock paths (diffusers 0.42.1):
   key_padding_attention  SanaAttnProcessor2_0: prepare_attention_mask on the (B, 1, S_txt) float bias that
                          SanaTransformer2DModel builds from the text mask, view as (B, H, 1, S_txt), SDPA with it.
                          The text mask marks `valid_text_tokens` of the 300 tokens valid (padding exercised).
+                         The op plans per mask object (one host sync, cached): every timed call reuses the
+                         plan, as the 20 blocks of a step do; the step benchmark includes that sync.
 Metrics: ms (median after warm-up); GB/s for the memory-bound ops, counting each input read once and the output
 written once at the op's dtype, and its fraction of this run's device-copy ceiling; TFLOP/s for glumbconv
 (2·N·C·2h + 2·N·h·C + 2·9·N·2h, h = 5600) and key_padding_attention (4·B·H·N·S_txt·D); rel-L2 vs stock
@@ -212,7 +214,8 @@ def key_padding_cases(cfg, device, op):
                    functools.partial(op, q, k, v, bias),
                    flops=4 * cfg.cross_heads * n * cfg.text_tokens * cfg.cross_head_dim,
                    info={"heads": cfg.cross_heads, "head_dim": cfg.cross_head_dim, "text_tokens": cfg.text_tokens,
-                         "valid_text_tokens": cfg.valid_text_tokens, "mask": "(B, 1, S_txt) float bias, -10000 on padding"})
+                         "valid_text_tokens": cfg.valid_text_tokens,
+                         "mask": "(B, 1, S_txt) float bias, -10000 on padding"})
 
 
 OPS = {"sana_linear_attention": linear_attention_cases,

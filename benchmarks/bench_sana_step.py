@@ -93,7 +93,8 @@ def make_inputs(cfg: Config, shape: Shape, device: torch.device) -> dict:
 
 def _config_record(cfg: Config, device) -> dict:
     return {"model": dict(cfg.model), "dtype": str(cfg.dtype).removeprefix("torch."), "device": str(device),
-            "batch": 1, "text_tokens": cfg.text_tokens, "encoder_attention_mask": f"all ones ({cfg.text_tokens} valid tokens)",
+            "batch": 1, "text_tokens": cfg.text_tokens,
+            "encoder_attention_mask": f"all ones ({cfg.text_tokens} valid tokens)",
             "shapes": {s.key: {"in_channels": s.in_channels, "latent": [s.grid, s.grid], "image_tokens": s.grid**2}
                        for s in cfg.shapes},
             "weights": cfg.weights, "tolerance": f"max({STEP_TOL}, 2 x noise floor)"}

@@ -352,8 +352,8 @@ def _step_row(key: str, name: str, rec: dict, width: int) -> str:
     anchor = rec.get(ANCHOR_LABEL)
     anchor_ms = anchor.get("ms") if isinstance(anchor, dict) else anchor
     return (row + f"{_fmt(rec.get('ms'), '.2f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
-            f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}{_fmt(rec.get('compile_s'), '.1f', 11)}"
-            f"{_fmt(anchor_ms, '.1f', 11)}")
+            f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
+            f"{_fmt(rec.get('compile_s'), '.1f', 11)}{_fmt(anchor_ms, '.1f', 11)}")
 
 
 def sana_tables(report: dict) -> list:
@@ -392,10 +392,10 @@ def sana_tables(report: dict) -> list:
                     lines.append(row + status)
                     continue
                 frac = rec.get("frac_of_copy")
-                lines.append(row + f"{_fmt(rec['ms'], '.3f', 9)}{_fmt(rec.get('GBps'), '.0f', 7)}"
-                             f"{_fmt(frac * 100 if frac is not None else None, '.0f', 6)}{_fmt(rec.get('tflops'), '.1f', 8)}"
-                             f"{_fmt(rec.get('speedup_vs_stock'), '.2f', 8)}{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}"
-                             f"{rec.get('check', ''):>7}")
+                pct = frac * 100 if frac is not None else None
+                lines.append(row + f"{_fmt(rec['ms'], '.3f', 9)}{_fmt(rec.get('GBps'), '.0f', 7)}{_fmt(pct, '.0f', 6)}"
+                             f"{_fmt(rec.get('tflops'), '.1f', 8)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 8)}"
+                             f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}")
     lines += [f"  ({name} skipped in {count} rows, e.g. {why})" for name, (why, count) in skipped.items()]
 
     step, comp = report.get("sana_step", {}), report.get("sana_step_compile", {})
@@ -426,7 +426,8 @@ def sana_tables(report: dict) -> list:
 
     dec = report.get("dcae_decode", {})
     lat = dec.get("config", {}).get("latent")
-    lines.append(f"dcae_decode latent {'x'.join(map(str, lat)) if lat else '-'} {dec.get('config', {}).get('dtype', '')}")
+    lat = "x".join(map(str, lat)) if lat else "-"
+    lines.append(f"dcae_decode latent {lat} {dec.get('config', {}).get('dtype', '')}")
     lines.append(f"  {'config':<18}{'variant':<12}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'anchor ms':>11}")
     if "error" in dec:
         lines.append(f"  {_status(dec)}")

@@ -10,7 +10,6 @@ from dcgen_kernels.ops.ada_layer_norm import (
     gated_residual, gated_residual_into, gated_residual_reference,
 )
 from tests.helpers import TOLERANCE, rel_l2
-from tests.test_key_padding_attention import KeyPaddingSanaAttnProcessor
 
 
 def activations(B=2, N=37, C=200, dtype=torch.bfloat16, device="cpu"):
@@ -62,38 +61,6 @@ def test_reference_equals_ada_layer_norm_continuous(flux_norm_out):
         ours = ada_layer_norm_modulate_reference(x, scale, shift, module.norm.weight, module.norm.bias,
                                                  module.norm.eps)
         assert rel_l2(ours, module(x, cond)) < 1e-6
-
-
-def sana_block_forward_with_ops(block, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep,
-                                height, width):
-    """SanaTransformerBlock.forward with the adaLN ops: how a patched block calls them."""
-    B = hidden_states.shape[0]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        block.scale_shift_table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)
-    norm = ada_layer_norm_modulate(hidden_states, scale_msa, shift_msa, eps=block.norm1.eps)
-    hidden_states = gated_residual(hidden_states, gate_msa, block.attn1(norm))
-    hidden_states = hidden_states + block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                                attention_mask=encoder_attention_mask)
-    norm = ada_layer_norm_modulate(hidden_states, scale_mlp, shift_mlp, eps=block.norm2.eps)
-    ff = block.ff(norm.unflatten(1, (height, width)).permute(0, 3, 1, 2)).flatten(2, 3).permute(0, 2, 1)
-    return gated_residual(hidden_states, gate_mlp, ff)
-
-
-def test_patched_sana_block_equals_stock():
-    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
-
-    C, h, w, S_txt = 64, 4, 6, 9
-    block = SanaTransformerBlock(dim=C, num_attention_heads=2, attention_head_dim=32, num_cross_attention_heads=2,
-                                 cross_attention_head_dim=32, cross_attention_dim=C).eval()
-    hidden, enc = torch.randn(2, h * w, C), torch.randn(2, S_txt, C)
-    keep = torch.stack([torch.arange(S_txt) < 6, torch.arange(S_txt) < 3]).float()
-    kwargs = dict(encoder_attention_mask=((1 - keep) * -10000.0).unsqueeze(1), timestep=torch.randn(2, 6 * C),
-                  height=h, width=w)  # the bias as SanaTransformer2DModel.forward builds it
-    with torch.no_grad():
-        expected = block(hidden, encoder_hidden_states=enc, **kwargs)
-        block.attn2.set_processor(KeyPaddingSanaAttnProcessor())
-        ours = sana_block_forward_with_ops(block, hidden, enc, **kwargs)
-    assert rel_l2(ours, expected) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

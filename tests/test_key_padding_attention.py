@@ -4,22 +4,11 @@ import pytest
 import torch
 
 from dcgen_kernels.ops.key_padding_attention import key_padding_attention, key_padding_attention_reference
+from dcgen_kernels.patching.sana import DCGenSanaCrossAttnProcessor
 from tests.helpers import TOLERANCE, rel_l2
 
 kpa_module = sys.modules["dcgen_kernels.ops.key_padding_attention"]
 S_KV = 11
-
-
-class KeyPaddingSanaAttnProcessor:
-    """SanaAttnProcessor2_0 with its masked SDPA replaced by key_padding_attention (mask passed through raw)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-        B = hidden_states.shape[0]
-        heads = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa: E731
-        q = heads(attn.to_q(hidden_states))
-        k, v = heads(attn.to_k(encoder_hidden_states)), heads(attn.to_v(encoder_hidden_states))
-        out = key_padding_attention(q, k, v, attention_mask).transpose(1, 2).reshape(B, -1, q.shape[1] * q.shape[3])
-        return attn.to_out[0](out.to(q.dtype))
 
 
 def prefix(*lengths):
@@ -62,7 +51,7 @@ def test_equals_sana_cross_attention_processor(case, dtype):
     assert (plan.keys.tolist() if torch.is_tensor(plan.keys) else plan.keys) == keys and plan.masked == masked
     with torch.no_grad():
         expected = attn(hidden, encoder_hidden_states=enc, attention_mask=mask)
-        attn.set_processor(KeyPaddingSanaAttnProcessor())
+        attn.set_processor(DCGenSanaCrossAttnProcessor(attn.processor, "auto"))
         ours = attn(hidden, encoder_hidden_states=enc, attention_mask=mask)
     assert rel_l2(ours, expected) <= (1e-6 if dtype == torch.float32 else TOLERANCE[dtype] / 10)
 

@@ -23,9 +23,6 @@ from ._common import cdiv, check_tensor, register_reference_autograd
 
 __all__ = ["glumbconv", "glumbconv_reference"]
 
-# Enough programs to fill an H100 several times over before the rows a program walks get shorter.
-_TARGET_PROGRAMS = 1024
-
 
 # ----------------------------------------------------------------------------------------------- reference
 def glumbconv_reference(x, height: int, width: int, inverted_weight, inverted_bias, depth_weight, depth_bias,
@@ -70,33 +67,29 @@ def _validate(x, height, width, inverted_weight, inverted_bias, depth_weight, de
 
 
 # ----------------------------------------------------------------------------------------------- triton
-def _block_config(batch: int, height: int, width: int, hidden: int) -> dict:
-    """Tile sizes and output rows per program. Under the interpreter small tiles let small test shapes cover
-    full and partial blocks in every direction."""
+def _block_config() -> dict:
+    """Value channels per program and warps: two channels per thread keeps the rolling sums of a strip in
+    registers (166 on sm_90, no spills, also for fp32). Under the interpreter a smaller block lets small test
+    shapes cover full and partial channel blocks."""
     if _backend.triton_interpreter_enabled():
-        return dict(BLOCK_W=8, BLOCK_C=32, rows_per_program=4, num_warps=4)
-    block_w, block_c = 32, 64
-    columns = batch * cdiv(width, block_w) * cdiv(hidden, block_c)
-    rows = min(height, 32)  # each program re-reads 2 halo rows: the longer its walk, the less it re-reads
-    while rows > 8 and columns * cdiv(height, rows) < _TARGET_PROGRAMS:
-        rows //= 2
-    return dict(BLOCK_W=block_w, BLOCK_C=block_c, rows_per_program=rows, num_warps=4)
+        return dict(block_c=64, num_warps=1)
+    return dict(block_c=128, num_warps=2)
 
 
-def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, config: Optional[dict] = None):
+def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, block_c: Optional[int] = None,
+                          num_warps: Optional[int] = None):
     """out (B*N, hid) = value * SiLU(gate) of depthwise3x3(SiLU(pre)) + bias, pre (B*N, 2*hid) channels-last."""
-    from ..triton_kernels.glumbconv import depthwise_glu_kernel
+    from ..triton_kernels.glumbconv import STRIP_ROWS, depthwise_glu_kernel
 
     hidden = pre.shape[1] // 2
     batch = pre.shape[0] // (height * width)
-    cfg = dict(config or _block_config(batch, height, width, hidden))
-    rows = cfg.pop("rows_per_program")
-    row_blocks = cdiv(height, rows)
-    grid = (cdiv(width, cfg["BLOCK_W"]), cdiv(hidden, cfg["BLOCK_C"]), batch * row_blocks)
-    depthwise_glu_kernel[grid](
-        pre, depth_weight.reshape(-1).contiguous(), depth_bias.contiguous(), out,
-        height, width, hidden, rows, row_blocks, **cfg,
-    )
+    cfg = _block_config()
+    block_c, num_warps = block_c or cfg["block_c"], num_warps or cfg["num_warps"]
+    # (9, 2*hid) fp32: each tap one contiguous vector (a 0.4 MB copy at SANA-1.6B sizes)
+    taps = pre.new_empty((9, 2 * hidden), dtype=torch.float32).copy_(depth_weight.reshape(2 * hidden, 9).t())
+    grid = (cdiv(hidden, block_c), cdiv(height, STRIP_ROWS.value), batch)
+    depthwise_glu_kernel[grid](pre, taps, depth_bias.contiguous(), out, height, width, hidden, BLOCK_C=block_c,
+                               num_warps=num_warps)
 
 
 def _triton_forward(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight):

@@ -7,6 +7,10 @@ gate channels second (the order of `torch.chunk(..., 2, dim=1)`), and writes the
 import triton
 import triton.language as tl
 
+# Output rows per program. Each program loads STRIP_ROWS + 2 input rows per column, so the SiLU runs
+# (STRIP_ROWS + 2) / STRIP_ROWS times per element; more rows cost registers for the rolling sums.
+STRIP_ROWS = tl.constexpr(4)
+
 
 @triton.jit
 def _silu(x):
@@ -14,71 +18,118 @@ def _silu(x):
 
 
 @triton.jit
-def _row_taps(pre_ptr, weight_ptr, pixel, w, W, channel, channel_ok, row_ok, C2):
-    """SiLU of one input row at columns w-1, w, w+1, combined with each kernel row's three weights.
-
-    Returns the row's contribution to the output row below (kernel row 0), level (1) and above (2) it. Out-of-image
-    columns and rows load 0, and SiLU(0) = 0 is exactly the zero padding the stock conv applies after its SiLU.
-    """
-    offs = pixel.to(tl.int64)[:, None] * C2 + channel[None, :]
-    ok = row_ok & channel_ok[None, :]
-    left_ok = ok & (w[:, None] > 0) & (w[:, None] <= W)
-    left = _silu(tl.load(pre_ptr + offs - C2, mask=left_ok, other=0.0).to(tl.float32))
-    centre = _silu(tl.load(pre_ptr + offs, mask=ok & (w[:, None] < W), other=0.0).to(tl.float32))
-    right = _silu(tl.load(pre_ptr + offs + C2, mask=ok & (w[:, None] + 1 < W), other=0.0).to(tl.float32))
-    taps = weight_ptr + channel * 9  # depthwise weight (2*hid, 1, 3, 3) flattened to (2*hid, 9)
-    below = (left * tl.load(taps, mask=channel_ok).to(tl.float32)[None, :]
-             + centre * tl.load(taps + 1, mask=channel_ok).to(tl.float32)[None, :]
-             + right * tl.load(taps + 2, mask=channel_ok).to(tl.float32)[None, :])
-    level = (left * tl.load(taps + 3, mask=channel_ok).to(tl.float32)[None, :]
-             + centre * tl.load(taps + 4, mask=channel_ok).to(tl.float32)[None, :]
-             + right * tl.load(taps + 5, mask=channel_ok).to(tl.float32)[None, :])
-    above = (left * tl.load(taps + 6, mask=channel_ok).to(tl.float32)[None, :]
-             + centre * tl.load(taps + 7, mask=channel_ok).to(tl.float32)[None, :]
-             + right * tl.load(taps + 8, mask=channel_ok).to(tl.float32)[None, :])
-    return below, level, above
+def _activated(pre_ptr, lanes, row, column, b, H, W, C2, ok):
+    """SiLU of the pre-activation at (row, column) for the [BLOCK_C] lanes; 0 outside the image, which is exactly
+    the zero padding stock applies after its SiLU (SiLU(0) = 0)."""
+    pixel = ((b * H + row) * W + column).to(tl.int64)
+    inside = ok & (row >= 0) & (row < H)
+    return _silu(tl.load(pre_ptr + pixel * C2 + lanes, mask=inside, other=0.0).to(tl.float32))
 
 
 @triton.jit
-def depthwise_glu_kernel(
-    pre_ptr, weight_ptr, bias_ptr, out_ptr,
-    H, W, HID, rows_per_program, row_blocks,
-    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One program: BLOCK_W columns x BLOCK_C value channels (and their gates) x `rows_per_program` output rows.
+def _kernel_columns(above, level, below, taps_ptr, lanes, lane_ok, C2):
+    """An output pixel's vertical sums over its three input rows, for the left, centre and right kernel column.
 
-    It walks the input rows top to bottom, activating each loaded element three times (once per horizontal
-    tap) instead of nine: a row's three kernel-row sums go into rolling accumulators for the output rows
-    below, level with and above it, and the output row above is complete once its last input row is added.
+    taps_ptr: the depthwise weights as fp32 (9, 2*HID), tap-major, so each tap is one contiguous vector."""
+    w00 = tl.load(taps_ptr + 0 * C2 + lanes, mask=lane_ok)
+    w01 = tl.load(taps_ptr + 1 * C2 + lanes, mask=lane_ok)
+    w02 = tl.load(taps_ptr + 2 * C2 + lanes, mask=lane_ok)
+    w10 = tl.load(taps_ptr + 3 * C2 + lanes, mask=lane_ok)
+    w11 = tl.load(taps_ptr + 4 * C2 + lanes, mask=lane_ok)
+    w12 = tl.load(taps_ptr + 5 * C2 + lanes, mask=lane_ok)
+    w20 = tl.load(taps_ptr + 6 * C2 + lanes, mask=lane_ok)
+    w21 = tl.load(taps_ptr + 7 * C2 + lanes, mask=lane_ok)
+    w22 = tl.load(taps_ptr + 8 * C2 + lanes, mask=lane_ok)
+    return (above * w00 + level * w10 + below * w20,
+            above * w01 + level * w11 + below * w21,
+            above * w02 + level * w12 + below * w22)
+
+
+@triton.jit
+def _strip_column(pre_ptr, taps_ptr, lanes, lane_ok, ok, top, column, b, H, W, C2):
+    """Activate one column of the strip's STRIP_ROWS + 2 input rows once; return the kernel-column sums
+    (left, centre, right) of each of its STRIP_ROWS output rows."""
+    a0 = _activated(pre_ptr, lanes, top - 1, column, b, H, W, C2, ok)
+    a1 = _activated(pre_ptr, lanes, top, column, b, H, W, C2, ok)
+    a2 = _activated(pre_ptr, lanes, top + 1, column, b, H, W, C2, ok)
+    a3 = _activated(pre_ptr, lanes, top + 2, column, b, H, W, C2, ok)
+    a4 = _activated(pre_ptr, lanes, top + 3, column, b, H, W, C2, ok)
+    a5 = _activated(pre_ptr, lanes, top + 4, column, b, H, W, C2, ok)
+    left0, centre0, right0 = _kernel_columns(a0, a1, a2, taps_ptr, lanes, lane_ok, C2)
+    left1, centre1, right1 = _kernel_columns(a1, a2, a3, taps_ptr, lanes, lane_ok, C2)
+    left2, centre2, right2 = _kernel_columns(a2, a3, a4, taps_ptr, lanes, lane_ok, C2)
+    left3, centre3, right3 = _kernel_columns(a3, a4, a5, taps_ptr, lanes, lane_ok, C2)
+    return left0, centre0, right0, left1, centre1, right1, left2, centre2, right2, left3, centre3, right3
+
+
+@triton.jit
+def _store_gated(out_ptr, value, gate, row, column, b, H, W, HID, channel, channel_ok):
+    pixel = ((b * H + row) * W + column).to(tl.int64)
+    tl.store(out_ptr + pixel * HID + channel, (value * _silu(gate)).to(out_ptr.dtype.element_ty),
+             mask=channel_ok & (row < H))
+
+
+@triton.jit
+def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_C: tl.constexpr):
+    """One program: BLOCK_C value channels and their gates x STRIP_ROWS output rows x the whole width.
+
+    It sweeps the columns left to right. Each column's STRIP_ROWS + 2 input pixels are activated once; their
+    sums for the left, centre and right kernel column belong to the output columns right of, at and left of it.
+    Rolling accumulators carry them: after column j-1, done_t holds output (top+t, j-1) but for its right kernel
+    column and pending_t holds output (top+t, j)'s left kernel column (with the bias), so column j completes
+    output column j-1. taps_ptr: the depthwise weights as fp32 (9, 2*HID), tap-major.
     """
-    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(2) // row_blocks
-    first_row = (tl.program_id(2) % row_blocks) * rows_per_program
-    last_row = tl.minimum(first_row + rows_per_program, H)  # exclusive
-    channel_ok = channel < HID
-    gate_channel = channel + HID
+    channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    top = tl.program_id(1) * STRIP_ROWS
+    b = tl.program_id(2)
     C2 = 2 * HID
-    value_bias = tl.load(bias_ptr + channel, mask=channel_ok).to(tl.float32)[None, :]
-    gate_bias = tl.load(bias_ptr + gate_channel, mask=channel_ok).to(tl.float32)[None, :]
-    zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-    value_done_at_next = zero  # output row i-1: has its rows i-2 and i-1 after step i-1
-    value_pending = zero  # output row i: has its row i-1 after step i-1
-    gate_done_at_next = zero
-    gate_pending = zero
-    store_ok = (w[:, None] < W) & channel_ok[None, :]
-    for i in range(first_row - 1, last_row + 1):
-        row_ok = (i >= 0) & (i < H)
-        pixel = (b * H + i) * W + w
-        v_below, v_level, v_above = _row_taps(pre_ptr, weight_ptr, pixel, w, W, channel, channel_ok, row_ok, C2)
-        g_below, g_level, g_above = _row_taps(pre_ptr, weight_ptr, pixel, w, W, gate_channel, channel_ok, row_ok,
-                                              C2)
-        if i > first_row:  # output row i-1 is complete
-            value = value_done_at_next + v_above + value_bias
-            gate = gate_done_at_next + g_above + gate_bias
-            out_offs = (pixel - W).to(tl.int64)[:, None] * HID + channel[None, :]
-            tl.store(out_ptr + out_offs, (value * _silu(gate)).to(out_ptr.dtype.element_ty), mask=store_ok)
-        value_done_at_next = value_pending + v_level
-        gate_done_at_next = gate_pending + g_level
-        value_pending = v_below
-        gate_pending = g_below
+    channel_ok = channel < HID
+    gate_lanes = channel + HID
+    value_bias = tl.load(bias_ptr + channel, mask=channel_ok).to(tl.float32)
+    gate_bias = tl.load(bias_ptr + gate_lanes, mask=channel_ok).to(tl.float32)
+    value_done0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    value_done1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    value_done2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    value_done3 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gate_done0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gate_done1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gate_done2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gate_done3 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    value_pending0 = value_bias
+    value_pending1 = value_bias
+    value_pending2 = value_bias
+    value_pending3 = value_bias
+    gate_pending0 = gate_bias
+    gate_pending1 = gate_bias
+    gate_pending2 = gate_bias
+    gate_pending3 = gate_bias
+    for j in range(0, W + 1):  # column W is the right zero padding
+        ok = channel_ok & (j < W)
+        vl0, vc0, vr0, vl1, vc1, vr1, vl2, vc2, vr2, vl3, vc3, vr3 = _strip_column(
+            pre_ptr, taps_ptr, channel, channel_ok, ok, top, j, b, H, W, C2)
+        gl0, gc0, gr0, gl1, gc1, gr1, gl2, gc2, gr2, gl3, gc3, gr3 = _strip_column(
+            pre_ptr, taps_ptr, gate_lanes, channel_ok, ok, top, j, b, H, W, C2)
+        if j > 0:
+            _store_gated(out_ptr, value_done0 + vr0, gate_done0 + gr0, top, j - 1, b, H, W, HID, channel, channel_ok)
+            _store_gated(out_ptr, value_done1 + vr1, gate_done1 + gr1, top + 1, j - 1, b, H, W, HID, channel,
+                         channel_ok)
+            _store_gated(out_ptr, value_done2 + vr2, gate_done2 + gr2, top + 2, j - 1, b, H, W, HID, channel,
+                         channel_ok)
+            _store_gated(out_ptr, value_done3 + vr3, gate_done3 + gr3, top + 3, j - 1, b, H, W, HID, channel,
+                         channel_ok)
+        value_done0 = value_pending0 + vc0
+        value_done1 = value_pending1 + vc1
+        value_done2 = value_pending2 + vc2
+        value_done3 = value_pending3 + vc3
+        gate_done0 = gate_pending0 + gc0
+        gate_done1 = gate_pending1 + gc1
+        gate_done2 = gate_pending2 + gc2
+        gate_done3 = gate_pending3 + gc3
+        value_pending0 = vl0 + value_bias
+        value_pending1 = vl1 + value_bias
+        value_pending2 = vl2 + value_bias
+        value_pending3 = vl3 + value_bias
+        gate_pending0 = gl0 + gate_bias
+        gate_pending1 = gl1 + gate_bias
+        gate_pending2 = gl2 + gate_bias
+        gate_pending3 = gl3 + gate_bias

@@ -30,8 +30,8 @@ def _tile_mask(n, end, d, HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr):
 
 @triton.jit
 def split_bf16(x, PART_DTYPE: tl.constexpr):
-    """x (fp32) ≈ hi + lo with hi, lo bf16 values: 16 significant bits, enough for an fp32-accurate result
-    at the cost of one more tensor-core dot. PART_DTYPE is bfloat16 on a GPU; under the interpreter (whose
+    """x (fp32) ≈ hi + lo with hi, lo bf16 values: 16 significant bits (~2^-17 relative), far below the
+    bf16/fp16 output rounding, at the cost of one more tensor-core dot. PART_DTYPE is bfloat16 on a GPU; under the interpreter (whose
     bf16 dots are wrong) float32, holding the same bf16 values."""
     hi = x.to(tl.bfloat16).to(tl.float32)
     lo = (x - hi).to(tl.bfloat16)
@@ -45,12 +45,13 @@ def linear_attention_kv_kernel(
     k_stride_b, k_stride_h, k_stride_n, k_stride_d,
     v_stride_b, v_stride_h, v_stride_n, v_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
 ):
     """Grid (B*H, splits). Writes kv_part[bh, split] = ReLU(K_s)ᵀ V_s and ksum_part[bh, split] = Σ ReLU(K_s).
 
     DOT_DTYPE is the input dtype for bf16/fp16 (products of 16-bit floats are exact in the fp32 tensor-core
-    accumulator, so this equals the fp32 reference up to summation order) and float32 (IEEE, not TF32)
-    otherwise.
+    accumulator, so this equals the fp32 reference up to summation order) and float32 otherwise, with
+    FP32_PRECISION "tf32x3" (three TF32 tensor-core products, ~fp32 accuracy) or "ieee" (FMA units).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,7 +73,7 @@ def linear_attention_kv_kernel(
         v = tl.load(v_base + _tile_offsets(n, d, v_stride_n, v_stride_d), mask=mask, other=0.0).to(tl.float32)
         k = tl.maximum(k, 0.0)
         ksum_rows += k
-        kv = tl.dot(tl.trans(k.to(DOT_DTYPE)), v.to(DOT_DTYPE), kv, input_precision="ieee")
+        kv = tl.dot(tl.trans(k.to(DOT_DTYPE)), v.to(DOT_DTYPE), kv, input_precision=FP32_PRECISION)
 
     part = bh.to(tl.int64) * tl.num_programs(1) + split
     tl.store(kv_part_ptr + part * PADDED_DIM * PADDED_DIM + d[:, None] * PADDED_DIM + d[None, :], kv)
@@ -86,12 +87,12 @@ def linear_attention_out_kernel(
     q_stride_b, q_stride_h, q_stride_n, q_stride_d,
     o_stride_b, o_stride_h, o_stride_n, o_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr,
+    SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """Grid (B*H, splits). out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this program's slice of tokens.
 
     SPLIT_KV: run ReLU(Q)·KV on the tensor cores as ReLU(Q)·KV_hi + ReLU(Q)·KV_lo (bf16 parts, fp32
-    accumulation), for bf16/fp16 inputs; else one IEEE fp32 dot (fp32 inputs).
+    accumulation), for bf16/fp16 inputs; else one fp32 dot with FP32_PRECISION (fp32 inputs).
     SPLIT_Q: Q is fp16, whose 11-bit significand needs two bf16 parts too (Q_lo·KV_lo, ~2^-20, is dropped).
     """
     bh = tl.program_id(0)
@@ -131,6 +132,6 @@ def linear_attention_out_kernel(
                 numerator = tl.dot(q_part, kv_hi, input_precision="ieee")
                 numerator = tl.dot(q_part, kv_lo, numerator, input_precision="ieee")
         else:
-            numerator = tl.dot(q, kv, input_precision="ieee")
+            numerator = tl.dot(q, kv, input_precision=FP32_PRECISION)
         out = numerator / denominator[:, None]
         tl.store(o_base + _tile_offsets(n, d, o_stride_n, o_stride_d), out.to(out_ptr.dtype.element_ty), mask=mask)
