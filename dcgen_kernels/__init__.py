@@ -3,12 +3,13 @@
     import dcgen_kernels
     dcgen_kernels.patch(transformer)        # swap hot modules for fused ops
     dcgen_kernels.info()                    # versions, GPU, compiled extension, backends
+    dcgen_kernels.dcgen.convert(transformer, latent_channels=32)   # DC-Gen: new embedder + head
 """
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402
+from . import dcgen, ops  # noqa: E402
 from .info import info  # noqa: E402
 from .patching import PatchReport, is_patched, patch, patch_report, unpatch  # noqa: E402
 
-__all__ = ["ops", "info", "patch", "unpatch", "is_patched", "patch_report", "PatchReport", "__version__"]
+__all__ = ["dcgen", "ops", "info", "patch", "unpatch", "is_patched", "patch_report", "PatchReport", "__version__"]

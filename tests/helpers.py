@@ -1,5 +1,8 @@
 """Test helpers: error metric, tolerances per dtype, tiny diffusers models."""
 
+import ast
+import importlib.util
+
 import torch
 
 # rel-L2 against the fp32 reference, per input dtype.
@@ -90,3 +93,27 @@ def tiny_dcae(dtype=torch.float32, device="cpu"):
             if "norm" in name:
                 p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.1)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def flux_pipeline_static(name: str):
+    """A static method of diffusers' FluxPipeline (`_pack_latents`, `_unpack_latents`, `_prepare_latent_image_ids`).
+
+    Importing pipeline_flux needs `transformers`, which this project does not depend on; without it the method's
+    own source (plain torch code) is compiled from the installed diffusers file, so tests still compare against
+    diffusers' code rather than a copy of it.
+    """
+    try:
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        return getattr(FluxPipeline, name)
+    except ImportError:
+        pass
+    origin = importlib.util.find_spec("diffusers.pipelines.flux.pipeline_flux").origin
+    with open(origin) as f:
+        tree = ast.parse(f.read())
+    pipeline = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FluxPipeline")
+    fn = next(n for n in pipeline.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    fn.decorator_list = []
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), origin, "exec"), namespace)
+    return namespace[name]

@@ -6,6 +6,7 @@ from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
 from .flux_attention import flux_attention, flux_attention_reference
 from .glumbconv import glumbconv, glumbconv_reference
 from .key_padding_attention import key_padding_attention, key_padding_attention_reference
+from .patch_embed import patch_embed, patch_embed_reference, patch_unembed, patch_unembed_reference
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from .sana_linear_attention import sana_linear_attention, sana_linear_attention_reference, \
     sana_multiscale_linear_attention, sana_multiscale_linear_attention_reference
@@ -13,7 +14,8 @@ from .sana_linear_attention import sana_linear_attention, sana_linear_attention_
 __all__ = [
     "ada_layer_norm_modulate", "ada_layer_norm_modulate_reference", "gated_residual", "gated_residual_reference",
     "channel_rms_norm", "channel_rms_norm_reference", "flux_attention", "flux_attention_reference", "glumbconv",
-    "glumbconv_reference", "key_padding_attention", "key_padding_attention_reference", "qk_norm_rope",
+    "glumbconv_reference", "key_padding_attention", "key_padding_attention_reference", "patch_embed",
+    "patch_embed_reference", "patch_unembed", "patch_unembed_reference", "qk_norm_rope",
     "qk_norm_rope_reference", "sana_linear_attention", "sana_linear_attention_reference",
     "sana_multiscale_linear_attention", "sana_multiscale_linear_attention_reference",
 ]

@@ -1,0 +1,293 @@
+"""Ops `patch_embed` / `patch_unembed`: latent <-> token projections with the patch (un)packing fused in.
+
+`patch_embed` is FLUX's `_pack_latents` followed by `x_embedder` (nn.Linear); `patch_unembed` is `proj_out`
+(nn.Linear) followed by `_unpack_latents`. patch_size 2 is the FLUX f8c16 layout (feature = c*4 + i*2 + j);
+patch_size 1 is the DC-Gen layout for DC-AE latents (feature = c, token = y*w + x). The Triton kernels gather the
+GEMM's A operand straight from the NCHW latent, and scatter the unembed GEMM's result straight into NCHW, so the
+packed tensor is never materialised.
+
+Backward is the vjp of the fp32 reference. A fast one is mostly these same kernels: d(latent) of patch_embed is
+patch_unembed(grad, weight.T) and d(tokens) of patch_unembed is patch_embed(grad, weight.T); only d(weight) needs
+a new (gathering) GEMM.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from ._common import cdiv, check_tensor, register_reference_autograd
+
+__all__ = ["patch_embed", "patch_embed_reference", "patch_unembed", "patch_unembed_reference"]
+
+PATCH_SIZES = (1, 2)
+_INT32_LIMIT = 2**31
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _pack(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, (h/p)(w/p), C*p*p); diffusers' FluxPipeline._pack_latents for p = 2."""
+    B, C, h, w = latent.shape
+    p = patch_size
+    packed = latent.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return packed.reshape(B, (h // p) * (w // p), C * p * p)
+
+
+def _unpack(tokens: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """(B, (h/p)(w/p), C*p*p) -> (B, C, h, w); diffusers' FluxPipeline._unpack_latents for p = 2."""
+    B, _, F = tokens.shape
+    p = patch_size
+    C = F // (p * p)
+    unpacked = tokens.reshape(B, height // p, width // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
+    return unpacked.reshape(B, C, height, width)
+
+
+def _linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """nn.Linear computed in fp32 (float64 stays float64, so gradcheck can run on the reference)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def patch_embed_reference(latent, weight, bias, patch_size: int) -> torch.Tensor:
+    """_pack_latents + nn.Linear in fp32, cast to latent's dtype: (B, C, h, w) -> (B, (h/p)(w/p), D)."""
+    return _linear_fp32(_pack(latent, patch_size), weight, bias).to(latent.dtype)
+
+
+def patch_unembed_reference(tokens, weight, bias, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """nn.Linear + _unpack_latents in fp32, cast to tokens' dtype: (B, (h/p)(w/p), D) -> (B, C, h, w)."""
+    return _unpack(_linear_fp32(tokens, weight, bias), patch_size, height, width).to(tokens.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_patch_size(patch_size) -> None:
+    if isinstance(patch_size, bool) or patch_size not in PATCH_SIZES:
+        raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size!r}")
+
+
+def _check_linear(x: torch.Tensor, weight, bias, in_features: int, weight_name_shape: str) -> None:
+    check_tensor("weight", weight, ndim=2, device=x.device)
+    if weight.shape[1] != in_features:
+        raise ValueError(f"weight must have shape {weight_name_shape}, got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have the input's dtype {x.dtype}, got {weight.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(weight.shape[0],), device=x.device)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have the input's dtype {x.dtype}, got {bias.dtype}")
+
+
+def _validate_embed(latent, weight, bias, patch_size) -> None:
+    _check_patch_size(patch_size)
+    check_tensor("latent", latent, ndim=4)
+    _, C, h, w = latent.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"latent height and width must be divisible by patch_size={patch_size}, got {h}x{w}")
+    K = C * patch_size * patch_size
+    _check_linear(latent, weight, bias, K, f"(D, C*patch_size**2 = {K})")
+
+
+def _validate_unembed(tokens, weight, bias, patch_size, height, width) -> None:
+    _check_patch_size(patch_size)
+    check_tensor("tokens", tokens, ndim=3)
+    for name, size in (("height", height), ("width", width)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % patch_size:
+            raise ValueError(f"{name} must be a positive int divisible by patch_size={patch_size}, got {size!r}")
+    _, N, D = tokens.shape
+    if N != (height // patch_size) * (width // patch_size):
+        raise ValueError(f"tokens must have (height/p)*(width/p) = {(height // patch_size) * (width // patch_size)} "
+                         f"tokens for height={height}, width={width}, patch_size={patch_size}, got {N}")
+    _check_linear(tokens, weight, bias, D, f"(C*patch_size**2, D = {D})")
+    if weight.shape[0] % (patch_size * patch_size):
+        raise ValueError(f"weight.shape[0] (= C*patch_size**2) must be divisible by {patch_size * patch_size}, "
+                         f"got {weight.shape[0]}")
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _span(t: torch.Tensor, first_dim: int = 1) -> int:
+    """Largest element offset inside one batch item: the kernels index within an item in int32."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:])) + 1
+
+
+def _triton_case_error(*tensors: torch.Tensor) -> Optional[str]:
+    for t in tensors:
+        if _span(t, first_dim=1 if t.dim() > 2 else 0) >= _INT32_LIMIT:
+            return f"a tensor of shape {tuple(t.shape)} spans more than 2**31 elements per batch item"
+    return None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _block_config(dtype: torch.dtype, n_rows: int, n_cols: int, reduce_dim: int, batch: int,
+                  device: torch.device) -> dict:
+    """Tiles for a (n_rows x n_cols) output per batch item, reducing over reduce_dim."""
+    if _backend.triton_interpreter_enabled():
+        # Small tiles: the test shapes then cover partial M, N and K blocks and a multi-step K loop.
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    block_n = min(128, max(16, _next_pow2(n_cols)))
+    block_k = min(32 if dtype == torch.float32 else 64, max(16, _next_pow2(reduce_dim)))
+    # Narrow outputs (unembed: 32-128 features) give few programs: shrink BLOCK_M until the GPU is filled.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    block_m = 64 if dtype == torch.float32 else 128  # fp32 128x128 tiles spill (ptxas, sm_90a)
+    while block_m > 32 and cdiv(n_rows, block_m) * cdiv(n_cols, block_n) * batch < sms:
+        block_m //= 2
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    if _backend.triton_interpreter_enabled():
+        return tl.float32  # bf16 dots are wrong under the interpreter; fp32 checks the same kernel logic
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
+    from ..triton_kernels.patch_embed import patch_embed_kernel
+
+    B, _, _, w = latent.shape
+    p = patch_size
+    n_tokens, D, K = out.shape[1], weight.shape[0], weight.shape[1]
+    cfg = _block_config(latent.dtype, n_tokens, D, K, B, latent.device)
+    grid = (cdiv(n_tokens, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]), B)
+    patch_embed_kernel[grid](
+        latent, weight, bias if bias is not None else weight, out,
+        n_tokens, w // p, K, D,
+        *latent.stride(),
+        *weight.stride(),
+        out.stride(0), out.stride(1),
+        PATCH=p, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(latent.dtype), **cfg,
+    )
+
+
+def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
+    from ..triton_kernels.patch_embed import patch_unembed_kernel
+
+    B, n_tokens, D = tokens.shape
+    F = weight.shape[0]
+    cfg = _block_config(tokens.dtype, n_tokens, F, D, B, tokens.device)
+    grid = (cdiv(n_tokens, cfg["BLOCK_M"]), cdiv(F, cfg["BLOCK_N"]), B)
+    patch_unembed_kernel[grid](
+        tokens, weight, bias if bias is not None else weight, out,
+        n_tokens, out.shape[3] // patch_size, F, D,
+        *tokens.stride(),
+        *weight.stride(),
+        *out.stride(),
+        PATCH=patch_size, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(tokens.dtype), **cfg,
+    )
+
+
+def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """`op` is "patch_embed" or "patch_unembed"; x is its latent or tokens. There is no CUDA C++ backend."""
+    return _backend.select(
+        op,
+        backend,
+        platform_checks={"triton": lambda: _backend.triton_device_error(x.device)},
+        case_checks={"triton": lambda: _triton_case_error(x, weight)},
+    )
+
+
+def patch_embed_into(latent, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
+    """Write patch_embed's tokens into `out` (B, N, D), last dim contiguous, with a chosen backend."""
+    if backend == "triton":
+        _launch_embed_triton(latent, weight, bias, patch_size, out)
+    else:
+        out.copy_(patch_embed_reference(latent, weight, bias, patch_size))
+
+
+def patch_unembed_into(tokens, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
+    """Write patch_unembed's latent into `out` (B, C, h, w), any strides, with a chosen backend."""
+    if backend == "triton":
+        _launch_unembed_triton(tokens, weight, bias, patch_size, out)
+    else:
+        out.copy_(patch_unembed_reference(tokens, weight, bias, patch_size, out.shape[2], out.shape[3]))
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dcgen::patch_embed", mutates_args=())
+def _patch_embed_op(
+    latent: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, backend: str,
+) -> torch.Tensor:
+    chosen = select_backend("patch_embed", backend, latent, weight)
+    if chosen == "reference":
+        return patch_embed_reference(latent, weight, bias, patch_size)
+    B, _, h, w = latent.shape
+    out = torch.empty(B, (h // patch_size) * (w // patch_size), weight.shape[0], dtype=latent.dtype,
+                      device=latent.device)
+    patch_embed_into(latent, weight, bias, patch_size, out, chosen)
+    return out
+
+
+@_patch_embed_op.register_fake
+def _(latent, weight, bias, patch_size, backend):
+    B, _, h, w = latent.shape
+    return latent.new_empty(B, (h // patch_size) * (w // patch_size), weight.shape[0])
+
+
+register_reference_autograd(_patch_embed_op, patch_embed_reference, n_tensor_inputs=3)
+
+
+@torch.library.custom_op("dcgen::patch_unembed", mutates_args=())
+def _patch_unembed_op(
+    tokens: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, height: int,
+    width: int, backend: str,
+) -> torch.Tensor:
+    chosen = select_backend("patch_unembed", backend, tokens, weight)
+    if chosen == "reference":
+        return patch_unembed_reference(tokens, weight, bias, patch_size, height, width)
+    channels = weight.shape[0] // (patch_size * patch_size)
+    out = torch.empty(tokens.shape[0], channels, height, width, dtype=tokens.dtype, device=tokens.device)
+    patch_unembed_into(tokens, weight, bias, patch_size, out, chosen)
+    return out
+
+
+@_patch_unembed_op.register_fake
+def _(tokens, weight, bias, patch_size, height, width, backend):
+    return tokens.new_empty(tokens.shape[0], weight.shape[0] // (patch_size * patch_size), height, width)
+
+
+register_reference_autograd(_patch_unembed_op, patch_unembed_reference, n_tensor_inputs=3)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def patch_embed(
+    latent: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    patch_size: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Patchify + linear embed: (B, C, h, w) latent -> (B, (h/p)(w/p), D) tokens in latent's dtype.
+
+    Equals `nn.Linear(C*p*p, D)(FluxPipeline._pack_latents(latent))` for p = 2, and the 1x1 layout
+    (feature = channel, tokens row-major over (y, x)) for p = 1. weight: (D, C*p*p) as nn.Linear stores it;
+    bias: (D,) or None; same dtype (fp32/bf16/fp16) and device as latent. Any latent strides; fp32 accumulate.
+    """
+    _backend.check_backend_name(backend)
+    _validate_embed(latent, weight, bias, patch_size)
+    return _patch_embed_op(latent, weight, bias, patch_size, backend)
+
+
+def patch_unembed(
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    patch_size: int,
+    height: int,
+    width: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Linear + unpatchify: (B, (h/p)(w/p), D) tokens -> contiguous (B, C, height, width) in tokens' dtype.
+
+    Equals `FluxPipeline._unpack_latents(nn.Linear(D, C*p*p)(tokens))` for p = 2 (height/width here are latent
+    sizes, not pixels), a plain token->NCHW transpose for p = 1. weight: (C*p*p, D); bias: (C*p*p,) or None.
+    """
+    _backend.check_backend_name(backend)
+    _validate_unembed(tokens, weight, bias, patch_size, height, width)
+    return _patch_unembed_op(tokens, weight, bias, patch_size, height, width, backend)

@@ -1,0 +1,252 @@
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dcgen_kernels import _backend
+from dcgen_kernels.ops.patch_embed import (
+    patch_embed, patch_embed_into, patch_embed_reference, patch_unembed, patch_unembed_into,
+    patch_unembed_reference,
+)
+from tests.helpers import TOLERANCE, flux_pipeline_static, rel_l2
+
+patch_embed_module = sys.modules["dcgen_kernels.ops.patch_embed"]
+
+# (B, C, h, w, patch_size, D): none of them block multiples; the last has K = C*p*p = 12, not a power of two.
+SHAPES = [(2, 16, 6, 10, 2, 40), (1, 32, 5, 7, 1, 48), (2, 3, 4, 6, 2, 20)]
+
+
+def embed_inputs(B, C, h, w, p, D, dtype=torch.float32, device="cpu"):
+    latent = torch.randn(B, C, h, w, device=device).to(dtype)
+    weight = (torch.randn(D, C * p * p, device=device) / (C * p * p) ** 0.5).to(dtype)
+    bias = torch.randn(D, device=device).to(dtype)
+    return latent, weight, bias
+
+
+def unembed_inputs(B, C, h, w, p, D, dtype=torch.float32, device="cpu"):
+    tokens = torch.randn(B, (h // p) * (w // p), D, device=device).to(dtype)
+    weight = (torch.randn(C * p * p, D, device=device) / D ** 0.5).to(dtype)
+    bias = torch.randn(C * p * p, device=device).to(dtype)
+    return tokens, weight, bias
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def test_reference_equals_flux_pack_and_linear():
+    pytest.importorskip("diffusers")
+    pack, unpack = flux_pipeline_static("_pack_latents"), flux_pipeline_static("_unpack_latents")
+    B, C, h, w, D = 2, 16, 6, 10, 40
+    latent, _, _ = embed_inputs(B, C, h, w, 2, D)
+    x_embedder, proj_out = torch.nn.Linear(C * 4, D), torch.nn.Linear(D, C * 4)
+    expected = x_embedder(pack(latent, B, C, h, w))
+    assert rel_l2(patch_embed_reference(latent, x_embedder.weight, x_embedder.bias, 2), expected) < 1e-6
+
+    tokens, _, _ = unembed_inputs(B, C, h, w, 2, D)
+    expected = unpack(proj_out(tokens), h * 8, w * 8, 8)  # the pipeline takes pixel sizes and the VAE factor
+    assert rel_l2(patch_unembed_reference(tokens, proj_out.weight, proj_out.bias, 2, h, w), expected) < 1e-6
+
+
+def test_reference_p1_equals_diffusers_1x1_patch_embed():
+    pytest.importorskip("diffusers")
+    from diffusers.models.embeddings import PatchEmbed
+
+    B, C, h, w, D = 2, 32, 5, 7, 48
+    module = PatchEmbed(height=h, width=w, patch_size=1, in_channels=C, embed_dim=D, pos_embed_type=None)
+    latent, _, _ = embed_inputs(B, C, h, w, 1, D)
+    weight = module.proj.weight.flatten(1)  # (D, C, 1, 1) conv == Linear(C, D) on channels
+    assert rel_l2(patch_embed_reference(latent, weight, module.proj.bias, 1), module(latent)) < 1e-6
+
+    tokens, weight, bias = unembed_inputs(B, C, h, w, 1, D)
+    expected = torch.nn.functional.linear(tokens, weight, bias).transpose(1, 2).reshape(B, C, h, w)
+    assert rel_l2(patch_unembed_reference(tokens, weight, bias, 1, h, w), expected) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_embed_matches_reference(dtype, shape, with_bias):
+    B, _, h, w, p, D = shape
+    latent, weight, bias = embed_inputs(*shape, dtype=dtype)
+    bias = bias if with_bias else None
+    out = torch.full((B, (h // p) * (w // p), D), float("nan"), dtype=dtype)
+    patch_embed_into(latent, weight, bias, p, out, "triton")
+    assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= max(TOLERANCE[dtype], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_unembed_matches_reference(dtype, shape, with_bias):
+    B, C, h, w, p, _ = shape
+    tokens, weight, bias = unembed_inputs(*shape, dtype=dtype)
+    bias = bias if with_bias else None
+    out = torch.full((B, C, h, w), float("nan"), dtype=dtype)
+    patch_unembed_into(tokens, weight, bias, p, out, "triton")
+    assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= max(TOLERANCE[dtype], 1e-6)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_triton_strided_inputs(p):
+    """channels_last latents, a sliced token tensor and a transposed weight view are read through their strides."""
+    B, C, h, w, D = 2, 8, 6, 4, 24
+    latent, weight, bias = embed_inputs(B, C, h, w, p, D, dtype=torch.float16)
+    latent = latent.to(memory_format=torch.channels_last)
+    assert rel_l2(patch_embed(latent, weight, bias, patch_size=p, backend="triton"),
+                  patch_embed_reference(latent, weight, bias, p)) <= TOLERANCE[torch.float16]
+    tokens = torch.randn(B, (h // p) * (w // p), 2 * D).to(torch.float16)[..., 1::2]
+    weight_t = torch.randn(D, C * p * p).to(torch.float16).t()
+    assert rel_l2(patch_unembed(tokens, weight_t, None, patch_size=p, height=h, width=w, backend="triton"),
+                  patch_unembed_reference(tokens, weight_t, None, p, h, w)) <= TOLERANCE[torch.float16]
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _embed(latent, weight, bias, **kw):
+    return patch_embed(latent, weight, bias, **{"patch_size": 2, **kw})
+
+
+def _unembed(tokens, weight, bias, **kw):
+    return patch_unembed(tokens, weight, bias, **{"patch_size": 2, "height": 6, "width": 10, **kw})
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w, b: _embed(x[0], w, b), ValueError, "latent must have 4 dimensions"),
+    (lambda x, w, b: _embed(x, w, b, patch_size=4), ValueError, r"patch_size must be one of \(1, 2\)"),
+    (lambda x, w, b: _embed(x, w, b, patch_size=True), ValueError, "patch_size must be one of"),
+    (lambda x, w, b: _embed(x[..., :5], w, b), ValueError, "divisible by patch_size=2, got 6x5"),
+    (lambda x, w, b: _embed(x, w[:, :-1], b), ValueError, r"weight must have shape \(D, C\*patch_size\*\*2 = 64\)"),
+    (lambda x, w, b: _embed(x, w[0], b), ValueError, "weight must have 2 dimensions"),
+    (lambda x, w, b: _embed(x, w.half(), b), TypeError, "weight must have the input's dtype"),
+    (lambda x, w, b: _embed(x, w, b[:-1]), ValueError, r"bias must have shape \(40,\)"),
+    (lambda x, w, b: _embed(x, w, b.half()), TypeError, "bias must have the input's dtype"),
+    (lambda x, w, b: _embed(x.int(), w, b), TypeError, "latent must have dtype"),
+    (lambda x, w, b: _embed(x, w.to("meta"), b), ValueError, "weight must be on device"),
+    (lambda x, w, b: _embed(x, w, b.to("meta")), ValueError, "bias must be on device"),
+    (lambda x, w, b: _embed(x.tolist(), w, b), TypeError, "latent must be a torch.Tensor"),
+    (lambda x, w, b: _embed(x, w, b, backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_embed_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*embed_inputs(*SHAPES[0]))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda t, w, b: _unembed(t[0], w, b), ValueError, "tokens must have 3 dimensions"),
+    (lambda t, w, b: _unembed(t, w, b, patch_size=3), ValueError, "patch_size must be one of"),
+    (lambda t, w, b: _unembed(t, w, b, height=5), ValueError, "height must be a positive int divisible by"),
+    (lambda t, w, b: _unembed(t, w, b, width=10.0), ValueError, "width must be a positive int"),
+    (lambda t, w, b: _unembed(t, w, b, height=8), ValueError, "tokens must have .* = 20 tokens"),
+    (lambda t, w, b: _unembed(t, w[:, :-1], b), ValueError, r"weight must have shape \(C\*patch_size\*\*2, D = 40\)"),
+    (lambda t, w, b: _unembed(t, w[:-1], b[:-1]), ValueError, "must be divisible by 4, got 63"),
+    (lambda t, w, b: _unembed(t, w.bfloat16(), b), TypeError, "weight must have the input's dtype"),
+    (lambda t, w, b: _unembed(t, w, b[:-1]), ValueError, r"bias must have shape \(64,\)"),
+    (lambda t, w, b: _unembed(t.double(), w.double(), b.double()), TypeError, "tokens must have dtype"),
+])
+def test_unembed_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*unembed_inputs(*SHAPES[0]))
+
+
+# ----------------------------------------------------------------------------------------------- backends
+def test_explicit_cuda_backend_falls_back_with_one_warning():
+    latent, weight, bias = embed_inputs(*SHAPES[1])
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve.*no cuda backend"):
+        out = patch_embed(latent, weight, bias, patch_size=1, backend="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_embed(latent, weight, bias, patch_size=1, backend="cuda")  # second call: silent
+    assert rel_l2(out, patch_embed_reference(latent, weight, bias, 1)) < 1e-6
+
+
+def test_oversized_call_falls_back_from_triton_with_one_warning(monkeypatch):
+    monkeypatch.setattr(patch_embed_module, "_INT32_LIMIT", 100)  # stands in for a > 2**31-element item
+    tokens, weight, bias = unembed_inputs(*SHAPES[0])
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="triton backend cannot serve.*spans more than 2\\*\\*31"):
+        out = patch_unembed(tokens, weight, bias, patch_size=2, height=6, width=10, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_unembed(tokens, weight, bias, patch_size=2, height=6, width=10, backend="triton")
+    assert torch.equal(out, patch_unembed_reference(tokens, weight, bias, 2, 6, 10))
+
+
+def test_backend_env_override(monkeypatch):
+    latent, weight, _ = embed_inputs(*SHAPES[0])
+    monkeypatch.setenv("DCGEN_BACKEND", "reference")
+    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight) == "reference"
+    assert patch_embed_module.select_backend("patch_embed", "triton", latent, weight) == "triton"
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+def test_reference_gradcheck_float64():
+    B, C, h, w, p, D = 1, 3, 4, 2, 2, 5
+    latent, weight, bias = (t.double().requires_grad_() for t in embed_inputs(B, C, h, w, p, D))
+    assert torch.autograd.gradcheck(lambda *a: patch_embed_reference(*a, p), (latent, weight, bias))
+    tokens, weight, bias = (t.double().requires_grad_() for t in unembed_inputs(B, C, h, w, p, D))
+    assert torch.autograd.gradcheck(lambda *a: patch_unembed_reference(*a, p, h, w), (tokens, weight, bias))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_gradients_match_diffusers_math(shape):
+    B, C, h, w, p, D = shape
+    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*shape))
+    packed = latent.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+    grad = torch.randn(B, (h // p) * (w // p), D)
+    ours = torch.autograd.grad(patch_embed(latent, weight, bias, patch_size=p), [latent, weight, bias], grad)
+    theirs = torch.autograd.grad(torch.nn.functional.linear(packed, weight, bias), [latent, weight, bias], grad)
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(ours, theirs))
+
+    tokens, weight, bias = (t.requires_grad_() for t in unembed_inputs(*shape))
+    grad = torch.randn(B, C, h, w)
+    ours = torch.autograd.grad(patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w),
+                               [tokens, weight, bias], grad)
+    stock = torch.nn.functional.linear(tokens, weight, bias)
+    stock = stock.reshape(B, h // p, w // p, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+    theirs = torch.autograd.grad(stock, [tokens, weight, bias], grad)
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(ours, theirs))
+
+
+def test_torch_compile_fullgraph():
+    _, _, h, w, p, _ = SHAPES[0]
+    latent, weight, bias = embed_inputs(*SHAPES[0])
+    _, weight_out, bias_out = unembed_inputs(*SHAPES[0])
+
+    def roundtrip(latent):
+        tokens = patch_embed(latent, weight, bias, patch_size=p)
+        return patch_unembed(tokens * 2, weight_out, bias_out, patch_size=p, height=h, width=w)
+
+    compiled = torch.compile(roundtrip, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(latent), roundtrip(latent))
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+# FLUX f8c16 p2 at 1024^2 (4096 tokens), DC-Gen f32c32 p1 at 1024^2 (1024 tokens), DC-AE-1.5 f64c128 p1 at 4K.
+GPU_SHAPES = [(1, 16, 128, 128, 2, 3072), (2, 32, 32, 32, 1, 3072), (1, 128, 64, 64, 1, 3072)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_triton_at_dcgen_shapes(dtype, shape):
+    B, C, h, w, p, D = shape
+    latent, weight, bias = embed_inputs(*shape, dtype=dtype, device="cuda")
+    out = torch.full((B, (h // p) * (w // p), D), float("nan"), dtype=dtype, device="cuda")
+    patch_embed_into(latent, weight, bias, p, out, "triton")
+    assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= TOLERANCE[dtype] / 2
+
+    tokens, weight, bias = unembed_inputs(*shape, dtype=dtype, device="cuda")
+    out = torch.full((B, C, h, w), float("nan"), dtype=dtype, device="cuda")
+    patch_unembed_into(tokens, weight, bias, p, out, "triton")
+    assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= TOLERANCE[dtype] / 2
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_and_backward_runs():
+    B, C, h, w, p, D = GPU_SHAPES[0]
+    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*GPU_SHAPES[0], dtype=torch.bfloat16,
+                                                                      device="cuda"))
+    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight) == "triton"
+    tokens = patch_embed(latent, weight, bias, patch_size=p)
+    tokens.float().square().mean().backward()
+    assert latent.grad.shape == latent.shape and torch.isfinite(weight.grad).all()
