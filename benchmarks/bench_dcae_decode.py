@@ -19,8 +19,8 @@ import torch
 
 import dcgen_kernels
 
-from .common import (ANCHOR_LABEL, build_module, check_record, dcgen_fallbacks, error_record, first_call,
-                     free_device_memory, rel_l2)
+from .common import (ANCHOR_LABEL, build_module, error_record, free_device_memory, measure_patched,
+                     noise_floor_tolerance, reference_noise_floor)
 from .timing import time_ms
 
 DECODE_TOL = 2e-2
@@ -107,10 +107,11 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
                 anchor = (anchors or {}).get(spec.anchor_key)
                 if anchor:
                     rec["stock"][ANCHOR_LABEL] = anchor
-                rec["noise_floor"] = _noise_floor(model, decode, stock_out)
-                tolerance = max(DECODE_TOL, 2 * rec["noise_floor"].get("rel_l2_reference_backend_vs_stock", 0.0))
+                rec["noise_floor"] = reference_noise_floor(model, decode, stock_out)
+                tolerance = noise_floor_tolerance(rec["noise_floor"], DECODE_TOL)
                 try:
-                    rec["patched"] = _patched(model, decode, device, spec, stock_out, tolerance)
+                    rec["patched"] = measure_patched(model, decode, device, spec.warmup, spec.iters, stock_out,
+                                                     tolerance)
                     if "ms" in rec["patched"]:
                         rec["patched"]["speedup_vs_stock"] = rec["stock"]["ms"] / rec["patched"]["ms"]
                 except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
@@ -124,34 +125,3 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
         if progress:
             progress(result)
     return result
-
-
-def _noise_floor(model, decode, stock_out) -> dict:
-    try:
-        dcgen_kernels.patch(model, backend="reference")
-    except ValueError as err:
-        return {"unavailable": f"{type(err).__name__}: {err}"}
-    try:
-        return {"rel_l2_reference_backend_vs_stock": rel_l2(decode(), stock_out)}
-    finally:
-        dcgen_kernels.unpatch(model)
-
-
-def _patched(model, decode, device, spec: Model, stock_out, tolerance) -> dict:
-    try:
-        dcgen_kernels.patch(model, backend="auto")
-    except ValueError as err:  # no supported module: this dcgen_kernels does not patch AutoencoderDC (yet)
-        return {"unavailable": f"{type(err).__name__}: {err}"}
-    try:
-        report = dcgen_kernels.patch_report(model)
-        out, exc, messages = first_call(decode)
-        if exc is not None:
-            raise exc
-        rec = check_record(rel_l2(out, stock_out), tolerance)
-        del out
-        rec["ms"] = time_ms(decode, device, spec.warmup, spec.iters)
-        rec.update(modules_replaced=len(report.replaced), modules_skipped=len(report.skipped), report=str(report),
-                   fallbacks=dcgen_fallbacks(messages))
-        return rec
-    finally:
-        dcgen_kernels.unpatch(model)

@@ -14,8 +14,8 @@ import torch
 
 import dcgen_kernels
 
-from .common import (ANCHOR_LABEL, REL_L2_TOL, check_record, dcgen_fallbacks, error_record, first_call, flux_ids,
-                     rel_l2)
+from .common import (ANCHOR_LABEL, REL_L2_TOL, error_record, flux_ids, measure_patched, noise_floor_tolerance,
+                     reference_noise_floor)
 from .timing import time_ms
 
 FLUX_DEV_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -69,32 +69,6 @@ def make_inputs(cfg: Config, image_tokens: int, device: torch.device) -> dict:
     )
 
 
-def _patched(model, step, device, warmup, iters, stock_out, tolerance, backend) -> dict:
-    dcgen_kernels.patch(model, backend=backend)
-    try:
-        report = dcgen_kernels.patch_report(model)
-        out, exc, messages = first_call(step)
-        if exc is not None:
-            raise exc
-        rec = check_record(rel_l2(out, stock_out), tolerance)
-        rec["ms"] = time_ms(step, device, warmup, iters)
-        rec.update(modules_replaced=len(report.replaced), modules_skipped=len(report.skipped), report=str(report),
-                   fallbacks=dcgen_fallbacks(messages))
-        return rec
-    finally:
-        dcgen_kernels.unpatch(model)
-
-
-def _reference_deviation(model, step, stock_out) -> float:
-    """rel-L2 of the patched model on the fp32 reference backend vs stock: bf16 noise of the stock path itself,
-    grown through every block. The fused op may deviate about as much (2x allowed) without being wrong."""
-    dcgen_kernels.patch(model, backend="reference")
-    try:
-        return rel_l2(step(), stock_out)
-    finally:
-        dcgen_kernels.unpatch(model)
-
-
 def run(device: torch.device, tiny: bool, anchors: dict) -> dict:
     """anchors: the anchor file's "flux12b_step_ms_by_image_tokens" block (or None)."""
     cfg = TINY if tiny else REAL
@@ -117,13 +91,13 @@ def run(device: torch.device, tiny: bool, anchors: dict) -> dict:
                         rec["stock"][ANCHOR_LABEL] = anchor
                     if "noise_floor" not in result:  # first size only: the fp32 reference attention is costly
                         result["noise_floor"] = {"image_tokens": image_tokens,
-                                                 "rel_l2_reference_backend_vs_stock":
-                                                     _reference_deviation(model, step, stock_out)}
-                    tolerance = max(REL_L2_TOL, 2 * result["noise_floor"]["rel_l2_reference_backend_vs_stock"])
+                                                 **reference_noise_floor(model, step, stock_out)}
+                    tolerance = noise_floor_tolerance(result["noise_floor"], REL_L2_TOL)
                     # "patched" is what users get (backend auto); "patched_triton" forces the Triton kernels.
                     for name, backend in (("patched", "auto"), ("patched_triton", "triton")):
                         try:
-                            rec[name] = _patched(model, step, device, warmup, iters, stock_out, tolerance, backend)
+                            rec[name] = measure_patched(model, step, device, warmup, iters, stock_out, tolerance,
+                                                        backend)
                             rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
                         except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
                             rec[name] = error_record(err)

@@ -26,8 +26,8 @@ import torch
 
 import dcgen_kernels
 
-from .common import (ANCHOR_LABEL, build_module, check_record, dcgen_fallbacks, error_record, first_call,
-                     free_device_memory, rel_l2)
+from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory, measure_patched,
+                     noise_floor_tolerance, reference_noise_floor, rel_l2)
 from .timing import time_ms, wall_s
 
 STEP_TOL = 2e-2
@@ -100,41 +100,6 @@ def _config_record(cfg: Config, device) -> dict:
             "weights": cfg.weights, "tolerance": f"max({STEP_TOL}, 2 x noise floor)"}
 
 
-def _patched(model, step, device, warmup, iters, stock_out, tolerance, backend) -> dict:
-    try:
-        dcgen_kernels.patch(model, backend=backend)
-    except ValueError as err:  # no supported module: this dcgen_kernels does not patch SANA (yet)
-        return {"unavailable": f"{type(err).__name__}: {err}"}
-    try:
-        report = dcgen_kernels.patch_report(model)
-        out, exc, messages = first_call(step)
-        if exc is not None:
-            raise exc
-        rec = check_record(rel_l2(out, stock_out), tolerance)
-        del out
-        rec["ms"] = time_ms(step, device, warmup, iters)
-        rec.update(modules_replaced=len(report.replaced), modules_skipped=len(report.skipped), report=str(report),
-                   fallbacks=dcgen_fallbacks(messages))
-        return rec
-    finally:
-        dcgen_kernels.unpatch(model)
-
-
-def _noise_floor(model, step, stock_out) -> dict:
-    try:
-        dcgen_kernels.patch(model, backend="reference")
-    except ValueError as err:
-        return {"unavailable": f"{type(err).__name__}: {err}"}
-    try:
-        return {"rel_l2_reference_backend_vs_stock": rel_l2(step(), stock_out)}
-    finally:
-        dcgen_kernels.unpatch(model)
-
-
-def _tolerance(floor: dict) -> float:
-    return max(STEP_TOL, 2 * floor.get("rel_l2_reference_backend_vs_stock", 0.0))
-
-
 def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
     """Eager variants. anchors: the anchor file's "sana1600m_step_ms" block (or None)."""
     cfg = TINY if tiny else REAL
@@ -151,11 +116,11 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
                 rec["stock"] = {"ms": time_ms(step, device, shape.warmup, shape.iters)}
                 if (anchors or {}).get(shape.anchor_key):
                     rec["stock"][ANCHOR_LABEL] = anchors[shape.anchor_key]
-                rec["noise_floor"] = _noise_floor(model, step, stock_out)
-                tolerance = _tolerance(rec["noise_floor"])
+                rec["noise_floor"] = reference_noise_floor(model, step, stock_out)
+                tolerance = noise_floor_tolerance(rec["noise_floor"], STEP_TOL)
                 for name, backend in (("patched", "auto"), ("patched_triton", "triton")):
                     try:
-                        rec[name] = _patched(model, step, device, shape.warmup, shape.iters, stock_out, tolerance,
+                        rec[name] = measure_patched(model, step, device, shape.warmup, shape.iters, stock_out, tolerance,
                                              backend)
                         if "ms" in rec[name]:
                             rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
@@ -207,7 +172,7 @@ def run_compile(device: torch.device, tiny: bool, eager: dict = None, anchors=No
             with torch.no_grad():
                 stock_out = model(**x)[0]
                 out, seconds = wall_s(lambda: compiled(**x)[0], device)
-                tolerance = _tolerance(eager_size.get("noise_floor", {}))
+                tolerance = noise_floor_tolerance(eager_size.get("noise_floor", {}), STEP_TOL)
                 rec["torch_compile"] = {"compile_s": seconds, **check_record(rel_l2(out, stock_out), tolerance)}
                 del out, stock_out
                 rec["torch_compile"]["ms"] = time_ms(lambda: compiled(**x)[0], device, shape.warmup, shape.iters)

@@ -145,3 +145,49 @@ def rope_tables(text_tokens: int, image_tokens: int, axes_dim: tuple, device: to
         return cos, sin, "random angles (diffusers not importable)"
     cos, sin = FluxPosEmbed(theta=10000, axes_dim=list(axes_dim))(torch.cat([txt_ids, img_ids]))
     return cos.float(), sin.float(), f"diffusers FluxPosEmbed(theta=10000, axes_dim={tuple(axes_dim)})"
+
+
+def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int,
+                    stock_out: torch.Tensor, tolerance: float, backend: str = "auto") -> dict:
+    """Patch `model`, check fn()'s output against stock, time it, unpatch. A model dcgen_kernels cannot patch is
+    recorded as unavailable; a fallback to another backend is listed under "fallbacks"."""
+    import dcgen_kernels
+
+    from .timing import time_ms
+
+    try:
+        dcgen_kernels.patch(model, backend=backend)
+    except ValueError as err:  # no supported module in this model
+        return {"unavailable": f"{type(err).__name__}: {err}"}
+    try:
+        report = dcgen_kernels.patch_report(model)
+        out, exc, messages = first_call(fn)
+        if exc is not None:
+            raise exc
+        rec = check_record(rel_l2(out, stock_out), tolerance)
+        del out
+        rec["ms"] = time_ms(fn, device, warmup, iters)
+        rec.update(modules_replaced=len(report.replaced), modules_skipped=len(report.skipped), report=str(report),
+                   fallbacks=dcgen_fallbacks(messages))
+        return rec
+    finally:
+        dcgen_kernels.unpatch(model)
+
+
+def reference_noise_floor(model, fn: Callable[[], torch.Tensor], stock_out: torch.Tensor) -> dict:
+    """rel-L2 of the model patched with the fp32 reference backend vs stock: the bf16 noise of the stock path
+    itself, grown through every block. A fused kernel may deviate about as much (2x allowed) without being wrong."""
+    import dcgen_kernels
+
+    try:
+        dcgen_kernels.patch(model, backend="reference")
+    except ValueError as err:
+        return {"unavailable": f"{type(err).__name__}: {err}"}
+    try:
+        return {"rel_l2_reference_backend_vs_stock": rel_l2(fn(), stock_out)}
+    finally:
+        dcgen_kernels.unpatch(model)
+
+
+def noise_floor_tolerance(floor: dict, minimum: float) -> float:
+    return max(minimum, 2 * floor.get("rel_l2_reference_backend_vs_stock", 0.0))
