@@ -1,0 +1,541 @@
+"""DC-Gen training stages as library functions: embedding alignment, output-head alignment, LoRA.
+
+Stage 1, `align_embedding`: the frozen base embedder on base-AE latents (teacher) and the new embedder on
+DC-AE latents of the same images (student) are compared with `embedding_alignment_loss` (teacher average-pooled
+to the student's token grid, or the student nearest-upsampled to the teacher's).
+
+Stage 2, `align_head`: backbone frozen, only ``x_embedder`` and ``proj_out`` trained with the flow-matching
+loss of `align_head_loss`. For guidance-distilled FLUX the guided prediction v_g = f(x_t, c, t, w) (with grad)
+and the unguided v_u = f(x_t, null, t, 1) (no grad) are combined into the CFG-equivalent velocity
+v_hat = (v_g - (1 - w) v_u) / w, regressed onto noise - x0 (rectified flow, x_t = (1 - t) x0 + t noise).
+w ~ U[1, 14]; each sample's text is replaced by the null-prompt embeddings with probability 0.1.
+
+Stage 3, `add_lora` / `merge_lora`: peft LoRA on every attention and MLP linear of the blocks (not on the
+model-level head), embedder and head trained fully; `align_head(..., train_head_only=False)` trains whatever
+is trainable, then `merge_lora` folds the adapters into the base weights.
+
+FLUX input conventions (as FluxPipeline calls the model): ``timestep`` is the flow time t in [0, 1] (the
+pipeline passes ``timestep / 1000``, the model multiplies by 1000 again); ``guidance`` is the raw guidance
+scale w (the model also multiplies it by 1000 internally). Models without a guidance embedding
+(``config.guidance_embeds`` False) get ``guidance=None``.
+
+All training runs share one loop (`_train`): AdamW over the trainable parameters, a seeded torch.Generator
+for every random draw, periodic checkpoints (trainable parameters in safetensors + optimizer / RNG / history
+in ``state.pt``) and exact resume. bf16 autocast is used only on CUDA; on CPU everything runs in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convert import _check_positive_int, _family, latent_image_ids, pack_latents
+
+__all__ = [
+    "embedding_alignment_loss", "align_embedding", "flow_matching_pair", "guidance_distilled_velocity",
+    "sample_guidance", "drop_text", "align_head_loss", "align_head", "add_lora", "merge_lora",
+    "lora_target_modules", "latest_checkpoint",
+]
+
+GUIDANCE_RANGE = (1.0, 14.0)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_tensor(name: str, t: object, ndim: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_grid_arg(name: str, grid: object) -> Tuple[int, int]:
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"{name} must be an (h, w) pair of positive ints, got {grid!r}")
+    return _check_positive_int(f"{name}[0]", grid[0]), _check_positive_int(f"{name}[1]", grid[1])
+
+
+def _check_positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_probability(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+def _tokens_to_map(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    b, _, d = tokens.shape
+    return tokens.reshape(b, grid[0], grid[1], d).permute(0, 3, 1, 2)
+
+
+def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    b, d, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, d)
+
+
+def embedding_alignment_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor,
+                             student_grid: Sequence[int], teacher_grid: Sequence[int],
+                             mode: str = "pool") -> torch.Tensor:
+    """MSE between student and teacher embedder outputs living on different token grids.
+
+    Tokens are (B, N, D), row-major over their (h, w) grid (as `pack_latents` lays them out). ``mode="pool"``:
+    the teacher is average-pooled to the student grid, MSE(student, pool(teacher)). ``mode="upsample"``: the
+    student is nearest-upsampled to the teacher grid, MSE(upsample(student), teacher). The teacher grid must be
+    an integer multiple of the student grid in both directions.
+    """
+    _check_tensor("student_tokens", student_tokens, 3)
+    _check_tensor("teacher_tokens", teacher_tokens, 3)
+    sh, sw = _check_grid_arg("student_grid", student_grid)
+    th, tw = _check_grid_arg("teacher_grid", teacher_grid)
+    if mode not in ("pool", "upsample"):
+        raise ValueError(f"mode must be 'pool' or 'upsample', got {mode!r}")
+    if student_tokens.shape[0] != teacher_tokens.shape[0] or student_tokens.shape[2] != teacher_tokens.shape[2]:
+        raise ValueError(f"student_tokens {tuple(student_tokens.shape)} and teacher_tokens "
+                         f"{tuple(teacher_tokens.shape)} must agree in batch size and hidden size")
+    if student_tokens.shape[1] != sh * sw:
+        raise ValueError(f"student_tokens has {student_tokens.shape[1]} tokens, student_grid {sh}x{sw} has {sh * sw}")
+    if teacher_tokens.shape[1] != th * tw:
+        raise ValueError(f"teacher_tokens has {teacher_tokens.shape[1]} tokens, teacher_grid {th}x{tw} has {th * tw}")
+    if th % sh or tw % sw:
+        raise ValueError(f"teacher_grid {th}x{tw} must be an integer multiple of student_grid {sh}x{sw}")
+    kh, kw = th // sh, tw // sw
+    if mode == "pool":
+        pooled = F.avg_pool2d(_tokens_to_map(teacher_tokens, (th, tw)).float(), kernel_size=(kh, kw))
+        return F.mse_loss(student_tokens.float(), _map_to_tokens(pooled))
+    up = _tokens_to_map(student_tokens, (sh, sw)).float().repeat_interleave(kh, 2).repeat_interleave(kw, 3)
+    return F.mse_loss(_map_to_tokens(up), teacher_tokens.float())
+
+
+def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, teacher_latents: torch.Tensor,
+                    student_latents: torch.Tensor, *, teacher_patch_size: int, student_patch_size: int,
+                    steps: int, lr: float, batch_size: int, seed: int, mode: str = "pool",
+                    checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = True,
+                    progress: bool = True) -> dict:
+    """Stage 1: train `student_embedder` so its tokens match the frozen `teacher_embedder`'s.
+
+    ``teacher_latents`` (N, Ct, ht, wt) and ``student_latents`` (N, Cs, hs, ws) are encodings of the same N
+    images by the base AE and the DC-AE. Tokens: ``embedder(pack_latents(latents, patch_size))`` (FLUX
+    ``x_embedder`` style: a Linear on packed patches). Each step draws `batch_size` image indices (with
+    replacement) from a generator seeded with `seed`; AdamW with learning rate `lr`. The teacher is frozen
+    (requires_grad False, eval). Returns ``dict(history=[loss per step])``; the student is trained in place.
+    """
+    _check_tensor("teacher_latents", teacher_latents, 4)
+    _check_tensor("student_latents", student_latents, 4)
+    if teacher_latents.shape[0] != student_latents.shape[0]:
+        raise ValueError(f"teacher_latents and student_latents must hold the same images, got "
+                         f"{teacher_latents.shape[0]} and {student_latents.shape[0]}")
+    tp = _check_positive_int("teacher_patch_size", teacher_patch_size)
+    sp = _check_positive_int("student_patch_size", student_patch_size)
+    for name, lat, p in (("teacher", teacher_latents, tp), ("student", student_latents, sp)):
+        if lat.shape[2] % p or lat.shape[3] % p:
+            raise ValueError(f"{name}_latents spatial size {tuple(lat.shape[2:])} must be a multiple of "
+                             f"{name}_patch_size ({p})")
+    teacher_grid = (teacher_latents.shape[2] // tp, teacher_latents.shape[3] // tp)
+    student_grid = (student_latents.shape[2] // sp, student_latents.shape[3] // sp)
+    if teacher_grid[0] % student_grid[0] or teacher_grid[1] % student_grid[1]:
+        raise ValueError(f"teacher token grid {teacher_grid} must be an integer multiple of the student's "
+                         f"{student_grid}")
+    if mode not in ("pool", "upsample"):
+        raise ValueError(f"mode must be 'pool' or 'upsample', got {mode!r}")
+    teacher_embedder.requires_grad_(False).eval()
+    student_embedder.train()
+    params = {n: p for n, p in student_embedder.named_parameters()}
+    if not params:
+        raise ValueError("student_embedder has no parameters to train")
+    for p in params.values():
+        p.requires_grad_(True)
+    device = next(iter(params.values())).device
+    n = teacher_latents.shape[0]
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(n, (batch_size,), generator=generator)
+        t_lat = teacher_latents[idx].to(device)
+        s_lat = student_latents[idx].to(device)
+        with _autocast(device):
+            with torch.no_grad():
+                teacher = teacher_embedder(pack_latents(t_lat.to(_dtype_of(teacher_embedder, t_lat)), tp))
+            student = student_embedder(pack_latents(s_lat.to(_dtype_of(student_embedder, s_lat)), sp))
+        return embedding_alignment_loss(student, teacher, student_grid, teacher_grid, mode)
+
+    return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                  progress=progress, meta=dict(stage="align_embedding", mode=mode), desc="align embedding")
+
+
+def _dtype_of(module: nn.Module, fallback: torch.Tensor) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else fallback.dtype
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+def flow_matching_pair(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow as FLUX uses it: x_t = (1 - t) x0 + t noise, target velocity = noise - x0.
+
+    `t` is a scalar tensor or one value per sample (B,), broadcast over the remaining dimensions.
+    """
+    _check_tensor("x0", x0)
+    _check_tensor("noise", noise)
+    _check_tensor("t", t)
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x0.shape[0]):
+        raise ValueError(f"t must be a scalar or have shape ({x0.shape[0]},), got {tuple(t.shape)}")
+    t = t.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1))) if t.dim() == 1 else t.to(x0.dtype)
+    return (1 - t) * x0 + t * noise, noise - x0
+
+
+def guidance_distilled_velocity(v_guided: torch.Tensor, v_unguided: torch.Tensor, w) -> torch.Tensor:
+    """CFG-equivalent velocity recovered from a guidance-distilled model: (v_g - (1 - w) v_u) / w.
+
+    `w` is a number or a per-sample tensor (B,) broadcast over the remaining dimensions; w must be non-zero.
+    """
+    _check_tensor("v_guided", v_guided)
+    _check_tensor("v_unguided", v_unguided)
+    if v_guided.shape != v_unguided.shape:
+        raise ValueError(f"v_guided {tuple(v_guided.shape)} and v_unguided {tuple(v_unguided.shape)} differ in shape")
+    if isinstance(w, torch.Tensor):
+        if w.dim() > 1 or (w.dim() == 1 and w.shape[0] != v_guided.shape[0]):
+            raise ValueError(f"w must be a scalar or have shape ({v_guided.shape[0]},), got {tuple(w.shape)}")
+        if (w == 0).any():
+            raise ValueError("w must be non-zero")
+        if w.dim() == 1:
+            w = w.reshape(-1, *([1] * (v_guided.dim() - 1)))
+        w = w.to(v_guided.dtype)
+    elif isinstance(w, bool) or not isinstance(w, (int, float)) or w == 0:
+        raise ValueError(f"w must be a non-zero number or tensor, got {w!r}")
+    return (v_guided - (1 - w) * v_unguided) / w
+
+
+def sample_guidance(batch: int, generator: Optional[torch.Generator] = None,
+                    low: float = GUIDANCE_RANGE[0], high: float = GUIDANCE_RANGE[1]) -> torch.Tensor:
+    """Guidance scales w ~ U[low, high] (default U[1, 14]), shape (batch,), fp32 on the generator's device."""
+    batch = _check_positive_int("batch", batch)
+    if not low < high:
+        raise ValueError(f"need low < high, got {low}, {high}")
+    device = generator.device if generator is not None else "cpu"
+    return low + (high - low) * torch.rand(batch, generator=generator, device=device)
+
+
+def drop_text(text_embeds: torch.Tensor, pooled: torch.Tensor, null_text: torch.Tensor, null_pooled: torch.Tensor,
+              p: float = 0.1, generator: Optional[torch.Generator] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace whole samples' text conditioning by the null-prompt embeddings with probability `p`.
+
+    ``text_embeds`` (B, L, D), ``pooled`` (B, P); ``null_text`` (L, D) or (1, L, D), ``null_pooled`` (P,) or
+    (1, P). Returns ``(text_embeds, pooled, dropped)`` with `dropped` the (B,) bool mask of replaced samples;
+    the inputs are not modified. Draws on `generator`'s device (CPU by default).
+    """
+    _check_tensor("text_embeds", text_embeds, 3)
+    _check_tensor("pooled", pooled, 2)
+    p = _check_probability("p", p)
+    b = text_embeds.shape[0]
+    if pooled.shape[0] != b:
+        raise ValueError(f"text_embeds and pooled must have the same batch size, got {b} and {pooled.shape[0]}")
+    null_text = _check_tensor("null_text", null_text)
+    null_text = null_text.unsqueeze(0) if null_text.dim() == 2 else null_text
+    if null_text.dim() != 3 or null_text.shape[0] != 1 or null_text.shape[1:] != text_embeds.shape[1:]:
+        raise ValueError(f"null_text must have shape {tuple(text_embeds.shape[1:])} (or with a leading 1), "
+                         f"got {tuple(null_text.shape)}")
+    null_pooled = _check_tensor("null_pooled", null_pooled).reshape(1, -1)
+    if null_pooled.shape[1:] != pooled.shape[1:]:
+        raise ValueError(f"null_pooled must have shape {tuple(pooled.shape[1:])}, got {tuple(null_pooled.shape)}")
+    device = generator.device if generator is not None else "cpu"
+    dropped = (torch.rand(b, generator=generator, device=device) < p).to(text_embeds.device)
+    text = torch.where(dropped[:, None, None], null_text.to(text_embeds), text_embeds)
+    pooled = torch.where(dropped[:, None], null_pooled.to(pooled), pooled)
+    return text, pooled, dropped
+
+
+def _flux_velocity(transformer: nn.Module, x_t, text, pooled, t, guidance, img_ids, txt_ids) -> torch.Tensor:
+    return transformer(hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                       img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
+def align_head_loss(transformer: nn.Module, x0_tokens: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    pooled_projections: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
+                    t: torch.Tensor, noise: torch.Tensor, w: torch.Tensor, null_encoder_hidden_states: torch.Tensor,
+                    null_pooled_projections: torch.Tensor) -> torch.Tensor:
+    """Guidance-distilled flow-matching loss of a diffusers ``FluxTransformer2DModel``.
+
+    x_t = (1 - t) x0 + t noise; v_g = f(x_t, c, t, w) with grad; v_u = f(x_t, null, t, 1) under no_grad;
+    v_hat = (v_g - (1 - w) v_u) / w; loss = mean((v_hat - (noise - x0))^2). ``x0_tokens`` / ``noise`` are packed
+    latents (B, N, C p^2); ``t`` (B,) in [0, 1] is passed as the model's ``timestep`` (FluxPipeline's
+    ``timestep / 1000``); ``w`` (B,) as ``guidance`` (raw scale, as the pipeline passes it). For a model without
+    a guidance embedding both calls get ``guidance=None``. The null embeddings are (L, D) / (P,) or batched.
+    """
+    if _family(transformer) != "flux":
+        raise TypeError("align_head_loss supports FluxTransformer2DModel (guidance-distilled FLUX)")
+    _check_tensor("x0_tokens", x0_tokens, 3)
+    _check_tensor("w", w, 1)
+    b = x0_tokens.shape[0]
+    if w.shape[0] != b or _check_tensor("t", t, 1).shape[0] != b:
+        raise ValueError(f"t and w must have shape ({b},), got {tuple(t.shape)} and {tuple(w.shape)}")
+    x_t, target = flow_matching_pair(x0_tokens, noise, t)
+    dtype = next(transformer.parameters()).dtype
+    null_text = null_encoder_hidden_states.reshape(-1, *encoder_hidden_states.shape[1:])
+    null_text = null_text.expand(b, -1, -1) if null_text.shape[0] == 1 else null_text
+    null_pooled = null_pooled_projections.reshape(-1, pooled_projections.shape[1])
+    null_pooled = null_pooled.expand(b, -1) if null_pooled.shape[0] == 1 else null_pooled
+    distilled = bool(getattr(transformer.config, "guidance_embeds", False))
+    g = w.to(dtype) if distilled else None
+    one = torch.ones_like(w, dtype=dtype) if distilled else None
+    xin, tin = x_t.to(dtype), t.to(dtype)
+    with _autocast(x0_tokens.device):
+        v_g = _flux_velocity(transformer, xin, encoder_hidden_states.to(dtype), pooled_projections.to(dtype), tin,
+                             g, img_ids, txt_ids)
+        with torch.no_grad():
+            v_u = _flux_velocity(transformer, xin, null_text.to(dtype), null_pooled.to(dtype), tin, one, img_ids,
+                                 txt_ids)
+    v_hat = guidance_distilled_velocity(v_g.float(), v_u.float(), w.float())
+    return F.mse_loss(v_hat, target.float())
+
+
+def _sample_t(batch: int, generator: torch.Generator, sampling: str) -> torch.Tensor:
+    if sampling == "uniform":
+        return torch.rand(batch, generator=generator)
+    return torch.sigmoid(torch.randn(batch, generator=generator))  # logit-normal(0, 1), as SD3 / FLUX training
+
+
+def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+               pooled_projections: torch.Tensor, null_encoder_hidden_states: torch.Tensor,
+               null_pooled_projections: torch.Tensor, *, patch_size: int = 1, steps: int, lr: float,
+               batch_size: int, seed: int, p_drop: float = 0.1,
+               guidance_range: Tuple[float, float] = GUIDANCE_RANGE, t_sampling: str = "logit_normal",
+               train_head_only: bool = True, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
+               resume: bool = True, progress: bool = True) -> dict:
+    """Stage 2 (and, with ``train_head_only=False``, stage 3): train a converted FLUX with `align_head_loss`.
+
+    ``latents`` (N, C, h, w) are DC-AE latents (already scaled), ``encoder_hidden_states`` (N, L, D) and
+    ``pooled_projections`` (N, P) their prompts' embeddings, the null ones those of the empty prompt. Each step
+    draws `batch_size` samples (with replacement), t (logit-normal or uniform), noise, w ~ U[guidance_range],
+    and drops text with probability `p_drop`, all from a generator seeded with `seed`.
+
+    ``train_head_only=True`` freezes every parameter except ``x_embedder`` and ``proj_out``; ``False`` trains
+    whatever currently has requires_grad (e.g. after `add_lora`). Returns ``dict(history=[loss per step])``.
+    """
+    if _family(transformer) != "flux":
+        raise TypeError("align_head supports FluxTransformer2DModel (guidance-distilled FLUX)")
+    _check_tensor("latents", latents, 4)
+    _check_tensor("encoder_hidden_states", encoder_hidden_states, 3)
+    _check_tensor("pooled_projections", pooled_projections, 2)
+    n, c, h, w_ = latents.shape
+    if encoder_hidden_states.shape[0] != n or pooled_projections.shape[0] != n:
+        raise ValueError(f"latents, encoder_hidden_states and pooled_projections must have the same number of "
+                         f"samples, got {n}, {encoder_hidden_states.shape[0]}, {pooled_projections.shape[0]}")
+    patch_size = _check_positive_int("patch_size", patch_size)
+    if c * patch_size * patch_size != transformer.x_embedder.in_features:
+        raise ValueError(f"latents with {c} channels and patch_size {patch_size} give {c * patch_size ** 2} "
+                         f"features, the model's x_embedder takes {transformer.x_embedder.in_features}")
+    p_drop = _check_probability("p_drop", p_drop)
+    low, high = guidance_range
+    if not 0 < low < high:
+        raise ValueError(f"guidance_range must be (low, high) with 0 < low < high, got {guidance_range!r}")
+    if t_sampling not in ("logit_normal", "uniform"):
+        raise ValueError(f"t_sampling must be 'logit_normal' or 'uniform', got {t_sampling!r}")
+    if train_head_only:
+        transformer.requires_grad_(False)
+        transformer.x_embedder.requires_grad_(True)
+        transformer.proj_out.requires_grad_(True)
+    params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("transformer has no trainable parameters")
+    transformer.eval()  # no dropout in FLUX; frozen norms/embeddings behave as at inference
+    device = next(iter(params.values())).device
+    img_ids = latent_image_ids(h, w_, patch_size, device=device)
+    txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=device)
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(n, (batch_size,), generator=generator)
+        x0 = pack_latents(latents[idx].float(), patch_size)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = _sample_t(batch_size, generator, t_sampling)
+        w = sample_guidance(batch_size, generator, low, high)
+        text, pooled, _ = drop_text(encoder_hidden_states[idx], pooled_projections[idx],
+                                    null_encoder_hidden_states, null_pooled_projections, p_drop, generator)
+        return align_head_loss(transformer, x0.to(device), text.to(device), pooled.to(device), img_ids, txt_ids,
+                               t.to(device), noise.to(device), w.to(device), null_encoder_hidden_states.to(device),
+                               null_pooled_projections.to(device))
+
+    meta = dict(stage="align_head", p_drop=p_drop, t_sampling=t_sampling, guidance_range=[float(low), float(high)])
+    return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                  progress=progress, meta=meta, desc="align head")
+
+
+# ----------------------------------------------------------------------------------------------- shared loop
+_CKPT = re.compile(r"^step-(\d{8})$")
+_WEIGHTS, _STATE = "trainable.safetensors", "state.pt"
+
+
+def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
+    """The complete checkpoint (``step-XXXXXXXX`` folder) with the highest step in `checkpoint_dir`, or None."""
+    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
+        return None
+    best = None
+    for name in os.listdir(checkpoint_dir):
+        m = _CKPT.match(name)
+        path = os.path.join(checkpoint_dir, name)
+        if m and os.path.isfile(os.path.join(path, _WEIGHTS)) and os.path.isfile(os.path.join(path, _STATE)):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), path)
+    return best[1] if best else None
+
+
+def _save_checkpoint(checkpoint_dir: str, step: int, params: Dict[str, nn.Parameter], optimizer, generator,
+                     history, meta) -> None:
+    from safetensors.torch import save_file
+
+    final = os.path.join(checkpoint_dir, f"step-{step:08d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({n: p.detach().cpu().contiguous().clone() for n, p in params.items()}, os.path.join(tmp, _WEIGHTS))
+    state = dict(step=step, history=list(history), meta=meta, optimizer=optimizer.state_dict(),
+                 generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    torch.save(state, os.path.join(tmp, _STATE))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # a crash mid-save leaves only a .tmp folder, which latest_checkpoint ignores
+
+
+def _load_checkpoint(path: str, params: Dict[str, nn.Parameter], optimizer, generator, meta) -> Tuple[int, list]:
+    from safetensors.torch import load_file
+
+    state = torch.load(os.path.join(path, _STATE), weights_only=True)
+    if state["meta"] != meta:
+        raise ValueError(f"checkpoint {path} was written by a run with different settings: {state['meta']} vs "
+                         f"{meta}; use another checkpoint_dir or resume=False")
+    weights = load_file(os.path.join(path, _WEIGHTS))
+    if set(weights) != set(params):
+        raise ValueError(f"checkpoint {path} holds parameters {sorted(set(weights) ^ set(params))[:5]} that do not "
+                         "match the trainable parameters of this run")
+    with torch.no_grad():
+        for n, p in params.items():
+            if weights[n].shape != p.shape:
+                raise ValueError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, the model "
+                                 f"{tuple(p.shape)}")
+            p.copy_(weights[n])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], list(state["history"])
+
+
+def _train(params: Dict[str, nn.Parameter], loss_fn: Callable[[torch.Generator], torch.Tensor], *, steps: int,
+           lr: float, batch_size: int, seed: int, checkpoint_dir: Optional[str], checkpoint_every: int,
+           resume: bool, progress: bool, meta: dict, desc: str) -> dict:
+    """AdamW over `params` for `steps` steps of `loss_fn(generator)`, with checkpoint / exact resume."""
+    steps = _check_positive_int("steps", steps)
+    lr = _check_positive_float("lr", lr)
+    _check_positive_int("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    checkpoint_every = _check_non_negative_int("checkpoint_every", checkpoint_every)
+    if checkpoint_every and not checkpoint_dir:
+        raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
+    meta = dict(meta, lr=lr, batch_size=batch_size, seed=seed, params=sorted(params))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr)
+    start, history = 0, []
+    path = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
+    if path is not None:
+        start, history = _load_checkpoint(path, params, optimizer, generator, meta)
+        if start > steps:
+            raise ValueError(f"checkpoint {path} is at step {start}, past steps={steps}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress)
+    for step in range(start + 1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(generator)
+        if not torch.isfinite(loss):
+            bar.close()
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]:.4g}")
+        if checkpoint_dir and ((checkpoint_every and step % checkpoint_every == 0) or step == steps):
+            _save_checkpoint(checkpoint_dir, step, params, optimizer, generator, history, meta)
+    bar.close()
+    return dict(history=history)
+
+
+# ----------------------------------------------------------------------------------------------- stage 3
+_FLUX_LORA = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+              r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
+              r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
+_SANA_LORA = (r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.(conv_inverted|conv_point))")
+
+
+def lora_target_modules(transformer: nn.Module) -> str:
+    """peft ``target_modules`` regex (full-match on module names) for the blocks' attention and MLP layers.
+
+    FLUX: double blocks' to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out, ff / ff_context linears; single blocks'
+    to_q/k/v, proj_mlp, proj_out. SANA: self / cross attention projections and the GLUMBConv 1x1 convs. The
+    model-level ``proj_out`` head and the embedder are never matched (they are trained fully).
+    """
+    return _FLUX_LORA if _family(transformer) == "flux" else _SANA_LORA
+
+
+def add_lora(transformer: nn.Module, rank: int = 256, alpha: float = 256, adapter_name: str = "default"
+             ) -> nn.Module:
+    """Stage 3: add a peft LoRA (rank `rank`, lora_alpha `alpha`) to the blocks, in place; returns the model.
+
+    Uses diffusers' ``PeftAdapterMixin.add_adapter``, so the model stays a plain diffusers model. Afterwards
+    only the LoRA weights, the embedder (``x_embedder`` / ``patch_embed``) and the ``proj_out`` head are
+    trainable. peft initialises LoRA B to zero, so the model's output is unchanged until trained.
+    """
+    from peft import LoraConfig
+
+    family = _family(transformer)
+    rank = _check_positive_int("rank", rank)
+    alpha = _check_positive_float("alpha", alpha)
+    if getattr(transformer, "_hf_peft_config_loaded", False):
+        raise ValueError("transformer already has adapters; merge_lora it first")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_target_modules(transformer),
+                        init_lora_weights=True)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    embedder = transformer.x_embedder if family == "flux" else transformer.patch_embed
+    embedder.requires_grad_(True)
+    transformer.proj_out.requires_grad_(True)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    return transformer
+
+
+def merge_lora(transformer: nn.Module) -> nn.Module:
+    """Fold the LoRA adapters into the base weights and remove them (diffusers fuse_lora + unload_lora)."""
+    _family(transformer)
+    if not getattr(transformer, "_hf_peft_config_loaded", False):
+        raise ValueError("transformer has no LoRA adapters to merge")
+    transformer.fuse_lora(lora_scale=1.0)
+    transformer.unload_lora()
+    return transformer
