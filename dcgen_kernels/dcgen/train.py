@@ -140,6 +140,12 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
     ``x_embedder`` style: a Linear on packed patches). Each step draws `batch_size` image indices (with
     replacement) from a generator seeded with `seed`; AdamW with learning rate `lr`. The teacher is frozen
     (requires_grad False, eval). Returns ``dict(history=[loss per step])``; the student is trained in place.
+
+    Checkpoints (shared with `align_head`): with a ``checkpoint_dir``, every ``checkpoint_every`` steps and at
+    the last step ``checkpoint_dir/step-XXXXXXXX/`` gets ``trainable.safetensors`` (the trained parameters) and
+    ``state.pt`` (step, loss history, AdamW state, data-generator and torch RNG states, run settings). With
+    ``resume=True`` a call continues from the latest one and reproduces the uninterrupted run bit for bit; a
+    checkpoint written with other settings (lr, seed, batch_size, mode, parameter names) is refused.
     """
     _check_tensor("teacher_latents", teacher_latents, 4)
     _check_tensor("student_latents", student_latents, 4)

@@ -1,0 +1,300 @@
+"""DC-Gen training stages (dcgen_kernels.dcgen.train): losses, alignment, guidance distillation, LoRA, resume."""
+
+import copy
+
+import pytest
+import torch
+
+from dcgen_kernels.dcgen import convert, latent_image_ids, pack_latents
+from dcgen_kernels.dcgen import train as T
+
+from .helpers import rel_l2, tiny_sana
+
+
+def flux_p2(guidance=True, head_dim=32, heads=2):
+    """Tiny guidance-distilled FLUX on base-AE tokens (16 channels packed 2x2 -> 64 features)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    third = head_dim // 8 * 2
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance,
+        axes_dims_rope=(head_dim - 2 * third, third, third),
+    )
+    return model.eval()
+
+
+def text_data(n, tokens=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, tokens, 32, generator=g), torch.randn(n, 16, generator=g),
+            torch.randn(tokens, 32, generator=g), torch.randn(16, generator=g))
+
+
+# ----------------------------------------------------------------------------------------------- (b) loss values
+def test_embedding_alignment_loss_hand_computed():
+    teacher = torch.arange(8.0).reshape(1, 8, 1)  # 2x4 grid [[0,1,2,3],[4,5,6,7]], row-major
+    student = torch.tensor([0.0, 10.0]).reshape(1, 2, 1)  # 1x2 grid
+    # pool: blocks {0,1,4,5} -> 2.5, {2,3,6,7} -> 4.5: ((0-2.5)^2 + (10-4.5)^2) / 2
+    assert T.embedding_alignment_loss(student, teacher, (1, 2), (2, 4), "pool").item() == pytest.approx(18.25)
+    # upsample: [[0,0,10,10],[0,0,10,10]] vs teacher: (0+1+64+49+16+25+16+9) / 8
+    assert T.embedding_alignment_loss(student, teacher, (1, 2), (2, 4), "upsample").item() == pytest.approx(22.5)
+    # hidden dimension kept apart; equal grids -> plain MSE
+    a, b = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    for mode in ("pool", "upsample"):
+        torch.testing.assert_close(T.embedding_alignment_loss(a, b, (2, 3), (2, 3), mode), ((a - b) ** 2).mean())
+
+
+# ----------------------------------------------------------------------------------------------- (a) alignment
+def test_align_embedding_learns_tiny_flux():
+    g = torch.Generator().manual_seed(0)
+    n_train, n_test = 64, 16
+    z = torch.randn(n_train + n_test, 16, 4, 4, generator=g)
+    base = z.repeat_interleave(2, 2).repeat_interleave(2, 3) + 0.02 * torch.randn(n_train + n_test, 16, 8, 8,
+                                                                                 generator=g)
+    mix = torch.randn(32, 16, generator=g) / 4  # fixed "DC-AE": 4x4-pooled base latents, mixed to 32 channels
+    dcae = torch.einsum("oc,nchw->nohw", mix, torch.nn.functional.avg_pool2d(base, 4))  # (N, 32, 2, 2)
+
+    model = flux_p2()
+    teacher = copy.deepcopy(model.x_embedder)
+    convert(model, latent_channels=32, patch_size=1)
+    student = model.x_embedder
+
+    def held_out():
+        with torch.no_grad():
+            t = teacher(pack_latents(base[n_train:], 2))
+            s = student(pack_latents(dcae[n_train:], 1))
+            return T.embedding_alignment_loss(s, t, (2, 2), (4, 4)).item()
+
+    before = held_out()
+    out = T.align_embedding(teacher, student, base[:n_train], dcae[:n_train], teacher_patch_size=2,
+                            student_patch_size=1, steps=100, lr=1e-2, batch_size=16, seed=0, progress=False)
+    after = held_out()
+    assert len(out["history"]) == 100
+    assert after <= before / 5, (before, after)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+# ----------------------------------------------------------------------------------------------- (c) guidance
+def test_flow_matching_and_guidance_closed_form():
+    x0, noise = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0)
+    x_t, target = T.flow_matching_pair(x0, noise, torch.tensor([0.0, 0.25]))
+    torch.testing.assert_close(x_t[0], x0[0])
+    torch.testing.assert_close(x_t[1], torch.full((3, 4), 0.75 * 2 - 0.25))
+    torch.testing.assert_close(target, torch.full((2, 3, 4), -3.0))
+
+    v_u, v_g = torch.ones(2, 3), torch.full((2, 3), 3.0)
+    v = T.guidance_distilled_velocity(v_g, v_u, torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(v[0], v_g[0])  # w = 1: the guided prediction itself
+    torch.testing.assert_close(v[1], torch.full((3,), 2.0))  # (3 - (1 - 2) * 1) / 2
+    torch.testing.assert_close(T.guidance_distilled_velocity(v_g, v_u, 4.0), torch.full((2, 3), 1.5))
+
+    w = T.sample_guidance(5000, torch.Generator().manual_seed(0))
+    assert w.min() >= 1 and w.max() <= 14 and abs(w.mean().item() - 7.5) < 0.2
+
+
+def test_align_head_loss_matches_manual_and_unguided_has_no_grad():
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    text, pooled, null_text, null_pooled = text_data(2)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
+    t, w = torch.tensor([0.3, 0.8]), torch.tensor([2.0, 9.0])
+    img_ids, txt_ids = latent_image_ids(4, 4), torch.zeros(5, 3)
+
+    calls = []
+    hook = model.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((torch.is_grad_enabled(), kwargs["guidance"].clone(),
+                                                   kwargs["encoder_hidden_states"].clone(), out[0].requires_grad)),
+        with_kwargs=True)
+    loss = T.align_head_loss(model, x0, text, pooled, img_ids, txt_ids, t, noise, w, null_text, null_pooled)
+    hook.remove()
+    assert [(c[0], c[3]) for c in calls] == [(True, True), (False, False)]  # v_g with grad, v_u without
+    torch.testing.assert_close(calls[0][1], w)
+    torch.testing.assert_close(calls[1][1], torch.ones(2))
+    torch.testing.assert_close(calls[1][2], null_text.expand(2, -1, -1))
+
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    kw = dict(hidden_states=x_t, timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+    with torch.no_grad():
+        v_g = model(encoder_hidden_states=text, pooled_projections=pooled, guidance=w, **kw)[0]
+        v_u = model(encoder_hidden_states=null_text.expand(2, -1, -1), pooled_projections=null_pooled.expand(2, -1),
+                    guidance=torch.ones(2), **kw)[0]
+    v_hat = (v_g - (1 - w[:, None, None]) * v_u) / w[:, None, None]
+    torch.testing.assert_close(loss.detach(), ((v_hat - (noise - x0)) ** 2).mean())
+
+
+def test_align_head_trains_only_embedder_and_head():
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    text, pooled, null_text, null_pooled = text_data(4)
+    latents = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = T.align_head(model, latents, text, pooled, null_text, null_pooled, steps=2, lr=1e-3, batch_size=2,
+                       seed=0, progress=False)
+    assert len(out["history"]) == 2 and all(torch.isfinite(torch.tensor(out["history"])))
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (n.startswith("x_embedder.") or n.startswith("proj_out.")), n
+
+
+# ----------------------------------------------------------------------------------------------- (d) text dropout
+def test_drop_text_rate_and_rows():
+    n = 10_000
+    text, pooled = torch.randn(n, 2, 3), torch.randn(n, 4)
+    null_text, null_pooled = torch.randn(2, 3), torch.randn(4)
+    out_text, out_pooled, dropped = T.drop_text(text, pooled, null_text, null_pooled, p=0.1,
+                                                generator=torch.Generator().manual_seed(0))
+    frac = dropped.float().mean().item()
+    assert abs(frac - 0.1) <= 4 * (0.1 * 0.9 / n) ** 0.5, frac
+    assert torch.equal(out_text[dropped], null_text.expand(int(dropped.sum()), -1, -1))
+    assert torch.equal(out_pooled[dropped], null_pooled.expand(int(dropped.sum()), -1))
+    assert torch.equal(out_text[~dropped], text[~dropped]) and torch.equal(out_pooled[~dropped], pooled[~dropped])
+    t0, _, d0 = T.drop_text(text[:5], pooled[:5], null_text[None], null_pooled[None], p=0.0)
+    assert not d0.any() and torch.equal(t0, text[:5])
+
+
+# ----------------------------------------------------------------------------------------------- (e) LoRA
+def test_lora_targets_and_merge_matches_unmerged():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    T.add_lora(model, rank=4, alpha=8)
+    lora = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert "proj_out" not in lora and "x_embedder" not in lora
+    assert {"single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.proj_mlp",
+            "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff_context.net.2",
+            "transformer_blocks.0.attn.to_out.0"} <= lora
+    assert not any("norm" in n for n in lora) and len(lora) == 12 + 5
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"x_embedder.weight", "proj_out.weight", "proj_out.bias"} <= trainable
+    assert all("lora_" in n or n.startswith(("x_embedder.", "proj_out.")) for n in trainable)
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(n) % 1000))
+    text, pooled, _, _ = text_data(1)
+    inputs = dict(hidden_states=torch.randn(1, 16, 8), encoder_hidden_states=text, pooled_projections=pooled,
+                  timestep=torch.tensor([0.4]), guidance=torch.tensor([3.5]), img_ids=latent_image_ids(4, 4),
+                  txt_ids=torch.zeros(5, 3), return_dict=False)
+    with torch.no_grad():
+        unmerged = model(**inputs)[0]
+        model.disable_adapters()
+        base = model(**inputs)[0]
+        model.enable_adapters()
+    assert rel_l2(unmerged, base) > 1e-3  # the adapters do something
+    T.merge_lora(model)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert type(model.single_transformer_blocks[0].proj_out) is torch.nn.Linear
+    with torch.no_grad():
+        merged = model(**inputs)[0]
+    assert rel_l2(merged, unmerged) < 1e-5
+
+
+def test_lora_sana_targets():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = tiny_sana()
+    T.add_lora(model, rank=2, alpha=2)
+    lora = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert "proj_out" not in lora and "transformer_blocks.0.ff.conv_point" in lora
+    assert "transformer_blocks.1.attn2.to_out.0" in lora
+
+
+# ----------------------------------------------------------------------------------------------- (f) resume
+def _embedding_run(tmp, steps, every, start_model=None):
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(64, 24), torch.nn.Linear(32, 24)
+    g = torch.Generator().manual_seed(5)
+    base, dc = torch.randn(10, 16, 8, 8, generator=g), torch.randn(10, 32, 2, 2, generator=g)
+    out = T.align_embedding(teacher, student, base, dc, teacher_patch_size=2, student_patch_size=1, steps=steps,
+                            lr=1e-2, batch_size=3, seed=7, checkpoint_dir=tmp, checkpoint_every=every,
+                            progress=False)
+    return student, out["history"]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full, hist_full = _embedding_run(str(tmp_path / "a"), 6, 0)
+    _, hist_half = _embedding_run(str(tmp_path / "b"), 3, 3)
+    assert T.latest_checkpoint(str(tmp_path / "b")).endswith("step-00000003")
+    resumed, hist_resumed = _embedding_run(str(tmp_path / "b"), 6, 3)
+    assert hist_resumed == hist_full and hist_half == hist_full[:3]
+    for (n, p), (_, q) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), n
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "b" / "step-00000006" / "trainable.safetensors"))
+    assert torch.equal(saved["weight"], full.weight)
+
+
+def test_resume_align_head(tmp_path):
+    def run(d, steps):
+        model = flux_p2()
+        torch.manual_seed(1)
+        convert(model, latent_channels=8, patch_size=1)
+        text, pooled, null_text, null_pooled = text_data(4)
+        latents = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+        out = T.align_head(model, latents, text, pooled, null_text, null_pooled, steps=steps, lr=1e-3,
+                           batch_size=2, seed=0, checkpoint_dir=d, checkpoint_every=1, progress=False)
+        return model, out["history"]
+
+    full, h_full = run(str(tmp_path / "a"), 3)
+    run(str(tmp_path / "b"), 2)
+    resumed, h_res = run(str(tmp_path / "b"), 3)
+    assert h_res == h_full
+    assert torch.equal(full.proj_out.weight, resumed.proj_out.weight)
+    assert torch.equal(full.x_embedder.weight, resumed.x_embedder.weight)
+
+
+# ----------------------------------------------------------------------------------------------- (g) errors
+def test_bad_arguments(tmp_path):
+    s, t = torch.randn(1, 6, 4), torch.randn(1, 16, 4)
+    with pytest.raises(ValueError, match="integer multiple"):
+        T.embedding_alignment_loss(s, t, (2, 3), (4, 4))
+    with pytest.raises(ValueError, match="tokens"):
+        T.embedding_alignment_loss(s, t, (2, 2), (4, 4))
+    with pytest.raises(ValueError, match="mode"):
+        T.embedding_alignment_loss(torch.randn(1, 4, 4), t, (2, 2), (4, 4), mode="bilinear")
+    with pytest.raises(TypeError, match="student_grid"):
+        T.embedding_alignment_loss(torch.randn(1, 4, 4), t, 2, (4, 4))
+    lin = torch.nn.Linear(64, 8), torch.nn.Linear(32, 8)
+    kw = dict(teacher_patch_size=2, student_patch_size=1, lr=1e-3, batch_size=2, seed=0, progress=False)
+    with pytest.raises(ValueError, match="same images"):
+        T.align_embedding(*lin, torch.randn(3, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=1, **kw)
+    with pytest.raises(ValueError, match="integer multiple"):
+        T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 3, 3), steps=1, **kw)
+    with pytest.raises(ValueError, match="steps"):
+        T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=0, **kw)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=1, checkpoint_every=1,
+                          **kw)
+    d = str(tmp_path)
+    T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=2, checkpoint_dir=d, **kw)
+    with pytest.raises(ValueError, match="different settings"):
+        T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=3, checkpoint_dir=d,
+                          **dict(kw, lr=1e-2))
+    with pytest.raises(ValueError, match="past steps"):
+        T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=1, checkpoint_dir=d, **kw)
+    with pytest.raises(ValueError, match="probability"):
+        T.drop_text(torch.randn(2, 3, 4), torch.randn(2, 5), torch.randn(3, 4), torch.randn(5), p=1.5)
+    with pytest.raises(ValueError, match="null_text"):
+        T.drop_text(torch.randn(2, 3, 4), torch.randn(2, 5), torch.randn(2, 4), torch.randn(5))
+    with pytest.raises(ValueError, match="non-zero"):
+        T.guidance_distilled_velocity(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="same shape"):
+        T.flow_matching_pair(torch.ones(2, 3), torch.ones(2, 4), torch.tensor(0.5))
+    with pytest.raises(TypeError, match="FluxTransformer2DModel"):
+        T.align_head(tiny_sana(), torch.randn(1, 8, 4, 4), torch.randn(1, 2, 24), torch.randn(1, 4),
+                     torch.randn(2, 24), torch.randn(4), steps=1, lr=1e-3, batch_size=1, seed=0)
+    model = flux_p2()
+    with pytest.raises(ValueError, match="x_embedder takes 64"):
+        T.align_head(model, torch.randn(1, 8, 4, 4), *text_data(1), steps=1, lr=1e-3, batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="no LoRA"):
+        T.merge_lora(model)
+    T.add_lora(model, rank=2, alpha=2)
+    with pytest.raises(ValueError, match="already has adapters"):
+        T.add_lora(model, rank=2, alpha=2)
+    with pytest.raises(ValueError, match="rank"):
+        T.add_lora(flux_p2(), rank=0)
