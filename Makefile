@@ -5,7 +5,7 @@
 # On a GPU machine keep your CUDA torch:  make test TORCH_PINS=
 PYTHON ?= python3
 TORCH_PINS ?= torch==2.13.0 triton==3.8.0 numpy<2.4
-DEPS = diffusers==0.42.1 peft==0.21.2 cuda-python pybind11>=2.12 ninja pytest pytest-benchmark
+DEPS = diffusers==0.42.1 peft==0.21.2 scikit-image==0.26.0 cuda-python pybind11>=2.12 ninja pytest pytest-benchmark
 STAMP = .installed-$(shell $(PYTHON) -c "import sys; print('%d%d' % sys.version_info[:2])")
 
 .PHONY: install bench test gpu-wheels clean

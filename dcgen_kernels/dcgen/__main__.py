@@ -1,0 +1,293 @@
+"""DC-Gen command line: ``python -m dcgen_kernels.dcgen <command> ...`` (FLUX), a thin layer over the library.
+
+    encode           images (folder or scikit-image samples) -> base-AE and DC-AE latents in one safetensors cache
+    align-embedding  stage 1: convert a copy of a base FLUX, align its new embedder to the base one, save it
+    align-head       stage 2: train embedder + output head of a converted FLUX (flow matching, guidance distilled)
+    lora             stage 3: LoRA on the blocks + embedder/head; saves the model and its adapter (unmerged)
+    merge            fold the adapter saved by `lora` into the weights, save a plain diffusers model
+
+Every model path is a local directory written by ``save_pretrained`` (nothing downloads). Text conditioning for
+align-head / lora comes from ``--text-embeds file.safetensors`` with ``encoder_hidden_states`` (N or 1, L, D),
+``pooled_projections`` (N or 1, P), ``null_encoder_hidden_states`` (L, D) and ``null_pooled_projections`` (P,),
+one row per cached image (or one row for all); ``--random-text`` draws random embeddings instead, for smoke tests
+only. Bad arguments, missing files and invalid inputs exit with code 2 and a message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+LORA_SUBDIR = "lora"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: ...`` and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 itself; raise instead so main(argv) returns 2 in-process
+        self.print_usage(sys.stderr)
+        raise CLIError(message)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _flux_cls():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel
+
+
+def _load_flux(path: str):
+    from .data import load_local_model
+
+    return load_local_model(_flux_cls(), path)
+
+
+def _patch_size(features: int, channels: int, what: str) -> int:
+    p = math.isqrt(features // channels) if features % channels == 0 else 0
+    if p == 0 or channels * p * p != features:
+        raise CLIError(f"{what}: the model's embedder takes {features} features, which is not {channels} latent "
+                       f"channels times a square patch")
+    return p
+
+
+def _load_text(args, n: int, transformer):
+    """(encoder_hidden_states (N, L, D), pooled (N, P), null (L, D), null_pooled (P,)) from the arguments."""
+    cfg = transformer.config
+    if args.random_text:
+        print("WARNING: --random-text: random text embeddings, for smoke tests only; the result is not a usable "
+              "text-to-image model", file=sys.stderr)
+        g = torch.Generator().manual_seed(args.seed)
+        d, pdim, length = cfg.joint_attention_dim, cfg.pooled_projection_dim, args.random_text_tokens
+        return (torch.randn(n, length, d, generator=g), torch.randn(n, pdim, generator=g),
+                torch.randn(length, d, generator=g), torch.randn(pdim, generator=g))
+    from safetensors.torch import load_file
+
+    path = args.text_embeds
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text embeddings file {path!r} does not exist")
+    tensors = load_file(path)
+    keys = ("encoder_hidden_states", "pooled_projections", "null_encoder_hidden_states", "null_pooled_projections")
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise CLIError(f"text embeddings file {path!r} lacks {missing}; it needs {', '.join(keys)}")
+    text, pooled, null_text, null_pooled = (tensors[k].float() for k in keys)
+    if text.dim() != 3 or pooled.dim() != 2:
+        raise CLIError(f"{path}: encoder_hidden_states must be (N, L, D) and pooled_projections (N, P), got "
+                       f"{tuple(text.shape)} and {tuple(pooled.shape)}")
+    if text.shape[2] != cfg.joint_attention_dim or pooled.shape[1] != cfg.pooled_projection_dim:
+        raise CLIError(f"{path}: embedding sizes {text.shape[2]} / {pooled.shape[1]} do not match the model's "
+                       f"joint_attention_dim {cfg.joint_attention_dim} / pooled_projection_dim "
+                       f"{cfg.pooled_projection_dim}")
+    for name, t in (("encoder_hidden_states", text), ("pooled_projections", pooled)):
+        if t.shape[0] not in (1, n):
+            raise CLIError(f"{path}: {name} has {t.shape[0]} rows, the cache holds {n} images (need {n} or 1)")
+    text = text.expand(n, -1, -1) if text.shape[0] == 1 else text
+    pooled = pooled.expand(n, -1) if pooled.shape[0] == 1 else pooled
+    return text.contiguous(), pooled.contiguous(), null_text.reshape(text.shape[1:]), null_pooled.reshape(-1)
+
+
+def _summary(name: str, history: List[float], out: str) -> None:
+    first, last = history[0], history[-1]
+    print(f"{name}: {len(history)} steps, loss {first:.4g} -> {last:.4g}; saved to {out}")
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def cmd_encode(args) -> None:
+    from diffusers import AutoencoderDC, AutoencoderKL
+
+    from .data import (
+        encode_latents,
+        images_to_tensor,
+        load_image_folder,
+        load_local_model,
+        sample_images,
+    )
+
+    if args.sample_images:
+        images = images_to_tensor(sample_images(), args.size)
+        source = "scikit-image samples"
+    else:
+        images = load_image_folder(args.images, args.size)
+        source = os.path.abspath(args.images)
+    base_ae = load_local_model(AutoencoderKL, args.base_ae)
+    dc_ae = load_local_model(AutoencoderDC, args.dc_ae)
+    base = encode_latents(images, base_ae, args.batch_size)
+    dc = encode_latents(images, dc_ae, args.batch_size)
+    from .data import save_latent_cache
+
+    meta = dict(source=source, size=args.size, count=int(images.shape[0]), base_ae=os.path.abspath(args.base_ae),
+                dc_ae=os.path.abspath(args.dc_ae))
+    save_latent_cache(args.out, base, dc, meta)
+    print(f"encode: {images.shape[0]} images ({source}) at {args.size}px -> base latents {tuple(base.shape)}, "
+          f"DC latents {tuple(dc.shape)}; saved to {args.out}")
+
+
+def cmd_align_embedding(args) -> None:
+    import copy
+
+    from . import align_embedding, convert
+    from .data import load_latent_cache
+
+    base_lat, dc_lat, _ = load_latent_cache(args.cache)
+    channels = args.latent_channels if args.latent_channels is not None else dc_lat.shape[1]
+    if channels != dc_lat.shape[1]:
+        raise CLIError(f"--latent-channels {channels} does not match the cache's DC latents ({dc_lat.shape[1]} "
+                       f"channels)")
+    student = _load_flux(args.transformer)
+    teacher_p = _patch_size(student.x_embedder.in_features, base_lat.shape[1], "base model")
+    # only the base embedder is kept as the teacher (not a second copy of the whole model); the loaded model is
+    # converted in place and becomes the student
+    teacher_embedder = copy.deepcopy(student.x_embedder)
+    convert(student, channels, args.patch_size)
+    result = align_embedding(teacher_embedder, student.x_embedder, base_lat, dc_lat,
+                             teacher_patch_size=teacher_p, student_patch_size=args.patch_size, steps=args.steps,
+                             lr=args.lr, batch_size=args.batch_size, seed=args.seed, mode=args.mode,
+                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                             progress=not args.quiet)
+    student.requires_grad_(True)
+    student.save_pretrained(args.out)
+    _summary("align-embedding", result["history"], args.out)
+
+
+def _head_or_lora(args, lora: bool) -> None:
+    from . import add_lora, align_head
+    from .data import load_latent_cache
+
+    _, dc_lat, _ = load_latent_cache(args.cache)
+    transformer = _load_flux(args.transformer)
+    p = _patch_size(transformer.x_embedder.in_features, dc_lat.shape[1], "converted model")
+    if args.patch_size is not None and args.patch_size != p:
+        raise CLIError(f"--patch-size {args.patch_size} does not match the model ({p} for {dc_lat.shape[1]} "
+                       f"latent channels)")
+    text, pooled, null_text, null_pooled = _load_text(args, dc_lat.shape[0], transformer)
+    if lora:
+        add_lora(transformer, rank=args.rank, alpha=args.alpha)
+    result = align_head(transformer, dc_lat, text, pooled, null_text, null_pooled, patch_size=p, steps=args.steps,
+                        lr=args.lr, batch_size=args.batch_size, seed=args.seed, p_drop=args.p_drop,
+                        train_head_only=not lora, checkpoint_dir=args.checkpoint_dir,
+                        checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    if lora:  # adapter in out/lora, base weights (with the trained embedder / head) in out; `merge` joins them
+        transformer.save_lora_adapter(os.path.join(args.out, LORA_SUBDIR), weight_name=LORA_WEIGHTS)
+        transformer.unload_lora()
+    transformer.requires_grad_(True)
+    transformer.save_pretrained(args.out)
+    label = ("lora" if lora else "align-head") + (" (random text, smoke test only)" if args.random_text else "")
+    _summary(label, result["history"], args.out)
+
+
+def cmd_align_head(args) -> None:
+    _head_or_lora(args, lora=False)
+
+
+def cmd_lora(args) -> None:
+    _head_or_lora(args, lora=True)
+
+
+def cmd_merge(args) -> None:
+    from . import merge_lora
+
+    adapter = os.path.join(args.transformer, LORA_SUBDIR)
+    if not os.path.isfile(os.path.join(adapter, LORA_WEIGHTS)):
+        raise FileNotFoundError(f"{args.transformer!r} has no {LORA_SUBDIR}/{LORA_WEIGHTS} adapter; pass the output "
+                                f"directory of the `lora` command")
+    transformer = _load_flux(args.transformer)
+    transformer.load_lora_adapter(adapter, weight_name=LORA_WEIGHTS, prefix=None, adapter_name="default",
+                                  use_safetensors=True)
+    merge_lora(transformer)
+    transformer.save_pretrained(args.out)
+    print(f"merge: LoRA from {adapter} folded into the weights; saved to {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def _add_training(p, default_lr: float) -> None:
+    p.add_argument("--cache", required=True, help="latent cache written by `encode`")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=default_lr)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=None, help="periodic checkpoints; a rerun resumes from the latest")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (save_pretrained)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_text(p) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text-embeds", help="safetensors with encoder_hidden_states, pooled_projections, "
+                                         "null_encoder_hidden_states, null_pooled_projections")
+    g.add_argument("--random-text", action="store_true", help="random text embeddings (SMOKE TESTS ONLY)")
+    p.add_argument("--random-text-tokens", type=int, default=8)
+    p.add_argument("--p-drop", type=float, default=0.1, help="probability of replacing a prompt by the null one")
+    p.add_argument("--patch-size", type=int, default=None, help="checked against the model if given")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m dcgen_kernels.dcgen", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("encode", help="encode images with the base AE and the DC-AE into a latent cache")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images")
+    src.add_argument("--sample-images", action="store_true", help="scikit-image's bundled sample images")
+    p.add_argument("--base-ae", required=True, help="local AutoencoderKL directory (e.g. FLUX vae/)")
+    p.add_argument("--dc-ae", required=True, help="local AutoencoderDC directory")
+    p.add_argument("--size", type=int, required=True, help="square image side in pixels")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="cache file (.safetensors)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("align-embedding", help="stage 1: convert a base FLUX and align the new embedder")
+    p.add_argument("--transformer", required=True, help="local base FluxTransformer2DModel directory")
+    p.add_argument("--latent-channels", type=int, default=None, help="DC-AE latent channels (default: cache's)")
+    p.add_argument("--patch-size", type=int, default=1)
+    p.add_argument("--mode", choices=("pool", "upsample"), default="pool")
+    _add_training(p, 1e-3)
+    p.set_defaults(func=cmd_align_embedding)
+
+    p = sub.add_parser("align-head", help="stage 2: train embedder + output head of a converted FLUX")
+    p.add_argument("--transformer", required=True, help="local converted FLUX directory (align-embedding output)")
+    _add_text(p)
+    _add_training(p, 1e-4)
+    p.set_defaults(func=cmd_align_head)
+
+    p = sub.add_parser("lora", help="stage 3: LoRA on the blocks plus embedder / head")
+    p.add_argument("--transformer", required=True, help="local converted FLUX directory (align-head output)")
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--alpha", type=float, default=256.0)
+    _add_text(p)
+    _add_training(p, 1e-4)
+    p.set_defaults(func=cmd_lora)
+
+    p = sub.add_parser("merge", help="fold the LoRA saved by `lora` into the weights")
+    p.add_argument("--transformer", required=True, help="output directory of the `lora` command")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad arguments / missing files / invalid inputs)."""
+    from .data import DataError
+
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except (CLIError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as e:  # the library's argument checks (steps, lr, shapes, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""DC-Gen CLI end to end on tiny models (CPU): encode -> align-embedding -> align-head -> lora -> merge."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dcgen_kernels.dcgen import data
+from dcgen_kernels.dcgen.__main__ import main
+
+
+def _tiny_kl():
+    """AutoencoderKL with FLUX's latent layout: 16 channels, 8x down (4 blocks = 3 downsamples)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=4,
+                         layers_per_block=1, mid_block_add_attention=False, sample_size=64,
+                         scaling_factor=0.3611, shift_factor=0.1159).eval()
+
+
+def _tiny_dc():
+    """AutoencoderDC, 5 ResBlock stages = 16x down, 8 latent channels: 64 px -> (8, 4, 4)."""
+    from diffusers import AutoencoderDC
+
+    blocks = ("ResBlock",) * 5
+    return AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types=blocks,
+                         decoder_block_types=blocks, encoder_block_out_channels=(8, 8, 8, 16, 16),
+                         decoder_block_out_channels=(8, 8, 8, 16, 16), encoder_layers_per_block=(1,) * 5,
+                         decoder_layers_per_block=(1,) * 5, encoder_qkv_multiscales=((),) * 5,
+                         decoder_qkv_multiscales=((),) * 5, scaling_factor=0.5).eval()
+
+
+def _tiny_base_flux():
+    """Base FLUX layout: 16-channel latents packed 2x2 -> in_channels 64; guidance-distilled."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, build in (("kl", _tiny_kl), ("dc", _tiny_dc), ("flux", _tiny_base_flux)):
+        paths[name] = str(root / name)
+        build().save_pretrained(paths[name])
+    return paths
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_end_to_end(models, tmp_path, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    cache = str(tmp_path / "cache.safetensors")
+    code, out, err = _run(["encode", "--sample-images", "--base-ae", models["kl"], "--dc-ae", models["dc"],
+                           "--size", "64", "--batch-size", "3", "--out", cache], capsys)
+    assert code == 0, err
+    assert "encode:" in out
+    base, dc, meta = data.load_latent_cache(cache)
+    n = len(data.sample_images())
+    assert base.shape == (n, 16, 8, 8) and dc.shape == (n, 8, 4, 4) and meta["count"] == n
+
+    stage1 = str(tmp_path / "stage1")
+    code, out, err = _run(["align-embedding", "--transformer", models["flux"], "--cache", cache,
+                           "--latent-channels", "8", "--patch-size", "1", "--steps", "30", "--lr", "3e-2",
+                           "--batch-size", "4", "--seed", "0", "--checkpoint-dir", str(tmp_path / "ck1"),
+                           "--checkpoint-every", "10", "--out", stage1, "--quiet"], capsys)
+    assert code == 0, err
+    first, last = (float(v) for v in out.split("loss ")[1].split(";")[0].split(" -> "))
+    assert last < 0.5 * first, out
+    converted = FluxTransformer2DModel.from_pretrained(stage1)
+    assert converted.x_embedder.in_features == 8 and converted.proj_out.out_features == 8
+    base_model = FluxTransformer2DModel.from_pretrained(models["flux"])
+    torch.testing.assert_close(converted.transformer_blocks[0].attn.to_q.weight,
+                               base_model.transformer_blocks[0].attn.to_q.weight, rtol=0, atol=0)
+    assert os.path.isdir(tmp_path / "ck1" / "step-00000030")
+
+    stage2 = str(tmp_path / "stage2")
+    code, out, err = _run(["align-head", "--transformer", stage1, "--cache", cache, "--random-text", "--steps", "2",
+                           "--lr", "1e-3", "--batch-size", "2", "--out", stage2, "--quiet"], capsys)
+    assert code == 0, err
+    assert "random text" in out and "smoke" in err
+    head = FluxTransformer2DModel.from_pretrained(stage2)
+    assert not torch.equal(head.proj_out.weight, converted.proj_out.weight)
+    torch.testing.assert_close(head.transformer_blocks[0].ff.net[2].weight,
+                               converted.transformer_blocks[0].ff.net[2].weight, rtol=0, atol=0)
+
+    # text embeddings from a file (one shared row) work as well
+    from safetensors.torch import save_file
+
+    text = str(tmp_path / "text.safetensors")
+    save_file(dict(encoder_hidden_states=torch.randn(1, 5, 32), pooled_projections=torch.randn(1, 16),
+                   null_encoder_hidden_states=torch.zeros(5, 32), null_pooled_projections=torch.zeros(16)), text)
+    stage3 = str(tmp_path / "stage3")
+    code, out, err = _run(["lora", "--transformer", stage2, "--cache", cache, "--text-embeds", text, "--rank", "4",
+                           "--alpha", "8", "--steps", "2", "--lr", "1e-2", "--batch-size", "2", "--out", stage3,
+                           "--quiet"], capsys)
+    assert code == 0, err
+    assert os.path.isdir(os.path.join(stage3, "lora"))
+
+    merged_dir = str(tmp_path / "merged")
+    code, out, err = _run(["merge", "--transformer", stage3, "--out", merged_dir], capsys)
+    assert code == 0, err
+    merged = FluxTransformer2DModel.from_pretrained(merged_dir).eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    # merged == unmerged base + adapter, and the trained LoRA changed the blocks
+    unmerged = FluxTransformer2DModel.from_pretrained(stage3).eval()
+    before = unmerged.transformer_blocks[0].attn.to_q.weight.clone()
+    unmerged.load_lora_adapter(os.path.join(stage3, "lora"), weight_name="pytorch_lora_weights.safetensors",
+                               prefix=None)
+    inputs = dict(hidden_states=torch.randn(1, 16, 8), encoder_hidden_states=torch.randn(1, 5, 32),
+                  pooled_projections=torch.randn(1, 16), timestep=torch.tensor([0.5]),
+                  img_ids=data_ids(4), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.0]), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs)[0], unmerged(**inputs)[0], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(merged.transformer_blocks[0].attn.to_q.weight, before)
+    # the merge applies the trained scale alpha / rank (= 8 / 4), read back from the adapter's metadata
+    from safetensors.torch import load_file
+
+    lora = load_file(os.path.join(stage3, "lora", "pytorch_lora_weights.safetensors"))
+    a = next(v for k, v in lora.items() if k.startswith("transformer_blocks.0.attn.to_q.lora_A"))
+    b = next(v for k, v in lora.items() if k.startswith("transformer_blocks.0.attn.to_q.lora_B"))
+    torch.testing.assert_close(merged.transformer_blocks[0].attn.to_q.weight - before, 2.0 * b @ a,
+                               rtol=1e-4, atol=1e-6)
+
+
+def data_ids(grid):
+    from dcgen_kernels.dcgen import latent_image_ids
+
+    return latent_image_ids(grid, grid, 1)
+
+
+def test_missing_local_model_names_path(models, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-vae")
+    code, _, err = _run(["encode", "--sample-images", "--base-ae", missing, "--dc-ae", models["dc"], "--size", "64",
+                         "--out", str(tmp_path / "c.safetensors")], capsys)
+    assert code == 2 and missing in err and "save_pretrained" in err
+    with pytest.raises(FileNotFoundError, match="no-such-vae"):
+        data.load_local_model(type(_tiny_kl()), missing)
+
+
+def test_empty_or_bad_image_folder(models, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(["encode", "--images", str(empty), "--base-ae", models["kl"], "--dc-ae", models["dc"],
+                         "--size", "64", "--out", str(tmp_path / "c.safetensors")], capsys)
+    assert code == 2 and "no image files" in err and str(empty) in err
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_image_folder(str(tmp_path / "missing"), 32)
+    (empty / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(data.DataError, match="broken.png"):
+        data.load_image_folder(str(empty), 32)
+
+
+def test_image_folder_and_sample_images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 60), 255, np.uint8)).save(folder / "gray.png")  # gray -> RGB
+    Image.fromarray(np.zeros((50, 30, 4), np.uint8)).save(folder / "rgba.png")  # RGBA -> RGB
+    x = data.load_image_folder(str(folder), 16)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(x[0], torch.ones(3, 16, 16)) and torch.allclose(x[1], -torch.ones(3, 16, 16))
+    images = data.sample_images()
+    assert len(images) >= 5 and all(im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3 for im in images)
+    assert data.sample_images(["coffee"])[0].shape == (400, 600, 3)
+
+
+def test_encode_latents_scaling():
+    torch.manual_seed(0)
+    kl, dc = _tiny_kl(), _tiny_dc()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = kl.encode(x).latent_dist.mean
+        zdc = dc.encode(x).latent
+    torch.testing.assert_close(data.encode_latents(x, kl, 1), (z - 0.1159) * 0.3611)
+    torch.testing.assert_close(data.encode_latents(x, dc, 1), zdc * 0.5)
+
+
+def test_cache_round_trip(tmp_path):
+    base, dc = torch.randn(3, 16, 8, 8), torch.randn(3, 8, 4, 4)
+    path = str(tmp_path / "sub" / "cache.safetensors")
+    data.save_latent_cache(path, base, dc, dict(size=64, source="x"))
+    b2, d2, meta = data.load_latent_cache(path)
+    assert torch.equal(b2, base) and torch.equal(d2, dc) and meta == dict(size=64, source="x")
+    with pytest.raises(FileNotFoundError, match="encode"):
+        data.load_latent_cache(str(tmp_path / "nope.safetensors"))
+
+
+def test_bad_arguments_exit_2(models, tmp_path, capsys):
+    code, _, err = _run(["align-head", "--transformer", models["flux"], "--cache", "x"], capsys)  # no text / out
+    assert code == 2 and "error" in err
+    code, _, err = _run(["merge", "--transformer", models["flux"], "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "lora/" in err
+    code, _, err = _run(["frobnicate"], capsys)
+    assert code == 2
