@@ -14,6 +14,23 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def assert_patch_keeps_gradients(model, inputs) -> None:
+    """DC-Gen fine-tunes through patched models: every parameter gradient must equal the stock one."""
+    import dcgen_kernels
+
+    def grads():
+        model.zero_grad()
+        model(**inputs)[0].square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads()
+    dcgen_kernels.patch(model, backend="reference")
+    got = grads()
+    assert got.keys() == expected.keys()
+    for n in expected:  # some gradients are exactly zero in theory (e.g. a key bias under softmax): absolute floor
+        assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-7, n
+
+
 def rope_tables(seq_len: int, head_dim: int, device="cpu"):
     """FLUX RoPE tables for a (txt zeros + square image grid) sequence, as FluxPosEmbed builds them."""
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
