@@ -17,10 +17,9 @@ import dataclasses
 
 import torch
 
-import dcgen_kernels
 
-from .common import (ANCHOR_LABEL, build_module, error_record, free_device_memory, measure_patched,
-                     noise_floor_tolerance, reference_noise_floor)
+from .common import (ANCHOR_LABEL, build_module, error_record, free_device_memory,
+                     noise_floor_tolerance, record_patched_variants, reference_noise_floor)
 from .timing import time_ms
 
 DECODE_TOL = 2e-2
@@ -109,14 +108,8 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
                     rec["stock"][ANCHOR_LABEL] = anchor
                 rec["noise_floor"] = reference_noise_floor(model, decode, stock_out)
                 tolerance = noise_floor_tolerance(rec["noise_floor"], DECODE_TOL)
-                try:
-                    rec["patched"] = measure_patched(model, decode, device, spec.warmup, spec.iters, stock_out,
-                                                     tolerance)
-                    if "ms" in rec["patched"]:
-                        rec["patched"]["speedup_vs_stock"] = rec["stock"]["ms"] / rec["patched"]["ms"]
-                except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
-                    rec["patched"] = error_record(err)
-                rec["unpatched_after"] = not dcgen_kernels.is_patched(model)
+                record_patched_variants(rec, model, decode, device, spec.warmup, spec.iters, stock_out, tolerance,
+                                        variants=(("patched", "auto"),))
         except Exception as err:  # noqa: BLE001
             rec.update(error_record(err))
         finally:

@@ -12,10 +12,9 @@ import dataclasses
 
 import torch
 
-import dcgen_kernels
 
-from .common import (ANCHOR_LABEL, REL_L2_TOL, error_record, flux_ids, measure_patched, noise_floor_tolerance,
-                     reference_noise_floor)
+from .common import (ANCHOR_LABEL, REL_L2_TOL, error_record, flux_ids, noise_floor_tolerance,
+                     record_patched_variants, reference_noise_floor)
 from .timing import time_ms
 
 FLUX_DEV_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -93,15 +92,7 @@ def run(device: torch.device, tiny: bool, anchors: dict) -> dict:
                         result["noise_floor"] = {"image_tokens": image_tokens,
                                                  **reference_noise_floor(model, step, stock_out)}
                     tolerance = noise_floor_tolerance(result["noise_floor"], REL_L2_TOL)
-                    # "patched" is what users get (backend auto); "patched_triton" forces the Triton kernels.
-                    for name, backend in (("patched", "auto"), ("patched_triton", "triton")):
-                        try:
-                            rec[name] = measure_patched(model, step, device, warmup, iters, stock_out, tolerance,
-                                                        backend)
-                            rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
-                        except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
-                            rec[name] = error_record(err)
-                    rec["unpatched_after"] = not dcgen_kernels.is_patched(model)
+                    record_patched_variants(rec, model, step, device, warmup, iters, stock_out, tolerance)
             except Exception as err:  # noqa: BLE001
                 rec.update(error_record(err))
             if device.type == "cuda":

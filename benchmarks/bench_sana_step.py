@@ -24,10 +24,9 @@ import dataclasses
 
 import torch
 
-import dcgen_kernels
 
-from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory, measure_patched,
-                     noise_floor_tolerance, reference_noise_floor, rel_l2)
+from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory,
+                     noise_floor_tolerance, record_patched_variants, reference_noise_floor, rel_l2)
 from .timing import time_ms, wall_s
 
 STEP_TOL = 2e-2
@@ -118,15 +117,7 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
                     rec["stock"][ANCHOR_LABEL] = anchors[shape.anchor_key]
                 rec["noise_floor"] = reference_noise_floor(model, step, stock_out)
                 tolerance = noise_floor_tolerance(rec["noise_floor"], STEP_TOL)
-                for name, backend in (("patched", "auto"), ("patched_triton", "triton")):
-                    try:
-                        rec[name] = measure_patched(model, step, device, shape.warmup, shape.iters, stock_out, tolerance,
-                                             backend)
-                        if "ms" in rec[name]:
-                            rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
-                    except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
-                        rec[name] = error_record(err)
-                rec["unpatched_after"] = not dcgen_kernels.is_patched(model)
+                record_patched_variants(rec, model, step, device, shape.warmup, shape.iters, stock_out, tolerance)
         except Exception as err:  # noqa: BLE001
             rec.update(error_record(err))
         finally:

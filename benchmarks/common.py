@@ -174,6 +174,26 @@ def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device,
         dcgen_kernels.unpatch(model)
 
 
+PATCHED_VARIANTS = (("patched", "auto"), ("patched_triton", "triton"))  # what users get; Triton forced
+
+
+def record_patched_variants(rec: dict, model, fn: Callable[[], torch.Tensor], device: torch.device, warmup: int,
+                            iters: int, stock_out: torch.Tensor, tolerance: float,
+                            variants=PATCHED_VARIANTS) -> None:
+    """rec[name] = measure_patched(...) with its speed-up over rec["stock"], per (name, backend); an error in one
+    variant is recorded and the others still run. Then records that the model was left unpatched."""
+    import dcgen_kernels
+
+    for name, backend in variants:
+        try:
+            rec[name] = measure_patched(model, fn, device, warmup, iters, stock_out, tolerance, backend)
+            if "ms" in rec[name]:
+                rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
+        except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay
+            rec[name] = error_record(err)
+    rec["unpatched_after"] = not dcgen_kernels.is_patched(model)
+
+
 def reference_noise_floor(model, fn: Callable[[], torch.Tensor], stock_out: torch.Tensor) -> dict:
     """rel-L2 of the model patched with the fp32 reference backend vs stock: the bf16 noise of the stock path
     itself, grown through every block. A fused kernel may deviate about as much (2x allowed) without being wrong."""

@@ -46,7 +46,8 @@ def test_patch_replaces_every_flux_attention_and_reports_it():
     report = dcgen_kernels.patch_report(model)
     assert dcgen_kernels.is_patched(model)
     replaced = {name: cls for name, _, cls in report.replaced}
-    assert replaced == {"transformer_blocks.0.attn": "FluxAttnProcessor", "transformer_blocks.0.norm1": "AdaLayerNormZero",
+    assert replaced == {"transformer_blocks.0.attn": "FluxAttnProcessor",
+                        "transformer_blocks.0.norm1": "AdaLayerNormZero",
                         "transformer_blocks.0.norm1_context": "AdaLayerNormZero",
                         "single_transformer_blocks.0.attn": "FluxAttnProcessor",
                         "single_transformer_blocks.0.norm": "AdaLayerNormZeroSingle",

@@ -39,7 +39,8 @@ def _classes() -> Optional[dict]:
         return None
     return dict(Attention=Attention, SanaLinearAttnProcessor2_0=SanaLinearAttnProcessor2_0,
                 SanaModulatedNorm=SanaModulatedNorm,
-                SanaAttnProcessor2_0=SanaAttnProcessor2_0, SanaMultiscaleAttnProcessor2_0=SanaMultiscaleAttnProcessor2_0,
+                SanaAttnProcessor2_0=SanaAttnProcessor2_0,
+                SanaMultiscaleAttnProcessor2_0=SanaMultiscaleAttnProcessor2_0,
                 SanaMultiscaleLinearAttention=SanaMultiscaleLinearAttention, GLUMBConv=GLUMBConv,
                 SanaTransformerBlock=SanaTransformerBlock)
 
