@@ -5,7 +5,8 @@
 # On a GPU machine keep your CUDA torch:  make test TORCH_PINS=
 PYTHON ?= python3
 TORCH_PINS ?= torch==2.13.0 triton==3.8.0 numpy<2.4
-DEPS = diffusers==0.42.1 peft==0.21.2 scikit-image==0.26.0 cuda-python pybind11>=2.12 ninja pytest pytest-benchmark
+DEPS = diffusers==0.42.1 peft==0.21.2 scikit-image==0.26.0 matplotlib==3.11.2 cuda-python pybind11>=2.12 ninja \
+	pytest pytest-benchmark
 STAMP = .installed-$(shell $(PYTHON) -c "import sys; print('%d%d' % sys.version_info[:2])")
 
 .PHONY: install bench test gpu-wheels clean
@@ -13,13 +14,14 @@ STAMP = .installed-$(shell $(PYTHON) -c "import sys; print('%d%d' % sys.version_
 install: $(STAMP)
 
 # Re-run the install only when the build inputs change (a plain `make test` then costs nothing extra).
-$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+$(STAMP): Makefile setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m pip install -q $(foreach p,$(TORCH_PINS) $(DEPS),"$(p)")
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# Results JSON, e2e table (-e2e.md) and chart (-e2e.png) under the git-ignored build/bench/.
 bench: install
-	$(PYTHON) -m benchmarks.run
+	$(PYTHON) -m benchmarks.run --out build/bench/results.json
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -211,3 +211,37 @@ def reference_noise_floor(model, fn: Callable[[], torch.Tensor], stock_out: torc
 
 def noise_floor_tolerance(floor: dict, minimum: float) -> float:
     return max(minimum, 2 * floor.get("rel_l2_reference_backend_vs_stock", 0.0))
+
+
+class ProgressBar:
+    """tqdm on a terminal's stderr when it is installed (it comes with diffusers' huggingface_hub), else one plain
+    stderr line per finished item."""
+
+    def __init__(self, total: int, desc: str):
+        import sys
+
+        self._stream, self._desc, self._done, self._total, self._item = sys.stderr, desc, 0, total, ""
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is None or not sys.stderr.isatty():  # a log file gets one line per item, not redraws
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def describe(self, item: str) -> None:
+        self._item = item
+        if self._bar is not None:
+            self._bar.set_postfix_str(item, refresh=True)
+
+    def update(self) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        else:
+            print(f"[{self._desc}] {self._done}/{self._total} {self._item}", file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

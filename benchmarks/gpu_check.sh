@@ -1,23 +1,46 @@
 #!/usr/bin/env bash
 # One command for a fresh H100/H200 (no network), from the repository root or anywhere:
-#     bash benchmarks/gpu_check.sh [--dry-run]
-# Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu ->
-# benchmark suite. Writes ${OUT:-benchmarks/results}/gpu_check-<gpu>-<date>.{json,log}, copied to
-# benchmarks/results/ too when $OUT is set. Whole run <= 8 min: every phase has a timeout, and the pytest
-# phase leaves the suite at least SUITE_RESERVE_S. A failing phase is recorded and the next one still runs;
-# the exit status is non-zero if any phase failed.
-# --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode; works without a GPU.
+#     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|e2e|all] [--quick]
+# Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu (kernels and
+# all only) -> benchmark suite (benchmarks/run.py --suite ...) -> perf-regression check against
+# benchmarks/results/baseline-<gpu>-<suite>.json, else baseline-<gpu>.json (benchmarks/compare.py; skipped with a
+# note when this GPU model has no baseline). Writes ${OUT:-benchmarks/results}/gpu_check-<gpu>-<date>.json and .log
+# (plus -e2e.md and -e2e.png for the e2e suite), copied to benchmarks/results/ too when $OUT is set.
+# Whole run <= 8 min: every phase has a timeout, the suite is told what is left (--budget-s) and records a section
+# that would not fit as skipped. A failing phase is recorded and the next one still runs; the exit status is
+# non-zero if any phase failed (a tracked metric regressing by more than 10% against the baseline fails its phase).
+# Suites, one call each:
+#   kernels (default)  pytest -m gpu, ceilings, op benchmarks, FLUX/SANA steps, DC-AE decode, SANA torch.compile
+#                      (~6-7 min on an H100).
+#   e2e                no pytest; per-image latency FLUX.1-Krea vs DC-Gen-FLUX and SANA-1.6B vs DC-Gen-SANA at
+#                      1K/2K/4K (stock, patched; torch.compile of the transformer where the budget allows, DC-Gen-FLUX
+#                      4K first), the RTX 5090 projection. Estimated from the H100 anchors: ~30 s install + build,
+#                      ~3 min eager (the 65536-token FLUX steps ~7 s each), ~3 min per FLUX compile.
+#   all                both, in that order; on a GPU the later sections are skipped when the budget runs out.
+# --quick: e2e at 1K only. --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode;
+# works without a GPU.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
 DRY_RUN=${DCGEN_DRY_RUN:-0}
-for arg in "$@"; do
-  case $arg in
+SUITE=kernels
+QUICK=0
+usage() { echo "usage: $0 [--dry-run] [--suite kernels|e2e|all] [--quick]" >&2; exit 2; }
+while (($#)); do
+  case $1 in
     --dry-run) DRY_RUN=1 ;;
-    *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+    --quick) QUICK=1 ;;
+    --suite)
+      (($# >= 2)) || usage
+      SUITE=$2
+      shift ;;
+    --suite=*) SUITE=${1#--suite=} ;;
+    *) usage ;;
   esac
+  shift
 done
+case $SUITE in kernels|e2e|all) ;; *) usage ;; esac
 
 PY=${PYTHON:-python3}
 BUDGET_S=480
@@ -72,7 +95,7 @@ phase() {  # phase NAME TIMEOUT_S [OK_RC] -- CMD...: run with a timeout, time an
 }
 
 main() {
-  echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); dry run: $DRY_RUN; results: $BASE.json"
+  echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); suite $SUITE, quick $QUICK, dry run $DRY_RUN; results: $BASE.json"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null \
     || echo "nvidia-smi: no GPU visible"
 
@@ -103,17 +126,34 @@ main() {
     record cmake_build "skipped (no CMakeLists.txt)" 0
   fi
 
-  local left=$((BUDGET_S - (EPOCHSECONDS - START) - SUITE_RESERVE_S))
-  phase pytest_gpu $((left > 60 ? (left < 180 ? left : 180) : 60)) -- \
-    "$PY" -m pytest -m gpu -q tests --junitxml="$JUNIT"
+  local left suite_args=(--out "$BASE.json" --phases "$PHASES" --suite "$SUITE")
+  if [[ $SUITE == e2e ]]; then
+    record pytest_gpu "skipped (suite e2e: the benchmark gets the whole call)" 0
+  else
+    left=$((BUDGET_S - (EPOCHSECONDS - START) - SUITE_RESERVE_S))
+    phase pytest_gpu $((left > 60 ? (left < 180 ? left : 180) : 60)) -- \
+      "$PY" -m pytest -m gpu -q tests --junitxml="$JUNIT"
+    suite_args+=(--pytest-junit "$JUNIT")
+  fi
 
-  local suite_args=(--out "$BASE.json" --pytest-junit "$JUNIT" --phases "$PHASES")
   if [[ $DRY_RUN == 1 ]]; then suite_args+=(--tiny); fi
+  if [[ $QUICK == 1 ]]; then suite_args+=(--quick); fi
   left=$((BUDGET_S - (EPOCHSECONDS - START) - 15))
   left=$((left > 120 ? left : 120))
   # The suite's own budget stops 20 s short of the phase timeout: room to write the table and JSON.
   suite_args+=(--budget-s $((left - 20)))
   phase suite "$left" -- "$PY" benchmarks/run.py "${suite_args[@]}"
+
+  # A baseline per GPU model, optionally per suite (baseline-<gpu>-<suite>.json first, then baseline-<gpu>.json).
+  local baseline=$RESULTS/baseline-$SLUG-$SUITE.json
+  [[ -f $baseline ]] || baseline=$RESULTS/baseline-$SLUG.json
+  if [[ ! -f $BASE.json ]]; then
+    record perf_regression_check "skipped (the suite wrote no JSON)" 0
+  elif [[ -f $baseline ]]; then
+    phase perf_regression_check 60 -- "$PY" benchmarks/compare.py "$baseline" "$BASE.json"
+  else
+    record perf_regression_check "skipped (no baseline for '$SLUG': copy a reviewed result JSON to $baseline)" 0
+  fi
 
   echo "gpu_check: total $((EPOCHSECONDS - START))s; results $BASE.json; log $BASE.log"
   if ((${#FAILED[@]})); then
@@ -126,7 +166,7 @@ main() {
 rc=0
 main 2>&1 | tee "$BASE.log" || rc=$?
 if [[ -n ${OUT:-} && $OUT_DIR != "$RESULTS" ]]; then
-  cp -f "$BASE.json" "$BASE.log" "$RESULTS"/ 2>/dev/null || true
+  cp -f "$BASE".* "$BASE"-e2e.* "$RESULTS"/ 2>/dev/null || true
 fi
 rm -rf "$WORK"
 exit "$rc"

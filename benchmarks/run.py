@@ -1,4 +1,4 @@
-"""dcgen_kernels benchmark suite: `python -m benchmarks.run [--tiny] [--out results.json]`.
+"""dcgen_kernels benchmark suite: `python -m benchmarks.run [--tiny] [--suite kernels|e2e|all] [--out results.json]`.
 
 With a CUDA GPU it runs at real sizes; without one (or with --tiny) it runs a tiny CPU configuration that only
 proves the code paths work: its timings are not meaningful.
@@ -32,8 +32,19 @@ How to read the numbers
   4096-token step faster than stock; the patched SANA step ≤ 0.5x stock eager and faster than torch.compile of
   stock at both shapes; sana_linear_attention ≥ 80% of the copy ceiling at 16384 tokens; the patched SANA 1.0
   DC-AE 4K decode faster than stock. A target counts only variants whose correctness check is ok.
+- e2e (bench_e2e.py): per-image latency = steps x transformer step + decode for FLUX.1-Krea (28 steps) vs
+  DC-Gen-FLUX (20) and SANA-1.6B vs DC-Gen-SANA (20) at 1K/2K/4K, stock / patched, beside the paper's H100 figures;
+  steps are medians of a few timed steps, extrapolated. e2e_compile adds torch.compile of the stock transformer
+  where the budget allows. The markdown table and a log-scale PNG chart are written beside --out
+  (<stem>-e2e.md, <stem>-e2e.png). --quick: 1K only.
+- projection (projection.py): RTX 5090 latency PROJECTED from op counts of the same configurations, datasheet peaks
+  and the efficiencies measured in this run (or the H100 anchors); never a measurement.
+- targets (e2e): DC-Gen-FLUX vs FLUX.1-Krea stock speed-up within +-20% of the paper's at each resolution; the
+  patched DC-Gen-FLUX 4K step faster than stock.
+- Suites: kernels (ops, model steps, decodes), e2e (ceilings, e2e, projection, e2e_compile), all (default); or
+  --sections a,b. A new section is one line in SECTIONS. compare.py diffs two of these JSONs (perf regressions).
 - --budget-s (gpu_check passes what is left of its 8 minutes): a section that would not fit is recorded as
-  skipped instead of being killed with the suite; the torch.compile section needs the most.
+  skipped instead of being killed with the suite; the torch.compile sections need the most.
 - problems: every section that raised (its "error" is in the JSON), every FAILED check, and failed GPU tests;
   the exit status is 1 when there are any.
 """
@@ -41,15 +52,19 @@ How to read the numbers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import importlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/run.py` puts benchmarks/ first, not the repository root
@@ -59,8 +74,10 @@ ANCHOR_FILE = REPO / "benchmarks" / "anchors" / "h100-2026-11-27.json"
 ATTENTION_GOAL_TFLOPS = 650
 SANA_STEP_MAX_FRACTION_OF_STOCK = 0.5
 LINEAR_ATTENTION_MIN_FRACTION_OF_COPY = 0.8
-# Seconds a section needs on an H100 at least (for --budget-s); sections not listed need little.
-SECTION_MIN_S = {"sana_ops": 45, "sana_step": 45, "dcae_decode": 40, "sana_step_compile": 120}
+E2E_PAPER_RATIO_TOLERANCE = 0.2  # ours / paper DC-Gen-FLUX speed-up within +-20%
+PATCH_EMBED_MIN_FRACTION_OF_GEMM = 0.9  # fused (un)packing + GEMM vs the bare GEMM on packed input
+FP8_LAYER_MIN_SPEEDUP = 1.4  # FP8 linear incl. activation quantization vs cuBLAS bf16
+FP8_STEP_MAX_FRACTION_OF_STOCK = 0.6
 TINY_NOTE = "tiny CPU mode, timings are not meaningful"
 
 
@@ -139,12 +156,23 @@ def _best_dcgen(variants: dict):
 
 
 def targets(report: dict, tiny: bool) -> list:
-    """The performance targets at the real sizes; in tiny mode listed but not evaluated."""
+    """The performance targets of the sections that ran, at the real sizes; in tiny mode listed, not evaluated."""
+    ran = set(report.get("sections", []))
+    out = flux_targets(report, ran) + sana_targets(report, ran) + dcgen_targets(report, ran)
+    if "e2e" in ran:
+        out += e2e_targets(report)
+    if tiny:
+        for t in out:
+            t.update({"pass": None, "detail": f"not evaluated: {TINY_NOTE}"})
+    return out
+
+
+def flux_targets(report: dict, ran: set) -> list:
     from benchmarks import bench_flux_attention, bench_flux_step
 
     att_cfg, step_key = bench_flux_attention.REAL, str(bench_flux_step.REAL.sizes[0][0])
     out = []
-    for image_tokens in att_cfg.image_tokens:
+    for image_tokens in att_cfg.image_tokens if "flux_attention" in ran else ():
         key = f"N={att_cfg.text_tokens + image_tokens}"
         variants = report.get("flux_attention", {}).get("sizes", {}).get(key, {}).get("variants", {})
         best, stock_ms = _best_dcgen(variants), variants.get("stock", {}).get("ms")
@@ -156,16 +184,73 @@ def targets(report: dict, tiny: bool) -> list:
         out += [_target(f"fused attention faster than stock at {key}", *speed),
                 _target(f"fused attention >= {ATTENTION_GOAL_TFLOPS} TFLOP/s at {key} (goal)", *tflops)]
 
-    size = report.get("flux_step", {}).get("sizes", {}).get(step_key, {})
-    stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
-    step = (False, f"no checked result (patched: {patched.get('error') or patched.get('check')})")
-    if stock_ms and "ms" in patched and patched.get("check") == "ok":
-        step = (patched["ms"] < stock_ms, f"patched {patched['ms']:.1f} ms vs stock {stock_ms:.1f} ms")
-    out.append(_target(f"FLUX step at {step_key} image tokens: patched faster than stock", *step))
-    out += sana_targets(report)
-    if tiny:
-        for t in out:
-            t.update({"pass": None, "detail": f"not evaluated: {TINY_NOTE}"})
+    if "flux_step" in ran:
+        size = report.get("flux_step", {}).get("sizes", {}).get(step_key, {})
+        stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
+        step = (False, f"no checked result (patched: {patched.get('error') or patched.get('check')})")
+        if stock_ms and "ms" in patched and patched.get("check") == "ok":
+            step = (patched["ms"] < stock_ms, f"patched {patched['ms']:.1f} ms vs stock {stock_ms:.1f} ms")
+        out.append(_target(f"FLUX step at {step_key} image tokens: patched faster than stock", *step))
+    return out
+
+
+def dcgen_targets(report: dict, ran: set) -> list:
+    """Issue 4: fused patch (un)embedding >= 0.9x the bare GEMM, forward and forward+backward. Issue 6: FP8 linear
+    incl. activation quantization >= 1.4x cuBLAS bf16 per FLUX layer; FLUX-12B step patched fp8 <= 0.6x stock."""
+    out = []
+    if "patch_embed" in ran:
+        summary = report.get("patch_embed", {}).get("summary", {})
+        for mode in ("fwd", "fwd_bwd"):
+            rec = summary.get(mode, {})
+            result = (False, "no checked result")
+            if rec.get("measured"):
+                result = (bool(rec.get("met")), f"worst {rec['worst_case']}: {rec['min_vs_gemm']:.2f}x the bare GEMM "
+                                                f"over {rec['measured']} cases")
+            out.append(_target(f"patch_embed/unembed {mode} >= {PATCH_EMBED_MIN_FRACTION_OF_GEMM}x bare GEMM",
+                               *result))
+    if "quant_linear" not in ran:
+        return out
+    quant = report.get("quant_linear", {})
+    for key, layer in quant.get("layers", {}).items():
+        rec = layer.get("fp8_with_quantize", {}) if isinstance(layer, dict) else {}
+        result = (False, f"no checked result ({_why_not(rec)})")
+        if _checked_ms(rec) and rec.get("speedup_vs_bf16"):
+            result = (rec["speedup_vs_bf16"] >= FP8_LAYER_MIN_SPEEDUP,
+                      f"{rec['ms']:.3f} ms = {rec['speedup_vs_bf16']:.2f}x bf16")
+        out.append(_target(f"FP8 linear incl. quantization >= {FP8_LAYER_MIN_SPEEDUP}x cuBLAS bf16 at {key}", *result))
+    step = quant.get("flux_step", {})
+    fp8 = step.get("patched_fp8", {})
+    result = (False, f"no checked result ({_why_not(fp8 or step)})")
+    if _checked_ms(fp8) and step.get("stock", {}).get("ms"):
+        result = (fp8["fraction_of_stock"] <= FP8_STEP_MAX_FRACTION_OF_STOCK,
+                  f"patched fp8 {fp8['ms']:.1f} ms = {fp8['fraction_of_stock']:.2f}x stock {step['stock']['ms']:.1f} ms")
+    out.append(_target(f"FLUX-12B step at {step.get('image_tokens')} image tokens: patched fp8 <= "
+                       f"{FP8_STEP_MAX_FRACTION_OF_STOCK}x stock", *result))
+    return out
+
+
+def e2e_targets(report: dict) -> list:
+    """DC-Gen-FLUX vs FLUX.1-Krea stock per-image speed-up within +-20% of the paper's, and the patched DC-Gen-FLUX
+    4K step faster than stock."""
+    out = []
+    speedups = report.get("e2e_summary", {}).get("speedups", {})
+    for res in report.get("e2e", {}).get("config", {}).get("resolutions", {}):
+        rec = speedups.get(f"DC-Gen-FLUX/{res}", {})
+        ours, paper = rec.get("speedup_vs_base", {}).get("stock"), rec.get("paper")
+        result = (False, "no stock per-image latency for both models")
+        if ours and paper:
+            ratio = ours / paper
+            result = (abs(ratio - 1) <= E2E_PAPER_RATIO_TOLERANCE,
+                      f"ours {ours:.1f}x vs paper {paper:.1f}x (ratio {ratio:.2f})")
+        out.append(_target(f"DC-Gen-FLUX vs FLUX.1-Krea at {res}: stock speed-up within "
+                           f"+-{E2E_PAPER_RATIO_TOLERANCE * 100:.0f}% of the paper's", *result))
+    if "4K" in report.get("e2e", {}).get("config", {}).get("resolutions", {}):
+        step = report.get("e2e", {}).get("steps", {}).get("DC-Gen-FLUX/4K", {})
+        stock_ms, patched_ms = step.get("stock", {}).get("ms"), _checked_ms(step.get("patched", {}))
+        result = (False, f"no checked patched result ({_why_not(step.get('patched') or step)})")
+        if stock_ms and patched_ms:
+            result = (patched_ms < stock_ms, f"patched {patched_ms:.1f} ms vs stock {stock_ms:.1f} ms")
+        out.append(_target("DC-Gen-FLUX 4K step: patched faster than stock", *result))
     return out
 
 
@@ -183,13 +268,13 @@ def _why_not(rec) -> str:
     return f"check {rec.get('check')}" if "check" in rec else "no time"
 
 
-def sana_targets(report: dict) -> list:
+def sana_targets(report: dict, ran: set) -> list:
     from benchmarks import bench_dcae_decode, bench_sana_ops, bench_sana_step
 
     out = []
     steps = report.get("sana_step", {}).get("sizes", {})
     compiled = report.get("sana_step_compile", {}).get("sizes", {})
-    for shape in bench_sana_step.REAL.shapes:
+    for shape in bench_sana_step.REAL.shapes if "sana_step" in ran else ():
         size = steps.get(shape.key, {})
         stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
         patched_ms = _checked_ms(patched)
@@ -207,18 +292,20 @@ def sana_targets(report: dict) -> list:
         out += [_target(f"SANA step {shape.key}: patched <= {SANA_STEP_MAX_FRACTION_OF_STOCK}x stock eager", *half),
                 _target(f"SANA step {shape.key}: patched faster than torch.compile of stock", *fast)]
 
-    n = bench_sana_ops.REAL.grids[-1] ** 2
-    variants = (report.get("sana_ops", {}).get("ops", {}).get("sana_linear_attention", {}).get("sizes", {})
-                .get(f"N={n}", {}).get("variants", {}))
-    best = _best_dcgen(variants)
-    frac = (False, "no checked dcgen result")
-    if best and best[1].get("frac_of_copy") is not None:
-        name, rec = best
-        frac = (rec["frac_of_copy"] >= LINEAR_ATTENTION_MIN_FRACTION_OF_COPY,
-                f"{name} {rec['GBps']:.0f} GB/s = {rec['frac_of_copy'] * 100:.0f}% of copy")
-    out.append(_target(f"sana_linear_attention >= {LINEAR_ATTENTION_MIN_FRACTION_OF_COPY * 100:.0f}% of the copy "
-                       f"ceiling at N={n}", *frac))
-
+    if "sana_ops" in ran:
+        n = bench_sana_ops.REAL.grids[-1] ** 2
+        variants = (report.get("sana_ops", {}).get("ops", {}).get("sana_linear_attention", {}).get("sizes", {})
+                    .get(f"N={n}", {}).get("variants", {}))
+        best = _best_dcgen(variants)
+        frac = (False, "no checked dcgen result")
+        if best and best[1].get("frac_of_copy") is not None:
+            name, rec = best
+            frac = (rec["frac_of_copy"] >= LINEAR_ATTENTION_MIN_FRACTION_OF_COPY,
+                    f"{name} {rec['GBps']:.0f} GB/s = {rec['frac_of_copy'] * 100:.0f}% of copy")
+        out.append(_target(f"sana_linear_attention >= {LINEAR_ATTENTION_MIN_FRACTION_OF_COPY * 100:.0f}% of the copy "
+                           f"ceiling at N={n}", *frac))
+    if "dcae_decode" not in ran:
+        return out
     key = bench_dcae_decode.REAL.models[0].key
     size = report.get("dcae_decode", {}).get("sizes", {}).get(key, {})
     stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
@@ -238,7 +325,8 @@ def problems(node, path="") -> list:
         if node.get("error"):
             found.append(f"{path}: {node['error']}")
         if node.get("check") == "FAILED":
-            found.append(f"{path}: rel-L2 {node.get('rel_l2_vs_stock')} > {node.get('tolerance')}")
+            rel_l2 = next((v for k, v in node.items() if k.startswith("rel_l2")), None)
+            found.append(f"{path}: rel-L2 {rel_l2} > {node.get('tolerance')}")
         if path == "/gpu_check/pytest" and (node.get("failures") or node.get("errors")):
             found.append(f"{path}: {node.get('failures')} failed, {node.get('errors')} errors")
         for key, value in node.items():
@@ -270,17 +358,127 @@ def table(report: dict) -> str:
     if report["mode"] != "gpu":
         lines.append(f"   {TINY_NOTE}")
 
+    ran = set(report.get("sections", []))
     ceil = report.get("ceilings", {})
     anchor = ceil.get(ANCHOR_LABEL, {})
     lines.append(f"{'ceilings':34}{'this run':>10}  {ANCHOR_LABEL}")
-    if "error" in ceil:
+    if "error" in ceil or "skipped" in ceil:
         lines.append(f"  {_status(ceil)}")
     else:
         lines.append(f"  {'device copy GB/s':32}{_fmt(ceil.get('copy_GBps'), '.0f', 10)}  "
                      f"{_fmt(anchor.get('copy_GBps'), '.0f', 10)}")
         lines.append(f"  {ceil.get('gemm_dtype')} GEMM {ceil.get('gemm_n')}^3 TFLOP/s".ljust(34)
                      + f"{_fmt(ceil.get('gemm_tflops'), '.1f', 10)}  {_fmt(anchor.get('gemm_tflops'), '.1f', 10)}")
+        lines.append(f"  {'fp8 GEMM TFLOP/s':32}{_fmt(ceil.get('fp8_gemm_tflops'), '.1f', 10)}  "
+                     f"{_fmt(anchor.get('fp8_gemm_tflops'), '.1f', 10)}")
+        lines.append(f"  {'attention TFLOP/s (' + str(ceil.get('attention_shape', '')).split(',')[0] + ')':32}"
+                     f"{_fmt(ceil.get('attention_tflops'), '.1f', 10)}")
+    lines += kernel_tables(report, ran)
+    lines += e2e_tables(report, ran)
+    for name in report.get("sections", []):  # sections without a table of their own: their outcome
+        if name not in TABLED_SECTIONS:
+            rec = report.get(name, {})
+            lines.append(f"{name}: {_status(rec) or 'results in the JSON'} ({_fmt(rec.get('section_s'), '.0f', 0)} s)")
 
+    pytest_counts = report.get("gpu_check", {}).get("pytest")
+    if pytest_counts:
+        lines.append("pytest -m gpu: " + (pytest_counts.get("error") or ", ".join(
+            f"{pytest_counts[k]} {k}" for k in ("passed", "failures", "errors", "skipped"))))
+    lines.append("targets")
+    for t in report.get("targets", []):
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
+        lines.append(f"  {mark}  {t['target']}: {t['detail']}")
+    found = report.get("problems", [])
+    lines.append(f"problems: {len(found)}" + "".join(f"\n  {p.splitlines()[0][:160]}" for p in found))
+    return "\n".join(lines)
+
+
+def e2e_tables(report: dict, ran: set) -> list:
+    from benchmarks import bench_e2e, projection
+
+    lines = []
+    if "e2e" in ran:
+        eager, summary = report.get("e2e", {}), report.get("e2e_summary", {})
+        if "images" in summary:
+            where = report.get("environment", {}).get("gpu") or f"CPU, {TINY_NOTE}"
+            lines += bench_e2e.markdown(summary, eager, where).rstrip("\n").splitlines()
+            for key in ("markdown", "chart", "chart_error"):
+                if key in summary:
+                    lines.append(f"e2e {key}: {summary[key]}")
+        else:
+            lines.append(f"e2e: {_status(eager) or _status(summary) or 'no result'}")
+        comp = report.get("e2e_compile", {})
+        for key, rec in comp.get("steps", {}).items():
+            status = _status(rec.get("torch_compile", {}))
+            if status:
+                lines.append(f"  torch_compile {key}: {status}")
+            elif "compile_s" in rec.get("torch_compile", {}):
+                lines.append(f"  torch_compile {key}: compile {rec['torch_compile']['compile_s']:.0f} s")
+        if _status(comp):
+            lines.append(f"  e2e_compile: {_status(comp)}")
+    if "projection" in ran:
+        proj = report.get("projection", {})
+        lines += projection.table_lines(proj) or [f"projection: {_status(proj) or 'no result'}"]
+    return lines
+
+
+def kernel_tables(report: dict, ran: set) -> list:
+    lines = []
+    if "flux_attention" in ran:
+        lines += flux_attention_table(report)
+    if "flux_step" in ran:
+        lines += flux_step_table(report)
+    return lines + sana_tables(report, ran) + dcgen_tables(report, ran)
+
+
+def dcgen_tables(report: dict, ran: set) -> list:
+    """patch_embed: each fused op vs the bare GEMM on packed input; quant_linear: per-layer and FLUX-step rows."""
+    lines = []
+    if "patch_embed" in ran:
+        lines.append(f"patch_embed (bf16; 'x GEMM' = bare GEMM ms / variant ms)\n  {'case':<26}{'mode':<9}"
+                     f"{'variant':<14}{'ms':>9}{'TFLOP/s':>9}{'x GEMM':>8}{'rel-L2':>9}{'check':>7}")
+        rec = report.get("patch_embed", {})
+        if _status(rec):
+            lines.append(f"  {_status(rec)}")
+        for shape, ops in rec.get("cases", {}).items():
+            for op, modes in ops.items():
+                for mode, case in modes.items():
+                    for name, v in case.get("variants", {}).items():
+                        row = f"  {shape + '/' + op:<26}{mode:<9}{name:<14}"
+                        lines.append(row + (_status(v) or f"{_fmt(v.get('ms'), '.3f', 9)}{_fmt(v.get('tflops'), '.0f', 9)}"
+                                            f"{_fmt(v.get('vs_gemm'), '.2f', 8)}"
+                                            f"{_fmt(v.get('rel_l2_vs_reference'), '.1e', 9)}{v.get('check', ''):>7}"))
+    if "quant_linear" in ran:
+        rec = report.get("quant_linear", {})
+        lines.append(f"quant_linear (per layer: 'x bf16' = cuBLAS bf16 ms / variant ms)\n  {'layer':<24}"
+                     f"{'variant':<20}{'ms':>9}{'TFLOP/s':>9}{'x bf16':>8}{'rel-L2':>9}{'check':>7}")
+        if _status(rec):
+            lines.append(f"  {_status(rec)}")
+        for key, layer in rec.get("layers", {}).items():
+            for name, v in layer.items():
+                if isinstance(v, dict):
+                    lines.append(f"  {key:<24}{name:<20}" + (_status(v) or (
+                        f"{_fmt(v.get('ms'), '.3f', 9)}{_fmt(v.get('tflops'), '.0f', 9)}"
+                        f"{_fmt(v.get('speedup_vs_bf16'), '.2f', 8)}{_fmt(v.get('rel_l2_vs_fp32_linear'), '.1e', 9)}"
+                        f"{v.get('check', ''):>7}")))
+        step = rec.get("flux_step", {})
+        lines.append(f"  FLUX-12B step, {step.get('image_tokens')} image tokens: {'variant':<14}{'ms':>9}"
+                     f"{'x stock':>9}{'weights GiB':>12}{'rel-L2':>9}{'check':>7}")
+        for name in ("stock", "patched", "patched_fp8", "patched_nvfp4"):
+            v = step.get(name)
+            if isinstance(v, dict):
+                frac = v.get("fraction_of_stock")
+                lines.append(f"  {'':<38}{name:<14}" + (_status(v) or (
+                    f"{_fmt(v.get('ms'), '.1f', 9)}{_fmt(1 / frac if frac else None, '.2f', 9)}"
+                    f"{_fmt(v.get('weight_bytes', 0) / 2**30, '.2f', 12)}{_fmt(v.get('rel_l2_vs_stock'), '.1e', 9)}"
+                    f"{v.get('check', ''):>7}")))
+    return lines
+
+
+def flux_attention_table(report: dict) -> list:
+    from benchmarks.common import ANCHOR_LABEL
+
+    lines = []
     att = report.get("flux_attention", {})
     cfg = att.get("config", {})
     lines.append(f"flux_attention B{cfg.get('B')} H{cfg.get('H')} D{cfg.get('D')} {cfg.get('dtype')}")
@@ -302,7 +500,13 @@ def table(report: dict) -> str:
                          f"{_fmt(frac * 100 if frac else None, '.0f', 7)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
                          f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
                          f"{_fmt(rec.get(ANCHOR_LABEL, {}).get('ms'), '.3f', 11)}")
+    return lines
 
+
+def flux_step_table(report: dict) -> list:
+    from benchmarks.common import ANCHOR_LABEL
+
+    lines = []
     step = report.get("flux_step", {})
     lines.append(f"flux_step ({step.get('config', {}).get('weights', 'not run')})")
     lines.append(f"  {'tokens':<8}{'variant':<14}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'anchor ms':>11}")
@@ -321,20 +525,7 @@ def table(report: dict) -> str:
                          row + f"{_fmt(rec['ms'], '.2f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
                          f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
                          f"{_fmt(rec.get(ANCHOR_LABEL), '.1f', 11)}")
-
-    lines += sana_tables(report)
-
-    pytest_counts = report.get("gpu_check", {}).get("pytest")
-    if pytest_counts:
-        lines.append("pytest -m gpu: " + (pytest_counts.get("error") or ", ".join(
-            f"{pytest_counts[k]} {k}" for k in ("passed", "failures", "errors", "skipped"))))
-    lines.append("targets")
-    for t in report.get("targets", []):
-        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
-        lines.append(f"  {mark}  {t['target']}: {t['detail']}")
-    found = report.get("problems", [])
-    lines.append(f"problems: {len(found)}" + "".join(f"\n  {p.splitlines()[0][:160]}" for p in found))
-    return "\n".join(lines)
+    return lines
 
 
 OP_LABELS = {"sana_linear_attention": "linear_attn", "sana_multiscale_linear_attention": "dcae_linear_attn",
@@ -356,9 +547,18 @@ def _step_row(key: str, name: str, rec: dict, width: int) -> str:
             f"{_fmt(rec.get('compile_s'), '.1f', 11)}{_fmt(anchor_ms, '.1f', 11)}")
 
 
-def sana_tables(report: dict) -> list:
-    from benchmarks.common import ANCHOR_LABEL
+def sana_tables(report: dict, ran: set) -> list:
+    lines = []
+    if "sana_ops" in ran:
+        lines += sana_ops_table(report)
+    if ran & {"sana_step", "sana_step_compile"}:
+        lines += sana_step_table(report)
+    if "dcae_decode" in ran:
+        lines += dcae_decode_table(report)
+    return lines
 
+
+def sana_ops_table(report: dict) -> list:
     lines = []
     ops = report.get("sana_ops", {})
     cfg = ops.get("config", {})
@@ -398,6 +598,11 @@ def sana_tables(report: dict) -> list:
                              f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}")
     lines += [f"  ({name} skipped in {count} rows, e.g. {why})" for name, (why, count) in skipped.items()]
 
+    return lines
+
+
+def sana_step_table(report: dict) -> list:
+    lines = []
     step, comp = report.get("sana_step", {}), report.get("sana_step_compile", {})
     model = step.get("config", {}).get("model", {})
     lines.append(f"sana_step {model.get('num_layers')} layers, {model.get('num_attention_heads')}x"
@@ -424,6 +629,13 @@ def sana_tables(report: dict) -> list:
         if floor is not None:
             lines.append(f"  {key:<14}(noise floor: fp32 reference backend vs stock rel-L2 {floor:.1e})")
 
+    return lines
+
+
+def dcae_decode_table(report: dict) -> list:
+    from benchmarks.common import ANCHOR_LABEL
+
+    lines = []
     dec = report.get("dcae_decode", {})
     lat = dec.get("config", {}).get("latent")
     lat = "x".join(map(str, lat)) if lat else "-"
@@ -447,17 +659,127 @@ def sana_tables(report: dict) -> list:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------- sections
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One part of the suite. fn(ctx, progress) -> dict; progress(partial) records and saves a partial result.
+    min_s: seconds it needs at least on a GPU; with --budget-s it is recorded as skipped when less is left."""
+    name: str
+    suites: tuple
+    fn: Callable
+    min_s: float = 0
+
+
+def _bench(module: str):
+    """Imported when its section runs, so a module that does not import fails only its own section."""
+    return importlib.import_module(f"benchmarks.{module}")
+
+
+def _ceilings(ctx, progress):
+    from benchmarks.common import ANCHOR_LABEL
+    from benchmarks.timing import measure_ceilings
+
+    rec = measure_ceilings(ctx.device)
+    anchor = ctx.anchors.get("ceilings") or {}
+    rec[ANCHOR_LABEL] = {"copy_GBps": anchor.get("copy_TBps", 0) * 1e3 or None,
+                         "gemm_tflops": anchor.get("bf16_gemm_tflops"),
+                         "fp8_gemm_tflops": anchor.get("fp8_gemm_tflops")}
+    return rec
+
+
+def _ceiling(ctx, key):
+    return ctx.report.get("ceilings", {}).get(key)
+
+
+# Kernel and model-step sections first, end-to-end after them, the slow torch.compile sections last (a budget that
+# runs out loses little). A new benchmark is one line here; its suites say which `--suite` runs it.
+SECTIONS = (
+    Section("ceilings", ("kernels", "dcgen", "e2e"), _ceilings),
+    Section("flux_attention", ("kernels",), lambda ctx, progress: _bench("bench_flux_attention").run(
+        ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"), ctx.anchors.get("attention_B1_H24_D128_bf16"))),
+    Section("flux_step", ("kernels",), lambda ctx, progress: _bench("bench_flux_step").run(
+        ctx.device, ctx.tiny, ctx.anchors.get("flux12b_step_ms_by_image_tokens"))),
+    Section("sana_ops", ("kernels",), lambda ctx, progress: _bench("bench_sana_ops").run(
+        ctx.device, ctx.tiny, _ceiling(ctx, "copy_GBps"), progress), min_s=45),
+    Section("sana_step", ("kernels",), lambda ctx, progress: _bench("bench_sana_step").run(
+        ctx.device, ctx.tiny, ctx.anchors.get("sana1600m_step_ms"), progress), min_s=45),
+    Section("dcae_decode", ("kernels",), lambda ctx, progress: _bench("bench_dcae_decode").run(
+        ctx.device, ctx.tiny, ctx.anchors.get("autoencoder_decode_ms"), progress), min_s=40),
+    Section("patch_embed", ("dcgen",), lambda ctx, progress: _bench("bench_patch_embed").run(
+        ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"), progress), min_s=30),
+    Section("quant_linear", ("dcgen",), lambda ctx, progress: _bench("bench_quant_linear").run(
+        ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"),
+        _ceiling(ctx, "fp8_gemm_tflops") or ctx.anchors.get("ceilings", {}).get("fp8_gemm_tflops"), progress),
+        min_s=45),
+    Section("e2e", ("e2e",), lambda ctx, progress: _bench("bench_e2e").run(
+        ctx.device, ctx.tiny, ctx.quick, progress, ctx.time_left), min_s=120),
+    Section("projection", ("e2e",), lambda ctx, progress: _bench("projection").run(
+        ctx.report, ctx.tiny, ctx.anchors, ctx.device), min_s=20),
+    Section("sana_step_compile", ("kernels",), lambda ctx, progress: _bench("bench_sana_step").run_compile(
+        ctx.device, ctx.tiny, ctx.report.get("sana_step"), ctx.anchors.get("sana1600m_step_ms_second_run"), progress,
+        ctx.time_left), min_s=120),
+    Section("e2e_compile", ("e2e",), lambda ctx, progress: _bench("bench_e2e").run_compile(
+        ctx.device, ctx.tiny, ctx.report.get("e2e"), progress, ctx.time_left), min_s=90),
+)
+SUITES = ("kernels", "dcgen", "e2e", "all")
+TABLED_SECTIONS = ("ceilings", "flux_attention", "flux_step", "sana_ops", "sana_step", "dcae_decode", "patch_embed",
+                   "quant_linear", "e2e", "projection", "sana_step_compile", "e2e_compile")
+DESCRIPTIVE = ("environment", "anchors", "gpu_check")  # records, not timed sections
+
+
+def select_sections(suite: str, names: str | None) -> list:
+    known = [s.name for s in SECTIONS]
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise SystemExit(f"--sections: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        return [s for s in SECTIONS if s.name in wanted]
+    return [s for s in SECTIONS if suite == "all" or suite in s.suites]
+
+
+def e2e_outputs(report: dict, out: str | None) -> dict:
+    """The e2e summary (per-image latency, speed-ups), its markdown table and PNG chart beside the JSON."""
+    from benchmarks import bench_e2e
+
+    eager = report.get("e2e")
+    if not isinstance(eager, dict) or "steps" not in eager:
+        return {}
+    summary = bench_e2e.summarize(eager, report.get("e2e_compile"))
+    env = report.get("environment", {})
+    where = env.get("gpu") or f"CPU, {TINY_NOTE}"
+    if out:
+        stem = Path(out).with_suffix("")
+        md = Path(f"{stem}-e2e.md")
+        md.write_text(bench_e2e.markdown(summary, eager, where))
+        summary["markdown"] = str(md)
+        try:
+            summary["chart"] = bench_e2e.write_chart(summary, f"{stem}-e2e.png", f"per-image latency, {where}",
+                                                     eager.get("config", {}).get("resolutions"))
+        except Exception as err:  # noqa: BLE001 - e.g. matplotlib missing: the numbers stay
+            summary["chart_error"] = f"{type(err).__name__}: {err}"
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="force the tiny CPU configuration")
-    parser.add_argument("--out", help="write the results JSON here (rewritten after every section)")
+    parser.add_argument("--out", help="write the results JSON here (rewritten after every section); the e2e "
+                        "table and chart go beside it as <stem>-e2e.md / <stem>-e2e.png")
+    parser.add_argument("--suite", choices=SUITES, default="all",
+                        help="kernels: op and model-step benchmarks; dcgen: patch-embedding ops and low-precision "
+                             "linears; e2e: per-image latency, RTX 5090 projection; all (default): every section")
+    parser.add_argument("--sections", help="comma-separated section names instead of a suite: "
+                        + ", ".join(s.name for s in SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="e2e at 1K only")
     parser.add_argument("--pytest-junit", help="junit XML of the GPU test run, to record its counts")
     parser.add_argument("--phases", help="TSV of gpu_check.sh phases (name, status, seconds), to record")
     parser.add_argument("--budget-s", type=float, help="seconds this run may take (GPU mode): a section that would "
                         "not fit in what is left is recorded as skipped")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    selected = select_sections(args.suite, args.sections)
 
     import torch
 
@@ -469,12 +791,10 @@ def main(argv=None) -> int:
         print(f"{'--tiny' if args.tiny else 'no CUDA GPU'}: {TINY_NOTE}", flush=True)
     device = torch.device("cuda" if gpu else "cpu")
 
-    from benchmarks import (bench_dcae_decode, bench_flux_attention, bench_flux_step, bench_sana_ops,
-                            bench_sana_step)
-    from benchmarks.common import ANCHOR_LABEL, error_record
-    from benchmarks.timing import measure_ceilings
+    from benchmarks.common import error_record
 
-    report = {"schema": "dcgen_kernels-benchmarks/1", "mode": "gpu" if gpu else "tiny-cpu"}
+    report = {"schema": "dcgen_kernels-benchmarks/1", "mode": "gpu" if gpu else "tiny-cpu",
+              "sections": [s.name for s in selected]}
 
     def save():
         if args.out:
@@ -484,13 +804,15 @@ def main(argv=None) -> int:
     def time_left():
         return None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
 
-    def section(name, fn, progressive=False):
-        """progressive: fn takes a callback that records (and saves) its partial result after each size."""
+    ctx = types.SimpleNamespace(device=device, tiny=not gpu, quick=args.quick, report=report, time_left=time_left,
+                                anchors={})
+
+    def record(name, fn, min_s=0):
         left = time_left()
-        if gpu and left is not None and left < SECTION_MIN_S.get(name, 0):
+        if gpu and left is not None and left < min_s:
             print(f"[run] {name} skipped: {left:.0f} s left of --budget-s", flush=True)
             report[name] = {"skipped": f"{left:.0f} s left of the {args.budget_s:.0f} s budget, "
-                                       f"this section needs about {SECTION_MIN_S[name]} s"}
+                                       f"this section needs about {min_s:.0f} s"}
             save()
             return report[name]
         print(f"[run] {name} ...", flush=True)
@@ -501,39 +823,26 @@ def main(argv=None) -> int:
             save()
 
         try:
-            report[name] = fn(progress) if progressive else fn()
+            report[name] = fn(progress)
         except Exception as err:  # noqa: BLE001 - recorded; the suite goes on
             report[name] = error_record(err)
-        if isinstance(report[name], dict) and name not in ("environment", "anchors", "gpu_check"):
+        if isinstance(report[name], dict) and name not in DESCRIPTIVE:
             report[name]["section_s"] = time.monotonic() - t0
         save()
         return report[name]
 
-    section("environment", lambda: environment(device))
-    anchors = section("anchors", load_anchors)
+    record("environment", lambda progress: environment(device))
+    ctx.anchors = record("anchors", lambda progress: load_anchors())
     if args.pytest_junit or args.phases:
-        section("gpu_check", lambda: gpu_check_record(args.pytest_junit, args.phases))
-
-    def ceilings():
-        rec = measure_ceilings(device)
-        anchor = anchors.get("ceilings") or {}
-        rec[ANCHOR_LABEL] = {"copy_GBps": anchor.get("copy_TBps", 0) * 1e3 or None,
-                             "gemm_tflops": anchor.get("bf16_gemm_tflops")}
-        return rec
-
-    gemm_tflops = section("ceilings", ceilings).get("gemm_tflops")
-    section("flux_attention", lambda: bench_flux_attention.run(
-        device, not gpu, gemm_tflops, anchors.get("attention_B1_H24_D128_bf16")))
-    section("flux_step", lambda: bench_flux_step.run(device, not gpu, anchors.get("flux12b_step_ms_by_image_tokens")))
-    # SANA / DC-AE; the slow torch.compile variants last, so a timeout loses little.
-    copy_gbps = report["ceilings"].get("copy_GBps")
-    section("sana_ops", lambda progress: bench_sana_ops.run(device, not gpu, copy_gbps, progress), progressive=True)
-    eager = section("sana_step", lambda progress: bench_sana_step.run(
-        device, not gpu, anchors.get("sana1600m_step_ms"), progress), progressive=True)
-    section("dcae_decode", lambda progress: bench_dcae_decode.run(
-        device, not gpu, anchors.get("autoencoder_decode_ms"), progress), progressive=True)
-    section("sana_step_compile", lambda progress: bench_sana_step.run_compile(
-        device, not gpu, eager, anchors.get("sana1600m_step_ms_second_run"), progress, time_left), progressive=True)
+        record("gpu_check", lambda progress: gpu_check_record(args.pytest_junit, args.phases))
+    for sec in selected:
+        record(sec.name, lambda progress, sec=sec: sec.fn(ctx, progress), sec.min_s)
+    try:
+        summary = e2e_outputs(report, args.out)
+    except Exception as err:  # noqa: BLE001
+        summary = error_record(err)
+    if summary:
+        report["e2e_summary"] = summary
     report["targets"] = targets(report, tiny=not gpu)
     report["problems"] = problems(report)
     save()

@@ -38,10 +38,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 
 
 def measure_ceilings(device: torch.device) -> dict:
-    """Device copy bandwidth (read + write bytes) and dense GEMM throughput, measured now.
+    """Device copy bandwidth (read + write bytes), dense GEMM and attention throughput, measured now.
 
-    CUDA: 1 GiB device-to-device copy and a bf16 8192³ GEMM. CPU (tiny mode): small fp32 stand-ins so the
-    code path runs; those numbers say nothing about a GPU.
+    CUDA: 1 GiB device-to-device copy, a bf16 8192³ GEMM, SDPA at B1 H24 N4608 D128 and an FP8 8192³ GEMM
+    (where the GPU has FP8). CPU (tiny mode): small fp32 stand-ins so the code path runs; those numbers say
+    nothing about a GPU.
     """
     cuda = device.type == "cuda"
     copy_bytes = 1 << 30 if cuda else 64 << 20
@@ -59,9 +60,14 @@ def measure_ceilings(device: torch.device) -> dict:
     c = torch.empty(n, n, dtype=dtype, device=device)
     gemm_ms = time_ms(lambda: torch.mm(a, b, out=c), device, warmup, iters)
     del a, b, c
-    if cuda:
-        torch.cuda.empty_cache()
-    return {
+
+    # Attention at FLUX's 1K shape (B1 H24 D128, 4608 tokens; CPU: 256), SDPA's default backend: the attention
+    # efficiency of the RTX 5090 projection.
+    tokens, heads = (4608, 24) if cuda else (256, 2)
+    q, k, v = (torch.randn(1, heads, tokens, 128, dtype=dtype, device=device) for _ in range(3))
+    attention_ms = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, warmup, iters)
+    del q, k, v
+    rec = {
         "device": str(device),
         "copy_bytes": copy_bytes,
         "copy_ms": copy_ms,
@@ -70,7 +76,29 @@ def measure_ceilings(device: torch.device) -> dict:
         "gemm_dtype": str(dtype).removeprefix("torch."),
         "gemm_ms": gemm_ms,
         "gemm_tflops": 2 * n**3 / gemm_ms / 1e9,
+        "attention_shape": f"B1 H{heads} N{tokens} D128 {str(dtype).removeprefix('torch.')}, SDPA default backend",
+        "attention_ms": attention_ms,
+        "attention_tflops": 4 * heads * tokens**2 * 128 / attention_ms / 1e9,
     }
+    rec.update(_fp8_gemm(device, n, warmup, iters))
+    if cuda:
+        torch.cuda.empty_cache()
+    return rec
+
+
+def _fp8_gemm(device: torch.device, n: int, warmup: int, iters: int) -> dict:
+    """FP8 e4m3 GEMM TFLOP/s (torch._scaled_mm, per-tensor scales) on GPUs with FP8 tensor cores (sm_89+)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return {"fp8_gemm_tflops": None, "fp8_gemm_note": "no FP8 tensor cores on this device"}
+    try:
+        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        one = torch.ones((), device=device)
+        ms = time_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), device,
+                     warmup, iters)
+    except (RuntimeError, AttributeError) as err:
+        return {"fp8_gemm_tflops": None, "fp8_gemm_note": f"{type(err).__name__}: {err}"}
+    return {"fp8_gemm_ms": ms, "fp8_gemm_tflops": 2 * n**3 / ms / 1e9}
 
 
 def wall_s(fn: Callable[[], object], device: torch.device):

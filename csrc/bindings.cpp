@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "nvfp4_gemm_sm120.h"
 #include "qk_norm_rope.h"
 
 #ifndef DCGEN_COMPILED_ARCHS
@@ -128,6 +129,77 @@ void qk_norm_rope_host(uintptr_t x_ptr, uintptr_t weight_ptr, uintptr_t cos_ptr,
   dcgen::qk_norm_rope_host(p);
 }
 
+bool nvfp4_gemm_sm120_compiled() {
+#ifdef DCGEN_WITH_SM120_NVFP4
+  return true;
+#else
+  return false;
+#endif
+}
+
+dcgen::Nvfp4GemmParams make_nvfp4_params(uintptr_t a_ptr, uintptr_t a_scales_ptr, uintptr_t w_ptr,
+                                          uintptr_t w_scales_ptr, uintptr_t a_global_ptr, uintptr_t w_global_ptr,
+                                          uintptr_t lora_act_ptr, uintptr_t lora_up_ptr, uintptr_t bias_ptr,
+                                          uintptr_t out_ptr, int64_t M, int64_t N, int64_t K, int64_t R,
+                                          int dtype) {
+  if (dtype != dcgen::kFloat32 && dtype != dcgen::kBFloat16 && dtype != dcgen::kFloat16)
+    throw py::value_error("nvfp4_gemm_sm120: unknown dtype code " + std::to_string(dtype) +
+                          " (0 = float32, 1 = bfloat16, 2 = float16)");
+  if (M < 0 || N < 0 || R < 0 || K <= 0 || K % 64 != 0)
+    throw py::value_error("nvfp4_gemm_sm120: need M, N, R >= 0 and K a positive multiple of 64, got M=" +
+                          std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                          " R=" + std::to_string(R));
+  if (R > 0 && (lora_act_ptr == 0 || lora_up_ptr == 0))
+    throw py::value_error("nvfp4_gemm_sm120: R > 0 needs lora_act_ptr and lora_up_ptr");
+  if (M * N > 0 && (a_ptr == 0 || a_scales_ptr == 0 || w_ptr == 0 || w_scales_ptr == 0 || a_global_ptr == 0 ||
+                    w_global_ptr == 0 || out_ptr == 0))
+    throw py::value_error("nvfp4_gemm_sm120: operand pointers must be non-zero");
+  if ((a_ptr | w_ptr | a_scales_ptr | w_scales_ptr) % 4 != 0)
+    throw py::value_error("nvfp4_gemm_sm120: packed data and scale pointers must be 4-byte aligned");
+  dcgen::Nvfp4GemmParams p;
+  p.a = reinterpret_cast<const uint8_t*>(a_ptr);
+  p.a_scales = reinterpret_cast<const uint8_t*>(a_scales_ptr);
+  p.w = reinterpret_cast<const uint8_t*>(w_ptr);
+  p.w_scales = reinterpret_cast<const uint8_t*>(w_scales_ptr);
+  p.a_global = reinterpret_cast<const float*>(a_global_ptr);
+  p.w_global = reinterpret_cast<const float*>(w_global_ptr);
+  p.lora_act = reinterpret_cast<const float*>(lora_act_ptr);
+  p.lora_up = reinterpret_cast<const void*>(lora_up_ptr);
+  p.bias = reinterpret_cast<const void*>(bias_ptr);
+  p.out = reinterpret_cast<void*>(out_ptr);
+  p.M = M, p.N = N, p.K = K, p.R = R;
+  p.dtype = dtype;
+  return p;
+}
+
+void nvfp4_gemm_sm120(uintptr_t a_ptr, uintptr_t a_scales_ptr, uintptr_t w_ptr, uintptr_t w_scales_ptr,
+                      uintptr_t a_global_ptr, uintptr_t w_global_ptr, uintptr_t lora_act_ptr, uintptr_t lora_up_ptr,
+                      uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t N, int64_t K, int64_t R, int dtype,
+                      uintptr_t stream) {
+  if (!nvfp4_gemm_sm120_compiled())
+    throw std::runtime_error("nvfp4_gemm_sm120: _C was not compiled for sm_120a (build with DCGEN_CUDA_ARCHS "
+                             "including 120a)");
+  const auto p = make_nvfp4_params(a_ptr, a_scales_ptr, w_ptr, w_scales_ptr, a_global_ptr, w_global_ptr,
+                                   lora_act_ptr, lora_up_ptr, bias_ptr, out_ptr, M, N, K, R, dtype);
+#ifdef DCGEN_WITH_SM120_NVFP4
+  const auto err = static_cast<cudaError_t>(dcgen::nvfp4_gemm_sm120_launch(p, reinterpret_cast<void*>(stream)));
+  if (err != cudaSuccess) throw std::runtime_error("nvfp4_gemm_sm120: kernel launch failed: " + cuda_error_text(err));
+#else
+  (void)p;
+  (void)stream;
+#endif
+}
+
+void nvfp4_gemm_sm120_host(uintptr_t a_ptr, uintptr_t a_scales_ptr, uintptr_t w_ptr, uintptr_t w_scales_ptr,
+                           uintptr_t a_global_ptr, uintptr_t w_global_ptr, uintptr_t lora_act_ptr,
+                           uintptr_t lora_up_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t N,
+                           int64_t K, int64_t R, int dtype) {
+  const auto p = make_nvfp4_params(a_ptr, a_scales_ptr, w_ptr, w_scales_ptr, a_global_ptr, w_global_ptr,
+                                   lora_act_ptr, lora_up_ptr, bias_ptr, out_ptr, M, N, K, R, dtype);
+  py::gil_scoped_release release;
+  dcgen::nvfp4_gemm_sm120_host(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -153,4 +225,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("xsb"), py::arg("xss"), py::arg("xsh"), py::arg("osb"), py::arg("oss"), py::arg("osh"),
         py::arg("rope_offset"), py::arg("eps"), py::arg("dtype"),
         (std::string(kQkDoc) + " Runs the kernel's row math on the CPU with host pointers.").c_str());
+
+  m.def("nvfp4_gemm_sm120_compiled", &nvfp4_gemm_sm120_compiled,
+        "True when this build contains the sm_120a NVFP4 GEMM (native block-scaled FP4 MMA).");
+  m.def("nvfp4_gemm_sm120", &nvfp4_gemm_sm120, py::arg("a_ptr"), py::arg("a_scales_ptr"), py::arg("w_ptr"),
+        py::arg("w_scales_ptr"), py::arg("a_global_ptr"), py::arg("w_global_ptr"), py::arg("lora_act_ptr"),
+        py::arg("lora_up_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("R"), py::arg("dtype"), py::arg("stream"),
+        "W4A4 NVFP4 GEMM on sm_120a: out[M, N] = A[M, K] W[N, K]^T * a_global * w_global + lora_act[M, R] "
+        "lora_up[R, N] + bias[N]. A/W: packed E2M1 bytes [rows, K/2] and E4M3 scale bytes [rows, K/16], "
+        "contiguous; K a multiple of 64; globals: device fp32 scalars; lora_act fp32; lora_up, bias, out in "
+        "`dtype` (0 float32, 1 bfloat16, 2 float16). Pass 0 for absent lora/bias. RuntimeError when _C was not "
+        "compiled for sm_120a.");
+  m.def("nvfp4_gemm_sm120_host", &nvfp4_gemm_sm120_host, py::arg("a_ptr"), py::arg("a_scales_ptr"),
+        py::arg("w_ptr"), py::arg("w_scales_ptr"), py::arg("a_global_ptr"), py::arg("w_global_ptr"),
+        py::arg("lora_act_ptr"), py::arg("lora_up_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("R"), py::arg("dtype"),
+        "nvfp4_gemm_sm120 on host memory (every build): the kernel's per-lane fragment loads and epilogue with "
+        "the MMA emulated from the PTX ISA fragment tables.");
 }

@@ -134,3 +134,17 @@ def flux_pipeline_static(name: str):
     namespace = {"torch": torch}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), origin, "exec"), namespace)
     return namespace[name]
+
+
+def tiny_sana_patched_latents(patch_size=1, interpolation_scale=None, in_channels=8, dtype=torch.float32,
+                              device="cpu"):
+    """tiny_sana with a p x p patch embedding and, given interpolation_scale, PatchEmbed's sin-cos pos-embed."""
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(
+        in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=32,
+        num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64,
+        caption_channels=24, mlp_ratio=2.5, sample_size=8, patch_size=patch_size,
+        interpolation_scale=interpolation_scale,
+    )
+    return model.to(device=device, dtype=dtype).eval()

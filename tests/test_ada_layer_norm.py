@@ -240,3 +240,55 @@ def test_gpu_triton_at_model_shapes(model, B, N, C, dtype):
     out.fill_(float("nan"))
     gated_residual_into(x, gate, branch, out, "triton")
     assert rel_l2(out, gated_residual_reference(x, gate, branch)) <= TOLERANCE[dtype] / 2
+
+
+# --------------------------------------------------------------------------------------------- fp8 output
+@pytest.mark.parametrize("layout", ["flux", "sana", "broadcast"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_modulate_fp8_triton_matches_reference(layout, affine):
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8, ada_layer_norm_modulate_fp8_reference
+
+    x = activations()
+    shift, scale, _ = modulation(layout)
+    weight, bias = (torch.rand(200) + 0.5, torch.randn(200) / 4) if affine else (None, None)
+    got = ada_layer_norm_modulate_fp8(x, scale, shift, norm_weight=weight, norm_bias=bias, backend="triton")
+    q, row_scale = ada_layer_norm_modulate_fp8_reference(x, scale, shift, weight, bias)
+    assert got.data.dtype == torch.float8_e4m3fn and got.data.shape == x.shape and got.dtype == x.dtype
+    assert got.scale.shape == x.shape[:2]
+    # The kernel's fp32 statistics equal F.layer_norm's up to summation order: scales agree to fp32 rounding and
+    # a value sitting on a rounding boundary may land one E4M3 step away, rarely.
+    torch.testing.assert_close(got.scale, row_scale, rtol=1e-6, atol=0)
+    differ = got.data.view(torch.uint8) != q.view(torch.uint8)
+    assert differ.float().mean() < 2e-3
+    assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
+
+
+def test_modulate_fp8_dequantizes_close_to_bf16_op():
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
+
+    x = activations()
+    shift, scale, _ = modulation("flux")
+    got = ada_layer_norm_modulate_fp8(x, scale, shift, backend="triton").dequantize()
+    expected = ada_layer_norm_modulate_reference(x, scale, shift)
+    assert rel_l2(got, expected) < 0.04  # E4M3 keeps 3 mantissa bits: ~2.5% rel-L2 on Gaussian rows
+
+
+def test_modulate_fp8_leaves_bf16_op_unchanged():
+    x = activations()
+    shift, scale, _ = modulation("flux")
+    got = ada_layer_norm_modulate(x, scale, shift, backend="triton")
+    assert got.dtype == x.dtype
+    assert rel_l2(got, ada_layer_norm_modulate_reference(x, scale, shift)) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_modulate_fp8_gpu_matches_reference():
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8, ada_layer_norm_modulate_fp8_reference
+
+    x = activations(N=300, C=3072, device="cuda")
+    shift, scale, _ = modulation("flux", C=3072, device="cuda")
+    got = ada_layer_norm_modulate_fp8(x, scale, shift, backend="triton")
+    q, row_scale = ada_layer_norm_modulate_fp8_reference(x, scale, shift)
+    torch.testing.assert_close(got.scale, row_scale, rtol=1e-5, atol=0)
+    assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
+    assert (got.data.view(torch.uint8) != q.view(torch.uint8)).float().mean() < 2e-3

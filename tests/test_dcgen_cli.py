@@ -205,3 +205,89 @@ def test_bad_arguments_exit_2(models, tmp_path, capsys):
     assert code == 2 and "lora/" in err
     code, _, err = _run(["frobnicate"], capsys)
     assert code == 2
+
+
+def test_cli_sana_end_to_end(tmp_path, capsys):
+    """The stages route by the model directory's class: a tiny SANA through align-embedding -> merge."""
+    from diffusers import SanaTransformer2DModel
+    from safetensors.torch import save_file
+
+    from .helpers import tiny_sana
+
+    torch.manual_seed(0)
+    base_dir = str(tmp_path / "sana")
+    tiny_sana().save_pretrained(base_dir)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, 4, 4, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    dc = torch.einsum("oc,nchw->nohw", torch.randn(16, 8, generator=g) / 3, torch.nn.functional.avg_pool2d(base, 2))
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, base, dc, dict(source="synthetic"))
+
+    stage1 = str(tmp_path / "stage1")
+    code, out, err = _run(["align-embedding", "--transformer", base_dir, "--cache", cache, "--steps", "30",
+                           "--lr", "3e-2", "--batch-size", "3", "--out", stage1, "--quiet"], capsys)
+    assert code == 0, err
+    first, last = (float(v) for v in out.split("loss ")[1].split(";")[0].split(" -> "))
+    assert last < 0.5 * first, out
+    converted = SanaTransformer2DModel.from_pretrained(stage1)
+    assert converted.config.in_channels == 16 and converted.proj_out.out_features == 16
+
+    stage2 = str(tmp_path / "stage2")
+    code, out, err = _run(["align-head", "--transformer", stage1, "--cache", cache, "--random-text", "--steps", "2",
+                           "--lr", "1e-3", "--batch-size", "2", "--out", stage2, "--quiet"], capsys)
+    assert code == 0, err
+    head = SanaTransformer2DModel.from_pretrained(stage2)
+    assert not torch.equal(head.proj_out.weight, converted.proj_out.weight)
+    assert not torch.equal(head.patch_embed.proj.weight, converted.patch_embed.proj.weight)
+    torch.testing.assert_close(head.transformer_blocks[0].ff.conv_point.weight,
+                               converted.transformer_blocks[0].ff.conv_point.weight, rtol=0, atol=0)
+
+    text = str(tmp_path / "text.safetensors")
+    mask = torch.ones(1, 5)
+    mask[0, 3:] = 0
+    save_file(dict(encoder_hidden_states=torch.randn(1, 5, 24), encoder_attention_mask=mask,
+                   null_encoder_hidden_states=torch.zeros(5, 24)), text)
+    stage3 = str(tmp_path / "stage3")
+    code, out, err = _run(["lora", "--transformer", stage2, "--cache", cache, "--text-embeds", text, "--rank", "4",
+                           "--alpha", "8", "--steps", "2", "--lr", "1e-2", "--batch-size", "2", "--out", stage3,
+                           "--quiet"], capsys)
+    assert code == 0, err
+    merged_dir = str(tmp_path / "merged")
+    code, out, err = _run(["merge", "--transformer", stage3, "--out", merged_dir], capsys)
+    assert code == 0, err
+    merged = SanaTransformer2DModel.from_pretrained(merged_dir).eval()
+    unmerged = SanaTransformer2DModel.from_pretrained(stage3).eval()
+    unmerged.load_lora_adapter(os.path.join(stage3, "lora"), weight_name="pytorch_lora_weights.safetensors",
+                               prefix=None)
+    inputs = dict(hidden_states=torch.randn(1, 16, 4, 4), encoder_hidden_states=torch.randn(1, 5, 24),
+                  encoder_attention_mask=mask, timestep=torch.tensor([500.0]), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs)[0], unmerged(**inputs)[0], rtol=1e-4, atol=1e-5)
+
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(dict(encoder_hidden_states=torch.randn(1, 5, 24)), bad)
+    code, _, err = _run(["align-head", "--transformer", stage1, "--cache", cache, "--text-embeds", bad, "--steps",
+                         "1", "--out", str(tmp_path / "x"), "--quiet"], capsys)
+    assert code == 2 and "null_encoder_hidden_states" in err
+
+
+def test_cli_fused_latent_io_trains_the_same(models, tmp_path, capsys):
+    """--fused-latent-io runs the embedder / head through the fused ops (p = 2 packing here): same weights."""
+    from diffusers import FluxTransformer2DModel
+
+    g = torch.Generator().manual_seed(0)
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 4, 4, generator=g))
+    outs = []
+    for flags in ([], ["--fused-latent-io", "--backend", "triton"]):
+        out_dir = str(tmp_path / f"out{len(outs)}")
+        code, _, err = _run(["align-head", "--transformer", models["flux"], "--cache", cache, "--random-text",
+                             "--steps", "2", "--lr", "1e-2", "--batch-size", "2", "--out", out_dir, "--quiet", *flags],
+                            capsys)
+        assert code == 0, err
+        outs.append(FluxTransformer2DModel.from_pretrained(out_dir))
+    base = FluxTransformer2DModel.from_pretrained(models["flux"])
+    assert not torch.equal(outs[1].proj_out.weight, base.proj_out.weight)
+    for name in ("proj_out.weight", "proj_out.bias", "x_embedder.weight", "x_embedder.bias"):
+        a, b = outs[0].get_parameter(name), outs[1].get_parameter(name)
+        assert (a - b).norm() <= 1e-5 * a.norm(), name

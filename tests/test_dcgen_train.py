@@ -8,7 +8,7 @@ import torch
 from dcgen_kernels.dcgen import convert, latent_image_ids, pack_latents
 from dcgen_kernels.dcgen import train as T
 
-from .helpers import rel_l2, tiny_sana
+from .helpers import rel_l2, tiny_sana, tiny_sana_patched_latents
 
 
 def flux_p2(guidance=True, head_dim=32, heads=2):
@@ -75,6 +75,56 @@ def test_align_embedding_learns_tiny_flux():
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
+def test_align_embedding_learns_tiny_sana():
+    """SANA on f32c32-like latents (8 ch, 8x8) -> DC-Gen-SANA on 4x more compressed ones (32 ch, 4x4)."""
+    g = torch.Generator().manual_seed(0)
+    n_train, n_test = 64, 16
+    z = torch.randn(n_train + n_test, 8, 4, 4, generator=g)
+    base = z.repeat_interleave(2, 2).repeat_interleave(2, 3) + 0.02 * torch.randn(n_train + n_test, 8, 8, 8,
+                                                                                 generator=g)
+    mix = torch.randn(32, 8, generator=g) / 3  # fixed "DC-AE": 2x2-pooled base latents, mixed to 32 channels
+    dcae = torch.einsum("oc,nchw->nohw", mix, torch.nn.functional.avg_pool2d(base, 2))  # (N, 32, 4, 4)
+
+    model = tiny_sana()
+    teacher = copy.deepcopy(model.patch_embed)
+    convert(model, latent_channels=32, patch_size=1)
+    student = model.patch_embed
+
+    def held_out():
+        with torch.no_grad():
+            return T.embedding_alignment_loss(student(dcae[n_train:]), teacher(base[n_train:]), (4, 4), (8, 8)).item()
+
+    before = held_out()
+    out = T.align_embedding(teacher, student, base[:n_train], dcae[:n_train], teacher_patch_size=1,
+                            student_patch_size=1, steps=100, lr=1e-2, batch_size=16, seed=0, progress=False)
+    after = held_out()
+    assert len(out["history"]) == 100
+    assert after <= before / 5, (before, after)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_align_embedding_through_the_fused_patch_embed_equals_stock():
+    """A patched x_embedder takes the unpacked latents (fused packing + fast backward): same run as stock."""
+    from dcgen_kernels.patching import latents
+
+    g = torch.Generator().manual_seed(2)
+    base, dc = torch.randn(6, 16, 8, 8, generator=g), torch.randn(6, 8, 4, 4, generator=g)
+    runs = []
+    for fused in (False, True):
+        model = flux_p2()
+        teacher = copy.deepcopy(model.x_embedder)
+        torch.manual_seed(3)
+        convert(model, latent_channels=8, patch_size=1)
+        if fused:
+            latents.patch_latent_io(model, "triton")
+            assert latents.takes_unpacked_latents(model.x_embedder)
+        out = T.align_embedding(teacher, model.x_embedder, base, dc, teacher_patch_size=2, student_patch_size=1,
+                                steps=3, lr=1e-2, batch_size=2, seed=0, progress=False)
+        runs.append((out["history"], model.x_embedder.weight.detach().clone()))
+    (h0, w0), (h1, w1) = runs
+    assert max(abs(a - b) / abs(a) for a, b in zip(h0, h1)) < 1e-5 and rel_l2(w1, w0) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------- (c) guidance
 def test_flow_matching_and_guidance_closed_form():
     x0, noise = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0)
@@ -136,6 +186,94 @@ def test_align_head_trains_only_embedder_and_head():
     for n, p in model.named_parameters():
         changed = not torch.equal(p, before[n])
         assert changed == (n.startswith("x_embedder.") or n.startswith("proj_out.")), n
+
+
+def test_align_head_on_patched_flux_equals_stock():
+    """With the latent I/O patched, align_head feeds unpacked latents through the fused ops: same losses."""
+    from dcgen_kernels.patching import latents
+
+    runs = []
+    for fused in (False, True):
+        model = flux_p2()
+        torch.manual_seed(1)
+        convert(model, latent_channels=4, patch_size=2)
+        if fused:
+            latents.patch_latent_io(model, "triton")
+        text, pooled, null_text, null_pooled = text_data(3)
+        lat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        out = T.align_head(model, lat, text, pooled, null_text, null_pooled, patch_size=2, steps=2, lr=1e-3,
+                           batch_size=2, seed=0, progress=False)
+        runs.append((out["history"], model.proj_out.weight.detach().clone(), model.x_embedder.weight.detach().clone()))
+    (h0, *w0), (h1, *w1) = runs
+    assert max(abs(a - b) / abs(a) for a, b in zip(h0, h1)) < 1e-5
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(w1, w0))
+
+
+def sana_text(n, tokens=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, tokens)
+    mask[::2, 3:] = 0  # every other prompt is padded
+    return torch.randn(n, tokens, 24, generator=g), mask, torch.randn(tokens, 24, generator=g)
+
+
+def test_sana_flow_matching_loss_matches_manual():
+    model = tiny_sana()
+    text, mask, _ = sana_text(2)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 8, 4, 6, generator=g), torch.randn(2, 8, 4, 6, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    loss = T.sana_flow_matching_loss(model, x0, text, t, noise, mask)
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    with torch.no_grad():
+        v = model(hidden_states=x_t, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=1000 * t,
+                  return_dict=False)[0]
+    torch.testing.assert_close(loss.detach(), ((v - (noise - x0)) ** 2).mean())
+    assert loss.requires_grad
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_align_head_sana_trains_embedder_and_head_and_loss_decreases(patch_size):
+    model = tiny_sana_patched_latents(patch_size=patch_size)
+    convert(model, latent_channels=4, patch_size=patch_size)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    text, mask, null_text = sana_text(8)
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(8, 4, 4, 4, generator=g)
+    fixed = dict(x0=lat[:4], encoder_hidden_states=text[:4], encoder_attention_mask=mask[:4],
+                 t=torch.tensor([0.2, 0.4, 0.6, 0.8]), noise=torch.randn(4, 4, 4, 4, generator=g))
+
+    def held_loss():
+        with torch.no_grad():
+            return T.sana_flow_matching_loss(model, **fixed).item()
+
+    start = held_loss()
+    out = T.align_head(model, lat, text, None, null_text, None, encoder_attention_mask=mask, steps=40, lr=1e-2,
+                       batch_size=4, seed=0, progress=False)
+    assert len(out["history"]) == 40 and all(torch.isfinite(torch.tensor(out["history"])))
+    assert held_loss() < 0.7 * start, (start, held_loss())
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == n.startswith(("patch_embed.", "proj_out.")), n
+
+
+def test_align_head_on_patched_sana_equals_stock():
+    from dcgen_kernels.patching import latents
+
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = tiny_sana_patched_latents(patch_size=2)
+        if fused:
+            latents.patch_latent_io(model, "triton")
+        text, mask, null_text = sana_text(3)
+        lat = torch.randn(3, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+        out = T.align_head(model, lat, text, None, null_text, None, encoder_attention_mask=mask, steps=2, lr=1e-3,
+                           batch_size=2, seed=0, progress=False)
+        runs.append((out["history"], model.proj_out.weight.detach().clone(),
+                     model.patch_embed.proj.weight.detach().clone()))
+    (h0, *w0), (h1, *w1) = runs
+    assert max(abs(a - b) / abs(a) for a, b in zip(h0, h1)) < 1e-5
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(w1, w0))
 
 
 # ----------------------------------------------------------------------------------------------- (d) text dropout
@@ -285,9 +423,20 @@ def test_bad_arguments(tmp_path):
         T.guidance_distilled_velocity(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([1.0, 0.0]))
     with pytest.raises(ValueError, match="same shape"):
         T.flow_matching_pair(torch.ones(2, 3), torch.ones(2, 4), torch.tensor(0.5))
-    with pytest.raises(TypeError, match="FluxTransformer2DModel"):
+    with pytest.raises(ValueError, match="SanaTransformer2DModel takes no pooled projections"):
         T.align_head(tiny_sana(), torch.randn(1, 8, 4, 4), torch.randn(1, 2, 24), torch.randn(1, 4),
                      torch.randn(2, 24), torch.randn(4), steps=1, lr=1e-3, batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="latents have 4 channels, the model's patch_embed takes 8"):
+        T.align_head(tiny_sana(), torch.randn(1, 4, 4, 4), torch.randn(1, 2, 24), None, torch.randn(2, 24), None,
+                     steps=1, lr=1e-3, batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="encoder_attention_mask must have shape"):
+        T.align_head(tiny_sana(), torch.randn(1, 8, 4, 4), torch.randn(1, 2, 24), None, torch.randn(2, 24), None,
+                     encoder_attention_mask=torch.ones(1, 3), steps=1, lr=1e-3, batch_size=1, seed=0)
+    with pytest.raises(TypeError, match="sana_flow_matching_loss"):
+        T.align_head_loss(tiny_sana(), *([None] * 10))
+    with pytest.raises(TypeError, match="align_head_loss"):
+        T.sana_flow_matching_loss(flux_p2(), torch.randn(1, 16, 64), torch.randn(1, 2, 32), torch.rand(1),
+                                  torch.randn(1, 16, 64))
     model = flux_p2()
     with pytest.raises(ValueError, match="x_embedder takes 64"):
         T.align_head(model, torch.randn(1, 8, 4, 4), *text_data(1), steps=1, lr=1e-3, batch_size=1, seed=0)

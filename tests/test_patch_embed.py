@@ -207,6 +207,85 @@ def test_gradients_match_diffusers_math(shape):
     assert all(rel_l2(a, b) < 1e-5 for a, b in zip(ours, theirs))
 
 
+def _no_reference_vjp(monkeypatch):
+    """Make a silent fall back of the backward to the reference vjp fail the test."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the backward ran the reference vjp, not the Triton kernels")
+    monkeypatch.setattr(patch_embed_module, "_reference_vjp", fail)
+
+
+def _fp32_reference_grads(reference, tensors, args, grad, wanted):
+    leaves = [t.detach().float().requires_grad_(w) if t is not None else None for t, w in zip(tensors, wanted)]
+    out = reference(*leaves, *args)
+    return torch.autograd.grad(out, [t for t, w in zip(leaves, wanted) if w], grad.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_embed_backward_matches_reference(dtype, shape, with_bias, monkeypatch):
+    _no_reference_vjp(monkeypatch)
+    B, _, h, w, p, D = shape
+    latent, weight, bias = embed_inputs(*shape, dtype=dtype)
+    tensors = [latent, weight, bias if with_bias else None]
+    leaves = [t.requires_grad_() if t is not None else None for t in tensors]
+    grad = torch.randn(B, (h // p) * (w // p), D).to(dtype)
+    out = patch_embed(*leaves, patch_size=p, backend="triton")
+    wanted = [t is not None for t in leaves]
+    got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+    expected = _fp32_reference_grads(patch_embed_reference, tensors, (p,), grad, wanted)
+    for name, a, b in zip(("latent", "weight", "bias"), got, expected):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_unembed_backward_matches_reference(dtype, shape, with_bias, monkeypatch):
+    _no_reference_vjp(monkeypatch)
+    B, C, h, w, p, _ = shape
+    tokens, weight, bias = unembed_inputs(*shape, dtype=dtype)
+    tensors = [tokens, weight, bias if with_bias else None]
+    leaves = [t.requires_grad_() if t is not None else None for t in tensors]
+    grad = torch.randn(B, C, h, w).to(dtype)
+    out = patch_unembed(*leaves, patch_size=p, height=h, width=w, backend="triton")
+    wanted = [t is not None for t in leaves]
+    got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+    expected = _fp32_reference_grads(patch_unembed_reference, tensors, (p, h, w), grad, wanted)
+    for name, a, b in zip(("tokens", "weight", "bias"), got, expected):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6), name
+
+
+@pytest.mark.parametrize("wanted", [(False, False, True), (False, True, False), (True, False, False)])
+def test_triton_backward_partial_requires_grad_and_expanded_grad(wanted, monkeypatch):
+    """Each gradient alone (bias alone takes the column-sum path); sum() hands the backward a stride-0 grad."""
+    _no_reference_vjp(monkeypatch)
+    _, _, h, w, p, _ = SHAPES[0]
+    for op, reference, inputs, args in (
+        (lambda *t: patch_embed(*t, patch_size=p, backend="triton"), patch_embed_reference,
+         embed_inputs(*SHAPES[0]), (p,)),
+        (lambda *t: patch_unembed(*t, patch_size=p, height=h, width=w, backend="triton"), patch_unembed_reference,
+         unembed_inputs(*SHAPES[0]), (p, h, w)),
+    ):
+        leaves = [t.requires_grad_(r) for t, r in zip(inputs, wanted)]
+        got = torch.autograd.grad(op(*leaves).sum(), [t for t in leaves if t.requires_grad])
+        expected = _fp32_reference_grads(reference, inputs, args, torch.ones_like(reference(*inputs, *args)),
+                                         list(wanted))
+        assert all(rel_l2(a, b) < 1e-5 for a, b in zip(got, expected))
+
+
+def test_reference_backend_backward_is_reference_vjp():
+    B, _, h, w, p, D = SHAPES[1]
+    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*SHAPES[1]))
+    grad = torch.randn(B, h * w, D)
+    got = torch.autograd.grad(patch_embed(latent, weight, bias, patch_size=p, backend="reference"),
+                              [latent, weight, bias], grad)
+    expected = torch.autograd.grad(patch_embed_reference(latent, weight, bias, p), [latent, weight, bias], grad)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_torch_compile_fullgraph():
     _, _, h, w, p, _ = SHAPES[0]
     latent, weight, bias = embed_inputs(*SHAPES[0])
@@ -218,6 +297,37 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(roundtrip, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(latent), roundtrip(latent))
+
+
+def test_torch_compile_traces_the_fused_backward():
+    """The Triton backward is built from custom ops, so AOTAutograd traces it; gradients equal eager ones."""
+    _, _, h, w, p, _ = SHAPES[0]
+    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*SHAPES[0]))
+    _, weight_out, _ = unembed_inputs(*SHAPES[0])
+    weight_out.requires_grad_()
+
+    def loss(latent, weight, bias, weight_out):
+        tokens = patch_embed(latent, weight, bias, patch_size=p, backend="triton")
+        return patch_unembed(tokens, weight_out, None, patch_size=p, height=h, width=w, backend="triton").square().sum()
+
+    inputs = (latent, weight, bias, weight_out)
+    expected = torch.autograd.grad(loss(*inputs), inputs)
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(*inputs), inputs)
+    assert all(rel_l2(a, b) < 1e-6 for a, b in zip(got, expected))
+
+
+def test_benchmark_tiny_mode_runs_and_checks():
+    """benchmarks/bench_patch_embed.py end to end at toy sizes: every variant ran, every check passed."""
+    from benchmarks import bench_patch_embed
+
+    result = bench_patch_embed.run(torch.device("cpu"), tiny=True)
+    for shape, directions in result["cases"].items():
+        for direction, passes in directions.items():
+            for pass_name, rec in passes.items():
+                for name, variant in rec["variants"].items():
+                    assert "ms" in variant, (shape, direction, pass_name, name, variant)
+                    assert variant.get("check", "ok") == "ok", (shape, direction, pass_name, name, variant)
+    assert result["summary"]["fwd"]["measured"] == result["summary"]["fwd_bwd"]["measured"] == 4
 
 
 # ----------------------------------------------------------------------------------------------- GPU
@@ -250,3 +360,24 @@ def test_gpu_auto_picks_triton_and_backward_runs():
     tokens = patch_embed(latent, weight, bias, patch_size=p)
     tokens.float().square().mean().backward()
     assert latent.grad.shape == latent.shape and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_triton_backward_at_dcgen_shapes(dtype, shape, monkeypatch):
+    _no_reference_vjp(monkeypatch)
+    B, C, h, w, p, D = shape
+    inputs = embed_inputs(*shape, dtype=dtype, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grad = torch.randn(B, (h // p) * (w // p), D, device="cuda").to(dtype)
+    got = torch.autograd.grad(patch_embed(*leaves, patch_size=p, backend="triton"), leaves, grad)
+    expected = _fp32_reference_grads(patch_embed_reference, inputs, (p,), grad, [True] * 3)
+    assert all(rel_l2(a, b) <= TOLERANCE[dtype] / 2 for a, b in zip(got, expected))
+
+    inputs = unembed_inputs(*shape, dtype=dtype, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grad = torch.randn(B, C, h, w, device="cuda").to(dtype)
+    got = torch.autograd.grad(patch_unembed(*leaves, patch_size=p, height=h, width=w, backend="triton"), leaves, grad)
+    expected = _fp32_reference_grads(patch_unembed_reference, inputs, (p, h, w), grad, [True] * 3)
+    assert all(rel_l2(a, b) <= TOLERANCE[dtype] / 2 for a, b in zip(got, expected))

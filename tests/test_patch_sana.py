@@ -50,9 +50,10 @@ def test_sana_report_unpatch_and_state_dict():
     dcgen_kernels.patch(model)  # idempotent
     report = dcgen_kernels.patch_report(model)
     kinds = sorted({cls for _, _, cls in report.replaced})
-    assert kinds == ["GLUMBConv", "SanaAttnProcessor2_0", "SanaLinearAttnProcessor2_0", "SanaModulatedNorm",
-                     "SanaTransformerBlock"]
-    assert len(report.replaced) == 9 and report.skipped == []  # 2 blocks x (block, attn1, attn2, ff) + norm_out
+    assert kinds == ["GLUMBConv", "Linear", "PatchEmbed", "SanaAttnProcessor2_0", "SanaLinearAttnProcessor2_0",
+                     "SanaModulatedNorm", "SanaTransformer2DModel", "SanaTransformerBlock"]
+    # 2 blocks x (block, attn1, attn2, ff) + norm_out, and the latent I/O: model, patch_embed, proj_out
+    assert len(report.replaced) == 12 and report.skipped == []
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
     dcgen_kernels.unpatch(model)

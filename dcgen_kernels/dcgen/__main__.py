@@ -1,21 +1,28 @@
-"""DC-Gen command line: ``python -m dcgen_kernels.dcgen <command> ...`` (FLUX), a thin layer over the library.
+"""DC-Gen command line: ``python -m dcgen_kernels.dcgen <command> ...`` (FLUX or SANA), a thin layer over the library.
 
     encode           images (folder or scikit-image samples) -> base-AE and DC-AE latents in one safetensors cache
-    align-embedding  stage 1: convert a copy of a base FLUX, align its new embedder to the base one, save it
-    align-head       stage 2: train embedder + output head of a converted FLUX (flow matching, guidance distilled)
+    align-embedding  stage 1: convert a copy of a base model, align its new embedder to the base one, save it
+    align-head       stage 2: train embedder + output head of a converted model (flow matching; guidance
+                     distilled for FLUX)
     lora             stage 3: LoRA on the blocks + embedder/head; saves the model and its adapter (unmerged)
     merge            fold the adapter saved by `lora` into the weights, save a plain diffusers model
 
-Every model path is a local directory written by ``save_pretrained`` (nothing downloads). Text conditioning for
-align-head / lora comes from ``--text-embeds file.safetensors`` with ``encoder_hidden_states`` (N or 1, L, D),
-``pooled_projections`` (N or 1, P), ``null_encoder_hidden_states`` (L, D) and ``null_pooled_projections`` (P,),
-one row per cached image (or one row for all); ``--random-text`` draws random embeddings instead, for smoke tests
-only. Bad arguments, missing files and invalid inputs exit with code 2 and a message on stderr.
+Every model path is a local directory written by ``save_pretrained`` (nothing downloads); the model class
+(FluxTransformer2DModel or SanaTransformer2DModel) is read from its config.json. Text conditioning for
+align-head / lora comes from ``--text-embeds file.safetensors``, one row per cached image (or one row for all):
+FLUX needs ``encoder_hidden_states`` (N or 1, L, D), ``pooled_projections`` (N or 1, P),
+``null_encoder_hidden_states`` (L, D) and ``null_pooled_projections`` (P,); SANA needs ``encoder_hidden_states``
+and ``null_encoder_hidden_states`` and takes ``encoder_attention_mask`` (N or 1, L) and
+``null_encoder_attention_mask`` (L,) (default: all tokens real). ``--random-text`` draws random embeddings
+instead, for smoke tests only. ``--fused-latent-io`` trains through dcgen_kernels' fused patch_embed /
+patch_unembed (embedder and head only; ``--backend`` picks their backend). Bad arguments, missing files and
+invalid inputs exit with code 2 and a message on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -38,16 +45,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _flux_cls():
-    from diffusers import FluxTransformer2DModel
+def _transformer_cls(path: str):
+    """FluxTransformer2DModel or SanaTransformer2DModel, from the directory's config.json (FLUX when unreadable:
+    loading then reports what is missing)."""
+    from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
 
-    return FluxTransformer2DModel
+    classes = {cls.__name__: cls for cls in (FluxTransformer2DModel, SanaTransformer2DModel)}
+    config = os.path.join(path or "", "config.json")
+    if not os.path.isfile(config):
+        return FluxTransformer2DModel
+    with open(config) as f:
+        name = json.load(f).get("_class_name")
+    if name not in classes:
+        raise CLIError(f"{path}: config.json names model class {name!r}; supported: {', '.join(classes)}")
+    return classes[name]
 
 
-def _load_flux(path: str):
+def _load_transformer(path: str):
     from .data import load_local_model
 
-    return load_local_model(_flux_cls(), path)
+    return load_local_model(_transformer_cls(path), path)
+
+
+def _is_sana(transformer) -> bool:
+    return type(transformer).__name__ == "SanaTransformer2DModel"
 
 
 def _patch_size(features: int, channels: int, what: str) -> int:
@@ -56,6 +77,45 @@ def _patch_size(features: int, channels: int, what: str) -> int:
         raise CLIError(f"{what}: the model's embedder takes {features} features, which is not {channels} latent "
                        f"channels times a square patch")
     return p
+
+
+def _load_sana_text(args, n: int, transformer):
+    """(encoder_hidden_states (N, L, D), mask (N, L), null (L, D), null mask (L,)) from the arguments."""
+    d = transformer.config.caption_channels
+    if args.random_text:
+        print("WARNING: --random-text: random text embeddings, for smoke tests only; the result is not a usable "
+              "text-to-image model", file=sys.stderr)
+        g = torch.Generator().manual_seed(args.seed)
+        length = args.random_text_tokens
+        return (torch.randn(n, length, d, generator=g), torch.ones(n, length), torch.randn(length, d, generator=g),
+                torch.ones(length))
+    from safetensors.torch import load_file
+
+    path = args.text_embeds
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text embeddings file {path!r} does not exist")
+    tensors = load_file(path)
+    keys = ("encoder_hidden_states", "null_encoder_hidden_states")
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise CLIError(f"text embeddings file {path!r} lacks {missing}; a SANA model needs {', '.join(keys)} (and "
+                       f"takes encoder_attention_mask, null_encoder_attention_mask)")
+    text, null_text = (tensors[k].float() for k in keys)
+    if text.dim() != 3 or text.shape[2] != d:
+        raise CLIError(f"{path}: encoder_hidden_states must be (N, L, {d}) (the model's caption_channels), got "
+                       f"{tuple(text.shape)}")
+    mask = tensors.get("encoder_attention_mask", torch.ones(text.shape[:2])).float()
+    null_mask = tensors.get("null_encoder_attention_mask", torch.ones(text.shape[1])).float().reshape(-1)
+    if mask.shape != text.shape[:2] or null_mask.shape[0] != text.shape[1]:
+        raise CLIError(f"{path}: encoder_attention_mask must be {tuple(text.shape[:2])} and "
+                       f"null_encoder_attention_mask ({text.shape[1]},), got {tuple(mask.shape)} and "
+                       f"{tuple(null_mask.shape)}")
+    if text.shape[0] not in (1, n):
+        raise CLIError(f"{path}: encoder_hidden_states has {text.shape[0]} rows, the cache holds {n} images (need "
+                       f"{n} or 1)")
+    if text.shape[0] == 1:
+        text, mask = text.expand(n, -1, -1), mask.expand(n, -1)
+    return text.contiguous(), mask.contiguous(), null_text.reshape(text.shape[1:]), null_mask
 
 
 def _load_text(args, n: int, transformer):
@@ -141,13 +201,20 @@ def cmd_align_embedding(args) -> None:
     if channels != dc_lat.shape[1]:
         raise CLIError(f"--latent-channels {channels} does not match the cache's DC latents ({dc_lat.shape[1]} "
                        f"channels)")
-    student = _load_flux(args.transformer)
-    teacher_p = _patch_size(student.x_embedder.in_features, base_lat.shape[1], "base model")
+    student = _load_transformer(args.transformer)
+    if _is_sana(student):
+        if base_lat.shape[1] != student.config.in_channels:
+            raise CLIError(f"base model: its patch_embed takes {student.config.in_channels} channels, the cache's "
+                           f"base latents have {base_lat.shape[1]}")
+        teacher_p = student.config.patch_size
+    else:
+        teacher_p = _patch_size(student.x_embedder.in_features, base_lat.shape[1], "base model")
     # only the base embedder is kept as the teacher (not a second copy of the whole model); the loaded model is
     # converted in place and becomes the student
-    teacher_embedder = copy.deepcopy(student.x_embedder)
+    teacher_embedder = copy.deepcopy(_embedder(student))
     convert(student, channels, args.patch_size)
-    result = align_embedding(teacher_embedder, student.x_embedder, base_lat, dc_lat,
+    _maybe_fuse(args, student)
+    result = align_embedding(teacher_embedder, _embedder(student), base_lat, dc_lat,
                              teacher_patch_size=teacher_p, student_patch_size=args.patch_size, steps=args.steps,
                              lr=args.lr, batch_size=args.batch_size, seed=args.seed, mode=args.mode,
                              checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
@@ -157,23 +224,49 @@ def cmd_align_embedding(args) -> None:
     _summary("align-embedding", result["history"], args.out)
 
 
+def _maybe_fuse(args, transformer) -> None:
+    """--fused-latent-io: the embedder and head run as dcgen_kernels' patch_embed / patch_unembed (fused backward
+    included); the blocks stay stock. Parameters and state_dict are untouched, so saving is unaffected."""
+    if args.fused_latent_io:
+        from ..patching.latents import patch_latent_io
+
+        patch_latent_io(transformer, args.backend)
+
+
+def _embedder(transformer):
+    return transformer.patch_embed if _is_sana(transformer) else transformer.x_embedder
+
+
 def _head_or_lora(args, lora: bool) -> None:
     from . import add_lora, align_head
     from .data import load_latent_cache
 
     _, dc_lat, _ = load_latent_cache(args.cache)
-    transformer = _load_flux(args.transformer)
-    p = _patch_size(transformer.x_embedder.in_features, dc_lat.shape[1], "converted model")
+    transformer = _load_transformer(args.transformer)
+    if _is_sana(transformer):
+        p = transformer.config.patch_size
+        if dc_lat.shape[1] != transformer.config.in_channels:
+            raise CLIError(f"converted model: its patch_embed takes {transformer.config.in_channels} channels, the "
+                           f"cache's DC latents have {dc_lat.shape[1]}")
+    else:
+        p = _patch_size(transformer.x_embedder.in_features, dc_lat.shape[1], "converted model")
     if args.patch_size is not None and args.patch_size != p:
         raise CLIError(f"--patch-size {args.patch_size} does not match the model ({p} for {dc_lat.shape[1]} "
                        f"latent channels)")
-    text, pooled, null_text, null_pooled = _load_text(args, dc_lat.shape[0], transformer)
+    if _is_sana(transformer):
+        text, mask, null_text, null_mask = _load_sana_text(args, dc_lat.shape[0], transformer)
+        pooled = null_pooled = None
+        masks = dict(encoder_attention_mask=mask, null_encoder_attention_mask=null_mask)
+    else:
+        text, pooled, null_text, null_pooled = _load_text(args, dc_lat.shape[0], transformer)
+        masks = {}
     if lora:
         add_lora(transformer, rank=args.rank, alpha=args.alpha)
+    _maybe_fuse(args, transformer)
     result = align_head(transformer, dc_lat, text, pooled, null_text, null_pooled, patch_size=p, steps=args.steps,
                         lr=args.lr, batch_size=args.batch_size, seed=args.seed, p_drop=args.p_drop,
                         train_head_only=not lora, checkpoint_dir=args.checkpoint_dir,
-                        checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+                        checkpoint_every=args.checkpoint_every, progress=not args.quiet, **masks)
     if lora:  # adapter in out/lora, base weights (with the trained embedder / head) in out; `merge` joins them
         transformer.save_lora_adapter(os.path.join(args.out, LORA_SUBDIR), weight_name=LORA_WEIGHTS)
         transformer.unload_lora()
@@ -198,7 +291,7 @@ def cmd_merge(args) -> None:
     if not os.path.isfile(os.path.join(adapter, LORA_WEIGHTS)):
         raise FileNotFoundError(f"{args.transformer!r} has no {LORA_SUBDIR}/{LORA_WEIGHTS} adapter; pass the output "
                                 f"directory of the `lora` command")
-    transformer = _load_flux(args.transformer)
+    transformer = _load_transformer(args.transformer)
     transformer.load_lora_adapter(adapter, weight_name=LORA_WEIGHTS, prefix=None, adapter_name="default",
                                   use_safetensors=True)
     merge_lora(transformer)
@@ -217,6 +310,10 @@ def _add_training(p, default_lr: float) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (save_pretrained)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fused-latent-io", action="store_true",
+                   help="train through dcgen_kernels' fused patch_embed / patch_unembed (embedder and head only)")
+    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
+                   help="backend of the fused ops with --fused-latent-io")
 
 
 def _add_text(p) -> None:
@@ -244,22 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache file (.safetensors)")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("align-embedding", help="stage 1: convert a base FLUX and align the new embedder")
-    p.add_argument("--transformer", required=True, help="local base FluxTransformer2DModel directory")
+    p = sub.add_parser("align-embedding", help="stage 1: convert a base FLUX / SANA and align the new embedder")
+    p.add_argument("--transformer", required=True, help="local base FluxTransformer2DModel or "
+                                                        "SanaTransformer2DModel directory")
     p.add_argument("--latent-channels", type=int, default=None, help="DC-AE latent channels (default: cache's)")
     p.add_argument("--patch-size", type=int, default=1)
     p.add_argument("--mode", choices=("pool", "upsample"), default="pool")
     _add_training(p, 1e-3)
     p.set_defaults(func=cmd_align_embedding)
 
-    p = sub.add_parser("align-head", help="stage 2: train embedder + output head of a converted FLUX")
-    p.add_argument("--transformer", required=True, help="local converted FLUX directory (align-embedding output)")
+    p = sub.add_parser("align-head", help="stage 2: train embedder + output head of a converted FLUX / SANA")
+    p.add_argument("--transformer", required=True, help="local converted FLUX or SANA directory (align-embedding "
+                                                        "output)")
     _add_text(p)
     _add_training(p, 1e-4)
     p.set_defaults(func=cmd_align_head)
 
     p = sub.add_parser("lora", help="stage 3: LoRA on the blocks plus embedder / head")
-    p.add_argument("--transformer", required=True, help="local converted FLUX directory (align-head output)")
+    p.add_argument("--transformer", required=True, help="local converted FLUX or SANA directory (align-head output)")
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--alpha", type=float, default=256.0)
     _add_text(p)

@@ -4,11 +4,14 @@ Stage 1, `align_embedding`: the frozen base embedder on base-AE latents (teacher
 DC-AE latents of the same images (student) are compared with `embedding_alignment_loss` (teacher average-pooled
 to the student's token grid, or the student nearest-upsampled to the teacher's).
 
-Stage 2, `align_head`: backbone frozen, only ``x_embedder`` and ``proj_out`` trained with the flow-matching
-loss of `align_head_loss`. For guidance-distilled FLUX the guided prediction v_g = f(x_t, c, t, w) (with grad)
-and the unguided v_u = f(x_t, null, t, 1) (no grad) are combined into the CFG-equivalent velocity
-v_hat = (v_g - (1 - w) v_u) / w, regressed onto noise - x0 (rectified flow, x_t = (1 - t) x0 + t noise).
-w ~ U[1, 14]; each sample's text is replaced by the null-prompt embeddings with probability 0.1.
+Stage 2, `align_head`: backbone frozen, only the embedder (``x_embedder`` / ``patch_embed``) and ``proj_out``
+trained with the flow-matching loss. FLUX (`align_head_loss`): for guidance-distilled FLUX the guided prediction
+v_g = f(x_t, c, t, w) (with grad) and the unguided v_u = f(x_t, null, t, 1) (no grad) are combined into the
+CFG-equivalent velocity v_hat = (v_g - (1 - w) v_u) / w, regressed onto noise - x0 (rectified flow, x_t =
+(1 - t) x0 + t noise); w ~ U[1, 14]. SANA (`sana_flow_matching_loss`): the plain objective, the prediction
+f(x_t, c, t) regressed onto noise - x0. Either way each sample's text is replaced by the null-prompt embeddings
+with probability 0.1. A model patched by ``dcgen_kernels.patch`` trains through the fused ``patch_embed`` /
+``patch_unembed`` ops (FLUX then gets unpacked latents; the loss is the same).
 
 Stage 3, `add_lora` / `merge_lora`: peft LoRA on every attention and MLP linear of the blocks (not on the
 model-level head), embedder and head trained fully; `align_head(..., train_head_only=False)` trains whatever
@@ -17,7 +20,9 @@ is trainable, then `merge_lora` folds the adapters into the base weights.
 FLUX input conventions (as FluxPipeline calls the model): ``timestep`` is the flow time t in [0, 1] (the
 pipeline passes ``timestep / 1000``, the model multiplies by 1000 again); ``guidance`` is the raw guidance
 scale w (the model also multiplies it by 1000 internally). Models without a guidance embedding
-(``config.guidance_embeds`` False) get ``guidance=None``.
+(``config.guidance_embeds`` False) get ``guidance=None``. SANA (as SanaPipeline calls it): ``timestep`` is
+1000 t times ``config.timestep_scale``; the latents stay (B, C, h, w); ``encoder_attention_mask`` marks the
+prompt's real tokens.
 
 All training runs share one loop (`_train`): AdamW over the trainable parameters, a seeded torch.Generator
 for every random draw, periodic checkpoints (trainable parameters in safetensors + optimizer / RNG / history
@@ -36,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import _check_positive_int, _family, latent_image_ids, pack_latents
+from .convert import _check_positive_int, _family, latent_image_ids, pack_latents, unpack_latents
 
 __all__ = [
     "embedding_alignment_loss", "align_embedding", "flow_matching_pair", "guidance_distilled_velocity",
-    "sample_guidance", "drop_text", "align_head_loss", "align_head", "add_lora", "merge_lora",
-    "lora_target_modules", "latest_checkpoint",
+    "sample_guidance", "drop_text", "align_head_loss", "sana_flow_matching_loss", "align_head", "add_lora",
+    "merge_lora", "lora_target_modules", "latest_checkpoint",
 ]
 
 GUIDANCE_RANGE = (1.0, 14.0)
@@ -128,6 +133,27 @@ def embedding_alignment_loss(student_tokens: torch.Tensor, teacher_tokens: torch
     return F.mse_loss(_map_to_tokens(up), teacher_tokens.float())
 
 
+def _is_patch_embed(module: nn.Module) -> bool:
+    from diffusers.models.embeddings import PatchEmbed
+
+    return isinstance(module, PatchEmbed)
+
+
+def _embed(embedder: nn.Module, latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Tokens (B, N, D) of an embedder: SANA's PatchEmbed and a patched FLUX x_embedder take the (B, C, h, w)
+    latents (the patched one gathers the packing in its GEMM), a plain Linear the packed latents."""
+    from ..patching.latents import takes_unpacked_latents
+
+    if _is_patch_embed(embedder):
+        if embedder.patch_size != patch_size:
+            raise ValueError(f"the PatchEmbed embedder has patch size {embedder.patch_size}, got patch_size "
+                             f"{patch_size}")
+        return embedder(latents)
+    if takes_unpacked_latents(embedder):
+        return embedder(latents)
+    return embedder(pack_latents(latents, patch_size))
+
+
 def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, teacher_latents: torch.Tensor,
                     student_latents: torch.Tensor, *, teacher_patch_size: int, student_patch_size: int,
                     steps: int, lr: float, batch_size: int, seed: int, mode: str = "pool",
@@ -136,10 +162,12 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
     """Stage 1: train `student_embedder` so its tokens match the frozen `teacher_embedder`'s.
 
     ``teacher_latents`` (N, Ct, ht, wt) and ``student_latents`` (N, Cs, hs, ws) are encodings of the same N
-    images by the base AE and the DC-AE. Tokens: ``embedder(pack_latents(latents, patch_size))`` (FLUX
-    ``x_embedder`` style: a Linear on packed patches). Each step draws `batch_size` image indices (with
-    replacement) from a generator seeded with `seed`; AdamW with learning rate `lr`. The teacher is frozen
-    (requires_grad False, eval). Returns ``dict(history=[loss per step])``; the student is trained in place.
+    images by the base AE and the DC-AE. Tokens: ``embedder(pack_latents(latents, patch_size))`` for a FLUX
+    ``x_embedder`` (a Linear on packed patches), ``embedder(latents)`` for SANA's ``patch_embed`` (a diffusers
+    PatchEmbed, whose patch size must equal the given one) and for an x_embedder patched by dcgen_kernels. Each
+    step draws `batch_size` image indices (with replacement) from a generator seeded with `seed`; AdamW with
+    learning rate `lr`. The teacher is frozen (requires_grad False, eval). Returns ``dict(history=[loss per
+    step])``; the student is trained in place.
 
     Checkpoints (shared with `align_head`): with a ``checkpoint_dir``, every ``checkpoint_every`` steps and at
     the last step ``checkpoint_dir/step-XXXXXXXX/`` gets ``trainable.safetensors`` (the trained parameters) and
@@ -181,8 +209,8 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
         s_lat = student_latents[idx].to(device)
         with _autocast(device):
             with torch.no_grad():
-                teacher = teacher_embedder(pack_latents(t_lat.to(_dtype_of(teacher_embedder, t_lat)), tp))
-            student = student_embedder(pack_latents(s_lat.to(_dtype_of(student_embedder, s_lat)), sp))
+                teacher = _embed(teacher_embedder, t_lat.to(_dtype_of(teacher_embedder, t_lat)), tp)
+            student = _embed(student_embedder, s_lat.to(_dtype_of(student_embedder, s_lat)), sp)
         return embedding_alignment_loss(student, teacher, student_grid, teacher_grid, mode)
 
     return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
@@ -287,13 +315,19 @@ def align_head_loss(transformer: nn.Module, x0_tokens: torch.Tensor, encoder_hid
 
     x_t = (1 - t) x0 + t noise; v_g = f(x_t, c, t, w) with grad; v_u = f(x_t, null, t, 1) under no_grad;
     v_hat = (v_g - (1 - w) v_u) / w; loss = mean((v_hat - (noise - x0))^2). ``x0_tokens`` / ``noise`` are packed
-    latents (B, N, C p^2); ``t`` (B,) in [0, 1] is passed as the model's ``timestep`` (FluxPipeline's
+    latents (B, N, C p^2), or, for a model patched by dcgen_kernels (fused embedder and head), the unpacked
+    (B, C, h, w) latents; ``t`` (B,) in [0, 1] is passed as the model's ``timestep`` (FluxPipeline's
     ``timestep / 1000``); ``w`` (B,) as ``guidance`` (raw scale, as the pipeline passes it). For a model without
     a guidance embedding both calls get ``guidance=None``. The null embeddings are (L, D) / (P,) or batched.
+    SANA has no guidance distillation: use `sana_flow_matching_loss`.
     """
+    from ..patching.latents import takes_unpacked_latents
+
     if _family(transformer) != "flux":
-        raise TypeError("align_head_loss supports FluxTransformer2DModel (guidance-distilled FLUX)")
-    _check_tensor("x0_tokens", x0_tokens, 3)
+        raise TypeError("align_head_loss supports FluxTransformer2DModel (guidance-distilled FLUX); for "
+                        "SanaTransformer2DModel use sana_flow_matching_loss")
+    unpacked = _check_tensor("x0_tokens", x0_tokens).dim() == 4 and takes_unpacked_latents(transformer)
+    _check_tensor("x0_tokens", x0_tokens, 4 if unpacked else 3)
     _check_tensor("w", w, 1)
     b = x0_tokens.shape[0]
     if w.shape[0] != b or _check_tensor("t", t, 1).shape[0] != b:
@@ -318,6 +352,40 @@ def align_head_loss(transformer: nn.Module, x0_tokens: torch.Tensor, encoder_hid
     return F.mse_loss(v_hat, target.float())
 
 
+def sana_flow_matching_loss(transformer: nn.Module, x0: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                            t: torch.Tensor, noise: torch.Tensor,
+                            encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flow-matching loss of a diffusers ``SanaTransformer2DModel``: mean((f(x_t, c, t) - (noise - x0))^2).
+
+    x_t = (1 - t) x0 + t noise with ``x0`` / ``noise`` (B, C, h, w) latents and ``t`` (B,) in [0, 1]; the model
+    gets ``timestep = 1000 t * config.timestep_scale`` and the prompt's ``encoder_hidden_states`` (B, L, D) with
+    its ``encoder_attention_mask`` (B, L) (1 = real token), as SanaPipeline calls it. A learned-sigma head
+    (2C output channels) is cut to its first C channels, as the pipeline does.
+    """
+    if _family(transformer) != "sana":
+        raise TypeError("sana_flow_matching_loss supports SanaTransformer2DModel; for FLUX use align_head_loss")
+    _check_tensor("x0", x0, 4)
+    _check_tensor("encoder_hidden_states", encoder_hidden_states, 3)
+    b = x0.shape[0]
+    if _check_tensor("t", t, 1).shape[0] != b or encoder_hidden_states.shape[0] != b:
+        raise ValueError(f"t must have shape ({b},) and encoder_hidden_states {b} rows, got {tuple(t.shape)} and "
+                         f"{tuple(encoder_hidden_states.shape)}")
+    if encoder_attention_mask is not None and tuple(_check_tensor("encoder_attention_mask", encoder_attention_mask,
+                                                                  2).shape) != encoder_hidden_states.shape[:2]:
+        raise ValueError(f"encoder_attention_mask must have shape {tuple(encoder_hidden_states.shape[:2])}, got "
+                         f"{tuple(encoder_attention_mask.shape)}")
+    x_t, target = flow_matching_pair(x0, noise, t)
+    dtype = next(transformer.parameters()).dtype
+    timestep = t.float() * 1000 * transformer.config.timestep_scale
+    with _autocast(x0.device):
+        v = transformer(hidden_states=x_t.to(dtype), encoder_hidden_states=encoder_hidden_states.to(dtype),
+                        timestep=timestep.to(dtype), encoder_attention_mask=encoder_attention_mask,
+                        return_dict=False)[0]
+    if v.shape[1] == 2 * x0.shape[1]:
+        v = v[:, :x0.shape[1]]
+    return F.mse_loss(v.float(), target.float())
+
+
 def _sample_t(batch: int, generator: torch.Generator, sampling: str) -> torch.Tensor:
     if sampling == "uniform":
         return torch.rand(batch, generator=generator)
@@ -325,24 +393,43 @@ def _sample_t(batch: int, generator: torch.Generator, sampling: str) -> torch.Te
 
 
 def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-               pooled_projections: torch.Tensor, null_encoder_hidden_states: torch.Tensor,
-               null_pooled_projections: torch.Tensor, *, patch_size: int = 1, steps: int, lr: float,
-               batch_size: int, seed: int, p_drop: float = 0.1,
+               pooled_projections: Optional[torch.Tensor], null_encoder_hidden_states: torch.Tensor,
+               null_pooled_projections: Optional[torch.Tensor], *, patch_size: Optional[int] = None, steps: int,
+               lr: float, batch_size: int, seed: int, p_drop: float = 0.1,
                guidance_range: Tuple[float, float] = GUIDANCE_RANGE, t_sampling: str = "logit_normal",
-               train_head_only: bool = True, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
-               resume: bool = True, progress: bool = True) -> dict:
-    """Stage 2 (and, with ``train_head_only=False``, stage 3): train a converted FLUX with `align_head_loss`.
+               train_head_only: bool = True, encoder_attention_mask: Optional[torch.Tensor] = None,
+               null_encoder_attention_mask: Optional[torch.Tensor] = None, checkpoint_dir: Optional[str] = None,
+               checkpoint_every: int = 0, resume: bool = True, progress: bool = True) -> dict:
+    """Stage 2 (and, with ``train_head_only=False``, stage 3): train a converted FLUX or SANA's embedder and head.
 
-    ``latents`` (N, C, h, w) are DC-AE latents (already scaled), ``encoder_hidden_states`` (N, L, D) and
-    ``pooled_projections`` (N, P) their prompts' embeddings, the null ones those of the empty prompt. Each step
-    draws `batch_size` samples (with replacement), t (logit-normal or uniform), noise, w ~ U[guidance_range],
-    and drops text with probability `p_drop`, all from a generator seeded with `seed`.
+    ``latents`` (N, C, h, w) are DC-AE latents (already scaled), ``encoder_hidden_states`` (N, L, D) their
+    prompts' embeddings, the null ones those of the empty prompt. Each step draws `batch_size` samples (with
+    replacement), t (logit-normal or uniform), noise, and drops text with probability `p_drop`, all from a
+    generator seeded with `seed`.
 
-    ``train_head_only=True`` freezes every parameter except ``x_embedder`` and ``proj_out``; ``False`` trains
-    whatever currently has requires_grad (e.g. after `add_lora`). Returns ``dict(history=[loss per step])``.
+    FLUX: the guidance-distilled `align_head_loss`; ``pooled_projections`` (N, P) and ``null_pooled_projections``
+    (P,) are required, w ~ U[guidance_range]; ``patch_size`` (default 1) packs the latents. SANA: the plain
+    `sana_flow_matching_loss`; pooled projections must be None, ``encoder_attention_mask`` (N, L) and
+    ``null_encoder_attention_mask`` (L,) default to all ones, ``patch_size`` must be None or the model's.
+
+    ``train_head_only=True`` freezes every parameter except the embedder (``x_embedder`` / ``patch_embed``) and
+    ``proj_out``; ``False`` trains whatever currently has requires_grad (e.g. after `add_lora`). Returns
+    ``dict(history=[loss per step])``.
     """
-    if _family(transformer) != "flux":
-        raise TypeError("align_head supports FluxTransformer2DModel (guidance-distilled FLUX)")
+    if _family(transformer) == "sana":
+        return _align_head_sana(
+            transformer, latents, encoder_hidden_states, pooled_projections, null_encoder_hidden_states,
+            null_pooled_projections, patch_size=patch_size, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+            p_drop=p_drop, t_sampling=t_sampling, train_head_only=train_head_only,
+            encoder_attention_mask=encoder_attention_mask, null_encoder_attention_mask=null_encoder_attention_mask,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+    from ..patching.latents import takes_unpacked_latents
+
+    patch_size = 1 if patch_size is None else patch_size
+    for name, value in (("pooled_projections", pooled_projections),
+                        ("null_pooled_projections", null_pooled_projections)):
+        if value is None:
+            raise ValueError(f"{name} is required for FLUX")
     _check_tensor("latents", latents, 4)
     _check_tensor("encoder_hidden_states", encoder_hidden_states, 3)
     _check_tensor("pooled_projections", pooled_projections, 2)
@@ -360,22 +447,19 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
         raise ValueError(f"guidance_range must be (low, high) with 0 < low < high, got {guidance_range!r}")
     if t_sampling not in ("logit_normal", "uniform"):
         raise ValueError(f"t_sampling must be 'logit_normal' or 'uniform', got {t_sampling!r}")
-    if train_head_only:
-        transformer.requires_grad_(False)
-        transformer.x_embedder.requires_grad_(True)
-        transformer.proj_out.requires_grad_(True)
-    params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("transformer has no trainable parameters")
-    transformer.eval()  # no dropout in FLUX; frozen norms/embeddings behave as at inference
+    params = _head_training_params(transformer, transformer.x_embedder, train_head_only)
     device = next(iter(params.values())).device
     img_ids = latent_image_ids(h, w_, patch_size, device=device)
     txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=device)
+
+    unpacked = takes_unpacked_latents(transformer)  # patched: the fused embedder / head take (B, C, h, w)
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(n, (batch_size,), generator=generator)
         x0 = pack_latents(latents[idx].float(), patch_size)
         noise = torch.randn(x0.shape, generator=generator)
+        if unpacked:  # the same draws, unpacked: patched and stock runs see the same samples
+            x0, noise = latents[idx].float(), unpack_latents(noise, h, w_, patch_size)
         t = _sample_t(batch_size, generator, t_sampling)
         w = sample_guidance(batch_size, generator, low, high)
         text, pooled, _ = drop_text(encoder_hidden_states[idx], pooled_projections[idx],
@@ -390,9 +474,74 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
                   progress=progress, meta=meta, desc="align head")
 
 
+def _align_head_sana(transformer, latents, encoder_hidden_states, pooled_projections, null_encoder_hidden_states,
+                     null_pooled_projections, *, patch_size, steps, lr, batch_size, seed, p_drop, t_sampling,
+                     train_head_only, encoder_attention_mask, null_encoder_attention_mask, checkpoint_dir,
+                     checkpoint_every, resume, progress) -> dict:
+    config = transformer.config
+    if pooled_projections is not None or null_pooled_projections is not None:
+        raise ValueError("SanaTransformer2DModel takes no pooled projections: pass None")
+    if getattr(config, "guidance_embeds", False):
+        raise ValueError("guidance-embedded SANA (SANA-Sprint) is not supported by align_head")
+    _check_tensor("latents", latents, 4)
+    text = _check_tensor("encoder_hidden_states", encoder_hidden_states, 3)
+    n, c, h, w_ = latents.shape
+    p = config.patch_size
+    if patch_size is not None and patch_size != p:
+        raise ValueError(f"patch_size {patch_size} differs from the model's config.patch_size {p}")
+    if c != config.in_channels:
+        raise ValueError(f"latents have {c} channels, the model's patch_embed takes {config.in_channels}")
+    if h % p or w_ % p:
+        raise ValueError(f"latents spatial size {(h, w_)} must be a multiple of the patch size {p}")
+    if text.shape[0] != n:
+        raise ValueError(f"latents and encoder_hidden_states must have the same number of samples, got {n} and "
+                         f"{text.shape[0]}")
+    mask = torch.ones(text.shape[:2]) if encoder_attention_mask is None else encoder_attention_mask.float()
+    if tuple(mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"encoder_attention_mask must have shape {tuple(text.shape[:2])}, got {tuple(mask.shape)}")
+    null_text = _check_tensor("null_encoder_hidden_states", null_encoder_hidden_states)
+    null_mask = (torch.ones(text.shape[1]) if null_encoder_attention_mask is None
+                 else null_encoder_attention_mask.float().reshape(-1))
+    p_drop = _check_probability("p_drop", p_drop)
+    if t_sampling not in ("logit_normal", "uniform"):
+        raise ValueError(f"t_sampling must be 'logit_normal' or 'uniform', got {t_sampling!r}")
+    params = _head_training_params(transformer, transformer.patch_embed, train_head_only)
+    device = next(iter(params.values())).device
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(n, (batch_size,), generator=generator)
+        x0 = latents[idx].float()
+        noise = torch.randn(x0.shape, generator=generator)
+        t = _sample_t(batch_size, generator, t_sampling)
+        # the attention mask rides along as the per-sample 2-D conditioning: a dropped prompt takes the null mask
+        cond, cond_mask, _ = drop_text(text[idx], mask[idx], null_text, null_mask, p_drop, generator)
+        return sana_flow_matching_loss(transformer, x0.to(device), cond.to(device), t.to(device), noise.to(device),
+                                       cond_mask.to(device))
+
+    meta = dict(stage="align_head", objective="flow_matching", p_drop=p_drop, t_sampling=t_sampling)
+    return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                  progress=progress, meta=meta, desc="align head")
+
+
 # ----------------------------------------------------------------------------------------------- shared loop
 _CKPT = re.compile(r"^step-(\d{8})$")
 _WEIGHTS, _STATE = "trainable.safetensors", "state.pt"
+
+
+def _head_training_params(transformer: nn.Module, embedder: nn.Module, train_head_only: bool
+                          ) -> Dict[str, nn.Parameter]:
+    """The parameters align_head trains (embedder + head alone when train_head_only); puts the model in eval mode
+    (dropout off; frozen norms/embeddings behave as at inference)."""
+    if train_head_only:
+        transformer.requires_grad_(False)
+        embedder.requires_grad_(True)
+        transformer.proj_out.requires_grad_(True)
+    params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("transformer has no trainable parameters")
+    transformer.eval()
+    return params
 
 
 def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:

@@ -6,6 +6,9 @@ The modulation vectors are per (batch, channel): (B, C) as FLUX's `emb.chunk(6, 
 (B, 1, C) as SANA's `(scale_shift_table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)` does, or with a
 batch size of 1 to broadcast. Strided chunk views are read in place (only the channel stride must be 1).
 
+`ada_layer_norm_modulate_fp8` is the same op emitting FP8 E4M3 rows and one fp32 scale per row (the format of
+ops/fp8_linear.py), quantized from the fp32 result in the same pass: the producer side of the FP8 linears.
+
 Rounding: the math runs in fp32 and is rounded once to the output dtype. diffusers rounds after every
 operation in bf16/fp16 (norm, 1 + scale, product, sum), so results differ by about one rounding of the output.
 """
@@ -22,6 +25,7 @@ from ._common import cdiv, check_tensor, register_reference_autograd
 
 __all__ = [
     "ada_layer_norm_modulate", "ada_layer_norm_modulate_reference",
+    "ada_layer_norm_modulate_fp8", "ada_layer_norm_modulate_fp8_reference",
     "gated_residual", "gated_residual_reference",
 ]
 
@@ -41,6 +45,16 @@ def ada_layer_norm_modulate_reference(x, scale, shift, norm_weight=None, norm_bi
     bias = norm_bias.float() if norm_bias is not None else None
     y = F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
     return (y * (1 + _per_batch(scale).float()) + _per_batch(shift).float()).to(x.dtype)
+
+
+def ada_layer_norm_modulate_fp8_reference(x, scale, shift, norm_weight=None, norm_bias=None, eps: float = 1e-6):
+    """The fp32 modulated LayerNorm quantized per row: (fp8 E4M3 (B, N, C), fp32 (B, N) scales)."""
+    from .fp8_linear import quantize_fp8_reference
+
+    weight = norm_weight.float() if norm_weight is not None else None
+    bias = norm_bias.float() if norm_bias is not None else None
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+    return quantize_fp8_reference(y * (1 + _per_batch(scale).float()) + _per_batch(shift).float())
 
 
 def gated_residual_reference(residual, gate, x):
@@ -103,7 +117,8 @@ def _gated_config() -> dict:
     return dict(BLOCK_ROWS=4, BLOCK_C=1024, num_warps=4)  # best of 6 tiles measured on an H100 (bf16)
 
 
-def _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out) -> None:
+def _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out, row_scale=None) -> None:
+    """row_scale given: out is fp8 and gets the quantized rows, row_scale (B, N) fp32 their scales."""
     from ..triton_kernels.ada_layer_norm import ada_layer_norm_modulate_kernel
 
     B, N, C = x.shape
@@ -112,11 +127,11 @@ def _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out) -
         x, scale, shift,
         norm_weight if norm_weight is not None else x,  # placeholders, never read (HAS_WEIGHT/HAS_BIAS off)
         norm_bias if norm_bias is not None else x,
-        out,
+        out, row_scale if row_scale is not None else x,
         N, C,
         x.stride(0), x.stride(1), _batch_stride(scale), _batch_stride(shift), out.stride(0), out.stride(1),
         eps,
-        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, **cfg,
+        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, QUANT_FP8=row_scale is not None, **cfg,
     )
 
 
@@ -198,6 +213,27 @@ def _(x, scale, shift, norm_weight, norm_bias, eps, backend):
 register_reference_autograd(_ada_layer_norm_modulate_op, ada_layer_norm_modulate_reference, n_tensor_inputs=5)
 
 
+@torch.library.custom_op("dcgen::ada_layer_norm_modulate_fp8", mutates_args=())
+def _ada_layer_norm_modulate_fp8_op(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = select_modulate_backend(x, backend)
+    if chosen == "reference":
+        q, row_scale = ada_layer_norm_modulate_fp8_reference(x, scale, shift, norm_weight, norm_bias, eps)
+        return q.contiguous(), row_scale.contiguous()
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel():
+        _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, q, row_scale)
+    return q, row_scale
+
+
+@_ada_layer_norm_modulate_fp8_op.register_fake
+def _(x, scale, shift, norm_weight, norm_bias, eps, backend):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
 @torch.library.custom_op("dcgen::gated_residual", mutates_args=())
 def _gated_residual_op(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
     chosen = select_gated_backend(residual, backend)
@@ -238,6 +274,30 @@ def ada_layer_norm_modulate(
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
     _validate_modulate(x, scale, shift, norm_weight, norm_bias, eps)
     return _ada_layer_norm_modulate_op(x, scale, shift, norm_weight, norm_bias, eps, backend)
+
+
+def ada_layer_norm_modulate_fp8(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    backend: str = "auto",
+):
+    """`ada_layer_norm_modulate` quantized to FP8 E4M3 in the same pass, for the FP8 linears that consume it.
+
+    Same arguments. Returns an FP8Activation (ops/fp8_linear.py): data (B, N, C) float8_e4m3fn, scale (B, N) fp32
+    = row amax / 448 of the fp32 result, dtype = x's dtype (what the consuming linears output).
+    """
+    from .fp8_linear import FP8Activation
+
+    _backend.check_backend_name(backend)
+    eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
+    _validate_modulate(x, scale, shift, norm_weight, norm_bias, eps)
+    data, row_scale = _ada_layer_norm_modulate_fp8_op(x, scale, shift, norm_weight, norm_bias, eps, backend)
+    return FP8Activation(data, row_scale, x.dtype)
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -6,9 +6,12 @@ patch_size 1 is the DC-Gen layout for DC-AE latents (feature = c, token = y*w + 
 GEMM's A operand straight from the NCHW latent, and scatter the unembed GEMM's result straight into NCHW, so the
 packed tensor is never materialised.
 
-Backward is the vjp of the fp32 reference. A fast one is mostly these same kernels: d(latent) of patch_embed is
-patch_unembed(grad, weight.T) and d(tokens) of patch_unembed is patch_embed(grad, weight.T); only d(weight) needs
-a new (gathering) GEMM.
+Backward on the Triton path reuses the two kernels: d(latent) of patch_embed is patch_unembed(grad, weight.T) and
+d(tokens) of patch_unembed is patch_embed(grad, weight.T). Both weight gradients are one gathering GEMM,
+packed(latent)^T . dense over all B*N tokens (patch_embed: latent and grad, stored transposed; patch_unembed: grad
+and tokens), split over the token range with fp32 partials summed on the host; the bias gradient is summed in the
+same pass. On the reference backend (and where Triton cannot serve the backward) it is the vjp of the fp32
+reference, recomputed under autograd.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import cdiv, check_tensor, register_reference_autograd
+from ._common import cdiv, check_tensor
 
 __all__ = ["patch_embed", "patch_embed_reference", "patch_unembed", "patch_unembed_reference"]
 
@@ -181,6 +184,46 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     )
 
 
+def _weight_grad_config(n_features: int, dim: int, total_tokens: int, device: torch.device) -> dict:
+    if _backend.triton_interpreter_enabled():
+        # Small tiles and two splits: test shapes then cover partial blocks, a multi-step token loop per split and
+        # token blocks that straddle two batch items.
+        return dict(BLOCK_F=16, BLOCK_D=32, BLOCK_T=8, num_warps=4, num_stages=1, splits=min(2, total_tokens))
+    block_f = min(128, max(16, _next_pow2(n_features)))
+    block_d = 128 if block_f <= 64 else 64
+    tiles = cdiv(n_features, block_f) * cdiv(dim, block_d)
+    # The output is small (features x dim): split the token reduction until about two waves of programs.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(cdiv(2 * sms, tiles), cdiv(total_tokens, 256)))
+    return dict(BLOCK_F=block_f, BLOCK_D=block_d, BLOCK_T=64, num_warps=8 if block_f * block_d >= 8192 else 4,
+                num_stages=3, splits=splits)
+
+
+def _launch_weight_grad_triton(latent, dense, patch_size: int, n_features: int, bias_from: int):
+    """(fp32 (F, D) sum over tokens of packed(latent)^T . dense, fp32 column sums of dense (bias_from 1, length
+    D) or of packed(latent) (bias_from 2, length F)). latent: (B, C, h, w) with F = C*p*p; dense: (B, N, D)."""
+    from ..triton_kernels.patch_embed import patch_weight_grad_kernel
+
+    B, n_tokens, dim = dense.shape
+    total = B * n_tokens
+    cfg = _weight_grad_config(n_features, dim, total, dense.device)
+    splits = cfg.pop("splits")
+    per_split = cdiv(cdiv(total, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
+    splits = cdiv(total, per_split)
+    partial = torch.empty(splits, n_features, dim, dtype=torch.float32, device=dense.device)
+    bias_partial = torch.empty(splits, dim if bias_from == 1 else n_features, dtype=torch.float32,
+                               device=dense.device)
+    grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(dim, cfg["BLOCK_D"]), splits)
+    patch_weight_grad_kernel[grid](
+        latent, dense, partial, bias_partial,
+        n_tokens, latent.shape[3] // patch_size, n_features, dim, total, per_split,
+        *latent.stride(),
+        *dense.stride(),
+        PATCH=patch_size, BIAS_FROM=bias_from, DOT_DTYPE=_dot_dtype(dense.dtype), **cfg,
+    )
+    return partial.sum(0), bias_partial.sum(0)
+
+
 def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
     """`op` is "patch_embed" or "patch_unembed"; x is its latent or tokens. There is no CUDA C++ backend."""
     return _backend.select(
@@ -228,7 +271,86 @@ def _(latent, weight, bias, patch_size, backend):
     return latent.new_empty(B, (h // patch_size) * (w // patch_size), weight.shape[0])
 
 
-register_reference_autograd(_patch_embed_op, patch_embed_reference, n_tensor_inputs=3)
+def _reference_vjp(reference, tensors, args, grad_out, wanted):
+    """Gradients of `reference(*tensors, *args)` for the tensors flagged in `wanted`, recomputed under autograd."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(tensors, wanted)]
+        out = reference(*leaves, *args)
+        grads = iter(torch.autograd.grad(out, [t for t, w in zip(leaves, wanted) if w], grad_out, allow_unused=True))
+    return [next(grads) if w else None for w in wanted]
+
+
+def _save(ctx, tensors, rest) -> None:
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*[t for t in tensors if t is not None])
+    ctx.rest = rest
+
+
+def _saved(ctx):
+    saved = iter(ctx.saved_tensors)
+    tensors = [next(saved) if present else None for present in ctx.present]
+    return tensors, [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(tensors)]
+
+
+@torch.library.custom_op("dcgen::patch_weight_grad", mutates_args=())
+def _patch_weight_grad_op(
+    latent: torch.Tensor, dense: torch.Tensor, patch_size: int, bias_from: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (packed(latent)^T . dense summed over batch and tokens, the column sums of dense (bias_from 1) or of
+    packed(latent) (bias_from 2)): both weight gradients, with their bias gradient, in one pass. Backward only."""
+    n_features = latent.shape[1] * patch_size * patch_size
+    if backend == "triton":
+        return _launch_weight_grad_triton(latent, dense, patch_size, n_features, bias_from)
+    packed = _pack(latent, patch_size).float()
+    dense = dense.float()
+    weight_grad = torch.einsum("bnf,bnd->fd", packed, dense)
+    return weight_grad, (dense if bias_from == 1 else packed).sum((0, 1))
+
+
+@_patch_weight_grad_op.register_fake
+def _(latent, dense, patch_size, bias_from, backend):
+    n_features = latent.shape[1] * patch_size * patch_size
+    return (dense.new_empty(n_features, dense.shape[2], dtype=torch.float32),
+            dense.new_empty(dense.shape[2] if bias_from == 1 else n_features, dtype=torch.float32))
+
+
+def _fused_backward_backend(op: str, backend: str, x, weight, grad) -> str:
+    chosen = select_backend(op, backend, x, weight)
+    if chosen == "triton" and _triton_case_error(grad) is not None:
+        return "reference"
+    return chosen
+
+
+def _bias_grad(grad: torch.Tensor, dims, dtype) -> torch.Tensor:
+    return grad.sum(dims, dtype=torch.float32).to(dtype)
+
+
+def _embed_setup_context(ctx, inputs, output):
+    latent, weight, bias, patch_size, backend = inputs
+    _save(ctx, (latent, weight, bias), (patch_size, backend))
+
+
+def _embed_backward(ctx, grad):
+    (latent, weight, bias), wanted = _saved(ctx)
+    patch_size, backend = ctx.rest
+    grad = grad.to(latent.dtype)
+    if _fused_backward_backend("patch_embed", backend, latent, weight, grad) != "triton":
+        grads = _reference_vjp(patch_embed_reference, (latent, weight, bias), (patch_size,), grad, wanted)
+        return (*grads, None, None)
+    # Custom ops, not raw launches, so that torch.compile can trace this backward.
+    d_latent = d_weight = d_bias = None
+    if wanted[0]:  # packed grad = grad . weight, scattered back to NCHW: patch_unembed with weight^T, no bias
+        d_latent = _patch_unembed_op(grad, weight.t(), None, patch_size, latent.shape[2], latent.shape[3], "triton")
+    if wanted[1]:  # (D, K) = grad^T . packed(latent): the op gives its transpose, (K, D)
+        weight_t, bias_grad = _patch_weight_grad_op(latent, grad, patch_size, 1, "triton")
+        d_weight = weight_t.t().to(weight.dtype, memory_format=torch.contiguous_format)  # cast + transpose, one pass
+        d_bias = bias_grad.to(bias.dtype) if wanted[2] else None
+    elif wanted[2]:
+        d_bias = _bias_grad(grad, (0, 1), bias.dtype)
+    return d_latent, d_weight, d_bias, None, None
+
+
+_patch_embed_op.register_autograd(_embed_backward, setup_context=_embed_setup_context)
 
 
 @torch.library.custom_op("dcgen::patch_unembed", mutates_args=())
@@ -250,7 +372,34 @@ def _(tokens, weight, bias, patch_size, height, width, backend):
     return tokens.new_empty(tokens.shape[0], weight.shape[0] // (patch_size * patch_size), height, width)
 
 
-register_reference_autograd(_patch_unembed_op, patch_unembed_reference, n_tensor_inputs=3)
+def _unembed_setup_context(ctx, inputs, output):
+    tokens, weight, bias, patch_size, height, width, backend = inputs
+    _save(ctx, (tokens, weight, bias), (patch_size, height, width, backend))
+
+
+def _unembed_backward(ctx, grad):
+    (tokens, weight, bias), wanted = _saved(ctx)
+    patch_size, height, width, backend = ctx.rest
+    grad = grad.to(tokens.dtype)
+    if _fused_backward_backend("patch_unembed", backend, tokens, weight, grad) != "triton":
+        grads = _reference_vjp(patch_unembed_reference, (tokens, weight, bias), (patch_size, height, width), grad,
+                               wanted)
+        return (*grads, None, None, None, None)
+    d_tokens = d_weight = d_bias = None
+    if wanted[0]:  # packed(grad) . weight, gathered from NCHW: patch_embed with weight^T, no bias
+        d_tokens = _patch_embed_op(grad, weight.t(), None, patch_size, "triton")
+    if wanted[1]:  # (F, D) = packed(grad)^T . tokens
+        weight_grad, bias_grad = _patch_weight_grad_op(grad, tokens, patch_size, 2, "triton")
+        d_weight = weight_grad.to(weight.dtype)
+        d_bias = bias_grad.to(bias.dtype) if wanted[2] else None
+    elif wanted[2]:
+        p = patch_size
+        d_bias = _bias_grad(grad.unflatten(2, (height // p, p)).unflatten(4, (width // p, p)), (0, 2, 4),
+                            bias.dtype).flatten()  # (C, p, p) -> feature c*p*p + i*p + j
+    return d_tokens, d_weight, d_bias, None, None, None, None
+
+
+_patch_unembed_op.register_autograd(_unembed_backward, setup_context=_unembed_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------- public API

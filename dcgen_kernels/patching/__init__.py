@@ -1,21 +1,24 @@
 """`patch(model)`: swap a diffusers model's hot modules for dcgen_kernels ops, per model family.
 
-Only instances are touched (processors are per module); parameters, buffers and state_dict stay as they were.
+Only instances are touched (processors are per module); parameters, buffers and state_dict stay as they were,
+unless `quant=` also quantizes the block linears (patching/quant.py), which replaces those nn.Linear modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Optional
 
 import torch
 
 from .. import _backend
-from . import dcae, flux, sana
+from . import dcae, flux, latents, quant as _quant, sana
+from .quant import QuantReport
 
 logger = logging.getLogger("dcgen_kernels")
 
-_FAMILIES = (flux, sana, dcae)
+_FAMILIES = (flux, sana, dcae, latents)
 _REPORT_ATTR = "_dcgen_patch_report"
 
 
@@ -25,6 +28,7 @@ class PatchReport:
     backend: str
     replaced: list = dataclasses.field(default_factory=list)  # (module name, family, replaced class)
     skipped: list = dataclasses.field(default_factory=list)  # (module name, family, reason)
+    quantization: Optional[QuantReport] = None  # which linears were quantized, weight memory before/after
 
     def __str__(self) -> str:
         lines = [f"dcgen_kernels.patch({self.model}, backend={self.backend!r}): "
@@ -34,6 +38,8 @@ class PatchReport:
             counts[(family, cls)] = counts.get((family, cls), 0) + 1
         lines += [f"  replaced {n} x {cls} ({family})" for (family, cls), n in counts.items()]
         lines += [f"  skipped {name}: {reason}" for name, _, reason in self.skipped]
+        if self.quantization is not None:
+            lines.append(f"  {self.quantization}")
         return "\n".join(lines)
 
 
@@ -46,14 +52,27 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}")
 
 
-def patch(model: torch.nn.Module, *, backend: str = "auto") -> torch.nn.Module:
+def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str] = None, keep_original: bool = False,
+          rank: int = 32) -> torch.nn.Module:
     """Replace supported modules of `model` in place and return it. Idempotent; `unpatch` reverts it.
 
     backend: 'auto' (default), 'cuda', 'triton' or 'reference' for every replaced op.
-    Raises ValueError when the model has no supported module.
+    quant: None (leave the linears as they are), 'fp8' or 'nvfp4': also quantize the transformer blocks' linears
+    (see `dcgen_kernels.quantize`); the patched FLUX / SANA blocks then feed FP8 linears activations quantized by
+    the kernels that produce them. keep_original: keep the 16-bit linears so `unpatch` can restore them; without
+    it `unpatch` of a quantized model raises. rank: SVDQuant low-rank branch rank for 'nvfp4'.
+    Raises ValueError when the model has no supported module or `quant` is unknown.
     """
     _check_model(model)
     _backend.check_backend_name(backend)
+    _quant.check_quant_name(quant)
+    if quant is not None and _quant.current_quant(model) != quant:
+        if not _quant.block_linears(model) and _quant.current_quant(model) is None:
+            raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "
+                             f"{type(model).__name__}; quantization supports FLUX and SANA transformers")
+        if not _quant.can_restore(model):
+            raise ValueError(f"{type(model).__name__} is already quantized to {_quant.current_quant(model)} without "
+                             f"keep_original=True; it cannot be re-quantized to {quant!r}. Reload the model.")
     report = PatchReport(model=type(model).__name__, backend=backend)
     for name, module in model.named_modules():
         for family in _FAMILIES:
@@ -70,14 +89,22 @@ def patch(model: torch.nn.Module, *, backend: str = "auto") -> torch.nn.Module:
         detail = f" (skipped: {'; '.join(f'{n}: {r}' for n, _, r in report.skipped)})" if report.skipped else ""
         raise ValueError(f"dcgen_kernels.patch found no supported module in {type(model).__name__}{detail}. "
                          f"Supported: {_supported_text()}")
+    if quant is not None:
+        _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank)
+    report.quantization = _quant.quant_report(model)
     setattr(model, _REPORT_ATTR, report)
     logger.info("%s", report)
     return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore every module `patch` replaced; a model that was never patched is returned unchanged."""
+    """Restore every module `patch` replaced; a model that was never patched is returned unchanged.
+
+    Quantized linears are restored when `keep_original=True` was given; otherwise this raises RuntimeError and
+    leaves the model as it is (the 16-bit weights are gone).
+    """
     _check_model(model)
+    _quant.restore(model)
     for module in model.modules():
         for family in _FAMILIES:
             if family.unpatch_module(module):

@@ -1,5 +1,12 @@
 """FLUX family: `FluxAttnProcessor` -> the fused `flux_attention` op; adaLN norms -> `ada_layer_norm_modulate`;
-the blocks' gated residuals and their inline MLP norm -> `gated_residual` / `ada_layer_norm_modulate`."""
+the blocks' gated residuals and their inline MLP norm -> `gated_residual` / `ada_layer_norm_modulate`.
+
+When the block linears are FP8Linear (patch(model, quant="fp8")), the patched blocks hand them activations
+quantized by the kernel that produces them: adaLN-modulate emits FP8 rows once for Q/K/V (and the single blocks'
+MLP), the FFN's GELU runs inside the pass that quantizes the second linear's input (the single blocks' concat of
+attention and MLP output too), and the last linear of each branch fuses `residual + gate * y` into its epilogue.
+The attention output is quantized by one standalone pass before `to_out` / `to_add_out`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,10 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ..ops.ada_layer_norm import ada_layer_norm_modulate, gated_residual
+from ..ops.ada_layer_norm import ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual
 from ..ops.flux_attention import flux_attention
+from ..ops.fp8_linear import quantize_fp8
+from ..quant.fp8 import FP8Linear
 from ._instance import backend_of, replace_forward, restore_forward
 
 FAMILY = "flux"
@@ -131,30 +140,104 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
+def _fp8(*modules) -> bool:
+    return all(isinstance(m, FP8Linear) for m in modules)
+
+
+def _qkv(attn, text: bool) -> tuple:
+    if attn.fused_projections:
+        return (attn.to_added_qkv,) if text else (attn.to_qkv,)
+    return (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if text else (attn.to_q, attn.to_k, attn.to_v)
+
+
+def _fp8_ffn(ff) -> bool:
+    """diffusers FeedForward(activation_fn="gelu-approximate") with both linears in FP8: [GELU(tanh) with proj,
+    Dropout, Linear]."""
+    net = getattr(ff, "net", None)
+    if net is None or len(net) != 3 or type(net[0]).__name__ != "GELU" or getattr(net[0], "approximate", "") != "tanh":
+        return False
+    return isinstance(net[1], torch.nn.Dropout) and (net[1].p == 0 or not ff.training) and _fp8(net[0].proj, net[2])
+
+
+def _fp8_ffn_residual(ff, x, residual, gate, backend):
+    """residual + gate * ff(x): first linear (+ bias) in FP8, GELU fused into quantizing its output, second linear
+    with the gated residual in its epilogue."""
+    pre = ff.net[0].proj(x)
+    return ff.net[2](quantize_fp8(pre, gelu=True, backend=_quantize_backend(backend)), gate=gate, residual=residual)
+
+
+def _quantize_backend(backend: str) -> str:
+    return "triton" if backend == "cuda" else backend  # the quantize kernels are Triton only
+
+
+def _ada_zero_chunks(norm, temb):
+    emb = norm.linear(norm.silu(temb))
+    return emb.chunk(6, dim=1)
+
+
+def _modulate_for(consumers_fp8: bool, x, scale, shift, eps, backend):
+    if consumers_fp8:
+        return ada_layer_norm_modulate_fp8(x, scale, shift, eps=eps, backend=_quantize_backend(backend))
+    return ada_layer_norm_modulate(x, scale, shift, eps=eps, backend=backend)
+
+
+def _fp8_attention_inputs(block, *ada_norms) -> bool:
+    """Whether the attention may be handed FP8 activations from `ada_norms`' modulation: our processor (which only
+    projects them) and adaLN modules whose norm is a plain LayerNorm without affine and no embedding of their own."""
+    plain = all(norm.emb is None if hasattr(norm, "emb") else True for norm in ada_norms) and all(
+        type(norm.norm) is torch.nn.LayerNorm and not norm.norm.elementwise_affine for norm in ada_norms)
+    return plain and isinstance(block.attn.processor, DCGenFluxAttnProcessor)
+
+
 def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                         joint_attention_kwargs=None):
     if temb.dtype != hidden_states.dtype:  # stock promotes to temb's dtype: keep its exact semantics
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
     backend = backend_of(self)
-    norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
-    norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
+    if _fp8_attention_inputs(self, self.norm1, self.norm1_context) and _fp8(*_qkv(self.attn, False),
+                                                                            *_qkv(self.attn, True)):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero_chunks(self.norm1, temb)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_zero_chunks(
+            self.norm1_context, temb)
+        norm_hidden = _modulate_for(True, hidden_states, scale_msa, shift_msa, self.norm1.norm.eps, backend)
+        norm_context = _modulate_for(True, encoder_hidden_states, c_scale_msa, c_shift_msa,
+                                     self.norm1_context.norm.eps, backend)
+    else:
+        norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+        norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states,
+                                                                                            emb=temb)
     outputs = self.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_context,
                         image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
     attn_output, context_attn_output = outputs[0], outputs[1]
 
     hidden_states = gated_residual(hidden_states, gate_msa, attn_output, backend=backend)
-    norm_hidden = ada_layer_norm_modulate(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps, backend=backend)
-    hidden_states = gated_residual(hidden_states, gate_mlp, self.ff(norm_hidden), backend=backend)
+    fp8_ff = _fp8_ffn(self.ff)
+    norm_hidden = _modulate_for(fp8_ff, hidden_states, scale_mlp, shift_mlp, self.norm2.eps, backend)
+    if fp8_ff:
+        hidden_states = _fp8_ffn_residual(self.ff, norm_hidden, hidden_states, gate_mlp, backend)
+    else:
+        hidden_states = gated_residual(hidden_states, gate_mlp, self.ff(norm_hidden), backend=backend)
     if len(outputs) == 3:  # IP-adapter output
         hidden_states = hidden_states + outputs[2]
 
     encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa, context_attn_output, backend=backend)
-    norm_context = ada_layer_norm_modulate(encoder_hidden_states, c_scale_mlp, c_shift_mlp,
-                                           eps=self.norm2_context.eps, backend=backend)
-    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context),
-                                           backend=backend)
+    fp8_ff = _fp8_ffn(self.ff_context)
+    norm_context = _modulate_for(fp8_ff, encoder_hidden_states, c_scale_mlp, c_shift_mlp, self.norm2_context.eps,
+                                 backend)
+    if fp8_ff:
+        encoder_hidden_states = _fp8_ffn_residual(self.ff_context, norm_context, encoder_hidden_states, c_gate_mlp,
+                                                  backend)
+    else:
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context),
+                                               backend=backend)
     return _clip_fp16(encoder_hidden_states), hidden_states
+
+
+def _fp8_single_block(block) -> bool:
+    act = block.act_mlp
+    return (_fp8_attention_inputs(block, block.norm) and _fp8(block.proj_mlp, block.proj_out, *_qkv(block.attn, False))
+            and type(act) is torch.nn.GELU and act.approximate == "tanh")
 
 
 def _flux_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -162,14 +245,26 @@ def _flux_single_block_forward(self, hidden_states, encoder_hidden_states, temb,
     if temb.dtype != hidden_states.dtype:
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
+    backend = backend_of(self)
     text_seq_len = encoder_hidden_states.shape[1]
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    if _fp8_single_block(self):
+        # One FP8 quantization of the normed rows serves Q, K, V and the MLP; GELU and the [attention, MLP] concat
+        # happen inside the pass that quantizes proj_out's input; proj_out adds residual + gate * y itself.
+        shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+        norm_hidden = _modulate_for(True, residual, scale, shift, self.norm.norm.eps, backend)
+        mlp_pre = self.proj_mlp(norm_hidden)
+        attn_output = self.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb,
+                                **(joint_attention_kwargs or {}))
+        joint = quantize_fp8(mlp_pre, prefix=attn_output, gelu=True, backend=_quantize_backend(backend))
+        hidden_states = _clip_fp16(self.proj_out(joint, gate=gate, residual=residual))
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
     norm_hidden, gate = self.norm(residual, emb=temb)
     mlp_hidden = self.act_mlp(self.proj_mlp(norm_hidden))
     attn_output = self.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb,
                             **(joint_attention_kwargs or {}))
     out = self.proj_out(torch.cat([attn_output, mlp_hidden], dim=2))
-    hidden_states = _clip_fp16(gated_residual(residual, gate, out, backend=backend_of(self)))
+    hidden_states = _clip_fp16(gated_residual(residual, gate, out, backend=backend))
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 

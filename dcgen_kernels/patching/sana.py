@@ -8,6 +8,9 @@
   flash/cuDNN kernels instead of the float-mask path.
 - SanaMultiscaleLinearAttention: `sana_multiscale_linear_attention` for its linear branch.
 - GLUMBConv: forward replaced by `glumbconv` (+ its RMSNorm and residual when configured).
+
+With FP8 block linears (patch(model, quant="fp8")), the block's first adaLN-modulate emits FP8 rows that the
+self-attention's Q/K/V projections share; the other linears quantize their input on the way in.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ..ops.ada_layer_norm import ada_layer_norm_modulate, gated_residual
+from ..ops.ada_layer_norm import ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual
 from ..ops.glumbconv import glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
+from ..quant.fp8 import FP8Linear
 from ._instance import backend_of, replace_forward, restore_forward
 
 FAMILY = "sana"
@@ -139,6 +143,12 @@ def _glumbconv_tokens(ff, tokens, height, width, backend):
                      ff.conv_depth.bias, ff.conv_point.weight, backend=backend)
 
 
+def _fp8_self_attention_inputs(attn) -> bool:
+    """Our linear-attention processor only projects its input, so it may be handed FP8 activations."""
+    return (isinstance(attn.processor, DCGenSanaLinearAttnProcessor)
+            and all(isinstance(p, FP8Linear) for p in (attn.to_q, attn.to_k, attn.to_v)))
+
+
 def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                         encoder_attention_mask=None, timestep=None, height=None, width=None):
     backend = backend_of(self)
@@ -148,7 +158,11 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
 
-    norm = ada_layer_norm_modulate(hidden_states, scale_msa, shift_msa, eps=self.norm1.eps, backend=backend)
+    if _fp8_self_attention_inputs(self.attn1):
+        norm = ada_layer_norm_modulate_fp8(hidden_states, scale_msa, shift_msa, eps=self.norm1.eps,
+                                           backend="triton" if backend == "cuda" else backend)
+    else:
+        norm = ada_layer_norm_modulate(hidden_states, scale_msa, shift_msa, eps=self.norm1.eps, backend=backend)
     hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm), backend=backend)
     if self.attn2 is not None:
         hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,

@@ -1,5 +1,8 @@
 """Triton kernels for adaLN modulation and the gated residual add (memory-bound: one read, one write).
 
+`ada_layer_norm_modulate_kernel` can also emit FP8 E4M3 rows with one fp32 scale per row (QUANT_FP8): the row is
+already in registers, so the amax costs no extra memory traffic and the output is half the bytes.
+
 Tensors are addressed as (batch, row, channel) with the channel stride 1; the per-(batch, channel) modulation
 vectors (scale, shift, gate) have a batch stride that is 0 when they broadcast over the batch. Each program
 covers BLOCK_ROWS rows of one batch element, so it loads the modulation vectors once for all of them.
@@ -8,19 +11,23 @@ covers BLOCK_ROWS rows of one batch element, so it loads the modulation vectors 
 import triton
 import triton.language as tl
 
+from .fp8_linear import round_to_e4m3
+
 
 @triton.jit
 def ada_layer_norm_modulate_kernel(
-    x_ptr, scale_ptr, shift_ptr, weight_ptr, bias_ptr, out_ptr,
+    x_ptr, scale_ptr, shift_ptr, weight_ptr, bias_ptr, out_ptr, row_scale_ptr,
     N, C,
     x_stride_b, x_stride_n, scale_stride_b, shift_stride_b, out_stride_b, out_stride_n,
     eps,
     BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QUANT_FP8: tl.constexpr = False,
 ):
     """out = LayerNorm(x) (optionally * weight + bias) * (1 + scale) + shift; statistics in fp32.
 
     The whole row sits in registers (BLOCK_C = next power of two >= C, masked), so the two-pass mean/variance
-    costs no second read of memory.
+    costs no second read of memory. QUANT_FP8: out is fp8 E4M3 with y * (448 / amax) rounded to nearest even,
+    and row_scale[b * N + row] = amax / 448 (fp32), the arithmetic of the quantize_fp8 op.
     """
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -46,7 +53,14 @@ def ada_layer_norm_modulate_kernel(
     y = y * (1.0 + scale)[None, :] + shift[None, :]
 
     out_off = b * out_stride_b + rows64[:, None] * out_stride_n + cols[None, :]
-    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    if QUANT_FP8:
+        amax = tl.maximum(tl.max(tl.where(tile_ok, tl.abs(y), 0.0), axis=1), 1e-12)
+        fp8_max = tl.full([BLOCK_ROWS], 448.0, tl.float32)
+        tl.store(row_scale_ptr + b * N + rows64, tl.div_rn(amax, fp8_max), mask=row_ok)
+        y = round_to_e4m3(tl.clamp(y * tl.div_rn(fp8_max, amax)[:, None], -448.0, 448.0))
+        tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit

@@ -86,3 +86,58 @@ def patch_unembed_kernel(
     out = (out_ptr + batch * stride_ob + _token_offsets(tokens, grid_w, stride_oy, stride_ox, PATCH)[:, None]
            + _feature_offsets(feats, stride_oc, stride_oy, stride_ox, PATCH)[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & feat_ok[None, :])
+
+
+@triton.jit
+def patch_weight_grad_kernel(
+    latent_ptr, dense_ptr, partial_ptr, bias_partial_ptr,
+    n_tokens, grid_w, n_features, dim, total_tokens, tokens_per_split,
+    stride_lb, stride_lc, stride_ly, stride_lx,
+    stride_db, stride_dn, stride_dd,
+    PATCH: tl.constexpr, BIAS_FROM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """partial[s, f, d] = sum over the tokens t of split s of packed(latent)[t, f] * dense[t, d].
+
+    Weight gradient of both ops: patch_embed's (latent, grad of tokens) and patch_unembed's (grad of latent, tokens).
+    t runs over all B * N tokens, so the batch is part of the reduction; splits of the token range fill the GPU
+    (the output is only features x dim) and the host sums their fp32 partials. BIAS_FROM 1: the programs of the
+    first feature block also sum dense over tokens (patch_embed's bias grad); 2: the programs of the first dim
+    block sum the packed latent (patch_unembed's bias grad).
+    """
+    feats = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
+    feat_ok = feats < n_features
+    col_ok = cols < dim
+    feat_off = _feature_offsets(feats, stride_lc, stride_ly, stride_lx, PATCH)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, total_tokens)
+    acc = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
+    if BIAS_FROM == 1:
+        bias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    else:
+        bias_acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < end
+        batch = (t // n_tokens).to(tl.int64)
+        token = t % n_tokens
+        # The packing is gathered in the load: the A operand is packed(latent)^T, read straight from NCHW.
+        token_off = batch * stride_lb + _token_offsets(token, grid_w, stride_ly, stride_lx, PATCH)
+        # Cast at the load, as the forward kernels do (fp32 under the interpreter: bf16 arithmetic is wrong there).
+        a = tl.load(latent_ptr + token_off[None, :] + feat_off[:, None], mask=feat_ok[:, None] & t_ok[None, :],
+                    other=0.0).to(DOT_DTYPE)
+        d = tl.load(dense_ptr + (batch * stride_db + token * stride_dn)[:, None] + cols[None, :] * stride_dd,
+                    mask=t_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, d, acc, input_precision="ieee")
+        if BIAS_FROM == 1:
+            bias_acc += tl.sum(d.to(tl.float32), axis=0)
+        if BIAS_FROM == 2:
+            bias_acc += tl.sum(a.to(tl.float32), axis=1)
+    tl.store(partial_ptr + (split * n_features + feats[:, None]).to(tl.int64) * dim + cols[None, :], acc,
+             mask=feat_ok[:, None] & col_ok[None, :])
+    if BIAS_FROM == 1:
+        tl.store(bias_partial_ptr + split * dim + cols, bias_acc, mask=col_ok & (tl.program_id(0) == 0))
+    if BIAS_FROM == 2:
+        tl.store(bias_partial_ptr + split * n_features + feats, bias_acc, mask=feat_ok & (tl.program_id(1) == 0))

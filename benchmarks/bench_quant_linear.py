@@ -1,0 +1,253 @@
+"""Low-precision linears at FLUX shapes, and the FLUX-12B step with quantized block linears.
+
+Section "layers": y = x W^T + b with x (M, K) bf16, W (N, K), M = 4608 tokens (4096 image + 512 text), (K, N) the
+FLUX-12B linears: (3072, 3072) attention projections, (3072, 9216) fused QKV, (3072, 12288) FFN up, (12288, 3072)
+FFN down, (15360, 3072) single-block proj_out. Variants on the same inputs and weights (nn.Linear default init):
+  bf16_cublas            stock: F.linear in bf16 (cuBLAS).
+  fp8_with_quantize      ours, from the bf16 activations: quantize_fp8 (one Triton pass) + fp8_linear.
+  fp8_prequantized       ours, activations already FP8 (what a fused producer - adaLN-modulate, the GELU/concat
+                         quantize pass - hands the layer): the GEMM alone (backend auto: torch._scaled_mm's
+                         row-wise scaled FP8 GEMM on sm_90+).
+  fp8_prequantized_triton  the same with the Triton fp8 kernel (GPU only).
+  scaled_mm_core[_fast_accum]  diagnostic (GPU only): torch._scaled_mm alone on the same operands, without / with
+                         use_fast_accum (fp8_linear uses the former).
+  quantize_only          quantize_fp8 alone (for the record).
+  w4a16                  SVDQuantLinear(activations="bf16", rank 32): NVFP4 weights, bf16 activations.
+  w4a4_triton            SVDQuantLinear(activations="nvfp4", rank 32, backend="triton").
+Metrics: ms (median after warm-up), TFLOP/s = 2 M K N / t, speedup_vs_bf16, weight bytes, rel-L2 against the
+fp32 linear on the same bf16 inputs (fp8 checked against 6%, bf16 against 1e-2; NVFP4 recorded only).
+
+Section "flux_step": FluxTransformer2DModel.forward, FLUX.1-dev 12B config, random bf16 weights built on the GPU,
+4096 image + 512 text tokens: stock eager, patch(model) (bf16 fused ops), patch(model, quant="fp8"),
+patch(model, quant="nvfp4"); model weight memory of each, rel-L2 vs stock (fp8/nvfp4: quantization error through
+57 random-weight blocks, recorded with a loose sanity bound, not a quality claim). Quantized variants use
+keep_original=True so the same model is restored between variants.
+
+Tiny mode: the same code paths at toy sizes in bf16 on the CPU (fp8 through the reference backend); seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .common import check_record, error_record, free_device_memory, rel_l2
+from .timing import time_ms
+
+FP8_LAYER_TOL = 0.06  # E4M3 operands, ~2.5% each (tests/test_fp8_linear.py)
+BF16_LAYER_TOL = 1e-2
+STEP_SANITY_TOL = {"patched": 1e-2, "patched_fp8": 0.15, "patched_nvfp4": 0.3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    tokens: int
+    shapes: tuple  # (K, N)
+    dtype: torch.dtype
+    warmup: int
+    iters: int
+    step_image_tokens: int
+    svdquant_rank: int
+
+
+REAL = Config(4608, ((3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)), torch.bfloat16,
+              warmup=5, iters=20, step_image_tokens=4096, svdquant_rank=32)
+TINY = Config(48, ((64, 64), (64, 96), (64, 128), (128, 64), (160, 64)), torch.bfloat16, warmup=0, iters=1,
+              step_image_tokens=64, svdquant_rank=8)
+
+
+def layer_key(M: int, K: int, N: int) -> str:
+    return f"M={M},K={K},N={N}"
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return _tensor_bytes(*module.parameters(), *module.buffers())
+
+
+def _scaled_mm_core(x: torch.Tensor, linear: torch.nn.Linear, fast_accum: bool):
+    """Diagnostic: torch._scaled_mm alone on our quantized operands, with and without fast accumulation (fp8_linear
+    uses use_fast_accum=False: fp32 promotion of the tensor-core partial sums)."""
+    def build():
+        from dcgen_kernels.ops.fp8_linear import quantize_fp8, quantize_weight_fp8
+
+        xq = quantize_fp8(x)
+        wq, ws = quantize_weight_fp8(linear.weight)
+        fn = lambda: torch._scaled_mm(xq.data, wq.T, scale_a=xq.scale[:, None], scale_b=ws[None, :],  # noqa: E731
+                                      bias=linear.bias, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        return fn, _tensor_bytes(wq, ws, linear.bias), FP8_LAYER_TOL
+    return build
+
+
+def _layer_variants(cfg: Config, device: torch.device, x: torch.Tensor, linear: torch.nn.Linear) -> dict:
+    """name -> (callable, weight bytes, tolerance or None); built lazily so one failing variant is recorded alone."""
+    from dcgen_kernels.ops.fp8_linear import quantize_fp8
+    from dcgen_kernels.quant import FP8Linear
+
+    variants: dict = {"bf16_cublas": lambda: (lambda: F.linear(x, linear.weight, linear.bias),
+                                               _module_bytes(linear), BF16_LAYER_TOL)}
+
+    def fp8(prequantized: bool, backend: str):
+        def build():
+            layer = FP8Linear.from_linear(linear, backend=backend)
+            if prequantized:
+                xq = quantize_fp8(x)
+                return (lambda: layer(xq)), _module_bytes(layer), FP8_LAYER_TOL
+            return (lambda: layer(x)), _module_bytes(layer), FP8_LAYER_TOL
+        return build
+
+    variants["fp8_with_quantize"] = fp8(False, "auto")
+    variants["fp8_prequantized"] = fp8(True, "auto")
+    if device.type == "cuda":
+        variants["fp8_prequantized_triton"] = fp8(True, "triton")
+        for fast in (False, True):
+            variants[f"scaled_mm_core{'_fast_accum' if fast else ''}"] = _scaled_mm_core(x, linear, fast)
+    variants["quantize_only"] = lambda: ((lambda: quantize_fp8(x).data), 0, None)
+
+    def svdquant(activations: str, backend: str):
+        def build():
+            from dcgen_kernels.quant.svdquant import SVDQuantLinear
+
+            rank = min(cfg.svdquant_rank, linear.in_features, linear.out_features)
+            layer = SVDQuantLinear.from_linear(linear, rank=rank, activations=activations, backend=backend)
+            return (lambda: layer(x)), _module_bytes(layer), None
+        return build
+
+    variants["w4a16"] = svdquant("bf16", "auto")
+    variants["w4a4_triton"] = svdquant("nvfp4", "triton" if device.type == "cuda" else "reference")
+    return variants
+
+
+def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, gemm_tflops, fp8_tflops) -> dict:
+    M = cfg.tokens
+    torch.manual_seed(0)
+    with torch.device(device):
+        linear = torch.nn.Linear(K, N, dtype=cfg.dtype).requires_grad_(False)
+        x = torch.randn(M, K, dtype=cfg.dtype)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    flop = 2 * M * K * N
+    rec: dict = {"M": M, "K": K, "N": N}
+    for name, build in _layer_variants(cfg, device, x, linear).items():
+        try:
+            fn, weight_bytes, tol = build()
+            with torch.no_grad():
+                out = fn()
+                entry: dict = {}
+                if name != "quantize_only":
+                    entry = {"rel_l2_vs_fp32_linear": rel_l2(out, expected)}
+                    if tol is not None:  # NaN fails too
+                        entry.update(tolerance=tol, check="ok" if entry["rel_l2_vs_fp32_linear"] <= tol else "FAILED")
+                    entry["weight_bytes"] = weight_bytes
+                del out
+                entry["ms"] = time_ms(fn, device, cfg.warmup, cfg.iters)
+            if name != "quantize_only":
+                entry["tflops"] = flop / entry["ms"] / 1e9
+                ceiling = fp8_tflops if name.startswith("fp8") else gemm_tflops
+                if ceiling:
+                    entry["fraction_of_ceiling"] = entry["tflops"] / ceiling
+            rec[name] = entry
+        except Exception as err:  # noqa: BLE001 - recorded; the other variants still run
+            rec[name] = error_record(err)
+        free_device_memory(device)
+    base = rec.get("bf16_cublas", {}).get("ms")
+    for name, entry in rec.items():
+        if isinstance(entry, dict) and base and "ms" in entry and name not in ("bf16_cublas", "quantize_only"):
+            entry["speedup_vs_bf16"] = base / entry["ms"]
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- FLUX step
+# fp8 first (the Hopper target), nvfp4 last: its offline SVDs of 418 weights take the longest to set up.
+STEP_VARIANTS = (("patched_fp8", "fp8"), ("patched", None), ("patched_nvfp4", "nvfp4"))
+
+
+def _bench_step(cfg: Config, device: torch.device, tiny: bool) -> dict:
+    import dcgen_kernels
+    from dcgen_kernels.patching.quant import weight_bytes
+
+    from . import bench_flux_step
+
+    step_cfg = bench_flux_step.TINY if tiny else bench_flux_step.REAL
+    step_cfg = dataclasses.replace(step_cfg, dtype=cfg.dtype)
+    warmup, iters = (0, 1) if tiny else (2, 5)
+    rec: dict = {"image_tokens": cfg.step_image_tokens, "text_tokens": step_cfg.text_tokens, "warmup": warmup,
+                 "iters": iters, "dtype": str(cfg.dtype).removeprefix("torch."),
+                 "weights": "random (diffusers' default init, built on the device); latency does not depend on values"}
+    model = bench_flux_step.build_model(step_cfg, device)
+    try:
+        x = bench_flux_step.make_inputs(step_cfg, cfg.step_image_tokens, device)
+        step: Callable[[], torch.Tensor] = lambda: model(**x)[0]  # noqa: E731
+        with torch.no_grad():
+            stock_out = step()
+            rec["stock"] = {"ms": time_ms(step, device, warmup, iters), "weight_bytes": weight_bytes(model)}
+            for name, quant in STEP_VARIANTS:
+                try:
+                    # Quantized variants keep the originals (off the module tree) so unpatch restores the model;
+                    # their reported weight_bytes exclude them, as a user with keep_original=False would see.
+                    dcgen_kernels.patch(model, quant=quant, keep_original=quant is not None)
+                    try:
+                        out = step()
+                        entry = check_record(rel_l2(out, stock_out), STEP_SANITY_TOL[name])
+                        del out
+                        entry["ms"] = time_ms(step, device, warmup, iters)
+                        entry["weight_bytes"] = weight_bytes(model)
+                        entry["fraction_of_stock"] = entry["ms"] / rec["stock"]["ms"]
+                        report = dcgen_kernels.patch_report(model)
+                        if report.quantization is not None:
+                            entry["quantized_layers"] = len(report.quantization.layers)
+                            entry["report"] = str(report.quantization)
+                        rec[name] = entry
+                    finally:
+                        dcgen_kernels.unpatch(model)
+                except Exception as err:  # noqa: BLE001
+                    rec[name] = error_record(err)
+                free_device_memory(device)
+    finally:
+        del model
+        free_device_memory(device)
+    return rec
+
+
+def run(device: torch.device, tiny: bool, gemm_tflops: Optional[float] = None, fp8_tflops: Optional[float] = None,
+        progress=None) -> dict:
+    """gemm_tflops / fp8_tflops: this run's (or the anchor's) dense bf16 / fp8 GEMM ceilings, reported alongside.
+    progress(partial) after every layer shape and after the step section.
+
+    Target keys: layers[layer_key(M, K, N)]["fp8_with_quantize" | "fp8_prequantized"]["speedup_vs_bf16"] (goal
+    >= 1.4) and flux_step["patched_fp8"]["fraction_of_stock"] (goal <= 0.6)."""
+    cfg = TINY if tiny else REAL
+    result: dict = {"config": {"dtype": str(cfg.dtype).removeprefix("torch."), "device": str(device),
+                               "tokens": cfg.tokens, "shapes_KN": [list(s) for s in cfg.shapes],
+                               "warmup": cfg.warmup, "iters": cfg.iters, "svdquant_rank": cfg.svdquant_rank,
+                               "gemm_tflops": gemm_tflops, "fp8_tflops": fp8_tflops,
+                               "fp8_format": "E4M3, per-token activation and per-output-channel weight scales"},
+                    "layers": {}}
+    for K, N in cfg.shapes:
+        key = layer_key(cfg.tokens, K, N)
+        try:
+            result["layers"][key] = _bench_layer(cfg, device, K, N, gemm_tflops, fp8_tflops)
+        except Exception as err:  # noqa: BLE001
+            result["layers"][key] = error_record(err)
+        if progress:
+            progress(result)
+    try:
+        result["flux_step"] = _bench_step(cfg, device, tiny)
+    except Exception as err:  # noqa: BLE001
+        result["flux_step"] = error_record(err)
+    if progress:
+        progress(result)
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps(run(dev, tiny="--tiny" in sys.argv or dev.type == "cpu"), indent=1, default=str))

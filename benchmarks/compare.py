@@ -1,0 +1,142 @@
+"""Perf-regression check between two results JSONs written by benchmarks/run.py:
+
+    python benchmarks/compare.py OLD.json NEW.json [--threshold 0.10]
+
+Prints every metric found in both files as old / new / change and exits 1 when a tracked metric dropped by more
+than the threshold (default 10%), 0 otherwise, 2 when a file cannot be read.
+
+Tracked (gated) metrics are ratios measured within one run, so two runs on different days or machines of the same
+GPU model compare fairly; all are higher-is-better:
+  speedup_vs_stock       a patched / compiled variant over stock diffusers in the same run (ops, steps, decodes,
+                         per-image latency);
+  speedup_vs_base        DC-Gen model over its base model, per image, same variant (e2e);
+  frac_of_measured_gemm  an op's TFLOP/s over the bf16 GEMM ceiling measured in the same run;
+  frac_of_copy           an op's GB/s over the device-copy ceiling measured in the same run.
+Absolute times and throughputs (ms, s, TFLOP/s, GB/s, compile seconds) are shown, not gated: they move with
+clocks, drivers and the machine. A tracked metric whose record failed its correctness check in the new run counts
+as a regression. Metrics present in only one file are listed, not gated (a section skipped for time is not a
+regression; the run's own `problems` list reports errors). Modelled numbers (the projection section) and anchor
+copies are not compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TRACKED = ("speedup_vs_stock", "speedup_vs_base", "frac_of_measured_gemm", "frac_of_copy")
+SHOWN = ("ms", "s", "compile_s", "tflops", "GBps", "copy_GBps", "gemm_tflops", "attention_tflops", "fp8_gemm_tflops")
+NOT_COMPARED = ("environment", "anchors", "gpu_check", "targets", "problems", "projection", "config", "sections")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metrics(report: dict) -> dict:
+    """{path: (value, tracked, failed_check)} for every tracked or shown number of a run.py report."""
+    found = {}
+
+    def walk(node, path, tracked, failed):
+        if not isinstance(node, dict):
+            return
+        failed = failed or node.get("check") == "FAILED"
+        for key, value in node.items():
+            if "anchor" in key or (not path and key in NOT_COMPARED) or key == "config":
+                continue
+            sub = f"{path}/{key}" if path else key
+            is_tracked = tracked or key in TRACKED
+            if _is_number(value) and (is_tracked or key in SHOWN):
+                found[sub] = (float(value), is_tracked, failed)
+            elif isinstance(value, dict):
+                walk(value, sub, is_tracked, failed)
+
+    walk(report, "", False, False)
+    return found
+
+
+def compare(old: dict, new: dict, threshold: float) -> dict:
+    """Rows of the comparison and the regressions among the tracked metrics."""
+    a, b = metrics(old), metrics(new)
+    rows, regressions = [], []
+    for path in sorted(set(a) & set(b)):
+        (old_v, tracked_old, _), (new_v, tracked_new, failed) = a[path], b[path]
+        tracked = tracked_old and tracked_new
+        change = (new_v - old_v) / old_v if old_v else None
+        status = ""
+        if tracked:
+            if failed:
+                status = "REGRESSION (check FAILED)"
+            elif change is not None and change < -threshold:
+                status = "REGRESSION"
+            elif change is not None and change > threshold:
+                status = "improved"
+            else:
+                status = "ok"
+            if status.startswith("REGRESSION"):
+                regressions.append(path)
+        rows.append({"metric": path, "old": old_v, "new": new_v, "change": change, "tracked": tracked,
+                     "status": status})
+    only_old = sorted(p for p in a if p not in b and a[p][1])
+    only_new = sorted(p for p in b if p not in a and b[p][1])
+    return {"rows": rows, "regressions": regressions, "only_old": only_old, "only_new": only_new}
+
+
+def _describe(report: dict) -> str:
+    env = report.get("environment", {})
+    commit = (env.get("git") or {}).get("commit") or "?"
+    return f"{env.get('gpu') or report.get('mode', '?')}, {env.get('date', '?')}, commit {commit[:9]}"
+
+
+def render(result: dict, old: dict, new: dict, threshold: float) -> str:
+    lines = [f"old: {_describe(old)}", f"new: {_describe(new)}"]
+    old_gpu, new_gpu = old.get("environment", {}).get("gpu"), new.get("environment", {}).get("gpu")
+    if old_gpu != new_gpu or old.get("mode") != new.get("mode"):
+        lines.append(f"WARNING: different GPU or mode ({old_gpu or old.get('mode')} vs {new_gpu or new.get('mode')}):"
+                     " within-run ratios are only comparable on the same GPU model")
+    width = max([len(r["metric"]) for r in result["rows"]] + [20])
+    header = f"  {'metric':<{width}}{'old':>12}{'new':>12}{'change':>9}  status"
+    for tracked, title in ((True, f"tracked (higher is better; a drop > {threshold:.0%} is a regression)"),
+                           (False, "absolute, not gated")):
+        rows = [r for r in result["rows"] if r["tracked"] is tracked]
+        lines += [f"{title}: {len(rows)}", header]
+        for r in rows:
+            change = f"{r['change']:+.1%}" if r["change"] is not None else "-"
+            lines.append(f"  {r['metric']:<{width}}{r['old']:>12.4g}{r['new']:>12.4g}{change:>9}  {r['status']}")
+    for key, title in (("only_old", "tracked, only in old (not gated)"), ("only_new", "tracked, only in new")):
+        if result[key]:
+            lines.append(f"{title}: {len(result[key])}")
+            lines += [f"  {p}" for p in result[key]]
+    compared = sum(r["tracked"] for r in result["rows"])
+    if result["regressions"]:
+        lines.append(f"verdict: REGRESSION in {len(result['regressions'])} of {compared} tracked metrics: "
+                     + ", ".join(result["regressions"]))
+    else:
+        lines.append(f"verdict: OK, no tracked metric dropped by more than {threshold:.0%} ({compared} compared)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", help="baseline results JSON")
+    parser.add_argument("new", help="results JSON to check")
+    parser.add_argument("--threshold", type=float, default=0.10, help="relative drop that fails (default 0.10)")
+    args = parser.parse_args(argv)
+    if not 0 < args.threshold < 1:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    reports = []
+    for name in (args.old, args.new):
+        try:
+            reports.append(json.loads(Path(name).read_text()))
+        except (OSError, ValueError) as err:
+            print(f"compare: cannot read {name}: {err}", file=sys.stderr)
+            return 2
+    result = compare(*reports, args.threshold)
+    print(render(result, *reports, args.threshold))
+    return 1 if result["regressions"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Ops `quantize_fp8` and `fp8_linear`: FP8 (E4M3) W8A8 linears with row-wise scales and fused epilogues.
+
+Format (chosen for the GEMM core it feeds): one fp32 scale per token for activations and one per output channel
+for weights, both amax / 448, values rounded to nearest even after clamping to +-448. These are exactly the
+row-wise scales of torch's FP8 GEMM (`torch._scaled_mm` with (M, 1) and (1, N) scales; CUTLASS on sm_90),
+1.35-1.7x cuBLAS bf16 at FLUX shapes on an H100, so the `cuda` backend of `fp8_linear` is that GEMM. Block
+scales (1x128) would let a GEMM epilogue quantize its own output tile, but need a block-scaled GEMM core that
+torch does not document for sm_90; row-wise scales need the whole row's amax, so quantization lives in the
+kernels that see whole rows:
+- `quantize_fp8`: one pass over (B, S, K) rows (strided views read in place), optionally with tanh-GELU applied
+  on the fly (the FFN's second linear: GELU and quantization in the pass stock spends on GELU alone) and
+  optionally preceded by a prefix tensor (FLUX single blocks' cat([attention, GELU(mlp)]) without the cat);
+- `ada_layer_norm_modulate_fp8` (ops/ada_layer_norm.py): adaLN-modulate emitting fp8 rows + scales, so Q/K/V
+  (and the single blocks' MLP) share one quantized input.
+The attention output is quantized by `quantize_fp8` (a row spans all heads, which separate attention programs
+write; fusing would need a cross-program amax).
+
+`fp8_linear` backends: `cuda` = torch._scaled_mm's row-wise FP8 GEMM (sm_90+, bf16 output, K and N multiples of 16) with
+bias in the GEMM and GELU / gate / residual as one extra elementwise pass; `triton` = an fp8 tl.dot kernel with
+the whole epilogue fused (the portable path, exact under the interpreter); `reference` = fp32 dequantize-matmul.
+Quantized tensors carry no autograd: these ops are for inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ._common import FLOAT_DTYPES, cdiv, check_tensor
+from .ada_layer_norm import _batch_stride, gated_residual
+
+__all__ = [
+    "FP8_DTYPE", "FP8_MAX", "FP8Activation", "quantize_fp8", "quantize_fp8_reference", "quantize_weight_fp8",
+    "fp8_linear", "fp8_linear_reference", "dequantize_fp8",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-12  # as the Triton kernel: an all-zero row gets a finite scale
+ACTIVATIONS = (None, "gelu_tanh")
+
+
+@dataclasses.dataclass
+class FP8Activation:
+    """Activations already quantized by their producer: data (..., K) fp8 E4M3 (contiguous), scale (...) fp32 per
+    row, and the 16-bit dtype they stand for (the dtype of the linear's output)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_fp8(self.data, self.scale).to(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _quantize_rows(v: torch.Tensor):
+    """fp32 rows -> (fp8 rows, fp32 scale per row), the arithmetic of the kernels (448 / amax, then multiply)."""
+    amax = v.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+    inv = torch.full_like(amax, FP8_MAX) / amax  # not `448 / amax`: torch computes that as reciprocal(amax) * 448
+    q = (v * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, amax / FP8_MAX
+
+
+def quantize_fp8_reference(x: torch.Tensor, prefix: Optional[torch.Tensor] = None, gelu: bool = False):
+    """Rows of cat([prefix, gelu_tanh(x) if gelu else x], -1) -> (fp8 data, fp32 scale per row), in fp32."""
+    v = x.float()
+    if gelu:  # in float64: fp32 tanh-GELU loses the tail of negative inputs to cancellation in 1 + tanh
+        v = F.gelu(x.double(), approximate="tanh").float()
+    if prefix is not None:
+        v = torch.cat([prefix.float(), v], dim=-1)
+    return _quantize_rows(v)
+
+
+def quantize_weight_fp8(weight: torch.Tensor):
+    """(N, K) weight -> (fp8 (N, K) contiguous, fp32 (N,) scale per output channel). Offline, plain torch."""
+    q, scale = _quantize_rows(weight.detach().float())
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_fp8(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8 rows times their per-row scale, in fp32."""
+    return data.float() * scale.float()[..., None]
+
+
+def fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, gate=None, residual=None, gelu: bool = False,
+                         out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """residual + gate * act(dequant(x) @ dequant(w)^T + bias) in fp32, rounded once to out_dtype."""
+    y = dequantize_fp8(x_q, x_scale) @ dequantize_fp8(w_q, w_scale).T
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = F.gelu(y.double(), approximate="tanh").float()
+    if gate is not None:
+        y = y * (gate[:, None, :] if gate.dim() == 2 else gate).float()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _validate_quantize(x, prefix) -> None:
+    check_tensor("x", x, last_dim_contiguous=True)
+    if x.dim() not in (2, 3) or x.shape[-1] == 0:
+        raise ValueError(f"x must be (M, K) or (B, S, K) with K > 0, got shape {tuple(x.shape)}")
+    if prefix is not None:
+        check_tensor("prefix", prefix, ndim=x.dim(), device=x.device, last_dim_contiguous=True)
+        if prefix.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"prefix must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(prefix.shape)}")
+
+
+def _validate_linear(x: FP8Activation, w_q, w_scale, bias, gate, residual) -> None:
+    check_tensor("x.data", x.data, dtypes=(FP8_DTYPE,))
+    if x.data.dim() not in (2, 3) or not x.data.is_contiguous():
+        raise ValueError(f"x.data must be a contiguous (M, K) or (B, S, K) tensor, got shape {tuple(x.data.shape)}")
+    check_tensor("x.scale", x.scale, shape=x.data.shape[:-1], dtypes=(torch.float32,), device=x.device)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x.dtype (the output dtype) must be one of {[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}")
+    check_tensor("weight", w_q, ndim=2, dtypes=(FP8_DTYPE,), device=x.device)
+    if not w_q.is_contiguous():
+        raise ValueError("weight must be contiguous (N, K)")
+    N, K = w_q.shape
+    if x.data.shape[-1] != K:
+        raise ValueError(f"weight must have shape (N, K = {x.data.shape[-1]}), got {tuple(w_q.shape)}")
+    check_tensor("weight_scale", w_scale, shape=(N,), dtypes=(torch.float32,), device=x.device)
+    if bias is not None:
+        check_tensor("bias", bias, shape=(N,), device=x.device)
+    out_shape = x.data.shape[:-1] + (N,)
+    if gate is not None:
+        if x.data.dim() != 3:
+            raise ValueError("gate needs (B, S, K) activations (it is per batch element and channel)")
+        B, N = out_shape[0], out_shape[-1]
+        check_tensor("gate", gate, device=x.device, last_dim_contiguous=True)
+        if not (gate.dim() in (2, 3) and gate.shape[0] in (1, B) and gate.shape[-1] == N
+                and (gate.dim() == 2 or gate.shape[1] == 1)):
+            raise ValueError(f"gate must have shape (B, N), (B, 1, N), (1, N) or (1, 1, N) with B = {B}, N = {N}, "
+                             f"got {tuple(gate.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, shape=out_shape, device=x.device, last_dim_contiguous=True)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _quantize_config(width: int) -> dict:
+    if _backend.triton_interpreter_enabled():  # few programs; narrow chunks so tests cover the column loop
+        return dict(BLOCK_ROWS=16, BLOCK_C=64, num_warps=4)
+    return dict(BLOCK_ROWS=4, BLOCK_C=min(1024, 1 << (width - 1).bit_length()), num_warps=4)
+
+
+def _rows_view(t: torch.Tensor):
+    """(rows per batch, batch stride, row stride) of a 2-D or 3-D tensor."""
+    if t.dim() == 2:
+        return t.shape[0], 0, t.stride(0)
+    return t.shape[1], t.stride(0), t.stride(1)
+
+
+def _launch_quantize(x, prefix, gelu, q, scale) -> None:
+    from ..triton_kernels.fp8_linear import quantize_fp8_rows_kernel
+
+    n_rows = q.numel() // q.shape[-1]
+    rows_per_batch, x_sb, x_sn = _rows_view(x)
+    _, p_sb, p_sn = _rows_view(prefix) if prefix is not None else (0, 0, 0)
+    cfg = _quantize_config(q.shape[-1])
+    quantize_fp8_rows_kernel[(cdiv(n_rows, cfg["BLOCK_ROWS"]),)](
+        prefix if prefix is not None else x, x, q, scale,
+        n_rows, max(rows_per_batch, 1), q.shape[-1] - x.shape[-1], x.shape[-1],
+        p_sb, p_sn, x_sb, x_sn,
+        HAS_PREFIX=prefix is not None, GELU=gelu, **cfg,
+    )
+
+
+def _gemm_config() -> dict:
+    if _backend.triton_interpreter_enabled():  # small tiles: tests cover partial M/N/K blocks and grouping
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+    # Unmeasured starting point for sm_90 (fp8 wgmma): 128x128 tiles, K steps of 128, 4-stage pipeline (128 KB smem).
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def _launch_linear_triton(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out) -> None:
+    from ..triton_kernels.fp8_linear import fp8_linear_kernel
+
+    N, K = w_q.shape
+    M = x_q.numel() // K
+    rows_per_batch = x_q.shape[1] if x_q.dim() == 3 else M
+    _, res_sb, res_sn = _rows_view(residual) if residual is not None else (0, 0, 0)
+    cfg = _gemm_config()
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    fp8_linear_kernel[grid](
+        x_q, x_scale, w_q, w_scale,
+        bias if bias is not None else w_scale, gate if gate is not None else w_scale,
+        residual if residual is not None else out, out,
+        M, N, K, max(rows_per_batch, 1),
+        K, K, _batch_stride(gate) if gate is not None else 0, res_sb, res_sn, N,
+        HAS_BIAS=bias is not None, GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **cfg,
+    )
+
+
+def _linear_cublas(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_dtype) -> torch.Tensor:
+    """torch._scaled_mm's row-wise scaled FP8 GEMM with the bias inside; the rest of the epilogue as one more pass."""
+    K = w_q.shape[1]
+    y = torch._scaled_mm(x_q.reshape(-1, K), w_q.T, scale_a=x_scale.reshape(-1, 1), scale_b=w_scale[None, :],
+                         bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+    y = y.reshape(x_q.shape[:-1] + (w_q.shape[0],))
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    if residual is not None and gate is not None:
+        return gated_residual(residual, gate, y)
+    if residual is not None:
+        return residual + y
+    if gate is not None:
+        y = y * (gate[:, None, :] if gate.dim() == 2 else gate)
+    return y
+
+
+def _triton_platform_error(device: torch.device) -> Optional[str]:
+    reason = _backend.triton_device_error(device)
+    if reason is None and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "fp8 tl.dot needs compute capability >= 8.9"
+    return reason
+
+
+def _cublas_platform_error(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"torch._scaled_mm needs a CUDA tensor, got device {device}"
+    if not hasattr(torch, "_scaled_mm"):
+        return "this torch has no torch._scaled_mm"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "row-wise scaled torch._scaled_mm needs compute capability >= 9.0"
+    return None
+
+
+def _cublas_case_error(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> Optional[str]:
+    N, K = w_q.shape
+    if out_dtype != torch.bfloat16:
+        return f"row-wise scaled torch._scaled_mm writes bf16 only, the output dtype is {out_dtype}"
+    if K % 16 or N % 16:
+        return f"torch._scaled_mm needs K and N multiples of 16, got K={K}, N={N}"
+    if x_q.data_ptr() % 16 or w_q.data_ptr() % 16:
+        return "torch._scaled_mm needs 16-byte aligned operands"
+    return None
+
+
+def select_quantize_backend(x: torch.Tensor, backend: str) -> str:
+    return _backend.select("quantize_fp8", backend,
+                           platform_checks={"triton": lambda: _triton_platform_error(x.device)}, case_checks={})
+
+
+def select_linear_backend(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype, backend: str) -> str:
+    return _backend.select(
+        "fp8_linear", backend,
+        platform_checks={"cuda": lambda: _cublas_platform_error(x_q.device),
+                         "triton": lambda: _triton_platform_error(x_q.device)},
+        case_checks={"cuda": lambda: _cublas_case_error(x_q, w_q, out_dtype)},
+    )
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dcgen::quantize_fp8", mutates_args=())
+def _quantize_fp8_op(x: torch.Tensor, prefix: Optional[torch.Tensor], gelu: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = select_quantize_backend(x, backend)
+    if chosen == "reference":
+        q, scale = quantize_fp8_reference(x, prefix, gelu)
+        return q.contiguous(), scale.contiguous()
+    width = x.shape[-1] + (prefix.shape[-1] if prefix is not None else 0)
+    q = torch.empty(x.shape[:-1] + (width,), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel():
+        _launch_quantize(x, prefix, gelu, q, scale)
+    return q, scale
+
+
+@_quantize_fp8_op.register_fake
+def _(x, prefix, gelu, backend):
+    width = x.shape[-1] + (prefix.shape[-1] if prefix is not None else 0)
+    return (x.new_empty(x.shape[:-1] + (width,), dtype=FP8_DTYPE),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("dcgen::fp8_linear", mutates_args=())
+def _fp8_linear_op(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor], residual: Optional[torch.Tensor], gelu: bool, out_dtype: torch.dtype, backend: str,
+) -> torch.Tensor:
+    chosen = select_linear_backend(x_q, w_q, out_dtype, backend)
+    if not x_q.numel() or not w_q.shape[0]:
+        return x_q.new_zeros(x_q.shape[:-1] + (w_q.shape[0],), dtype=out_dtype)  # empty, or K = 0 (sum of nothing)
+    if chosen == "reference":
+        return fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_dtype)
+    if chosen == "cuda":
+        return _linear_cublas(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_dtype)
+    out = torch.empty(x_q.shape[:-1] + (w_q.shape[0],), dtype=out_dtype, device=x_q.device)
+    _launch_linear_triton(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out)
+    return out
+
+
+@_fp8_linear_op.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_dtype, backend):
+    return x_q.new_empty(x_q.shape[:-1] + (w_q.shape[0],), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def quantize_fp8(x: torch.Tensor, *, prefix: Optional[torch.Tensor] = None, gelu: bool = False,
+                 backend: str = "auto") -> FP8Activation:
+    """Quantize rows to FP8 E4M3 with one fp32 scale per row, in one pass.
+
+    x: (M, K) or (B, S, K) fp32/bf16/fp16, channel stride 1, any row/batch strides.
+    gelu: apply tanh-GELU to x first (computed in fp32). prefix: optional (..., K1) tensor of x's leading shape
+    placed before x, i.e. the rows of cat([prefix, act(x)], -1) are quantized without materialising the cat.
+    Returns an FP8Activation with contiguous data (..., K1 + K) and scale (...), standing for x's dtype.
+    """
+    _backend.check_backend_name(backend)
+    _validate_quantize(x, prefix)
+    data, scale = _quantize_fp8_op(x, prefix, bool(gelu), backend)
+    return FP8Activation(data, scale, x.dtype)
+
+
+def fp8_linear(
+    x: Union[torch.Tensor, FP8Activation],
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    gate: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """residual + gate * activation(x @ W^T + bias) with FP8 operands and an fp32 accumulator.
+
+    x: a 16-bit/fp32 tensor (M, K) or (B, S, K), quantized here with `quantize_fp8`, or an FP8Activation from a
+    producer. weight: (N, K) float8_e4m3fn contiguous; weight_scale: (N,) fp32 (see `quantize_weight_fp8`).
+    bias: (N,) or None. activation: None or "gelu_tanh". gate: (B, N) or (B, 1, N) per batch element and channel
+    (needs 3-D x). residual: (..., N) like the output, channel stride 1. Returns (..., N) in x's dtype.
+    """
+    _backend.check_backend_name(backend)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(x, FP8Activation):
+        x = quantize_fp8(x, backend="triton" if backend == "cuda" else backend)
+    _validate_linear(x, weight, weight_scale, bias, gate, residual)
+    return _fp8_linear_op(x.data, x.scale, weight, weight_scale, bias, gate, residual, activation == "gelu_tanh",
+                          x.dtype, backend)

@@ -1,0 +1,17 @@
+"""Low-precision linears: FP8 W8A8 (`FP8Linear`, Hopper) and NVFP4 SVDQuant (`SVDQuantLinear`, quant/svdquant.py),
+whole-model quantization (`quantize`) and safetensors checkpoints of quantized models (`save_quantized` /
+`load_quantized`)."""
+
+from .fp8 import FP8Activation, FP8Linear
+from .save import load_quantized, save_quantized
+
+__all__ = ["FP8Activation", "FP8Linear", "load_quantized", "save_quantized", "SVDQuantLinear"]
+
+
+def __getattr__(name):
+    # svdquant.py is written separately (NVFP4); import it on first use so FP8 works without it.
+    if name == "SVDQuantLinear":
+        from .svdquant import SVDQuantLinear
+
+        return SVDQuantLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,155 @@
+"""Triton kernels for FP8 (E4M3) W8A8 linears: row-wise activation quantization and the scaled GEMM.
+
+Format: activations carry one fp32 scale per token (row), weights one fp32 scale per output channel, both
+amax / 448 (the E4M3 maximum); q = round_to_nearest_even(clamp(v * (448 / amax), -448, 448)).
+"""
+
+import triton
+import triton.language as tl
+
+from ._tiling import grouped_tile
+
+# Globals read inside @triton.jit functions must be constexpr (compiled Triton rejects plain globals).
+FP8_MAX = tl.constexpr(448.0)
+# Smallest row amax used for the scale: an all-zero row then quantizes to zeros with a finite scale.
+AMAX_FLOOR = tl.constexpr(1e-12)
+
+
+@triton.jit
+def gelu_tanh(x):
+    """0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), in fp32 without libdevice (interpreter) and without
+    the cancellation of 1 + tanh(u) for negative u: with e = exp(-2|u|) in (0, 1], 1 + tanh(u) = 2 / (1 + e) for
+    u >= 0 and 2e / (1 + e) for u < 0."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    e = tl.exp(-2.0 * tl.abs(u))
+    return x * tl.where(u < 0, e, 1.0) / (1.0 + e)
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """fp32 v in [-448, 448] -> the nearest E4M3 value (ties to even), still as fp32, so that the cast to fp8 that
+    follows is exact. Done by hand because the Triton interpreter's fp32 -> fp8 cast rounds wrongly at binade
+    boundaries (124.3 -> 64); on the GPU this costs a few integer ops in memory-bound kernels, and the exact
+    value makes the cast's rounding mode irrelevant.
+    Normal range (|v| >= 2^-6): round the 23-bit mantissa to 3 bits on the bit pattern. Subnormals: multiples of
+    2^-9, by adding and subtracting 1.5 * 2^14 (whose fp32 spacing is 2^-9)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = tl.abs((v + 24576.0) - 24576.0)
+    subnormal = tl.where(v < 0, -subnormal, subnormal)  # keep the sign of values that round to zero (-0 as cvt.rn)
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _load_rows(ptr, row_off, cols, tile_ok, GELU: tl.constexpr):
+    v = tl.load(ptr + row_off[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    if GELU:
+        v = gelu_tanh(v)
+    return v
+
+
+@triton.jit
+def quantize_fp8_rows_kernel(
+    prefix_ptr, x_ptr, q_ptr, scale_ptr,
+    n_rows, rows_per_batch, K1, K2,
+    prefix_stride_b, prefix_stride_n, x_stride_b, x_stride_n,
+    HAS_PREFIX: tl.constexpr, GELU: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """q[r] = fp8(row r of cat([prefix, act(x)]) * 448 / amax), scale[r] = amax / 448; act = tanh-GELU if GELU.
+
+    Rows r = b * rows_per_batch + n address (batch, token) with their own strides, so strided 3-D views (the
+    attention output's image part) need no copy. Two sweeps over the row: amax, then quantize; the second
+    re-reads the row from L1/L2 (a program's rows are a few tens of KB).
+    """
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    b = rows64 // rows_per_batch
+    n = rows64 % rows_per_batch
+    x_row = b * x_stride_b + n * x_stride_n
+    p_row = b * prefix_stride_b + n * prefix_stride_n
+    K = K1 + K2
+    q_row = rows64 * K
+
+    amax = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    if HAS_PREFIX:
+        for c0 in range(0, K1, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < K1)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(_load_rows(prefix_ptr, p_row, cols, ok, False)), axis=1))
+    for c0 in range(0, K2, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < K2)[None, :]
+        amax = tl.maximum(amax, tl.max(tl.abs(_load_rows(x_ptr, x_row, cols, ok, GELU)), axis=1))
+
+    amax = tl.maximum(amax, AMAX_FLOOR)
+    inv = tl.div_rn(tl.full([BLOCK_ROWS], FP8_MAX, tl.float32), amax)[:, None]
+    tl.store(scale_ptr + rows64, tl.div_rn(amax, tl.full([BLOCK_ROWS], FP8_MAX, tl.float32)), mask=row_ok)
+
+    if HAS_PREFIX:
+        for c0 in range(0, K1, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < K1)[None, :]
+            v = round_to_e4m3(tl.clamp(_load_rows(prefix_ptr, p_row, cols, ok, False) * inv, -FP8_MAX, FP8_MAX))
+            tl.store(q_ptr + q_row[:, None] + cols[None, :], v.to(q_ptr.dtype.element_ty),
+                     mask=ok)
+    for c0 in range(0, K2, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < K2)[None, :]
+        v = round_to_e4m3(tl.clamp(_load_rows(x_ptr, x_row, cols, ok, GELU) * inv, -FP8_MAX, FP8_MAX))
+        tl.store(q_ptr + q_row[:, None] + K1 + cols[None, :],
+                 v.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def fp8_linear_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, gate_ptr, residual_ptr, out_ptr,
+    M, N, K, rows_per_batch,
+    stride_am, stride_wn, gate_stride_b, residual_stride_b, residual_stride_n, stride_om,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out = residual + gate * act((a_q @ w_q^T) * a_scale * w_scale + bias), each term optional.
+
+    a_q: (M, K) fp8 rows, a_scale (M,) fp32; w_q: (N, K) fp8 as nn.Linear stores it, w_scale (N,) fp32.
+    fp8 tensor-core dot with fp32 accumulation; the whole epilogue runs in fp32 and rounds once. Row m belongs to
+    batch m // rows_per_batch (gate is per (batch, channel), residual addressed by (batch, token) strides).
+    Programs are grouped GROUP_M tiles down M so neighbouring programs share weight tiles in L2.
+    """
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    a_rows = a_ptr + rows64[:, None] * stride_am
+    w_cols = w_ptr + cols64[None, :] * stride_wn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        acc = tl.dot(a, w, acc)
+
+    a_scale = tl.load(a_scale_ptr + rows64, mask=row_ok, other=0.0)
+    w_scale = tl.load(w_scale_ptr + cols64, mask=col_ok, other=0.0)
+    y = acc * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = gelu_tanh(y)
+    batch = rows64 // rows_per_batch
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_GATE:
+        gate_off = batch[:, None] * gate_stride_b + cols64[None, :]
+        y *= tl.load(gate_ptr + gate_off, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        token = rows64 % rows_per_batch
+        res_off = batch[:, None] * residual_stride_b + token[:, None] * residual_stride_n + cols64[None, :]
+        y += tl.load(residual_ptr + res_off, mask=tile_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols64[None, :], y.to(out_ptr.dtype.element_ty), mask=tile_ok)

@@ -1,0 +1,121 @@
+"""Triton NVFP4 GEMMs: W4A4 (both operands NVFP4) and W4A16 (NVFP4 weights, 16-bit activations).
+
+out[m, n] = sum_k A[m, k] * W[n, k] * global scales + lora_act[m, :] @ lora_up[:, n] + bias[n]
+
+Operands are dequantized in registers: an E2M1 value times its E4M3 group scale has at most 5 significant bits
+and lies in [2**-10, 2688], so it is exact in fp16 and in bf16: the tensor-core dot then sees exactly the
+dequantized values (fp32 accumulation), and the fp32 tensor scales are applied once in the epilogue together
+with the low-rank up-projection and the bias. W is [N, K/2] bytes (nn.Linear's row layout), dequantized as a
+[BLOCK_N, BLOCK_K] tile and transposed for the dot.
+"""
+
+import triton
+import triton.language as tl
+
+from ._tiling import grouped_tile
+from .nvfp4_quantize import e2m1_values, e4m3_values
+
+GROUP = tl.constexpr(16)
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, scales_ptr, rows64, row_ok, k0, K_PAD, stride_p, stride_s,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[ROWS, BLOCK_K] fp32 = e2m1 * group scale of NVFP4 rows (bytes [.., K_PAD/2], scale bytes [.., K_PAD/16])."""
+    pcols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    bytes_ = tl.load(packed_ptr + rows64[:, None] * stride_p + pcols[None, :],
+                     mask=row_ok[:, None] & (pcols[None, :] < K_PAD // 2), other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(bytes_ & 0xF, bytes_ >> 4), [ROWS, BLOCK_K])
+    gcols = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    sbytes = tl.load(scales_ptr + rows64[:, None] * stride_s + gcols[None, :],
+                     mask=row_ok[:, None] & (gcols[None, :] < K_PAD // GROUP), other=0)
+    scale = e4m3_values(sbytes)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [ROWS, BLOCK_K // GROUP, GROUP]), [ROWS, BLOCK_K])
+    return e2m1_values(codes) * scale
+
+
+@triton.jit
+def nvfp4_gemm_kernel(
+    a_ptr, a_scales_ptr, a_gscale_ptr,
+    w_ptr, w_scales_ptr, w_gscale_ptr,
+    smooth_ptr, lora_act_ptr, lora_up_ptr, bias_ptr, out_ptr,
+    M, N, K, K_PAD, R,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_lm, stride_ur, stride_om,
+    A_FP4: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """A_FP4: A is NVFP4 (bytes [M, K_PAD/2], scale bytes [M, K_PAD/16], tensor scale) -> W4A4; else A is a
+    16/32-bit [M, K] activation -> W4A16, divided by smooth [K] (fp32) when HAS_SMOOTH.
+    lora_act: fp32 [M, R]; lora_up: [R, N]; out: [M, N]."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K_PAD, BLOCK_K):
+        w = _dequant_tile(w_ptr, w_scales_ptr, cols64, col_ok, k0, K_PAD, stride_wn, stride_wsn, BLOCK_N, BLOCK_K)
+        if A_FP4:
+            a = _dequant_tile(a_ptr, a_scales_ptr, rows64, row_ok, k0, K_PAD, stride_am, stride_asm, BLOCK_M,
+                              BLOCK_K)
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K),
+                        other=0.0)
+            if HAS_SMOOTH:
+                inv_smooth = 1.0 / tl.load(smooth_ptr + ks, mask=ks < K, other=1.0)
+                a = a.to(tl.float32) * inv_smooth[None, :]
+        acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision="ieee")
+
+    tensor_scale = tl.load(w_gscale_ptr)
+    if A_FP4:
+        tensor_scale = tensor_scale * tl.load(a_gscale_ptr)
+    acc = acc * tensor_scale
+    if HAS_LORA:
+        ranks = tl.arange(0, BLOCK_R)
+        lora_act = tl.load(lora_act_ptr + rows64[:, None] * stride_lm + ranks[None, :],
+                           mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
+        lora_up = tl.load(lora_up_ptr + ranks[:, None] * stride_ur + cols64[None, :],
+                          mask=(ranks[:, None] < R) & col_ok[None, :], other=0.0)
+        acc = tl.dot(lora_act.to(LORA_DOT_DTYPE), lora_up.to(LORA_DOT_DTYPE), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols64[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def nvfp4_effective_weight_kernel(
+    w_ptr, w_scales_ptr, w_gscale_ptr, smooth_ptr, down_ptr, up_ptr, out_ptr,
+    N, K, K_PAD, R,
+    stride_wn, stride_wsn, stride_dk, stride_ur, stride_on,
+    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out [N, K] = dequant(W) / smooth[k] + (down [K, R] @ up [R, N])^T: an SVDQuant layer's effective weight,
+    for a 16-bit GEMM (large-M W4A16). Grid (N blocks, K blocks)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    col_ok = cols < K
+    rows64 = rows.to(tl.int64)
+    w = _dequant_tile(w_ptr, w_scales_ptr, rows64, row_ok, k0, K_PAD, stride_wn, stride_wsn, BLOCK_N, BLOCK_K)
+    w = w * tl.load(w_gscale_ptr)
+    if HAS_SMOOTH:
+        w = w / tl.load(smooth_ptr + cols, mask=col_ok, other=1.0)[None, :]
+    if HAS_LORA:
+        ranks = tl.arange(0, BLOCK_R)
+        up_t = tl.load(up_ptr + ranks[None, :] * stride_ur + rows64[:, None],
+                       mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
+        down_t = tl.load(down_ptr + cols[None, :] * stride_dk + ranks[:, None],
+                         mask=col_ok[None, :] & (ranks[:, None] < R), other=0.0)
+        w = tl.dot(up_t.to(DOT_DTYPE), down_t.to(DOT_DTYPE), w, input_precision="ieee")
+    tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])

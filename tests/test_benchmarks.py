@@ -1,0 +1,233 @@
+"""The benchmark harness on the CPU: regression-check logic with planted regressions, the projection's op counts
+and time model on hand-countable cases, and the end-to-end section in tiny mode (structure, JSON, table, chart).
+No timing is asserted."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import compare, projection, run
+
+REPO = Path(__file__).resolve().parents[1]
+H100_RESULT = REPO / "benchmarks" / "results" / "baseline-nvidia-h100-80gb-hbm3.json"
+FLUX_STEP_SPEEDUP = ("flux_step", "sizes", "4096", "patched", "speedup_vs_stock")
+
+
+def _get(d, path):
+    for key in path:
+        d = d[key]
+    return d
+
+
+def _set(d, path, value):
+    _get(d, path[:-1])[path[-1]] = value
+
+
+def _write(tmp_path, name, report):
+    path = tmp_path / name
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return json.loads(H100_RESULT.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def test_compare_identical_h100_result_passes(h100, tmp_path, capsys):
+    old = _write(tmp_path, "old.json", h100)
+    assert compare.main([old, old]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: OK" in out
+    assert "flux_step/sizes/4096/patched/speedup_vs_stock" in out
+
+
+@pytest.mark.parametrize("factor, threshold, expected", [
+    (0.85, 0.10, 1),   # 15% drop of a tracked ratio: regression
+    (0.95, 0.10, 0),   # 5% drop: within the default threshold
+    (0.85, 0.20, 0),   # the same drop under a looser threshold
+    (1.30, 0.10, 0),   # improvement
+])
+def test_compare_planted_tracked_change(h100, tmp_path, factor, threshold, expected):
+    new = copy.deepcopy(h100)
+    _set(new, FLUX_STEP_SPEEDUP, _get(h100, FLUX_STEP_SPEEDUP) * factor)
+    args = [_write(tmp_path, "old.json", h100), _write(tmp_path, "new.json", new), "--threshold", str(threshold)]
+    assert compare.main(args) == expected
+
+
+def test_compare_absolute_times_are_not_gated(h100, tmp_path):
+    new = copy.deepcopy(h100)
+    new["flux_step"]["sizes"]["4096"]["stock"]["ms"] *= 3  # a slower machine: shown, not a regression
+    new["ceilings"]["gemm_tflops"] /= 2
+    result = compare.compare(h100, new, 0.10)
+    assert result["regressions"] == []
+    rows = {r["metric"]: r for r in result["rows"]}
+    assert rows["flux_step/sizes/4096/stock/ms"]["change"] == pytest.approx(2.0)
+    assert not rows["flux_step/sizes/4096/stock/ms"]["tracked"]
+
+
+def test_compare_gemm_fraction_and_failed_check_are_regressions(h100):
+    new = copy.deepcopy(h100)
+    att = new["flux_attention"]["sizes"]["N=4608"]["variants"]
+    att["dcgen_cuda"]["frac_of_measured_gemm"] *= 0.5
+    new["flux_step"]["sizes"]["16384"]["patched"]["check"] = "FAILED"
+    result = compare.compare(h100, new, 0.10)
+    assert set(result["regressions"]) == {
+        "flux_attention/sizes/N=4608/variants/dcgen_cuda/frac_of_measured_gemm",
+        "flux_step/sizes/16384/patched/speedup_vs_stock"}
+
+
+def test_compare_missing_metrics_listed_not_gated(h100):
+    new = copy.deepcopy(h100)
+    del new["flux_step"]
+    result = compare.compare(h100, new, 0.10)
+    assert result["regressions"] == []
+    assert "flux_step/sizes/4096/patched/speedup_vs_stock" in result["only_old"]
+
+
+def test_compare_unreadable_file_exits_2(h100, tmp_path):
+    assert compare.main([_write(tmp_path, "old.json", h100), str(tmp_path / "missing.json")]) == 2
+
+
+def test_compare_ignores_anchors_and_projection(h100):
+    new = copy.deepcopy(h100)
+    new["projection"] = {"steps": {"x": {"speedup_vs_stock": 0.1}}}
+    new["ceilings"]["anchor (H100, 2026-11-27)"]["gemm_tflops"] = 1.0
+    assert not [p for p in compare.metrics(new) if "anchor" in p or p.startswith("projection")]
+
+
+# ------------------------------------------------------------------------------------------------ projection
+def test_count_linear_is_one_gemm_of_2mkn_flops():
+    m, k, n = 48, 64, 80
+    layer = torch.nn.Linear(k, n, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(m, k, device="meta", dtype=torch.bfloat16)
+    counts = projection.count(lambda: layer(x))
+    (key, times), = counts.gemm.items()
+    flops, nbytes, dtype_bytes, linear, gm, gk, gn = key
+    assert (flops, times, dtype_bytes, linear, gm, gk, gn) == (2 * m * k * n, 1, 2, True, m, k, n)
+    assert nbytes == 2 * (m * k + k * n + n + m * n)  # x, W, bias read; y written
+    assert counts.attention_flops == 0 and counts.elementwise_bytes == 0
+
+
+def test_count_attention_and_elementwise():
+    b, h, s, d = 1, 3, 40, 16
+    q = torch.empty(b, h, s, d, device="meta", dtype=torch.bfloat16)
+
+    def fn():
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return torch.nn.functional.gelu(out.transpose(1, 2).reshape(b, s, h * d))
+
+    counts = projection.count(fn)
+    assert counts.attention_flops == 4 * b * h * s * s * d
+    assert not counts.gemm  # attention is counted whole, not as its internal bmms
+    # transpose + reshape copies once (read + write), gelu reads and writes: 4 tensors of b*s*h*d bf16
+    assert counts.elementwise_bytes == 4 * 2 * b * s * h * d
+
+
+def test_count_depthwise_conv_is_memory_bound():
+    x = torch.empty(1, 8, 16, 16, device="meta", dtype=torch.bfloat16)
+    depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, device="meta", dtype=torch.bfloat16)
+    dense = torch.nn.Conv2d(8, 4, 3, padding=1, device="meta", dtype=torch.bfloat16)
+    assert not projection.count(lambda: depthwise(x)).gemm
+    (key, _), = projection.count(lambda: dense(x)).gemm.items()
+    assert key[0] == 2 * (4 * 16 * 16) * 8 * 9
+
+
+def test_model_seconds_roofline_arithmetic():
+    spec = projection.DeviceSpec("test", bf16_tflops=100.0, fp8_tflops=200.0, fp4_tflops=400.0, fp32_tflops=10.0,
+                                 bandwidth_GBps=1000.0, source="test")
+    eff = projection.Efficiency(gemm=0.5, attention=0.25, bandwidth=0.5, fp8=0.5, source={})
+    counts = projection.Counts()
+    m = k = n = 4096
+    counts.gemm[(2 * m * k * n, 3 * m * k * 2, 2, True, m, k, n)] = 2
+    counts.attention_flops = 1e12
+    counts.elementwise_bytes = 1e9
+    t = projection.model_seconds(counts, spec, eff)
+    assert t["gemm"] == pytest.approx(2 * 2 * m * k * n / (100e12 * 0.5))  # compute-bound
+    assert t["attention"] == pytest.approx(1e12 / (100e12 * 0.25))
+    assert t["elementwise"] == pytest.approx(1e9 / (1000e9 * 0.5))
+    assert t["total"] == pytest.approx(t["gemm"] + t["attention"] + t["elementwise"])
+    q = projection.model_seconds(counts, spec, eff, nvfp4=True)
+    low_rank = 2 * m * projection.SVDQUANT_RANK * (k + n) / (100e12 * 0.5)
+    assert q["gemm"] == pytest.approx(2 * (2 * m * k * n / (400e12 * 0.5) + low_rank))
+    quant_pass = 2 * m * k * (2 + projection.NVFP4_BYTES_PER_ELEMENT) / (1000e9 * 0.5)
+    assert q["elementwise"] == pytest.approx(t["elementwise"] + quant_pass)
+
+
+def test_efficiencies_from_run_or_anchors(h100):
+    anchors = json.loads((REPO / "benchmarks" / "anchors" / "h100-2026-11-27.json").read_text())
+    measured = projection.efficiencies(h100, anchors)  # this H100 run's ceilings, anchors where it has none
+    assert measured.gemm == pytest.approx(h100["ceilings"]["gemm_tflops"] / projection.H100_SXM.bf16_tflops)
+    assert measured.source["measured_on"].startswith("this run")
+    fallback = projection.efficiencies({"mode": "tiny-cpu"}, anchors)
+    assert fallback.gemm == pytest.approx(anchors["ceilings"]["bf16_gemm_tflops"] / projection.H100_SXM.bf16_tflops)
+    assert 0 < fallback.attention < 1 and 0 < fallback.bandwidth < 1
+
+
+# ------------------------------------------------------------------------------------------------ suite
+def test_suite_selection():
+    kernels = [s.name for s in run.select_sections("kernels", None)]
+    e2e = [s.name for s in run.select_sections("e2e", None)]
+    assert "flux_step" in kernels and "e2e" not in kernels
+    assert e2e == ["ceilings", "e2e", "projection", "e2e_compile"]
+    assert [s.name for s in run.select_sections("all", "e2e,ceilings")] == ["ceilings", "e2e"]
+    with pytest.raises(SystemExit, match="unknown"):
+        run.select_sections("all", "nope")
+
+
+@pytest.fixture(scope="module")
+def tiny_e2e(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    rc = run.main(["--tiny", "--suite", "e2e", "--out", str(out)])
+    return rc, out, json.loads(out.read_text())
+
+
+def test_tiny_e2e_run_writes_json_table_and_chart(tiny_e2e):
+    rc, out, report = tiny_e2e
+    assert rc == 0, report["problems"]
+    assert report["mode"] == "tiny-cpu" and report["sections"] == ["ceilings", "e2e", "projection", "e2e_compile"]
+    steps = report["e2e"]["steps"]
+    assert set(steps) == {f"{m}/{r}" for m in ("FLUX.1-Krea", "DC-Gen-FLUX", "SANA-1.6B", "DC-Gen-SANA")
+                          for r in ("1K", "2K", "4K")} | {"DC-Gen-FLUX-f64c128/1K", "DC-Gen-FLUX-f64c128/2K"}
+    for key, rec in steps.items():
+        assert rec["stock"]["ms"] > 0 and rec["patched"]["check"] == "ok", key
+    # DC-Gen-FLUX: 1x1 patches of f32c32 at 1K/2K and of f64c128 at 4K; FLUX.1-Krea: 2x2-packed 16 channels
+    assert steps["FLUX.1-Krea/1K"]["in_channels"] == 64
+    assert steps["DC-Gen-FLUX/1K"]["latent"][1] == report["e2e"]["config"]["resolutions"]["1K"] // 32
+    assert steps["DC-Gen-FLUX/4K"]["latent"][1] == report["e2e"]["config"]["resolutions"]["4K"] // 64
+    summary = report["e2e_summary"]
+    krea, dcgen = summary["images"]["FLUX.1-Krea/4K"], summary["images"]["DC-Gen-FLUX/4K"]
+    assert (krea["steps"], dcgen["steps"]) == (28, 20)
+    v = dcgen["variants"]["stock"]
+    assert v["s"] == pytest.approx((20 * v["step_ms"] + v["decode_ms"]) / 1e3)
+    assert "torch_compile" in dcgen["variants"]
+    speedup = summary["speedups"]["DC-Gen-FLUX/4K"]
+    assert speedup["paper"] == 52.9
+    assert speedup["speedup_vs_base"]["stock"] == pytest.approx(krea["variants"]["stock"]["s"] / v["s"])
+    assert summary["speedups"]["DC-Gen-FLUX-f64c128/2K"]["paper"] == 16.9  # compared with the paper's DC-Gen-FLUX
+    assert Path(summary["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = Path(summary["markdown"]).read_text()
+    assert "| DC-Gen-FLUX | 4K | 20 |" in md and "4.04" in md and "52.9x" in md
+    assert [t["pass"] for t in report["targets"]] == [None] * len(report["targets"])  # tiny: not evaluated
+
+
+def test_tiny_projection_is_labelled_and_finite(tiny_e2e):
+    _, _, report = tiny_e2e
+    proj = report["projection"]
+    assert "PROJECTION" in proj["note"] and proj["datasheet"]["bandwidth_GBps"] == 1792.0
+    image = proj["images"]["DC-Gen-FLUX/4K"]
+    assert math.isfinite(image["nvfp4_rtx5090_s"]) and image["nvfp4_rtx5090_s"] < image["bf16_rtx5090_s"]
+    assert "nvfp4" not in proj["steps"]["SANA-1.6B/1K"]  # only the FLUX-family transformers are quantized
+
+
+def test_compare_on_e2e_results(tiny_e2e, tmp_path):
+    _, out, report = tiny_e2e
+    new = copy.deepcopy(report)
+    new["e2e_summary"]["speedups"]["DC-Gen-FLUX/4K"]["speedup_vs_base"]["stock"] *= 0.5
+    result = compare.compare(report, new, 0.10)
+    assert result["regressions"] == ["e2e_summary/speedups/DC-Gen-FLUX/4K/speedup_vs_base/stock"]

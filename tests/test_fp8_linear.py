@@ -1,0 +1,255 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcgen_kernels.ops.fp8_linear import (FP8_DTYPE, dequantize_fp8, fp8_linear,
+                                          fp8_linear_reference, quantize_fp8, quantize_fp8_reference,
+                                          quantize_weight_fp8)
+from tests.helpers import rel_l2
+
+# Tolerances. Quantization codes: bit-exact between the Triton kernel and the reference (same fp32 arithmetic),
+# except with GELU (exp-based tanh vs torch's differ by ulps, so a few codes sit one step apart). GEMM on the same
+# quantized operands: the fp32 epilogue rounds once to the output dtype, so rel-L2 vs the reference is within one
+# rounding of that dtype (bf16 1e-2 budget as elsewhere, fp32 1e-5, fp16 2e-3). End to end against the
+# unquantized fp32 linear: E4M3 keeps 3 mantissa bits, ~2.5% per operand -> budget 6%.
+GEMM_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+QUANT_TOL = 0.06
+
+
+def strided_rows(B=2, S=37, K=100, dtype=torch.bfloat16):
+    """(B, S, K) view with a row stride > K: the image half of an attention output."""
+    return torch.randn(B, S + 5, K).to(dtype)[:, 5:]
+
+
+def codes(t):
+    return t.view(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------- reference
+def test_reference_quantization_round_trip_and_format():
+    x = torch.randn(5, 64) * torch.logspace(-3, 2, 5)[:, None]
+    x[2] = 0  # an all-zero row keeps a finite scale and quantizes to zeros
+    q, scale = quantize_fp8_reference(x)
+    assert q.dtype == FP8_DTYPE and scale.dtype == torch.float32 and scale.shape == (5,)
+    assert torch.isfinite(scale).all() and (q[2].float() == 0).all()
+    assert torch.equal(q.float().abs().amax(-1)[[0, 1, 3, 4]], torch.full((4,), 448.0))  # amax maps to 448
+    assert rel_l2(dequantize_fp8(q, scale), x) < 0.04
+
+
+def test_reference_linear_equals_dequantized_matmul():
+    w = torch.randn(24, 40)
+    wq, ws = quantize_weight_fp8(w)
+    assert wq.shape == (24, 40) and ws.shape == (24,)
+    xq, xs = quantize_fp8_reference(torch.randn(3, 7, 40))
+    bias, gate, residual = torch.randn(24), torch.randn(3, 24), torch.randn(3, 7, 24)
+    got = fp8_linear_reference(xq, xs, wq, ws, bias, gate, residual, True, torch.float32)
+    y = F.gelu(dequantize_fp8(xq, xs) @ dequantize_fp8(wq, ws).T + bias, approximate="tanh")
+    torch.testing.assert_close(got, residual + gate[:, None] * y, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- quantize kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_triton_bit_exact_on_strided_rows(dtype):
+    x = strided_rows(dtype=dtype) * 3
+    got = quantize_fp8(x, backend="triton")
+    q, scale = quantize_fp8_reference(x)
+    assert got.data.is_contiguous() and got.data.shape == x.shape and got.dtype == dtype
+    assert torch.equal(got.scale, scale)
+    assert torch.equal(codes(got.data), codes(q))
+
+
+def test_quantize_triton_subnormals_and_ties():
+    x = torch.randn(3, 300) * torch.logspace(-9, 0, 300)  # most values land in E4M3's subnormal range
+    x[:, 0] = 448.0  # amax 448: scale 1, every value quantized as is, including exact ties
+    x[0, 1:9] = torch.tensor([240.0 + 8, 256.0 + 16, 0.5 + 1 / 32, 1.0 + 1 / 16, -248.0, 2.0**-7 + 2.0**-10,
+                              3 * 2.0**-10, 464.0 - 1e-3])
+    got = quantize_fp8(x, backend="triton")
+    q, _ = quantize_fp8_reference(x)
+    assert torch.equal(codes(got.data), codes(q))
+
+
+def test_quantize_triton_gelu_with_prefix():
+    x, prefix = strided_rows() * 3, torch.randn(2, 37, 70)
+    got = quantize_fp8(x, prefix=prefix, gelu=True, backend="triton")
+    q, scale = quantize_fp8_reference(x, prefix, gelu=True)
+    assert got.data.shape == (2, 37, 170)
+    torch.testing.assert_close(got.scale, scale, rtol=1e-6, atol=0)
+    differ = codes(got.data) != codes(q)
+    assert differ.float().mean() < 5e-3  # GELU ulps flip a rounding now and then, never further than one step
+    assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
+    assert torch.equal(codes(got.data[..., :70]), codes(q[..., :70]))  # the prefix has no GELU: exact
+
+
+# --------------------------------------------------------------------------------------------- GEMM kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_triton_matches_reference(dtype):
+    # M = 2 * 37, K = 100, N = 50: no dimension is a multiple of the 32-wide interpreter tiles.
+    x = quantize_fp8(strided_rows(dtype=dtype), backend="reference")
+    wq, ws = quantize_weight_fp8(torch.randn(50, 100))
+    bias = torch.randn(50).to(dtype)
+    got = fp8_linear(x, wq, ws, bias, backend="triton")
+    expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, out_dtype=torch.float32)
+    assert got.dtype == dtype and got.shape == (2, 37, 50)
+    assert rel_l2(got, expected) <= GEMM_TOL[dtype]
+
+
+@pytest.mark.parametrize("gate_shape", [(2, 50), (2, 1, 50), (1, 50)])
+def test_linear_triton_fused_epilogue(gate_shape):
+    x = quantize_fp8(strided_rows(), backend="reference")
+    wq, ws = quantize_weight_fp8(torch.randn(50, 100) / 10)
+    bias, gate = torch.randn(50).bfloat16(), torch.randn(*gate_shape).bfloat16()
+    residual = torch.randn(2, 40, 50).bfloat16()[:, 3:]  # strided like a block's hidden states
+    got = fp8_linear(x, wq, ws, bias, activation="gelu_tanh", gate=gate, residual=residual, backend="triton")
+    expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, gate, residual, True, torch.float32)
+    assert rel_l2(got, expected) <= GEMM_TOL[torch.bfloat16]
+
+
+def test_linear_triton_2d_residual():
+    x = quantize_fp8(torch.randn(45, 100), backend="reference")
+    wq, ws = quantize_weight_fp8(torch.randn(60, 100))
+    residual = torch.randn(45, 70)[:, 5:65]  # row stride 70
+    got = fp8_linear(x, wq, ws, residual=residual, backend="triton")
+    expected = fp8_linear_reference(x.data, x.scale, wq, ws, residual=residual, out_dtype=torch.float32)
+    assert rel_l2(got, expected) <= GEMM_TOL[torch.float32]
+
+
+def test_linear_2d_and_quantize_on_the_fly_close_to_unquantized():
+    x, w, bias = torch.randn(45, 100), torch.randn(60, 100), torch.randn(60)
+    wq, ws = quantize_weight_fp8(w)
+    got = fp8_linear(x, wq, ws, bias, backend="triton")
+    assert got.shape == (45, 60) and got.dtype == torch.float32
+    err = rel_l2(got, F.linear(x, w, bias))
+    assert 1e-3 < err < QUANT_TOL  # quantized (not accidentally exact) yet close
+
+
+def test_linear_auto_on_cpu_serves_and_empty_input():
+    wq, ws = quantize_weight_fp8(torch.randn(16, 32))
+    got = fp8_linear(torch.randn(4, 32).bfloat16(), wq, ws)
+    assert got.shape == (4, 16) and got.dtype == torch.bfloat16
+    assert fp8_linear(torch.randn(2, 0, 32), wq, ws, backend="triton").shape == (2, 0, 16)
+
+
+# --------------------------------------------------------------------------------------------- errors, fake
+def test_bad_inputs_name_the_argument():
+    wq, ws = quantize_weight_fp8(torch.randn(16, 32))
+    x = torch.randn(2, 3, 32)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fp8_linear(torch.randn(2, 3, 31), wq, ws)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        fp8_linear(x, wq.float(), ws)
+    with pytest.raises(ValueError, match="gate must have shape"):
+        fp8_linear(x, wq, ws, gate=torch.randn(2, 15))
+    with pytest.raises(ValueError, match="gate needs"):
+        fp8_linear(torch.randn(3, 32), wq, ws, gate=torch.randn(1, 16))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fp8_linear(x, wq, ws, activation="relu")
+    with pytest.raises(ValueError, match="prefix must have"):
+        quantize_fp8(x, prefix=torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quantize_fp8(x, backend="cutlass")
+
+
+def test_fake_tensors_trace():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    wq, ws = quantize_weight_fp8(torch.randn(16, 32))
+    with FakeTensorMode() as mode:
+        x = torch.empty(2, 3, 32, dtype=torch.bfloat16)
+        fwq, fws = mode.from_tensor(wq), mode.from_tensor(ws)
+        a = quantize_fp8(x, prefix=torch.empty(2, 3, 8), gelu=True)
+        assert a.data.shape == (2, 3, 40) and a.data.dtype == FP8_DTYPE and a.scale.shape == (2, 3)
+        out = fp8_linear(x, fwq, fws)
+        assert out.shape == (2, 3, 16) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_linear_gpu_backends_match_reference(backend):
+    x = quantize_fp8(torch.randn(2, 300, 512, device="cuda").bfloat16())
+    wq, ws = quantize_weight_fp8(torch.randn(384, 512, device="cuda"))
+    bias, gate = torch.randn(384, device="cuda").bfloat16(), torch.randn(2, 384, device="cuda").bfloat16()
+    residual = torch.randn(2, 300, 384, device="cuda").bfloat16()
+    got = fp8_linear(x, wq, ws, bias, gate=gate, residual=residual, backend=backend)
+    expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, gate, residual, False, torch.float32)
+    assert rel_l2(got, expected) <= GEMM_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_quantize_gpu_bit_exact():
+    x = torch.randn(3, 999, 3072, device="cuda").bfloat16()
+    got = quantize_fp8(x, backend="triton")
+    q, scale = quantize_fp8_reference(x)
+    assert torch.equal(got.scale, scale) and torch.equal(codes(got.data), codes(q))
+
+
+def test_torch_compile_fullgraph_through_producer_and_fp8linear():
+    """FP8Activation is a plain dataclass: dynamo carries it between the custom ops without graph breaks."""
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
+    from dcgen_kernels.quant import FP8Linear
+
+    layer = FP8Linear.from_linear(torch.nn.Linear(64, 32), backend="reference")
+
+    def block(x, scale, shift, residual, gate):
+        return layer(ada_layer_norm_modulate_fp8(x, scale, shift, backend="reference"), gate=gate,
+                     residual=residual) + layer(x)
+
+    args = (torch.randn(2, 5, 64), torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 5, 32), torch.randn(2, 32))
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(*args), block(*args))
+
+
+_SM90_COMPILE_SCRIPT = r'''
+import inspect, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dcgen_kernels.triton_kernels.ada_layer_norm import ada_layer_norm_modulate_kernel
+from dcgen_kernels.triton_kernels.fp8_linear import fp8_linear_kernel, quantize_fp8_rows_kernel
+
+def compile_sm90(fn, types, const, div16, **options):
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
+    # What the JIT specialises at launch for 16-aligned pointers and 16-divisible ints (FLUX shapes).
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(n),): v for n, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+ptrs = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32", bias_ptr="*bf16",
+            gate_ptr="*bf16", residual_ptr="*bf16", out_ptr="*bf16")
+gemm = compile_sm90(fp8_linear_kernel, ptrs,
+                    dict(HAS_BIAS=True, GELU=True, HAS_GATE=True, HAS_RESIDUAL=True, BLOCK_M=128, BLOCK_N=128,
+                         BLOCK_K=128, GROUP_M=8),
+                    list(ptrs) + ["N", "K", "stride_am", "stride_wn", "residual_stride_b", "residual_stride_n",
+                                  "stride_om"], num_warps=8, num_stages=4)
+ttgir = gemm.asm["ttgir"]
+quant = compile_sm90(quantize_fp8_rows_kernel, dict(prefix_ptr="*bf16", x_ptr="*bf16", q_ptr="*fp8e4nv",
+                                                    scale_ptr="*fp32"),
+                     dict(HAS_PREFIX=True, GELU=True, BLOCK_ROWS=4, BLOCK_C=1024), [], num_warps=4)
+norm = compile_sm90(ada_layer_norm_modulate_kernel,
+                    dict(x_ptr="*bf16", scale_ptr="*bf16", shift_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16",
+                         out_ptr="*fp8e4nv", row_scale_ptr="*fp32", eps="fp32"),
+                    dict(BLOCK_ROWS=1, BLOCK_C=4096, HAS_WEIGHT=False, HAS_BIAS=False, QUANT_FP8=True), [],
+                    num_warps=4)
+print(json.dumps({"wgmma": ttgir.count("warp_group_dot"), "async_copies": ttgir.count("async_copy_global_to_local"),
+                  "shared": gemm.metadata.shared}))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_kernels_compile_for_sm90_offline():
+    """Compile the FP8 kernels for sm_90 without a GPU (Triton's bundled ptxas), outside the interpreter: catches
+    what the interpreter accepts but the compiler rejects, and checks the GEMM is a pipelined wgmma loop."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert stats["wgmma"] >= 1 and stats["async_copies"] >= 2 * 3  # A and B tiles over >= 3 pipeline stages
+    assert stats["shared"] >= 3 * 2 * 128 * 128  # >= 3 stages of two 128x128 fp8 tiles

@@ -1,0 +1,168 @@
+import warnings
+
+import pytest
+import torch
+
+from dcgen_kernels.quant.nunchaku import (
+    import_nunchaku_state_dict, nunchaku_backend_error, pack_nunchaku_lowrank, pack_nunchaku_qweight,
+    pack_nunchaku_wscales, svdquant_linear_from_nunchaku, svdquant_linear_to_nunchaku, to_nunchaku_module,
+    unpack_nunchaku_lowrank, unpack_nunchaku_qweight, unpack_nunchaku_wscales,
+)
+from dcgen_kernels.quant.svdquant import SVDQuantLinear
+from tests.helpers import rel_l2
+
+K, N, R = 256, 128, 32
+
+
+def words(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).reshape(-1, 4)
+
+
+def test_wscales_store_order_matches_nunchaku_table():
+    # nunchaku's pack_micro_scale comment (warp_n 128): lane 0 loads the words of rows 0 32 64 96, lane 1 rows
+    # 8 40 72 104, lane 4 rows 1 33 65 97, lane 31 rows 31 63 95 127; one word = the 4 scales of one 64-K block.
+    scales = torch.arange(N, dtype=torch.uint8)[:, None].repeat(1, K // 16)  # every byte = its row
+    tiled = words(pack_nunchaku_wscales(scales.view(torch.float8_e4m3fn)))
+    first_block = tiled[:32 * 4, 0].reshape(32, 4)  # [lane, s]
+    assert first_block[0].tolist() == [0, 32, 64, 96]
+    assert first_block[1].tolist() == [8, 40, 72, 104]
+    assert first_block[4].tolist() == [1, 33, 65, 97]
+    assert first_block[31].tolist() == [31, 63, 95, 127]
+    assert pack_nunchaku_wscales(scales.view(torch.float8_e4m3fn)).shape == (K // 16, N)
+
+
+def test_qweight_store_order_matches_mma_fragments():
+    # Word w of a tile = (n_packs 8, n_lanes 8, k_lanes 4, n_pack 2, k_pack 2): lane n_lane * 4 + k_lane holds the
+    # m16n8k64 B fragment of row n_pack * 8 + n_lane, K = k_pack * 32 + k_lane * 8 .. + 7.
+    n_idx = torch.arange(N)[:, None].expand(N, K // 8)
+    k_idx = torch.arange(K // 8)[None, :].expand(N, K // 8)
+    codes = torch.stack([n_idx, k_idx, torch.zeros_like(n_idx), torch.zeros_like(n_idx)], dim=-1)
+    packed = codes.to(torch.uint8).reshape(N, K // 2)  # word (n, k/8) = bytes [n, k/8, 0, 0]
+    tiled = words(pack_nunchaku_qweight(packed))
+
+    def expect(w, n, k8):
+        assert tiled[w, :2].tolist() == [n, k8], (w, tiled[w].tolist(), n, k8)
+
+    expect(0, 0, 0)
+    expect(1, 0, 4)      # k_pack 1: K 32..39
+    expect(2, 8, 0)      # n_pack 1: row 8
+    expect(4, 0, 1)      # k_lane 1: K 8..15
+    expect(16, 1, 0)     # n_lane 1: row 1
+    expect(128, 16, 0)   # next n pack: rows 16..31
+    expect(128 * 8, 0, 8)  # next 64-K tile of the same 128 rows
+
+
+def test_layouts_round_trip():
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    assert torch.equal(unpack_nunchaku_qweight(pack_nunchaku_qweight(packed)), packed)
+    scales = torch.randint(0, 127, (N, K // 16), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert torch.equal(unpack_nunchaku_wscales(pack_nunchaku_wscales(scales)).view(torch.uint8),
+                       scales.view(torch.uint8))
+    down, up = torch.randn(R, K).bfloat16(), torch.randn(N, R).bfloat16()
+    assert torch.equal(unpack_nunchaku_lowrank(pack_nunchaku_lowrank(down, True), True), down)
+    assert torch.equal(unpack_nunchaku_lowrank(pack_nunchaku_lowrank(up, False), False), up)
+    assert pack_nunchaku_lowrank(down, True).shape == (K, R)
+    assert not torch.equal(pack_nunchaku_lowrank(down, True), down.t())  # really tiled
+
+
+def synthetic_checkpoint(raw_names=False):
+    """A layer quantized by us, written in nunchaku's layout under two module prefixes."""
+    lin = torch.nn.Linear(K, N).bfloat16()
+    layer = SVDQuantLinear.from_linear(lin, rank=R, backend="reference")  # no calibration: input_scale 1
+    with torch.no_grad():  # nunchaku keeps these in bf16: make them exactly representable for the round trip
+        layer.smooth.copy_(layer.smooth.bfloat16().float())
+        layer.wtscale.copy_(layer.wtscale.bfloat16().float())
+    tensors = svdquant_linear_to_nunchaku(layer)
+    if raw_names:  # nunchaku's C++ / raw safetensors names
+        rename = {"proj_down": "lora_down", "proj_up": "lora_up", "smooth_factor": "smooth",
+                  "smooth_factor_orig": "smooth_orig"}
+        tensors = {rename.get(k, k): v for k, v in tensors.items()}
+    return lin, layer, tensors
+
+
+@pytest.mark.parametrize("raw_names", [False, True])
+def test_import_reproduces_the_layer(raw_names):
+    lin, layer, tensors = synthetic_checkpoint(raw_names)
+    state = {f"transformer_blocks.0.ff.net.0.proj.{k}": v for k, v in tensors.items()}
+    state.update({f"single_transformer_blocks.3.proj_mlp.{k}": v for k, v in tensors.items()})
+    state["norm_out.linear.weight"] = torch.randn(4, 4)
+    layers = import_nunchaku_state_dict(state, backend="reference")
+    assert sorted(layers) == ["single_transformer_blocks.3.proj_mlp", "transformer_blocks.0.ff.net.0.proj"]
+    imported = layers["transformer_blocks.0.ff.net.0.proj"]
+    assert (imported.in_features, imported.out_features, imported.rank) == (K, N, R)
+    for name in ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "wtscale", "input_scale"):
+        a, b = getattr(imported, name), getattr(layer, name)
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a.float(),
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b.float()), name
+    x = torch.randn(3, K).bfloat16()
+    assert torch.equal(imported(x), layer(x))
+    assert rel_l2(imported(x), lin(x).float()) < 0.2
+
+
+def test_import_matches_nunchaku_math_written_by_hand():
+    # Independent of our exporter: tensors built directly in nunchaku's conventions (proj_up [N, R] un-transposed,
+    # wscales [K/16, N]) from known codes; the imported layer must compute
+    # alpha * Q(x / smooth) Q(W)^T + bias + (x @ proj_down) @ proj_up^T.
+    codes = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    scales = torch.rand(N, K // 16).mul(2).add(0.25).to(torch.float8_e4m3fn)
+    smooth = (torch.rand(K) + 0.5).bfloat16()
+    down, up = (torch.randn(K, R) * 0.05).bfloat16(), (torch.randn(N, R) * 0.05).bfloat16()
+    bias, alpha = torch.randn(N).bfloat16(), 0.03
+    tensors = {"qweight": pack_nunchaku_qweight(codes), "wscales": pack_nunchaku_wscales(scales),
+               "wtscale": torch.tensor([alpha]).bfloat16(), "smooth_factor": smooth,
+               "proj_down": pack_nunchaku_lowrank(down.t(), True), "proj_up": pack_nunchaku_lowrank(up, False),
+               "bias": bias}
+    layer = svdquant_linear_from_nunchaku(tensors, backend="reference")
+    from dcgen_kernels.ops.nvfp4_quantize import dequantize_nvfp4_reference, quantize_nvfp4_reference
+
+    x = torch.randn(5, K).bfloat16()
+    xq = quantize_nvfp4_reference(x.float() / smooth.float(), torch.tensor(1.0))
+    w = dequantize_nvfp4_reference(codes, scales, torch.tensor(float(torch.tensor(alpha).bfloat16())))
+    expected = dequantize_nvfp4_reference(*xq) @ w.t() + bias.float() + (x.float() @ down.float()) @ up.float().t()
+    assert rel_l2(layer(x), expected) < 1e-2
+
+
+def test_non_unit_wcscales_fold_with_a_warning():
+    _, layer, tensors = synthetic_checkpoint()
+    tensors["wcscales"] = torch.full((N,), 2.0).bfloat16()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        imported = svdquant_linear_from_nunchaku(tensors, backend="reference")
+    assert any("wcscales" in str(w.message) for w in caught)
+    assert torch.equal(imported.wscales.float(), (layer.wscales.float() * 2).clamp(max=448))
+
+
+def test_bad_checkpoints_raise_clear_errors():
+    _, _, tensors = synthetic_checkpoint()
+    with pytest.raises(KeyError, match="proj_down or lora_down"):
+        svdquant_linear_from_nunchaku({k: v for k, v in tensors.items() if k != "proj_down"})
+    bad = dict(tensors, wscales=tensors["wscales"].float())
+    with pytest.raises(TypeError, match="INT4 checkpoints are not supported"):
+        svdquant_linear_from_nunchaku(bad)
+    with pytest.raises(ValueError, match="in_features % 128"):
+        unpack_nunchaku_qweight(torch.zeros(128, 40, dtype=torch.int8))
+
+
+def test_nunchaku_backend_detection_without_a_gpu():
+    reason = nunchaku_backend_error(torch.device("cpu"))
+    assert reason is not None and "CUDA" in reason
+    _, _, tensors = synthetic_checkpoint()
+    with pytest.raises(RuntimeError, match="cannot use nunchaku's kernels"):
+        to_nunchaku_module(tensors)
+    with pytest.raises(RuntimeError, match="cannot use nunchaku's kernels"):
+        svdquant_linear_from_nunchaku(tensors, nunchaku_kernels="require")
+    assert svdquant_linear_from_nunchaku(tensors).external_kernel is None  # "auto" falls back quietly
+
+
+@pytest.mark.gpu
+def test_nunchaku_kernels_agree_when_available():
+    reason = nunchaku_backend_error(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    _, layer, tensors = synthetic_checkpoint()
+    tensors = {k: v.cuda() for k, v in tensors.items()}
+    ours = svdquant_linear_from_nunchaku(tensors, nunchaku_kernels="never")
+    theirs = svdquant_linear_from_nunchaku(tensors, nunchaku_kernels="require")
+    assert theirs.external_kernel is not None
+    x = torch.randn(1, 256, K, device="cuda").bfloat16()
+    assert rel_l2(theirs(x), ours(x).float()) < 5e-2

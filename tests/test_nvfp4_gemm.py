@@ -1,0 +1,230 @@
+import sys
+
+import pytest
+import torch
+
+from dcgen_kernels.ops.nvfp4_gemm import nvfp4_gemm, nvfp4_gemm_reference, nvfp4_w4a16_gemm, \
+    nvfp4_w4a16_gemm_reference
+from dcgen_kernels.ops.nvfp4_quantize import dequantize_nvfp4_reference, quantize_nvfp4, \
+    quantize_nvfp4_activations
+from tests.helpers import rel_l2
+
+gemm_module = sys.modules["dcgen_kernels.ops.nvfp4_gemm"]
+
+# (M, K, N, R): no block multiples, K not a multiple of 16 in the second, rank 0 in the third.
+SHAPES = [(37, 80, 45, 8), (19, 72, 33, 20), (40, 64, 50, 0)]
+
+
+def operands(M, K, N, R, dtype=torch.float32, device="cpu"):
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = torch.randn(N, K, device=device) / K ** 0.5
+    wq = quantize_nvfp4(w, backend="reference")
+    lora_down = (torch.randn(K, R, device=device) / K ** 0.5).to(dtype)
+    lora_up = (torch.randn(R, N, device=device) * 0.1).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    return x, wq, lora_down, lora_up, bias
+
+
+@pytest.mark.parametrize("M,K,N,R", SHAPES)
+def test_w4a4_triton_matches_dequantized_reference(M, K, N, R):
+    x, wq, lora_down, lora_up, bias = operands(M, K, N, R)
+    a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.01, backend="reference")
+    args = (a_packed, a_scales, torch.tensor(0.01), *wq)
+    expected = nvfp4_gemm_reference(*args, lora_act, lora_up, bias, torch.float32)
+    # Independent check of the reference: dequantize both operands by hand.
+    a = dequantize_nvfp4_reference(a_packed, a_scales, torch.tensor(0.01))
+    w = dequantize_nvfp4_reference(*wq)
+    assert rel_l2(expected, a @ w.t() + lora_act @ lora_up + bias) < 1e-6
+    out = nvfp4_gemm(*args, lora_act=lora_act, lora_up=lora_up, bias=bias, out_dtype=torch.float32,
+                     backend="triton")
+    assert out.shape == (M, N) and not out.isnan().any()
+    assert rel_l2(out, expected) < 1e-5
+    # And the whole point: it approximates the unquantized linear (4-bit both sides: ~10-20 % rel-L2).
+    exact = x @ dequantize_nvfp4_reference(*wq, k=K).t() + lora_act @ lora_up + bias
+    assert rel_l2(out, exact) < 0.2
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_w4a4_half_outputs_and_leading_dims(out_dtype):
+    x, wq, lora_down, lora_up, bias = operands(2 * 13, 48, 40, 16)
+    x = x.reshape(2, 13, 48)
+    a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.02, backend="triton")
+    kw = dict(lora_act=lora_act, lora_up=lora_up.to(out_dtype), bias=bias.to(out_dtype), out_dtype=out_dtype)
+    out = nvfp4_gemm(a_packed, a_scales, 0.02, *wq, backend="triton", **kw)
+    ref = nvfp4_gemm(a_packed, a_scales, 0.02, *wq, backend="reference", **kw)
+    assert out.shape == (2, 13, 40) and out.dtype == out_dtype
+    assert rel_l2(out, ref.float()) < 1e-2
+
+
+@pytest.mark.parametrize("M,K,N,R", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_triton_matches_reference(M, K, N, R, dtype):
+    x, wq, lora_down, lora_up, bias = operands(M, K, N, R, dtype)
+    kw = dict(lora_down=lora_down, lora_up=lora_up, bias=bias)
+    expected = nvfp4_w4a16_gemm_reference(x, *wq, **kw)
+    w = dequantize_nvfp4_reference(*wq, k=K)
+    manual = x.float() @ w.t() + (x.float() @ lora_down.float()) @ lora_up.float() + bias.float()
+    assert rel_l2(expected, manual) < (1e-6 if dtype == torch.float32 else 1e-2)
+    out = nvfp4_w4a16_gemm(x, *wq, backend="triton", **kw)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert rel_l2(out, manual) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_w4a16_smooth_divides_the_activations():
+    x, wq, _, _, bias = operands(21, 48, 24, 0)
+    smooth = torch.rand(48) + 0.5
+    out = nvfp4_w4a16_gemm(x, *wq, smooth=smooth, bias=bias, backend="triton")
+    expected = nvfp4_w4a16_gemm(x / smooth, *wq, bias=bias, backend="reference")
+    assert rel_l2(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("R", [0, 8])
+def test_w4a16_effective_weight_strategy_matches_reference(R):
+    # The large-M GPU strategy (one Triton pass builds dequant(W) / smooth + (lora_down @ lora_up)^T, then one
+    # GEMM), run here on CPU: the weight equals the layer's math, so the outputs match the reference.
+    x, wq, lora_down, lora_up, bias = operands(33, 80, 40, R)
+    smooth = torch.rand(80) + 0.5
+    kw = dict(smooth=smooth, lora_down=lora_down, lora_up=lora_up, bias=bias) if R else dict(smooth=smooth)
+    expected = nvfp4_w4a16_gemm_reference(x, *wq, **kw)
+    weight = torch.full((40, 80), float("nan"))
+    gemm_module._launch_effective_weight(*wq, smooth, lora_down if R else None, lora_up if R else None, weight)
+    manual = dequantize_nvfp4_reference(*wq, k=80) / smooth + ((lora_down @ lora_up).t() if R else 0)
+    assert rel_l2(weight, manual) < 1e-6
+    split = gemm_module._w4a16_effective_weight_cublas(x, *wq, smooth, lora_down if R else None,
+                                                       lora_up if R else None, bias if R else None)
+    assert rel_l2(split, expected) < 1e-5
+
+
+def test_custom_ops_trace_with_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.empty(3, 7, 40, dtype=torch.uint8)
+        s = torch.empty(3, 7, 5, dtype=torch.float8_e4m3fn)
+        w = torch.empty(24, 40, dtype=torch.uint8)
+        ws = torch.empty(24, 5, dtype=torch.float8_e4m3fn)
+        g = torch.empty(())
+        out = torch.ops.dcgen.nvfp4_gemm(a, s, g, w, ws, g, None, None, None, torch.float16, "auto")
+        out16 = torch.ops.dcgen.nvfp4_w4a16_gemm(torch.empty(5, 80, dtype=torch.bfloat16), w, ws, g, None, None,
+                                                 None, None, "auto")
+    assert out.shape == (3, 7, 24) and out.dtype == torch.float16
+    assert out16.shape == (5, 24) and out16.dtype == torch.bfloat16
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, wq, lora_down, lora_up, bias = operands(8, 64, 32, 4)
+    a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.01, backend="reference")
+    with pytest.raises(ValueError, match="w_packed must have 32 bytes per row"):
+        nvfp4_gemm(a_packed, a_scales, 0.01, wq[0][:, :16], wq[1][:, :2], wq[2])
+    with pytest.raises(ValueError, match="lora_act and lora_up must be given together"):
+        nvfp4_gemm(a_packed, a_scales, 0.01, *wq, lora_act=lora_act)
+    with pytest.raises(ValueError, match="lora_up must have shape"):
+        nvfp4_gemm(a_packed, a_scales, 0.01, *wq, lora_act=lora_act, lora_up=lora_up[:, :5])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        nvfp4_w4a16_gemm(x, *wq, bias=bias[:3])
+    with pytest.raises(ValueError, match="lora_down and lora_up must be given together"):
+        nvfp4_w4a16_gemm(x, *wq, lora_down=lora_down)
+    with pytest.raises(ValueError, match="lora_down must be"):
+        nvfp4_w4a16_gemm(x, *wq, lora_down=lora_down[:5], lora_up=lora_up)
+    with pytest.raises(ValueError, match="w_packed must have ceil"):
+        nvfp4_w4a16_gemm(x[:, :40], *wq)
+
+
+def run_sm120_host_emulation(C, a_packed, a_scales, a_gs, wq, lora_act, lora_up, bias, out_dtype):
+    from dcgen_kernels._cext import DTYPE_CODES
+
+    w_packed, w_scales, w_gs = wq
+    M, N = a_packed.shape[0], w_packed.shape[0]
+    out = torch.full((M, N), float("nan"), dtype=out_dtype)
+    keep = [a_packed.contiguous(), a_scales.view(torch.uint8).contiguous(), w_packed.contiguous(),
+            w_scales.view(torch.uint8).contiguous(), a_gs.float().reshape(1), w_gs.float().reshape(1),
+            lora_act.float().contiguous(), lora_up.to(out_dtype).contiguous(), bias.to(out_dtype).contiguous()]
+    C.nvfp4_gemm_sm120_host(*[t.data_ptr() for t in keep], out.data_ptr(), M, N, a_packed.shape[1] * 2,
+                            lora_up.shape[0], DTYPE_CODES[out_dtype])
+    return out
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_sm120_kernel_fragments_on_host_emulation(out_dtype):
+    # The sm_120a kernel's own per-lane loads and epilogue, with the MMA emulated from the PTX fragment tables:
+    # checks the register and scale-factor layouts on any machine (the instruction itself needs an sm_120 GPU).
+    from dcgen_kernels._cext import _C
+
+    if _C is None or not hasattr(_C, "nvfp4_gemm_sm120_host"):
+        pytest.skip("dcgen_kernels._C with nvfp4_gemm_sm120_host is not built")
+    M, K, N, R = 150, 192, 72, 16  # partial 128 x 64 blocks in M and N, three 64-k steps
+    x, wq, lora_down, lora_up, bias = operands(M, K, N, R)
+    a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.01, backend="reference")
+    out = run_sm120_host_emulation(_C, a_packed, a_scales, torch.tensor(0.01), wq, lora_act, lora_up, bias,
+                                   out_dtype)
+    ref = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, lora_act=lora_act, lora_up=lora_up.to(out_dtype),
+                     bias=bias.to(out_dtype), out_dtype=torch.float32, backend="reference")
+    assert not out.isnan().any()
+    assert rel_l2(out, ref) < (1e-5 if out_dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [16, 4608])
+def test_w4a16_gpu_flux_shape_accuracy(M):
+    # A FLUX shape on the GPU: fused kernel (M=16) and effective weight + cuBLAS (M=4608) against fp32.
+    K, N, R = 3072, 3072, 32
+    x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
+    smooth = torch.rand(K, device="cuda") + 0.5
+    kw = dict(smooth=smooth, lora_down=lora_down, lora_up=lora_up, bias=bias)
+    out = nvfp4_w4a16_gemm(x, *wq, backend="triton", **kw)
+    ref = nvfp4_w4a16_gemm_reference(x, *wq, **kw)
+    assert rel_l2(out, ref.float()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_w4a16_large_m_speed_against_cublas_bf16():
+    # Issue target: W4A16 >= 0.9x cuBLAS bf16 at M >= 4096 on FLUX shapes. The assertion keeps a margin for
+    # timing noise (0.8x); the measured ratio is printed.
+    from benchmarks.timing import time_ms
+
+    M, K, N, R = 4608, 3072, 12288, 32
+    x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
+    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    device = torch.device("cuda")
+    t_bf16 = time_ms(lambda: torch.nn.functional.linear(x, weight, bias), device, 5, 20)
+    t_w4a16 = time_ms(lambda: nvfp4_w4a16_gemm(x, *wq, lora_down=lora_down, lora_up=lora_up, bias=bias), device,
+                      5, 20)
+    print(f"W4A16 {t_w4a16:.3f} ms vs cuBLAS bf16 {t_bf16:.3f} ms: {t_bf16 / t_w4a16:.2f}x")
+    assert t_bf16 / t_w4a16 > 0.8
+
+
+@pytest.mark.gpu
+def test_w4a4_gpu_flux_shape_accuracy():
+    M, K, N, R = 512, 3072, 3072, 32
+    x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
+    a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.01, backend="triton")
+    kw = dict(lora_act=lora_act, lora_up=lora_up, bias=bias, out_dtype=torch.bfloat16)
+    out = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="triton", **kw)
+    ref = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="reference", **kw)
+    assert rel_l2(out, ref.float()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_w4a4_sm120_cuda_kernel_matches_reference():
+    if torch.cuda.get_device_capability()[0] != 12:
+        pytest.skip("the native FP4 MMA kernel needs an sm_120 GPU")
+    reason = gemm_module._cuda_sm120_error(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    M, K, N, R = 300, 3072, 520, 32
+    x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
+    a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.01, backend="triton")
+    kw = dict(lora_act=lora_act, lora_up=lora_up, bias=bias, out_dtype=torch.bfloat16)
+    out = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="cuda", **kw)
+    ref = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="reference", **kw)
+    assert rel_l2(out, ref.float()) < 1e-2
+
+
+def test_triton_backend_really_runs_here():
+    # The triton-vs-reference comparisons above are only meaningful if "triton" is not silently replaced.
+    from dcgen_kernels import _backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert _backend.triton_device_error(device) is None
+    checks = {"triton": lambda: _backend.triton_device_error(device)}
+    assert _backend.select("nvfp4_gemm", "triton", checks, {}) == "triton"

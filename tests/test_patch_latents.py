@@ -1,0 +1,240 @@
+"""patch() on the latent I/O of FLUX and SANA: unpacked (B, C, h, w) latents through patch_embed / patch_unembed."""
+
+import warnings
+
+import pytest
+import torch
+
+import dcgen_kernels
+from dcgen_kernels.patching import latents
+from dcgen_kernels.dcgen import latent_image_ids, pack_latents, unpack_latents
+from tests.helpers import rel_l2, tiny_flux, tiny_flux_inputs, tiny_sana_inputs, tiny_sana_patched_latents
+
+pytest.importorskip("diffusers")
+
+
+def patch_latents_only(model, backend):
+    """This family alone (the rest of the model stays stock)."""
+    replaced = latents.patch_latent_io(model, backend)
+    assert replaced and all(n in ("", "x_embedder", "patch_embed", "proj_out") for n in replaced), replaced
+    return model
+
+
+def flux_case(p, grid=4):
+    """tiny FLUX (in_channels 16) with an unpacked latent of 16 / p**2 channels on a (grid*p)^2 map."""
+    model = tiny_flux()
+    inputs = tiny_flux_inputs(grid=grid)
+    latent = torch.randn(1, 16 // (p * p), grid * p, grid * p)
+    inputs["hidden_states"] = pack_latents(latent, p)
+    return model, inputs, latent
+
+
+def flux_forward(model, inputs, hidden_states):
+    return model(**{**inputs, "hidden_states": hidden_states})[0]
+
+
+# ----------------------------------------------------------------------------------------------- FLUX
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_flux_unpacked_latents_equal_stock_on_packed(p, backend):
+    model, inputs, latent = flux_case(p)
+    with torch.no_grad():
+        expected = unpack_latents(flux_forward(model, inputs, inputs["hidden_states"]), *latent.shape[2:], p)
+        patch_latents_only(model, backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback: the embedder and head run the requested backend
+            got = flux_forward(model, inputs, latent)
+    assert got.shape == latent.shape
+    assert rel_l2(got, expected) < 1e-5
+
+
+def test_flux_packed_input_keeps_stock_embedder_and_head():
+    model, inputs, _ = flux_case(2)
+    x = inputs["hidden_states"]
+    hidden = torch.randn(1, x.shape[1], model.inner_dim)
+    expected_in, expected_out = model.x_embedder(x), model.proj_out(hidden)
+    dcgen_kernels.patch(model, backend="reference")
+    assert torch.equal(model.x_embedder(x), expected_in) and torch.equal(model.proj_out(hidden), expected_out)
+    assert flux_forward(model, inputs, x).shape == x.shape
+
+
+def test_flux_unpacked_gradients_equal_stock():
+    model, inputs, latent = flux_case(2)
+    names = ["x_embedder.weight", "x_embedder.bias", "proj_out.weight", "proj_out.bias",
+             "transformer_blocks.0.attn.to_q.weight"]
+    params = dict(model.named_parameters())
+
+    def grads(hidden_states, unpack):
+        x = hidden_states.clone().requires_grad_()
+        out = flux_forward(model, inputs, x)
+        (unpack(out).square().mean()).backward()
+        result = {n: params[n].grad.clone() for n in names}
+        model.zero_grad()
+        return result, x.grad
+
+    expected, expected_x = grads(inputs["hidden_states"], lambda t: unpack_latents(t, 8, 8, 2))
+    patch_latents_only(model, "triton")
+    got, got_x = grads(latent, lambda t: t)
+    for n in names:
+        assert rel_l2(got[n], expected[n]) < 1e-4, n
+    assert rel_l2(got_x, unpack_latents(expected_x, 8, 8, 2)) < 1e-4
+
+
+def test_flux_bad_unpacked_input_raises_clear_error():
+    model, inputs, latent = flux_case(2)
+    dcgen_kernels.patch(model, backend="reference")
+    with pytest.raises(ValueError, match=r"img_ids must have one row per image token: .* has 16 tokens"):
+        flux_forward(model, {**inputs, "img_ids": latent_image_ids(8, 8, 1)}, latent)
+    with pytest.raises(ValueError, match="hidden_states has 3 channels, but x_embedder takes 16 features"):
+        flux_forward(model, inputs, latent[:, :3])
+    assert dcgen_kernels.patch_report(model).backend == "reference"
+
+
+def test_flux_report_idempotent_unpatch_and_state_dict():
+    model, inputs, latent = flux_case(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dcgen_kernels.patch(model, backend="triton")
+    dcgen_kernels.patch(model, backend="reference")  # idempotent: only the backend changes
+    report = dcgen_kernels.patch_report(model)
+    ours = {name: cls for name, family, cls in report.replaced if family == "latents"}
+    assert ours == {"": "FluxTransformer2DModel", "x_embedder": "Linear", "proj_out": "Linear"}
+    assert model.x_embedder._dcgen_latents["backend"] == "reference"
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    dcgen_kernels.unpatch(model)
+    assert not any("forward" in vars(m) or "_dcgen_latents" in vars(m) for m in model.modules())
+    with pytest.raises(RuntimeError):  # stock FLUX does not take unpacked latents: its Linear sees (B, C, h, w)
+        flux_forward(model, inputs, latent)
+
+
+def test_flux_embedder_under_autocast_and_fp64_fallback():
+    """Under autocast the fused embedder casts like nn.Linear; fp64 (no fused kernel) takes the stock path."""
+    from dcgen_kernels import _backend
+
+    model, inputs, latent = flux_case(2)
+    stock = torch.nn.Linear.forward
+    patch_latents_only(model, "triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = model.x_embedder(latent), stock(model.x_embedder, inputs["hidden_states"])
+    assert got.dtype == expected.dtype == torch.bfloat16 and rel_l2(got, expected) < 1e-2
+    model = model.double()
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="runs the stock path for input dtype torch.float64"):
+        got = model.x_embedder(latent.double())
+    assert torch.equal(got, stock(model.x_embedder, inputs["hidden_states"].double()))
+
+
+def test_patch_latent_io_alone_and_unpatch():
+    model, inputs, latent = flux_case(2)
+    assert latents.patch_latent_io(model, "reference") == ["", "x_embedder", "proj_out"]
+    assert not dcgen_kernels.is_patched(model) and latents.takes_unpacked_latents(model)
+    assert flux_forward(model, inputs, latent).shape == latent.shape
+    latents.unpatch_latent_io(model)
+    assert not any("forward" in vars(m) or "_dcgen_latents" in vars(m) for m in model.modules())
+
+
+def test_flux_non_linear_embedder_is_skipped_with_reason():
+    model, _, _ = flux_case(2)
+    model.x_embedder = torch.nn.Sequential(model.x_embedder)
+    report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
+    assert ("", "latents", "x_embedder is Sequential, not a plain torch.nn.Linear") in report.skipped
+
+
+# ----------------------------------------------------------------------------------------------- SANA
+SANA_CASES = [(1, None, 6, 7), (2, None, 6, 10), (2, 1, 8, 8), (1, 1, 6, 4)]  # (p, interpolation_scale, h, w)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("p,scale,h,w", SANA_CASES)
+def test_sana_patched_equals_stock(p, scale, h, w, backend):
+    model = tiny_sana_patched_latents(patch_size=p, interpolation_scale=scale)
+    inputs = tiny_sana_inputs(height=h, width=w)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        patch_latents_only(model, backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = model(**inputs)[0]
+    assert got.shape == expected.shape == inputs["hidden_states"].shape
+    assert rel_l2(got, expected) < 1e-5
+
+
+def test_sana_gradients_flow_and_equal_stock():
+    model = tiny_sana_patched_latents(patch_size=2)
+    inputs = tiny_sana_inputs(height=6, width=10)
+    names = ["patch_embed.proj.weight", "patch_embed.proj.bias", "proj_out.weight", "proj_out.bias",
+             "transformer_blocks.0.attn1.to_q.weight"]
+    params = dict(model.named_parameters())
+
+    def grads():
+        x = inputs["hidden_states"].clone().requires_grad_()
+        model(**{**inputs, "hidden_states": x})[0].square().mean().backward()
+        result = {n: params[n].grad.clone() for n in names}
+        model.zero_grad()
+        return result, x.grad
+
+    expected, expected_x = grads()
+    patch_latents_only(model, "triton")
+    got, got_x = grads()
+    for n in names:
+        assert rel_l2(got[n], expected[n]) < 1e-4, n
+    assert rel_l2(got_x, expected_x) < 1e-4
+
+
+def test_sana_report_unpatch_and_state_dict():
+    model = tiny_sana_patched_latents(patch_size=2, interpolation_scale=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dcgen_kernels.patch(model, backend="reference")
+    dcgen_kernels.patch(model, backend="reference")
+    ours = {name: cls for name, family, cls in dcgen_kernels.patch_report(model).replaced if family == "latents"}
+    assert ours == {"": "SanaTransformer2DModel", "patch_embed": "PatchEmbed", "proj_out": "Linear"}
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    dcgen_kernels.unpatch(model)
+    assert not any("forward" in vars(m) or "_dcgen_latents" in vars(m) for m in model.modules())
+
+
+def test_sana_unsupported_embedder_is_skipped_with_reason():
+    model = tiny_sana_patched_latents(patch_size=1)
+    model.patch_embed.proj.padding = (1, 1)  # no longer a patch projection (the test only looks at the report)
+    report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
+    assert ("patch_embed", "latents", "its conv is not a p x p, stride p, unpadded, ungrouped patch projection") \
+        in report.skipped
+    assert ("proj_out", "latents", "Linear") in report.replaced
+
+
+def test_sana_patched_compiles_without_graph_breaks():
+    model, inputs = tiny_sana_patched_latents(patch_size=2), tiny_sana_inputs(height=6, width=10)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        dcgen_kernels.patch(model, backend="reference")
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert rel_l2(compiled(**inputs)[0], expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+def _bf16_cuda(inputs, skip=()):
+    return {k: (v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k not in skip
+                else v.to("cuda") if torch.is_tensor(v) else v) for k, v in inputs.items()}
+
+
+@pytest.mark.gpu
+def test_gpu_flux_unpacked_bf16_close_to_stock():
+    model, inputs, latent = flux_case(2)
+    model, inputs, latent = model.to("cuda", torch.bfloat16), _bf16_cuda(inputs), latent.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        expected = unpack_latents(flux_forward(model, inputs, inputs["hidden_states"]), 8, 8, 2)
+        patch_latents_only(model, "auto")
+        got = flux_forward(model, inputs, latent)
+    assert rel_l2(got, expected) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_sana_bf16_close_to_stock():
+    model = tiny_sana_patched_latents(patch_size=2, dtype=torch.bfloat16, device="cuda")
+    inputs = _bf16_cuda(tiny_sana_inputs(height=8, width=12), skip=("encoder_attention_mask",))
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        patch_latents_only(model, "auto")
+        got = model(**inputs)[0]
+    assert rel_l2(got, expected) < 2e-2
