@@ -11,7 +11,9 @@ GPU model compare fairly; all are higher-is-better:
                          per-image latency);
   speedup_vs_base        DC-Gen model over its base model, per image, same variant (e2e);
   frac_of_measured_gemm  an op's TFLOP/s over the bf16 GEMM ceiling measured in the same run;
-  frac_of_copy           an op's GB/s over the device-copy ceiling measured in the same run.
+  frac_of_copy           an op's GB/s over the device-copy ceiling measured in the same run;
+  vs_gemm                a patch (un)embedding variant over the bare GEMM on packed input, same run (patch_embed);
+  speedup_vs_bf16        a quantized linear over cuBLAS bf16 on the same layer, same run (quant_linear).
 Absolute times and throughputs (ms, s, TFLOP/s, GB/s, compile seconds) are shown, not gated: they move with
 clocks, drivers and the machine. A tracked metric whose record failed its correctness check in the new run counts
 as a regression. Metrics present in only one file are listed, not gated (a section skipped for time is not a
@@ -26,7 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-TRACKED = ("speedup_vs_stock", "speedup_vs_base", "frac_of_measured_gemm", "frac_of_copy")
+TRACKED = ("speedup_vs_stock", "speedup_vs_base", "frac_of_measured_gemm", "frac_of_copy", "vs_gemm",
+           "speedup_vs_bf16")
 SHOWN = ("ms", "s", "compile_s", "tflops", "GBps", "copy_GBps", "gemm_tflops", "attention_tflops", "fp8_gemm_tflops")
 NOT_COMPARED = ("environment", "anchors", "gpu_check", "targets", "problems", "projection", "config", "sections")
 

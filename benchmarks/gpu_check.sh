@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # One command for a fresh H100/H200 (no network), from the repository root or anywhere:
-#     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|e2e|all] [--quick]
-# Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu (kernels and
-# all only) -> benchmark suite (benchmarks/run.py --suite ...) -> perf-regression check against
-# benchmarks/results/baseline-<gpu>-<suite>.json, else baseline-<gpu>.json (benchmarks/compare.py; skipped with a
-# note when this GPU model has no baseline). Writes ${OUT:-benchmarks/results}/gpu_check-<gpu>-<date>.json and .log
-# (plus -e2e.md and -e2e.png for the e2e suite), copied to benchmarks/results/ too when $OUT is set.
+#     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick]
+# Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu (dcgen: the
+# GPU tests of the ops it measures; kernels: the others; all: every one; e2e: none) -> benchmark suite
+# (benchmarks/run.py --suite ...) -> perf-regression check against benchmarks/results/baseline-<gpu>-<suite>.json,
+# else baseline-<gpu>.json (benchmarks/compare.py; skipped with a note when this GPU model has no baseline). Writes
+# ${OUT:-benchmarks/results}/gpu_check-<gpu>-<date>.json and .log (plus -e2e.md and -e2e.png for the e2e suite),
+# copied to benchmarks/results/ too when $OUT is set.
 # Whole run <= 8 min: every phase has a timeout, the suite is told what is left (--budget-s) and records a section
-# that would not fit as skipped. A failing phase is recorded and the next one still runs; the exit status is
-# non-zero if any phase failed (a tracked metric regressing by more than 10% against the baseline fails its phase).
-# Suites, one call each:
-#   kernels (default)  pytest -m gpu, ceilings, op benchmarks, FLUX/SANA steps, DC-AE decode, SANA torch.compile
-#                      (~6-7 min on an H100).
+# that would not fit as skipped; the JSON (and the e2e table and chart) is rewritten after every section, so a
+# suite killed at its timeout keeps what it measured. A failing phase is recorded and the next one still runs; the
+# exit status is non-zero if any phase failed (a tracked metric regressing by more than 10% against the baseline
+# fails its phase).
+# Suites, one call each (estimates for an H100, from the 2026-11-27 anchors and run; nothing newer has run yet):
+#   kernels (default)  pytest -m gpu (not the dcgen tests), ceilings, op benchmarks, FLUX/SANA steps, DC-AE decode,
+#                      SANA torch.compile (~6-7 min).
+#   dcgen              pytest -m gpu of the patch-embedding / FP8 / NVFP4 tests (<= 3 min cap), ceilings,
+#                      patch_embed (fused (un)packing vs the bare GEMM, fwd and fwd+bwd; ~1 min, mostly Triton JIT)
+#                      and quant_linear (FP8 / NVFP4 linears at FLUX shapes, FLUX-12B step stock / patched / fp8 /
+#                      nvfp4: ~2 min, the NVFP4 variant quantizes 418 weights first): ~4-6 min with ~30 s install
+#                      + build.
 #   e2e                no pytest; per-image latency FLUX.1-Krea vs DC-Gen-FLUX and SANA-1.6B vs DC-Gen-SANA at
-#                      1K/2K/4K (stock, patched; torch.compile of the transformer where the budget allows, DC-Gen-FLUX
-#                      4K first), the RTX 5090 projection. Estimated from the H100 anchors: ~30 s install + build,
-#                      ~3 min eager (the 65536-token FLUX steps ~7 s each), ~3 min per FLUX compile.
-#   all                both, in that order; on a GPU the later sections are skipped when the budget runs out.
+#                      1K/2K/4K (stock, patched), the RTX 5090 projection, then torch.compile of the transformer
+#                      where the budget allows (DC-Gen-FLUX 4K first). ~30 s install + build, ~3 min eager (a
+#                      65536-token FLUX step ~7 s, the FLUX VAE 4K decode ~3.7 s), ~15 s projection, ~2.3 min for the
+#                      FLUX compile (126 s) and ~1 min for the SANA-1.6B 4K one; the other compiles are skipped for
+#                      time: ~7 min in all.
+#   all                all three, in that order; on a GPU the later sections are skipped when the budget runs out.
 # --quick: e2e at 1K only. --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode;
 # works without a GPU.
 set -euo pipefail
@@ -26,7 +36,7 @@ ROOT=$PWD
 DRY_RUN=${DCGEN_DRY_RUN:-0}
 SUITE=kernels
 QUICK=0
-usage() { echo "usage: $0 [--dry-run] [--suite kernels|e2e|all] [--quick]" >&2; exit 2; }
+usage() { echo "usage: $0 [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick]" >&2; exit 2; }
 while (($#)); do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
@@ -40,7 +50,7 @@ while (($#)); do
   esac
   shift
 done
-case $SUITE in kernels|e2e|all) ;; *) usage ;; esac
+case $SUITE in kernels|dcgen|e2e|all) ;; *) usage ;; esac
 
 PY=${PYTHON:-python3}
 BUDGET_S=480
@@ -48,6 +58,10 @@ BUDGET_S=480
 # decodes ~25 s, torch.compile of the SANA step ~2 x 45 s (last); plus model builds and Triton JIT. The suite is
 # also told what is left (--budget-s) and skips a section that would not fit rather than being killed mid-way.
 SUITE_RESERVE_S=300
+# The dcgen suite's benchmarks need ~2.5 min; its pytest phase runs only the GPU tests of the ops it measures.
+DCGEN_SUITE_RESERVE_S=200
+DCGEN_TESTS=(tests/test_patch_embed.py tests/test_patch_latents.py tests/test_fp8_linear.py tests/test_nvfp4_gemm.py
+             tests/test_quantize.py tests/test_nunchaku_interop.py)
 START=$EPOCHSECONDS
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true)
 SLUG=$(printf '%s' "${GPU_NAME:-no-gpu}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
@@ -111,6 +125,11 @@ main() {
     local arch so
     arch=$(cuda_arch)
     echo "building _C for DCGEN_CUDA_ARCHS=$arch"
+    # A build directory configured for another copy of the tree makes CMake regenerate into that copy, endlessly.
+    if [[ -f build-gpu/CMakeCache.txt ]] && ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$(pwd -P)" build-gpu/CMakeCache.txt; then
+      echo "build-gpu/ was configured for another source tree: removing it"
+      rm -rf build-gpu
+    fi
     phase cmake_configure 90 -- cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DDCGEN_CUDA_ARCHS="$arch" -DPython_EXECUTABLE="$(command -v "$PY")" \
       -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)"
@@ -130,9 +149,14 @@ main() {
   if [[ $SUITE == e2e ]]; then
     record pytest_gpu "skipped (suite e2e: the benchmark gets the whole call)" 0
   else
-    left=$((BUDGET_S - (EPOCHSECONDS - START) - SUITE_RESERVE_S))
+    local reserve=$SUITE_RESERVE_S tests=(tests) t
+    case $SUITE in
+      dcgen) reserve=$DCGEN_SUITE_RESERVE_S; tests=("${DCGEN_TESTS[@]}") ;;
+      kernels) for t in "${DCGEN_TESTS[@]}"; do tests+=("--ignore=$t"); done ;;  # the dcgen suite runs those
+    esac
+    left=$((BUDGET_S - (EPOCHSECONDS - START) - reserve))
     phase pytest_gpu $((left > 60 ? (left < 180 ? left : 180) : 60)) -- \
-      "$PY" -m pytest -m gpu -q tests --junitxml="$JUNIT"
+      "$PY" -m pytest -m gpu -q "${tests[@]}" --junitxml="$JUNIT"
     suite_args+=(--pytest-junit "$JUNIT")
   fi
 

@@ -5,7 +5,9 @@ proves the code paths work: its timings are not meaningful.
 
 How to read the numbers
 - Every time is a median (CUDA events per call after warm-up; perf_counter on the CPU) in milliseconds, and
-  every comparison is within this run: "stock" is diffusers' eager path, timed in the same process.
+  every comparison is within this run: "stock" is diffusers' eager path, timed in the same process. Single small
+  ops (patch_embed, quant_linear layers) are timed as GPU time with the host's launch overhead hidden
+  (timing.time_kernel_ms; their host cost per call is recorded as host_ms); model steps and decodes include it.
 - Ceilings are measured in the same run (1 GiB device copy counting read + write bytes; bf16 8192³ GEMM) and
   shown beside the anchor values of an H100 measured on 2026-11-27 (benchmarks/anchors/). "%GEMM" is a
   variant's attention TFLOP/s (4·B·H·N²·D / t, matmuls only) over this run's measured GEMM TFLOP/s.
@@ -41,7 +43,13 @@ How to read the numbers
   and the efficiencies measured in this run (or the H100 anchors); never a measurement.
 - targets (e2e): DC-Gen-FLUX vs FLUX.1-Krea stock speed-up within +-20% of the paper's at each resolution; the
   patched DC-Gen-FLUX 4K step faster than stock.
-- Suites: kernels (ops, model steps, decodes), e2e (ceilings, e2e, projection, e2e_compile), all (default); or
+- patch_embed (bench_patch_embed.py): the fused patch (un)embedding ops vs the bare GEMM on packed input, fwd and
+  fwd+bwd, every variant checked against the fp32 reference. quant_linear (bench_quant_linear.py): FP8 / NVFP4
+  linears vs cuBLAS bf16 at FLUX shapes, and the FLUX-12B step stock / patched / fp8 / nvfp4.
+- targets (dcgen): patch_embed/unembed >= 0.9x the bare GEMM (fwd and fwd+bwd, worst case); FP8 linear including
+  the activation quantization >= 1.4x cuBLAS bf16 per layer; FLUX-12B step patched fp8 <= 0.6x stock.
+- Suites: kernels (ops, model steps, decodes), dcgen (ceilings, patch_embed, quant_linear), e2e (ceilings, e2e,
+  projection, e2e_compile), all (default); or
   --sections a,b. A new section is one line in SECTIONS. compare.py diffs two of these JSONs (perf regressions).
 - --budget-s (gpu_check passes what is left of its 8 minutes): a section that would not fit is recorded as
   skipped instead of being killed with the suite; the torch.compile sections need the most.
@@ -254,6 +262,14 @@ def e2e_targets(report: dict) -> list:
     return out
 
 
+def _checked_rel_l2(rec: dict):
+    """The rel-L2 a quant_linear variant's check was made on."""
+    for key in ("rel_l2_vs_reference_backend", "rel_l2_dequantized_vs_x", "rel_l2_vs_fp32_linear"):
+        if key in rec:
+            return rec[key]
+    return None
+
+
 def _checked_ms(rec: dict):
     """A variant's ms when its correctness check passed, else None."""
     return rec.get("ms") if isinstance(rec, dict) and rec.get("check") == "ok" else None
@@ -435,9 +451,10 @@ def dcgen_tables(report: dict, ran: set) -> list:
     """patch_embed: each fused op vs the bare GEMM on packed input; quant_linear: per-layer and FLUX-step rows."""
     lines = []
     if "patch_embed" in ran:
-        lines.append(f"patch_embed (bf16; 'x GEMM' = bare GEMM ms / variant ms)\n  {'case':<26}{'mode':<9}"
-                     f"{'variant':<14}{'ms':>9}{'TFLOP/s':>9}{'x GEMM':>8}{'rel-L2':>9}{'check':>7}")
         rec = report.get("patch_embed", {})
+        lines.append(f"patch_embed ({rec.get('config', {}).get('dtype')}; 'x GEMM' = bare GEMM ms / variant ms; rel-L2 "
+                     f"vs the fp32 reference)\n  {'case':<26}{'mode':<9}"
+                     f"{'variant':<14}{'ms':>9}{'TFLOP/s':>9}{'x GEMM':>8}{'rel-L2':>9}{'check':>7}")
         if _status(rec):
             lines.append(f"  {_status(rec)}")
         for shape, ops in rec.get("cases", {}).items():
@@ -450,7 +467,8 @@ def dcgen_tables(report: dict, ran: set) -> list:
                                             f"{_fmt(v.get('rel_l2_vs_reference'), '.1e', 9)}{v.get('check', ''):>7}"))
     if "quant_linear" in ran:
         rec = report.get("quant_linear", {})
-        lines.append(f"quant_linear (per layer: 'x bf16' = cuBLAS bf16 ms / variant ms)\n  {'layer':<24}"
+        lines.append(f"quant_linear (per layer: 'x bf16' = cuBLAS bf16 ms / variant ms; rel-L2 vs the fp32 linear, "
+                     f"NVFP4 vs the same layer on the reference backend, quantize_only dequantized vs x)\n  {'layer':<24}"
                      f"{'variant':<20}{'ms':>9}{'TFLOP/s':>9}{'x bf16':>8}{'rel-L2':>9}{'check':>7}")
         if _status(rec):
             lines.append(f"  {_status(rec)}")
@@ -459,7 +477,7 @@ def dcgen_tables(report: dict, ran: set) -> list:
                 if isinstance(v, dict):
                     lines.append(f"  {key:<24}{name:<20}" + (_status(v) or (
                         f"{_fmt(v.get('ms'), '.3f', 9)}{_fmt(v.get('tflops'), '.0f', 9)}"
-                        f"{_fmt(v.get('speedup_vs_bf16'), '.2f', 8)}{_fmt(v.get('rel_l2_vs_fp32_linear'), '.1e', 9)}"
+                        f"{_fmt(v.get('speedup_vs_bf16'), '.2f', 8)}{_fmt(_checked_rel_l2(v), '.1e', 9)}"
                         f"{v.get('check', ''):>7}")))
         step = rec.get("flux_step", {})
         lines.append(f"  FLUX-12B step, {step.get('image_tokens')} image tokens: {'variant':<14}{'ms':>9}"
@@ -709,8 +727,8 @@ SECTIONS = (
         ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"), progress), min_s=30),
     Section("quant_linear", ("dcgen",), lambda ctx, progress: _bench("bench_quant_linear").run(
         ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"),
-        _ceiling(ctx, "fp8_gemm_tflops") or ctx.anchors.get("ceilings", {}).get("fp8_gemm_tflops"), progress),
-        min_s=45),
+        _ceiling(ctx, "fp8_gemm_tflops") or ctx.anchors.get("ceilings", {}).get("fp8_gemm_tflops"), progress,
+        ctx.time_left), min_s=45),
     Section("e2e", ("e2e",), lambda ctx, progress: _bench("bench_e2e").run(
         ctx.device, ctx.tiny, ctx.quick, progress, ctx.time_left), min_s=120),
     Section("projection", ("e2e",), lambda ctx, progress: _bench("projection").run(
@@ -835,17 +853,27 @@ def main(argv=None) -> int:
     ctx.anchors = record("anchors", lambda progress: load_anchors())
     if args.pytest_junit or args.phases:
         record("gpu_check", lambda progress: gpu_check_record(args.pytest_junit, args.phases))
+    def conclude():
+        """The e2e summary (table, chart), targets and problems of what has run so far, saved: rewritten after every
+        section, so a suite killed by gpu_check's timeout (e.g. in a long torch.compile) keeps them."""
+        try:
+            summary = e2e_outputs(report, args.out)
+        except Exception as err:  # noqa: BLE001
+            summary = error_record(err)
+        if summary:
+            report["e2e_summary"] = summary
+        try:
+            report["targets"] = targets(report, tiny=not gpu)
+        except Exception as err:  # noqa: BLE001 - a bug here must not end a one-shot GPU run early
+            report["targets"] = [_target("evaluate the targets", False, f"{type(err).__name__}: {err}")]
+        report["problems"] = problems(report)
+        save()
+
     for sec in selected:
         record(sec.name, lambda progress, sec=sec: sec.fn(ctx, progress), sec.min_s)
-    try:
-        summary = e2e_outputs(report, args.out)
-    except Exception as err:  # noqa: BLE001
-        summary = error_record(err)
-    if summary:
-        report["e2e_summary"] = summary
-    report["targets"] = targets(report, tiny=not gpu)
-    report["problems"] = problems(report)
-    save()
+        conclude()
+    if not selected:
+        conclude()
     if args.out:
         print(f"[run] wrote {args.out}", flush=True)
     print(table(report), flush=True)

@@ -37,6 +37,38 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return statistics.median(samples)
 
 
+# Upper bound of a GPU's SM clock for torch.cuda._sleep (cycles -> seconds); a slower clock only sleeps longer.
+_SLEEP_CYCLES_PER_S = 2.0e9
+
+
+def time_kernel_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int):
+    """(median GPU milliseconds per call, host milliseconds per call) for ops of tens of microseconds.
+
+    time_ms counts the launch gaps of a host slower than the GPU, which for a single small op is the Python and
+    dispatch overhead, not the kernel. Here a spin kernel (torch.cuda._sleep) holds the GPU until the host has
+    queued every timed call, so the CUDA events bracket back-to-back GPU work; the host's own cost per call
+    (measured over the warm-up calls) is returned beside it. Same for every variant compared. CPU: (time_ms, None).
+    """
+    if device.type != "cuda":
+        return time_ms(fn, device, warmup, iters), None
+    fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(max(warmup, 1)):
+        fn()
+    host_s = (time.perf_counter() - t0) / max(warmup, 1)
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    # Twice the host's queueing time for all timed calls (at least 1 ms): the GPU starts only once they are queued.
+    torch.cuda._sleep(int(max(1e-3, 2 * iters * host_s) * _SLEEP_CYCLES_PER_S))
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events), host_s * 1e3
+
+
 def measure_ceilings(device: torch.device) -> dict:
     """Device copy bandwidth (read + write bytes), dense GEMM and attention throughput, measured now.
 

@@ -231,3 +231,64 @@ def test_compare_on_e2e_results(tiny_e2e, tmp_path):
     new["e2e_summary"]["speedups"]["DC-Gen-FLUX/4K"]["speedup_vs_base"]["stock"] *= 0.5
     result = compare.compare(report, new, 0.10)
     assert result["regressions"] == ["e2e_summary/speedups/DC-Gen-FLUX/4K/speedup_vs_base/stock"]
+
+
+# ------------------------------------------------------------------------------------------------ dcgen suite
+def test_dcgen_suite_selection():
+    assert [s.name for s in run.select_sections("dcgen", None)] == ["ceilings", "patch_embed", "quant_linear"]
+
+
+def test_time_kernel_ms_on_cpu_is_time_ms_without_host_split():
+    from benchmarks.timing import time_kernel_ms
+
+    calls = []
+    ms, host_ms = time_kernel_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=3)
+    assert ms >= 0 and host_ms is None and len(calls) == 5
+
+
+def test_patch_embed_target_ignores_failed_checks():
+    from benchmarks import bench_patch_embed
+
+    def case(vs_gemm, check):
+        return {"fwd": {"variants": {"dcgen_triton": {"ms": 1.0, "vs_gemm": vs_gemm, "check": check}}},
+                "fwd_bwd": {"variants": {"dcgen_triton": {"ms": 1.0, "vs_gemm": vs_gemm, "check": "ok"}}}}
+
+    summary = bench_patch_embed._summary({"a": {"embed": case(1.2, "ok")}, "b": {"embed": case(5.0, "FAILED")}})
+    assert summary["fwd"]["failed_check"] == ["b/embed"] and summary["fwd"]["measured"] == 1
+    assert summary["fwd"]["met"] is False  # a fast but wrong kernel does not meet the target
+    assert summary["fwd_bwd"]["met"] is True and summary["fwd_bwd"]["min_vs_gemm"] == pytest.approx(1.2)
+
+
+def test_quant_step_skipped_when_the_budget_is_spent():
+    from benchmarks import bench_quant_linear
+
+    # Real (12B) configuration: the budget check comes before the model is built.
+    rec = bench_quant_linear._bench_step(bench_quant_linear.REAL, torch.device("cpu"), tiny=False, rec={},
+                                         time_left=lambda: 5.0)
+    assert "skipped" in rec["stock"] and rec["image_tokens"] == 4096
+
+
+def test_tiny_dcgen_suite_checks_every_timed_variant(tmp_path):
+    out = tmp_path / "dcgen.json"
+    rc = run.main(["--tiny", "--sections", "patch_embed", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["problems"]
+    for shape, ops in report["patch_embed"]["cases"].items():
+        for op, modes in ops.items():
+            for mode, case in modes.items():
+                for name, rec in case["variants"].items():
+                    assert "skipped" in rec or rec["check"] == "ok", (shape, op, mode, name, rec)
+    assert report["patch_embed"]["cases"]["c4_p2_D32_N16"]["unembed"]["fwd"]["variants"]["gemm"]["check"] == "ok"
+
+
+def test_compare_gates_dcgen_ratios():
+    def report(vs_gemm, speedup):
+        return {"patch_embed": {"cases": {"s": {"embed": {"fwd": {"variants": {"dcgen_triton": {
+                    "ms": 1.0, "vs_gemm": vs_gemm, "check": "ok"}}}}}}},
+                "quant_linear": {"layers": {"M=1,K=1,N=1": {"fp8_with_quantize": {
+                    "ms": 1.0, "speedup_vs_bf16": speedup, "check": "ok"}}}}}
+
+    result = compare.compare(report(1.0, 1.5), report(0.8, 1.5), 0.10)
+    assert result["regressions"] == ["patch_embed/cases/s/embed/fwd/variants/dcgen_triton/vs_gemm"]
+    result = compare.compare(report(1.0, 1.5), report(1.0, 1.2), 0.10)
+    assert result["regressions"] == ["quant_linear/layers/M=1,K=1,N=1/fp8_with_quantize/speedup_vs_bf16"]

@@ -1,11 +1,15 @@
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgen_kernels.ops.fp8_linear import (FP8_DTYPE, dequantize_fp8, fp8_linear,
+from dcgen_kernels.ops.fp8_linear import (FP8_DTYPE, FP8Activation, dequantize_fp8, fp8_linear,
                                           fp8_linear_reference, quantize_fp8, quantize_fp8_reference,
                                           quantize_weight_fp8)
 from tests.helpers import rel_l2
+
+fp8_module = sys.modules["dcgen_kernels.ops.fp8_linear"]
 
 # Tolerances. Quantization codes: bit-exact between the Triton kernel and the reference (same fp32 arithmetic),
 # except with GELU (exp-based tanh vs torch's differ by ulps, so a few codes sit one step apart). GEMM on the same
@@ -63,6 +67,7 @@ def test_quantize_triton_subnormals_and_ties():
     x[:, 0] = 448.0  # amax 448: scale 1, every value quantized as is, including exact ties
     x[0, 1:9] = torch.tensor([240.0 + 8, 256.0 + 16, 0.5 + 1 / 32, 1.0 + 1 / 16, -248.0, 2.0**-7 + 2.0**-10,
                               3 * 2.0**-10, 464.0 - 1e-3])
+    x[1, 1:4] = torch.tensor([-0.0, -1e-30, -2.0**-11])  # signed zeros stay -0 (triton 3.6 compiles -x as 0 - x)
     got = quantize_fp8(x, backend="triton")
     q, _ = quantize_fp8_reference(x)
     assert torch.equal(codes(got.data), codes(q))
@@ -101,6 +106,45 @@ def test_linear_triton_fused_epilogue(gate_shape):
     residual = torch.randn(2, 40, 50).bfloat16()[:, 3:]  # strided like a block's hidden states
     got = fp8_linear(x, wq, ws, bias, activation="gelu_tanh", gate=gate, residual=residual, backend="triton")
     expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, gate, residual, True, torch.float32)
+    assert rel_l2(got, expected) <= GEMM_TOL[torch.bfloat16]
+
+
+def test_linear_triton_strided_scales_and_bias():
+    # The validation accepts any strides for the (M,) / (N,) vectors; the kernel indexes them with stride 1.
+    x = quantize_fp8(torch.randn(45, 100), backend="reference")
+    wq, ws = quantize_weight_fp8(torch.randn(60, 100))
+    bias = torch.randn(120)[::2]
+    strided = FP8Activation(x.data, torch.stack([x.scale, x.scale], 1)[:, 0], x.dtype)
+    got = fp8_linear(strided, wq, torch.stack([ws, ws], 1)[:, 0], bias, backend="triton")
+    expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, out_dtype=torch.float32)
+    assert rel_l2(got, expected) <= GEMM_TOL[torch.float32]
+
+
+def _cpu_scaled_mm_rowwise() -> bool:
+    try:
+        a = torch.zeros(16, 16).to(FP8_DTYPE)
+        torch._scaled_mm(a, a.T, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.mark.skipif(not _cpu_scaled_mm_rowwise(), reason="this torch has no row-wise torch._scaled_mm on CPU")
+@pytest.mark.parametrize("gate_shape,with_residual,gelu", [(None, False, False), (None, True, True),
+                                                          ((2, 48), False, True), ((2, 1, 48), True, False),
+                                                          ((1, 48), True, True)])
+def test_cuda_backend_epilogue_through_cpu_scaled_mm(gate_shape, with_residual, gelu):
+    """The `cuda` backend's code (torch._scaled_mm with row-wise scales + the unfused epilogue), run on torch's
+    CPU implementation of the same op: the GPU-only composition is checked here, the GEMM itself on the GPU."""
+    x = quantize_fp8(strided_rows(K=64), backend="reference")
+    wq, ws = quantize_weight_fp8(torch.randn(48, 64))
+    bias = torch.randn(48).bfloat16()
+    gate = torch.randn(*gate_shape).bfloat16() if gate_shape else None
+    residual = torch.randn(2, 40, 48).bfloat16()[:, 3:] if with_residual else None
+    got = fp8_module._linear_cublas(x.data, torch.stack([x.scale, x.scale], -1)[..., 0], wq, ws, bias, gate,
+                                    residual, gelu, torch.bfloat16)
+    expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, gate, residual, gelu, torch.float32)
+    assert got.shape == (2, 37, 48) and got.dtype == torch.bfloat16
     assert rel_l2(got, expected) <= GEMM_TOL[torch.bfloat16]
 
 

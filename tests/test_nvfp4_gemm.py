@@ -95,6 +95,28 @@ def test_w4a16_effective_weight_strategy_matches_reference(R):
     assert rel_l2(split, expected) < 1e-5
 
 
+def strided_copy(t):
+    """The same values as t in a view whose last dimension has stride 2 (a kernel assuming stride 1 misreads it)."""
+    return torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+
+
+def test_strided_weight_scales_and_bias_views():
+    # The kernels index weight rows and the bias with unit stride; strided views (allowed by the validation)
+    # must give the same result as their contiguous copies, on every Triton path.
+    x, (wp, ws, wg), lora_down, lora_up, bias = operands(19, 64, 33, 4)
+    views = (strided_copy(wp), strided_copy(ws), wg)
+    kw = dict(lora_down=lora_down, lora_up=lora_up)
+    expected = nvfp4_w4a16_gemm_reference(x, wp, ws, wg, bias=bias, **kw)
+    got = nvfp4_w4a16_gemm(x, *views, bias=strided_copy(bias), backend="triton", **kw)
+    assert rel_l2(got, expected) < 1e-5
+    split = gemm_module._w4a16_effective_weight_cublas(x, *views, None, lora_down, lora_up, strided_copy(bias))
+    assert rel_l2(split, expected) < 1e-5
+    ap, asc, _ = quantize_nvfp4_activations(x, None, None, 1.0, backend="reference")
+    got = nvfp4_gemm(ap, asc, 1.0, *views, bias=strided_copy(bias), out_dtype=torch.float32, backend="triton")
+    assert rel_l2(got, nvfp4_gemm_reference(ap, asc, torch.tensor(1.0), wp, ws, wg, bias=bias,
+                                             out_dtype=torch.float32)) < 1e-5
+
+
 def test_custom_ops_trace_with_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -228,3 +250,73 @@ def test_triton_backend_really_runs_here():
     assert _backend.triton_device_error(device) is None
     checks = {"triton": lambda: _backend.triton_device_error(device)}
     assert _backend.select("nvfp4_gemm", "triton", checks, {}) == "triton"
+
+
+# The real launchers run on CPU tensors of FLUX shapes; a stand-in driver reports an sm_90 target and the JIT's
+# compile step is replaced by an offline triton.compile + ptxas -v, so the launch configs and the JIT's
+# specialisation (alignment, divisibility) are exactly what an H100 compiles. Nothing is launched.
+_SM90_LAUNCHER_COMPILE_SCRIPT = r'''
+import importlib, json, os, re, subprocess, tempfile
+from types import SimpleNamespace
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+driver.set_active(SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device=None: 0,
+                                  get_current_target=lambda: TARGET))
+torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(multi_processor_count=132)
+stats = []
+
+def compile_offline(self, key, signature, device, constexprs, options, attrs, warmup):
+    kernel = triton.compile(self.ASTSource(self, signature, constexprs, attrs), target=TARGET,
+                            options=options.__dict__)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", "-o", os.devnull, f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    spill = re.search(r"(\d+) bytes spill stores", log.stdout + log.stderr)
+    stats.append(dict(kernel=self.fn.__name__, warps=options.num_warps, shared=kernel.metadata.shared,
+                      spills=int(spill.group(1)) if spill else -1,
+                      wgmma=kernel.asm["ptx"].count("wgmma.mma_async")))
+
+jit.JITFunction._do_compile = compile_offline
+q4, g4 = (importlib.import_module(f"dcgen_kernels.ops.nvfp4_{m}") for m in ("quantize", "gemm"))
+E = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype)
+u8, f8, f32, one = torch.uint8, torch.float8_e4m3fn, torch.float32, torch.ones((), dtype=torch.float32)
+M, K, N, R = 4608, 3072, 12288, 32
+q4._launch_quantize(E(M, K), E(K, dtype=f32), E(K, R), one, E(M, K // 2, dtype=u8), E(M, K // 16, dtype=f8),
+                    E(M, R, dtype=f32))
+for rows in (M, 16):  # W4A4 at FLUX tokens and decode-like M
+    g4._launch_triton(E(rows, K // 2, dtype=u8), E(rows, K // 16, dtype=f8), one, E(N, K // 2, dtype=u8),
+                      E(N, K // 16, dtype=f8), one, E(rows, R, dtype=f32), E(R, N), E(N), E(rows, N), K, a_fp4=True)
+g4._launch_triton(E(512, K), None, None, E(N, K // 2, dtype=u8), E(N, K // 16, dtype=f8), one,
+                  E(512, R, dtype=f32), E(R, N), E(N), E(512, N), K, a_fp4=False, smooth=E(K, dtype=f32))
+g4._launch_effective_weight(E(N, K // 2, dtype=u8), E(N, K // 16, dtype=f8), one, E(K, dtype=f32), E(K, R),
+                            E(R, N), E(N, K))
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_launcher_configs_compile_for_sm90_without_spills():
+    """Every NVFP4 kernel config the launchers pick at FLUX shapes compiles for sm_90a (Triton's bundled ptxas)
+    without register spills, within the 227 KB of shared memory, and the 128-row GEMMs use wgmma."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _SM90_LAUNCHER_COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [s["kernel"] for s in stats] == ["nvfp4_quantize_kernel"] + ["nvfp4_gemm_kernel"] * 3 + [
+        "nvfp4_effective_weight_kernel"]
+    assert all(s["spills"] == 0 and s["shared"] <= 227 * 1024 for s in stats), stats
+    quantize, w4a4_large_m, _, w4a16, _ = stats
+    assert w4a4_large_m["warps"] == 8 and w4a4_large_m["wgmma"] > 0 and w4a16["wgmma"] > 0, stats
+    assert quantize["wgmma"] > 0, stats  # the fused down-projection runs on tensor cores

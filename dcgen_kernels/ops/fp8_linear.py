@@ -196,6 +196,9 @@ def _launch_linear_triton(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu
     _, res_sb, res_sn = _rows_view(residual) if residual is not None else (0, 0, 0)
     cfg = _gemm_config()
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    # The kernel indexes scales and bias with unit stride; the validation allows any strides (no-op copies usually).
+    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     fp8_linear_kernel[grid](
         x_q, x_scale, w_q, w_scale,
         bias if bias is not None else w_scale, gate if gate is not None else w_scale,
@@ -209,7 +212,9 @@ def _launch_linear_triton(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu
 def _linear_cublas(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_dtype) -> torch.Tensor:
     """torch._scaled_mm's row-wise scaled FP8 GEMM with the bias inside; the rest of the epilogue as one more pass."""
     K = w_q.shape[1]
-    y = torch._scaled_mm(x_q.reshape(-1, K), w_q.T, scale_a=x_scale.reshape(-1, 1), scale_b=w_scale[None, :],
+    # Row-wise scaling: scale_a (M, 1) and scale_b (1, N) fp32, both contiguous; mat2 column-major (w_q.T).
+    y = torch._scaled_mm(x_q.reshape(-1, K), w_q.T, scale_a=x_scale.reshape(-1, 1).contiguous(),
+                         scale_b=w_scale.reshape(1, -1).contiguous(),
                          bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
     y = y.reshape(x_q.shape[:-1] + (w_q.shape[0],))
     if gelu:

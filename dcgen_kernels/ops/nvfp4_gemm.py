@@ -132,6 +132,9 @@ def _launch_triton(a, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, lora_u
 
     a2 = _rows(a)
     as2 = _rows(a_scales.view(torch.uint8)) if a_fp4 else a2
+    # The kernel reads weight rows and the bias with unit stride (no-op unless a caller passes strided views).
+    w_packed, w_scales = _rows(w_packed), _rows(w_scales.view(torch.uint8))
+    bias = bias.contiguous() if bias is not None else None
     out2 = out.view(-1, out.shape[-1])
     M, N = out2.shape
     K_pad = w_packed.shape[1] * 2
@@ -146,7 +149,7 @@ def _launch_triton(a, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, lora_u
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     nvfp4_gemm_kernel[grid](
         a2, as2, a_gs if a_fp4 else w_gs,
-        w_packed, w_scales.view(torch.uint8), w_gs,
+        w_packed, w_scales, w_gs,
         smooth.float().contiguous() if smooth is not None else out2,
         la, up if R else out2, bias if bias is not None else out2, out2,
         M, N, K, K_pad, R,
@@ -163,6 +166,7 @@ def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_u
 
     N, K = out.shape
     R = lora_down.shape[1] if lora_down is not None else 0
+    w_packed, w_scales = _rows(w_packed), _rows(w_scales.view(torch.uint8))
     interp = _backend.triton_interpreter_enabled()
     block_n, block_k = (32, 32) if interp else (64, 128)
     dot = _tl_dtype(torch.float32 if interp or not R or lora_up.dtype not in HALF_DTYPES else lora_up.dtype)
@@ -170,7 +174,7 @@ def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_u
     up = lora_up.contiguous() if R else out
     grid = (cdiv(N, block_n), cdiv(K, block_k))
     nvfp4_effective_weight_kernel[grid](
-        w_packed, w_scales.view(torch.uint8), w_gs, smooth.float().contiguous() if smooth is not None else out,
+        w_packed, w_scales, w_gs, smooth.float().contiguous() if smooth is not None else out,
         down, up, out, N, K, w_packed.shape[1] * 2, R, w_packed.stride(0), w_scales.stride(0),
         down.stride(0) if R else 0, up.stride(0) if R else 0, out.stride(0),
         HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0, DOT_DTYPE=dot,
@@ -214,15 +218,17 @@ def _cuda_case_error(a_packed, lora_up, bias, out_dtype) -> Optional[str]:
 def _launch_cuda(a_packed, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, lora_up, bias, out) -> None:
     from .._cext import DTYPE_CODES, _C, stream_handle
 
+    # Every copy is bound to a name: a temporary freed before the launch could be reused by the next allocation.
     a2, as2 = _rows(a_packed).contiguous(), _rows(a_scales.view(torch.uint8)).contiguous()
+    w2, ws2 = w_packed.contiguous(), w_scales.view(torch.uint8).contiguous()
     out2 = out.view(-1, out.shape[-1])
     M, N = out2.shape
     R = lora_up.shape[0] if lora_up is not None else 0
     la = _rows(lora_act).float().contiguous() if R else None
     up = lora_up.contiguous() if R else None
+    bias = bias.contiguous() if bias is not None else None
     _C.nvfp4_gemm_sm120(
-        a2.data_ptr(), as2.data_ptr(), w_packed.contiguous().data_ptr(),
-        w_scales.view(torch.uint8).contiguous().data_ptr(), a_gs.data_ptr(), w_gs.data_ptr(),
+        a2.data_ptr(), as2.data_ptr(), w2.data_ptr(), ws2.data_ptr(), a_gs.data_ptr(), w_gs.data_ptr(),
         la.data_ptr() if R else 0, up.data_ptr() if R else 0, bias.data_ptr() if bias is not None else 0,
         out2.data_ptr(), M, N, a2.shape[1] * 2, R, DTYPE_CODES[out.dtype], stream_handle(out.device))
 

@@ -137,7 +137,8 @@ def _block_config(dtype: torch.dtype, n_rows: int, n_cols: int, reduce_dim: int,
     block_m = 64 if dtype == torch.float32 else 128  # fp32 128x128 tiles spill (ptxas, sm_90a)
     while block_m > 32 and cdiv(n_rows, block_m) * cdiv(n_cols, block_n) * batch < sms:
         block_m //= 2
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    # fp32 dots run on CUDA cores with the accumulator in registers: 64x128 needs 8 warps (4 spill, ptxas sm_90a).
+    num_warps = 8 if block_m * block_n >= (64 if dtype == torch.float32 else 128) * 128 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
 
 
@@ -158,7 +159,7 @@ def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
     cfg = _block_config(latent.dtype, n_tokens, D, K, B, latent.device)
     grid = (cdiv(n_tokens, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]), B)
     patch_embed_kernel[grid](
-        latent, weight, bias if bias is not None else weight, out,
+        latent, weight, bias.contiguous() if bias is not None else weight, out,  # the kernel reads bias with stride 1
         n_tokens, w // p, K, D,
         *latent.stride(),
         *weight.stride(),
@@ -175,7 +176,7 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     cfg = _block_config(tokens.dtype, n_tokens, F, D, B, tokens.device)
     grid = (cdiv(n_tokens, cfg["BLOCK_M"]), cdiv(F, cfg["BLOCK_N"]), B)
     patch_unembed_kernel[grid](
-        tokens, weight, bias if bias is not None else weight, out,
+        tokens, weight, bias.contiguous() if bias is not None else weight, out,  # the kernel reads bias with stride 1
         n_tokens, out.shape[3] // patch_size, F, D,
         *tokens.stride(),
         *weight.stride(),
@@ -184,7 +185,8 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     )
 
 
-def _weight_grad_config(n_features: int, dim: int, total_tokens: int, device: torch.device) -> dict:
+def _weight_grad_config(n_features: int, dim: int, total_tokens: int, dtype: torch.dtype,
+                        device: torch.device) -> dict:
     if _backend.triton_interpreter_enabled():
         # Small tiles and two splits: test shapes then cover partial blocks, a multi-step token loop per split and
         # token blocks that straddle two batch items.
@@ -195,8 +197,9 @@ def _weight_grad_config(n_features: int, dim: int, total_tokens: int, device: to
     # The output is small (features x dim): split the token reduction until about two waves of programs.
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(cdiv(2 * sms, tiles), cdiv(total_tokens, 256)))
-    return dict(BLOCK_F=block_f, BLOCK_D=block_d, BLOCK_T=64, num_warps=8 if block_f * block_d >= 8192 else 4,
-                num_stages=3, splits=splits)
+    # fp32 operands: 64-token steps spill at 64x128 tiles (ptxas sm_90a, triton 3.6); 32 do not.
+    return dict(BLOCK_F=block_f, BLOCK_D=block_d, BLOCK_T=32 if dtype == torch.float32 else 64,
+                num_warps=8 if block_f * block_d >= 8192 else 4, num_stages=3, splits=splits)
 
 
 def _launch_weight_grad_triton(latent, dense, patch_size: int, n_features: int, bias_from: int):
@@ -206,7 +209,7 @@ def _launch_weight_grad_triton(latent, dense, patch_size: int, n_features: int, 
 
     B, n_tokens, dim = dense.shape
     total = B * n_tokens
-    cfg = _weight_grad_config(n_features, dim, total, dense.device)
+    cfg = _weight_grad_config(n_features, dim, total, dense.dtype, dense.device)
     splits = cfg.pop("splits")
     per_split = cdiv(cdiv(total, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
     splits = cdiv(total, per_split)

@@ -34,11 +34,11 @@ def round_to_e4m3(v):
     Normal range (|v| >= 2^-6): round the 23-bit mantissa to 3 bits on the bit pattern. Subnormals: multiples of
     2^-9, by adding and subtracting 1.5 * 2^14 (whose fp32 spacing is 2^-9)."""
     bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-    normal = bits.to(tl.float32, bitcast=True)
-    subnormal = tl.abs((v + 24576.0) - 24576.0)
-    subnormal = tl.where(v < 0, -subnormal, subnormal)  # keep the sign of values that round to zero (-0 as cvt.rn)
-    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    # v's sign bit OR-ed in, so values that round to zero keep it (-0, as cvt.rn and torch give). Not `-x`: triton
+    # 3.6 compiles a float negation as 0 - x, which turns -0 into +0.
+    subnormal = tl.abs((v + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    return tl.where(tl.abs(v) < 0.015625, subnormal.to(tl.float32, bitcast=True), normal)
 
 
 @triton.jit
