@@ -1,9 +1,16 @@
 """End-to-end per-image latency of FLUX.1-Krea vs DC-Gen-FLUX and SANA-1.6B vs DC-Gen-SANA, beside the paper.
 
-Per-image latency = steps x transformer step + autoencoder decode, batch 1. Text encoders are excluded (their
-cost does not depend on the latent space; the paper's speed-ups are dominated by the transformer and decoder).
-Every model is the real diffusers architecture with random bf16 weights built on the GPU: latency does not depend
-on weight values, and nothing is downloaded.
+Per-image latency = steps x transformer step + autoencoder decode, batch 1. Text encoders are excluded by default
+(their cost does not depend on the latent space; the paper's speed-ups are dominated by the transformer and
+decoder). With text_encoders={family: DIR} (run.py --text-encoders flux=DIR) a family's encoders are loaded from
+a local diffusers pipeline folder (local_files_only, never downloaded), one fixed prompt is tokenized and encoded
+per image, timed like the rest, and added to the per-image latency of that family's pipelines; the table and JSON
+say per row whether they are included and what they measured. Expected layout, diffusers' component names, each
+folder written by save_pretrained (a downloaded FLUX.1-dev / SANA pipeline folder has it):
+  flux: text_encoder/ (CLIPTextModel) + tokenizer/, text_encoder_2/ (T5EncoderModel) + tokenizer_2/
+  sana: text_encoder/ (Gemma2Model) + tokenizer/
+Every other model is the real diffusers architecture with random bf16 weights built on the GPU: latency does not
+depend on weight values, and nothing is downloaded.
 
 Models (resolution -> latent, image tokens):
   FLUX.1-Krea   FLUX-12B transformer (FLUX.1-dev config; Krea is a fine-tune of the same architecture), f8c16
@@ -44,8 +51,8 @@ from .common import (ProgressBar, build_module, error_record, flux_ids, free_dev
 from .timing import time_ms, wall_s
 
 E2E_TOL = 2e-2  # whole model or decoder, bf16, patched vs stock
-WEIGHTS_NOTE = ("random bf16 weights built on the GPU (diffusers' default init): latency does not depend on weight "
-                "values; text encoders excluded")
+WEIGHTS_NOTE = ("random bf16 weights built on the GPU (diffusers' default init) for transformers and decoders: latency "
+                "does not depend on weight values")
 F64C128_ASSUMPTION = ("DC-AE-1.5 f64c128 decoder assumed = the DC-AE 1.0 f64c128 architecture (diffusers converter "
                       "config); DC-AE 1.5 changes the latent structure and training, not the per-decode cost")
 
@@ -211,6 +218,127 @@ def latent_shape(cfg: Config, pipe: Pipeline, resolution: str):
     return ae.latent_channels, side, (side // pipe.patch) ** 2
 
 
+# ------------------------------------------------------------------------------------------------ text encoders
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    folder: str  # sub-folder of the pipeline folder (the diffusers component name)
+    cls: str  # transformers class
+    tokenizer: str  # the tokenizer's sub-folder
+    max_length: int | None  # tokens the prompt is padded to; None: the config's text tokens of the family
+    attention_mask: bool  # whether the pipeline passes the mask to the encoder
+
+
+# What the diffusers pipelines run per prompt: FluxPipeline.encode_prompt (CLIP pooled output at 77 tokens, T5 at
+# max_sequence_length 512, no masks); SanaPipeline.encode_prompt (Gemma-2 at 300 tokens with the mask; its
+# optional "complex human instruction" prefix is not added).
+TEXT_ENCODERS = {
+    "flux": (TextEncoder("text_encoder", "CLIPTextModel", "tokenizer", 77, False),
+             TextEncoder("text_encoder_2", "T5EncoderModel", "tokenizer_2", None, False)),
+    "sana": (TextEncoder("text_encoder", "Gemma2Model", "tokenizer", None, True),),
+}
+PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model", "tokenizer.model", "vocab.json")
+
+
+def _layout(family: str) -> str:
+    return ", ".join(f"{e.folder}/ ({e.cls}) + {e.tokenizer}/" for e in TEXT_ENCODERS[family])
+
+
+def parse_text_encoder_dirs(values) -> dict:
+    """["flux=DIR", "sana=DIR"] (run.py's --text-encoders) -> {family: DIR}; every folder and transformers checked
+    (ValueError, FileNotFoundError, RuntimeError)."""
+    dirs = {}
+    for value in values or ():
+        family, sep, directory = value.partition("=")
+        if not sep or family not in TEXT_ENCODERS or not directory:
+            raise ValueError(f"--text-encoders: expected FAMILY=DIR with FAMILY one of {', '.join(TEXT_ENCODERS)}, "
+                             f"got {value!r}")
+        if family in dirs:
+            raise ValueError(f"--text-encoders: {family} given twice")
+        dirs[family] = directory
+    for family, directory in dirs.items():
+        check_text_encoder_dir(family, directory)
+    if dirs:
+        _transformers()
+    return dirs
+
+
+def check_text_encoder_dir(family: str, directory) -> None:
+    """FileNotFoundError naming every file or folder missing from a family's local pipeline folder."""
+    from pathlib import Path
+
+    root = Path(directory)
+    missing = []
+    if not root.is_dir():
+        missing.append(f"the folder {root} itself")
+    else:
+        for enc in TEXT_ENCODERS[family]:
+            model, tok = root / enc.folder, root / enc.tokenizer
+            if not (model / "config.json").is_file():
+                missing.append(f"{enc.folder}/config.json ({enc.cls})")
+            if not any(any(model.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+                missing.append(f"{enc.folder}/ weights ({' or '.join(_WEIGHT_PATTERNS)})")
+            if not any((tok / name).is_file() for name in _TOKENIZER_FILES):
+                missing.append(f"{enc.tokenizer}/ (a tokenizer saved with save_pretrained)")
+    if missing:
+        raise FileNotFoundError(
+            f"text encoders for {family} in {root}: missing {'; '.join(missing)}. Expected a local diffusers pipeline "
+            f"folder with {_layout(family)}, each written by save_pretrained; nothing is downloaded")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as err:
+        raise RuntimeError("--text-encoders needs the transformers package (not a dependency of dcgen_kernels): "
+                           f"pip install transformers ({err})") from err
+    return transformers
+
+
+def _load_text_encoders(cfg: Config, family: str, directory: str, device, rec: dict) -> list:
+    """[(tokenizer, encoder on the device, max length, pass the mask)] of a family, described in rec["encoders"]."""
+    transformers = _transformers()
+    stages = []
+    for enc in TEXT_ENCODERS[family]:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(f"{directory}/{enc.tokenizer}", local_files_only=True)
+        model = getattr(transformers, enc.cls).from_pretrained(f"{directory}/{enc.folder}", local_files_only=True,
+                                                               dtype=cfg.dtype).to(device).eval()
+        length = enc.max_length or cfg.text_tokens[family]
+        rec["encoders"][enc.folder] = {"class": enc.cls, "tokenizer": enc.tokenizer, "max_length": length,
+                                       "params": sum(p.numel() for p in model.parameters())}
+        stages.append((tokenizer, model, length, enc.attention_mask))
+    return stages
+
+
+def _run_text_encoders(cfg: Config, family: str, directory: str, device, result: dict) -> None:
+    """Load a family's encoders and tokenizers from `directory` and time tokenize + encode of PROMPT per image."""
+    warmup, iters = cfg.timing[0][1:]
+    rec = result["text_encoders"][family] = {"dir": str(directory), "prompt": PROMPT, "encoders": {}}
+    stages = []
+
+    def encode():
+        outs = []
+        for tokenizer, model, length, with_mask in stages:
+            tokens = tokenizer(PROMPT, padding="max_length", max_length=length, truncation=True,
+                               return_tensors="pt").to(device)
+            outs.append(model(input_ids=tokens["input_ids"],
+                              attention_mask=tokens["attention_mask"] if with_mask else None)[0])
+        return outs
+
+    try:
+        stages += _load_text_encoders(cfg, family, directory, device, rec)
+        with torch.no_grad():
+            encode()  # first call: lazy initialisation, not timed
+            rec.update({"ms": time_ms(encode, device, warmup, iters), "warmup": warmup, "iters": iters,
+                        "dtype": str(cfg.dtype).removeprefix("torch.")})
+    except Exception as err:  # noqa: BLE001 - recorded; the per-image latency then says the encoders are excluded
+        rec.update(error_record(err))
+    finally:
+        stages.clear()  # the encoders leave the device before the next item
+        free_device_memory(device)
+
+
 # ------------------------------------------------------------------------------------------------ models
 def build_flux(cfg: Config, device):
     from diffusers import FluxTransformer2DModel
@@ -294,24 +422,34 @@ def plan(cfg: Config, resolutions) -> list:
 
 # Seconds an item needs at least on an H100 (stock + patched, warm-up included), for the budget check; the
 # 65536-token FLUX step and the FLUX VAE 4K decode dominate.
-ITEM_MIN_S = {"step": 15, "step_65536": 60, "decode": 10, "decode_4K": 25}
+ITEM_MIN_S = {"step": 15, "step_65536": 60, "decode": 10, "decode_4K": 25, "encode": 30}
 BUDGET_RESERVE_S = 20  # left for the summary, the table and the chart
 
 
 def _item_min_s(cfg: Config, kind: str, what, res: str) -> float:
+    if kind == "encode":  # loading T5-XXL (9.5 GB) dominates
+        return ITEM_MIN_S["encode"]
     if kind == "step":
         return ITEM_MIN_S["step_65536" if latent_shape(cfg, what, res)[2] >= 65536 else "step"]
     return ITEM_MIN_S["decode_4K" if res == "4K" else "decode"]
 
 
 def run(device: torch.device, tiny: bool, quick: bool = False, progress=None, time_left=None,
-        pipelines=None) -> dict:
+        pipelines=None, text_encoders=None) -> dict:
     """Eager stock and patched transformer steps and decodes. quick: 1K only. time_left(): seconds left of the
-    run's budget or None; an item that would not fit is recorded as skipped. pipelines: names to run (all)."""
+    run's budget or None; an item that would not fit is recorded as skipped. pipelines: names to run (all).
+    text_encoders: {family: local pipeline folder} whose encoders are timed and included (default: excluded)."""
     cfg = TINY if tiny else REAL
     resolutions = list(cfg.resolutions)[:1] if quick else list(cfg.resolutions)
     pipes = [p for p in cfg.pipelines if pipelines is None or p.name in pipelines]
     cfg = dataclasses.replace(cfg, pipelines=tuple(pipes))
+    text_encoders = dict(text_encoders or {})
+    for family, directory in text_encoders.items():  # fail before the long work, not after it
+        if family not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoders: unknown family {family!r}; expected one of {', '.join(TEXT_ENCODERS)}")
+        check_text_encoder_dir(family, directory)
+    if text_encoders:
+        _transformers()
     result = {"config": {"dtype": str(cfg.dtype).removeprefix("torch."), "device": str(device), "batch": 1,
                          "weights": WEIGHTS_NOTE, "text_tokens": cfg.text_tokens,
                          "resolutions": {r: cfg.resolutions[r] for r in resolutions},
@@ -324,25 +462,31 @@ def run(device: torch.device, tiny: bool, quick: bool = False, progress=None, ti
                                                   "latent_channels": a.latent_channels, "kwargs": _jsonable(a.kwargs)}
                                           for a in cfg.autoencoders},
                          "transformers": {"flux": _jsonable(cfg.flux), "sana": _jsonable(cfg.sana)},
+                         "text_encoders": {f: {"dir": str(d), "layout": _layout(f)} for f, d in text_encoders.items()},
                          "tolerance": E2E_TOL, "quick": quick, "patch_backend": cfg.patch_backend,
                          "timing": "median of the timed calls after warm-up; per-image = steps x median step + "
                                    "decode (steps extrapolated, not all run)"},
-              "steps": {}, "decodes": {}}
-    work = plan(cfg, resolutions)
+              "steps": {}, "decodes": {}, "text_encoders": {}}
+    work = plan(cfg, resolutions) + [("encode", f, None) for f in text_encoders if any(p.family == f for p in pipes)]
     bar = ProgressBar(len(work), "e2e")
     flux = None
     try:
         for kind, what, res in work:
             name = what if isinstance(what, str) else what.name
-            bar.describe(f"{kind} {name} {res}")
+            bar.describe(f"{kind} {name} {res or ''}".rstrip())
             if flux is not None and not (kind == "step" and what.family == "flux"):
                 flux = None  # the 12B model goes before SANA and the decoders need the memory
                 free_device_memory(device)
             left = time_left() if time_left and not tiny else None
             need = _item_min_s(cfg, kind, what, res) + BUDGET_RESERVE_S
             if left is not None and left < need:
-                result["steps" if kind == "step" else "decodes"][_key(name, res)] = {
-                    "skipped": f"{left:.0f} s left of the run's budget, this item needs about {need:.0f} s"}
+                skipped = {"skipped": f"{left:.0f} s left of the run's budget, this item needs about {need:.0f} s"}
+                if kind == "encode":
+                    result["text_encoders"][name] = skipped
+                else:
+                    result["steps" if kind == "step" else "decodes"][_key(name, res)] = skipped
+            elif kind == "encode":
+                _run_text_encoders(cfg, name, text_encoders[name], device, result)
             elif kind == "step":
                 if what.family == "flux" and flux is None:
                     flux = build_flux(cfg, device)
@@ -475,17 +619,37 @@ def _compile_one(cfg: Config, pipe: Pipeline, res: str, device, eager: dict, dyn
 VARIANTS = ("stock", "patched", "torch_compile")
 
 
+def text_encoder_status(eager: dict) -> dict:
+    """family -> (ms per image or None, "included (measured X ms)" / "excluded ...") for every family that runs."""
+    asked = eager.get("config", {}).get("text_encoders", {})
+    measured = eager.get("text_encoders", {})
+    out = {}
+    for family in dict.fromkeys(p["family"] for p in eager.get("config", {}).get("pipelines", {}).values()):
+        rec = measured.get(family, {})
+        if family not in asked:
+            out[family] = (None, "excluded")
+        elif "ms" in rec:
+            out[family] = (rec["ms"], f"included (measured {rec['ms']:.1f} ms)")
+        else:
+            why = rec.get("error") or rec.get("skipped") or "no pipeline of this family ran"
+            out[family] = (None, f"excluded: not measured ({str(why).splitlines()[0][:120]})")
+    return out
+
+
 def summarize(eager: dict, compiled: dict = None) -> dict:
     """Per-image latency per pipeline, resolution and variant, and the DC-Gen speed-ups beside the paper's."""
     cfg_pipes = eager.get("config", {}).get("pipelines", {})
     steps, decodes = eager.get("steps", {}), eager.get("decodes", {})
     comp_steps = (compiled or {}).get("steps", {})
+    encoders = text_encoder_status(eager)
     images, speedups = {}, {}
     for name, pcfg in cfg_pipes.items():
+        encode_ms, encode_status = encoders[pcfg["family"]]
         for res, ae_key in pcfg["autoencoder"].items():
             key = _key(name, res)
             step, dec = steps.get(key, {}), decodes.get(_key(ae_key, res), {})
-            rec = images[key] = {"steps": pcfg["steps"], "autoencoder": ae_key, "variants": {}}
+            rec = images[key] = {"steps": pcfg["steps"], "autoencoder": ae_key, "text_encoders": encode_status,
+                                 "variants": {}}
             paper = PAPER_H100_S.get(pcfg.get("paper", name), {}).get(res)
             if paper is not None:
                 rec["paper_h100_s"] = paper
@@ -498,9 +662,12 @@ def summarize(eager: dict, compiled: dict = None) -> dict:
                 dec_rec = dec.get(dec_variant)
                 if not dec_rec or "ms" not in dec_rec:
                     continue
-                seconds = (pcfg["steps"] * step_rec["ms"] + dec_rec["ms"]) / 1e3
+                # The encoders are the same (stock) in every variant.
+                seconds = (pcfg["steps"] * step_rec["ms"] + dec_rec["ms"] + (encode_ms or 0)) / 1e3
                 v = rec["variants"][variant] = {"s": seconds, "step_ms": step_rec["ms"], "decode_ms": dec_rec["ms"],
                                                 "decode_variant": dec_variant}
+                if encode_ms is not None:
+                    v["text_encoder_ms"] = encode_ms
                 if step_rec.get("check") == "FAILED" or dec_rec.get("check") == "FAILED":
                     v["check"] = "FAILED"
                 if paper is not None:
@@ -528,9 +695,11 @@ def summarize(eager: dict, compiled: dict = None) -> dict:
             if "stock" in theirs["variants"] and ours["variants"]:
                 rec["best_over_stock_base"] = max(theirs["variants"]["stock"]["s"] / v["s"]
                                                   for v in ours["variants"].values())
+    encoders_note = "; ".join(f"{family} {status}" for family, (_, status) in encoders.items())
     return {"images": images, "speedups": speedups,
-            "note": "per-image = steps x median step + decode; steps extrapolated from a few timed steps; "
-                    "text encoders excluded; " + WEIGHTS_NOTE}
+            "text_encoders": {family: status for family, (_, status) in encoders.items()},
+            "note": "per-image = steps x median step + decode (+ text encoders where included); steps extrapolated "
+                    f"from a few timed steps; text encoders: {encoders_note}; " + WEIGHTS_NOTE}
 
 
 def _fmt(value, spec, suffix=""):
@@ -542,9 +711,9 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
     images, speedups = summary.get("images", {}), summary.get("speedups", {})
     steps = eager.get("steps", {})
     lines = [f"### End-to-end latency per image ({env})", "",
-             "| model | res | steps | step ms stock / patched / compile | decode ms stock / patched | "
+             "| model | res | steps | step ms stock / patched / compile | decode ms stock / patched | text enc ms | "
              "per image s stock | patched | compile | paper H100 s | stock / paper |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, rec in images.items():
         name, res = key.split("/")
         v = rec["variants"]
@@ -555,12 +724,14 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
         dec = f"{_fmt(v.get('stock', {}).get('decode_ms'), '.0f')} / {dec_patched}"
         err = step.get("error") or step.get("stock", {}).get("error")
         if err and not v:
-            lines.append(f"| {name} | {res} | {rec['steps']} | error: {str(err).splitlines()[0][:80]} | | | | | | |")
+            lines.append(f"| {name} | {res} | {rec['steps']} | error: {str(err).splitlines()[0][:80]} | | | | | | | |")
             continue
         fails = " (check FAILED)" if any(x.get("check") == "FAILED" for x in v.values()) else ""
         seconds = " | ".join(_fmt(v.get(n, {}).get("s"), ".2f") for n in VARIANTS)
         ratio = _fmt(v.get("stock", {}).get("ours_over_paper"), ".2f")
-        lines.append(f"| {name} | {res} | {rec['steps']} | {step_ms} | {dec} | {seconds}{fails} | "
+        encode = next((x["text_encoder_ms"] for x in v.values() if "text_encoder_ms" in x), None)
+        encode = _fmt(encode, ".1f") if encode is not None else "excl."
+        lines.append(f"| {name} | {res} | {rec['steps']} | {step_ms} | {dec} | {encode} | {seconds}{fails} | "
                      f"{_fmt(rec.get('paper_h100_s'), '.2f')} | {ratio} |")
     lines += ["", "| speed-up vs base | res | ours stock | ours patched | ours compile | best vs stock base | paper | "
                   "ours stock / paper |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -572,13 +743,32 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
                      f"{_fmt(rec.get('best_over_stock_base'), '.1f', 'x')} | {_fmt(rec.get('paper'), '.1f', 'x')} | "
                      f"{_fmt(rec.get('ours_stock_over_paper'), '.2f')} |")
     cfg = eager.get("config", {})
-    lines += ["", f"Per image = steps x median transformer step + one decode, batch 1. Step times are medians of a "
+    lines += [""] + text_encoder_lines(eager)
+    lines += ["", f"Per image = steps x median transformer step + one decode (+ the text encoders where 'text enc ms' "
+                  f"has a time), batch 1. Step times are medians of a "
                   f"few steps after warm-up (per row in the JSON), extrapolated to the step count, not all steps run. "
                   f"{cfg.get('weights', WEIGHTS_NOTE)}. 'compile' = torch.compile of the stock transformer with a "
                   f"stock decode (compile seconds in the JSON), '-' = not run in this budget. The patched decode is "
                   f"'stock' where patch() does not support the decoder (AutoencoderKL). {F64C128_ASSUMPTION}. "
                   f"Paper: DC-Gen (arXiv 2509.25180), H100."]
     return "\n".join(lines) + "\n"
+
+
+def text_encoder_lines(eager: dict) -> list:
+    """One line per model family: text encoders included (what was measured, from where) or excluded."""
+    asked, measured = eager.get("config", {}).get("text_encoders", {}), eager.get("text_encoders", {})
+    lines = []
+    for family, (ms, status) in text_encoder_status(eager).items():
+        if ms is None:
+            hint = f"; include them with --text-encoders {family}=DIR" if family not in asked else ""
+            lines.append(f"Text encoders ({family}): {status}{hint}.")
+            continue
+        rec = measured[family]
+        models = " + ".join(f"{e['class']} ({e['max_length']} tokens)" for e in rec["encoders"].values())
+        lines.append(f"Text encoders ({family}): {status} per image and added to it: {models}, {rec['dtype']}, "
+                     f"their own weights loaded from {rec['dir']}, tokenize + encode of one fixed prompt, median of "
+                     f"{rec['iters']} after {rec['warmup']} warm-up calls.")
+    return lines
 
 
 def write_chart(summary: dict, path, title: str, sizes: dict = None) -> str:

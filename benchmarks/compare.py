@@ -99,6 +99,10 @@ def render(result: dict, old: dict, new: dict, threshold: float) -> str:
     if old_gpu != new_gpu or old.get("mode") != new.get("mode"):
         lines.append(f"WARNING: different GPU or mode ({old_gpu or old.get('mode')} vs {new_gpu or new.get('mode')}):"
                      " within-run ratios are only comparable on the same GPU model")
+    old_enc, new_enc = (r.get("e2e", {}).get("config", {}).get("text_encoders") for r in (old, new))
+    if old_enc != new_enc:
+        lines.append(f"WARNING: different e2e text-encoder settings ({old_enc} vs {new_enc}): per-image speed-ups "
+                     "include the encoders only where they were measured")
     width = max([len(r["metric"]) for r in result["rows"]] + [20])
     header = f"  {'metric':<{width}}{'old':>12}{'new':>12}{'change':>9}  status"
     for tracked, title in ((True, f"tracked (higher is better; a drop > {threshold:.0%} is a regression)"),

@@ -38,7 +38,8 @@ How to read the numbers
   DC-Gen-FLUX (20) and SANA-1.6B vs DC-Gen-SANA (20) at 1K/2K/4K, stock / patched, beside the paper's H100 figures;
   steps are medians of a few timed steps, extrapolated. e2e_compile adds torch.compile of the stock transformer
   where the budget allows. The markdown table and a log-scale PNG chart are written beside --out
-  (<stem>-e2e.md, <stem>-e2e.png). --quick: 1K only.
+  (<stem>-e2e.md, <stem>-e2e.png). --quick: 1K only. Text encoders are excluded unless --text-encoders FAMILY=DIR
+  names a local pipeline folder holding them (timed per image, added, shown in their own column).
 - projection (projection.py): RTX 5090 latency PROJECTED from op counts of the same configurations, datasheet peaks
   and the efficiencies measured in this run (or the H100 anchors); never a measurement.
 - targets (e2e): DC-Gen-FLUX vs FLUX.1-Krea stock speed-up within +-20% of the paper's at each resolution; the
@@ -730,7 +731,7 @@ SECTIONS = (
         _ceiling(ctx, "fp8_gemm_tflops") or ctx.anchors.get("ceilings", {}).get("fp8_gemm_tflops"), progress,
         ctx.time_left), min_s=45),
     Section("e2e", ("e2e",), lambda ctx, progress: _bench("bench_e2e").run(
-        ctx.device, ctx.tiny, ctx.quick, progress, ctx.time_left), min_s=120),
+        ctx.device, ctx.tiny, ctx.quick, progress, ctx.time_left, text_encoders=ctx.text_encoders), min_s=120),
     Section("projection", ("e2e",), lambda ctx, progress: _bench("projection").run(
         ctx.report, ctx.tiny, ctx.anchors, ctx.device), min_s=20),
     Section("sana_step_compile", ("kernels",), lambda ctx, progress: _bench("bench_sana_step").run_compile(
@@ -791,6 +792,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", help="comma-separated section names instead of a suite: "
                         + ", ".join(s.name for s in SECTIONS))
     parser.add_argument("--quick", action="store_true", help="e2e at 1K only")
+    parser.add_argument("--text-encoders", action="append", metavar="FAMILY=DIR",
+                        help="e2e: include a family's text encoders in the per-image latency (default: excluded), "
+                             "loaded from a local diffusers pipeline folder, never downloaded; repeatable. "
+                             "flux=DIR: DIR/text_encoder (CLIPTextModel) + DIR/tokenizer, DIR/text_encoder_2 "
+                             "(T5EncoderModel) + DIR/tokenizer_2; sana=DIR: DIR/text_encoder (Gemma2Model) + "
+                             "DIR/tokenizer. Needs transformers")
     parser.add_argument("--pytest-junit", help="junit XML of the GPU test run, to record its counts")
     parser.add_argument("--phases", help="TSV of gpu_check.sh phases (name, status, seconds), to record")
     parser.add_argument("--budget-s", type=float, help="seconds this run may take (GPU mode): a section that would "
@@ -808,6 +815,11 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print(f"{'--tiny' if args.tiny else 'no CUDA GPU'}: {TINY_NOTE}", flush=True)
     device = torch.device("cuda" if gpu else "cpu")
+    from benchmarks import bench_e2e
+    try:  # a missing folder ends the run here, before the long sections
+        text_encoders = bench_e2e.parse_text_encoder_dirs(args.text_encoders)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        parser.error(str(err))
 
     from benchmarks.common import error_record
 
@@ -823,7 +835,7 @@ def main(argv=None) -> int:
         return None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
 
     ctx = types.SimpleNamespace(device=device, tiny=not gpu, quick=args.quick, report=report, time_left=time_left,
-                                anchors={})
+                                anchors={}, text_encoders=text_encoders)
 
     def record(name, fn, min_s=0):
         left = time_left()

@@ -5,6 +5,7 @@ No timing is asserted."""
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,14 @@ def test_compare_identical_h100_result_passes(h100, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verdict: OK" in out
     assert "flux_step/sizes/4096/patched/speedup_vs_stock" in out
+
+
+def test_compare_warns_on_different_text_encoder_settings(h100):
+    with_encoders = copy.deepcopy(h100)
+    with_encoders.setdefault("e2e", {}).setdefault("config", {})["text_encoders"] = {"flux": "/models/flux"}
+    warning = "different e2e text-encoder settings"
+    assert warning in compare.render(compare.compare(h100, with_encoders, 0.1), h100, with_encoders, 0.1)
+    assert warning not in compare.render(compare.compare(h100, h100, 0.1), h100, h100, 0.1)
 
 
 @pytest.mark.parametrize("factor, threshold, expected", [
@@ -292,3 +301,101 @@ def test_compare_gates_dcgen_ratios():
     assert result["regressions"] == ["patch_embed/cases/s/embed/fwd/variants/dcgen_triton/vs_gemm"]
     result = compare.compare(report(1.0, 1.5), report(1.0, 1.2), 0.10)
     assert result["regressions"] == ["quant_linear/layers/M=1,K=1,N=1/fp8_with_quantize/speedup_vs_bf16"]
+
+
+# ------------------------------------------------------------------------------------------------ e2e text encoders
+def _tiny_text_encoder_folder(root: Path, family: str) -> Path:
+    """A local diffusers-style pipeline folder with tiny random-init encoders of the family's classes and word-level
+    tokenizers built in code (no download), in the sub-folders bench_e2e.TEXT_ENCODERS names."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from benchmarks import bench_e2e
+
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + bench_e2e.PROMPT.replace(",", " ").split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    configs = {"CLIPTextModel": transformers.CLIPTextConfig(
+                   vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, max_position_embeddings=77, projection_dim=16, pad_token_id=0,
+                   bos_token_id=2, eos_token_id=3),
+               "T5EncoderModel": transformers.T5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32,
+                                                       num_layers=1, num_heads=2),
+               "Gemma2Model": transformers.Gemma2Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                        num_hidden_layers=1, num_attention_heads=2,
+                                                        num_key_value_heads=1, head_dim=8)}
+    folder = root / family
+    for enc in bench_e2e.TEXT_ENCODERS[family]:
+        word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+        word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>",
+                                             bos_token="<s>", eos_token="</s>").save_pretrained(folder / enc.tokenizer)
+        getattr(transformers, enc.cls)(configs[enc.cls]).save_pretrained(folder / enc.folder)
+    return folder
+
+
+def test_tiny_e2e_text_encoders_excluded_by_default(tiny_e2e):
+    _, _, report = tiny_e2e
+    summary = report["e2e_summary"]
+    assert summary["text_encoders"] == {"flux": "excluded", "sana": "excluded"}
+    for key, rec in summary["images"].items():
+        assert rec["text_encoders"] == "excluded", key
+        assert all("text_encoder_ms" not in v for v in rec["variants"].values()), key
+    md = Path(summary["markdown"]).read_text()
+    assert "| text enc ms |" in md and "| excl. |" in md
+    assert "Text encoders (flux): excluded; include them with --text-encoders flux=DIR." in md
+
+
+def test_tiny_e2e_with_text_encoders_adds_their_measured_time(tmp_path):
+    flux_dir = _tiny_text_encoder_folder(tmp_path, "flux")
+    sana_dir = _tiny_text_encoder_folder(tmp_path, "sana")
+    out = tmp_path / "results.json"
+    rc = run.main(["--tiny", "--sections", "e2e", "--quick", "--out", str(out),
+                   "--text-encoders", f"flux={flux_dir}", "--text-encoders", f"sana={sana_dir}"])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["problems"]
+    measured = report["e2e"]["text_encoders"]
+    assert {k: v["class"] for k, v in measured["flux"]["encoders"].items()} == {
+        "text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
+    assert measured["flux"]["encoders"]["text_encoder"]["max_length"] == 77
+    assert measured["flux"]["encoders"]["text_encoder_2"]["max_length"] == report["e2e"]["config"]["text_tokens"]["flux"]
+    assert measured["sana"]["encoders"]["text_encoder"]["class"] == "Gemma2Model"
+    summary = report["e2e_summary"]
+    md = Path(summary["markdown"]).read_text()
+    for family in ("flux", "sana"):
+        ms = measured[family]["ms"]
+        assert ms > 0
+        assert summary["text_encoders"][family] == f"included (measured {ms:.1f} ms)"
+        assert f"Text encoders ({family}): included (measured {ms:.1f} ms) per image" in md
+    pipelines = report["e2e"]["config"]["pipelines"]
+    for key, rec in summary["images"].items():
+        name = key.split("/")[0]
+        ms = measured[pipelines[name]["family"]]["ms"]
+        assert rec["variants"], key
+        for variant, v in rec["variants"].items():
+            assert v["text_encoder_ms"] == ms, (key, variant)
+            assert v["s"] == pytest.approx((rec["steps"] * v["step_ms"] + v["decode_ms"] + ms) / 1e3), (key, variant)
+    dcgen_row = next(line for line in md.splitlines() if line.startswith("| DC-Gen-FLUX | 1K |"))
+    assert f"| {measured['flux']['ms']:.1f} |" in dcgen_row
+
+
+def test_text_encoders_missing_files_are_a_clear_error(tmp_path, capsys, monkeypatch):
+    from benchmarks import bench_e2e
+
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--tiny", "--sections", "e2e", "--text-encoders", f"flux={tmp_path / 'nowhere'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "text encoders for flux" in err and "text_encoder_2/ (T5EncoderModel) + tokenizer_2/" in err
+    # A folder with SANA's components lacks FLUX's second encoder: each missing piece is named.
+    sana_dir = _tiny_text_encoder_folder(tmp_path, "sana")
+    with pytest.raises(FileNotFoundError, match=r"missing text_encoder_2/config.json \(T5EncoderModel\); "
+                                                r"text_encoder_2/ weights .*; tokenizer_2/"):
+        bench_e2e.check_text_encoder_dir("flux", sana_dir)
+    with pytest.raises(FileNotFoundError, match="text encoders for flux"):
+        bench_e2e.run(torch.device("cpu"), tiny=True, text_encoders={"flux": sana_dir})
+    for bad in ("flux", "clip=/x", "flux="):
+        with pytest.raises(ValueError, match="--text-encoders: expected FAMILY=DIR"):
+            bench_e2e.parse_text_encoder_dirs([bad])
+    assert bench_e2e.parse_text_encoder_dirs([f"sana={sana_dir}"]) == {"sana": str(sana_dir)}
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: said before any work starts
+    with pytest.raises(RuntimeError, match="needs the transformers package"):
+        bench_e2e.parse_text_encoder_dirs([f"sana={sana_dir}"])

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dcgen_kernels import _backend
-from dcgen_kernels.ops.glumbconv import _launch_depthwise_glu, glumbconv, glumbconv_reference
+from dcgen_kernels.ops.glumbconv import _launch_depthwise_glu, depthwise_glu, depthwise_glu_reference, glumbconv, \
+    glumbconv_reference
 from tests.helpers import TOLERANCE, rel_l2
 
 
@@ -169,3 +170,35 @@ def test_gpu_sana_and_dcae_shapes(dtype, B, side, C, hidden, monkeypatch):
     x = make_tokens(B=B, H=side, W=side, C=C, dtype=dtype, device="cuda")
     out = glumbconv(x, side, side, *weights, backend="triton")
     assert rel_l2(out, glumbconv_reference(x, side, side, *weights)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depthwise_glu_matches_glumbconv_middle(dtype):
+    """depthwise_glu (the middle of GLUMBConv, for quantized 1x1 convs) = glumbconv with identity 1x1 convs."""
+    torch.manual_seed(0)
+    B, H, W, hidden = 2, 5, 7, 72  # channel count not a multiple of the kernel's block
+    _, _, depth_weight, depth_bias, _ = make_weights(C=2 * hidden, hidden=hidden, dtype=dtype)
+    pre = make_tokens(B, H, W, 2 * hidden, dtype=dtype)
+    expected = glumbconv_reference(pre, H, W, torch.eye(2 * hidden, dtype=dtype)[..., None, None],
+                                   torch.zeros(2 * hidden, dtype=dtype), depth_weight, depth_bias,
+                                   torch.eye(hidden, dtype=dtype)[..., None, None])
+    reference = depthwise_glu_reference(pre, H, W, depth_weight, depth_bias)
+    assert rel_l2(reference, expected) <= TOLERANCE[dtype]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the Triton kernel must run, not fall back
+        out = depthwise_glu(pre, H, W, depth_weight, depth_bias, backend="triton")
+    assert out.shape == (B, H * W, hidden) and out.dtype == dtype
+    assert rel_l2(out, reference) <= TOLERANCE[dtype]
+
+
+def test_depthwise_glu_traces_and_rejects_bad_input():
+    H, W, hidden = 3, 4, 8
+    _, _, depth_weight, depth_bias, _ = make_weights(C=2 * hidden, hidden=hidden)
+    pre = make_tokens(1, H, W, 2 * hidden)
+    compiled = torch.compile(lambda p: depthwise_glu(p, H, W, depth_weight, depth_bias, backend="reference"),
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(pre), depthwise_glu_reference(pre, H, W, depth_weight, depth_bias))
+    with pytest.raises(ValueError, match="height \\* width"):
+        depthwise_glu(pre, H + 1, W, depth_weight, depth_bias)
+    with pytest.raises(ValueError, match="depth_weight"):
+        depthwise_glu(pre, H, W, depth_weight[:-1], depth_bias)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ._common import cdiv, check_tensor, register_reference_autograd
 
-__all__ = ["glumbconv", "glumbconv_reference"]
+__all__ = ["depthwise_glu", "depthwise_glu_reference", "glumbconv", "glumbconv_reference"]
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -34,6 +34,18 @@ def glumbconv_reference(x, height: int, width: int, inverted_weight, inverted_bi
     value, gate = h.chunk(2, dim=1)
     h = F.conv2d(value * F.silu(gate), point_weight.float())
     return h.flatten(2).transpose(1, 2).to(x.dtype)
+
+
+def depthwise_glu_reference(pre, height: int, width: int, depth_weight, depth_bias):
+    """fp32 middle of GLUMBConv on (B, N, 2*hid) tokens: value * SiLU(gate), [value, gate] =
+    depthwise3x3(SiLU(pre)) + bias; returns (B, N, hid) in pre's dtype."""
+    h = F.silu(pre.float().unflatten(1, (height, width)).permute(0, 3, 1, 2))
+    value, gate = F.conv2d(h, depth_weight.float(), depth_bias.float(), padding=1, groups=h.shape[1]).chunk(2, dim=1)
+    return (value * F.silu(gate)).flatten(2).transpose(1, 2).to(pre.dtype)
+
+
+def _depthwise_glu_reference_tensors_first(pre, depth_weight, depth_bias, height, width):
+    return depthwise_glu_reference(pre, height, width, depth_weight, depth_bias)
 
 
 def _reference_tensors_first(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight,
@@ -64,6 +76,21 @@ def _validate(x, height, width, inverted_weight, inverted_bias, depth_weight, de
     if tuple(point_weight.shape[1:]) != (hid2 // 2, 1, 1):
         raise ValueError(f"point_weight must have shape (C_out, hidden={hid2 // 2}, 1, 1), "
                          f"got {tuple(point_weight.shape)}")
+
+
+def _validate_depthwise_glu(pre, height, width, depth_weight, depth_bias) -> None:
+    check_tensor("pre", pre, ndim=3)
+    for name, size in (("height", height), ("width", width)):
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if height * width != pre.shape[1]:
+        raise ValueError(f"pre must hold height * width = {height * width} tokens (pre.shape[1]), got {pre.shape[1]}")
+    hid2 = pre.shape[2]
+    if hid2 % 2:
+        raise ValueError(f"pre must have an even channel count (2*hidden), got {hid2}")
+    same = dict(dtypes=(pre.dtype,), device=pre.device)
+    check_tensor("depth_weight", depth_weight, shape=(hid2, 1, 3, 3), **same)
+    check_tensor("depth_bias", depth_bias, shape=(hid2,), **same)
 
 
 # ----------------------------------------------------------------------------------------------- triton
@@ -131,6 +158,37 @@ def _(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight,
 
 
 register_reference_autograd(_glumbconv_op, _reference_tensors_first, n_tensor_inputs=6)
+
+
+@torch.library.custom_op("dcgen::depthwise_glu", mutates_args=())
+def _depthwise_glu_op(pre: torch.Tensor, depth_weight: torch.Tensor, depth_bias: torch.Tensor, height: int,
+                      width: int, backend: str) -> torch.Tensor:
+    batch, tokens, hid2 = pre.shape
+    if pre.numel() and select_backend(pre, backend) == "triton":
+        flat = pre.reshape(batch * tokens, hid2).contiguous()  # a no-op for a GEMM's output
+        out = flat.new_empty(batch * tokens, hid2 // 2)
+        _launch_depthwise_glu(flat, height, width, depth_weight, depth_bias, out)
+        return out.view(batch, tokens, hid2 // 2)
+    return depthwise_glu_reference(pre, height, width, depth_weight, depth_bias)
+
+
+@_depthwise_glu_op.register_fake
+def _(pre, depth_weight, depth_bias, height, width, backend):
+    return pre.new_empty(pre.shape[0], pre.shape[1], pre.shape[2] // 2)
+
+
+register_reference_autograd(_depthwise_glu_op, _depthwise_glu_reference_tensors_first, n_tensor_inputs=3)
+
+
+def depthwise_glu(pre: torch.Tensor, height: int, width: int, depth_weight: torch.Tensor, depth_bias: torch.Tensor,
+                  *, backend: str = "auto") -> torch.Tensor:
+    """GLUMBConv's middle between its two 1x1 convs (used when those are quantized GEMMs): value * SiLU(gate),
+    [value, gate] = conv_depth(SiLU(pre)), on (B, N = height*width, 2*hid) tokens in fp32/bf16/fp16 with the
+    depthwise weight (2*hid, 1, 3, 3) and bias (2*hid,) in pre's dtype. Returns (B, N, hid) in pre's dtype, computed
+    in fp32 (the Triton kernel of `glumbconv`, else the reference)."""
+    _backend.check_backend_name(backend)
+    _validate_depthwise_glu(pre, height, width, depth_weight, depth_bias)
+    return _depthwise_glu_op(pre, depth_weight, depth_bias, height, width, backend)
 
 
 def glumbconv(

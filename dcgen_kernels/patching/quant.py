@@ -3,12 +3,14 @@
 
 Which layers: every nn.Linear inside a transformer block (FluxTransformerBlock, FluxSingleTransformerBlock,
 SanaTransformerBlock) except the adaLN modulation linears (under the blocks' `norm*` modules): attention
-projections and MLPs. Embedders, norms, adaLN, time/text embeddings and the output head stay 16-bit. SANA's
-Mix-FFN is made of 1x1 convolutions run by the `glumbconv` op, not nn.Linear: it stays 16-bit.
+projections and MLPs; and every 1x1 nn.Conv2d of a block (SANA's Mix-FFN `GLUMBConv`: conv_inverted and
+conv_point), which is a linear over channels, wrapped in `QuantizedPointwiseConv`. Embedders, norms, adaLN,
+time/text embeddings, the output head, SANA's 3x3 depthwise conv and everything outside the transformer blocks
+(e.g. a DC-AE's GLUMBConvs) stay 16-bit.
 
-Reversibility: with keep_original=True the replaced nn.Linear modules are kept (off the module tree, so they are
-neither in state_dict nor in the reported memory) and `restore` puts them back exactly. Without it the 16-bit
-weights are gone, and `restore` raises instead of silently leaving a quantized model behind.
+Reversibility: with keep_original=True the replaced modules are kept (off the module tree, so they are neither in
+state_dict nor in the reported memory) and `restore` puts them back exactly. Without it the 16-bit weights are
+gone, and `restore` raises instead of silently leaving a quantized model behind.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class QuantReport:
     quant: str
     keep_original: bool
     rank: int = 0  # SVDQuant low-rank branch ("nvfp4"); unused by "fp8"
-    layers: list = dataclasses.field(default_factory=list)  # (module name, in_features, out_features, class name)
+    # (module name, in_features, out_features, class name of the quantized linear); 1x1 convs included
+    layers: list = dataclasses.field(default_factory=list)
+    pointwise_convs: int = 0  # how many of `layers` are 1x1 convs (SANA's Mix-FFN)
     weight_bytes_before: int = 0  # parameters + buffers of the model
     weight_bytes_after: int = 0
 
@@ -38,7 +42,8 @@ class QuantReport:
         mib = 2.0**20
         ratio = self.weight_bytes_before / self.weight_bytes_after if self.weight_bytes_after else float("nan")
         classes = sorted({cls for *_, cls in self.layers})
-        return (f"quantized {len(self.layers)} linears to {self.quant} ({', '.join(classes)}); model weights "
+        convs = f" ({self.pointwise_convs} of them 1x1 convs)" if self.pointwise_convs else ""
+        return (f"quantized {len(self.layers)} linears{convs} to {self.quant} ({', '.join(classes)}); model weights "
                 f"{self.weight_bytes_before / mib:.1f} MiB -> {self.weight_bytes_after / mib:.1f} MiB (before/after "
                 f"{ratio:.2f}); originals "
                 f"{'kept (unpatch restores them)' if self.keep_original else 'dropped (unpatch raises)'}")
@@ -77,15 +82,60 @@ def _block_classes() -> tuple:
     return tuple(classes)
 
 
+def _is_pointwise_conv(module: torch.nn.Module) -> bool:
+    """A Conv2d that is a linear over channels: 1x1 kernel, no grouping, stride 1, no padding."""
+    return (type(module) is torch.nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
+            and module.stride == (1, 1) and module.padding in ((0, 0), "valid") and module.dilation == (1, 1))
+
+
+class QuantizedPointwiseConv(torch.nn.Module):
+    """A 1x1 Conv2d run as its quantized linear (`self.linear`: FP8Linear or SVDQuantLinear, weight [O, I]).
+
+    Takes NCHW maps like the conv it replaces (so unpatched forwards still work), or (B, N, C) tokens / an
+    FP8Activation, which patched forwards hand to `self.linear` directly (with its fused epilogue arguments)."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    @property
+    def backend(self) -> str:
+        return self.linear.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.linear.backend = value
+
+    def forward(self, x, **kwargs):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return self.linear(x, **kwargs)
+        batch, channels, height, width = x.shape
+        # a copy unless x is channels_last: the quantizers need channel stride 1
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels).contiguous()
+        return self.linear(tokens, **kwargs).unflatten(1, (height, width)).permute(0, 3, 1, 2)
+
+
+def _conv_as_linear(conv: torch.nn.Conv2d) -> torch.nn.Linear:
+    """An nn.Linear on the 1x1 conv's weight ([O, I, 1, 1] as [O, I], a view unless oddly strided) and bias."""
+    linear = torch.nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, conv.in_channels),
+                                       requires_grad=False)
+    if conv.bias is not None:
+        linear.bias = torch.nn.Parameter(conv.bias.detach(), requires_grad=False)
+    return linear
+
+
 def block_linears(model: torch.nn.Module) -> list:
-    """[(qualified name, parent module, attribute, nn.Linear)] for the linears this module quantizes."""
+    """[(qualified name, parent module, attribute, nn.Linear or 1x1 nn.Conv2d)] for the layers this module
+    quantizes."""
     blocks = _block_classes()
     found = []
     for block_name, block in model.named_modules():
         if not blocks or not isinstance(block, blocks):
             continue
         for name, module in block.named_modules():
-            if type(module) is not torch.nn.Linear or any(part.startswith("norm") for part in name.split(".")):
+            quantizable = type(module) is torch.nn.Linear or _is_pointwise_conv(module)
+            if not quantizable or any(part.startswith("norm") for part in name.split(".")):
                 continue
             parent_name, _, attr = name.rpartition(".")
             found.append((f"{block_name}.{name}", block.get_submodule(parent_name) if parent_name else block, attr,
@@ -102,7 +152,10 @@ def quant_report(model: torch.nn.Module) -> Optional[QuantReport]:
     return getattr(model, _REPORT_ATTR, None)
 
 
-def _quantized_module(linear: torch.nn.Linear, quant: str, backend: str, rank: int):
+def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int):
+    if isinstance(layer, torch.nn.Conv2d):
+        return QuantizedPointwiseConv(_quantized_module(_conv_as_linear(layer), quant, backend, rank))
+    linear = layer
     if quant == "fp8":
         from ..quant.fp8 import FP8Linear
 
@@ -115,7 +168,8 @@ def _quantized_module(linear: torch.nn.Linear, quant: str, backend: str, rank: i
 
 def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool = False, backend: str = "auto",
              rank: int = 32) -> torch.nn.Module:
-    """Replace the block linears of a FLUX / SANA transformer by quantized ones, in place; returns the model.
+    """Replace the block linears (and SANA's 1x1 Mix-FFN convs) of a FLUX / SANA transformer by quantized ones, in
+    place; returns the model.
 
     quant: "fp8" (FP8Linear: E4M3 weights per output channel, activations per token; fastest on Hopper) or
     "nvfp4" (SVDQuantLinear: NVFP4 W4A4 with a rank-`rank` low-rank branch; smallest). keep_original: keep the
@@ -147,11 +201,14 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
     report = QuantReport(quant=quant, keep_original=keep_original, rank=rank if quant == "nvfp4" else 0,
                          weight_bytes_before=weight_bytes(model))
     originals = {}
-    for name, parent, attr, linear in linears:
-        quantized = _quantized_module(linear, quant, backend, rank)
+    for name, parent, attr, layer in linears:
+        quantized = _quantized_module(layer, quant, backend, rank)
         setattr(parent, attr, quantized)
-        originals[name] = linear
-        report.layers.append((name, linear.in_features, linear.out_features, type(quantized).__name__))
+        originals[name] = layer
+        if isinstance(quantized, QuantizedPointwiseConv):
+            report.pointwise_convs += 1
+            quantized = quantized.linear
+        report.layers.append((name, quantized.in_features, quantized.out_features, type(quantized).__name__))
     report.weight_bytes_after = weight_bytes(model)
     if keep_original:
         model.__dict__[_ORIGINALS_ATTR] = originals  # off the module tree: not in state_dict, .to() or memory
@@ -164,7 +221,7 @@ def can_restore(model: torch.nn.Module) -> bool:
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
-    """Put the original 16-bit linears back (exact). RuntimeError when they were not kept."""
+    """Put the original 16-bit linears and 1x1 convs back (exact). RuntimeError when they were not kept."""
     if current_quant(model) is None:
         return model
     if not can_restore(model):

@@ -9,8 +9,11 @@
 - SanaMultiscaleLinearAttention: `sana_multiscale_linear_attention` for its linear branch.
 - GLUMBConv: forward replaced by `glumbconv` (+ its RMSNorm and residual when configured).
 
-With FP8 block linears (patch(model, quant="fp8")), the block's first adaLN-modulate emits FP8 rows that the
-self-attention's Q/K/V projections share; the other linears quantize their input on the way in.
+Quantized blocks (patch(model, quant="fp8" | "nvfp4")): GLUMBConv's 1x1 convs become `QuantizedPointwiseConv`
+(patching/quant.py) and the Mix-FFN runs quantized GEMM -> glumbconv's depthwise + GLU Triton kernel (16-bit, the
+SiLU applied as it loads the GEMM output) -> quantized GEMM. With FP8 the block's adaLN-modulates emit FP8 rows
+(shared by the self-attention's Q/K/V; the input of conv_inverted) and conv_point's epilogue adds the gated
+residual; the GLU output and the other linears' inputs are quantized on the way in.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import torch
 
 from .. import _backend
 from ..ops.ada_layer_norm import ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual
-from ..ops.glumbconv import glumbconv
+from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
 from ._instance import backend_of, replace_forward, restore_forward
+from .quant import QuantizedPointwiseConv
 
 FAMILY = "sana"
 SUPPORTED = ("SanaTransformer2DModel and AutoencoderDC: SanaTransformerBlock, SanaModulatedNorm, Attention with "
@@ -139,8 +143,27 @@ _OURS = tuple(_PROCESSORS.values())
 
 # ----------------------------------------------------------------------------------------------- forwards
 def _glumbconv_tokens(ff, tokens, height, width, backend):
+    if _quantized_mix_ffn(ff):
+        return ff.conv_point.linear(_depthwise_glu(ff, ff.conv_inverted.linear(tokens), height, width, backend))
     return glumbconv(tokens, height, width, ff.conv_inverted.weight, ff.conv_inverted.bias, ff.conv_depth.weight,
                      ff.conv_depth.bias, ff.conv_point.weight, backend=backend)
+
+
+def _quantized_mix_ffn(ff) -> bool:
+    return isinstance(ff.conv_inverted, QuantizedPointwiseConv) and isinstance(ff.conv_point, QuantizedPointwiseConv)
+
+
+def _fp8_mix_ffn(ff) -> bool:
+    return _quantized_mix_ffn(ff) and all(isinstance(c.linear, FP8Linear) for c in (ff.conv_inverted, ff.conv_point))
+
+
+def _depthwise_glu(ff, pre, height, width, backend):
+    weight, bias = ff.conv_depth.weight, ff.conv_depth.bias
+    return depthwise_glu(pre, height, width, weight.to(pre.dtype), bias.to(pre.dtype), backend=backend)
+
+
+def _quantize_backend(backend: str) -> str:
+    return "triton" if backend == "cuda" else backend  # the FP8 quantize kernels are Triton only
 
 
 def _fp8_self_attention_inputs(attn) -> bool:
@@ -160,13 +183,18 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
 
     if _fp8_self_attention_inputs(self.attn1):
         norm = ada_layer_norm_modulate_fp8(hidden_states, scale_msa, shift_msa, eps=self.norm1.eps,
-                                           backend="triton" if backend == "cuda" else backend)
+                                           backend=_quantize_backend(backend))
     else:
         norm = ada_layer_norm_modulate(hidden_states, scale_msa, shift_msa, eps=self.norm1.eps, backend=backend)
     hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm), backend=backend)
     if self.attn2 is not None:
         hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                    attention_mask=encoder_attention_mask) + hidden_states
+    if _fp8_mix_ffn(self.ff):
+        norm = ada_layer_norm_modulate_fp8(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps,
+                                           backend=_quantize_backend(backend))
+        gated = _depthwise_glu(self.ff, self.ff.conv_inverted.linear(norm), height, width, backend)
+        return self.ff.conv_point.linear(gated, gate=gate_mlp, residual=hidden_states)
     norm = ada_layer_norm_modulate(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps, backend=backend)
     ff = _glumbconv_tokens(self.ff, norm, height, width, backend)
     return gated_residual(hidden_states, gate_mlp, ff, backend=backend)

@@ -51,6 +51,8 @@ class FP8Linear(torch.nn.Module):
 
     def forward(self, x: Union[torch.Tensor, FP8Activation], *, activation: Optional[str] = None,
                 gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.stride(-1) != 1:
+            x = x.contiguous()  # e.g. diffusers' transposed patch-embedding tokens: the quantizer needs stride 1
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, activation=activation, gate=gate,
                           residual=residual, backend=self.backend)
 
