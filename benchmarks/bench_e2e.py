@@ -48,6 +48,9 @@ import torch
 
 from .common import (ProgressBar, build_module, error_record, flux_ids, free_device_memory, measure_patched,
                      rel_l2, check_record)
+from .bench_dcae_decode import DCAE_F32C32_SANA_1_0
+from .bench_flux_step import FLUX_DEV_12B
+from .bench_sana_step import SANA_1600M
 from .timing import time_ms, wall_s
 
 E2E_TOL = 2e-2  # whole model or decoder, bf16, patched vs stock
@@ -64,28 +67,14 @@ PAPER_5090 = {"model": "DC-Gen-FLUX", "resolution": "4K", "seconds": 3.5, "speed
               "quantization": "NVFP4 SVDQuant", "steps": 20}
 
 # ------------------------------------------------------------------------------------------------ configs
-FLUX_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-SANA_1600M = dict(num_attention_heads=70, attention_head_dim=32, num_layers=20, num_cross_attention_heads=20,
-                  cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304, mlp_ratio=2.5,
-                  attention_bias=False, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
-                  interpolation_scale=2.0)
+# The model configs of the step benchmarks (FLUX.1-dev 12B, SANA-1.6B) and the SANA 1.0 f32c32 DC-AE.
+FLUX_12B = FLUX_DEV_12B
 # FLUX.1's VAE (black-forest-labs/FLUX.1-dev vae/config.json), written out: no download.
 FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                 act_fn="silu", latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
                 shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
-_DC6 = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
-# dc-ae-f32c32-sana-1.0, as in bench_dcae_decode.py (the decoder SANA and DC-Gen-FLUX 1K/2K decode with).
-DCAE_F32C32 = dict(in_channels=3, latent_channels=32, attention_head_dim=32, encoder_block_types=_DC6,
-                   decoder_block_types=_DC6, encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-                   decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-                   encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
-                   encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-                   decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)), upsample_block_type="interpolate",
-                   downsample_block_type="conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-                   scaling_factor=0.41407)
+DCAE_F32C32 = DCAE_F32C32_SANA_1_0  # the decoder SANA and DC-Gen-FLUX 1K/2K decode with
 _DC7 = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 4
 DCAE_F64C128 = dict(in_channels=3, latent_channels=128, attention_head_dim=32, encoder_block_types=_DC7,
                     decoder_block_types=_DC7, encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024, 2048),
@@ -95,13 +84,10 @@ DCAE_F64C128 = dict(in_channels=3, latent_channels=128, attention_head_dim=32, e
                     decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 4,
                     decoder_act_fns=("relu",) * 3 + ("silu",) * 4, scaling_factor=0.2889)
 
-FLUX_TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
-                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-                 axes_dims_rope=(8, 12, 12))
-SANA_TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_cross_attention_heads=2,
-                 cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24, mlp_ratio=2.5,
-                 attention_bias=False, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
-                 interpolation_scale=2.0)
+FLUX_TINY = dict(FLUX_12B, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(8, 12, 12))
+SANA_TINY = dict(SANA_1600M, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_cross_attention_heads=2,
+                 cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24)
 FLUX_VAE_TINY = dict(FLUX_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
 # Tiny DC-AEs keep the stage count (the compression) and shrink channels; the decoder's input shortcut repeats the
 # latent to the last stage's width, so the latent may not be wider than that stage.

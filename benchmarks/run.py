@@ -523,8 +523,6 @@ def flux_attention_table(report: dict) -> list:
 
 
 def flux_step_table(report: dict) -> list:
-    from benchmarks.common import ANCHOR_LABEL
-
     lines = []
     step = report.get("flux_step", {})
     lines.append(f"flux_step ({step.get('config', {}).get('weights', 'not run')})")
@@ -538,18 +536,23 @@ def flux_step_table(report: dict) -> list:
             rec = size.get(name)
             if rec is None:
                 continue
-            row = f"  {key:<8}{name:<14}"
-            status = _status(rec)
-            lines.append(row + status if status else
-                         row + f"{_fmt(rec['ms'], '.2f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
-                         f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
-                         f"{_fmt(rec.get(ANCHOR_LABEL), '.1f', 11)}")
+            lines.append(_variant_row(f"  {key:<8}{name:<14}", rec, ".2f"))
     return lines
 
 
 OP_LABELS = {"sana_linear_attention": "linear_attn", "sana_multiscale_linear_attention": "dcae_linear_attn",
              "glumbconv": "glumbconv", "ada_layer_norm_modulate": "adaln_modulate", "gated_residual": "gated_residual",
              "key_padding_attention": "cross_attn"}
+
+
+def _variant_row(row: str, rec: dict, ms_spec: str) -> str:
+    """A model variant's table row after its `row` label: ms, x stock, rel-L2, check, anchor ms (or its status)."""
+    from benchmarks.common import ANCHOR_LABEL
+
+    status = _status(rec)
+    return row + status if status else (
+        row + f"{_fmt(rec.get('ms'), ms_spec, 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
+        f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}{_fmt(rec.get(ANCHOR_LABEL), '.1f', 11)}")
 
 
 def _step_row(key: str, name: str, rec: dict, width: int) -> str:
@@ -652,8 +655,6 @@ def sana_step_table(report: dict) -> list:
 
 
 def dcae_decode_table(report: dict) -> list:
-    from benchmarks.common import ANCHOR_LABEL
-
     lines = []
     dec = report.get("dcae_decode", {})
     lat = dec.get("config", {}).get("latent")
@@ -669,12 +670,7 @@ def dcae_decode_table(report: dict) -> list:
             rec = size.get(name)
             if rec is None:
                 continue
-            row = f"  {key:<18}{name:<12}"
-            status = _status(rec)
-            lines.append(row + status if status else
-                         row + f"{_fmt(rec.get('ms'), '.1f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
-                         f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
-                         f"{_fmt(rec.get(ANCHOR_LABEL), '.1f', 11)}")
+            lines.append(_variant_row(f"  {key:<18}{name:<12}", rec, ".1f"))
     return lines
 
 
