@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a fresh H100/H200 (no network), from the repository root or anywhere:
-#     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick]
+#     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick] [--budget-s N]
 # Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu (dcgen: the
 # GPU tests of the ops it measures; kernels: the others; all: every one; e2e: none) -> benchmark suite
 # (benchmarks/run.py --suite ...) -> perf-regression check against benchmarks/results/baseline-<gpu>-<suite>.json,
@@ -27,6 +27,7 @@
 #                      FLUX compile (126 s) and ~1 min for the SANA-1.6B 4K one; the other compiles are skipped for
 #                      time: ~7 min in all.
 #   all                all three, in that order; on a GPU the later sections are skipped when the budget runs out.
+# --budget-s N: the whole run's seconds instead of 480 (two suites in one device call: e.g. dcgen 290 + e2e 240).
 # --quick: e2e at 1K only. --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode;
 # works without a GPU.
 set -euo pipefail
@@ -36,7 +37,8 @@ ROOT=$PWD
 DRY_RUN=${DCGEN_DRY_RUN:-0}
 SUITE=kernels
 QUICK=0
-usage() { echo "usage: $0 [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick]" >&2; exit 2; }
+BUDGET_S=480
+usage() { echo "usage: $0 [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick] [--budget-s N]" >&2; exit 2; }
 while (($#)); do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
@@ -46,14 +48,18 @@ while (($#)); do
       SUITE=$2
       shift ;;
     --suite=*) SUITE=${1#--suite=} ;;
+    --budget-s)
+      (($# >= 2)) || usage
+      BUDGET_S=$2
+      shift ;;
     *) usage ;;
   esac
   shift
 done
 case $SUITE in kernels|dcgen|e2e|all) ;; *) usage ;; esac
+[[ $BUDGET_S =~ ^[0-9]+$ ]] || { echo "--budget-s: expected whole seconds, got '$BUDGET_S'" >&2; exit 2; }
 
 PY=${PYTHON:-python3}
-BUDGET_S=480
 # Real-size suite on an H100: ~40 s FLUX (ceilings, attention, steps); SANA ops ~30 s, SANA steps ~20 s, DC-AE 4K
 # decodes ~25 s, torch.compile of the SANA step ~2 x 45 s (last); plus model builds and Triton JIT. The suite is
 # also told what is left (--budget-s) and skips a section that would not fit rather than being killed mid-way.
