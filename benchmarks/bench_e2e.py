@@ -33,6 +33,10 @@ Variants (per transformer step and per decode, all in the same process, stock fi
   stock          diffusers eager.
   patched        dcgen_kernels.patch(model) (backend auto), checked against the stock output (rel-L2 <= 2e-2);
                  a decoder patch() does not support (AutoencoderKL) keeps its stock decode, said in the record.
+  patched_graph  FLUX transformers below graph_max_tokens image tokens: patch(model, cuda_graph=True), the step
+                 replayed as a CUDA graph (the first, checked call captures it), with the patched decode. Eager FLUX
+                 steps at 1024-4096 tokens are host-bound on an H100 (benchmarks/profile_flux_step.py). Not for SANA:
+                 its key-padding cross-attention reads the mask on the host, which a capture cannot.
   torch_compile  torch.compile(transformer) of stock (Inductor, mode default) in a later section (run_compile),
                  only for the configurations the time budget allows (FLUX compiles for ~2 min per shape on an
                  H100); compile seconds are reported apart; the decode stays stock eager.
@@ -139,6 +143,9 @@ class Config:
     compile_plan: tuple  # (pipeline, resolution) in priority order
     compile_min_s: dict  # family -> seconds a compile needs at least (GPU)
     patch_backend: str  # what the patched variant passes to dcgen_kernels.patch
+    # FLUX steps below this many image tokens also run patched with CUDA graphs (patched_graph); above it a step
+    # is seconds of GPU work and the capture's extra warm-up steps cost more than the host's launches
+    graph_max_tokens: int
 
 
 def _pipelines(steps_flux: int = 28, steps_dcgen: int = 20) -> tuple:
@@ -169,7 +176,7 @@ REAL = Config(
     compile_backend="inductor",
     compile_plan=(("DC-Gen-FLUX", "4K"), ("SANA-1.6B", "4K"), ("DC-Gen-SANA", "4K"), ("DC-Gen-FLUX", "1K"),
                   ("FLUX.1-Krea", "1K")),
-    compile_min_s={"flux": 180, "sana": 75}, patch_backend="auto")
+    compile_min_s={"flux": 180, "sana": 75}, patch_backend="auto", graph_max_tokens=65536)
 TINY = Config(
     flux=FLUX_TINY, sana=SANA_TINY,
     autoencoders=(Autoencoder("flux_vae", "AutoencoderKL", FLUX_VAE_TINY, 8, "tiny " + _AE_NOTES["flux_vae"]),
@@ -180,7 +187,7 @@ TINY = Config(
     compile_plan=(("DC-Gen-FLUX", "4K"), ("DC-Gen-SANA", "4K")), compile_min_s={"flux": 0, "sana": 0},
     # The kernel sections run the Triton kernels in the interpreter; here the patched code paths (processors,
     # block forwards) run on the fp32 reference ops, so the tiny harness stays fast.
-    patch_backend="reference")
+    patch_backend="reference", graph_max_tokens=65536)
 
 
 def _jsonable(value):
@@ -380,19 +387,22 @@ def build_autoencoder(cfg: Config, ae: Autoencoder, device):
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def _measure(cfg: Config, model, fn, device, warmup: int, iters: int) -> dict:
-    """stock (first call = output for the check, then warm-up and timing), then patched on the same model."""
+def _measure(cfg: Config, model, fn, device, warmup: int, iters: int, graph: bool = False) -> dict:
+    """stock (first call = output for the check, then warm-up and timing), then patched on the same model, and
+    patched with CUDA graphs when `graph`."""
     rec = {"warmup": warmup, "iters": iters}
     with torch.no_grad():
         stock_out = fn()
         rec["stock"] = {"ms": time_ms(fn, device, warmup, iters)}
-        try:
-            rec["patched"] = measure_patched(model, fn, device, warmup, iters, stock_out, E2E_TOL, cfg.patch_backend)
-            if "ms" in rec["patched"]:
-                rec["patched"]["speedup_vs_stock"] = rec["stock"]["ms"] / rec["patched"]["ms"]
-                rec["patched"].pop("report", None)  # patch_report text per step is long; counts stay
-        except Exception as err:  # noqa: BLE001 - recorded; stock stays
-            rec["patched"] = error_record(err)
+        for name in ("patched", "patched_graph") if graph else ("patched",):
+            try:
+                rec[name] = measure_patched(model, fn, device, warmup, iters, stock_out, E2E_TOL, cfg.patch_backend,
+                                            cuda_graph=name == "patched_graph")
+                if "ms" in rec[name]:
+                    rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
+                    rec[name].pop("report", None)  # patch_report text per step is long; counts stay
+            except Exception as err:  # noqa: BLE001 - recorded; stock stays
+                rec[name] = error_record(err)
     return rec
 
 
@@ -450,6 +460,7 @@ def run(device: torch.device, tiny: bool, quick: bool = False, progress=None, ti
                          "transformers": {"flux": _jsonable(cfg.flux), "sana": _jsonable(cfg.sana)},
                          "text_encoders": {f: {"dir": str(d), "layout": _layout(f)} for f, d in text_encoders.items()},
                          "tolerance": E2E_TOL, "quick": quick, "patch_backend": cfg.patch_backend,
+                         "graph_max_tokens": cfg.graph_max_tokens,
                          "timing": "median of the timed calls after warm-up; per-image = steps x median step + "
                                    "decode (steps extrapolated, not all run)"},
               "steps": {}, "decodes": {}, "text_encoders": {}}
@@ -504,7 +515,8 @@ def _run_step(cfg: Config, pipe: Pipeline, res: str, device, flux, result: dict)
             model = build_sana(cfg, channels, side, device)
             x = sana_inputs(cfg, channels, side, device)
         rec["in_channels"] = model.config.in_channels
-        rec.update(_measure(cfg, model, lambda: model(**x)[0], device, warmup, iters))
+        rec.update(_measure(cfg, model, lambda: model(**x)[0], device, warmup, iters,
+                            graph=pipe.family == "flux" and tokens < cfg.graph_max_tokens))
     except Exception as err:  # noqa: BLE001
         rec.update(error_record(err))
     finally:
@@ -602,7 +614,7 @@ def _compile_one(cfg: Config, pipe: Pipeline, res: str, device, eager: dict, dyn
 
 
 # ------------------------------------------------------------------------------------------------ summary
-VARIANTS = ("stock", "patched", "torch_compile")
+VARIANTS = ("stock", "patched", "patched_graph", "torch_compile")
 
 
 def text_encoder_status(eager: dict) -> dict:
@@ -644,7 +656,8 @@ def summarize(eager: dict, compiled: dict = None) -> dict:
                 if not step_rec or "ms" not in step_rec:
                     continue
                 # A decoder that patch() does not support (or a compiled transformer) decodes stock.
-                dec_variant = "patched" if variant == "patched" and "ms" in dec.get("patched", {}) else "stock"
+                patched_decode = variant in ("patched", "patched_graph") and "ms" in dec.get("patched", {})
+                dec_variant = "patched" if patched_decode else "stock"
                 dec_rec = dec.get(dec_variant)
                 if not dec_rec or "ms" not in dec_rec:
                     continue
@@ -697,9 +710,9 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
     images, speedups = summary.get("images", {}), summary.get("speedups", {})
     steps = eager.get("steps", {})
     lines = [f"### End-to-end latency per image ({env})", "",
-             "| model | res | steps | step ms stock / patched / compile | decode ms stock / patched | text enc ms | "
-             "per image s stock | patched | compile | paper H100 s | stock / paper |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | res | steps | step ms stock / patched / graph / compile | decode ms stock / patched | "
+             "text enc ms | per image s stock | patched | graph | compile | paper H100 s | stock / paper |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, rec in images.items():
         name, res = key.split("/")
         v = rec["variants"]
@@ -710,7 +723,7 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
         dec = f"{_fmt(v.get('stock', {}).get('decode_ms'), '.0f')} / {dec_patched}"
         err = step.get("error") or step.get("stock", {}).get("error")
         if err and not v:
-            lines.append(f"| {name} | {res} | {rec['steps']} | error: {str(err).splitlines()[0][:80]} | | | | | | | |")
+            lines.append(f"| {name} | {res} | {rec['steps']} | error: {str(err).splitlines()[0][:80]} | | | | | | | | |")
             continue
         fails = " (check FAILED)" if any(x.get("check") == "FAILED" for x in v.values()) else ""
         seconds = " | ".join(_fmt(v.get(n, {}).get("s"), ".2f") for n in VARIANTS)
@@ -719,13 +732,14 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
         encode = _fmt(encode, ".1f") if encode is not None else "excl."
         lines.append(f"| {name} | {res} | {rec['steps']} | {step_ms} | {dec} | {encode} | {seconds}{fails} | "
                      f"{_fmt(rec.get('paper_h100_s'), '.2f')} | {ratio} |")
-    lines += ["", "| speed-up vs base | res | ours stock | ours patched | ours compile | best vs stock base | paper | "
-                  "ours stock / paper |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| speed-up vs base | res | ours stock | ours patched | ours graph | ours compile | best vs stock base "
+                  "| paper | ours stock / paper |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, rec in speedups.items():
         name, res = key.split("/")
         s = rec["speedup_vs_base"]
         lines.append(f"| {name} vs {rec['base']} | {res} | {_fmt(s.get('stock'), '.1f', 'x')} | "
-                     f"{_fmt(s.get('patched'), '.1f', 'x')} | {_fmt(s.get('torch_compile'), '.1f', 'x')} | "
+                     f"{_fmt(s.get('patched'), '.1f', 'x')} | {_fmt(s.get('patched_graph'), '.1f', 'x')} | "
+                     f"{_fmt(s.get('torch_compile'), '.1f', 'x')} | "
                      f"{_fmt(rec.get('best_over_stock_base'), '.1f', 'x')} | {_fmt(rec.get('paper'), '.1f', 'x')} | "
                      f"{_fmt(rec.get('ours_stock_over_paper'), '.2f')} |")
     cfg = eager.get("config", {})
@@ -733,7 +747,9 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
     lines += ["", f"Per image = steps x median transformer step + one decode (+ the text encoders where 'text enc ms' "
                   f"has a time), batch 1. Step times are medians of a "
                   f"few steps after warm-up (per row in the JSON), extrapolated to the step count, not all steps run. "
-                  f"{cfg.get('weights', WEIGHTS_NOTE)}. 'compile' = torch.compile of the stock transformer with a "
+                  f"{cfg.get('weights', WEIGHTS_NOTE)}. 'graph' = patched with CUDA graphs (patch(cuda_graph=True), "
+                  f"FLUX below {cfg.get('graph_max_tokens', '?')} image tokens; the same model's patched decode). "
+                  f"'compile' = torch.compile of the stock transformer with a "
                   f"stock decode (compile seconds in the JSON), '-' = not run in this budget. The patched decode is "
                   f"'stock' where patch() does not support the decoder (AutoencoderKL). {F64C128_ASSUMPTION}. "
                   f"Paper: DC-Gen (arXiv 2509.25180), H100."]
@@ -773,7 +789,7 @@ def write_chart(summary: dict, path, title: str, sizes: dict = None) -> str:
     fig, ax = plt.subplots(figsize=(4 + 0.35 * len(resolutions) * max(1, len(bars)), 4.8))
     width = 0.8 / max(1, len(bars))
     colors = plt.get_cmap("tab10").colors
-    hatches = {"stock": "", "patched": "//", "torch_compile": ".."}
+    hatches = {"stock": "", "patched": "//", "patched_graph": "xx", "torch_compile": ".."}
     for i, (name, variant) in enumerate(bars):
         xs, ys = [], []
         for j, res in enumerate(resolutions):

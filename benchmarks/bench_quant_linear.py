@@ -10,8 +10,15 @@ FFN down, (15360, 3072) single-block proj_out. Variants on the same inputs and w
                          row-wise scaled FP8 GEMM on sm_90+).
   fp8_prequantized_triton  the same with the Triton fp8 kernel (GPU only).
   scaled_mm_core[_fast_accum]  diagnostic (GPU only): torch._scaled_mm alone on the same operands, without / with
-                         use_fast_accum (fp8_linear uses the former).
+                         use_fast_accum (fp8_linear uses the latter).
   quantize_only          quantize_fp8 alone (for the record), checked by dequantizing against x.
+  bf16_with_producer / fp8_fused_producer  the layer together with the kernel that produces its input in a FLUX
+                         block, bf16 (our fused bf16 producer where there is one) vs FP8 (the producer emits the
+                         quantized rows): K = 3072 adaLN-modulate (to_q/k/v, the fused QKV, the FFN up), K = 12288
+                         tanh-GELU (FFN down), K = 15360 cat([attention, GELU(mlp)]) (single-block proj_out).
+                         `speedup_vs_bf16_with_producer` is what the FP8 target counts: the quantization is paid
+                         where the model pays it. (to_out's input, the attention output, is quantized by its own
+                         pass: fp8_with_quantize.)
   w4a16                  SVDQuantLinear(activations="bf16", rank 32): NVFP4 weights, bf16 activations.
   w4a4_triton            SVDQuantLinear(activations="nvfp4", rank 32, backend="triton").
 Metrics: ms (median GPU time per call after warm-up with the host's launch overhead hidden, timing.time_kernel_ms;
@@ -43,13 +50,15 @@ from .timing import time_kernel_ms, time_ms
 
 FP8_LAYER_TOL = 0.06  # E4M3 operands, ~2.5% each (tests/test_fp8_linear.py)
 BF16_LAYER_TOL = 1e-2
-STEP_SANITY_TOL = {"patched": 1e-2, "patched_fp8": 0.15, "patched_nvfp4": 0.3}
+STEP_SANITY_TOL = {"patched": 1e-2, "patched_graph": 1e-2, "patched_fp8": 0.15, "patched_fp8_graph": 0.15,
+                   "patched_nvfp4": 0.3}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     tokens: int
     shapes: tuple  # (K, N)
+    producers: tuple  # per shape, the kernel producing the layer's input in a FLUX block (see _producer_variants)
     dtype: torch.dtype
     warmup: int
     iters: int
@@ -57,10 +66,11 @@ class Config:
     svdquant_rank: int
 
 
-REAL = Config(4608, ((3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)), torch.bfloat16,
-              warmup=5, iters=20, step_image_tokens=4096, svdquant_rank=32)
-TINY = Config(48, ((64, 64), (64, 96), (64, 128), (128, 64), (160, 64)), torch.bfloat16, warmup=0, iters=1,
-              step_image_tokens=64, svdquant_rank=8)
+_PRODUCERS = ("adaln", "adaln", "adaln", "gelu", "concat_gelu")
+REAL = Config(4608, ((3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)), _PRODUCERS,
+              torch.bfloat16, warmup=5, iters=20, step_image_tokens=4096, svdquant_rank=32)
+TINY = Config(48, ((64, 64), (64, 96), (64, 128), (128, 64), (160, 64)), _PRODUCERS, torch.bfloat16, warmup=0,
+              iters=1, step_image_tokens=64, svdquant_rank=8)
 
 
 def layer_key(M: int, K: int, N: int) -> str:
@@ -77,7 +87,7 @@ def _module_bytes(module: torch.nn.Module) -> int:
 
 def _scaled_mm_core(x: torch.Tensor, linear: torch.nn.Linear, fast_accum: bool):
     """Diagnostic: torch._scaled_mm alone on our quantized operands, with and without fast accumulation (fp8_linear
-    uses use_fast_accum=False: fp32 promotion of the tensor-core partial sums)."""
+    uses use_fast_accum=True: no fp32 promotion of the tensor-core partial sums)."""
     def build():
         from dcgen_kernels.ops.fp8_linear import quantize_fp8, quantize_weight_fp8
 
@@ -89,7 +99,45 @@ def _scaled_mm_core(x: torch.Tensor, linear: torch.nn.Linear, fast_accum: bool):
     return build
 
 
-def _layer_variants(cfg: Config, device: torch.device, x: torch.Tensor, linear: torch.nn.Linear) -> dict:
+def _producer_variants(x: torch.Tensor, linear: torch.nn.Linear, producer: str, width: int) -> dict:
+    """bf16_with_producer / fp8_fused_producer: (producer + layer) in bf16 vs with the producer emitting FP8 rows.
+    producer: "adaln" (modulated LayerNorm of a block input), "gelu" (tanh-GELU of the FFN up-projection) or
+    "concat_gelu" (cat([attention output of `width` channels, GELU(mlp)]))."""
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate, ada_layer_norm_modulate_fp8
+    from dcgen_kernels.ops.fp8_linear import quantize_fp8
+    from dcgen_kernels.quant import FP8Linear
+
+    M, K = x.shape[0], linear.in_features
+    gen = torch.Generator(device=x.device).manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device=x.device, dtype=x.dtype)  # noqa: E731
+    if producer == "concat_gelu":
+        attn, mlp = rand(M, width), rand(M, K - width)
+        produce_bf16 = lambda: torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)  # noqa: E731
+        produce_fp8 = lambda: quantize_fp8(mlp, prefix=attn, gelu=True)  # noqa: E731
+    elif producer == "gelu":
+        pre = rand(M, K)
+        produce_bf16 = lambda: F.gelu(pre, approximate="tanh")  # noqa: E731
+        produce_fp8 = lambda: quantize_fp8(pre, gelu=True)  # noqa: E731
+    else:
+        hidden, scale, shift = rand(1, M, K), rand(1, K) * 0.1, rand(1, K) * 0.1
+        produce_bf16 = lambda: ada_layer_norm_modulate(hidden, scale, shift)  # noqa: E731
+        produce_fp8 = lambda: ada_layer_norm_modulate_fp8(hidden, scale, shift)  # noqa: E731
+
+    def expected():
+        return F.linear(produce_bf16().float(), linear.weight.float(), linear.bias.float())
+
+    def bf16():
+        run = lambda: F.linear(produce_bf16(), linear.weight, linear.bias)  # noqa: E731
+        return run, _module_bytes(linear), (expected(), BF16_LAYER_TOL)
+
+    def fp8():
+        layer = FP8Linear.from_linear(linear)
+        return (lambda: layer(produce_fp8())), _module_bytes(layer), (expected(), FP8_LAYER_TOL)
+    return {"bf16_with_producer": bf16, "fp8_fused_producer": fp8}
+
+
+def _layer_variants(cfg: Config, device: torch.device, x: torch.Tensor, linear: torch.nn.Linear,
+                    producer: str) -> dict:
     """name -> build() returning (callable, weight bytes, check): check is the tolerance against the fp32 linear, or
     (NVFP4) the output of the same layer on the reference backend. Built lazily: a failing variant is recorded alone."""
     from dcgen_kernels.ops.fp8_linear import quantize_fp8
@@ -127,12 +175,13 @@ def _layer_variants(cfg: Config, device: torch.device, x: torch.Tensor, linear: 
             return (lambda: layer(x)), _module_bytes(layer), reference
         return build
 
+    variants.update(_producer_variants(x, linear, producer, cfg.shapes[0][0]))
     variants["w4a16"] = svdquant("bf16", "auto")
     variants["w4a4_triton"] = svdquant("nvfp4", "triton")
     return variants
 
 
-def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, gemm_tflops, fp8_tflops) -> dict:
+def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, producer: str, gemm_tflops, fp8_tflops) -> dict:
     M = cfg.tokens
     torch.manual_seed(0)
     with torch.device(device):
@@ -140,8 +189,8 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, gemm_tflops,
         x = torch.randn(M, K, dtype=cfg.dtype)
     expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
     flop = 2 * M * K * N
-    rec: dict = {"M": M, "K": K, "N": N}
-    for name, build in _layer_variants(cfg, device, x, linear).items():
+    rec: dict = {"M": M, "K": K, "N": N, "producer": producer}
+    for name, build in _layer_variants(cfg, device, x, linear, producer).items():
         try:
             with torch.no_grad():
                 fn, weight_bytes, check = build()
@@ -149,6 +198,10 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, gemm_tflops,
                 if name == "quantize_only":
                     entry = {"rel_l2_dequantized_vs_x": rel_l2(out.dequantize(), x), "tolerance": check}
                     err = entry["rel_l2_dequantized_vs_x"]
+                elif isinstance(check, tuple):  # (its own fp32 expectation, tolerance): the producer variants
+                    entry = {"rel_l2_vs_fp32": rel_l2(out, check[0]), "tolerance": check[1],
+                             "weight_bytes": weight_bytes}
+                    err = entry["rel_l2_vs_fp32"]
                 else:
                     entry = {"rel_l2_vs_fp32_linear": rel_l2(out, expected), "weight_bytes": weight_bytes}
                     if isinstance(check, torch.Tensor):
@@ -170,17 +223,24 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, gemm_tflops,
         free_device_memory(device)
     base = rec.get("bf16_cublas", {}).get("ms")
     for name, entry in rec.items():
-        if isinstance(entry, dict) and base and "ms" in entry and name not in ("bf16_cublas", "quantize_only"):
+        if (isinstance(entry, dict) and base and "ms" in entry
+                and name not in ("bf16_cublas", "quantize_only", "bf16_with_producer", "fp8_fused_producer")):
             entry["speedup_vs_bf16"] = base / entry["ms"]
+    with_producer = rec.get("bf16_with_producer", {}).get("ms")
+    if with_producer and "ms" in rec.get("fp8_fused_producer", {}):
+        rec["fp8_fused_producer"]["speedup_vs_bf16_with_producer"] = with_producer / rec["fp8_fused_producer"]["ms"]
     return rec
 
 
 # ----------------------------------------------------------------------------------------------- FLUX step
 # fp8 first (the Hopper target), nvfp4 last: its offline SVDs of 418 weights take the longest to set up.
-STEP_VARIANTS = (("patched_fp8", "fp8"), ("patched", None), ("patched_nvfp4", "nvfp4"))
+# (name, quant, cuda_graph): the *_graph variants replay the step as a CUDA graph (patch(cuda_graph=True)).
+STEP_VARIANTS = (("patched_fp8", "fp8", False), ("patched_fp8_graph", "fp8", True), ("patched", None, False),
+                 ("patched_graph", None, True), ("patched_nvfp4", "nvfp4", False))
 # Seconds a step variant needs at least on an H100 (quantize or patch, Triton JIT, 8 steps); with less left of the
 # run's budget it is recorded as skipped rather than killed with the suite.
-STEP_VARIANT_MIN_S = {"stock": 30, "patched_fp8": 25, "patched": 20, "patched_nvfp4": 60}
+STEP_VARIANT_MIN_S = {"stock": 30, "patched_fp8": 25, "patched_fp8_graph": 25, "patched": 20, "patched_graph": 20,
+                      "patched_nvfp4": 60}
 
 
 def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=None, time_left=None) -> dict:
@@ -220,7 +280,7 @@ def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=
             rec["stock"] = {"ms": time_ms(step, device, warmup, iters), "weight_bytes": weight_bytes(model)}
             if saved:
                 saved()
-            for name, quant in STEP_VARIANTS:
+            for name, quant, cuda_graph in STEP_VARIANTS:
                 skipped = short_of_time(name)
                 if skipped:
                     rec[name] = skipped
@@ -228,7 +288,8 @@ def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=
                 try:
                     # Quantized variants keep the originals (off the module tree) so unpatch restores the model;
                     # their reported weight_bytes exclude them, as a user with keep_original=False would see.
-                    dcgen_kernels.patch(model, backend=backend, quant=quant, keep_original=quant is not None)
+                    dcgen_kernels.patch(model, backend=backend, quant=quant, keep_original=quant is not None,
+                                        cuda_graph=cuda_graph)
                     try:
                         out = step()
                         entry = check_record(rel_l2(out, stock_out), STEP_SANITY_TOL[name])
@@ -269,10 +330,10 @@ def run(device: torch.device, tiny: bool, gemm_tflops: Optional[float] = None, f
                                "gemm_tflops": gemm_tflops, "fp8_tflops": fp8_tflops,
                                "fp8_format": "E4M3, per-token activation and per-output-channel weight scales"},
                     "layers": {}}
-    for K, N in cfg.shapes:
+    for (K, N), producer in zip(cfg.shapes, cfg.producers):
         key = layer_key(cfg.tokens, K, N)
         try:
-            result["layers"][key] = _bench_layer(cfg, device, K, N, gemm_tflops, fp8_tflops)
+            result["layers"][key] = _bench_layer(cfg, device, K, N, producer, gemm_tflops, fp8_tflops)
         except Exception as err:  # noqa: BLE001
             result["layers"][key] = error_record(err)
         if progress:

@@ -152,15 +152,16 @@ def rope_tables(text_tokens: int, image_tokens: int, axes_dim: tuple, device: to
 
 
 def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int,
-                    stock_out: torch.Tensor, tolerance: float, backend: str = "auto") -> dict:
-    """Patch `model`, check fn()'s output against stock, time it, unpatch. A model dcgen_kernels cannot patch is
-    recorded as unavailable; a fallback to another backend is listed under "fallbacks"."""
+                    stock_out: torch.Tensor, tolerance: float, backend: str = "auto", cuda_graph: bool = False) -> dict:
+    """Patch `model` (with CUDA graphs if asked: the first call captures, the timed calls replay), check fn()'s
+    output against stock, time it, unpatch. A model dcgen_kernels cannot patch is recorded as unavailable; a
+    fallback to another backend (or to eager instead of a graph) is listed under "fallbacks"."""
     import dcgen_kernels
 
     from .timing import time_ms
 
     try:
-        dcgen_kernels.patch(model, backend=backend)
+        dcgen_kernels.patch(model, backend=backend, cuda_graph=cuda_graph)
     except ValueError as err:  # no supported module in this model
         return {"unavailable": f"{type(err).__name__}: {err}"}
     try:

@@ -236,3 +236,21 @@ def test_triton_backend_really_runs_here():
     assert _backend.triton_device_error(device) is None
     checks = {"triton": lambda: _backend.triton_device_error(device)}
     assert _backend.select("nvfp4_quantize", "triton", checks, {}) == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_triton_quantizers_bit_exact_at_flux_width():
+    """On the GPU too (where torch divides by a Python number through its reciprocal): same bytes as the reference."""
+    K = 3072
+    x = (torch.randn(2, 999, K, device="cuda") * (torch.rand(K, device="cuda") * 3)).bfloat16()
+    ref, tri = quantize_nvfp4(x, backend="reference"), quantize_nvfp4(x, backend="triton")
+    assert_same_bytes(tri[0], ref[0])
+    assert_same_bytes(tri[1], ref[1])
+    assert float(tri[2]) == float(ref[2])
+    smooth = torch.rand(K, device="cuda") + 0.5
+    down = (torch.randn(K, 32, device="cuda") / K ** 0.5).bfloat16()
+    ref = quantize_nvfp4_activations_reference(x, smooth, down, tri[2])
+    fused = quantize_nvfp4_activations(x, smooth, down, tri[2], backend="triton")
+    assert_same_bytes(fused[0], ref[0])
+    assert_same_bytes(fused[1], ref[1])
+    assert rel_l2(fused[2], ref[2]) < 1e-5

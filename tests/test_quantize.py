@@ -248,18 +248,34 @@ def test_dcae_glumbconvs_stay_16_bit():
 # --------------------------------------------------------------------------------------------- nvfp4
 @pytest.mark.parametrize("make, make_inputs, n_layers, tol", [(tiny_flux, tiny_flux_inputs, 17, MODEL_TOL),
                                                               (tiny_sana, tiny_sana_inputs, 20, SANA_NVFP4_TOL)])
-def test_nvfp4_close_to_stock_and_reversible(make, make_inputs, n_layers, tol):
+@pytest.mark.parametrize("activations", ["nvfp4", "bf16"])
+def test_nvfp4_close_to_stock_and_reversible(make, make_inputs, n_layers, tol, activations):
     model, inputs = make(), make_inputs()
     stock = _run(model, inputs)
-    dcgen_kernels.patch(model, quant="nvfp4", backend="reference", keep_original=True, rank=16)
+    dcgen_kernels.patch(model, quant="nvfp4", backend="reference", keep_original=True, rank=16,
+                        nvfp4_activations=activations)
     report = dcgen_kernels.patch_report(model).quantization
     assert len(report.layers) == n_layers and {cls for *_, cls in report.layers} == {"SVDQuantLinear"}
+    assert report.activations == activations and ("W4A4" if activations == "nvfp4" else "W4A16") in str(report)
     err = rel_l2(_run(model, inputs), stock)
     assert 0 < err < tol
     dcgen_kernels.patch(model, quant="fp8", backend="reference", keep_original=True)  # switch via the originals
     assert dcgen_kernels.patch_report(model).quantization.quant == "fp8"
     dcgen_kernels.unpatch(model)
     assert torch.equal(_run(model, inputs), stock)
+
+
+def test_nvfp4_activations_auto_is_w4a16_without_native_fp4_and_switchable():
+    model = tiny_flux()
+    with pytest.raises(ValueError, match="nvfp4_activations must be one of"):
+        dcgen_kernels.patch(model, quant="nvfp4", nvfp4_activations="fp4")
+    assert not dcgen_kernels.is_patched(model)  # rejected before anything was replaced
+    dcgen_kernels.patch(model, quant="nvfp4", backend="reference", rank=8)  # CPU: no native FP4 MMA
+    layer = model.transformer_blocks[0].attn.to_q
+    assert layer.activations == "bf16" and quant_report(model).activations == "bf16"
+    dcgen_kernels.patch(model, quant="nvfp4", backend="reference", nvfp4_activations="nvfp4")  # same weights
+    assert model.transformer_blocks[0].attn.to_q is layer and layer.activations == "nvfp4"
+    assert quant_report(model).activations == "nvfp4"
 
 
 def test_nvfp4_save_load_round_trip_bit_exact(tmp_path):

@@ -60,7 +60,8 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     """fp32 0-dim tensor amax(|x|) / (6 * 448) over the finite values of x; 1.0 if that amax is 0."""
     finite_abs = torch.where(torch.isfinite(x), x.abs(), 0).float()
     amax = finite_abs.amax() if x.numel() else finite_abs.new_zeros(())
-    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    # amax / tensor: torch on CUDA turns a division by a Python number into a multiplication by its reciprocal.
+    return torch.where(amax > 0, amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
 
 
 def _quantize_rows_fp32(x: torch.Tensor, global_scale: torch.Tensor):
@@ -71,7 +72,8 @@ def _quantize_rows_fp32(x: torch.Tensor, global_scale: torch.Tensor):
     finite = torch.isfinite(groups)
     all_finite = finite.all(-1)
     amax = torch.where(finite, groups.abs(), 0).amax(-1)
-    scale = (amax / E2M1_MAX / global_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    # Correctly rounded divisions, as the kernels' div_rn (amax / 6.0 would be amax * (1 / 6) on CUDA).
+    scale = (amax / torch.full_like(amax, E2M1_MAX) / global_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     scale_bits = torch.where(all_finite, scale.view(torch.uint8), E4M3_NAN_BITS).to(torch.uint8)
     denom = torch.where(all_finite, scale.float() * global_scale, 0)[..., None]
     mag = torch.where(denom > 0, groups.abs() / torch.where(denom > 0, denom, 1), 0)

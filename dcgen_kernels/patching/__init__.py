@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from . import dcae, flux, latents, quant as _quant, sana
+from . import cuda_graph as _cuda_graph, dcae, flux, latents, quant as _quant, sana
 from .quant import QuantReport
 
 logger = logging.getLogger("dcgen_kernels")
@@ -29,6 +29,7 @@ class PatchReport:
     replaced: list = dataclasses.field(default_factory=list)  # (module name, family, replaced class)
     skipped: list = dataclasses.field(default_factory=list)  # (module name, family, reason)
     quantization: Optional[QuantReport] = None  # which linears were quantized, weight memory before/after
+    cuda_graph: bool = False  # forward captured in CUDA graphs (patching/cuda_graph.py)
 
     def __str__(self) -> str:
         lines = [f"dcgen_kernels.patch({self.model}, backend={self.backend!r}): "
@@ -40,6 +41,9 @@ class PatchReport:
         lines += [f"  skipped {name}: {reason}" for name, _, reason in self.skipped]
         if self.quantization is not None:
             lines.append(f"  {self.quantization}")
+        if self.cuda_graph:
+            lines.append("  forward in CUDA graphs: captured per input signature on its first call, replayed under "
+                         "torch.no_grad() / inference_mode")
         return "\n".join(lines)
 
 
@@ -53,19 +57,30 @@ def _check_model(model) -> None:
 
 
 def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str] = None, keep_original: bool = False,
-          rank: int = 32) -> torch.nn.Module:
+          rank: int = 32, nvfp4_activations: str = "auto", cuda_graph: bool = False) -> torch.nn.Module:
     """Replace supported modules of `model` in place and return it. Idempotent; `unpatch` reverts it.
 
     backend: 'auto' (default), 'cuda', 'triton' or 'reference' for every replaced op.
     quant: None (leave the linears as they are), 'fp8' or 'nvfp4': also quantize the transformer blocks' linears
     (see `dcgen_kernels.quantize`); the patched FLUX / SANA blocks then feed FP8 linears activations quantized by
     the kernels that produce them. keep_original: keep the 16-bit linears so `unpatch` can restore them; without
-    it `unpatch` of a quantized model raises. rank: SVDQuant low-rank branch rank for 'nvfp4'.
+    it `unpatch` of a quantized model raises. rank, nvfp4_activations: for 'nvfp4' (see `dcgen_kernels.quantize`).
+    cuda_graph: run a FLUX / SANA transformer's forward as CUDA graphs, one per input signature (shapes, dtypes,
+    arguments), captured on its first call and replayed after it; for inference (torch.no_grad) on one GPU, eager
+    otherwise with a one-time warning (see patching/cuda_graph.py). Removes the host's launch overhead, which sets
+    the pace of small-token steps in eager mode.
     Raises ValueError when the model has no supported module or `quant` is unknown.
     """
     _check_model(model)
     _backend.check_backend_name(backend)
     _quant.check_quant_name(quant)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if cuda_graph and not hasattr(model, "transformer_blocks"):
+        raise ValueError(f"cuda_graph=True captures a FLUX / SANA transformer's forward; {type(model).__name__} has "
+                         f"no transformer blocks (an autoencoder's decode is not a forward call)")
+    if nvfp4_activations not in _quant.NVFP4_ACTIVATIONS:
+        raise ValueError(f"nvfp4_activations must be one of {_quant.NVFP4_ACTIVATIONS}, got {nvfp4_activations!r}")
     if quant is not None and _quant.current_quant(model) != quant:
         if not _quant.block_linears(model) and _quant.current_quant(model) is None:
             raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "
@@ -73,7 +88,8 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         if not _quant.can_restore(model):
             raise ValueError(f"{type(model).__name__} is already quantized to {_quant.current_quant(model)} without "
                              f"keep_original=True; it cannot be re-quantized to {quant!r}. Reload the model.")
-    report = PatchReport(model=type(model).__name__, backend=backend)
+    _cuda_graph.disable(model)  # graphs captured before may launch modules replaced below
+    report = PatchReport(model=type(model).__name__, backend=backend, cuda_graph=cuda_graph)
     for name, module in model.named_modules():
         for family in _FAMILIES:
             result = family.patch_module(module, backend)
@@ -90,8 +106,11 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         raise ValueError(f"dcgen_kernels.patch found no supported module in {type(model).__name__}{detail}. "
                          f"Supported: {_supported_text()}")
     if quant is not None:
-        _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank)
+        _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank,
+                        nvfp4_activations=nvfp4_activations)
     report.quantization = _quant.quant_report(model)
+    if cuda_graph:
+        _cuda_graph.enable(model)
     setattr(model, _REPORT_ATTR, report)
     logger.info("%s", report)
     return model
@@ -105,6 +124,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """
     _check_model(model)
     _quant.restore(model)
+    _cuda_graph.disable(model)
     for module in model.modules():
         for family in _FAMILIES:
             if family.unpatch_module(module):

@@ -32,6 +32,7 @@ class QuantReport:
     quant: str
     keep_original: bool
     rank: int = 0  # SVDQuant low-rank branch ("nvfp4"); unused by "fp8"
+    activations: str = "fp8"  # what the GEMMs multiply the weights by: "fp8", "nvfp4" (W4A4) or "bf16" (W4A16)
     # (module name, in_features, out_features, class name of the quantized linear); 1x1 convs included
     layers: list = dataclasses.field(default_factory=list)
     pointwise_convs: int = 0  # how many of `layers` are 1x1 convs (SANA's Mix-FFN)
@@ -43,7 +44,8 @@ class QuantReport:
         ratio = self.weight_bytes_before / self.weight_bytes_after if self.weight_bytes_after else float("nan")
         classes = sorted({cls for *_, cls in self.layers})
         convs = f" ({self.pointwise_convs} of them 1x1 convs)" if self.pointwise_convs else ""
-        return (f"quantized {len(self.layers)} linears{convs} to {self.quant} ({', '.join(classes)}); model weights "
+        mode = f", {'W4A4' if self.activations == 'nvfp4' else 'W4A16'}" if self.quant == "nvfp4" else ""
+        return (f"quantized {len(self.layers)} linears{convs} to {self.quant} ({', '.join(classes)}{mode}); model weights "
                 f"{self.weight_bytes_before / mib:.1f} MiB -> {self.weight_bytes_after / mib:.1f} MiB (before/after "
                 f"{ratio:.2f}); originals "
                 f"{'kept (unpatch restores them)' if self.keep_original else 'dropped (unpatch raises)'}")
@@ -152,9 +154,24 @@ def quant_report(model: torch.nn.Module) -> Optional[QuantReport]:
     return getattr(model, _REPORT_ATTR, None)
 
 
-def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int):
+NVFP4_ACTIVATIONS = ("auto", "nvfp4", "bf16")
+
+
+def resolve_nvfp4_activations(choice: str, device: torch.device) -> str:
+    """'auto': 4-bit activations (W4A4) only where the GPU multiplies FP4 natively (compute capability >= 10.0);
+    elsewhere (Hopper, CPU) W4A16, which a Hopper GPU runs near cuBLAS bf16 speed while the Triton W4A4 kernel,
+    dequantizing both operands in registers, ran 5-7x slower than cuBLAS bf16 on an H100 (2026-11-27)."""
+    if choice not in NVFP4_ACTIVATIONS:
+        raise ValueError(f"nvfp4_activations must be one of {NVFP4_ACTIVATIONS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0)
+    return "nvfp4" if native else "bf16"
+
+
+def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int, activations: str):
     if isinstance(layer, torch.nn.Conv2d):
-        return QuantizedPointwiseConv(_quantized_module(_conv_as_linear(layer), quant, backend, rank))
+        return QuantizedPointwiseConv(_quantized_module(_conv_as_linear(layer), quant, backend, rank, activations))
     linear = layer
     if quant == "fp8":
         from ..quant.fp8 import FP8Linear
@@ -163,17 +180,19 @@ def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: in
     from ..quant.svdquant import SVDQuantLinear
 
     rank = min(rank, linear.in_features, linear.out_features)  # narrow layers (tiny models) cap the rank
-    return SVDQuantLinear.from_linear(linear, rank=rank, activations="nvfp4", backend=backend)
+    return SVDQuantLinear.from_linear(linear, rank=rank, activations=activations, backend=backend)
 
 
 def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool = False, backend: str = "auto",
-             rank: int = 32) -> torch.nn.Module:
+             rank: int = 32, nvfp4_activations: str = "auto") -> torch.nn.Module:
     """Replace the block linears (and SANA's 1x1 Mix-FFN convs) of a FLUX / SANA transformer by quantized ones, in
     place; returns the model.
 
     quant: "fp8" (FP8Linear: E4M3 weights per output channel, activations per token; fastest on Hopper) or
-    "nvfp4" (SVDQuantLinear: NVFP4 W4A4 with a rank-`rank` low-rank branch; smallest). keep_original: keep the
-    16-bit linears so `restore` / `dcgen_kernels.unpatch` can undo it (costs their memory).
+    "nvfp4" (SVDQuantLinear: NVFP4 weights with a rank-`rank` low-rank branch; smallest). nvfp4_activations:
+    "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on GPUs with native FP4 MMA, sm_100+; else W4A16); the weights
+    are the same either way. keep_original: keep the 16-bit linears so `restore` / `dcgen_kernels.unpatch` can
+    undo it (costs their memory).
     Quantizing an already quantized model to the same format only switches the backend; to another format it
     needs the kept originals. Raises ValueError for an unknown format or a model without block linears.
     """
@@ -185,12 +204,16 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
     _backend.check_backend_name(backend)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    activations = resolve_nvfp4_activations(nvfp4_activations, next(model.parameters()).device)
     existing = current_quant(model)
     if existing == quant:
-        for name, *_ in quant_report(model).layers:
+        report = quant_report(model)
+        for name, *_ in report.layers:
             module = model.get_submodule(name)
-            if hasattr(module, "backend"):
-                module.backend = backend
+            module = getattr(module, "linear", module)  # a 1x1 conv's quantized linear
+            module.backend = backend
+            if quant == "nvfp4":
+                module.activations = report.activations = activations
         return model
     if existing is not None:
         restore(model)  # raises when the originals were not kept
@@ -199,10 +222,11 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
         raise ValueError(f"dcgen_kernels.quantize found no transformer-block nn.Linear in {type(model).__name__}; "
                          f"supported: FluxTransformer2DModel and SanaTransformer2DModel blocks")
     report = QuantReport(quant=quant, keep_original=keep_original, rank=rank if quant == "nvfp4" else 0,
+                         activations=activations if quant == "nvfp4" else "fp8",
                          weight_bytes_before=weight_bytes(model))
     originals = {}
     for name, parent, attr, layer in linears:
-        quantized = _quantized_module(layer, quant, backend, rank)
+        quantized = _quantized_module(layer, quant, backend, rank, activations)
         setattr(parent, attr, quantized)
         originals[name] = layer
         if isinstance(quantized, QuantizedPointwiseConv):

@@ -1,0 +1,155 @@
+"""Where a FLUX-12B step spends its GPU time: torch.profiler over a few steps per variant, kernels grouped.
+
+    python -m benchmarks.profile_flux_step [--image-tokens 4096,1024] [--variants stock,patched,fp8,nvfp4]
+                                           [--steps 2] [--top 12] [--out profile.json]
+
+For each image-token count (512 text tokens, the FLUX.1-dev 12B config, random bf16 weights built on the GPU) and
+each variant (stock diffusers; dcgen_kernels.patch; patch(quant="fp8"); patch(quant="nvfp4")), after one
+warm-up step: the wall time per step (CUDA events), the summed kernel time per step, their ratio (GPU busy:
+well under 1 means the host's launches, not the kernels, set the pace), kernel time per class (GEMM,
+attention, elementwise/reduction, copies, other) and the kernels that cost most. A diagnostic, not a gated
+benchmark: it explains the step and e2e numbers. CPU (no GPU): the tiny FLUX config, CPU ops only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+
+import torch
+
+from . import bench_flux_step
+from .common import free_device_memory
+
+VARIANTS = {"stock": None, "patched": "bf16", "fp8": "fp8", "nvfp4": "nvfp4"}
+# Kernel-name patterns per class, first match wins (cuBLAS/CUTLASS GEMMs, our Triton GEMMs, attention kernels).
+CLASSES = (
+    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|cudnn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|wgmma|matmul|_mm_|linear_kernel|nvfp4_gemm|fp8_linear", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|cat|fill", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|reduce|norm|gelu|silu|softmax|rope|modulate|residual|"
+                               r"quantize|triton", re.I)),
+)
+
+
+def classify(name: str) -> str:
+    return next((label for label, pattern in CLASSES if pattern.search(name)), "other")
+
+
+def profile_variant(model, step, device: torch.device, steps: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up: Triton JIT, cuBLAS handles, allocator
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    walls = []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize(device)
+                walls.append(start.elapsed_time(end))
+            else:
+                step()
+    kernels: dict = {}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            # Device-side kernels only (CPU ops carry their children's device time too).
+            if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            us = float(event.device_time_total)
+        else:
+            us = float(event.self_cpu_time_total)
+        if us > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + us
+    per_step = {name: us / steps / 1e3 for name, us in kernels.items()}  # ms per step
+    by_class: dict = {}
+    for name, ms in per_step.items():
+        by_class[classify(name)] = by_class.get(classify(name), 0.0) + ms
+    kernel_ms = sum(per_step.values())
+    rec = {"kernel_ms_per_step": kernel_ms, "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+           "top_kernels_ms": [[name[:120], ms] for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:top]]}
+    if walls:
+        rec["wall_ms_per_step"] = statistics.median(walls)
+        rec["gpu_busy"] = kernel_ms / rec["wall_ms_per_step"]
+    return rec
+
+
+def run(device: torch.device, tiny: bool, image_tokens=(4096,), variants=("stock", "patched", "fp8"), steps: int = 2,
+        top: int = 12) -> dict:
+    import dcgen_kernels
+
+    cfg = bench_flux_step.TINY if tiny else bench_flux_step.REAL
+    result = {"config": {"model": "FLUX tiny" if tiny else "FLUX.1-dev 12B", "text_tokens": cfg.text_tokens,
+                         "steps_profiled": steps, "dtype": str(cfg.dtype).removeprefix("torch."),
+                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+              "profiles": {}}
+    model = bench_flux_step.build_model(cfg, device)
+    backend = "reference" if tiny else "auto"
+    try:
+        for tokens in image_tokens:
+            x = bench_flux_step.make_inputs(cfg, tokens if not tiny else 64, device)
+            step = lambda: model(**x)[0]  # noqa: E731
+            for name in variants:
+                key = f"{tokens}/{name}"
+                try:
+                    if VARIANTS[name] is not None:
+                        quant = None if VARIANTS[name] == "bf16" else VARIANTS[name]
+                        dcgen_kernels.patch(model, backend=backend, quant=quant, keep_original=quant is not None)
+                    try:
+                        with torch.no_grad():
+                            result["profiles"][key] = profile_variant(model, step, device, steps, top)
+                    finally:
+                        if VARIANTS[name] is not None:
+                            dcgen_kernels.unpatch(model)
+                except Exception as err:  # noqa: BLE001 - one variant failing still leaves the others
+                    result["profiles"][key] = {"error": f"{type(err).__name__}: {err}"}
+                free_device_memory(device)
+                print(format_profile(key, result["profiles"][key]), flush=True)
+    finally:
+        del model
+        free_device_memory(device)
+    return result
+
+
+def format_profile(key: str, rec: dict) -> str:
+    if "error" in rec:
+        return f"{key}: {rec['error']}"
+    wall = rec.get("wall_ms_per_step")
+    head = f"{key}: kernels {rec['kernel_ms_per_step']:.1f} ms/step"
+    if wall:
+        head += f", wall {wall:.1f} ms/step, GPU busy {rec['gpu_busy']:.0%}"
+    lines = [head, "  by class: " + ", ".join(f"{k} {v:.1f}" for k, v in rec["by_class_ms"].items())]
+    lines += [f"  {ms:8.2f} ms  {name}" for name, ms in rec["top_kernels_ms"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-tokens", default="4096", help="comma-separated image-token counts (square grids)")
+    parser.add_argument("--variants", default="stock,patched,fp8",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps per variant (after one warm-up)")
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per variant")
+    parser.add_argument("--out", help="write the JSON here")
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; expected from {', '.join(VARIANTS)}")
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    tokens = [int(t) for t in args.image_tokens.split(",") if t.strip()]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = run(device, device.type == "cpu", tokens, variants, args.steps, args.top)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""CUDA graphs for a patched model's forward (`patch(model, cuda_graph=True)`): captured once per input
+signature, replayed afterwards.
+
+Why: eager PyTorch launches each of a step's thousands of kernels from Python. On an H100 (2026-11-27,
+benchmarks/profile_flux_step.py) a FLUX-12B step at 1024 image tokens ran 39 ms of kernels (patched) in ~82 ms of
+wall time, and the FP8 step at 4096 tokens 98 ms of kernels in ~259 ms: the host, not the GPU, set the pace. A
+replayed graph issues all of a step's launches at once.
+
+Rules:
+- signature = the call's structure (args/kwargs pytree), every non-tensor value, and each tensor's shape, dtype,
+  device and strides. A new signature runs the forward eagerly once (warm-up: Triton JIT, library handles,
+  one-time warnings), then captures it with the call's tensors copied into static input buffers.
+- a known signature copies the tensors into its buffers, replays, and returns clones of the graph's outputs (the
+  next replay overwrites them).
+- eager, with a one-time warning naming why: gradients enabled (graphs here are for inference: run under
+  torch.no_grad() or torch.inference_mode(), as diffusers pipelines do), a tensor off the GPU or on several GPUs,
+  a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures.
+- the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen; patch()
+  called again or unpatch() drop the graphs, since modules may have been replaced. Each graph keeps its own
+  memory pool (activations of one step) until then.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .. import _backend
+
+MAX_GRAPHS = 8  # signatures per model (e.g. resolutions x batch sizes); each holds one step's activation memory
+_ATTR = "_dcgen_cuda_graph"
+
+
+def _signature(spec, leaves) -> tuple:
+    parts = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride()))
+        else:
+            try:
+                hash(leaf)
+                parts.append(("value", type(leaf).__name__, leaf))
+            except TypeError:
+                parts.append(("value", type(leaf).__name__, repr(leaf)))
+    return tuple(parts)
+
+
+def graph_unsupported_reason(tensors: list) -> Optional[str]:
+    """Why this call cannot be captured, or None."""
+    if torch.is_grad_enabled():
+        return "gradients are enabled (CUDA graphs are used under torch.no_grad() or torch.inference_mode())"
+    devices = {t.device for t in tensors}
+    if not tensors or any(d.type != "cuda" for d in devices):
+        return f"its tensors are on {sorted(str(d) for d in devices) or 'no device'}, not one CUDA device"
+    if len(devices) > 1:
+        return f"its tensors are on several devices ({sorted(str(d) for d in devices)})"
+    return None
+
+
+class CaptureError(RuntimeError):
+    """A capture that failed after its warm-up run, whose output the caller still returns."""
+
+    def __init__(self, cause: BaseException, output):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.output = output
+
+
+def capture(run: Callable[[], object], device: torch.device):
+    """(warm-up output, replay) for `run()`, which reads the static input buffers: one eager run on a side stream
+    (lazy initialisations stay out of the graph, as torch.cuda.graph requires), then the capture. replay() ->
+    the graph's static outputs. Raises CaptureError carrying the warm-up output when the capture fails."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        warm = run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            static_out = run()
+    except Exception as err:  # noqa: BLE001 - e.g. an op that synchronises with the host
+        raise CaptureError(err, warm) from err
+
+    def replay():
+        graph.replay()
+        return static_out
+    return warm, replay
+
+
+class GraphedForward:
+    """A model's forward, captured per signature (see the module docstring)."""
+
+    def __init__(self, forward: Callable, model_name: str):
+        self.forward = forward  # the forward it wraps (the class's, or one another patch family installed)
+        self.model_name = model_name
+        self.graphs: dict = {}  # signature -> (static input tensors, replay), or None: that signature runs eagerly
+
+    def _eager(self, reason: str, args, kwargs):
+        _backend.warn_once(f"cuda_graph:{self.model_name}:{reason}",
+                           f"dcgen_kernels: {self.model_name} runs eagerly, without CUDA graphs: {reason}")
+        return self.forward(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        reason = graph_unsupported_reason(tensors)
+        if reason is not None:
+            return self._eager(reason, args, kwargs)
+        key = _signature(spec, leaves)
+        if key not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:
+                return self._eager(f"more than {MAX_GRAPHS} input signatures (shapes, dtypes, arguments)", args, kwargs)
+            return self._capture(key, leaves, spec, tensors)
+        if self.graphs[key] is None:
+            return self.forward(*args, **kwargs)  # its capture failed (warned then)
+        static_inputs, replay = self.graphs[key]
+        for buffer, tensor in zip(static_inputs, tensors):
+            buffer.copy_(tensor)
+        return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, replay())
+
+    def _capture(self, key: tuple, leaves: list, spec, tensors: list):
+        """First call of a signature: returns the warm-up run's output (computed from copies of the inputs)."""
+        static_inputs = [t.clone() for t in tensors]
+        buffers = iter(static_inputs)
+        static_args, static_kwargs = pytree.tree_unflatten(
+            [next(buffers) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
+        try:
+            out, replay = capture(lambda: self.forward(*static_args, **static_kwargs), tensors[0].device)
+        except CaptureError as err:
+            self.graphs[key] = None
+            _backend.warn_once(f"cuda_graph:{self.model_name}:capture:{err}",
+                               f"dcgen_kernels: capturing {self.model_name}'s forward in a CUDA graph failed "
+                               f"({err}); this input signature runs eagerly")
+            return err.output
+        self.graphs[key] = (static_inputs, replay)
+        return out
+
+
+def enable(model: torch.nn.Module) -> None:
+    """Wrap `model.forward` (dropping graphs captured before); `disable` restores it."""
+    disable(model)
+    own = model.__dict__.get("forward")  # a forward another family installed on the instance, if any
+    graphed = GraphedForward(own if own is not None else model.forward, type(model).__name__)
+    model.__dict__[_ATTR] = own
+    model.forward = graphed
+
+
+def disable(model: torch.nn.Module) -> bool:
+    """Restore the forward `enable` wrapped and free its graphs; False when there were none."""
+    if _ATTR not in model.__dict__:
+        return False
+    own = model.__dict__.pop(_ATTR)
+    if own is None:
+        del model.forward
+    else:
+        model.forward = own
+    return True
+
+
+def graphed(model: torch.nn.Module) -> Optional[GraphedForward]:
+    forward = model.__dict__.get("forward")
+    return forward if isinstance(forward, GraphedForward) else None

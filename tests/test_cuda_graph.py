@@ -1,0 +1,144 @@
+"""patch(model, cuda_graph=True): signatures, static buffers, cloned outputs, eager fallbacks, unpatch.
+
+The CPU has no CUDA graphs: `capture` is replaced by a stand-in with the same contract (a warm-up run, then a
+replay that recomputes from the static input buffers into the SAME output tensors, as a graph overwrites its
+static outputs), so every rule of the wrapper is exercised; the real capture runs in the GPU test."""
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import dcgen_kernels
+from dcgen_kernels import _backend
+from dcgen_kernels.patching import cuda_graph
+from tests.helpers import tiny_dcae, tiny_flux, tiny_flux_inputs, tiny_sana, tiny_sana_inputs
+
+
+@pytest.fixture(autouse=True)
+def fresh_one_time_warnings(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+
+
+class FakeGraphs:
+    def __init__(self, fail: bool = False):
+        self.captures = self.replays = 0
+        self.fail = fail
+
+    def capture(self, run, device):
+        self.captures += 1
+        warm = run()
+        if self.fail:
+            raise cuda_graph.CaptureError(RuntimeError("operation not permitted when stream is capturing"), warm)
+        static = run()
+
+        def replay():
+            self.replays += 1
+            for buffer, fresh in zip(pytree.tree_leaves(static), pytree.tree_leaves(run())):
+                buffer.copy_(fresh)
+            return static
+        return warm, replay
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    fake = FakeGraphs()
+    monkeypatch.setattr(cuda_graph, "capture", fake.capture)
+    monkeypatch.setattr(cuda_graph, "graph_unsupported_reason",
+                        lambda tensors: "gradients are enabled" if torch.is_grad_enabled() else None)
+    return fake
+
+
+def _eager_out(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def test_replays_read_each_calls_inputs_and_return_fresh_tensors(fake_graphs):
+    model = tiny_flux()
+    dcgen_kernels.patch(model, backend="reference")
+    first, second = tiny_flux_inputs(), tiny_flux_inputs()
+    expected = [_eager_out(model, first), _eager_out(model, second)]
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    assert "CUDA graphs" in str(dcgen_kernels.patch_report(model))
+    outs = [_eager_out(model, first), _eager_out(model, second), _eager_out(model, first)]  # capture, replay x2
+    assert (fake_graphs.captures, fake_graphs.replays) == (1, 2)
+    for got, want in zip(outs, expected + expected[:1]):
+        assert torch.equal(got, want)
+    outs[1].fill_(float("nan"))  # a caller's tensor is its own, not the graph's static output
+    assert torch.equal(_eager_out(model, second), expected[1])
+
+
+def test_new_signature_captures_again_and_too_many_run_eagerly(fake_graphs, monkeypatch):
+    monkeypatch.setattr(cuda_graph, "MAX_GRAPHS", 2)
+    model = tiny_flux()
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    for grid in (4, 6, 4):
+        _eager_out(model, tiny_flux_inputs(grid=grid))
+    assert fake_graphs.captures == 2 and fake_graphs.replays == 1
+    inputs = tiny_flux_inputs(grid=8)
+    with pytest.warns(RuntimeWarning, match="more than 2 input signatures"):
+        got = _eager_out(model, inputs)
+    dcgen_kernels.unpatch(model)
+    dcgen_kernels.patch(model, backend="reference")
+    assert torch.equal(got, _eager_out(model, inputs)) and fake_graphs.captures == 2
+
+
+def test_failed_capture_runs_that_signature_eagerly(monkeypatch):
+    fake = FakeGraphs(fail=True)
+    monkeypatch.setattr(cuda_graph, "capture", fake.capture)
+    monkeypatch.setattr(cuda_graph, "graph_unsupported_reason", lambda tensors: None)
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    dcgen_kernels.patch(model, backend="reference")
+    expected = _eager_out(model, inputs)
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="capturing SanaTransformer2DModel's forward in a CUDA graph failed"):
+        first = _eager_out(model, inputs)
+    again = _eager_out(model, inputs)
+    assert fake.captures == 1 and torch.equal(first, expected) and torch.equal(again, expected)
+
+
+def test_grad_enabled_and_cpu_tensors_run_eagerly_with_a_warning():
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference")
+    expected = _eager_out(model, inputs)
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="not one CUDA device"):
+        got = _eager_out(model, inputs)
+    assert torch.equal(got, expected)
+    assert "gradients are enabled" in cuda_graph.graph_unsupported_reason([torch.zeros(1)])
+
+
+def test_unpatch_and_repatch_drop_the_graphs_and_restore_forward(fake_graphs):
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    wrapper = cuda_graph.graphed(model)
+    _eager_out(model, inputs)
+    assert wrapper is not None and len(wrapper.graphs) == 1
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)  # again: modules may have changed
+    assert cuda_graph.graphed(model) is not wrapper and not cuda_graph.graphed(model).graphs
+    dcgen_kernels.patch(model, backend="reference")
+    assert cuda_graph.graphed(model) is None and not dcgen_kernels.patch_report(model).cuda_graph
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    dcgen_kernels.unpatch(model)
+    assert "forward" not in model.__dict__ and cuda_graph.graphed(model) is None
+
+
+def test_bad_cuda_graph_arguments():
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        dcgen_kernels.patch(tiny_flux(), cuda_graph="yes")
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        dcgen_kernels.patch(tiny_dcae(), cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_flux_step_equals_eager_and_replays():
+    model = tiny_flux(dtype=torch.bfloat16, device="cuda")
+    first, second = (tiny_flux_inputs(dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    dcgen_kernels.patch(model)
+    expected = [_eager_out(model, first), _eager_out(model, second)]
+    dcgen_kernels.patch(model, cuda_graph=True)
+    outs = [_eager_out(model, first), _eager_out(model, second), _eager_out(model, first)]
+    wrapper = cuda_graph.graphed(model)
+    assert len(wrapper.graphs) == 1 and next(iter(wrapper.graphs.values())) is not None  # captured, not eager
+    for got, want in zip(outs, expected + expected[:1]):
+        assert torch.equal(got, want)
