@@ -238,8 +238,12 @@ def test_compare_on_e2e_results(tiny_e2e, tmp_path):
     _, out, report = tiny_e2e
     new = copy.deepcopy(report)
     new["e2e_summary"]["speedups"]["DC-Gen-FLUX/4K"]["speedup_vs_base"]["stock"] *= 0.5
+    new["e2e"]["decodes"]["dcae_f32c32/1K"]["patched"]["speedup_vs_stock"] *= 0.5
     result = compare.compare(report, new, 0.10)
-    assert result["regressions"] == ["e2e_summary/speedups/DC-Gen-FLUX/4K/speedup_vs_base/stock"]
+    # tiny CPU steps take milliseconds: their ratios count as host-paced; the decode's is gated
+    assert result["regressions"] == ["e2e/decodes/dcae_f32c32/1K/patched/speedup_vs_stock"]
+    assert any(r["host_bound"] for r in result["rows"]
+               if r["metric"] == "e2e_summary/speedups/DC-Gen-FLUX/4K/speedup_vs_base/stock")
 
 
 # ------------------------------------------------------------------------------------------------ dcgen suite
@@ -301,6 +305,26 @@ def test_compare_gates_dcgen_ratios():
     assert result["regressions"] == ["patch_embed/cases/s/embed/fwd/variants/dcgen_triton/vs_gemm"]
     result = compare.compare(report(1.0, 1.5), report(1.0, 1.2), 0.10)
     assert result["regressions"] == ["quant_linear/layers/M=1,K=1,N=1/fp8_with_quantize/speedup_vs_bf16"]
+
+
+def test_compare_does_not_gate_e2e_ratios_of_host_paced_steps():
+    def report(fast_speedup, slow_speedup, fast_ms=100.0):
+        steps = {"DC-Gen-FLUX/1K": {"stock": {"ms": fast_ms}, "patched": {"ms": fast_ms / fast_speedup,
+                                                                          "speedup_vs_stock": fast_speedup}},
+                 "FLUX.1-Krea/1K": {"stock": {"ms": 400.0}, "patched": {"ms": 400.0 / slow_speedup,
+                                                                        "speedup_vs_stock": slow_speedup}}}
+        speedups = {"DC-Gen-FLUX/1K": {"base": "FLUX.1-Krea", "speedup_vs_base": {"stock": 4.0 * fast_speedup}}}
+        return {"e2e": {"steps": steps}, "e2e_summary": {"speedups": speedups}}
+
+    result = compare.compare(report(1.2, 1.3), report(0.6, 1.3), 0.10)  # eager 100 ms steps: host-paced
+    assert result["regressions"] == []
+    paced = {r["metric"] for r in result["rows"] if r["host_bound"]}
+    assert paced == {"e2e/steps/DC-Gen-FLUX/1K/patched/speedup_vs_stock",
+                     "e2e_summary/speedups/DC-Gen-FLUX/1K/speedup_vs_base/stock"}
+    result = compare.compare(report(1.2, 1.3), report(1.2, 1.0), 0.10)  # a 400 ms step stays gated
+    assert result["regressions"] == ["e2e/steps/FLUX.1-Krea/1K/patched/speedup_vs_stock"]
+    result = compare.compare(report(1.2, 1.3, 300.0), report(0.6, 1.3, 300.0), 0.10)
+    assert "e2e/steps/DC-Gen-FLUX/1K/patched/speedup_vs_stock" in result["regressions"]
 
 
 # ------------------------------------------------------------------------------------------------ e2e text encoders
