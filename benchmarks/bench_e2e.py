@@ -33,10 +33,10 @@ Variants (per transformer step and per decode, all in the same process, stock fi
   stock          diffusers eager.
   patched        dcgen_kernels.patch(model) (backend auto), checked against the stock output (rel-L2 <= 2e-2);
                  a decoder patch() does not support (AutoencoderKL) keeps its stock decode, said in the record.
-  patched_graph  FLUX transformers below graph_max_tokens image tokens: patch(model, cuda_graph=True), the step
-                 replayed as a CUDA graph (the first, checked call captures it), with the patched decode. Eager FLUX
-                 steps at 1024-4096 tokens are host-bound on an H100 (benchmarks/profile_flux_step.py). Not for SANA:
-                 its key-padding cross-attention reads the mask on the host, which a capture cannot.
+  patched_graph  transformer steps below graph_max_tokens image tokens: patch(model, cuda_graph=True), the step
+                 replayed as a CUDA graph (the first, checked call captures it; a step that ran eagerly instead is
+                 an error), with the patched decode. Eager FLUX steps at 1024-4096 tokens are host-paced on an H100
+                 (benchmarks/profile_flux_step.py).
   torch_compile  torch.compile(transformer) of stock (Inductor, mode default) in a later section (run_compile),
                  only for the configurations the time budget allows (FLUX compiles for ~2 min per shape on an
                  H100); compile seconds are reported apart; the decode stays stock eager.
@@ -143,7 +143,7 @@ class Config:
     compile_plan: tuple  # (pipeline, resolution) in priority order
     compile_min_s: dict  # family -> seconds a compile needs at least (GPU)
     patch_backend: str  # what the patched variant passes to dcgen_kernels.patch
-    # FLUX steps below this many image tokens also run patched with CUDA graphs (patched_graph); above it a step
+    # Steps below this many image tokens also run patched with CUDA graphs (patched_graph); above it a FLUX step
     # is seconds of GPU work and the capture's extra warm-up steps cost more than the host's launches
     graph_max_tokens: int
 
@@ -516,7 +516,7 @@ def _run_step(cfg: Config, pipe: Pipeline, res: str, device, flux, result: dict)
             x = sana_inputs(cfg, channels, side, device)
         rec["in_channels"] = model.config.in_channels
         rec.update(_measure(cfg, model, lambda: model(**x)[0], device, warmup, iters,
-                            graph=pipe.family == "flux" and tokens < cfg.graph_max_tokens))
+                            graph=tokens < cfg.graph_max_tokens))
     except Exception as err:  # noqa: BLE001
         rec.update(error_record(err))
     finally:
@@ -748,7 +748,7 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
                   f"has a time), batch 1. Step times are medians of a "
                   f"few steps after warm-up (per row in the JSON), extrapolated to the step count, not all steps run. "
                   f"{cfg.get('weights', WEIGHTS_NOTE)}. 'graph' = patched with CUDA graphs (patch(cuda_graph=True), "
-                  f"FLUX below {cfg.get('graph_max_tokens', '?')} image tokens; the same model's patched decode). "
+                  f"below {cfg.get('graph_max_tokens', '?')} image tokens; the same model's patched decode). "
                   f"'compile' = torch.compile of the stock transformer with a "
                   f"stock decode (compile seconds in the JSON), '-' = not run in this budget. The patched decode is "
                   f"'stock' where patch() does not support the decoder (AutoencoderKL). {F64C128_ASSUMPTION}. "

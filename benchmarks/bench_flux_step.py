@@ -14,7 +14,7 @@ import torch
 
 
 from .common import (ANCHOR_LABEL, REL_L2_TOL, error_record, flux_ids, noise_floor_tolerance,
-                     record_patched_variants, reference_noise_floor)
+                     STEP_VARIANTS, record_patched_variants, reference_noise_floor)
 from .timing import time_ms
 
 FLUX_DEV_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -92,7 +92,8 @@ def run(device: torch.device, tiny: bool, anchors: dict) -> dict:
                         result["noise_floor"] = {"image_tokens": image_tokens,
                                                  **reference_noise_floor(model, step, stock_out)}
                     tolerance = noise_floor_tolerance(result["noise_floor"], REL_L2_TOL)
-                    record_patched_variants(rec, model, step, device, warmup, iters, stock_out, tolerance)
+                    record_patched_variants(rec, model, step, device, warmup, iters, stock_out, tolerance,
+                                            STEP_VARIANTS)
             except Exception as err:  # noqa: BLE001
                 rec.update(error_record(err))
             if device.type == "cuda":

@@ -246,6 +246,7 @@ STEP_VARIANT_MIN_S = {"stock": 30, "patched_fp8": 25, "patched_fp8_graph": 25, "
 def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=None, time_left=None) -> dict:
     """Fills `rec` (calling saved() after every variant); time_left(): seconds left of the run's budget or None."""
     import dcgen_kernels
+    from dcgen_kernels.patching import cuda_graph as cuda_graph_module
     from dcgen_kernels.patching.quant import weight_bytes
 
     from . import bench_flux_step
@@ -292,6 +293,8 @@ def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=
                                         cuda_graph=cuda_graph)
                     try:
                         out = step()
+                        if cuda_graph and device.type == "cuda" and not any(cuda_graph_module.graphed(model).graphs.values()):
+                            raise RuntimeError("no CUDA graph was captured (the step runs eagerly)")
                         entry = check_record(rel_l2(out, stock_out), STEP_SANITY_TOL[name])
                         del out
                         entry["ms"] = time_ms(step, device, warmup, iters)

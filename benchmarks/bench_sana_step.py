@@ -26,7 +26,7 @@ import torch
 
 
 from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory,
-                     noise_floor_tolerance, record_patched_variants, reference_noise_floor, rel_l2)
+                     noise_floor_tolerance, STEP_VARIANTS, record_patched_variants, reference_noise_floor, rel_l2)
 from .timing import time_ms, wall_s
 
 STEP_TOL = 2e-2
@@ -117,7 +117,8 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
                     rec["stock"][ANCHOR_LABEL] = anchors[shape.anchor_key]
                 rec["noise_floor"] = reference_noise_floor(model, step, stock_out)
                 tolerance = noise_floor_tolerance(rec["noise_floor"], STEP_TOL)
-                record_patched_variants(rec, model, step, device, shape.warmup, shape.iters, stock_out, tolerance)
+                record_patched_variants(rec, model, step, device, shape.warmup, shape.iters, stock_out, tolerance,
+                                        STEP_VARIANTS)
         except Exception as err:  # noqa: BLE001
             rec.update(error_record(err))
         finally:

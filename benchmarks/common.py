@@ -169,6 +169,12 @@ def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device,
         out, exc, messages = first_call(fn)
         if exc is not None:
             raise exc
+        if cuda_graph and device.type == "cuda":
+            from dcgen_kernels.patching.cuda_graph import graphed
+
+            wrapper = graphed(model)
+            if wrapper is None or not any(entry is not None for entry in wrapper.graphs.values()):
+                raise RuntimeError(f"no CUDA graph was captured (the step runs eagerly): {dcgen_fallbacks(messages)}")
         rec = check_record(rel_l2(out, stock_out), tolerance)
         del out
         rec["ms"] = time_ms(fn, device, warmup, iters)
@@ -180,18 +186,21 @@ def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device,
 
 
 PATCHED_VARIANTS = (("patched", "auto"), ("patched_triton", "triton"))  # what users get; Triton forced
+# Model steps: also patch(model, cuda_graph=True), the step replayed as one CUDA graph
+STEP_VARIANTS = PATCHED_VARIANTS + (("patched_graph", "auto", True),)
 
 
 def record_patched_variants(rec: dict, model, fn: Callable[[], torch.Tensor], device: torch.device, warmup: int,
                             iters: int, stock_out: torch.Tensor, tolerance: float,
                             variants=PATCHED_VARIANTS) -> None:
-    """rec[name] = measure_patched(...) with its speed-up over rec["stock"], per (name, backend); an error in one
-    variant is recorded and the others still run. Then records that the model was left unpatched."""
+    """rec[name] = measure_patched(...) with its speed-up over rec["stock"], per (name, backend[, cuda_graph]); an
+    error in one variant is recorded and the others still run. Then records that the model was left unpatched."""
     import dcgen_kernels
 
-    for name, backend in variants:
+    for name, backend, *graph in variants:
         try:
-            rec[name] = measure_patched(model, fn, device, warmup, iters, stock_out, tolerance, backend)
+            rec[name] = measure_patched(model, fn, device, warmup, iters, stock_out, tolerance, backend,
+                                        cuda_graph=bool(graph and graph[0]))
             if "ms" in rec[name]:
                 rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
         except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay

@@ -298,21 +298,22 @@ def sana_targets(report: dict, ran: set) -> list:
     compiled = report.get("sana_step_compile", {}).get("sizes", {})
     for shape in bench_sana_step.REAL.shapes if "sana_step" in ran else ():
         size = steps.get(shape.key, {})
-        stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
-        patched_ms = _checked_ms(patched)
-        half = fast = (False, f"no checked patched result ({_why_not(patched or size)})" if not patched_ms else
-                       "no stock time")
-        if patched_ms and stock_ms:
-            ratio = patched_ms / stock_ms
-            half = (ratio <= SANA_STEP_MAX_FRACTION_OF_STOCK,
-                    f"patched {patched_ms:.1f} ms = {ratio:.2f}x stock {stock_ms:.1f} ms")
         comp = compiled.get(shape.key, {}).get("torch_compile") or compiled.get(shape.key, {})
         comp_ms = _checked_ms(comp)
-        if patched_ms:
-            fast = ((patched_ms < comp_ms, f"patched {patched_ms:.1f} ms vs torch.compile {comp_ms:.1f} ms")
-                    if comp_ms else (False, f"no checked torch.compile result ({_why_not(comp)})"))
-        out += [_target(f"SANA step {shape.key}: patched <= {SANA_STEP_MAX_FRACTION_OF_STOCK}x stock eager", *half),
-                _target(f"SANA step {shape.key}: patched faster than torch.compile of stock", *fast)]
+        for variant, how in (("patched", "patched"), ("patched_graph", "patched with CUDA graphs")):
+            stock_ms, patched = size.get("stock", {}).get("ms"), size.get(variant, {})
+            patched_ms = _checked_ms(patched)
+            half = fast = (False, f"no checked result ({_why_not(patched or size)})" if not patched_ms else
+                           "no stock time")
+            if patched_ms and stock_ms:
+                ratio = patched_ms / stock_ms
+                half = (ratio <= SANA_STEP_MAX_FRACTION_OF_STOCK,
+                        f"{patched_ms:.1f} ms = {ratio:.2f}x stock {stock_ms:.1f} ms")
+            if patched_ms:
+                fast = ((patched_ms < comp_ms, f"{patched_ms:.1f} ms vs torch.compile {comp_ms:.1f} ms")
+                        if comp_ms else (False, f"no checked torch.compile result ({_why_not(comp)})"))
+            out += [_target(f"SANA step {shape.key}: {how} <= {SANA_STEP_MAX_FRACTION_OF_STOCK}x stock eager", *half),
+                    _target(f"SANA step {shape.key}: {how} faster than torch.compile of stock", *fast)]
 
     if "sana_ops" in ran:
         n = bench_sana_ops.REAL.grids[-1] ** 2
@@ -539,7 +540,7 @@ def flux_step_table(report: dict) -> list:
     for key, size in step.get("sizes", {}).items():
         if "error" in size:
             lines.append(f"  {key:<8}{_status(size)}")
-        for name in ("stock", "patched", "patched_triton"):
+        for name in ("stock", "patched", "patched_triton", "patched_graph"):
             rec = size.get(name)
             if rec is None:
                 continue
@@ -648,7 +649,7 @@ def sana_step_table(report: dict) -> list:
         if "error" in size:
             lines.append(f"  {key:<14}{_status(size)}")
         floor = size.get("noise_floor", {}).get("rel_l2_reference_backend_vs_stock")
-        for name in ("stock", "patched", "patched_triton"):
+        for name in ("stock", "patched", "patched_triton", "patched_graph"):
             if name in size:
                 lines.append(_step_row(key, name, size[name], 14))
         if "torch_compile" in csize:

@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 import dcgen_kernels
 from dcgen_kernels import _backend
 from dcgen_kernels.patching import cuda_graph
-from tests.helpers import tiny_dcae, tiny_flux, tiny_flux_inputs, tiny_sana, tiny_sana_inputs
+from tests.helpers import rel_l2, tiny_dcae, tiny_flux, tiny_flux_inputs, tiny_sana, tiny_sana_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -142,3 +142,22 @@ def test_gpu_graphed_flux_step_equals_eager_and_replays():
     assert len(wrapper.graphs) == 1 and next(iter(wrapper.graphs.values())) is not None  # captured, not eager
     for got, want in zip(outs, expected + expected[:1]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_sana_step_with_padded_captions():
+    model = tiny_sana(dtype=torch.bfloat16, device="cuda")
+    inputs = tiny_sana_inputs(dtype=torch.bfloat16, device="cuda")  # the second caption is padded
+    dcgen_kernels.patch(model)
+    expected = _eager_out(model, inputs)
+    dcgen_kernels.patch(model, cuda_graph=True)
+    _eager_out(model, inputs)  # capture
+    padded = dict(inputs, encoder_attention_mask=inputs["encoder_attention_mask"].clone())
+    padded["encoder_attention_mask"][0, 2:] = 0  # another mask than at capture time
+    dcgen_kernels.patch(model)
+    expected_padded = _eager_out(model, padded)
+    dcgen_kernels.patch(model, cuda_graph=True)
+    _eager_out(model, inputs)
+    got, got_padded = _eager_out(model, inputs), _eager_out(model, padded)
+    assert next(iter(cuda_graph.graphed(model).graphs.values())) is not None  # captured, not eager
+    assert rel_l2(got, expected) < 1e-2 and rel_l2(got_padded, expected_padded) < 1e-2

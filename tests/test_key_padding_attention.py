@@ -102,6 +102,15 @@ def test_plan_is_cached_per_mask_object(monkeypatch):
     assert len(calls) == 3
 
 
+def test_capture_runs_the_masked_call_without_a_host_plan(monkeypatch):
+    """A CUDA graph replays with other masks than the captured one: no host plan may be baked into it."""
+    monkeypatch.setattr(kpa_module, "_capturing", lambda t: True)
+    monkeypatch.setattr(kpa_module, "_plan", lambda mask: pytest.fail("planned on the host while capturing"))
+    q, k, v = qkv()
+    mask = sana_bias(prefix(7, 5))
+    assert torch.equal(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask))
+
+
 def test_no_mask_is_plain_sdpa():
     q, k, v = qkv()
     assert torch.equal(key_padding_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -10,8 +10,9 @@ are all padded gets the same shift on every logit, i.e. plain attention over all
 mask that is not a padding mask (entries other than 0 and <= -1000), run diffusers' masked call unchanged.
 
 The plan needs the mask's content on the host: one device sync per distinct mask. It is cached for the last
-mask object seen (unmodified), so the 20 SANA blocks of one step share it. Under torch.compile tracing the
-plan is skipped and diffusers' masked call is traced instead (data-dependent shapes would break the graph).
+mask object seen (unmodified), so the 20 SANA blocks of one step share it. Under torch.compile tracing and
+during a CUDA graph capture the plan is skipped and diffusers' masked call runs instead: data-dependent shapes
+would break a compiled graph, and a captured graph replays with other masks than the one it was captured with.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def _cached_plan(attn_mask: torch.Tensor) -> _Plan:
     return plan
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 # ----------------------------------------------------------------------------------------------- public API
 def key_padding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -127,7 +132,7 @@ def key_padding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _validate(q, k, v, attn_mask)
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _capturing(q):
         return key_padding_attention_reference(q, k, v, attn_mask)
     plan = _cached_plan(attn_mask)
     bias = _additive_bias(attn_mask, q.dtype) if plan.masked else None

@@ -14,7 +14,8 @@ Rules:
   next replay overwrites them).
 - eager, with a one-time warning naming why: gradients enabled (graphs here are for inference: run under
   torch.no_grad() or torch.inference_mode(), as diffusers pipelines do), a tensor off the GPU or on several GPUs,
-  a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures.
+  a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures. (SANA's
+  key-padding cross-attention, which plans on the host from the mask, runs diffusers' masked call while capturing.)
 - the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen; patch()
   called again or unpatch() drop the graphs, since modules may have been replaced. Each graph keeps its own
   memory pool (activations of one step) until then.
