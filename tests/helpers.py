@@ -148,3 +148,54 @@ def tiny_sana_patched_latents(patch_size=1, interpolation_scale=None, in_channel
         interpolation_scale=interpolation_scale,
     )
     return model.to(device=device, dtype=dtype).eval()
+
+
+# The real launchers run on CPU tensors of FLUX shapes; a stand-in driver reports an sm_90 target and the JIT's
+# compile step is replaced by an offline triton.compile + ptxas -v, so the launch configs and the JIT's
+# specialisation (alignment, divisibility) are exactly what an H100 compiles. Nothing is launched.
+_SM90_OFFLINE_JIT = r'''
+import importlib, json, os, re, subprocess, tempfile
+from types import SimpleNamespace
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+driver.set_active(SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device=None: 0,
+                                  get_current_target=lambda: TARGET))
+torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(multi_processor_count=132)
+stats = []
+
+def compile_offline(self, key, signature, device, constexprs, options, attrs, warmup):
+    kernel = triton.compile(self.ASTSource(self, signature, constexprs, attrs), target=TARGET,
+                            options=options.__dict__)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", "-o", os.devnull, f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    spill = re.search(r"(\d+) bytes spill stores", log.stdout + log.stderr)
+    stats.append(dict(kernel=self.fn.__name__, warps=options.num_warps, shared=kernel.metadata.shared,
+                      spills=int(spill.group(1)) if spill else -1,
+                      wgmma=kernel.asm["ptx"].count("wgmma.mma_async")))
+
+jit.JITFunction._do_compile = compile_offline
+'''
+
+
+def compile_launchers_for_sm90(launches: str) -> list:
+    """Run `launches` (Python calling dcgen_kernels launchers on CPU tensors, then `print(json.dumps(stats))`) with
+    every Triton JIT compile done offline for sm_90a; returns the per-kernel stats (kernel, warps, shared, spills,
+    wgmma). Runs in a subprocess outside the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _SM90_OFFLINE_JIT + launches], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

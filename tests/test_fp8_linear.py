@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from dcgen_kernels.ops.fp8_linear import (FP8_DTYPE, FP8Activation, dequantize_fp8, fp8_linear,
                                           fp8_linear_reference, quantize_fp8, quantize_fp8_reference,
                                           quantize_weight_fp8)
-from tests.helpers import rel_l2
+from tests.helpers import compile_launchers_for_sm90, rel_l2
 
 fp8_module = sys.modules["dcgen_kernels.ops.fp8_linear"]
 
@@ -52,9 +52,10 @@ def test_reference_linear_equals_dequantized_matmul():
 
 
 # --------------------------------------------------------------------------------------------- quantize kernel
+@pytest.mark.parametrize("K", [100, 300])  # one read of the row / two sweeps (the interpreter's one-pass limit: 128)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_quantize_triton_bit_exact_on_strided_rows(dtype):
-    x = strided_rows(dtype=dtype) * 3
+def test_quantize_triton_bit_exact_on_strided_rows(dtype, K):
+    x = strided_rows(K=K, dtype=dtype) * 3
     got = quantize_fp8(x, backend="triton")
     q, scale = quantize_fp8_reference(x)
     assert got.data.is_contiguous() and got.data.shape == x.shape and got.dtype == dtype
@@ -73,16 +74,17 @@ def test_quantize_triton_subnormals_and_ties():
     assert torch.equal(codes(got.data), codes(q))
 
 
-def test_quantize_triton_gelu_with_prefix():
-    x, prefix = strided_rows() * 3, torch.randn(2, 37, 70)
+@pytest.mark.parametrize("K1", [40, 70])  # one read / two sweeps (the interpreter's one-pass prefix limit: 64)
+def test_quantize_triton_gelu_with_prefix(K1):
+    x, prefix = strided_rows() * 3, torch.randn(2, 37, K1)
     got = quantize_fp8(x, prefix=prefix, gelu=True, backend="triton")
     q, scale = quantize_fp8_reference(x, prefix, gelu=True)
-    assert got.data.shape == (2, 37, 170)
+    assert got.data.shape == (2, 37, K1 + 100)
     torch.testing.assert_close(got.scale, scale, rtol=1e-6, atol=0)
     differ = codes(got.data) != codes(q)
     assert differ.float().mean() < 5e-3  # GELU ulps flip a rounding now and then, never further than one step
     assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
-    assert torch.equal(codes(got.data[..., :70]), codes(q[..., :70]))  # the prefix has no GELU: exact
+    assert torch.equal(codes(got.data[..., :K1]), codes(q[..., :K1]))  # the prefix has no GELU: exact
 
 
 # --------------------------------------------------------------------------------------------- GEMM kernel
@@ -268,14 +270,17 @@ gemm = compile_sm90(fp8_linear_kernel, ptrs,
 ttgir = gemm.asm["ttgir"]
 quant = compile_sm90(quantize_fp8_rows_kernel, dict(prefix_ptr="*bf16", x_ptr="*bf16", q_ptr="*fp8e4nv",
                                                     scale_ptr="*fp32"),
-                     dict(HAS_PREFIX=True, GELU=True, BLOCK_ROWS=4, BLOCK_C=1024), [], num_warps=4)
+                     dict(HAS_PREFIX=True, GELU=True, NATIVE_CAST=True, BLOCK_ROWS=4, BLOCK_C=1024), [],
+                     num_warps=4)
 norm = compile_sm90(ada_layer_norm_modulate_kernel,
                     dict(x_ptr="*bf16", scale_ptr="*bf16", shift_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16",
                          out_ptr="*fp8e4nv", row_scale_ptr="*fp32", eps="fp32"),
-                    dict(BLOCK_ROWS=1, BLOCK_C=4096, HAS_WEIGHT=False, HAS_BIAS=False, QUANT_FP8=True), [],
-                    num_warps=4)
+                    dict(BLOCK_ROWS=1, BLOCK_C=4096, HAS_WEIGHT=False, HAS_BIAS=False, QUANT_FP8=True,
+                         NATIVE_CAST=True), [], num_warps=4)
+cvt = "cvt.rn.satfinite.e4m3x2.f32"
 print(json.dumps({"wgmma": ttgir.count("warp_group_dot"), "async_copies": ttgir.count("async_copy_global_to_local"),
-                  "shared": gemm.metadata.shared}))
+                  "shared": gemm.metadata.shared, "quantize_cvt": quant.asm["ptx"].count(cvt),
+                  "adaln_cvt": norm.asm["ptx"].count(cvt)}))
 '''
 
 
@@ -297,3 +302,25 @@ def test_kernels_compile_for_sm90_offline():
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     assert stats["wgmma"] >= 1 and stats["async_copies"] >= 2 * 3  # A and B tiles over >= 3 pipeline stages
     assert stats["shared"] >= 3 * 2 * 128 * 128  # >= 3 stages of two 128x128 fp8 tiles
+    assert stats["quantize_cvt"] > 0 and stats["adaln_cvt"] > 0  # the producers use the hardware fp8 cast
+
+
+_FP8_QUANTIZE_LAUNCHES = r'''
+f = importlib.import_module("dcgen_kernels.ops.fp8_linear")
+E = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype)
+q = lambda *shape: (E(*shape, dtype=torch.float8_e4m3fn), E(*shape[:-1], dtype=torch.float32))
+M = 4608
+f._launch_quantize(E(M, 12288), None, True, *q(M, 12288))  # FFN down's input: GELU, one pass
+f._launch_quantize(E(1, M, 12288), E(1, M, 3072), True, *q(1, M, 15360))  # single block: cat + GELU, one pass
+f._launch_quantize(E(1, 4608, 3072)[:, 512:], None, False, *q(1, 4096, 3072))  # attention output, image half
+f._launch_quantize(E(64, 40000), None, False, *q(64, 40000))  # wider than one pass: two sweeps
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_quantize_launcher_configs_compile_for_sm90_without_spills():
+    stats = compile_launchers_for_sm90(_FP8_QUANTIZE_LAUNCHES)
+    assert [s["kernel"] for s in stats] == ["quantize_fp8_rows_one_pass_kernel"] * 3 + ["quantize_fp8_rows_kernel"]
+    assert [s["warps"] for s in stats[:3]] == [16, 16, 4], stats
+    assert all(s["spills"] == 0 for s in stats), stats

@@ -7,7 +7,7 @@ from dcgen_kernels.ops.nvfp4_gemm import nvfp4_gemm, nvfp4_gemm_reference, nvfp4
     nvfp4_w4a16_gemm_reference
 from dcgen_kernels.ops.nvfp4_quantize import dequantize_nvfp4_reference, quantize_nvfp4, \
     quantize_nvfp4_activations
-from tests.helpers import rel_l2
+from tests.helpers import compile_launchers_for_sm90, rel_l2
 
 gemm_module = sys.modules["dcgen_kernels.ops.nvfp4_gemm"]
 
@@ -252,36 +252,7 @@ def test_triton_backend_really_runs_here():
     assert _backend.select("nvfp4_gemm", "triton", checks, {}) == "triton"
 
 
-# The real launchers run on CPU tensors of FLUX shapes; a stand-in driver reports an sm_90 target and the JIT's
-# compile step is replaced by an offline triton.compile + ptxas -v, so the launch configs and the JIT's
-# specialisation (alignment, divisibility) are exactly what an H100 compiles. Nothing is launched.
-_SM90_LAUNCHER_COMPILE_SCRIPT = r'''
-import importlib, json, os, re, subprocess, tempfile
-from types import SimpleNamespace
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver, jit
-
-TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-driver.set_active(SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device=None: 0,
-                                  get_current_target=lambda: TARGET))
-torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(multi_processor_count=132)
-stats = []
-
-def compile_offline(self, key, signature, device, constexprs, options, attrs, warmup):
-    kernel = triton.compile(self.ASTSource(self, signature, constexprs, attrs), target=TARGET,
-                            options=options.__dict__)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
-    log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", "-o", os.devnull, f.name], capture_output=True, text=True)
-    os.unlink(f.name)
-    spill = re.search(r"(\d+) bytes spill stores", log.stdout + log.stderr)
-    stats.append(dict(kernel=self.fn.__name__, warps=options.num_warps, shared=kernel.metadata.shared,
-                      spills=int(spill.group(1)) if spill else -1,
-                      wgmma=kernel.asm["ptx"].count("wgmma.mma_async")))
-
-jit.JITFunction._do_compile = compile_offline
+_NVFP4_LAUNCHES = r'''
 q4, g4 = (importlib.import_module(f"dcgen_kernels.ops.nvfp4_{m}") for m in ("quantize", "gemm"))
 E = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype)
 u8, f8, f32, one = torch.uint8, torch.float8_e4m3fn, torch.float32, torch.ones((), dtype=torch.float32)
@@ -303,17 +274,7 @@ print(json.dumps(stats))
 def test_launcher_configs_compile_for_sm90_without_spills():
     """Every NVFP4 kernel config the launchers pick at FLUX shapes compiles for sm_90a (Triton's bundled ptxas)
     without register spills, within the 227 KB of shared memory, and the 128-row GEMMs use wgmma."""
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", _SM90_LAUNCHER_COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = compile_launchers_for_sm90(_NVFP4_LAUNCHES)
     assert [s["kernel"] for s in stats] == ["nvfp4_quantize_kernel"] + ["nvfp4_gemm_kernel"] * 3 + [
         "nvfp4_effective_weight_kernel"]
     assert all(s["spills"] == 0 and s["shared"] <= 227 * 1024 for s in stats), stats

@@ -131,7 +131,8 @@ def _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out, r
         N, C,
         x.stride(0), x.stride(1), _batch_stride(scale), _batch_stride(shift), out.stride(0), out.stride(1),
         eps,
-        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, QUANT_FP8=row_scale is not None, **cfg,
+        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, QUANT_FP8=row_scale is not None,
+        NATIVE_CAST=not _backend.triton_interpreter_enabled(), **cfg,
     )
 
 

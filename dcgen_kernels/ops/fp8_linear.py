@@ -10,7 +10,8 @@ dominates the accumulation error). Block
 scales (1x128) would let a GEMM epilogue quantize its own output tile, but need a block-scaled GEMM core that
 torch does not document for sm_90; row-wise scales need the whole row's amax, so quantization lives in the
 kernels that see whole rows:
-- `quantize_fp8`: one pass over (B, S, K) rows (strided views read in place), optionally with tanh-GELU applied
+- `quantize_fp8`: one read of (B, S, K) rows (strided views read in place; rows wider than 4096 + 16384 are read
+  twice: amax, then quantize), optionally with tanh-GELU applied
   on the fly (the FFN's second linear: GELU and quantization in the pass stock spends on GELU alone) and
   optionally preceded by a prefix tensor (FLUX single blocks' cat([attention, GELU(mlp)]) without the cat);
 - `ada_layer_norm_modulate_fp8` (ops/ada_layer_norm.py): adaLN-modulate emitting fp8 rows + scales, so Q/K/V
@@ -158,6 +159,26 @@ def _validate_linear(x: FP8Activation, w_q, w_scale, bias, gate, residual) -> No
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+# Rows whose (prefix, x) parts fit these widths are quantized in one read, the row in registers (16 warps hold
+# 16384 fp32 values in 32 registers per thread); wider rows take two sweeps (amax, then quantize). The interpreter
+# takes narrow limits so the tests cover both kernels.
+ONE_PASS_MAX_WIDTH = (4096, 16384)  # (prefix, x)
+ONE_PASS_MAX_WIDTH_INTERPRETER = (64, 128)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _one_pass_config(k1: int, k2: int) -> Optional[dict]:
+    max_p, max_x = ONE_PASS_MAX_WIDTH_INTERPRETER if _backend.triton_interpreter_enabled() else ONE_PASS_MAX_WIDTH
+    if k1 > max_p or k2 > max_x:
+        return None
+    block_p, block_x = _next_pow2(k1) if k1 else 1, _next_pow2(k2)
+    # ~32 values per thread: a 3072-wide row takes 4 warps, the 12288-wide FFN row 16
+    return dict(BLOCK_P=block_p, BLOCK_X=block_x, num_warps=max(4, min(16, (block_p + block_x) // 1024)))
+
+
 def _quantize_config(width: int) -> dict:
     if _backend.triton_interpreter_enabled():  # few programs; narrow chunks so tests cover the column loop
         return dict(BLOCK_ROWS=16, BLOCK_C=64, num_warps=4)
@@ -172,17 +193,28 @@ def _rows_view(t: torch.Tensor):
 
 
 def _launch_quantize(x, prefix, gelu, q, scale) -> None:
-    from ..triton_kernels.fp8_linear import quantize_fp8_rows_kernel
+    from ..triton_kernels.fp8_linear import quantize_fp8_rows_kernel, quantize_fp8_rows_one_pass_kernel
 
     n_rows = q.numel() // q.shape[-1]
     rows_per_batch, x_sb, x_sn = _rows_view(x)
     _, p_sb, p_sn = _rows_view(prefix) if prefix is not None else (0, 0, 0)
+    k1 = q.shape[-1] - x.shape[-1]
+    one_pass = _one_pass_config(k1, x.shape[-1])
+    if one_pass is not None:
+        quantize_fp8_rows_one_pass_kernel[(n_rows,)](
+            prefix if prefix is not None else x, x, q, scale,
+            max(rows_per_batch, 1), k1, x.shape[-1],
+            p_sb, p_sn, x_sb, x_sn,
+            HAS_PREFIX=prefix is not None, GELU=gelu, NATIVE_CAST=not _backend.triton_interpreter_enabled(),
+            **one_pass,
+        )
+        return
     cfg = _quantize_config(q.shape[-1])
     quantize_fp8_rows_kernel[(cdiv(n_rows, cfg["BLOCK_ROWS"]),)](
         prefix if prefix is not None else x, x, q, scale,
         n_rows, max(rows_per_batch, 1), q.shape[-1] - x.shape[-1], x.shape[-1],
         p_sb, p_sn, x_sb, x_sn,
-        HAS_PREFIX=prefix is not None, GELU=gelu, **cfg,
+        HAS_PREFIX=prefix is not None, GELU=gelu, NATIVE_CAST=not _backend.triton_interpreter_enabled(), **cfg,
     )
 
 

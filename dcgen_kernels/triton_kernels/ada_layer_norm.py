@@ -11,7 +11,7 @@ covers BLOCK_ROWS rows of one batch element, so it loads the modulation vectors 
 import triton
 import triton.language as tl
 
-from .fp8_linear import round_to_e4m3
+from .fp8_linear import to_e4m3
 
 
 @triton.jit
@@ -21,13 +21,14 @@ def ada_layer_norm_modulate_kernel(
     x_stride_b, x_stride_n, scale_stride_b, shift_stride_b, out_stride_b, out_stride_n,
     eps,
     BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    QUANT_FP8: tl.constexpr = False,
+    QUANT_FP8: tl.constexpr = False, NATIVE_CAST: tl.constexpr = True,
 ):
     """out = LayerNorm(x) (optionally * weight + bias) * (1 + scale) + shift; statistics in fp32.
 
     The whole row sits in registers (BLOCK_C = next power of two >= C, masked), so the two-pass mean/variance
     costs no second read of memory. QUANT_FP8: out is fp8 E4M3 with y * (448 / amax) rounded to nearest even,
-    and row_scale[b * N + row] = amax / 448 (fp32), the arithmetic of the quantize_fp8 op.
+    and row_scale[b * N + row] = amax / 448 (fp32), the arithmetic of the quantize_fp8 op (NATIVE_CAST: see
+    fp8_linear.to_e4m3).
     """
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -57,8 +58,8 @@ def ada_layer_norm_modulate_kernel(
         amax = tl.maximum(tl.max(tl.where(tile_ok, tl.abs(y), 0.0), axis=1), 1e-12)
         fp8_max = tl.full([BLOCK_ROWS], 448.0, tl.float32)
         tl.store(row_scale_ptr + b * N + rows64, tl.div_rn(amax, fp8_max), mask=row_ok)
-        y = round_to_e4m3(tl.clamp(y * tl.div_rn(fp8_max, amax)[:, None], -448.0, 448.0))
-        tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        y = to_e4m3(tl.clamp(y * tl.div_rn(fp8_max, amax)[:, None], -448.0, 448.0), NATIVE_CAST)
+        tl.store(out_ptr + out_off, y, mask=tile_ok)
     else:
         tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
 

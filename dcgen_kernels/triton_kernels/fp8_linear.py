@@ -28,9 +28,8 @@ def gelu_tanh(x):
 @triton.jit
 def round_to_e4m3(v):
     """fp32 v in [-448, 448] -> the nearest E4M3 value (ties to even), still as fp32, so that the cast to fp8 that
-    follows is exact. Done by hand because the Triton interpreter's fp32 -> fp8 cast rounds wrongly at binade
-    boundaries (124.3 -> 64); on the GPU this costs a few integer ops in memory-bound kernels, and the exact
-    value makes the cast's rounding mode irrelevant.
+    follows is exact. Done by hand for the Triton interpreter, whose fp32 -> fp8 cast rounds wrongly at binade
+    boundaries (124.3 -> 64); the GPU kernels use the hardware cast (to_e4m3).
     Normal range (|v| >= 2^-6): round the 23-bit mantissa to 3 bits on the bit pattern. Subnormals: multiples of
     2^-9, by adding and subtracting 1.5 * 2^14 (whose fp32 spacing is 2^-9)."""
     bits = v.to(tl.uint32, bitcast=True)
@@ -39,6 +38,17 @@ def round_to_e4m3(v):
     # 3.6 compiles a float negation as 0 - x, which turns -0 into +0.
     subnormal = tl.abs((v + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
     return tl.where(tl.abs(v) < 0.015625, subnormal.to(tl.float32, bitcast=True), normal)
+
+
+@triton.jit
+def to_e4m3(v, NATIVE_CAST: tl.constexpr):
+    """fp32 v in [-448, 448] -> float8e4nv, rounded to nearest even. On the GPU the hardware cast (cvt.rn.satfinite,
+    one instruction per two values): the ~15 integer ops of round_to_e4m3 per element made the FP8 producers
+    compute-bound on an H100 (the GELU + quantize pass at 1.1 TB/s, 2026-11-27). NATIVE_CAST=False (the
+    interpreter, whose cast is wrong at binade boundaries): round_to_e4m3 first, so the cast is exact."""
+    if NATIVE_CAST:
+        return v.to(tl.float8e4nv)
+    return round_to_e4m3(v).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -54,7 +64,8 @@ def quantize_fp8_rows_kernel(
     prefix_ptr, x_ptr, q_ptr, scale_ptr,
     n_rows, rows_per_batch, K1, K2,
     prefix_stride_b, prefix_stride_n, x_stride_b, x_stride_n,
-    HAS_PREFIX: tl.constexpr, GELU: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, GELU: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """q[r] = fp8(row r of cat([prefix, act(x)]) * 448 / amax), scale[r] = amax / 448; act = tanh-GELU if GELU.
 
@@ -91,15 +102,48 @@ def quantize_fp8_rows_kernel(
         for c0 in range(0, K1, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < K1)[None, :]
-            v = round_to_e4m3(tl.clamp(_load_rows(prefix_ptr, p_row, cols, ok, False) * inv, -FP8_MAX, FP8_MAX))
-            tl.store(q_ptr + q_row[:, None] + cols[None, :], v.to(q_ptr.dtype.element_ty),
-                     mask=ok)
+            v = to_e4m3(tl.clamp(_load_rows(prefix_ptr, p_row, cols, ok, False) * inv, -FP8_MAX, FP8_MAX),
+                        NATIVE_CAST)
+            tl.store(q_ptr + q_row[:, None] + cols[None, :], v, mask=ok)
     for c0 in range(0, K2, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < K2)[None, :]
-        v = round_to_e4m3(tl.clamp(_load_rows(x_ptr, x_row, cols, ok, GELU) * inv, -FP8_MAX, FP8_MAX))
-        tl.store(q_ptr + q_row[:, None] + K1 + cols[None, :],
-                 v.to(q_ptr.dtype.element_ty), mask=ok)
+        v = to_e4m3(tl.clamp(_load_rows(x_ptr, x_row, cols, ok, GELU) * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST)
+        tl.store(q_ptr + q_row[:, None] + K1 + cols[None, :], v, mask=ok)
+
+
+@triton.jit
+def quantize_fp8_rows_one_pass_kernel(
+    prefix_ptr, x_ptr, q_ptr, scale_ptr,
+    rows_per_batch, K1, K2,
+    prefix_stride_b, prefix_stride_n, x_stride_b, x_stride_n,
+    HAS_PREFIX: tl.constexpr, GELU: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+):
+    """quantize_fp8_rows_kernel for rows that fit in registers (one program per row): each element is read and
+    (GELU) computed once, where the two sweeps over a wide row read it twice (the 12288-wide FFN row: 24 KB)."""
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    rows64 = rows.to(tl.int64)
+    b = rows64 // rows_per_batch
+    n = rows64 % rows_per_batch
+    xcols = tl.arange(0, BLOCK_X)
+    x_ok = (xcols < K2)[None, :]
+    xv = _load_rows(x_ptr, b * x_stride_b + n * x_stride_n, xcols, x_ok, GELU)
+    amax = tl.max(tl.abs(xv), axis=1)
+    if HAS_PREFIX:
+        pcols = tl.arange(0, BLOCK_P)
+        p_ok = (pcols < K1)[None, :]
+        pv = _load_rows(prefix_ptr, b * prefix_stride_b + n * prefix_stride_n, pcols, p_ok, False)
+        amax = tl.maximum(amax, tl.max(tl.abs(pv), axis=1))
+    amax = tl.maximum(amax, AMAX_FLOOR)
+    inv = tl.div_rn(tl.full([1], FP8_MAX, tl.float32), amax)[:, None]
+    tl.store(scale_ptr + rows64, tl.div_rn(amax, tl.full([1], FP8_MAX, tl.float32)))
+    q_row = rows64 * (K1 + K2)
+    if HAS_PREFIX:
+        tl.store(q_ptr + q_row[:, None] + pcols[None, :], to_e4m3(tl.clamp(pv * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST),
+                 mask=p_ok)
+    tl.store(q_ptr + q_row[:, None] + K1 + xcols[None, :], to_e4m3(tl.clamp(xv * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST),
+             mask=x_ok)
 
 
 @triton.jit
