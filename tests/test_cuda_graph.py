@@ -53,6 +53,14 @@ def _eager_out(model, inputs):
         return model(**inputs)[0]
 
 
+def _patched_output_then_graphed(model, inputs):
+    """The patched model's eager output; the model is left patched with cuda_graph=True."""
+    dcgen_kernels.patch(model, backend="reference")
+    expected = _eager_out(model, inputs)
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    return expected
+
+
 def test_replays_read_each_calls_inputs_and_return_fresh_tensors(fake_graphs):
     model = tiny_flux()
     dcgen_kernels.patch(model, backend="reference")
@@ -88,9 +96,7 @@ def test_failed_capture_runs_that_signature_eagerly(monkeypatch):
     monkeypatch.setattr(cuda_graph, "capture", fake.capture)
     monkeypatch.setattr(cuda_graph, "graph_unsupported_reason", lambda tensors: None)
     model, inputs = tiny_sana(), tiny_sana_inputs()
-    dcgen_kernels.patch(model, backend="reference")
-    expected = _eager_out(model, inputs)
-    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    expected = _patched_output_then_graphed(model, inputs)
     with pytest.warns(RuntimeWarning, match="capturing SanaTransformer2DModel's forward in a CUDA graph failed"):
         first = _eager_out(model, inputs)
     again = _eager_out(model, inputs)
@@ -99,9 +105,7 @@ def test_failed_capture_runs_that_signature_eagerly(monkeypatch):
 
 def test_grad_enabled_and_cpu_tensors_run_eagerly_with_a_warning():
     model, inputs = tiny_flux(), tiny_flux_inputs()
-    dcgen_kernels.patch(model, backend="reference")
-    expected = _eager_out(model, inputs)
-    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    expected = _patched_output_then_graphed(model, inputs)
     with pytest.warns(RuntimeWarning, match="not one CUDA device"):
         got = _eager_out(model, inputs)
     assert torch.equal(got, expected)
