@@ -723,7 +723,8 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
         dec = f"{_fmt(v.get('stock', {}).get('decode_ms'), '.0f')} / {dec_patched}"
         err = step.get("error") or step.get("stock", {}).get("error")
         if err and not v:
-            lines.append(f"| {name} | {res} | {rec['steps']} | error: {str(err).splitlines()[0][:80]} | | | | | | | | |")
+            error = str(err).splitlines()[0][:80]
+            lines.append(f"| {name} | {res} | {rec['steps']} | error: {error} | | | | | | | | |")
             continue
         fails = " (check FAILED)" if any(x.get("check") == "FAILED" for x in v.values()) else ""
         seconds = " | ".join(_fmt(v.get(n, {}).get("s"), ".2f") for n in VARIANTS)
@@ -732,8 +733,9 @@ def markdown(summary: dict, eager: dict, env: str) -> str:
         encode = _fmt(encode, ".1f") if encode is not None else "excl."
         lines.append(f"| {name} | {res} | {rec['steps']} | {step_ms} | {dec} | {encode} | {seconds}{fails} | "
                      f"{_fmt(rec.get('paper_h100_s'), '.2f')} | {ratio} |")
-    lines += ["", "| speed-up vs base | res | ours stock | ours patched | ours graph | ours compile | best vs stock base "
-                  "| paper | ours stock / paper |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| speed-up vs base | res | ours stock | ours patched | ours graph | ours compile | "
+                  "best vs stock base | paper | ours stock / paper |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, rec in speedups.items():
         name, res = key.split("/")
         s = rec["speedup_vs_base"]

@@ -29,8 +29,10 @@ backend (same quantized operands, `rel_l2_vs_reference_backend` <= 1e-2).
 
 Section "flux_step": FluxTransformer2DModel.forward, FLUX.1-dev 12B config, random bf16 weights built on the GPU,
 4096 image + 512 text tokens: stock eager, patch(model) (bf16 fused ops), patch(model, quant="fp8"),
-patch(model, quant="nvfp4"); model weight memory of each, rel-L2 vs stock (fp8/nvfp4: quantization error through
-57 random-weight blocks, recorded with a loose sanity bound, not a quality claim). Quantized variants use
+patch(model, quant="nvfp4") (W4A16 on Hopper), the first two also with cuda_graph=True (*_graph: the first call
+captures, the timed calls replay; a step that ran eagerly instead is an error); model weight memory of each,
+rel-L2 vs stock (fp8/nvfp4: quantization error through 57 random-weight blocks, recorded with a loose sanity
+bound, not a quality claim). Quantized variants use
 keep_original=True so the same model is restored between variants.
 
 Tiny mode: the same code paths at toy sizes in bf16 on the CPU (the layers' Triton kernels in the interpreter, the
@@ -257,7 +259,8 @@ def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=
     # Tiny: the patched blocks run on the fp32 reference ops (the layers above run the Triton kernels), so the
     # interpreter does not dominate the CPU suite.
     backend = "reference" if tiny else "auto"
-    rec.update(backend=backend, image_tokens=cfg.step_image_tokens, text_tokens=step_cfg.text_tokens, warmup=warmup, iters=iters,
+    rec.update(backend=backend, image_tokens=cfg.step_image_tokens, text_tokens=step_cfg.text_tokens, warmup=warmup,
+               iters=iters,
                dtype=str(cfg.dtype).removeprefix("torch."),
                weights="random (diffusers' default init, built on the device); latency does not depend on values")
 
@@ -293,7 +296,8 @@ def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=
                                         cuda_graph=cuda_graph)
                     try:
                         out = step()
-                        if cuda_graph and device.type == "cuda" and not any(cuda_graph_module.graphed(model).graphs.values()):
+                        wrapper = cuda_graph_module.graphed(model)
+                        if cuda_graph and device.type == "cuda" and not (wrapper and any(wrapper.graphs.values())):
                             raise RuntimeError("no CUDA graph was captured (the step runs eagerly)")
                         entry = check_record(rel_l2(out, stock_out), STEP_SANITY_TOL[name])
                         del out

@@ -18,10 +18,10 @@ Absolute times and throughputs (ms, s, TFLOP/s, GB/s, compile seconds) are shown
 clocks, drivers and the machine. So are the e2e ratios that involve an eager transformer step under
 HOST_BOUND_STEP_MS (in either run): such steps are paced by the host's kernel launches, which vary between machines
 (two H100 runs of the same code 20 minutes apart, 2026-11-27: DC-Gen-FLUX 1K stock step 89.6 vs 60.9 ms, ratios
-moving by up to 47%); decodes, ops and steps of HOST_BOUND_STEP_MS or more stay gated. A tracked metric whose record failed its correctness check in the new run counts
-as a regression. Metrics present in only one file are listed, not gated (a section skipped for time is not a
-regression; the run's own `problems` list reports errors). Modelled numbers (the projection section) and anchor
-copies are not compared.
+moving by up to 47%); decodes, ops and steps of HOST_BOUND_STEP_MS or more stay gated. A tracked metric whose
+record failed its correctness check in the new run counts as a regression. Metrics present in only one file are
+listed, not gated (a section skipped for time is not a regression; the run's own `problems` list reports errors).
+Modelled numbers (the projection section) and anchor copies are not compared.
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ class QuantReport:
         classes = sorted({cls for *_, cls in self.layers})
         convs = f" ({self.pointwise_convs} of them 1x1 convs)" if self.pointwise_convs else ""
         mode = f", {'W4A4' if self.activations == 'nvfp4' else 'W4A16'}" if self.quant == "nvfp4" else ""
-        return (f"quantized {len(self.layers)} linears{convs} to {self.quant} ({', '.join(classes)}{mode}); model weights "
-                f"{self.weight_bytes_before / mib:.1f} MiB -> {self.weight_bytes_after / mib:.1f} MiB (before/after "
-                f"{ratio:.2f}); originals "
+        return (f"quantized {len(self.layers)} linears{convs} to {self.quant} ({', '.join(classes)}{mode}); "
+                f"model weights {self.weight_bytes_before / mib:.1f} MiB -> {self.weight_bytes_after / mib:.1f} MiB "
+                f"(before/after {ratio:.2f}); originals "
                 f"{'kept (unpatch restores them)' if self.keep_original else 'dropped (unpatch raises)'}")
 
 
