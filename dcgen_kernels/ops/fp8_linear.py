@@ -4,8 +4,8 @@ Format (chosen for the GEMM core it feeds): one fp32 scale per token for activat
 for weights, both amax / 448, values rounded to nearest even after clamping to +-448. These are exactly the
 row-wise scales of torch's FP8 GEMM (`torch._scaled_mm` with (M, 1) and (1, N) scales), so the `cuda` backend of
 `fp8_linear` is that GEMM, with fast accumulation (tensor-core partial sums not promoted to fp32 every few K
-steps): on an H100 (2026-11-27) 1.72-1.80x cuBLAS bf16 at the FLUX shapes (M = 4608, K up to 15360) against
-1.37-1.42x without, at the same rel-L2 against the fp32 linear (3.7e-2: the E4M3 rounding of both operands
+steps): on an H100 (2026-11-27) 1.76-1.89x cuBLAS bf16 at the FLUX shapes (M = 4608, K up to 15360) against
+1.37-1.46x without, at the same rel-L2 against the fp32 linear (3.7e-2: the E4M3 rounding of both operands
 dominates the accumulation error). Block
 scales (1x128) would let a GEMM epilogue quantize its own output tile, but need a block-scaled GEMM core that
 torch does not document for sm_90; row-wise scales need the whole row's amax, so quantization lives in the

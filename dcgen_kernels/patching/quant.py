@@ -158,14 +158,14 @@ NVFP4_ACTIVATIONS = ("auto", "nvfp4", "bf16")
 
 
 def resolve_nvfp4_activations(choice: str, device: torch.device) -> str:
-    """'auto': 4-bit activations (W4A4) only where the GPU multiplies FP4 natively (compute capability >= 10.0);
-    elsewhere (Hopper, CPU) W4A16, which a Hopper GPU runs near cuBLAS bf16 speed while the Triton W4A4 kernel,
-    dequantizing both operands in registers, ran 5-7x slower than cuBLAS bf16 on an H100 (2026-11-27)."""
+    """'auto': 4-bit activations (W4A4) only on sm_120 GPUs, where the native FP4 MMA kernel (csrc/) runs;
+    elsewhere (Hopper, sm_100, CPU) W4A16, which a Hopper GPU runs near cuBLAS bf16 speed while the Triton W4A4
+    kernel, dequantizing both operands in registers, ran 5-7x slower than cuBLAS bf16 on an H100 (2026-11-27)."""
     if choice not in NVFP4_ACTIVATIONS:
         raise ValueError(f"nvfp4_activations must be one of {NVFP4_ACTIVATIONS}, got {choice!r}")
     if choice != "auto":
         return choice
-    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0)
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 12
     return "nvfp4" if native else "bf16"
 
 
@@ -190,7 +190,7 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
 
     quant: "fp8" (FP8Linear: E4M3 weights per output channel, activations per token; fastest on Hopper) or
     "nvfp4" (SVDQuantLinear: NVFP4 weights with a rank-`rank` low-rank branch; smallest). nvfp4_activations:
-    "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on GPUs with native FP4 MMA, sm_100+; else W4A16); the weights
+    "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on sm_120 GPUs, where our native FP4 MMA kernel runs; else W4A16); the weights
     are the same either way. keep_original: keep the 16-bit linears so `restore` / `dcgen_kernels.unpatch` can
     undo it (costs their memory).
     Quantizing an already quantized model to the same format only switches the backend; to another format it
