@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 
@@ -128,7 +129,7 @@ def format_profile(key: str, rec: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-tokens", default="4096", help="comma-separated image-token counts (square grids)")
     parser.add_argument("--variants", default="stock,patched,fp8",
@@ -136,14 +137,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="profiled steps per variant (after one warm-up)")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per variant")
     parser.add_argument("--out", help="write the JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; expected from {', '.join(VARIANTS)}")
     if args.steps < 1:
         parser.error("--steps must be >= 1")
-    tokens = [int(t) for t in args.image_tokens.split(",") if t.strip()]
+    try:
+        tokens = [int(t) for t in args.image_tokens.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--image-tokens: expected comma-separated integers, got {args.image_tokens!r}")
+    bad = [t for t in tokens if t <= 0 or math.isqrt(t) ** 2 != t]
+    if not tokens or bad:
+        parser.error(f"--image-tokens: expected positive square token counts (a square latent grid), got "
+                     f"{bad or args.image_tokens!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run(device, device.type == "cpu", tokens, variants, args.steps, args.top)
     if args.out:

@@ -423,3 +423,15 @@ def test_text_encoders_missing_files_are_a_clear_error(tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: said before any work starts
     with pytest.raises(RuntimeError, match="needs the transformers package"):
         bench_e2e.parse_text_encoder_dirs([f"sana={sana_dir}"])
+
+
+@pytest.mark.parametrize("argv, match", [(["--variants", "stock,int8"], "unknown int8"),
+                                         (["--steps", "0"], "--steps must be >= 1"),
+                                         (["--image-tokens", "4000"], "positive square token counts"),
+                                         (["--image-tokens", "1k"], "comma-separated integers")])
+def test_profile_flux_step_rejects_bad_arguments(argv, match, capsys):
+    from benchmarks import profile_flux_step
+
+    with pytest.raises(SystemExit):
+        profile_flux_step.main(argv)
+    assert match in capsys.readouterr().err

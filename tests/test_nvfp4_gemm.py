@@ -215,15 +215,19 @@ def test_w4a16_large_m_speed_against_cublas_bf16():
     assert t_bf16 / t_w4a16 > 0.8
 
 
-@pytest.mark.gpu
-def test_w4a4_gpu_flux_shape_accuracy():
-    M, K, N, R = 512, 3072, 3072, 32
+def assert_gpu_w4a4_matches_reference(M, N, backend):
+    K, R = 3072, 32
     x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
     a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.01, backend="triton")
     kw = dict(lora_act=lora_act, lora_up=lora_up, bias=bias, out_dtype=torch.bfloat16)
-    out = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="triton", **kw)
+    out = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend=backend, **kw)
     ref = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="reference", **kw)
     assert rel_l2(out, ref.float()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_w4a4_gpu_flux_shape_accuracy():
+    assert_gpu_w4a4_matches_reference(512, 3072, "triton")
 
 
 @pytest.mark.gpu
@@ -233,13 +237,7 @@ def test_w4a4_sm120_cuda_kernel_matches_reference():
     reason = gemm_module._cuda_sm120_error(torch.device("cuda"))
     if reason:
         pytest.skip(reason)
-    M, K, N, R = 300, 3072, 520, 32
-    x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
-    a_packed, a_scales, lora_act = quantize_nvfp4_activations(x, None, lora_down, 0.01, backend="triton")
-    kw = dict(lora_act=lora_act, lora_up=lora_up, bias=bias, out_dtype=torch.bfloat16)
-    out = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="cuda", **kw)
-    ref = nvfp4_gemm(a_packed, a_scales, 0.01, *wq, backend="reference", **kw)
-    assert rel_l2(out, ref.float()) < 1e-2
+    assert_gpu_w4a4_matches_reference(300, 520, "cuda")
 
 
 def test_triton_backend_really_runs_here():

@@ -225,6 +225,20 @@ def _fp32_reference_grads(reference, tensors, args, grad, wanted):
     return torch.autograd.grad(out, [t for t, w in zip(leaves, wanted) if w], grad.float())
 
 
+def _assert_triton_grads_match_reference(op, op_kwargs, reference, reference_args, tensors, grad, names):
+    """Gradients of op(*tensors, **op_kwargs, backend="triton") (its fused backward) vs those of
+    reference(*tensors, *reference_args) in fp32, for every tensor given (None: no gradient asked)."""
+    dtype = grad.dtype
+    leaves = [t.requires_grad_() if t is not None else None for t in tensors]
+    out = op(*leaves, **op_kwargs, backend="triton")
+    wanted = [t is not None for t in leaves]
+    got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+    expected = _fp32_reference_grads(reference, tensors, reference_args, grad, wanted)
+    for name, a, b in zip(names, got, expected):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -232,16 +246,10 @@ def test_triton_embed_backward_matches_reference(dtype, shape, with_bias, monkey
     _no_reference_vjp(monkeypatch)
     B, _, h, w, p, D = shape
     latent, weight, bias = embed_inputs(*shape, dtype=dtype)
-    tensors = [latent, weight, bias if with_bias else None]
-    leaves = [t.requires_grad_() if t is not None else None for t in tensors]
     grad = torch.randn(B, (h // p) * (w // p), D).to(dtype)
-    out = patch_embed(*leaves, patch_size=p, backend="triton")
-    wanted = [t is not None for t in leaves]
-    got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
-    expected = _fp32_reference_grads(patch_embed_reference, tensors, (p,), grad, wanted)
-    for name, a, b in zip(("latent", "weight", "bias"), got, expected):
-        assert a.dtype == dtype and a.shape == b.shape
-        assert rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6), name
+    _assert_triton_grads_match_reference(patch_embed, dict(patch_size=p), patch_embed_reference, (p,),
+                                         [latent, weight, bias if with_bias else None], grad,
+                                         ("latent", "weight", "bias"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -251,16 +259,10 @@ def test_triton_unembed_backward_matches_reference(dtype, shape, with_bias, monk
     _no_reference_vjp(monkeypatch)
     B, C, h, w, p, _ = shape
     tokens, weight, bias = unembed_inputs(*shape, dtype=dtype)
-    tensors = [tokens, weight, bias if with_bias else None]
-    leaves = [t.requires_grad_() if t is not None else None for t in tensors]
     grad = torch.randn(B, C, h, w).to(dtype)
-    out = patch_unembed(*leaves, patch_size=p, height=h, width=w, backend="triton")
-    wanted = [t is not None for t in leaves]
-    got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
-    expected = _fp32_reference_grads(patch_unembed_reference, tensors, (p, h, w), grad, wanted)
-    for name, a, b in zip(("tokens", "weight", "bias"), got, expected):
-        assert a.dtype == dtype and a.shape == b.shape
-        assert rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6), name
+    _assert_triton_grads_match_reference(patch_unembed, dict(patch_size=p, height=h, width=w), patch_unembed_reference,
+                                         (p, h, w), [tokens, weight, bias if with_bias else None], grad,
+                                         ("tokens", "weight", "bias"))
 
 
 @pytest.mark.parametrize("wanted", [(False, False, True), (False, True, False), (True, False, False)])

@@ -270,6 +270,8 @@ def test_nvfp4_activations_auto_is_w4a16_without_native_fp4_and_switchable():
     with pytest.raises(ValueError, match="nvfp4_activations must be one of"):
         dcgen_kernels.patch(model, quant="nvfp4", nvfp4_activations="fp4")
     assert not dcgen_kernels.is_patched(model)  # rejected before anything was replaced
+    with pytest.raises(ValueError, match="nvfp4_activations must be one of"):
+        dcgen_kernels.quantize(model, "nvfp4", nvfp4_activations="int4")
     dcgen_kernels.patch(model, quant="nvfp4", backend="reference", rank=8)  # CPU: no native FP4 MMA
     layer = model.transformer_blocks[0].attn.to_q
     assert layer.activations == "bf16" and quant_report(model).activations == "bf16"

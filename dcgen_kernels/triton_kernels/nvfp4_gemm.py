@@ -107,8 +107,8 @@ def nvfp4_effective_weight_kernel(
     col_ok = cols < K
     rows64 = rows.to(tl.int64)
     w = _dequant_tile(w_ptr, w_scales_ptr, rows64, row_ok, k0, K_PAD, stride_wn, stride_wsn, BLOCK_N, BLOCK_K)
-    # One multiply per element by gscale / smooth[k], computed per column: a per-element fp32 division (div.rn,
-    # ~10 instructions) made this memory-bound pass ALU-bound (1.2-1.3 TB/s on an H100, 2026-11-27). The
+    # One multiply per element by gscale / smooth[k], computed per column, not a per-element fp32 division (div.rn,
+    # ~10 instructions): this pass ran at ~1.3-1.5 TB/s on an H100 (2026-11-27), by estimate ALU-bound. The
     # result is rounded to 16 bits, so the reciprocal's extra fp32 rounding does not show.
     col_factor = tl.load(w_gscale_ptr) + tl.zeros([BLOCK_K], dtype=tl.float32)
     if HAS_SMOOTH:
