@@ -13,10 +13,11 @@ the gradients of every input, weight and bias), variants on the same inputs:
                 the unpack (permute + copy).
   stock_conv    (embed, SANA width only) diffusers' PatchEmbed math: conv2d with a p x p, stride-p kernel,
                 flatten, transpose.
+  dcgen         the op as patch() calls it (backend="auto": cuBLAS on a GPU, `backend` records the choice).
   dcgen_triton  the op with backend="triton" (its fused backward included); skipped when it would fall back.
 Metrics: ms (median GPU time per call after warm-up, with the host's launch overhead hidden: timing.time_kernel_ms;
 `host_ms` is the host's own cost per call), TFLOP/s (2·tokens·K·D forward, 3x that forward + backward), `vs_gemm` =
-gemm ms / variant ms (the issue's target: dcgen_triton >= 0.9 for fwd and fwd_bwd, counting only cases whose
+gemm ms / variant ms (the issue's target: dcgen >= 0.9 for fwd and fwd_bwd, counting only cases whose
 check passed), `vs_stock`, and the rel-L2 error of the output (fwd) or of every gradient (fwd_bwd, the largest)
 against the fp32 reference; the bare GEMM's packed output / input gradient is compared in the packed layout.
 """
@@ -72,10 +73,10 @@ SANA_WIDTH = 2240
 
 def _ops():
     from dcgen_kernels.ops.patch_embed import (_pack, _unpack, patch_embed, patch_embed_reference, patch_unembed,
-                                               patch_unembed_reference)
+                                               patch_unembed_reference, select_backend)
 
     return dict(pack=_pack, unpack=_unpack, embed=patch_embed, embed_reference=patch_embed_reference,
-                unembed=patch_unembed, unembed_reference=patch_unembed_reference)
+                unembed=patch_unembed, unembed_reference=patch_unembed_reference, select_backend=select_backend)
 
 
 # ----------------------------------------------------------------------------------------------- variants
@@ -86,6 +87,7 @@ def _variants(shape: Shape, direction: str, tensors: dict, ops: dict) -> dict:
         variants = {
             "gemm": lambda packed, w, b: F.linear(packed, w, b),
             "stock": lambda latent, w, b: F.linear(ops["pack"](latent, p), w, b),
+            "dcgen": lambda latent, w, b: ops["embed"](latent, w, b, patch_size=p),
             "dcgen_triton": lambda latent, w, b: ops["embed"](latent, w, b, patch_size=p, backend="triton"),
         }
         if shape.dim == SANA_WIDTH:
@@ -95,6 +97,7 @@ def _variants(shape: Shape, direction: str, tensors: dict, ops: dict) -> dict:
     return {
         "gemm": lambda tokens, w, b: F.linear(tokens, w, b),
         "stock": lambda tokens, w, b: ops["unpack"](F.linear(tokens, w, b), p, h, h),
+        "dcgen": lambda tokens, w, b: ops["unembed"](tokens, w, b, patch_size=p, height=h, width=h),
         "dcgen_triton": lambda tokens, w, b: ops["unembed"](tokens, w, b, patch_size=p, height=h, width=h,
                                                             backend="triton"),
     }
@@ -108,10 +111,12 @@ def _inputs(shape: Shape, direction: str, dtype, device, ops) -> dict:
         latent, weight, bias = rand(1, shape.channels, h, h), rand(shape.dim, k, scale=k ** -0.5), rand(shape.dim)
         packed = ops["pack"](latent, p).contiguous()
         reference = lambda x, w, b: ops["embed_reference"](x, w, b, p)  # noqa: E731
-        return dict(main=(latent, weight, bias), gemm=(packed, weight, bias), reference=reference)
+        return dict(main=(latent, weight, bias), gemm=(packed, weight, bias), reference=reference,
+                    auto_backend=ops["select_backend"]("patch_embed", "auto", latent, weight))
     tokens, weight, bias = rand(1, shape.grid ** 2, shape.dim), rand(k, shape.dim, scale=shape.dim ** -0.5), rand(k)
     reference = lambda x, w, b: ops["unembed_reference"](x, w, b, p, h, h)  # noqa: E731
-    return dict(main=(tokens, weight, bias), gemm=(tokens, weight, bias), reference=reference)
+    return dict(main=(tokens, weight, bias), gemm=(tokens, weight, bias), reference=reference,
+                auto_backend=ops["select_backend"]("patch_unembed", "auto", tokens, weight))
 
 
 def _fwd_bwd(fn: Callable, inputs, grad_for: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
@@ -172,6 +177,8 @@ def _bench_pass(shape, direction, pass_name, tensors, variants, cfg, device, ski
                 records[name] = {"skipped": skip[name]}
                 continue
             rec = _check(out, _packed_expected(expected, shape, direction) if name == "gemm" else expected, tol)
+            if name == "dcgen":
+                rec["backend"] = tensors["auto_backend"]
             del out
             with torch.no_grad() if pass_name == "fwd" else contextlib.nullcontext():
                 rec["ms"], rec["host_ms"] = time_kernel_ms(call, device, cfg.warmup, cfg.iters)
@@ -212,13 +219,13 @@ def _packed_grad(grad: torch.Tensor, shape: Shape, out: torch.Tensor) -> torch.T
 
 
 def _summary(cases: dict) -> dict:
-    """The issue's target per pass: the slowest dcgen_triton / gemm ratio over every shape and direction."""
+    """The issue's target per pass: the slowest dcgen / gemm ratio over every shape and direction."""
     out = {"target_vs_gemm": TARGET_VS_GEMM}
     for pass_name in ("fwd", "fwd_bwd"):
         ratios, failed = {}, []
         for case, directions in cases.items():
             for direction, passes in directions.items():
-                rec = passes.get(pass_name, {}).get("variants", {}).get("dcgen_triton", {})
+                rec = passes.get(pass_name, {}).get("variants", {}).get("dcgen", {})
                 if rec.get("check") == "FAILED":
                     failed.append(f"{case}/{direction}")
                 elif "vs_gemm" in rec:

@@ -177,7 +177,10 @@ def compile_offline(self, key, signature, device, constexprs, options, attrs, wa
     spill = re.search(r"(\d+) bytes spill stores", log.stdout + log.stderr)
     stats.append(dict(kernel=self.fn.__name__, warps=options.num_warps, shared=kernel.metadata.shared,
                       spills=int(spill.group(1)) if spill else -1,
-                      wgmma=kernel.asm["ptx"].count("wgmma.mma_async")))
+                      wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
+                      async_copies=kernel.asm["ptx"].count("cp.async.cg.shared.global"),
+                      narrow_copies=kernel.asm["ptx"].count("cp.async.ca.shared.global"),
+                      scalar_stores=len(re.findall(r"st\.global\.b(?:8|16|32)\b", kernel.asm["ptx"]))))
 
 jit.JITFunction._do_compile = compile_offline
 '''
@@ -186,7 +189,8 @@ jit.JITFunction._do_compile = compile_offline
 def compile_launchers_for_sm90(launches: str) -> list:
     """Run `launches` (Python calling dcgen_kernels launchers on CPU tensors, then `print(json.dumps(stats))`) with
     every Triton JIT compile done offline for sm_90a; returns the per-kernel stats (kernel, warps, shared, spills,
-    wgmma). Runs in a subprocess outside the interpreter."""
+    wgmma, async_copies / narrow_copies: 16-byte cp.async.cg / 4-8-byte cp.async.ca global->shared copies,
+    scalar_stores: unvectorised global stores). Runs in a subprocess outside the interpreter."""
     import json
     import os
     import subprocess

@@ -263,8 +263,8 @@ def test_patch_embed_target_ignores_failed_checks():
     from benchmarks import bench_patch_embed
 
     def case(vs_gemm, check):
-        return {"fwd": {"variants": {"dcgen_triton": {"ms": 1.0, "vs_gemm": vs_gemm, "check": check}}},
-                "fwd_bwd": {"variants": {"dcgen_triton": {"ms": 1.0, "vs_gemm": vs_gemm, "check": "ok"}}}}
+        return {"fwd": {"variants": {"dcgen": {"ms": 1.0, "vs_gemm": vs_gemm, "check": check}}},
+                "fwd_bwd": {"variants": {"dcgen": {"ms": 1.0, "vs_gemm": vs_gemm, "check": "ok"}}}}
 
     summary = bench_patch_embed._summary({"a": {"embed": case(1.2, "ok")}, "b": {"embed": case(5.0, "FAILED")}})
     assert summary["fwd"]["failed_check"] == ["b/embed"] and summary["fwd"]["measured"] == 1

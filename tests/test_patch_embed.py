@@ -9,12 +9,19 @@ from dcgen_kernels.ops.patch_embed import (
     patch_embed, patch_embed_into, patch_embed_reference, patch_unembed, patch_unembed_into,
     patch_unembed_reference,
 )
-from tests.helpers import TOLERANCE, flux_pipeline_static, rel_l2
+from tests.helpers import TOLERANCE, compile_launchers_for_sm90, flux_pipeline_static, rel_l2
 
 patch_embed_module = sys.modules["dcgen_kernels.ops.patch_embed"]
 
-# (B, C, h, w, patch_size, D): none of them block multiples; the last has K = C*p*p = 12, not a power of two.
-SHAPES = [(2, 16, 6, 10, 2, 40), (1, 32, 5, 7, 1, 48), (2, 3, 4, 6, 2, 20)]
+# (B, C, h, w, patch_size, D): none of them block multiples; the third has K = C*p*p = 12, not a power of two; the
+# last two have token rows longer than the interpreter's 16-token block (a full and a partial block per row).
+SHAPES = [(2, 16, 6, 10, 2, 40), (1, 32, 5, 7, 1, 48), (2, 3, 4, 6, 2, 20), (1, 4, 4, 36, 2, 24), (2, 8, 3, 40, 1, 24)]
+
+
+@pytest.fixture
+def cublas_on_cpu(monkeypatch):
+    """Let the cuda (cuBLAS) backend serve CPU tensors: its code is torch.mm/addmm on views, the same on any device."""
+    monkeypatch.setattr(patch_embed_module, "_cublas_device_error", lambda device: None)
 
 
 def embed_inputs(B, C, h, w, p, D, dtype=torch.float32, device="cpu"):
@@ -103,6 +110,77 @@ def test_triton_strided_inputs(p):
                       patch_unembed_reference(tokens, weight_t, b_, p, h, w)) <= TOLERANCE[torch.float16]
 
 
+_PATCH_LAUNCHES = r'''
+pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
+E = lambda *shape, dtype: torch.empty(*shape, dtype=dtype)
+for dtype in (torch.bfloat16, torch.float32):
+    for C, p, D, side in ((16, 2, 3072, 128), (128, 1, 3072, 64), (32, 1, 2240, 128)):  # FLUX 1K, DC-AE-1.5, SANA
+        N, F = (side // p) ** 2, C * p * p
+        pe._launch_embed_triton(E(1, C, side, side, dtype=dtype), E(D, F, dtype=dtype), E(D, dtype=dtype), p,
+                                E(1, N, D, dtype=dtype))
+        pe._launch_unembed_triton(E(1, N, D, dtype=dtype), E(F, D, dtype=dtype), E(F, dtype=dtype), p,
+                                  pe._unembed_output(E(1, N, D, dtype=dtype), C, p, side, side))
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
+    """At the benchmark shapes, for sm_90a: no spills; every global->shared copy is 16 bytes and every store a
+    vector (the latent is read and written in whole pixel runs); the bf16 embedding GEMMs are wgmma."""
+    stats = compile_launchers_for_sm90(_PATCH_LAUNCHES)
+    assert [s["kernel"] for s in stats] == ["patch_embed_kernel", "patch_unembed_kernel"] * 6
+    assert all(s["spills"] == 0 and s["narrow_copies"] == 0 and s["async_copies"] > 0 for s in stats), stats
+    assert all(s["scalar_stores"] == 0 for s in stats), stats
+    assert all(s["wgmma"] > 0 for s in stats[0:6:2]), stats
+
+
+# ----------------------------------------------------------------------------------------------- cuda (cuBLAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cublas_matches_reference(dtype, shape, with_bias, channels_last, cublas_on_cpu):
+    B, C, h, w, p, D = shape
+    latent, weight, bias = embed_inputs(*shape, dtype=dtype)
+    latent = latent.to(memory_format=torch.channels_last) if channels_last else latent
+    bias = bias if with_bias else None
+    assert patch_embed_module.select_backend("patch_embed", "cuda", latent, weight) == "cuda"
+    out = patch_embed(latent, weight, bias, patch_size=p, backend="cuda")
+    assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= max(TOLERANCE[dtype], 1e-6)
+    tokens, weight, bias = unembed_inputs(*shape, dtype=dtype)
+    bias = bias if with_bias else None
+    out = patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w, backend="cuda")
+    assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= max(TOLERANCE[dtype], 1e-6)
+
+
+def test_cublas_p1_moves_no_data(cublas_on_cpu):
+    """p = 1: the GEMM reads an NCHW latent of one image, or a channels-last batch, in place; patch_unembed's result
+    is the GEMM's (B*N, C) output itself, viewed channels-last."""
+    for latent in (torch.randn(1, 8, 4, 6), torch.randn(2, 8, 4, 6).to(memory_format=torch.channels_last)):
+        tokens = patch_embed_module._token_matrix(latent, 1)
+        assert tokens.shape == (latent.shape[0] * 24, 8) and tokens.data_ptr() == latent.data_ptr()
+    tokens, weight, bias = unembed_inputs(2, 8, 4, 6, 1, 16)
+    out = patch_unembed(tokens, weight, bias, patch_size=1, height=4, width=6, backend="cuda")
+    assert out.is_contiguous(memory_format=torch.channels_last) and out._base is not None
+    assert out._base.shape == (2 * 24, 8) and out._base.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_custom_ops_pass_opcheck(backend, p, cublas_on_cpu):
+    """Schema, autograd registration and the fake implementations (shapes and strides: channels-last for p = 1)
+    against the real outputs, per backend."""
+    B, C, h, w, D = 2, 4, 4, 6, 20
+    latent, weight, bias = embed_inputs(B, C, h, w, p, D)
+    torch.library.opcheck(patch_embed_module._patch_embed_op, (latent.requires_grad_(), weight, bias, p, backend))
+    tokens, weight, bias = unembed_inputs(B, C, h, w, p, D)
+    out = patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last if p == 1 else torch.contiguous_format)
+    torch.library.opcheck(patch_embed_module._patch_unembed_op,
+                          (tokens, weight.requires_grad_(), bias, p, h, w, backend))
+
+
 # ----------------------------------------------------------------------------------------------- validation
 def _embed(latent, weight, bias, **kw):
     return patch_embed(latent, weight, bias, **{"patch_size": 2, **kw})
@@ -154,7 +232,7 @@ def test_unembed_bad_input_raises_clear_error(call, error, match):
 def test_explicit_cuda_backend_falls_back_with_one_warning():
     latent, weight, bias = embed_inputs(*SHAPES[1])
     _backend._warned.clear()
-    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve.*no cuda backend"):
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve.*cuBLAS needs a CUDA tensor"):
         out = patch_embed(latent, weight, bias, patch_size=1, backend="cuda")
     with warnings.catch_warnings():
         # Fallback warnings only: triton 3.6's interpreter warns (numpy DeprecationWarning) on runtime-bound loops.
@@ -215,7 +293,7 @@ def test_gradients_match_diffusers_math(shape):
 def _no_reference_vjp(monkeypatch):
     """Make a silent fall back of the backward to the reference vjp fail the test."""
     def fail(*args, **kwargs):
-        raise AssertionError("the backward ran the reference vjp, not the Triton kernels")
+        raise AssertionError("the backward ran the reference vjp, not the fused backward")
     monkeypatch.setattr(patch_embed_module, "_reference_vjp", fail)
 
 
@@ -225,12 +303,12 @@ def _fp32_reference_grads(reference, tensors, args, grad, wanted):
     return torch.autograd.grad(out, [t for t, w in zip(leaves, wanted) if w], grad.float())
 
 
-def _assert_triton_grads_match_reference(op, op_kwargs, reference, reference_args, tensors, grad, names):
-    """Gradients of op(*tensors, **op_kwargs, backend="triton") (its fused backward) vs those of
+def _assert_grads_match_reference(backend, op, op_kwargs, reference, reference_args, tensors, grad, names):
+    """Gradients of op(*tensors, **op_kwargs, backend=backend) (its fused backward) vs those of
     reference(*tensors, *reference_args) in fp32, for every tensor given (None: no gradient asked)."""
     dtype = grad.dtype
     leaves = [t.requires_grad_() if t is not None else None for t in tensors]
-    out = op(*leaves, **op_kwargs, backend="triton")
+    out = op(*leaves, **op_kwargs, backend=backend)
     wanted = [t is not None for t in leaves]
     got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
     expected = _fp32_reference_grads(reference, tensors, reference_args, grad, wanted)
@@ -239,41 +317,43 @@ def _assert_triton_grads_match_reference(op, op_kwargs, reference, reference_arg
         assert rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6), name
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_triton_embed_backward_matches_reference(dtype, shape, with_bias, monkeypatch):
+def test_embed_backward_matches_reference(backend, dtype, shape, with_bias, monkeypatch, cublas_on_cpu):
     _no_reference_vjp(monkeypatch)
     B, _, h, w, p, D = shape
     latent, weight, bias = embed_inputs(*shape, dtype=dtype)
     grad = torch.randn(B, (h // p) * (w // p), D).to(dtype)
-    _assert_triton_grads_match_reference(patch_embed, dict(patch_size=p), patch_embed_reference, (p,),
-                                         [latent, weight, bias if with_bias else None], grad,
-                                         ("latent", "weight", "bias"))
+    _assert_grads_match_reference(backend, patch_embed, dict(patch_size=p), patch_embed_reference, (p,),
+                                  [latent, weight, bias if with_bias else None], grad, ("latent", "weight", "bias"))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_triton_unembed_backward_matches_reference(dtype, shape, with_bias, monkeypatch):
+def test_unembed_backward_matches_reference(backend, dtype, shape, with_bias, monkeypatch, cublas_on_cpu):
     _no_reference_vjp(monkeypatch)
     B, C, h, w, p, _ = shape
     tokens, weight, bias = unembed_inputs(*shape, dtype=dtype)
     grad = torch.randn(B, C, h, w).to(dtype)
-    _assert_triton_grads_match_reference(patch_unembed, dict(patch_size=p, height=h, width=w), patch_unembed_reference,
-                                         (p, h, w), [tokens, weight, bias if with_bias else None], grad,
-                                         ("tokens", "weight", "bias"))
+    _assert_grads_match_reference(backend, patch_unembed, dict(patch_size=p, height=h, width=w),
+                                  patch_unembed_reference, (p, h, w), [tokens, weight, bias if with_bias else None],
+                                  grad, ("tokens", "weight", "bias"))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("wanted", [(False, False, True), (False, True, False), (True, False, False)])
-def test_triton_backward_partial_requires_grad_and_expanded_grad(wanted, monkeypatch):
-    """Each gradient alone (bias alone takes the column-sum path); sum() hands the backward a stride-0 grad."""
+def test_backward_partial_requires_grad_and_expanded_grad(backend, wanted, monkeypatch, cublas_on_cpu):
+    """Each gradient alone; sum() hands the backward a stride-0 grad."""
     _no_reference_vjp(monkeypatch)
     _, _, h, w, p, _ = SHAPES[0]
     for op, reference, inputs, args in (
-        (lambda *t: patch_embed(*t, patch_size=p, backend="triton"), patch_embed_reference,
+        (lambda *t: patch_embed(*t, patch_size=p, backend=backend), patch_embed_reference,
          embed_inputs(*SHAPES[0]), (p,)),
-        (lambda *t: patch_unembed(*t, patch_size=p, height=h, width=w, backend="triton"), patch_unembed_reference,
+        (lambda *t: patch_unembed(*t, patch_size=p, height=h, width=w, backend=backend), patch_unembed_reference,
          unembed_inputs(*SHAPES[0]), (p, h, w)),
     ):
         leaves = [t.requires_grad_(r) for t, r in zip(inputs, wanted)]
@@ -306,16 +386,18 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(latent), roundtrip(latent))
 
 
-def test_torch_compile_traces_the_fused_backward():
-    """The Triton backward is built from custom ops, so AOTAutograd traces it; gradients equal eager ones."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_torch_compile_traces_the_fused_backward(backend, cublas_on_cpu):
+    """The fused backward is built from custom ops and aten calls, so AOTAutograd traces it; gradients equal eager
+    ones."""
     _, _, h, w, p, _ = SHAPES[0]
     latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*SHAPES[0]))
     _, weight_out, _ = unembed_inputs(*SHAPES[0])
     weight_out.requires_grad_()
 
     def loss(latent, weight, bias, weight_out):
-        tokens = patch_embed(latent, weight, bias, patch_size=p, backend="triton")
-        return patch_unembed(tokens, weight_out, None, patch_size=p, height=h, width=w, backend="triton").square().sum()
+        tokens = patch_embed(latent, weight, bias, patch_size=p, backend=backend)
+        return patch_unembed(tokens, weight_out, None, patch_size=p, height=h, width=w, backend=backend).square().sum()
 
     inputs = (latent, weight, bias, weight_out)
     expected = torch.autograd.grad(loss(*inputs), inputs)
@@ -359,32 +441,36 @@ def test_gpu_triton_at_dcgen_shapes(dtype, shape):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_picks_triton_and_backward_runs():
-    B, C, h, w, p, D = GPU_SHAPES[0]
-    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*GPU_SHAPES[0], dtype=torch.bfloat16,
-                                                                      device="cuda"))
-    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight) == "triton"
-    tokens = patch_embed(latent, weight, bias, patch_size=p)
-    tokens.float().square().mean().backward()
-    assert latent.grad.shape == latent.shape and torch.isfinite(weight.grad).all()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_cublas_at_dcgen_shapes(dtype, shape):
+    B, C, h, w, p, D = shape
+    latent, weight, bias = embed_inputs(*shape, dtype=dtype, device="cuda")
+    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight) == "cuda"
+    out = patch_embed(latent, weight, bias, patch_size=p)
+    assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= TOLERANCE[dtype] / 2
+    tokens, weight, bias = unembed_inputs(*shape, dtype=dtype, device="cuda")
+    out = patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w)
+    assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= TOLERANCE[dtype] / 2
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_triton_backward_at_dcgen_shapes(dtype, shape, monkeypatch):
+def test_gpu_backward_at_dcgen_shapes(backend, dtype, shape, monkeypatch):
     _no_reference_vjp(monkeypatch)
     B, C, h, w, p, D = shape
     inputs = embed_inputs(*shape, dtype=dtype, device="cuda")
     leaves = [t.clone().requires_grad_() for t in inputs]
     grad = torch.randn(B, (h // p) * (w // p), D, device="cuda").to(dtype)
-    got = torch.autograd.grad(patch_embed(*leaves, patch_size=p, backend="triton"), leaves, grad)
+    got = torch.autograd.grad(patch_embed(*leaves, patch_size=p, backend=backend), leaves, grad)
     expected = _fp32_reference_grads(patch_embed_reference, inputs, (p,), grad, [True] * 3)
     assert all(rel_l2(a, b) <= TOLERANCE[dtype] / 2 for a, b in zip(got, expected))
 
     inputs = unembed_inputs(*shape, dtype=dtype, device="cuda")
     leaves = [t.clone().requires_grad_() for t in inputs]
     grad = torch.randn(B, C, h, w, device="cuda").to(dtype)
-    got = torch.autograd.grad(patch_unembed(*leaves, patch_size=p, height=h, width=w, backend="triton"), leaves, grad)
+    got = torch.autograd.grad(patch_unembed(*leaves, patch_size=p, height=h, width=w, backend=backend), leaves, grad)
     expected = _fp32_reference_grads(patch_unembed_reference, inputs, (p, h, w), grad, [True] * 3)
     assert all(rel_l2(a, b) <= TOLERANCE[dtype] / 2 for a, b in zip(got, expected))

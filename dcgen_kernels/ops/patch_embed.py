@@ -2,16 +2,21 @@
 
 `patch_embed` is FLUX's `_pack_latents` followed by `x_embedder` (nn.Linear); `patch_unembed` is `proj_out`
 (nn.Linear) followed by `_unpack_latents`. patch_size 2 is the FLUX f8c16 layout (feature = c*4 + i*2 + j);
-patch_size 1 is the DC-Gen layout for DC-AE latents (feature = c, token = y*w + x). The Triton kernels gather the
-GEMM's A operand straight from the NCHW latent, and scatter the unembed GEMM's result straight into NCHW, so the
-packed tensor is never materialised.
+patch_size 1 is the DC-Gen layout for DC-AE latents (feature = c, token = y*w + x).
 
-Backward on the Triton path reuses the two kernels: d(latent) of patch_embed is patch_unembed(grad, weight.T) and
-d(tokens) of patch_unembed is patch_embed(grad, weight.T). Both weight gradients are one gathering GEMM,
-packed(latent)^T . dense over all B*N tokens (patch_embed: latent and grad, stored transposed; patch_unembed: grad
-and tokens), split over the token range with fp32 partials summed on the host; the bias gradient is summed in the
-same pass. On the reference backend (and where Triton cannot serve the backward) it is the vjp of the fp32
-reference, recomputed under autograd.
+Backends:
+- cuda (cuBLAS through torch; needs no `_C`): the GEMMs run on the packed token matrix of the latent. For p = 1 that
+  matrix is a view (an NCHW latent with B = 1 is its transpose, a channels-last latent the matrix itself) and
+  patch_unembed returns the GEMM output viewed as channels-last (B, C, h, w), as diffusers' 1x1 unpatchify does:
+  nothing is copied. For p = 2 (and NCHW batches for p = 1) the latent side is packed or unpacked by one copy:
+  C*p*p <= 128 features against the tokens' D = 2240-3072, so under 6% of the GEMM's bytes.
+- triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
+  it, so no packed tensor exists (triton_kernels/patch_embed.py).
+Backward: d(input) on the Triton path is the other op's kernel with the weight transposed (patch_unembed(grad,
+weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed), on the cuda path a cuBLAS GEMM plus
+the same (un)packing as the forward; d(weight) and d(bias) are always one cuBLAS GEMM over all B*N tokens and an
+fp32 column sum, on the packed token matrices. On the reference backend it is the vjp of the fp32 reference,
+recomputed under autograd.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def _unpack(tokens: torch.Tensor, patch_size: int, height: int, width: int) -> t
     """(B, (h/p)(w/p), C*p*p) -> (B, C, h, w); diffusers' FluxPipeline._unpack_latents for p = 2."""
     B, _, F = tokens.shape
     p = patch_size
+    if p == 1:  # a channels-last view: nothing moves (the strides of patch_unembed's output and of its fake)
+        return tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)
     C = F // (p * p)
     unpacked = tokens.reshape(B, height // p, width // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
     return unpacked.reshape(B, C, height, width)
@@ -107,7 +114,37 @@ def _validate_unembed(tokens, weight, bias, patch_size, height, width) -> None:
                          f"got {weight.shape[0]}")
 
 
-# ----------------------------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------------------------- cuBLAS
+def _token_matrix(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, h, w) -> its packed tokens as one (B*N, C*p*p) GEMM operand: a view where the strides allow it (p = 1
+    with B = 1 or channels-last: cuBLAS takes the transposed layout as is), else one copy of the narrow latent."""
+    return _pack(x, patch_size).flatten(0, 1)
+
+
+def _latent_of(tokens_2d: torch.Tensor, batch: int, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """(B*N, C*p*p) contiguous -> (B, C, h, w): for p = 1 a channels-last view (no copy), for p = 2 one copy."""
+    return _unpack(tokens_2d.view(batch, -1, tokens_2d.shape[1]), patch_size, height, width)
+
+
+def _linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def _embed_cublas(latent, weight, bias, patch_size: int) -> torch.Tensor:
+    out = _linear_2d(_token_matrix(latent, patch_size), weight, bias)
+    return out.view(latent.shape[0], -1, weight.shape[0])
+
+
+def _unembed_cublas(tokens, weight, bias, patch_size: int, height: int, width: int) -> torch.Tensor:
+    out = _linear_2d(tokens.reshape(-1, tokens.shape[2]), weight, bias)
+    return _latent_of(out, tokens.shape[0], patch_size, height, width)
+
+
+def _cublas_device_error(device: torch.device) -> Optional[str]:
+    return None if device.type == "cuda" else f"cuBLAS needs a CUDA tensor, got device {device}"
+
+
+# ----------------------------------------------------------------------------------------------- Triton
 def _span(t: torch.Tensor, first_dim: int = 1) -> int:
     """Largest element offset inside one batch item: the kernels index within an item in int32."""
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:])) + 1
@@ -124,22 +161,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _block_config(dtype: torch.dtype, n_rows: int, n_cols: int, reduce_dim: int, batch: int,
-                  device: torch.device) -> dict:
-    """Tiles for a (n_rows x n_cols) output per batch item, reducing over reduce_dim."""
-    if _backend.triton_interpreter_enabled():
-        # Small tiles: the test shapes then cover partial M, N and K blocks and a multi-step K loop.
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    block_n = min(128, max(16, _next_pow2(n_cols)))
-    block_k = min(32 if dtype == torch.float32 else 64, max(16, _next_pow2(reduce_dim)))
-    # Narrow outputs (unembed: 32-128 features) give few programs: shrink BLOCK_M until the GPU is filled.
+def _token_block(grid_h: int, grid_w: int, programs_per_token_block: int, device: torch.device) -> int:
+    """Tokens per program (all in one token row): the row, up to 128, halved (down to 32) while the grid has fewer
+    programs than SMs; narrow outputs (unembed: 32-128 features) give few programs, but smaller token blocks would
+    re-read the whole weight from L2 once per block."""
+    block_m = min(128, max(16, _next_pow2(grid_w)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    block_m = 64 if dtype == torch.float32 else 128  # fp32 128x128 tiles spill (ptxas, sm_90a)
-    while block_m > 32 and cdiv(n_rows, block_m) * cdiv(n_cols, block_n) * batch < sms:
+    while block_m > 32 and grid_h * cdiv(grid_w, block_m) * programs_per_token_block < sms:
         block_m //= 2
-    # fp32 dots run on CUDA cores with the accumulator in registers: 64x128 needs 8 warps (4 spill, ptxas sm_90a).
-    num_warps = 8 if block_m * block_n >= (64 if dtype == torch.float32 else 128) * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
+    return block_m
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -150,17 +180,30 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
+# Under the interpreter: small tiles, so the test shapes cover partial token, feature and row blocks, several token
+# blocks per row and a multi-step reduction loop.
+_INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=16, BLOCK_K=32, num_warps=4, num_stages=1)
+
+
 def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
     from ..triton_kernels.patch_embed import patch_embed_kernel
 
-    B, _, _, w = latent.shape
+    B, C, h, w = latent.shape
     p = patch_size
-    n_tokens, D, K = out.shape[1], weight.shape[0], weight.shape[1]
-    cfg = _block_config(latent.dtype, n_tokens, D, K, B, latent.device)
-    grid = (cdiv(n_tokens, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]), B)
+    grid_h, grid_w, dim = h // p, w // p, weight.shape[0]
+    if _backend.triton_interpreter_enabled():
+        cfg = {k: v for k, v in _INTERPRETER_TILES.items() if k != "BLOCK_K"}
+    else:
+        block_n = min(128, max(16, _next_pow2(dim)))
+        block_m = _token_block(grid_h, grid_w, B * cdiv(dim, block_n), latent.device)
+        block_r = min(32 if latent.dtype == torch.float32 else 64, max(16, _next_pow2(C * p)))
+        # fp32 dots run on CUDA cores with the accumulator in registers: 64x128 needs 8 warps (4 spill, ptxas sm_90a).
+        wide = block_m * block_n >= (64 if latent.dtype == torch.float32 else 128) * 128
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=8 if wide else 4, num_stages=3)
+    grid = (grid_h * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(dim, cfg["BLOCK_N"]), B)
     patch_embed_kernel[grid](
         latent, weight, bias.contiguous() if bias is not None else weight, out,  # the kernel reads bias with stride 1
-        n_tokens, w // p, K, D,
+        grid_w, C * p, dim,
         *latent.stride(),
         *weight.stride(),
         out.stride(0), out.stride(1),
@@ -171,86 +214,67 @@ def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
 def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     from ..triton_kernels.patch_embed import patch_unembed_kernel
 
-    B, n_tokens, D = tokens.shape
-    F = weight.shape[0]
-    cfg = _block_config(tokens.dtype, n_tokens, F, D, B, tokens.device)
-    grid = (cdiv(n_tokens, cfg["BLOCK_M"]), cdiv(F, cfg["BLOCK_N"]), B)
+    B, _, dim = tokens.shape
+    p = patch_size
+    C, h, w = out.shape[1:]
+    grid_h, grid_w, n_rows = h // p, w // p, C * p
+    if _backend.triton_interpreter_enabled():
+        cfg = {k: v for k, v in _INTERPRETER_TILES.items() if k != "BLOCK_N"}
+    else:
+        block_r = min(128 // p, max(16, _next_pow2(n_rows)))
+        block_m = _token_block(grid_h, grid_w, B * cdiv(n_rows, block_r), tokens.device)
+        cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=32 if tokens.dtype == torch.float32 else 64,
+                   num_warps=4, num_stages=4)
+    grid = (grid_h * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(n_rows, cfg["BLOCK_R"]), B)
     patch_unembed_kernel[grid](
         tokens, weight, bias.contiguous() if bias is not None else weight, out,  # the kernel reads bias with stride 1
-        n_tokens, out.shape[3] // patch_size, F, D,
+        grid_w, n_rows, dim,
         *tokens.stride(),
         *weight.stride(),
         *out.stride(),
-        PATCH=patch_size, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(tokens.dtype), **cfg,
+        PATCH=p, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(tokens.dtype), **cfg,
     )
-
-
-def _weight_grad_config(n_features: int, dim: int, total_tokens: int, dtype: torch.dtype,
-                        device: torch.device) -> dict:
-    if _backend.triton_interpreter_enabled():
-        # Small tiles and two splits: test shapes then cover partial blocks, a multi-step token loop per split and
-        # token blocks that straddle two batch items.
-        return dict(BLOCK_F=16, BLOCK_D=32, BLOCK_T=8, num_warps=4, num_stages=1, splits=min(2, total_tokens))
-    block_f = min(128, max(16, _next_pow2(n_features)))
-    block_d = 128 if block_f <= 64 else 64
-    tiles = cdiv(n_features, block_f) * cdiv(dim, block_d)
-    # The output is small (features x dim): split the token reduction until about two waves of programs.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(cdiv(2 * sms, tiles), cdiv(total_tokens, 256)))
-    # fp32 operands: 64-token steps spill at 64x128 tiles (ptxas sm_90a, triton 3.6); 32 do not.
-    return dict(BLOCK_F=block_f, BLOCK_D=block_d, BLOCK_T=32 if dtype == torch.float32 else 64,
-                num_warps=8 if block_f * block_d >= 8192 else 4, num_stages=3, splits=splits)
-
-
-def _launch_weight_grad_triton(latent, dense, patch_size: int, n_features: int, bias_from: int):
-    """(fp32 (F, D) sum over tokens of packed(latent)^T . dense, fp32 column sums of dense (bias_from 1, length
-    D) or of packed(latent) (bias_from 2, length F)). latent: (B, C, h, w) with F = C*p*p; dense: (B, N, D)."""
-    from ..triton_kernels.patch_embed import patch_weight_grad_kernel
-
-    B, n_tokens, dim = dense.shape
-    total = B * n_tokens
-    cfg = _weight_grad_config(n_features, dim, total, dense.dtype, dense.device)
-    splits = cfg.pop("splits")
-    per_split = cdiv(cdiv(total, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
-    splits = cdiv(total, per_split)
-    partial = torch.empty(splits, n_features, dim, dtype=torch.float32, device=dense.device)
-    bias_partial = torch.empty(splits, dim if bias_from == 1 else n_features, dtype=torch.float32,
-                               device=dense.device)
-    grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(dim, cfg["BLOCK_D"]), splits)
-    patch_weight_grad_kernel[grid](
-        latent, dense, partial, bias_partial,
-        n_tokens, latent.shape[3] // patch_size, n_features, dim, total, per_split,
-        *latent.stride(),
-        *dense.stride(),
-        PATCH=patch_size, BIAS_FROM=bias_from, DOT_DTYPE=_dot_dtype(dense.dtype), **cfg,
-    )
-    return partial.sum(0), bias_partial.sum(0)
 
 
 def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """`op` is "patch_embed" or "patch_unembed"; x is its latent or tokens. There is no CUDA C++ backend."""
+    """`op` is "patch_embed" or "patch_unembed"; x is its latent or tokens. "cuda" is cuBLAS (no _C needed)."""
     return _backend.select(
         op,
         backend,
-        platform_checks={"triton": lambda: _backend.triton_device_error(x.device)},
+        platform_checks={"cuda": lambda: _cublas_device_error(x.device),
+                         "triton": lambda: _backend.triton_device_error(x.device)},
         case_checks={"triton": lambda: _triton_case_error(x, weight)},
     )
+
+
+def _unembed_output(tokens: torch.Tensor, channels: int, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """patch_unembed's output layout, every backend and the fake alike: channels-last for p = 1 (the GEMM output
+    itself, as diffusers' unpatchify leaves it), contiguous NCHW for p = 2."""
+    B = tokens.shape[0]
+    if patch_size == 1:
+        return tokens.new_empty(B, height, width, channels).permute(0, 3, 1, 2)
+    return tokens.new_empty(B, channels, height, width)
 
 
 def patch_embed_into(latent, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
     """Write patch_embed's tokens into `out` (B, N, D), last dim contiguous, with a chosen backend."""
     if backend == "triton":
         _launch_embed_triton(latent, weight, bias, patch_size, out)
+    elif backend == "cuda":
+        out.copy_(_embed_cublas(latent, weight, bias, patch_size))
     else:
         out.copy_(patch_embed_reference(latent, weight, bias, patch_size))
 
 
 def patch_unembed_into(tokens, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
     """Write patch_unembed's latent into `out` (B, C, h, w), any strides, with a chosen backend."""
+    height, width = out.shape[2:]
     if backend == "triton":
         _launch_unembed_triton(tokens, weight, bias, patch_size, out)
+    elif backend == "cuda":
+        out.copy_(_unembed_cublas(tokens, weight, bias, patch_size, height, width))
     else:
-        out.copy_(patch_unembed_reference(tokens, weight, bias, patch_size, out.shape[2], out.shape[3]))
+        out.copy_(patch_unembed_reference(tokens, weight, bias, patch_size, height, width))
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -261,10 +285,12 @@ def _patch_embed_op(
     chosen = select_backend("patch_embed", backend, latent, weight)
     if chosen == "reference":
         return patch_embed_reference(latent, weight, bias, patch_size)
+    if chosen == "cuda":
+        return _embed_cublas(latent, weight, bias, patch_size)
     B, _, h, w = latent.shape
     out = torch.empty(B, (h // patch_size) * (w // patch_size), weight.shape[0], dtype=latent.dtype,
                       device=latent.device)
-    patch_embed_into(latent, weight, bias, patch_size, out, chosen)
+    _launch_embed_triton(latent, weight, bias, patch_size, out)
     return out
 
 
@@ -295,37 +321,19 @@ def _saved(ctx):
     return tensors, [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(tensors)]
 
 
-@torch.library.custom_op("dcgen::patch_weight_grad", mutates_args=())
-def _patch_weight_grad_op(
-    latent: torch.Tensor, dense: torch.Tensor, patch_size: int, bias_from: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (packed(latent)^T . dense summed over batch and tokens, the column sums of dense (bias_from 1) or of
-    packed(latent) (bias_from 2)): both weight gradients, with their bias gradient, in one pass. Backward only."""
-    n_features = latent.shape[1] * patch_size * patch_size
-    if backend == "triton":
-        return _launch_weight_grad_triton(latent, dense, patch_size, n_features, bias_from)
-    packed = _pack(latent, patch_size).float()
-    dense = dense.float()
-    weight_grad = torch.einsum("bnf,bnd->fd", packed, dense)
-    return weight_grad, (dense if bias_from == 1 else packed).sum((0, 1))
-
-
-@_patch_weight_grad_op.register_fake
-def _(latent, dense, patch_size, bias_from, backend):
-    n_features = latent.shape[1] * patch_size * patch_size
-    return (dense.new_empty(n_features, dense.shape[2], dtype=torch.float32),
-            dense.new_empty(dense.shape[2] if bias_from == 1 else n_features, dtype=torch.float32))
-
-
-def _fused_backward_backend(op: str, backend: str, x, weight, grad) -> str:
+def _backward_backend(op: str, backend: str, x, weight, grad) -> str:
     chosen = select_backend(op, backend, x, weight)
     if chosen == "triton" and _triton_case_error(grad) is not None:
-        return "reference"
+        return "cuda" if _cublas_device_error(grad.device) is None else "reference"
     return chosen
 
 
-def _bias_grad(grad: torch.Tensor, dims, dtype) -> torch.Tensor:
-    return grad.sum(dims, dtype=torch.float32).to(dtype)
+def _linear_param_grads(grad_2d, input_2d, bias, wanted):
+    """nn.Linear's weight grad grad^T . input (one cuBLAS GEMM over all B*N tokens, fp32 accumulation) and its bias
+    grad, the fp32 column sums of grad; grad_2d / input_2d are the Linear's (B*N, out) / (B*N, in) operands."""
+    d_weight = torch.mm(grad_2d.t(), input_2d) if wanted[1] else None
+    d_bias = grad_2d.sum(0, dtype=torch.float32).to(bias.dtype) if wanted[2] else None
+    return d_weight, d_bias
 
 
 def _embed_setup_context(ctx, inputs, output):
@@ -337,19 +345,20 @@ def _embed_backward(ctx, grad):
     (latent, weight, bias), wanted = _saved(ctx)
     patch_size, backend = ctx.rest
     grad = grad.to(latent.dtype)
-    if _fused_backward_backend("patch_embed", backend, latent, weight, grad) != "triton":
+    chosen = _backward_backend("patch_embed", backend, latent, weight, grad)
+    if chosen == "reference":
         grads = _reference_vjp(patch_embed_reference, (latent, weight, bias), (patch_size,), grad, wanted)
         return (*grads, None, None)
-    # Custom ops, not raw launches, so that torch.compile can trace this backward.
-    d_latent = d_weight = d_bias = None
-    if wanted[0]:  # packed grad = grad . weight, scattered back to NCHW: patch_unembed with weight^T, no bias
-        d_latent = _patch_unembed_op(grad, weight.t(), None, patch_size, latent.shape[2], latent.shape[3], "triton")
-    if wanted[1]:  # (D, K) = grad^T . packed(latent): the op gives its transpose, (K, D)
-        weight_t, bias_grad = _patch_weight_grad_op(latent, grad, patch_size, 1, "triton")
-        d_weight = weight_t.t().to(weight.dtype, memory_format=torch.contiguous_format)  # cast + transpose, one pass
-        d_bias = bias_grad.to(bias.dtype) if wanted[2] else None
-    elif wanted[2]:
-        d_bias = _bias_grad(grad, (0, 1), bias.dtype)
+    B, _, h, w = latent.shape
+    grad_2d = grad.reshape(-1, grad.shape[2])
+    d_latent = None
+    if wanted[0]:  # packed grad = grad . weight, unpacked to the latent layout
+        if chosen == "triton":  # patch_unembed's kernel with weight^T, no bias (a custom op: torch.compile traces it)
+            d_latent = _patch_unembed_op(grad, weight.t(), None, patch_size, h, w, "triton")
+        else:
+            d_latent = _latent_of(torch.mm(grad_2d, weight), B, patch_size, h, w)
+    packed = _token_matrix(latent, patch_size) if wanted[1] else None
+    d_weight, d_bias = _linear_param_grads(grad_2d, packed, bias, wanted)
     return d_latent, d_weight, d_bias, None, None
 
 
@@ -364,15 +373,16 @@ def _patch_unembed_op(
     chosen = select_backend("patch_unembed", backend, tokens, weight)
     if chosen == "reference":
         return patch_unembed_reference(tokens, weight, bias, patch_size, height, width)
-    channels = weight.shape[0] // (patch_size * patch_size)
-    out = torch.empty(tokens.shape[0], channels, height, width, dtype=tokens.dtype, device=tokens.device)
-    patch_unembed_into(tokens, weight, bias, patch_size, out, chosen)
+    if chosen == "cuda":
+        return _unembed_cublas(tokens, weight, bias, patch_size, height, width)
+    out = _unembed_output(tokens, weight.shape[0] // (patch_size * patch_size), patch_size, height, width)
+    _launch_unembed_triton(tokens, weight, bias, patch_size, out)
     return out
 
 
 @_patch_unembed_op.register_fake
 def _(tokens, weight, bias, patch_size, height, width, backend):
-    return tokens.new_empty(tokens.shape[0], weight.shape[0] // (patch_size * patch_size), height, width)
+    return _unembed_output(tokens, weight.shape[0] // (patch_size * patch_size), patch_size, height, width)
 
 
 def _unembed_setup_context(ctx, inputs, output):
@@ -384,21 +394,21 @@ def _unembed_backward(ctx, grad):
     (tokens, weight, bias), wanted = _saved(ctx)
     patch_size, height, width, backend = ctx.rest
     grad = grad.to(tokens.dtype)
-    if _fused_backward_backend("patch_unembed", backend, tokens, weight, grad) != "triton":
+    chosen = _backward_backend("patch_unembed", backend, tokens, weight, grad)
+    if chosen == "reference":
         grads = _reference_vjp(patch_unembed_reference, (tokens, weight, bias), (patch_size, height, width), grad,
                                wanted)
         return (*grads, None, None, None, None)
-    d_tokens = d_weight = d_bias = None
-    if wanted[0]:  # packed(grad) . weight, gathered from NCHW: patch_embed with weight^T, no bias
-        d_tokens = _patch_embed_op(grad, weight.t(), None, patch_size, "triton")
-    if wanted[1]:  # (F, D) = packed(grad)^T . tokens
-        weight_grad, bias_grad = _patch_weight_grad_op(grad, tokens, patch_size, 2, "triton")
-        d_weight = weight_grad.to(weight.dtype)
-        d_bias = bias_grad.to(bias.dtype) if wanted[2] else None
-    elif wanted[2]:
-        p = patch_size
-        d_bias = _bias_grad(grad.unflatten(2, (height // p, p)).unflatten(4, (width // p, p)), (0, 2, 4),
-                            bias.dtype).flatten()  # (C, p, p) -> feature c*p*p + i*p + j
+    triton_input_grad = wanted[0] and chosen == "triton"
+    packed = _token_matrix(grad, patch_size) if not triton_input_grad or wanted[1] or wanted[2] else None
+    d_tokens = None
+    if wanted[0]:  # packed(grad) . weight
+        if triton_input_grad:  # patch_embed's kernel with weight^T, no bias, gathering straight from the grad
+            d_tokens = _patch_embed_op(grad, weight.t(), None, patch_size, "triton")
+        else:
+            d_tokens = torch.mm(packed, weight).view(tokens.shape)
+    tokens_2d = tokens.reshape(-1, tokens.shape[2]) if wanted[1] else None
+    d_weight, d_bias = _linear_param_grads(packed, tokens_2d, bias, wanted)
     return d_tokens, d_weight, d_bias, None, None, None, None
 
 
@@ -435,10 +445,12 @@ def patch_unembed(
     width: int,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Linear + unpatchify: (B, (h/p)(w/p), D) tokens -> contiguous (B, C, height, width) in tokens' dtype.
+    """Linear + unpatchify: (B, (h/p)(w/p), D) tokens -> (B, C, height, width) in tokens' dtype.
 
     Equals `FluxPipeline._unpack_latents(nn.Linear(D, C*p*p)(tokens))` for p = 2 (height/width here are latent
     sizes, not pixels), a plain token->NCHW transpose for p = 1. weight: (C*p*p, D); bias: (C*p*p,) or None.
+    The result is contiguous for p = 2 and channels-last for p = 1 (the GEMM's output itself, no copy), on every
+    backend.
     """
     _backend.check_backend_name(backend)
     _validate_unembed(tokens, weight, bias, patch_size, height, width)

@@ -1,8 +1,10 @@
 """Triton GEMMs that read or write NCHW latents through the FLUX patch layout, so no packed copy exists.
 
-Token t = ty * (w / p) + tx covers latent pixels (ty*p + i, tx*p + j); its feature f = c*p*p + i*p + j
-(FLUX `_pack_latents` for p = 2, a plain channel index for p = 1). The latent offset of (t, f) splits into a
-token part plus a feature part, so the gather/scatter costs one add per element over a dense GEMM.
+Token t = ty * grid_w + tx covers latent pixels (ty*p + i, tx*p + j); its feature f = c*p*p + i*p + j (FLUX
+`_pack_latents` for p = 2, a plain channel index for p = 1). A program owns BLOCK_M tokens of one token row ty, so
+each latent row r = c*p + i it touches is one contiguous run of pixels x = tx*p + j: loads and stores are whole
+runs (vectorised, coalesced), and for p = 2 the run is split into its j = 0 / j = 1 halves in registers. Feature
+f = r*p + j, so the GEMM over f is one dot per j over the rows r.
 """
 
 import triton
@@ -10,134 +12,107 @@ import triton.language as tl
 
 
 @triton.jit
-def _token_offsets(tokens, grid_w, stride_y, stride_x, PATCH: tl.constexpr):
-    return (tokens // grid_w) * (PATCH * stride_y) + (tokens % grid_w) * (PATCH * stride_x)
-
-
-@triton.jit
-def _feature_offsets(features, stride_c, stride_y, stride_x, PATCH: tl.constexpr):
-    return ((features // (PATCH * PATCH)) * stride_c + ((features // PATCH) % PATCH) * stride_y
-            + (features % PATCH) * stride_x)
-
-
-@triton.jit
 def patch_embed_kernel(
     latent_ptr, weight_ptr, bias_ptr, out_ptr,
-    n_tokens, grid_w, n_features, dim,
+    grid_w, n_rows, dim,
     stride_lb, stride_lc, stride_ly, stride_lx,
     stride_wd, stride_wf,
     stride_ob, stride_on,
     PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[b, t, d] = sum_f latent[b, patch(t, f)] * weight[d, f] + bias[d]; grid (token blocks, dim blocks, B)."""
-    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """out[b, t, d] = sum_f packed(latent)[b, t, f] * weight[d, f] + bias[d].
+
+    grid (token rows * cdiv(grid_w, BLOCK_M), cdiv(dim, BLOCK_N), B); n_rows = C * PATCH latent rows per token row.
+    """
+    row_blocks = tl.cdiv(grid_w, BLOCK_M)
+    ty = tl.program_id(0) // row_blocks
+    tx0 = (tl.program_id(0) % row_blocks) * BLOCK_M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     batch = tl.program_id(2).to(tl.int64)
-    token_ok = tokens < n_tokens
     col_ok = cols < dim
-    latent_rows = latent_ptr + batch * stride_lb + _token_offsets(tokens, grid_w, stride_ly, stride_lx, PATCH)
+    band = latent_ptr + batch * stride_lb + ty * (PATCH * stride_ly)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n_features, BLOCK_K):
-        feats = k0 + tl.arange(0, BLOCK_K)
-        feat_ok = feats < n_features
-        feat_off = _feature_offsets(feats, stride_lc, stride_ly, stride_lx, PATCH)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        row_off = (rows // PATCH) * stride_lc + (rows % PATCH) * stride_ly
         # Cast at the load: DOT_DTYPE is the input dtype on GPU, fp32 under the interpreter (bf16 is wrong there).
-        a = tl.load(latent_rows[:, None] + feat_off[None, :], mask=token_ok[:, None] & feat_ok[None, :],
-                    other=0.0).to(DOT_DTYPE)
-        w = tl.load(weight_ptr + feats[:, None] * stride_wf + cols[None, :] * stride_wd,
-                    mask=feat_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, w, acc, input_precision="ieee")  # "ieee" only changes fp32 operands: no TF32
+        if PATCH == 1:
+            tx = tx0 + tl.arange(0, BLOCK_M)
+            a = tl.load(band + tx[:, None] * stride_lx + row_off[None, :],
+                        mask=(tx < grid_w)[:, None] & row_ok[None, :], other=0.0).to(DOT_DTYPE)
+            w = tl.load(weight_ptr + rows[:, None] * stride_wf + cols[None, :] * stride_wd,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+            acc = tl.dot(a, w, acc, input_precision="ieee")  # "ieee" only changes fp32 operands: no TF32
+        else:
+            px = tx0 * 2 + tl.arange(0, 2 * BLOCK_M)
+            runs = tl.load(band + row_off[:, None] + px[None, :] * stride_lx,
+                           mask=row_ok[:, None] & (px < 2 * grid_w)[None, :], other=0.0).to(DOT_DTYPE)
+            a0, a1 = tl.split(tl.reshape(runs, (BLOCK_R, BLOCK_M, 2)))  # (r, tx) for j = 0 and j = 1
+            feats = r0 * 2 + tl.arange(0, 2 * BLOCK_R)  # f = r*2 + j: contiguous in weight's rows
+            w = tl.load(weight_ptr + cols[:, None] * stride_wd + feats[None, :] * stride_wf,
+                        mask=col_ok[:, None] & (feats < 2 * n_rows)[None, :], other=0.0).to(DOT_DTYPE)
+            w0, w1 = tl.split(tl.reshape(w, (BLOCK_N, BLOCK_R, 2)))
+            acc = tl.dot(tl.trans(a0), tl.trans(w0), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(a1), tl.trans(w1), acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + batch * stride_ob + tokens[:, None] * stride_on + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
+    tx = tx0 + tl.arange(0, BLOCK_M)
+    tokens = ty * grid_w + tx
+    out = out_ptr + batch * stride_ob + tokens[:, None].to(tl.int64) * stride_on + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tx < grid_w)[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def patch_unembed_kernel(
     tokens_ptr, weight_ptr, bias_ptr, out_ptr,
-    n_tokens, grid_w, n_features, dim,
+    grid_w, n_rows, dim,
     stride_tb, stride_tn, stride_td,
     stride_wf, stride_wd,
     stride_ob, stride_oc, stride_oy, stride_ox,
     PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[b, patch(t, f)] = sum_d tokens[b, t, d] * weight[f, d] + bias[f]; grid (token blocks, feature blocks, B)."""
-    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out[b, latent row r, pixel x] = sum_d tokens[b, t, d] * weight[r*PATCH + j, d] + bias[...], x = tx*PATCH + j.
+
+    grid (token rows * cdiv(grid_w, BLOCK_M), cdiv(n_rows, BLOCK_R), B): one accumulator per j, and the epilogue
+    interleaves them into whole pixel runs, so the unpack is the store's addressing.
+    """
+    row_blocks = tl.cdiv(grid_w, BLOCK_M)
+    ty = tl.program_id(0) // row_blocks
+    tx0 = (tl.program_id(0) % row_blocks) * BLOCK_M
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     batch = tl.program_id(2).to(tl.int64)
-    token_ok = tokens < n_tokens
-    feat_ok = feats < n_features
-    token_rows = tokens_ptr + batch * stride_tb + tokens[:, None] * stride_tn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_ok = rows < n_rows
+    tx = tx0 + tl.arange(0, BLOCK_M)
+    tx_ok = tx < grid_w
+    token_rows = tokens_ptr + batch * stride_tb + (ty * grid_w + tx)[:, None].to(tl.int64) * stride_tn
+    acc0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < dim
-        a = tl.load(token_rows + ks[None, :] * stride_td, mask=token_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(DOT_DTYPE)
-        w = tl.load(weight_ptr + ks[:, None] * stride_wd + feats[None, :] * stride_wf,
-                    mask=k_ok[:, None] & feat_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        a = tl.load(token_rows + ks[None, :] * stride_td, mask=tx_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        w_mask = k_ok[:, None] & row_ok[None, :]
+        w0 = tl.load(weight_ptr + ks[:, None] * stride_wd + (rows * PATCH)[None, :] * stride_wf, mask=w_mask,
+                     other=0.0).to(DOT_DTYPE)
+        acc0 = tl.dot(a, w0, acc0, input_precision="ieee")
+        if PATCH == 2:
+            w1 = tl.load(weight_ptr + ks[:, None] * stride_wd + (rows * 2 + 1)[None, :] * stride_wf, mask=w_mask,
+                         other=0.0).to(DOT_DTYPE)
+            acc1 = tl.dot(a, w1, acc1, input_precision="ieee")
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
-    # Epilogue scatter straight into NCHW: the unpack is just the store's addressing.
-    out = (out_ptr + batch * stride_ob + _token_offsets(tokens, grid_w, stride_oy, stride_ox, PATCH)[:, None]
-           + _feature_offsets(feats, stride_oc, stride_oy, stride_ox, PATCH)[None, :])
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & feat_ok[None, :])
-
-
-@triton.jit
-def patch_weight_grad_kernel(
-    latent_ptr, dense_ptr, partial_ptr, bias_partial_ptr,
-    n_tokens, grid_w, n_features, dim, total_tokens, tokens_per_split,
-    stride_lb, stride_lc, stride_ly, stride_lx,
-    stride_db, stride_dn, stride_dd,
-    PATCH: tl.constexpr, BIAS_FROM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """partial[s, f, d] = sum over the tokens t of split s of packed(latent)[t, f] * dense[t, d].
-
-    Weight gradient of both ops: patch_embed's (latent, grad of tokens) and patch_unembed's (grad of latent, tokens).
-    t runs over all B * N tokens, so the batch is part of the reduction; splits of the token range fill the GPU
-    (the output is only features x dim) and the host sums their fp32 partials. BIAS_FROM 1: the programs of the
-    first feature block also sum dense over tokens (patch_embed's bias grad); 2: the programs of the first dim
-    block sum the packed latent (patch_unembed's bias grad).
-    """
-    feats = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    split = tl.program_id(2)
-    feat_ok = feats < n_features
-    col_ok = cols < dim
-    feat_off = _feature_offsets(feats, stride_lc, stride_ly, stride_lx, PATCH)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, total_tokens)
-    acc = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-    if BIAS_FROM == 1:
-        bias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc0 += tl.load(bias_ptr + rows * PATCH, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        if PATCH == 2:
+            acc1 += tl.load(bias_ptr + rows * 2 + 1, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    band = out_ptr + batch * stride_ob + ty * (PATCH * stride_oy)
+    row_off = (rows // PATCH) * stride_oc + (rows % PATCH) * stride_oy
+    if PATCH == 1:
+        tl.store(band + tx[:, None] * stride_ox + row_off[None, :], acc0.to(out_ptr.dtype.element_ty),
+                 mask=tx_ok[:, None] & row_ok[None, :])
     else:
-        bias_acc = tl.zeros([BLOCK_F], dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < end
-        batch = (t // n_tokens).to(tl.int64)
-        token = t % n_tokens
-        # The packing is gathered in the load: the A operand is packed(latent)^T, read straight from NCHW.
-        token_off = batch * stride_lb + _token_offsets(token, grid_w, stride_ly, stride_lx, PATCH)
-        # Cast at the load, as the forward kernels do (fp32 under the interpreter: bf16 arithmetic is wrong there).
-        a = tl.load(latent_ptr + token_off[None, :] + feat_off[:, None], mask=feat_ok[:, None] & t_ok[None, :],
-                    other=0.0).to(DOT_DTYPE)
-        d = tl.load(dense_ptr + (batch * stride_db + token * stride_dn)[:, None] + cols[None, :] * stride_dd,
-                    mask=t_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, d, acc, input_precision="ieee")
-        if BIAS_FROM == 1:
-            bias_acc += tl.sum(d.to(tl.float32), axis=0)
-        if BIAS_FROM == 2:
-            bias_acc += tl.sum(a.to(tl.float32), axis=1)
-    tl.store(partial_ptr + (split * n_features + feats[:, None]).to(tl.int64) * dim + cols[None, :], acc,
-             mask=feat_ok[:, None] & col_ok[None, :])
-    if BIAS_FROM == 1:
-        tl.store(bias_partial_ptr + split * dim + cols, bias_acc, mask=col_ok & (tl.program_id(0) == 0))
-    if BIAS_FROM == 2:
-        tl.store(bias_partial_ptr + split * n_features + feats, bias_acc, mask=feat_ok & (tl.program_id(1) == 0))
+        runs = tl.reshape(tl.join(tl.trans(acc0), tl.trans(acc1)), (BLOCK_R, 2 * BLOCK_M))  # x = tx*2 + j
+        px = tx0 * 2 + tl.arange(0, 2 * BLOCK_M)
+        tl.store(band + row_off[:, None] + px[None, :] * stride_ox, runs.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (px < 2 * grid_w)[None, :])
