@@ -47,13 +47,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .common import check_record, error_record, free_device_memory, rel_l2
+from .common import QUANT_STEP_TOL, check_record, error_record, free_device_memory, rel_l2
 from .timing import time_kernel_ms, time_ms
 
 FP8_LAYER_TOL = 0.06  # E4M3 operands, ~2.5% each (tests/test_fp8_linear.py)
 BF16_LAYER_TOL = 1e-2
-STEP_SANITY_TOL = {"patched": 1e-2, "patched_graph": 1e-2, "patched_fp8": 0.15, "patched_fp8_graph": 0.15,
-                   "patched_nvfp4": 0.3}
+STEP_SANITY_TOL = {"patched": 1e-2, "patched_graph": 1e-2, "patched_fp8": QUANT_STEP_TOL["fp8"],
+                   "patched_fp8_graph": QUANT_STEP_TOL["fp8"], "patched_nvfp4": QUANT_STEP_TOL["nvfp4"]}
 
 
 @dataclasses.dataclass(frozen=True)

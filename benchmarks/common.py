@@ -9,7 +9,7 @@ import inspect
 import math
 import traceback
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -152,16 +152,19 @@ def rope_tables(text_tokens: int, image_tokens: int, axes_dim: tuple, device: to
 
 
 def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int,
-                    stock_out: torch.Tensor, tolerance: float, backend: str = "auto", cuda_graph: bool = False) -> dict:
-    """Patch `model` (with CUDA graphs if asked: the first call captures, the timed calls replay), check fn()'s
-    output against stock, time it, unpatch. A model dcgen_kernels cannot patch is recorded as unavailable; a
-    fallback to another backend (or to eager instead of a graph) is listed under "fallbacks"."""
+                    stock_out: torch.Tensor, tolerance: float, backend: str = "auto", cuda_graph: bool = False,
+                    quant: Optional[str] = None) -> dict:
+    """Patch `model` (with CUDA graphs if asked: the first call captures, the timed calls replay; with `quant` its
+    block linears quantized, originals kept for unpatch), check fn()'s output against stock, time it, unpatch. A
+    model dcgen_kernels cannot patch is recorded as unavailable; a fallback to another backend (or to eager instead
+    of a graph) is listed under "fallbacks"."""
     import dcgen_kernels
 
     from .timing import time_ms
 
     try:
-        dcgen_kernels.patch(model, backend=backend, cuda_graph=cuda_graph)
+        dcgen_kernels.patch(model, backend=backend, cuda_graph=cuda_graph, quant=quant,
+                            keep_original=quant is not None)
     except ValueError as err:  # no supported module in this model
         return {"unavailable": f"{type(err).__name__}: {err}"}
     try:
@@ -188,19 +191,25 @@ def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device,
 PATCHED_VARIANTS = (("patched", "auto"), ("patched_triton", "triton"))  # what users get; Triton forced
 # Model steps: also patch(model, cuda_graph=True), the step replayed as one CUDA graph
 STEP_VARIANTS = PATCHED_VARIANTS + (("patched_graph", "auto", True),)
+# rel-L2 vs the stock bf16 step a quantized step may show (its weights and activations are 8- or 4-bit)
+QUANT_STEP_TOL = {"fp8": 0.15, "nvfp4": 0.3}
 
 
 def record_patched_variants(rec: dict, model, fn: Callable[[], torch.Tensor], device: torch.device, warmup: int,
                             iters: int, stock_out: torch.Tensor, tolerance: float,
                             variants=PATCHED_VARIANTS) -> None:
-    """rec[name] = measure_patched(...) with its speed-up over rec["stock"], per (name, backend[, cuda_graph]); an
-    error in one variant is recorded and the others still run. Then records that the model was left unpatched."""
+    """rec[name] = measure_patched(...) with its speed-up over rec["stock"], per (name, backend[, cuda_graph[,
+    quant]]); a quantized variant is checked against QUANT_STEP_TOL instead. An error in one variant is recorded
+    and the others still run. Then records that the model was left unpatched."""
     import dcgen_kernels
 
-    for name, backend, *graph in variants:
+    for name, backend, *options in variants:
+        cuda_graph = bool(options[0]) if options else False
+        quant = options[1] if len(options) > 1 else None
         try:
-            rec[name] = measure_patched(model, fn, device, warmup, iters, stock_out, tolerance, backend,
-                                        cuda_graph=bool(graph and graph[0]))
+            rec[name] = measure_patched(model, fn, device, warmup, iters, stock_out,
+                                        max(tolerance, QUANT_STEP_TOL[quant]) if quant else tolerance, backend,
+                                        cuda_graph=cuda_graph, quant=quant)
             if "ms" in rec[name]:
                 rec[name]["speedup_vs_stock"] = rec["stock"]["ms"] / rec[name]["ms"]
         except Exception as err:  # noqa: BLE001 - recorded; the stock numbers stay

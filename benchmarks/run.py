@@ -566,7 +566,7 @@ def _variant_row(row: str, rec: dict, ms_spec: str) -> str:
 def _step_row(key: str, name: str, rec: dict, width: int) -> str:
     from benchmarks.common import ANCHOR_LABEL
 
-    row = f"  {key:<{width}}{name:<16}"
+    row = f"  {key:<{width}}{name:<18}"
     status = _status(rec)
     if status:
         return row + status
@@ -638,24 +638,24 @@ def sana_step_table(report: dict) -> list:
     lines.append(f"sana_step {model.get('num_layers')} layers, {model.get('num_attention_heads')}x"
                  f"{model.get('attention_head_dim')} heads, {step.get('config', {}).get('text_tokens')} text tokens "
                  f"(mask of ones), {step.get('config', {}).get('weights', 'not run')}")
-    lines.append(f"  {'shape':<14}{'variant':<16}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'compile s':>11}"
+    lines.append(f"  {'shape':<14}{'variant':<18}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'compile s':>11}"
                  f"{'anchor ms':>11}")
     for sec in (step, comp):
         if "error" in sec or "unavailable" in sec or "skipped" in sec:
-            lines.append(f"  {'':<14}{'torch_compile' if sec is comp else '':<16}{_status(sec)}")
+            lines.append(f"  {'':<14}{'torch_compile' if sec is comp else '':<18}{_status(sec)}")
     keys = list(step.get("sizes", {})) + [k for k in comp.get("sizes", {}) if k not in step.get("sizes", {})]
     for key in keys:
         size, csize = step.get("sizes", {}).get(key, {}), comp.get("sizes", {}).get(key, {})
         if "error" in size:
             lines.append(f"  {key:<14}{_status(size)}")
         floor = size.get("noise_floor", {}).get("rel_l2_reference_backend_vs_stock")
-        for name in ("stock", "patched", "patched_triton", "patched_graph"):
+        for name in ("stock", "patched", "patched_triton", "patched_graph", "patched_fp8_graph"):
             if name in size:
                 lines.append(_step_row(key, name, size[name], 14))
         if "torch_compile" in csize:
             lines.append(_step_row(key, "torch_compile", csize["torch_compile"], 14))
         elif "error" in csize or "skipped" in csize:
-            lines.append(f"  {key:<14}{'torch_compile':<16}{_status(csize)}")
+            lines.append(f"  {key:<14}{'torch_compile':<18}{_status(csize)}")
         if floor is not None:
             lines.append(f"  {key:<14}(noise floor: fp32 reference backend vs stock rel-L2 {floor:.1e})")
 
