@@ -13,8 +13,11 @@ the gradients of every input, weight and bias), variants on the same inputs:
                 the unpack (permute + copy).
   stock_conv    (embed, SANA width only) diffusers' PatchEmbed math: conv2d with a p x p, stride-p kernel,
                 flatten, transpose.
-  dcgen         the op as patch() calls it (backend="auto": cuBLAS on a GPU, `backend` records the choice).
-  dcgen_triton  the op with backend="triton" (its fused backward included); skipped when it would fall back.
+  dcgen         the op as patch() calls it (backend="auto"; `backend` records its choice for the forward: on a GPU
+                Triton for the p=2 embedding, cuBLAS otherwise; the backward's input gradient is the other op's
+                auto choice).
+  dcgen_triton  / dcgen_cuda: the op with that backend forced, forward and backward; skipped when it would fall
+                back (cuda = cuBLAS: no CPU).
 Metrics: ms (median GPU time per call after warm-up, with the host's launch overhead hidden: timing.time_kernel_ms;
 `host_ms` is the host's own cost per call), TFLOP/s (2·tokens·K·D forward, 3x that forward + backward), `vs_gemm` =
 gemm ms / variant ms (the issue's target: dcgen >= 0.9 for fwd and fwd_bwd, counting only cases whose
@@ -89,6 +92,7 @@ def _variants(shape: Shape, direction: str, tensors: dict, ops: dict) -> dict:
             "stock": lambda latent, w, b: F.linear(ops["pack"](latent, p), w, b),
             "dcgen": lambda latent, w, b: ops["embed"](latent, w, b, patch_size=p),
             "dcgen_triton": lambda latent, w, b: ops["embed"](latent, w, b, patch_size=p, backend="triton"),
+            "dcgen_cuda": lambda latent, w, b: ops["embed"](latent, w, b, patch_size=p, backend="cuda"),
         }
         if shape.dim == SANA_WIDTH:
             variants["stock_conv"] = lambda latent, w, b: F.conv2d(
@@ -100,6 +104,8 @@ def _variants(shape: Shape, direction: str, tensors: dict, ops: dict) -> dict:
         "dcgen": lambda tokens, w, b: ops["unembed"](tokens, w, b, patch_size=p, height=h, width=h),
         "dcgen_triton": lambda tokens, w, b: ops["unembed"](tokens, w, b, patch_size=p, height=h, width=h,
                                                             backend="triton"),
+        "dcgen_cuda": lambda tokens, w, b: ops["unembed"](tokens, w, b, patch_size=p, height=h, width=h,
+                                                          backend="cuda"),
     }
 
 
@@ -112,11 +118,11 @@ def _inputs(shape: Shape, direction: str, dtype, device, ops) -> dict:
         packed = ops["pack"](latent, p).contiguous()
         reference = lambda x, w, b: ops["embed_reference"](x, w, b, p)  # noqa: E731
         return dict(main=(latent, weight, bias), gemm=(packed, weight, bias), reference=reference,
-                    auto_backend=ops["select_backend"]("patch_embed", "auto", latent, weight))
+                    auto_backend=ops["select_backend"]("patch_embed", "auto", latent, weight, p))
     tokens, weight, bias = rand(1, shape.grid ** 2, shape.dim), rand(k, shape.dim, scale=shape.dim ** -0.5), rand(k)
     reference = lambda x, w, b: ops["unembed_reference"](x, w, b, p, h, h)  # noqa: E731
     return dict(main=(tokens, weight, bias), gemm=(tokens, weight, bias), reference=reference,
-                auto_backend=ops["select_backend"]("patch_unembed", "auto", tokens, weight))
+                auto_backend=ops["select_backend"]("patch_unembed", "auto", tokens, weight, p))
 
 
 def _fwd_bwd(fn: Callable, inputs, grad_for: Callable[[torch.Tensor], torch.Tensor]) -> Callable:

@@ -12,11 +12,11 @@ Backends:
   C*p*p <= 128 features against the tokens' D = 2240-3072, so under 6% of the GEMM's bytes.
 - triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
   it, so no packed tensor exists (triton_kernels/patch_embed.py).
-Backward: d(input) on the Triton path is the other op's kernel with the weight transposed (patch_unembed(grad,
-weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed), on the cuda path a cuBLAS GEMM plus
-the same (un)packing as the forward; d(weight) and d(bias) are always one cuBLAS GEMM over all B*N tokens and an
-fp32 column sum, on the packed token matrices. On the reference backend it is the vjp of the fp32 reference,
-recomputed under autograd.
+`auto` tries cuda first, except for patch_embed with p = 2 (see _TRITON_FIRST).
+Backward: d(input) is the other op with the weight transposed and the same backend request (patch_unembed(grad,
+weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed); d(weight) and d(bias) are one cuBLAS
+GEMM over all B*N tokens and an fp32 column sum, on the packed token matrices. On the reference backend it is the
+vjp of the fp32 reference, recomputed under autograd.
 """
 
 from __future__ import annotations
@@ -236,7 +236,14 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     )
 
 
-def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+# `auto` for patch_embed with 2x2 packing tries Triton first: that GEMM has a 64-wide reduction and a 3072-wide
+# output, so it is bound by writing the output, which the gathering kernel does at GEMM speed, where cuBLAS needs a
+# packing copy first (measured for stock's copy: 0.78x of the bare GEMM at 4096 tokens). Narrow outputs (unembed,
+# p = 1 anything) stay on cuBLAS, which splits their long reductions over the SMs.
+_TRITON_FIRST = ("triton", "cuda", "reference")
+
+
+def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor, patch_size: int) -> str:
     """`op` is "patch_embed" or "patch_unembed"; x is its latent or tokens. "cuda" is cuBLAS (no _C needed)."""
     return _backend.select(
         op,
@@ -244,6 +251,7 @@ def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor)
         platform_checks={"cuda": lambda: _cublas_device_error(x.device),
                          "triton": lambda: _backend.triton_device_error(x.device)},
         case_checks={"triton": lambda: _triton_case_error(x, weight)},
+        auto_order=_TRITON_FIRST if op == "patch_embed" and patch_size == 2 else _backend.BACKENDS,
     )
 
 
@@ -282,7 +290,7 @@ def patch_unembed_into(tokens, weight, bias, patch_size: int, out: torch.Tensor,
 def _patch_embed_op(
     latent: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, backend: str,
 ) -> torch.Tensor:
-    chosen = select_backend("patch_embed", backend, latent, weight)
+    chosen = select_backend("patch_embed", backend, latent, weight, patch_size)
     if chosen == "reference":
         return patch_embed_reference(latent, weight, bias, patch_size)
     if chosen == "cuda":
@@ -321,11 +329,12 @@ def _saved(ctx):
     return tensors, [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(tensors)]
 
 
-def _backward_backend(op: str, backend: str, x, weight, grad) -> str:
-    chosen = select_backend(op, backend, x, weight)
-    if chosen == "triton" and _triton_case_error(grad) is not None:
-        return "cuda" if _cublas_device_error(grad.device) is None else "reference"
-    return chosen
+def _backward_on_reference(op: str, backend: str, x, weight, grad, patch_size: int) -> bool:
+    """Whether this backward is the reference vjp: the forward's backend was the reference, or Triton would be
+    asked for a gradient too large for its int32 indexing where cuBLAS is not there to take it."""
+    chosen = select_backend(op, backend, x, weight, patch_size)
+    return chosen == "reference" or (chosen == "triton" and _triton_case_error(grad) is not None
+                                     and _cublas_device_error(grad.device) is not None)
 
 
 def _linear_param_grads(grad_2d, input_2d, bias, wanted):
@@ -345,20 +354,14 @@ def _embed_backward(ctx, grad):
     (latent, weight, bias), wanted = _saved(ctx)
     patch_size, backend = ctx.rest
     grad = grad.to(latent.dtype)
-    chosen = _backward_backend("patch_embed", backend, latent, weight, grad)
-    if chosen == "reference":
+    if _backward_on_reference("patch_embed", backend, latent, weight, grad, patch_size):
         grads = _reference_vjp(patch_embed_reference, (latent, weight, bias), (patch_size,), grad, wanted)
         return (*grads, None, None)
-    B, _, h, w = latent.shape
-    grad_2d = grad.reshape(-1, grad.shape[2])
     d_latent = None
-    if wanted[0]:  # packed grad = grad . weight, unpacked to the latent layout
-        if chosen == "triton":  # patch_unembed's kernel with weight^T, no bias (a custom op: torch.compile traces it)
-            d_latent = _patch_unembed_op(grad, weight.t(), None, patch_size, h, w, "triton")
-        else:
-            d_latent = _latent_of(torch.mm(grad_2d, weight), B, patch_size, h, w)
+    if wanted[0]:  # unpack(grad . weight): patch_unembed with weight^T, no bias (a custom op: torch.compile traces it)
+        d_latent = _patch_unembed_op(grad, weight.t(), None, patch_size, latent.shape[2], latent.shape[3], backend)
     packed = _token_matrix(latent, patch_size) if wanted[1] else None
-    d_weight, d_bias = _linear_param_grads(grad_2d, packed, bias, wanted)
+    d_weight, d_bias = _linear_param_grads(grad.reshape(-1, grad.shape[2]), packed, bias, wanted)
     return d_latent, d_weight, d_bias, None, None
 
 
@@ -370,7 +373,7 @@ def _patch_unembed_op(
     tokens: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, height: int,
     width: int, backend: str,
 ) -> torch.Tensor:
-    chosen = select_backend("patch_unembed", backend, tokens, weight)
+    chosen = select_backend("patch_unembed", backend, tokens, weight, patch_size)
     if chosen == "reference":
         return patch_unembed_reference(tokens, weight, bias, patch_size, height, width)
     if chosen == "cuda":
@@ -394,19 +397,14 @@ def _unembed_backward(ctx, grad):
     (tokens, weight, bias), wanted = _saved(ctx)
     patch_size, height, width, backend = ctx.rest
     grad = grad.to(tokens.dtype)
-    chosen = _backward_backend("patch_unembed", backend, tokens, weight, grad)
-    if chosen == "reference":
+    if _backward_on_reference("patch_unembed", backend, tokens, weight, grad, patch_size):
         grads = _reference_vjp(patch_unembed_reference, (tokens, weight, bias), (patch_size, height, width), grad,
                                wanted)
         return (*grads, None, None, None, None)
-    triton_input_grad = wanted[0] and chosen == "triton"
-    packed = _token_matrix(grad, patch_size) if not triton_input_grad or wanted[1] or wanted[2] else None
     d_tokens = None
-    if wanted[0]:  # packed(grad) . weight
-        if triton_input_grad:  # patch_embed's kernel with weight^T, no bias, gathering straight from the grad
-            d_tokens = _patch_embed_op(grad, weight.t(), None, patch_size, "triton")
-        else:
-            d_tokens = torch.mm(packed, weight).view(tokens.shape)
+    if wanted[0]:  # pack(grad) . weight: patch_embed with weight^T, no bias
+        d_tokens = _patch_embed_op(grad, weight.t(), None, patch_size, backend)
+    packed = _token_matrix(grad, patch_size) if wanted[1] or wanted[2] else None
     tokens_2d = tokens.reshape(-1, tokens.shape[2]) if wanted[1] else None
     d_weight, d_bias = _linear_param_grads(packed, tokens_2d, bias, wanted)
     return d_tokens, d_weight, d_bias, None, None, None, None
