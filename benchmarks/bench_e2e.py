@@ -36,7 +36,7 @@ Variants (per transformer step and per decode, all in the same process, stock fi
   patched_graph  transformer steps below graph_max_tokens image tokens: patch(model, cuda_graph=True), the step
                  replayed as a CUDA graph (the first, checked call captures it; a step that ran eagerly instead is
                  an error), with the patched decode. Eager FLUX steps at 1024-4096 tokens are host-paced on an H100
-                 (benchmarks/profile_flux_step.py).
+                 (benchmarks/profile_step.py).
   torch_compile  torch.compile(transformer) of stock (Inductor, mode default) in a later section (run_compile),
                  only for the configurations the time budget allows (FLUX compiles for ~2 min per shape on an
                  H100); compile seconds are reported apart; the decode stays stock eager.

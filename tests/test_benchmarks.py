@@ -428,10 +428,23 @@ def test_text_encoders_missing_files_are_a_clear_error(tmp_path, capsys, monkeyp
 @pytest.mark.parametrize("argv, match", [(["--variants", "stock,int8"], "unknown int8"),
                                          (["--steps", "0"], "--steps must be >= 1"),
                                          (["--image-tokens", "4000"], "positive square token counts"),
-                                         (["--image-tokens", "1k"], "comma-separated integers")])
-def test_profile_flux_step_rejects_bad_arguments(argv, match, capsys):
-    from benchmarks import profile_flux_step
+                                         (["--image-tokens", "1k"], "comma-separated integers"),
+                                         (["--model", "sana", "--sizes", "c32_64x64"], "unknown c32_64x64"),
+                                         (["--model", "sd3"], "invalid choice")])
+def test_profile_step_rejects_bad_arguments(argv, match, capsys):
+    from benchmarks import profile_step
 
     with pytest.raises(SystemExit):
-        profile_flux_step.main(argv)
+        profile_step.main(argv)
     assert match in capsys.readouterr().err
+
+
+def test_profile_step_tiny_sana_runs_each_variant():
+    from benchmarks import profile_step
+
+    result = profile_step.run(torch.device("cpu"), tiny=True, variants=("stock", "patched"), steps=1, top=3,
+                              model_name="sana", sizes=("c128_64x64",))
+    assert result["config"]["model"] == "SANA tiny"
+    for key in ("c128_64x64/stock", "c128_64x64/patched"):
+        rec = result["profiles"][key]
+        assert "error" not in rec and rec["kernel_ms_per_step"] > 0 and len(rec["top_kernels_ms"]) == 3, rec

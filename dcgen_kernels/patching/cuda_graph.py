@@ -2,7 +2,7 @@
 signature, replayed afterwards.
 
 Why: eager PyTorch launches each of a step's thousands of kernels from Python. On an H100 (2026-11-27,
-benchmarks/profile_flux_step.py) a FLUX-12B step at 1024 image tokens ran 39 ms of kernels (patched) in ~82 ms of
+benchmarks/profile_step.py) a FLUX-12B step at 1024 image tokens ran 39 ms of kernels (patched) in ~82 ms of
 wall time, and the FP8 step at 4096 tokens 98 ms of kernels in ~259 ms: the host, not the GPU, set the pace. A
 replayed graph issues all of a step's launches at once.
 
