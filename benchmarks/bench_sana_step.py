@@ -27,8 +27,7 @@ import torch
 
 
 from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory,
-                     noise_floor_tolerance, STEP_VARIANTS, record_patched_variants, reference_noise_floor,
-                     rel_l2)
+                     noise_floor_tolerance, STEP_VARIANTS, record_patched_variants, reference_noise_floor, rel_l2)
 from .timing import time_ms, wall_s
 
 STEP_TOL = 2e-2
