@@ -368,6 +368,25 @@ def test_unembed_backward_matches_reference(backend, dtype, shape, with_bias, mo
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backward_channels_last_latent_and_grad(backend, monkeypatch, cublas_on_cpu):
+    """A channels-last batch (the token-matrix view of the cuda path) and, through out.square(), the channels-last
+    gradient of p = 1's channels-last output."""
+    _no_reference_vjp(monkeypatch)
+    B, C, h, w, D = 2, 8, 3, 5, 24
+    latent, weight, bias = embed_inputs(B, C, h, w, 1, D)
+    latent = latent.to(memory_format=torch.channels_last)
+    grad = torch.randn(B, h * w, D)
+    _assert_grads_match_reference(backend, patch_embed, dict(patch_size=1), patch_embed_reference, (1,),
+                                  [latent, weight, bias], grad, ("latent", "weight", "bias"))
+    tokens, weight, bias = (t.requires_grad_() for t in unembed_inputs(B, C, h, w, 1, D))
+    got = torch.autograd.grad(patch_unembed(tokens, weight, bias, patch_size=1, height=h, width=w,
+                                            backend=backend).square().sum(), [tokens, weight, bias])
+    expected = torch.autograd.grad(patch_unembed_reference(tokens, weight, bias, 1, h, w).square().sum(),
+                                   [tokens, weight, bias])
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("wanted", [(False, False, True), (False, True, False), (True, False, False)])
 def test_backward_partial_requires_grad_and_expanded_grad(backend, wanted, monkeypatch, cublas_on_cpu):
     """Each gradient alone; sum() hands the backward a stride-0 grad."""
