@@ -15,8 +15,8 @@ Backends:
 `auto` tries cuda first, except for patch_embed with p = 2 (see _TRITON_FIRST).
 Backward: d(input) is the other op with the weight transposed and the same backend request (patch_unembed(grad,
 weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed); d(weight) and d(bias) are one cuBLAS
-GEMM over all B*N tokens and an fp32 column sum, on the packed token matrices. On the reference backend it is the
-vjp of the fp32 reference, recomputed under autograd.
+GEMM over all B*N tokens and a column sum (fp32-accumulated), on the packed token matrices. On the reference
+backend it is the vjp of the fp32 reference, recomputed under autograd.
 """
 
 from __future__ import annotations
@@ -337,11 +337,12 @@ def _backward_on_reference(op: str, backend: str, x, weight, grad, patch_size: i
                                      and _cublas_device_error(grad.device) is not None)
 
 
-def _linear_param_grads(grad_2d, input_2d, bias, wanted):
-    """nn.Linear's weight grad grad^T . input (one cuBLAS GEMM over all B*N tokens, fp32 accumulation) and its bias
-    grad, the fp32 column sums of grad; grad_2d / input_2d are the Linear's (B*N, out) / (B*N, in) operands."""
+def _linear_param_grads(grad_2d, input_2d, wanted):
+    """nn.Linear's weight grad grad^T . input (one cuBLAS GEMM over all B*N tokens) and its bias grad, the column
+    sums of grad (torch accumulates 16-bit sums in fp32), as its own backward computes them; grad_2d / input_2d are
+    the Linear's (B*N, out) / (B*N, in) operands."""
     d_weight = torch.mm(grad_2d.t(), input_2d) if wanted[1] else None
-    d_bias = grad_2d.sum(0, dtype=torch.float32).to(bias.dtype) if wanted[2] else None
+    d_bias = grad_2d.sum(0) if wanted[2] else None
     return d_weight, d_bias
 
 
@@ -361,7 +362,7 @@ def _embed_backward(ctx, grad):
     if wanted[0]:  # unpack(grad . weight): patch_unembed with weight^T, no bias (a custom op: torch.compile traces it)
         d_latent = _patch_unembed_op(grad, weight.t(), None, patch_size, latent.shape[2], latent.shape[3], backend)
     packed = _token_matrix(latent, patch_size) if wanted[1] else None
-    d_weight, d_bias = _linear_param_grads(grad.reshape(-1, grad.shape[2]), packed, bias, wanted)
+    d_weight, d_bias = _linear_param_grads(grad.reshape(-1, grad.shape[2]), packed, wanted)
     return d_latent, d_weight, d_bias, None, None
 
 
@@ -406,7 +407,7 @@ def _unembed_backward(ctx, grad):
         d_tokens = _patch_embed_op(grad, weight.t(), None, patch_size, backend)
     packed = _token_matrix(grad, patch_size) if wanted[1] or wanted[2] else None
     tokens_2d = tokens.reshape(-1, tokens.shape[2]) if wanted[1] else None
-    d_weight, d_bias = _linear_param_grads(packed, tokens_2d, bias, wanted)
+    d_weight, d_bias = _linear_param_grads(packed, tokens_2d, wanted)
     return d_tokens, d_weight, d_bias, None, None, None, None
 
 
