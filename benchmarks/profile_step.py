@@ -8,9 +8,9 @@ size of benchmarks/bench_sana_step.py (--sizes: c32_128x128 = SANA 4K, c128_64x6
 tokens, the SANA-1.6B config); random bf16 weights built on the GPU. Each variant (stock diffusers;
 dcgen_kernels.patch; patch(quant="fp8"); patch(quant="nvfp4")), after one warm-up step: the wall time per step
 (CUDA events), the summed kernel time per step, their ratio (GPU busy: well under 1 means the host's launches, not
-the kernels, set the pace), kernel time per class (convolution, attention, GEMM, copies, elementwise/reduction, other) and the
-kernels that cost most. A diagnostic, not a gated benchmark: it explains the step and e2e numbers. CPU (no GPU):
-the tiny configs, CPU ops only.
+the kernels, set the pace), kernel time per class (convolution, attention, GEMM, copies, elementwise/reduction,
+other) and the kernels that cost most. A diagnostic, not a gated benchmark: it explains the step and e2e numbers.
+CPU (no GPU): the tiny configs, CPU ops only.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def format_profile(key: str, rec: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux", choices=("flux", "sana"))
-    parser.add_argument("--image-tokens", default="4096", help="FLUX: comma-separated image-token counts (square grids)")
+    parser.add_argument("--image-tokens", default="4096",
+                        help="FLUX: comma-separated image-token counts (square grids)")
     sana_sizes = [s.key for s in bench_sana_step.REAL.shapes]
     parser.add_argument("--sizes", default=sana_sizes[0], help=f"SANA: comma-separated, from {', '.join(sana_sizes)}")
     parser.add_argument("--variants", default="stock,patched,fp8",
