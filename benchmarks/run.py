@@ -300,7 +300,8 @@ def sana_targets(report: dict, ran: set) -> list:
         size = steps.get(shape.key, {})
         comp = compiled.get(shape.key, {}).get("torch_compile") or compiled.get(shape.key, {})
         comp_ms = _checked_ms(comp)
-        for variant, how in (("patched", "patched"), ("patched_graph", "patched with CUDA graphs")):
+        for variant, how in (("patched", "patched"), ("patched_graph", "patched with CUDA graphs"),
+                             ("patched_fp8_graph", "patched with FP8 linears + CUDA graphs")):
             stock_ms, patched = size.get("stock", {}).get("ms"), size.get(variant, {})
             patched_ms = _checked_ms(patched)
             half = fast = (False, f"no checked result ({_why_not(patched or size)})" if not patched_ms else
