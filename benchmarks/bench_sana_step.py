@@ -31,7 +31,7 @@ from .common import (ANCHOR_LABEL, build_module, check_record, error_record, fre
 from .timing import time_ms, wall_s
 
 STEP_TOL = 2e-2
-# The bf16 GEMMs alone are 44.5 / 11.2 TFLOP per step (benchmarks/projection.py's counter): at 650 TFLOP/s 68 / 17 ms
+# The bf16 GEMMs alone are 44.5 / 11.2 TFLOP per step (benchmarks/projection.py's counter): at an assumed 650 TFLOP/s 68 / 17 ms
 # against the 0.5x-of-stock targets' 84 / 22 ms; FP8 linears (quant="fp8") run them ~1.8x faster.
 SANA_STEP_VARIANTS = STEP_VARIANTS + (("patched_fp8_graph", "auto", True, "fp8"),)
 SANA_1600M = dict(num_attention_heads=70, attention_head_dim=32, num_layers=20, num_cross_attention_heads=20,

@@ -265,24 +265,19 @@ def _unembed_output(tokens: torch.Tensor, channels: int, patch_size: int, height
 
 
 def patch_embed_into(latent, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
-    """Write patch_embed's tokens into `out` (B, N, D), last dim contiguous, with a chosen backend."""
+    """Write patch_embed's tokens into `out` (B, N, D), last dim contiguous: the Triton kernel, else the reference."""
     if backend == "triton":
         _launch_embed_triton(latent, weight, bias, patch_size, out)
-    elif backend == "cuda":
-        out.copy_(_embed_cublas(latent, weight, bias, patch_size))
     else:
         out.copy_(patch_embed_reference(latent, weight, bias, patch_size))
 
 
 def patch_unembed_into(tokens, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
-    """Write patch_unembed's latent into `out` (B, C, h, w), any strides, with a chosen backend."""
-    height, width = out.shape[2:]
+    """Write patch_unembed's latent into `out` (B, C, h, w), any strides: the Triton kernel, else the reference."""
     if backend == "triton":
         _launch_unembed_triton(tokens, weight, bias, patch_size, out)
-    elif backend == "cuda":
-        out.copy_(_unembed_cublas(tokens, weight, bias, patch_size, height, width))
     else:
-        out.copy_(patch_unembed_reference(tokens, weight, bias, patch_size, height, width))
+        out.copy_(patch_unembed_reference(tokens, weight, bias, patch_size, out.shape[2], out.shape[3]))
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
