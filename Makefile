@@ -26,10 +26,11 @@ bench: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
-# Pure-Python wheels that benchmarks/gpu_check.sh installs on the GPU machine (Python 3.12, no network there).
+# Pure-Python wheels that benchmarks/gpu_check.sh installs on the GPU machine (Python 3.12, no network there):
+# diffusers, and pytest-xdist for its parallel GPU tests.
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		diffusers==0.42.1 importlib_metadata
+		diffusers==0.42.1 importlib_metadata pytest-xdist==3.8.0 execnet==2.1.2
 
 clean:
 	rm -rf build build-* .installed-* dcgen_kernels/_C*.so *.egg-info

@@ -12,7 +12,8 @@ Tiny mode: a 2-layer fp32 model on the CPU at toy shapes.
 `run` (eager section): stock, the noise floor (patch(model, backend="reference") vs stock: bf16 noise of the
 stock path grown through the blocks), patched (backend auto, what users get), patched_triton, patched_graph
 (patch(cuda_graph=True): the step replayed as one CUDA graph) and patched_fp8_graph (also quant="fp8": the block
-linears in FP8). The check allows max(2e-2, twice the noise floor), for fp8 common.QUANT_STEP_TOL.
+linears in FP8). The check allows max(2e-2, twice the noise floor), for fp8 common.QUANT_STEP_TOL. Then one
+profiled step of stock and of patched (kernel_profile: GPU kernel ms by class, the costliest kernels).
 `run_compile` (a later section, since it is slow: ~40 s of compilation per shape on an H100): rebuilds the same
 seeded model, runs torch.compile(model) (mode default, Inductor) and reports its first-call seconds (compilation
 plus one execution) apart from its steady-state ms. Tiny mode uses torch.compile(backend="eager") instead:
@@ -28,11 +29,12 @@ import torch
 
 from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory,
                      noise_floor_tolerance, STEP_VARIANTS, record_patched_variants, reference_noise_floor, rel_l2)
-from .timing import time_ms, wall_s
+from .timing import profile_kernels, time_ms, wall_s
 
 STEP_TOL = 2e-2
-# The bf16 GEMMs alone are 44.5 / 11.2 TFLOP per step (benchmarks/projection.py's counter): at an assumed 650 TFLOP/s 68 / 17 ms
-# against the 0.5x-of-stock targets' 84 / 22 ms; FP8 linears (quant="fp8") run them ~1.8x faster.
+# The bf16 GEMMs alone are 44.5 / 11.2 TFLOP per step (benchmarks/projection.py's counter): at an assumed
+# 650 TFLOP/s 68 / 17 ms against the 0.5x-of-stock targets' 84 / 22 ms (README: with the other ops' minimal traffic
+# an estimated bf16 floor of ~81 ms at 128x128); FP8 linears (quant="fp8") run the GEMMs ~1.8x faster.
 SANA_STEP_VARIANTS = STEP_VARIANTS + (("patched_fp8_graph", "auto", True, "fp8"),)
 SANA_1600M = dict(num_attention_heads=70, attention_head_dim=32, num_layers=20, num_cross_attention_heads=20,
                   cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304, mlp_ratio=2.5,
@@ -123,6 +125,7 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
                 tolerance = noise_floor_tolerance(rec["noise_floor"], STEP_TOL)
                 record_patched_variants(rec, model, step, device, shape.warmup, shape.iters, stock_out, tolerance,
                                         SANA_STEP_VARIANTS)
+                rec["kernel_profile"] = kernel_profiles(model, step, device)
         except Exception as err:  # noqa: BLE001
             rec.update(error_record(err))
         finally:
@@ -131,6 +134,24 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
         if progress:
             progress(result)
     return result
+
+
+def kernel_profiles(model, step, device: torch.device) -> dict:
+    """One profiled step each of stock and patch(model): GPU kernel ms by class and the costliest kernels, i.e. where
+    the patched step's time goes against its floor (README). Costs about four steps."""
+    import dcgen_kernels
+
+    profiles = {}
+    try:
+        profiles["stock"] = profile_kernels(step, device, steps=1, top=8)
+        dcgen_kernels.patch(model)
+        try:
+            profiles["patched"] = profile_kernels(step, device, steps=1, top=8)
+        finally:
+            dcgen_kernels.unpatch(model)
+    except Exception as err:  # noqa: BLE001 - a diagnostic: the timed variants stay
+        profiles.update(error_record(err))
+    return profiles
 
 
 COMPILE_MIN_S_PER_SHAPE = 60  # H100: ~40 s of Inductor compilation + build and timing

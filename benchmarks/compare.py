@@ -70,11 +70,13 @@ def host_bound_paths(report: dict) -> set:
     fast = {key for key, rec in steps.items()
             if any(isinstance(v, dict) and v.get("ms", HOST_BOUND_STEP_MS) < HOST_BOUND_STEP_MS
                    for name, v in rec.items() if name != "patched_graph")}
+    fast |= {key for key, rec in report.get("e2e_compile", {}).get("steps", {}).items()
+             if rec.get("torch_compile", {}).get("stock_ms", HOST_BOUND_STEP_MS) < HOST_BOUND_STEP_MS}
     speedups = report.get("e2e_summary", {}).get("speedups", {})
     paths = set()
     for path in metrics(report):
         parts = path.split("/")
-        if parts[0] == "e2e" and parts[1] == "steps" or parts[:2] == ["e2e_summary", "images"]:
+        if parts[0] in ("e2e", "e2e_compile") and parts[1] == "steps" or parts[:2] == ["e2e_summary", "images"]:
             if "/".join(parts[2:4]) in fast:
                 paths.add(path)
         elif parts[:2] == ["e2e_summary", "speedups"]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a fresh H100/H200 (no network), from the repository root or anywhere:
-#     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick] [--budget-s N]
+#     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|dcgen|e2e|all | --sections a,b,...] [--quick]
+#                                  [--budget-s N]
 # Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu (dcgen: the
 # GPU tests of the ops it measures; kernels: the others; all: every one; e2e: none) -> benchmark suite
 # (benchmarks/run.py --suite ...) -> perf-regression check against benchmarks/results/baseline-<gpu>-<suite>.json,
@@ -27,6 +28,10 @@
 #                      FLUX compile (126 s) and ~1 min for the SANA-1.6B 4K one; the other compiles are skipped for
 #                      time: ~7 min in all.
 #   all                all three, in that order; on a GPU the later sections are skipped when the budget runs out.
+# --sections a,b,...: those benchmark sections of run.py (in its order) instead of a suite, with every GPU test and a
+#   comparison against each baseline of this GPU model: one call for what several suites' open items need.
+# pytest runs on 4 workers (pytest-xdist, one file per worker: the tests are bound by Triton's JIT on the CPU)
+# when xdist is importable, e.g. from the carried wheels; else serially.
 # --budget-s N: the whole run's seconds instead of 480 (two suites in one device call: e.g. dcgen 290 + e2e 240).
 # --quick: e2e at 1K only. --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode;
 # works without a GPU.
@@ -38,7 +43,11 @@ DRY_RUN=${DCGEN_DRY_RUN:-0}
 SUITE=kernels
 QUICK=0
 BUDGET_S=480
-usage() { echo "usage: $0 [--dry-run] [--suite kernels|dcgen|e2e|all] [--quick] [--budget-s N]" >&2; exit 2; }
+SECTIONS=
+usage() {
+  echo "usage: $0 [--dry-run] [--suite kernels|dcgen|e2e|all | --sections a,b,...] [--quick] [--budget-s N]" >&2
+  exit 2
+}
 while (($#)); do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
@@ -48,6 +57,11 @@ while (($#)); do
       SUITE=$2
       shift ;;
     --suite=*) SUITE=${1#--suite=} ;;
+    --sections)
+      (($# >= 2)) || usage
+      SECTIONS=$2
+      shift ;;
+    --sections=*) SECTIONS=${1#--sections=} ;;
     --budget-s)
       (($# >= 2)) || usage
       BUDGET_S=$2
@@ -60,6 +74,10 @@ case $SUITE in kernels|dcgen|e2e|all) ;; *) usage ;; esac
 [[ $BUDGET_S =~ ^[0-9]+$ ]] || { echo "--budget-s: expected whole seconds, got '$BUDGET_S'" >&2; exit 2; }
 
 PY=${PYTHON:-python3}
+if [[ -n $SECTIONS ]]; then  # a misspelt name fails here, not after the tests
+  "$PY" -c 'import sys; from benchmarks.run import select_sections; select_sections("all", sys.argv[1])' "$SECTIONS"
+fi
+
 # Real-size suite on an H100: ~40 s FLUX (ceilings, attention, steps); SANA ops ~30 s, SANA steps ~20 s, DC-AE 4K
 # decodes ~25 s, torch.compile of the SANA step ~2 x 45 s (last); plus model builds and Triton JIT. The suite is
 # also told what is left (--budget-s) and skips a section that would not fit rather than being killed mid-way.
@@ -116,7 +134,9 @@ phase() {  # phase NAME TIMEOUT_S [OK_RC] -- CMD...: run with a timeout, time an
 }
 
 main() {
-  echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); suite $SUITE, quick $QUICK, dry run $DRY_RUN; results: $BASE.json"
+  local what="suite $SUITE"
+  [[ -z $SECTIONS ]] || what="sections $SECTIONS"
+  echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); $what, quick $QUICK, dry run $DRY_RUN; results: $BASE.json"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null \
     || echo "nvidia-smi: no GPU visible"
 
@@ -152,18 +172,22 @@ main() {
     record cmake_build "skipped (no CMakeLists.txt)" 0
   fi
 
-  local left suite_args=(--out "$BASE.json" --phases "$PHASES" --suite "$SUITE")
-  if [[ $SUITE == e2e ]]; then
+  local left suite_args=(--out "$BASE.json" --phases "$PHASES")
+  if [[ -n $SECTIONS ]]; then suite_args+=(--sections "$SECTIONS"); else suite_args+=(--suite "$SUITE"); fi
+  if [[ -z $SECTIONS && $SUITE == e2e ]]; then
     record pytest_gpu "skipped (suite e2e: the benchmark gets the whole call)" 0
   else
-    local reserve=$SUITE_RESERVE_S tests=(tests) t
-    case $SUITE in
-      dcgen) reserve=$DCGEN_SUITE_RESERVE_S; tests=("${DCGEN_TESTS[@]}") ;;
-      kernels) for t in "${DCGEN_TESTS[@]}"; do tests+=("--ignore=$t"); done ;;  # the dcgen suite runs those
-    esac
+    local reserve=$SUITE_RESERVE_S tests=(tests) t parallel=()
+    if [[ -z $SECTIONS ]]; then
+      case $SUITE in
+        dcgen) reserve=$DCGEN_SUITE_RESERVE_S; tests=("${DCGEN_TESTS[@]}") ;;
+        kernels) for t in "${DCGEN_TESTS[@]}"; do tests+=("--ignore=$t"); done ;;  # the dcgen suite runs those
+      esac
+    fi
+    if "$PY" -c 'import xdist' 2>/dev/null; then parallel=(-n 4 --dist loadfile); fi
     left=$((BUDGET_S - (EPOCHSECONDS - START) - reserve))
     phase pytest_gpu $((left > 60 ? (left < 180 ? left : 180) : 60)) -- \
-      "$PY" -m pytest -m gpu -q "${tests[@]}" --junitxml="$JUNIT"
+      "$PY" -m pytest -m gpu -q "${parallel[@]}" "${tests[@]}" --junitxml="$JUNIT"
     suite_args+=(--pytest-junit "$JUNIT")
   fi
 
@@ -175,15 +199,29 @@ main() {
   suite_args+=(--budget-s $((left - 20)))
   phase suite "$left" -- "$PY" benchmarks/run.py "${suite_args[@]}"
 
-  # A baseline per GPU model, optionally per suite (baseline-<gpu>-<suite>.json first, then baseline-<gpu>.json).
-  local baseline=$RESULTS/baseline-$SLUG-$SUITE.json
-  [[ -f $baseline ]] || baseline=$RESULTS/baseline-$SLUG.json
+  # A baseline per GPU model, optionally per suite (baseline-<gpu>-<suite>.json first, then baseline-<gpu>.json);
+  # --sections compares with every baseline of the GPU model (metrics only in one file are shown, not gated).
+  local baselines=() baseline
+  if [[ -n $SECTIONS ]]; then
+    baselines=("$RESULTS"/baseline-"$SLUG".json "$RESULTS"/baseline-"$SLUG"-*.json)
+  else
+    baseline=$RESULTS/baseline-$SLUG-$SUITE.json
+    [[ -f $baseline ]] || baseline=$RESULTS/baseline-$SLUG.json
+    baselines=("$baseline")
+  fi
+  local compared=0
   if [[ ! -f $BASE.json ]]; then
     record perf_regression_check "skipped (the suite wrote no JSON)" 0
-  elif [[ -f $baseline ]]; then
-    phase perf_regression_check 60 -- "$PY" benchmarks/compare.py "$baseline" "$BASE.json"
+    compared=1
   else
-    record perf_regression_check "skipped (no baseline for '$SLUG': copy a reviewed result JSON to $baseline)" 0
+    for baseline in "${baselines[@]}"; do
+      [[ -f $baseline ]] || continue
+      phase "perf_regression_check vs $(basename "$baseline")" 60 -- "$PY" benchmarks/compare.py "$baseline" "$BASE.json"
+      compared=1
+    done
+  fi
+  if ((!compared)); then
+    record perf_regression_check "skipped (no baseline for '$SLUG': copy a reviewed result JSON to ${baselines[0]})" 0
   fi
 
   echo "gpu_check: total $((EPOCHSECONDS - START))s; results $BASE.json; log $BASE.log"

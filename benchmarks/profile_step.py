@@ -18,72 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import statistics
 
 import torch
 
 from . import bench_flux_step, bench_sana_step
 from .common import free_device_memory
+from .timing import profile_kernels
 
 VARIANTS = {"stock": None, "patched": "bf16", "fp8": "fp8", "nvfp4": "nvfp4"}
-# Kernel-name patterns per class, first match wins (cuBLAS/CUTLASS GEMMs, our Triton GEMMs, attention kernels).
-CLASSES = (
-    ("conv", re.compile(r"conv|depthwise|fprop_implicit", re.I)),  # SANA's GLUMBConv and DC-AE (cuDNN or ours)
-    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|cudnn", re.I)),
-    ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|wgmma|matmul|_mm_|linear_kernel|nvfp4_gemm|fp8_linear|"
-                        r"aten::(addmm|mm|bmm)$", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy|cat|fill", re.I)),
-    ("elementwise", re.compile(r"elementwise|vectorized|reduce|norm|gelu|silu|softmax|rope|modulate|residual|"
-                               r"quantize|triton", re.I)),
-)
-
-
-def classify(name: str) -> str:
-    return next((label for label, pattern in CLASSES if pattern.search(name)), "other")
-
-
-def profile_variant(model, step, device: torch.device, steps: int, top: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    step()  # warm-up: Triton JIT, cuBLAS handles, allocator
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    walls = []
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize(device)
-                walls.append(start.elapsed_time(end))
-            else:
-                step()
-    kernels: dict = {}
-    for event in prof.key_averages():
-        if device.type == "cuda":
-            # Device-side kernels only (CPU ops carry their children's device time too).
-            if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
-                continue
-            us = float(event.device_time_total)
-        else:
-            us = float(event.self_cpu_time_total)
-        if us > 0:
-            kernels[event.key] = kernels.get(event.key, 0.0) + us
-    per_step = {name: us / steps / 1e3 for name, us in kernels.items()}  # ms per step
-    by_class: dict = {}
-    for name, ms in per_step.items():
-        by_class[classify(name)] = by_class.get(classify(name), 0.0) + ms
-    kernel_ms = sum(per_step.values())
-    rec = {"kernel_ms_per_step": kernel_ms, "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
-           "top_kernels_ms": [[name[:120], ms] for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:top]]}
-    if walls:
-        rec["wall_ms_per_step"] = statistics.median(walls)
-        rec["gpu_busy"] = kernel_ms / rec["wall_ms_per_step"]
-    return rec
-
-
 def _flux_steps(device: torch.device, tiny: bool, image_tokens):
     """(config record, model, [(size key, inputs)]) of the FLUX step."""
     cfg = bench_flux_step.TINY if tiny else bench_flux_step.REAL
@@ -129,7 +71,7 @@ def run(device: torch.device, tiny: bool, image_tokens=(4096,), variants=("stock
                             dcgen_kernels.patch(model, backend=backend, quant=quant, keep_original=quant is not None)
                         try:
                             with torch.no_grad():
-                                result["profiles"][key] = profile_variant(model, step, device, steps, top)
+                                result["profiles"][key] = profile_kernels(step, device, steps, top)
                         finally:
                             if VARIANTS[name] is not None:
                                 dcgen_kernels.unpatch(model)

@@ -26,7 +26,8 @@ How to read the numbers
   TFLOP/s for glumbconv (its GEMMs + depthwise conv) and the cross-attention. Checks at rel-L2 1e-2.
 - sana_step: one SanaTransformer2DModel forward, SANA-1.6B config, random bf16 weights, 300 text tokens with a
   mask of ones, at c32_128x128 (SANA 4K) and c128_64x64 (DC-Gen-SANA 4K): stock eager vs patch(model); checks
-  allow max(2e-2, twice the fp32-reference-backend deviation). sana_step_compile: torch.compile of the stock
+  allow max(2e-2, twice the fp32-reference-backend deviation); one profiled step of stock and patched gives the
+  kernel time by class (profile_step.py's classes). sana_step_compile: torch.compile of the stock
   model (Inductor, mode default) at the same shapes, run last; "compile s" is its first call in wall seconds.
 - dcae_decode: AutoencoderDC.decode of a 1x32x128x128 latent (a 4096^2 image), stock vs patched, for the SANA 1.0
   f32c32 decoder (EfficientViT stages) and for AutoencoderDC()'s defaults (all ResBlocks, the anchor's config).
@@ -371,9 +372,25 @@ def _status(rec: dict):
     return None
 
 
-def table(report: dict) -> str:
+def ceiling_lines(ceil: dict) -> list:
     from benchmarks.common import ANCHOR_LABEL
 
+    anchor = ceil.get(ANCHOR_LABEL, {})
+    lines = [f"{'ceilings':34}{'this run':>10}  {ANCHOR_LABEL}"]
+    if "error" in ceil or "skipped" in ceil:
+        return lines + [f"  {_status(ceil)}"]
+    return lines + [
+        f"  {'device copy GB/s':32}{_fmt(ceil.get('copy_GBps'), '.0f', 10)}  "
+        f"{_fmt(anchor.get('copy_GBps'), '.0f', 10)}",
+        f"  {ceil.get('gemm_dtype')} GEMM {ceil.get('gemm_n')}^3 TFLOP/s".ljust(34)
+        + f"{_fmt(ceil.get('gemm_tflops'), '.1f', 10)}  {_fmt(anchor.get('gemm_tflops'), '.1f', 10)}",
+        f"  {'fp8 GEMM TFLOP/s':32}{_fmt(ceil.get('fp8_gemm_tflops'), '.1f', 10)}  "
+        f"{_fmt(anchor.get('fp8_gemm_tflops'), '.1f', 10)}",
+        f"  {'attention TFLOP/s (' + str(ceil.get('attention_shape', '')).split(',')[0] + ')':32}"
+        f"{_fmt(ceil.get('attention_tflops'), '.1f', 10)}"]
+
+
+def table(report: dict) -> str:
     env = report.get("environment", {})
     versions = env.get("versions", {})
     where = f"{env['gpu']} (capability {env.get('capability')})" if env.get("gpu") else "CPU"
@@ -383,20 +400,8 @@ def table(report: dict) -> str:
         lines.append(f"   {TINY_NOTE}")
 
     ran = set(report.get("sections", []))
-    ceil = report.get("ceilings", {})
-    anchor = ceil.get(ANCHOR_LABEL, {})
-    lines.append(f"{'ceilings':34}{'this run':>10}  {ANCHOR_LABEL}")
-    if "error" in ceil or "skipped" in ceil:
-        lines.append(f"  {_status(ceil)}")
-    else:
-        lines.append(f"  {'device copy GB/s':32}{_fmt(ceil.get('copy_GBps'), '.0f', 10)}  "
-                     f"{_fmt(anchor.get('copy_GBps'), '.0f', 10)}")
-        lines.append(f"  {ceil.get('gemm_dtype')} GEMM {ceil.get('gemm_n')}^3 TFLOP/s".ljust(34)
-                     + f"{_fmt(ceil.get('gemm_tflops'), '.1f', 10)}  {_fmt(anchor.get('gemm_tflops'), '.1f', 10)}")
-        lines.append(f"  {'fp8 GEMM TFLOP/s':32}{_fmt(ceil.get('fp8_gemm_tflops'), '.1f', 10)}  "
-                     f"{_fmt(anchor.get('fp8_gemm_tflops'), '.1f', 10)}")
-        lines.append(f"  {'attention TFLOP/s (' + str(ceil.get('attention_shape', '')).split(',')[0] + ')':32}"
-                     f"{_fmt(ceil.get('attention_tflops'), '.1f', 10)}")
+    if "ceilings" in ran:
+        lines += ceiling_lines(report.get("ceilings", {}))
     lines += kernel_tables(report, ran)
     lines += e2e_tables(report, ran)
     for name in report.get("sections", []):  # sections without a table of their own: their outcome
@@ -431,15 +436,15 @@ def e2e_tables(report: dict, ran: set) -> list:
                     lines.append(f"e2e {key}: {summary[key]}")
         else:
             lines.append(f"e2e: {_status(eager) or _status(summary) or 'no result'}")
+    if "e2e_compile" in ran:
         comp = report.get("e2e_compile", {})
+        lines.append("e2e_compile (torch.compile of the stock transformer step)")
         for key, rec in comp.get("steps", {}).items():
-            status = _status(rec.get("torch_compile", {}))
-            if status:
-                lines.append(f"  torch_compile {key}: {status}")
-            elif "compile_s" in rec.get("torch_compile", {}):
-                lines.append(f"  torch_compile {key}: compile {rec['torch_compile']['compile_s']:.0f} s")
+            rec = rec.get("torch_compile", {})
+            lines.append(f"  {key}: " + (_status(rec) or f"compile {rec['compile_s']:.0f} s, step {rec['ms']:.1f} ms "
+                                         f"vs stock eager {rec['stock_ms']:.1f} ms: {rec['speedup_vs_stock']:.2f}x"))
         if _status(comp):
-            lines.append(f"  e2e_compile: {_status(comp)}")
+            lines.append(f"  {_status(comp)}")
     if "projection" in ran:
         proj = report.get("projection", {})
         lines += projection.table_lines(proj) or [f"projection: {_status(proj) or 'no result'}"]
@@ -659,7 +664,12 @@ def sana_step_table(report: dict) -> list:
             lines.append(f"  {key:<14}{'torch_compile':<18}{_status(csize)}")
         if floor is not None:
             lines.append(f"  {key:<14}(noise floor: fp32 reference backend vs stock rel-L2 {floor:.1e})")
-
+        for name, prof in size.get("kernel_profile", {}).items():
+            if isinstance(prof, dict) and "by_class_ms" in prof:
+                lines.append(f"  {key:<14}{name} kernel ms by class: " + ", ".join(
+                    f"{label} {ms:.1f}" for label, ms in prof["by_class_ms"].items()))
+        if "error" in size.get("kernel_profile", {}):
+            lines.append(f"  {key:<14}kernel profile {_status(size['kernel_profile'])}")
     return lines
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from typing import Callable
@@ -143,3 +144,62 @@ def wall_s(fn: Callable[[], object], device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - t0
+
+
+# Kernel-name patterns per class, first match wins (cuBLAS/CUTLASS GEMMs, our Triton GEMMs, attention kernels).
+CLASSES = (
+    ("conv", re.compile(r"conv|depthwise|fprop_implicit", re.I)),  # SANA's GLUMBConv and DC-AE (cuDNN or ours)
+    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|cudnn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|wgmma|matmul|_mm_|linear_kernel|nvfp4_gemm|fp8_linear|"
+                        r"aten::(addmm|mm|bmm)$", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|cat|fill", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|reduce|norm|gelu|silu|softmax|rope|modulate|residual|"
+                               r"quantize|triton", re.I)),
+)
+
+
+def classify(name: str) -> str:
+    return next((label for label, pattern in CLASSES if pattern.search(name)), "other")
+
+
+def profile_kernels(step: Callable[[], object], device: torch.device, steps: int, top: int) -> dict:
+    """torch.profiler over `steps` calls of step() after one warm-up: kernel ms per call, by class (CLASSES) and the
+    `top` costliest; on CUDA also the wall ms per call (events) and the GPU-busy fraction. CPU: CPU ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up: Triton JIT, cuBLAS handles, allocator
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    walls = []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize(device)
+                walls.append(start.elapsed_time(end))
+            else:
+                step()
+    kernels: dict = {}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            # Device-side kernels only (CPU ops carry their children's device time too).
+            if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            us = float(event.device_time_total)
+        else:
+            us = float(event.self_cpu_time_total)
+        if us > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + us
+    per_step = {name: us / steps / 1e3 for name, us in kernels.items()}  # ms per step
+    by_class: dict = {}
+    for name, ms in per_step.items():
+        by_class[classify(name)] = by_class.get(classify(name), 0.0) + ms
+    kernel_ms = sum(per_step.values())
+    rec = {"kernel_ms_per_step": kernel_ms, "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+           "top_kernels_ms": [[name[:120], ms] for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:top]]}
+    if walls:
+        rec["wall_ms_per_step"] = statistics.median(walls)
+        rec["gpu_busy"] = kernel_ms / rec["wall_ms_per_step"]
+    return rec

@@ -225,6 +225,18 @@ def test_tiny_e2e_run_writes_json_table_and_chart(tiny_e2e):
     assert [t["pass"] for t in report["targets"]] == [None] * len(report["targets"])  # tiny: not evaluated
 
 
+def test_tiny_e2e_compile_runs_without_the_eager_section(tmp_path):
+    # One GPU call may run e2e_compile alone: it then takes the whole compile plan and times stock itself.
+    out = tmp_path / "results.json"
+    assert run.main(["--tiny", "--sections", "e2e_compile", "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["e2e_compile"]["steps"]
+    assert set(steps) == {"DC-Gen-FLUX/4K", "DC-Gen-SANA/4K"}
+    for key, rec in steps.items():
+        rec = rec["torch_compile"]
+        assert rec["check"] == "ok" and rec["stock_ms"] > 0, key
+        assert rec["speedup_vs_stock"] == pytest.approx(rec["stock_ms"] / rec["ms"])
+
+
 def test_tiny_projection_is_labelled_and_finite(tiny_e2e):
     _, _, report = tiny_e2e
     proj = report["projection"]
@@ -325,6 +337,14 @@ def test_compare_does_not_gate_e2e_ratios_of_host_paced_steps():
     assert result["regressions"] == ["e2e/steps/FLUX.1-Krea/1K/patched/speedup_vs_stock"]
     result = compare.compare(report(1.2, 1.3, 300.0), report(0.6, 1.3, 300.0), 0.10)
     assert "e2e/steps/DC-Gen-FLUX/1K/patched/speedup_vs_stock" in result["regressions"]
+
+    def compiled(speedup, stock_ms):
+        return {"e2e_compile": {"steps": {"DC-Gen-FLUX/4K": {"torch_compile": {
+            "ms": stock_ms / speedup, "stock_ms": stock_ms, "speedup_vs_stock": speedup, "check": "ok"}}}}}
+
+    path = "e2e_compile/steps/DC-Gen-FLUX/4K/torch_compile/speedup_vs_stock"
+    assert compare.compare(compiled(1.4, 180.0), compiled(1.0, 180.0), 0.10)["regressions"] == []
+    assert compare.compare(compiled(1.4, 900.0), compiled(1.0, 900.0), 0.10)["regressions"] == [path]
 
 
 # ------------------------------------------------------------------------------------------------ e2e text encoders
@@ -448,3 +468,17 @@ def test_profile_step_tiny_sana_runs_each_variant():
     for key in ("c128_64x64/stock", "c128_64x64/patched"):
         rec = result["profiles"][key]
         assert "error" not in rec and rec["kernel_ms_per_step"] > 0 and len(rec["top_kernels_ms"]) == 3, rec
+
+
+def test_sana_step_kernel_profiles_leave_the_model_unpatched():
+    import dcgen_kernels
+    from benchmarks import bench_sana_step
+
+    cfg = bench_sana_step.TINY
+    model = bench_sana_step.build_model(cfg, cfg.shapes[0], torch.device("cpu"))
+    x = bench_sana_step.make_inputs(cfg, cfg.shapes[0], torch.device("cpu"))
+    with torch.no_grad():
+        profiles = bench_sana_step.kernel_profiles(model, lambda: model(**x)[0], torch.device("cpu"))
+    assert set(profiles) == {"stock", "patched"}
+    assert all(p["kernel_ms_per_step"] > 0 and len(p["top_kernels_ms"]) == 8 for p in profiles.values())
+    assert not dcgen_kernels.is_patched(model)

@@ -198,23 +198,6 @@ def test_w4a16_gpu_flux_shape_accuracy(M):
     assert rel_l2(out, ref.float()) < 1e-2
 
 
-@pytest.mark.gpu
-def test_w4a16_large_m_speed_against_cublas_bf16():
-    # Issue target: W4A16 >= 0.9x cuBLAS bf16 at M >= 4096 on FLUX shapes. The assertion keeps a margin for
-    # timing noise (0.8x); the measured ratio is printed.
-    from benchmarks.timing import time_ms
-
-    M, K, N, R = 4608, 3072, 12288, 32
-    x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
-    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-    device = torch.device("cuda")
-    t_bf16 = time_ms(lambda: torch.nn.functional.linear(x, weight, bias), device, 5, 20)
-    t_w4a16 = time_ms(lambda: nvfp4_w4a16_gemm(x, *wq, lora_down=lora_down, lora_up=lora_up, bias=bias), device,
-                      5, 20)
-    print(f"W4A16 {t_w4a16:.3f} ms vs cuBLAS bf16 {t_bf16:.3f} ms: {t_bf16 / t_w4a16:.2f}x")
-    assert t_bf16 / t_w4a16 > 0.8
-
-
 def assert_gpu_w4a4_matches_reference(M, N, backend):
     K, R = 3072, 32
     x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
