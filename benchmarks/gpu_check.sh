@@ -7,7 +7,7 @@
 # (benchmarks/run.py --suite ...) -> perf-regression check against benchmarks/results/baseline-<gpu>-<suite>.json,
 # else baseline-<gpu>.json (benchmarks/compare.py; skipped with a note when this GPU model has no baseline). Writes
 # ${OUT:-benchmarks/results}/gpu_check-<gpu>-<date>.json and .log (plus -e2e.md and -e2e.png for the e2e suite),
-# copied to benchmarks/results/ too when $OUT is set.
+# copied to benchmarks/results/ too when $OUT is set (not in a dry run).
 # Whole run <= 8 min: every phase has a timeout, the suite is told what is left (--budget-s) and records a section
 # that would not fit as skipped; the JSON (and the e2e table and chart) is rewritten after every section, so a
 # suite killed at its timeout keeps what it measured. A failing phase is recorded and the next one still runs; the
@@ -31,7 +31,7 @@
 # --sections a,b,...: those benchmark sections of run.py (in its order) instead of a suite, with every GPU test and a
 #   comparison against each baseline of this GPU model: one call for what several suites' open items need.
 # pytest runs on 4 workers (pytest-xdist, one file per worker: the tests are bound by Triton's JIT on the CPU)
-# when xdist is importable, e.g. from the carried wheels; else serially.
+# when pytest-xdist works here (the carried wheels; probed first); else serially.
 # --budget-s N: the whole run's seconds instead of 480 (two suites in one device call: e.g. dcgen 290 + e2e 240).
 # --quick: e2e at 1K only. --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode;
 # works without a GPU.
@@ -113,6 +113,11 @@ record() {  # record NAME STATUS SECONDS
   echo "=== [$1] $2 in ${3}s (elapsed $((EPOCHSECONDS - START))s of ${BUDGET_S}s)"
 }
 
+xdist_works() {  # the plugin loads with this pytest and starts workers (a probe outside the repository, ~2 s)
+  printf 'def test_probe():\n    pass\n' >"$WORK/test_xdist_probe.py"
+  "$PY" -m pytest -q -p no:cacheprovider -n 2 "$WORK/test_xdist_probe.py" >/dev/null 2>&1
+}
+
 FAILED=()
 phase() {  # phase NAME TIMEOUT_S [OK_RC] -- CMD...: run with a timeout, time and record it; never fatal
   local name=$1 limit=$2 ok_rc=0
@@ -184,7 +189,7 @@ main() {
         kernels) for t in "${DCGEN_TESTS[@]}"; do tests+=("--ignore=$t"); done ;;  # the dcgen suite runs those
       esac
     fi
-    if "$PY" -c 'import xdist' 2>/dev/null; then parallel=(-n 4 --dist loadfile); fi
+    if xdist_works; then parallel=(-n 4 --dist loadfile); else echo "pytest-xdist unusable here: tests run serially"; fi
     left=$((BUDGET_S - (EPOCHSECONDS - START) - reserve))
     phase pytest_gpu $((left > 60 ? (left < 180 ? left : 180) : 60)) -- \
       "$PY" -m pytest -m gpu -q "${parallel[@]}" "${tests[@]}" --junitxml="$JUNIT"
@@ -234,7 +239,7 @@ main() {
 
 rc=0
 main 2>&1 | tee "$BASE.log" || rc=$?
-if [[ -n ${OUT:-} && $OUT_DIR != "$RESULTS" ]]; then
+if [[ -n ${OUT:-} && $OUT_DIR != "$RESULTS" && $DRY_RUN != 1 ]]; then  # a dry run's files are not results
   cp -f "$BASE".* "$BASE"-e2e.* "$RESULTS"/ 2>/dev/null || true
 fi
 rm -rf "$WORK"
