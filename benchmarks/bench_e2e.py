@@ -548,7 +548,8 @@ def _run_decode(cfg: Config, ae_key: str, res: str, device, result: dict) -> Non
 # ------------------------------------------------------------------------------------------------ torch.compile
 def run_compile(device: torch.device, tiny: bool, eager: dict, progress=None, time_left=None) -> dict:
     """torch.compile of the stock transformer for the configurations of the compile plan, as far as the budget
-    allows (time_left(): seconds left or None): those run() measured when it ran (`eager`), else the whole plan.
+    allows (time_left(): seconds left or None): those run() measured when it ran (`eager` has steps), else the
+    whole plan.
     The stock eager step is timed here too, on the same model and inputs, for the speed-up."""
     cfg = TINY if tiny else REAL
     ran = {key for key, rec in (eager or {}).get("steps", {}).items() if "ms" in rec.get("stock", {})}
@@ -561,7 +562,8 @@ def run_compile(device: torch.device, tiny: bool, eager: dict, progress=None, ti
         import torch._dynamo as dynamo
     except ImportError as err:
         return {"unavailable": f"torch._dynamo: {err}"}
-    targets = [(name, res) for name, res in cfg.compile_plan if not eager or _key(name, res) in ran]
+    eager_ran = "steps" in (eager or {})  # not when the e2e section was left out, skipped or failed
+    targets = [(name, res) for name, res in cfg.compile_plan if not eager_ran or _key(name, res) in ran]
     bar = ProgressBar(len(targets), "e2e compile")
     try:
         for name, res in targets:

@@ -292,9 +292,9 @@ def run(report: dict, tiny: bool, anchors: dict, device=None) -> dict:
               "efficiency": dataclasses.asdict(eff), "paper": PAPER_5090_NOTE,
               "counts": {}, "steps": {}, "decodes": {}, "images": {}}
 
-    def project(key, counts, measured, nvfp4=False):
-        rec = {"rtx5090_ms": model_seconds(counts, RTX_5090, eff, nvfp4)["total"] * 1e3,
-               "rtx5090_parts_ms": {k: v * 1e3 for k, v in model_seconds(counts, RTX_5090, eff, nvfp4).items()}}
+    def project(counts, measured, nvfp4=False):
+        parts = model_seconds(counts, RTX_5090, eff, nvfp4)
+        rec = {"rtx5090_ms": parts["total"] * 1e3, "rtx5090_parts_ms": {k: v * 1e3 for k, v in parts.items()}}
         if here is not None and measured:
             modelled = model_seconds(counts, here, eff)["total"] * 1e3
             rec.update(modelled_here_ms=modelled, measured_here_ms=measured, calibration=measured / modelled)
@@ -304,12 +304,12 @@ def run(report: dict, tiny: bool, anchors: dict, device=None) -> dict:
     for key, counts in steps.items():
         result["counts"][key] = counts.totals()
         measured = measured_steps.get(key, {}).get("stock", {}).get("ms")
-        result["steps"][key] = {"bf16": project(key, counts, measured)}
+        result["steps"][key] = {"bf16": project(counts, measured)}
         if key.startswith(("FLUX.1-Krea/", "DC-Gen-FLUX")):
-            result["steps"][key]["nvfp4"] = project(key, counts, measured, nvfp4=True)
+            result["steps"][key]["nvfp4"] = project(counts, measured, nvfp4=True)
     for key, counts in decodes.items():
         result["counts"][key] = counts.totals()
-        result["decodes"][key] = project(key, counts, measured_decodes.get(key, {}).get("stock", {}).get("ms"))
+        result["decodes"][key] = project(counts, measured_decodes.get(key, {}).get("stock", {}).get("ms"))
     for pipe in pipes:
         for res in (r for r in resolutions if r in pipe.autoencoder):
             key = f"{pipe.name}/{res}"

@@ -186,7 +186,8 @@ def flux_targets(report: dict, ran: set) -> list:
         key = f"N={att_cfg.text_tokens + image_tokens}"
         variants = report.get("flux_attention", {}).get("sizes", {}).get(key, {}).get("variants", {})
         best, stock_ms = _best_dcgen(variants), variants.get("stock", {}).get("ms")
-        speed = tflops = (False, "no checked dcgen result or no stock time")
+        why = _why_not(variants.get("dcgen") or report.get("flux_attention"))
+        speed = tflops = (False, f"no checked dcgen result or no stock time ({why})")
         if best and stock_ms:
             name, rec = best
             speed = (rec["ms"] < stock_ms, f"{name} {rec['ms']:.3f} ms vs stock {stock_ms:.3f} ms")
@@ -195,9 +196,9 @@ def flux_targets(report: dict, ran: set) -> list:
                 _target(f"fused attention >= {ATTENTION_GOAL_TFLOPS} TFLOP/s at {key} (goal)", *tflops)]
 
     if "flux_step" in ran:
-        size = report.get("flux_step", {}).get("sizes", {}).get(step_key, {})
+        size = report.get("flux_step", {}).get("sizes", {}).get(step_key) or report.get("flux_step", {})
         stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
-        step = (False, f"no checked result (patched: {patched.get('error') or patched.get('check')})")
+        step = (False, f"no checked result ({_why_not(patched or size)})")
         if stock_ms and "ms" in patched and patched.get("check") == "ok":
             step = (patched["ms"] < stock_ms, f"patched {patched['ms']:.1f} ms vs stock {stock_ms:.1f} ms")
         out.append(_target(f"FLUX step at {step_key} image tokens: patched faster than stock", *step))
@@ -212,15 +213,20 @@ def dcgen_targets(report: dict, ran: set) -> list:
         summary = report.get("patch_embed", {}).get("summary", {})
         for mode in ("fwd", "fwd_bwd"):
             rec = summary.get(mode, {})
-            result = (False, "no checked result")
+            result = (False, f"no checked result ({_why_not(report.get('patch_embed'))})")
             if rec.get("measured"):
-                result = (bool(rec.get("met")), f"worst {rec['worst_case']}: {rec['min_vs_gemm']:.2f}x the bare GEMM "
-                                                f"over {rec['measured']} cases")
+                missing = rec.get("failed_check", []) + rec.get("unmeasured", [])
+                detail = (f"worst {rec['worst_case']}: {rec['min_vs_gemm']:.2f}x the bare GEMM over {rec['measured']} "
+                          f"cases" + (f"; failed or unmeasured: {', '.join(missing)}" if missing else ""))
+                result = (bool(rec.get("met")), detail)
             out.append(_target(f"patch_embed/unembed {mode} >= {PATCH_EMBED_MIN_FRACTION_OF_GEMM}x bare GEMM",
                                *result))
     if "quant_linear" not in ran:
         return out
     quant = report.get("quant_linear", {})
+    if not quant.get("layers"):
+        out.append(_target(f"FP8 linear incl. its fused activation quantization >= {FP8_LAYER_MIN_SPEEDUP}x bf16",
+                           False, f"no layer measured ({_why_not(quant)})"))
     for key, layer in quant.get("layers", {}).items():
         # The quantization counted where the model pays it: inside the producer kernel (adaLN-modulate, GELU,
         # concat), against the same producer + cuBLAS bf16 GEMM.
@@ -235,11 +241,12 @@ def dcgen_targets(report: dict, ran: set) -> list:
     step = quant.get("flux_step", {})
     for name, how in (("patched_fp8", "eager"), ("patched_fp8_graph", "CUDA graph")):
         fp8 = step.get(name, {})
-        result = (False, f"no checked result ({_why_not(fp8 or step)})")
+        result = (False, f"no checked result ({_why_not(fp8 or step or quant)})")
         if _checked_ms(fp8) and step.get("stock", {}).get("ms"):
             result = (fp8["fraction_of_stock"] <= FP8_STEP_MAX_FRACTION_OF_STOCK,
                       f"{fp8['ms']:.1f} ms = {fp8['fraction_of_stock']:.2f}x stock {step['stock']['ms']:.1f} ms")
-        out.append(_target(f"FLUX-12B step at {step.get('image_tokens')} image tokens: patched fp8 ({how}) <= "
+        tokens = step.get("image_tokens") or _bench("bench_quant_linear").REAL.step_image_tokens
+        out.append(_target(f"FLUX-12B step at {tokens} image tokens: patched fp8 ({how}) <= "
                            f"{FP8_STEP_MAX_FRACTION_OF_STOCK}x stock", *result))
     return out
 
@@ -247,6 +254,8 @@ def dcgen_targets(report: dict, ran: set) -> list:
 def e2e_targets(report: dict) -> list:
     """DC-Gen-FLUX vs FLUX.1-Krea stock per-image speed-up within +-20% of the paper's, and the patched DC-Gen-FLUX
     4K step faster than stock."""
+    if _status(report.get("e2e", {})):  # skipped for time, failed or unavailable: its targets are not measured
+        return [_target("e2e per-image latency (DC-Gen-FLUX vs FLUX.1-Krea)", False, _why_not(report["e2e"]))]
     out = []
     speedups = report.get("e2e_summary", {}).get("speedups", {})
     for res in report.get("e2e", {}).get("config", {}).get("resolutions", {}):
@@ -260,7 +269,7 @@ def e2e_targets(report: dict) -> list:
         out.append(_target(f"DC-Gen-FLUX vs FLUX.1-Krea at {res}: stock speed-up within "
                            f"+-{E2E_PAPER_RATIO_TOLERANCE * 100:.0f}% of the paper's", *result))
     if "4K" in report.get("e2e", {}).get("config", {}).get("resolutions", {}):
-        step = report.get("e2e", {}).get("steps", {}).get("DC-Gen-FLUX/4K", {})
+        step = report.get("e2e", {}).get("steps", {}).get("DC-Gen-FLUX/4K") or report.get("e2e", {})
         stock_ms, patched_ms = step.get("stock", {}).get("ms"), _checked_ms(step.get("patched", {}))
         result = (False, f"no checked patched result ({_why_not(step.get('patched') or step)})")
         if stock_ms and patched_ms:
@@ -298,8 +307,9 @@ def sana_targets(report: dict, ran: set) -> list:
     steps = report.get("sana_step", {}).get("sizes", {})
     compiled = report.get("sana_step_compile", {}).get("sizes", {})
     for shape in bench_sana_step.REAL.shapes if "sana_step" in ran else ():
-        size = steps.get(shape.key, {})
-        comp = compiled.get(shape.key, {}).get("torch_compile") or compiled.get(shape.key, {})
+        size = steps.get(shape.key) or report.get("sana_step", {})
+        comp = (compiled.get(shape.key, {}).get("torch_compile") or compiled.get(shape.key)
+                or report.get("sana_step_compile", {}))
         comp_ms = _checked_ms(comp)
         for variant, how in (("patched", "patched"), ("patched_graph", "patched with CUDA graphs"),
                              ("patched_fp8_graph", "patched with FP8 linears + CUDA graphs")):
@@ -322,7 +332,7 @@ def sana_targets(report: dict, ran: set) -> list:
         variants = (report.get("sana_ops", {}).get("ops", {}).get("sana_linear_attention", {}).get("sizes", {})
                     .get(f"N={n}", {}).get("variants", {}))
         best = _best_dcgen(variants)
-        frac = (False, "no checked dcgen result")
+        frac = (False, f"no checked dcgen result ({_why_not(variants.get('dcgen') or report.get('sana_ops'))})")
         if best and best[1].get("frac_of_copy") is not None:
             name, rec = best
             frac = (rec["frac_of_copy"] >= LINEAR_ATTENTION_MIN_FRACTION_OF_COPY,
@@ -332,7 +342,7 @@ def sana_targets(report: dict, ran: set) -> list:
     if "dcae_decode" not in ran:
         return out
     key = bench_dcae_decode.REAL.models[0].key
-    size = report.get("dcae_decode", {}).get("sizes", {}).get(key, {})
+    size = report.get("dcae_decode", {}).get("sizes", {}).get(key) or report.get("dcae_decode", {})
     stock_ms, patched = size.get("stock", {}).get("ms"), size.get("patched", {})
     patched_ms = _checked_ms(patched)
     dec = (False, f"no checked patched result ({_why_not(patched or size)})")
@@ -344,9 +354,10 @@ def sana_targets(report: dict, ran: set) -> list:
 
 def problems(node, path="") -> list:
     """Paths of every recorded error and FAILED check, plus failed GPU tests. The environment section is
-    descriptive (dcgen_kernels.info() names why `_C` is absent under "error") and is not searched."""
+    descriptive (dcgen_kernels.info() names why `_C` is absent under "error") and the e2e summary repeats the e2e
+    section's checks (for compare.py): neither is searched."""
     found = []
-    if isinstance(node, dict) and path != "/environment":
+    if isinstance(node, dict) and path not in ("/environment", "/e2e_summary"):
         if node.get("error"):
             found.append(f"{path}: {node['error']}")
         if node.get("check") == "FAILED":
@@ -517,7 +528,7 @@ def flux_attention_table(report: dict) -> list:
     lines.append(f"flux_attention B{cfg.get('B')} H{cfg.get('H')} D{cfg.get('D')} {cfg.get('dtype')}")
     lines.append(f"  {'N':<8}{'variant':<14}{'ms':>9}{'TFLOP/s':>9}{'%GEMM':>7}{'x stock':>9}{'rel-L2':>9}"
                  f"{'check':>7}{'anchor ms':>11}")
-    if "error" in att:
+    if _status(att):  # the section failed, was skipped for time or is unavailable
         lines.append(f"  {_status(att)}")
     for key, size in att.get("sizes", {}).items():
         if "error" in size:
@@ -541,7 +552,7 @@ def flux_step_table(report: dict) -> list:
     step = report.get("flux_step", {})
     lines.append(f"flux_step ({step.get('config', {}).get('weights', 'not run')})")
     lines.append(f"  {'tokens':<8}{'variant':<14}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'anchor ms':>11}")
-    if "error" in step:
+    if _status(step):  # the section failed, was skipped for time or is unavailable
         lines.append(f"  {_status(step)}")
     for key, size in step.get("sizes", {}).items():
         if "error" in size:
@@ -603,7 +614,7 @@ def sana_ops_table(report: dict) -> list:
                  f"{cfg.get('text_tokens')} text tokens)")
     lines.append(f"  {'op':<17}{'size':<12}{'variant':<13}{'ms':>9}{'GB/s':>7}{'%copy':>6}{'TFLOP/s':>8}{'x stock':>8}"
                  f"{'rel-L2':>9}{'check':>7}")
-    if "error" in ops:
+    if _status(ops):  # the section failed, was skipped for time or is unavailable
         lines.append(f"  {_status(ops)}")
     skipped = {}
     for op, op_rec in ops.get("ops", {}).items():
@@ -680,7 +691,7 @@ def dcae_decode_table(report: dict) -> list:
     lat = "x".join(map(str, lat)) if lat else "-"
     lines.append(f"dcae_decode latent {lat} {dec.get('config', {}).get('dtype', '')}")
     lines.append(f"  {'config':<18}{'variant':<12}{'ms':>9}{'x stock':>9}{'rel-L2':>9}{'check':>7}{'anchor ms':>11}")
-    if "error" in dec:
+    if _status(dec):  # the section failed, was skipped for time or is unavailable
         lines.append(f"  {_status(dec)}")
     for key, size in dec.get("sizes", {}).items():
         if "error" in size:
@@ -730,9 +741,9 @@ def _ceiling(ctx, key):
 SECTIONS = (
     Section("ceilings", ("kernels", "dcgen", "e2e"), _ceilings),
     Section("flux_attention", ("kernels",), lambda ctx, progress: _bench("bench_flux_attention").run(
-        ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"), ctx.anchors.get("attention_B1_H24_D128_bf16"))),
+        ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"), ctx.anchors.get("attention_B1_H24_D128_bf16")), min_s=20),
     Section("flux_step", ("kernels",), lambda ctx, progress: _bench("bench_flux_step").run(
-        ctx.device, ctx.tiny, ctx.anchors.get("flux12b_step_ms_by_image_tokens"))),
+        ctx.device, ctx.tiny, ctx.anchors.get("flux12b_step_ms_by_image_tokens"), progress), min_s=40),
     Section("sana_ops", ("kernels",), lambda ctx, progress: _bench("bench_sana_ops").run(
         ctx.device, ctx.tiny, _ceiling(ctx, "copy_GBps"), progress), min_s=45),
     Section("sana_step", ("kernels",), lambda ctx, progress: _bench("bench_sana_step").run(

@@ -15,8 +15,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 
     CUDA: one pair of events per call, synchronised once at the end, so the host may run ahead and launch
     gaps are only counted when the host cannot keep up (which is real eager overhead). CPU: perf_counter.
-    `fn` must recompute from its inputs every call; inputs are allocated once by the caller. No L2 flush:
-    the working sets timed here (Q/K/V ≈ 85 MB at N=4608, 24 GB of weights per step) exceed the L2.
+    `fn` must recompute from its inputs every call; inputs are allocated once by the caller. No L2 flush: model
+    steps move gigabytes (24 GB of FLUX weights), attention's Q/K/V are 85 MB at N=4608, above the H100's 50 MB
+    L2; benchmarks of smaller working sets say so where they report bandwidth.
     """
     for _ in range(warmup):
         fn()

@@ -231,6 +231,10 @@ def test_tiny_e2e_compile_runs_without_the_eager_section(tmp_path):
     assert run.main(["--tiny", "--sections", "e2e_compile", "--out", str(out)]) == 0
     steps = json.loads(out.read_text())["e2e_compile"]["steps"]
     assert set(steps) == {"DC-Gen-FLUX/4K", "DC-Gen-SANA/4K"}
+    from benchmarks import bench_e2e  # an e2e section skipped for time: the same plan
+
+    skipped = bench_e2e.run_compile(torch.device("cpu"), True, {"skipped": "10 s left"})
+    assert set(skipped["steps"]) == set(steps)
     for key, rec in steps.items():
         rec = rec["torch_compile"]
         assert rec["check"] == "ok" and rec["stock_ms"] > 0, key
@@ -282,6 +286,26 @@ def test_patch_embed_target_ignores_failed_checks():
     assert summary["fwd"]["failed_check"] == ["b/embed"] and summary["fwd"]["measured"] == 1
     assert summary["fwd"]["met"] is False  # a fast but wrong kernel does not meet the target
     assert summary["fwd_bwd"]["met"] is True and summary["fwd_bwd"]["min_vs_gemm"] == pytest.approx(1.2)
+
+
+def test_patch_embed_target_not_met_when_a_case_is_unmeasured():
+    from benchmarks import bench_patch_embed
+
+    ok = {"fwd": {"variants": {"dcgen": {"ms": 1.0, "vs_gemm": 1.2, "check": "ok"}}},
+          "fwd_bwd": {"variants": {"dcgen": {"ms": 1.0, "vs_gemm": 1.2, "check": "ok"}}}}
+    errored = {"fwd": {"variants": {"dcgen": {"error": "RuntimeError: x"}}}, "fwd_bwd": {"variants": {}}}
+    summary = bench_patch_embed._summary({"a": {"embed": ok, "unembed": {"error": "OOM"}}, "b": {"embed": errored}})
+    for mode in ("fwd", "fwd_bwd"):
+        assert summary[mode]["measured"] == 1 and summary[mode]["met"] is False
+        assert summary[mode]["unmeasured"] == ["a/unembed", "b/embed"]
+
+
+def test_noise_floor_is_capped_and_checked():
+    from benchmarks import common
+
+    assert common.noise_floor_tolerance({"rel_l2_reference_backend_vs_stock": 0.01}, 0.02) == pytest.approx(0.02)
+    assert common.noise_floor_tolerance({"rel_l2_reference_backend_vs_stock": 0.4}, 0.02) == pytest.approx(
+        2 * common.NOISE_FLOOR_MAX)  # a wiring error shared by every backend does not loosen the check
 
 
 def test_quant_step_skipped_when_the_budget_is_spent():

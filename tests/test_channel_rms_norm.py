@@ -45,6 +45,14 @@ def test_triton_matches_reference(dtype, with_affine, with_residual):
     assert rel_l2(out, channel_rms_norm_reference(x, w, b, r)) <= max(TOLERANCE[dtype] / 2, 1e-6)
 
 
+def test_triton_reads_strided_weight_and_bias():
+    x, w, b, r = make_inputs()
+    w2, b2 = torch.stack([w, -w], 1)[:, 0], torch.stack([b, -b], 1)[:, 0]  # stride-2 views of the same values
+    assert w2.stride() == (2,)
+    expected = channel_rms_norm_reference(x, w, b, r)
+    assert rel_l2(channel_rms_norm(x, w2, b2, r, backend="triton"), expected) <= 1e-6
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda x, w, b, r: channel_rms_norm(x[0], w, b, r), ValueError, "x must have 4 dimensions"),
     (lambda x, w, b, r: channel_rms_norm(x.transpose(2, 3), w, b, None), ValueError, "contiguous NCHW"),

@@ -81,6 +81,13 @@ def test_triton_without_weights_or_rope(weights, rope):
     assert rel_l2(out, flux_attention_reference(**args)) <= TOLERANCE[torch.bfloat16]
 
 
+def test_triton_reads_strided_norm_weights():
+    args = make_inputs(S=20, S_txt=3)
+    strided = {k: torch.stack([t, -t], 1)[:, 0] if k.startswith("norm_") else t for k, t in args.items()}
+    assert all(strided[k].stride() == (2,) for k in strided if k.startswith("norm_"))
+    assert torch.equal(flux_attention(**strided, backend="triton"), flux_attention(**args, backend="triton"))
+
+
 def test_triton_batch_rows_do_not_mix():
     """Each batch element alone gives the same rows as in the batch (descriptors clip at segment ends)."""
     args = make_inputs(B=3, S=17, S_txt=5)

@@ -41,6 +41,14 @@ def test_triton_without_weight_or_rope():
     assert rel_l2(qk_norm_rope(x, backend="triton"), qk_norm_rope_reference(x)) <= TOLERANCE[torch.bfloat16]
 
 
+def test_triton_reads_a_strided_weight():
+    x, w, cos, sin = make_inputs(dtype=torch.float32)
+    strided = torch.stack([w, -w], 1)[:, 0]  # stride-2 view of the same values
+    assert strided.stride() == (2,)
+    out = qk_norm_rope(x, strided, cos, sin, backend="triton")
+    assert rel_l2(out, qk_norm_rope_reference(x, w, cos, sin)) <= 1e-6
+
+
 needs_c = pytest.mark.skipif(_cext._C is None and os.environ.get("DCGEN_REQUIRE_C") != "1",
                              reason="dcgen_kernels._C not built")
 

@@ -55,6 +55,8 @@ def _launch_triton(x, weight, bias, residual, eps, out: Optional[torch.Tensor] =
     B, C, H, W = x.shape
     if out is None:
         out = torch.empty_like(x)
+    # The kernel reads the (C,) weight and bias with stride 1.
+    weight, bias = (t.contiguous() if t is not None else None for t in (weight, bias))
     channel_rms_norm_kernel[(cdiv(H * W, _BLOCK_HW), B)](
         x, weight, bias, residual, out, C, H * W, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,

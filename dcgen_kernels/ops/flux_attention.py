@@ -154,8 +154,9 @@ def _launch_triton(q, k, v, cos=None, sin=None, txt_q=None, txt_k=None, txt_v=No
     ones = None
     if norm_q_weight is None or (S_txt and norm_txt_q_weight is None):
         ones = torch.ones(D, dtype=q.dtype, device=q.device)
-    wq_img = norm_q_weight if norm_q_weight is not None else ones
-    wq_txt = (norm_txt_q_weight if norm_txt_q_weight is not None else ones) if S_txt else wq_img
+    # The kernel reads the (D,) weights with stride 1.
+    wq_img = norm_q_weight.contiguous() if norm_q_weight is not None else ones
+    wq_txt = (norm_txt_q_weight.contiguous() if norm_txt_q_weight is not None else ones) if S_txt else wq_img
 
     if q.dtype == torch.bfloat16:
         # bf16 dots are wrong under the interpreter; fp32 dots there check the same kernel logic.

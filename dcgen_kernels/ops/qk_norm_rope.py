@@ -89,8 +89,8 @@ def _launch_triton(x, weight, cos, sin, eps, rope_offset, out) -> None:
     from ..triton_kernels.qk_norm_rope import qk_norm_rope_kernel
 
     B, S, H, D = x.shape
-    if weight is None:
-        weight = torch.ones(D, dtype=x.dtype, device=x.device)
+    # The kernel reads the (D,) weight with stride 1.
+    weight = torch.ones(D, dtype=x.dtype, device=x.device) if weight is None else weight.contiguous()
     n_rows = B * S * H
     qk_norm_rope_kernel[(cdiv(n_rows, _ROWS_PER_PROGRAM),)](
         x, weight, cos, sin, out,
@@ -104,8 +104,8 @@ def _launch_triton(x, weight, cos, sin, eps, rope_offset, out) -> None:
 
 def _launch_cuda(x, weight, cos, sin, eps, rope_offset, out) -> None:
     B, S, H, D = x.shape
-    if weight is not None and weight.dtype != x.dtype:
-        weight = weight.to(x.dtype)
+    if weight is not None:  # the kernel reads it with stride 1, in x's dtype
+        weight = weight.to(x.dtype).contiguous()
     if cos is not None:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
