@@ -292,3 +292,10 @@ def test_modulate_fp8_gpu_matches_reference():
     torch.testing.assert_close(got.scale, row_scale, rtol=1e-5, atol=0)
     assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
     assert (got.data.view(torch.uint8) != q.view(torch.uint8)).float().mean() < 2e-3
+
+
+def test_gated_residual_reference_output_is_contiguous_like_the_fake():
+    residual, x = (torch.randn(5, 2, 64).transpose(0, 1) for _ in range(2))  # (B, N, C) views, batch-minor
+    gate = torch.randn(2, 1, 64)
+    torch.library.opcheck(torch.ops.dcgen.gated_residual.default, (residual, gate, x, "reference"),
+                          test_utils=("test_faketensor",))

@@ -282,3 +282,10 @@ def test_flux_shape_softmax_scale_on_gpu():
         expected
     err = rel_l2(flux_attention(**args), flux_attention_reference(**args))
     assert err <= TOLERANCE[torch.bfloat16] and math.isfinite(err)
+
+
+def test_reference_output_is_contiguous_like_the_fake():
+    q, k, v = (torch.randn(20, 2, 2, 64).transpose(0, 1) for _ in range(3))  # (B, S, H, D) views, batch-minor
+    torch.library.opcheck(torch.ops.dcgen.flux_attention.default,  # single stream, no norm weights, no RoPE
+                          (q, k, v, None, None, None, None, None, None, None, None, None, 1e-6, "reference"),
+                          test_utils=("test_faketensor",))

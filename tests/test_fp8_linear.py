@@ -135,14 +135,16 @@ def _cpu_scaled_mm_rowwise() -> bool:
 @pytest.mark.parametrize("gate_shape,with_residual,gelu", [(None, False, False), (None, True, True),
                                                           ((2, 48), False, True), ((2, 1, 48), True, False),
                                                           ((1, 48), True, True)])
-def test_cuda_backend_epilogue_through_cpu_scaled_mm(gate_shape, with_residual, gelu):
+@pytest.mark.parametrize("epilogue_dtype", [torch.bfloat16, torch.float32])
+def test_cuda_backend_epilogue_through_cpu_scaled_mm(gate_shape, with_residual, gelu, epilogue_dtype):
     """The `cuda` backend's code (torch._scaled_mm with row-wise scales + the unfused epilogue), run on torch's
-    CPU implementation of the same op: the GPU-only composition is checked here, the GEMM itself on the GPU."""
+    CPU implementation of the same op: the GPU-only composition is checked here, the GEMM itself on the GPU.
+    A gate or residual in fp32 still gives the bf16 output asked for."""
     x = quantize_fp8(strided_rows(K=64), backend="reference")
     wq, ws = quantize_weight_fp8(torch.randn(48, 64))
     bias = torch.randn(48).bfloat16()
-    gate = torch.randn(*gate_shape).bfloat16() if gate_shape else None
-    residual = torch.randn(2, 40, 48).bfloat16()[:, 3:] if with_residual else None
+    gate = torch.randn(*gate_shape).to(epilogue_dtype) if gate_shape else None
+    residual = torch.randn(2, 40, 48).to(epilogue_dtype)[:, 3:] if with_residual else None
     got = fp8_module._linear_cublas(x.data, torch.stack([x.scale, x.scale], -1)[..., 0], wq, ws, bias, gate,
                                     residual, gelu, torch.bfloat16)
     expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, gate, residual, gelu, torch.float32)
@@ -193,6 +195,9 @@ def test_bad_inputs_name_the_argument():
         quantize_fp8(x, prefix=torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match="backend must be one of"):
         quantize_fp8(x, backend="cutlass")
+    empty = FP8Activation(torch.empty(2, 0, dtype=FP8_DTYPE), torch.ones(2), torch.bfloat16)
+    with pytest.raises(ValueError, match="K >= 1"):  # not zeros without the bias and residual
+        fp8_linear(empty, torch.empty(4, 0, dtype=FP8_DTYPE), torch.ones(4), bias=torch.ones(4))
 
 
 def test_fake_tensors_trace():

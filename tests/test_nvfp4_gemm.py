@@ -7,7 +7,7 @@ from dcgen_kernels.ops.nvfp4_gemm import nvfp4_gemm, nvfp4_gemm_reference, nvfp4
     nvfp4_w4a16_gemm_reference
 from dcgen_kernels.ops.nvfp4_quantize import dequantize_nvfp4_reference, quantize_nvfp4, \
     quantize_nvfp4_activations
-from tests.helpers import compile_launchers_for_sm90, rel_l2
+from tests.helpers import TOLERANCE, compile_launchers_for_sm90, rel_l2
 
 gemm_module = sys.modules["dcgen_kernels.ops.nvfp4_gemm"]
 
@@ -93,6 +93,13 @@ def test_w4a16_effective_weight_strategy_matches_reference(R):
     split = gemm_module._w4a16_effective_weight_cublas(x, *wq, smooth, lora_down if R else None,
                                                        lora_up if R else None, bias if R else None)
     assert rel_l2(split, expected) < 1e-5
+
+
+def test_w4a16_effective_weight_strategy_takes_a_bias_of_another_dtype():
+    x, wq, lora_down, lora_up, bias = operands(33, 80, 40, 8)
+    expected = nvfp4_w4a16_gemm_reference(x.bfloat16(), *wq, lora_down=lora_down, lora_up=lora_up, bias=bias)
+    out = gemm_module._w4a16_effective_weight_cublas(x.bfloat16(), *wq, None, lora_down, lora_up, bias)  # fp32 bias
+    assert out.dtype == torch.bfloat16 and rel_l2(out, expected) < TOLERANCE[torch.bfloat16]
 
 
 def strided_copy(t):

@@ -194,6 +194,12 @@ def test_custom_ops_trace_with_fake_tensors():
     assert out.shape == (5, 40) and out.dtype == torch.bfloat16
 
 
+def test_reference_dequantize_is_contiguous_like_the_fake():
+    packed, scales, global_scale = quantize_nvfp4(torch.randn(6, 40), backend="reference")  # K padded to 48
+    torch.library.opcheck(torch.ops.dcgen.nvfp4_dequantize.default,
+                          (packed, scales, global_scale, 40, torch.float32, "reference"), test_utils=("test_faketensor",))
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(4, 32)
     with pytest.raises(TypeError, match="x must have dtype"):

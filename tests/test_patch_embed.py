@@ -136,6 +136,16 @@ def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
 
 
 # ----------------------------------------------------------------------------------------------- cuda (cuBLAS)
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_empty_batch_on_every_backend(backend, p, cublas_on_cpu):
+    latent, weight, bias = embed_inputs(0, 4, 6, 6, p, 32)
+    assert patch_embed(latent, weight, bias, patch_size=p, backend=backend).shape == (0, (6 // p) ** 2, 32)
+    tokens, weight_u, bias_u = unembed_inputs(0, 4, 6, 6, p, 32)
+    out = patch_unembed(tokens, weight_u, bias_u, patch_size=p, height=6, width=6, backend=backend)
+    assert out.shape == (0, 4, 6, 6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])

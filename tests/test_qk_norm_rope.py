@@ -111,3 +111,10 @@ def test_gpu_backends(backend, dtype):
     out = torch.full(x.shape, float("nan"), dtype=dtype, device="cuda")
     qk_norm_rope_into(x, w, cos, sin, 1e-6, 92, out, backend)
     assert rel_l2(out, qk_norm_rope_reference(x, w, cos, sin, 1e-6, 92)) <= TOLERANCE[dtype] / 2
+
+
+def test_reference_output_is_contiguous_like_the_fake():
+    x = torch.randn(19, 2, 3, 64).transpose(0, 1)  # (B, S, H, D) view, batch-minor
+    _, w, cos, sin = make_inputs(dtype=torch.float32)
+    torch.library.opcheck(torch.ops.dcgen.qk_norm_rope.default, (x, w, cos, sin, 1e-6, 0, "reference"),
+                          test_utils=("test_faketensor",))

@@ -238,8 +238,8 @@ def _(x, scale, shift, norm_weight, norm_bias, eps, backend):
 @torch.library.custom_op("dcgen::gated_residual", mutates_args=())
 def _gated_residual_op(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
     chosen = select_gated_backend(residual, backend)
-    if chosen == "reference":
-        return gated_residual_reference(residual, gate, x)
+    if chosen == "reference":  # contiguous like the kernel's output and the fake (inputs may be permuted)
+        return gated_residual_reference(residual, gate, x).contiguous()
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     gated_residual_into(residual, gate, x, out, chosen)
     return out

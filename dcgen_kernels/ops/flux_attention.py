@@ -229,7 +229,7 @@ def _flux_attention_op(
         return _launch_cuda(*args)
     if chosen == "triton":
         return _launch_triton(*args)
-    return flux_attention_reference(*args)
+    return flux_attention_reference(*args).contiguous()  # like the kernels' output and the fake
 
 
 @_flux_attention_op.register_fake

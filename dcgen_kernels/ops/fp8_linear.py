@@ -141,6 +141,8 @@ def _validate_linear(x: FP8Activation, w_q, w_scale, bias, gate, residual) -> No
     N, K = w_q.shape
     if x.data.shape[-1] != K:
         raise ValueError(f"weight must have shape (N, K = {x.data.shape[-1]}), got {tuple(w_q.shape)}")
+    if K == 0:
+        raise ValueError("x.data and weight must have K >= 1 input features, got K = 0")
     check_tensor("weight_scale", w_scale, shape=(N,), dtypes=(torch.float32,), device=x.device)
     if bias is not None:
         check_tensor("bias", bias, shape=(N,), device=x.device)
@@ -258,12 +260,12 @@ def _linear_cublas(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_d
     if gelu:
         y = F.gelu(y, approximate="tanh")
     if residual is not None and gate is not None:
-        return gated_residual(residual, gate, y)
-    if residual is not None:
-        return residual + y
-    if gate is not None:
+        y = gated_residual(residual, gate, y)
+    elif residual is not None:
+        y = residual + y
+    elif gate is not None:
         y = y * (gate[:, None, :] if gate.dim() == 2 else gate)
-    return y
+    return y.to(out_dtype)  # a residual or gate of another dtype promotes; the op returns out_dtype
 
 
 def _triton_platform_error(device: torch.device) -> Optional[str]:
@@ -338,7 +340,7 @@ def _fp8_linear_op(
 ) -> torch.Tensor:
     chosen = select_linear_backend(x_q, w_q, out_dtype, backend)
     if not x_q.numel() or not w_q.shape[0]:
-        return x_q.new_zeros(x_q.shape[:-1] + (w_q.shape[0],), dtype=out_dtype)  # empty, or K = 0 (sum of nothing)
+        return x_q.new_zeros(x_q.shape[:-1] + (w_q.shape[0],), dtype=out_dtype)  # M = 0 or N = 0: empty
     if chosen == "reference":
         return fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_dtype)
     if chosen == "cuda":

@@ -186,7 +186,7 @@ def _w4a16_effective_weight_cublas(x, w_packed, w_scales, w_gs, smooth, lora_dow
     dtype by one Triton pass, then one cuBLAS GEMM with the bias."""
     weight = torch.empty(w_packed.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
     _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_up, weight)
-    return torch.nn.functional.linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 def _cuda_sm120_error(device: torch.device) -> Optional[str]:

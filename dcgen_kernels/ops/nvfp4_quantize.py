@@ -226,7 +226,7 @@ def _(x, smooth, lora_down, global_scale, backend):
 def _dequantize_op(packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, k: int,
                    dtype: torch.dtype, backend: str) -> torch.Tensor:
     if _select("nvfp4_dequantize", backend, packed.device) == "reference":
-        return dequantize_nvfp4_reference(packed, scales, global_scale, k).to(dtype)
+        return dequantize_nvfp4_reference(packed, scales, global_scale, k).to(dtype).contiguous()  # k < padded
     out = torch.empty(*packed.shape[:-1], k, dtype=dtype, device=packed.device)
     if out.numel():
         _launch_dequantize(packed, scales, global_scale, out)

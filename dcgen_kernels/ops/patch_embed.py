@@ -123,7 +123,8 @@ def _token_matrix(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def _latent_of(tokens_2d: torch.Tensor, batch: int, patch_size: int, height: int, width: int) -> torch.Tensor:
     """(B*N, C*p*p) contiguous -> (B, C, h, w): for p = 1 a channels-last view (no copy), for p = 2 one copy."""
-    return _unpack(tokens_2d.view(batch, -1, tokens_2d.shape[1]), patch_size, height, width)
+    tokens = (height // patch_size) * (width // patch_size)  # explicit: -1 is ambiguous for an empty batch
+    return _unpack(tokens_2d.view(batch, tokens, tokens_2d.shape[1]), patch_size, height, width)
 
 
 def _linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -132,7 +133,8 @@ def _linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 def _embed_cublas(latent, weight, bias, patch_size: int) -> torch.Tensor:
     out = _linear_2d(_token_matrix(latent, patch_size), weight, bias)
-    return out.view(latent.shape[0], -1, weight.shape[0])
+    B, _, h, w = latent.shape
+    return out.view(B, (h // patch_size) * (w // patch_size), weight.shape[0])
 
 
 def _unembed_cublas(tokens, weight, bias, patch_size: int, height: int, width: int) -> torch.Tensor:

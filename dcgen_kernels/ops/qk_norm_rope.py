@@ -146,8 +146,8 @@ def _qk_norm_rope_op(
     eps: float, rope_offset: int, backend: str,
 ) -> torch.Tensor:
     chosen = select_backend(x, backend)
-    if chosen == "reference":
-        return qk_norm_rope_reference(x, weight, cos, sin, eps, rope_offset)
+    if chosen == "reference":  # contiguous like the kernels' output and the fake (x may be a permuted view)
+        return qk_norm_rope_reference(x, weight, cos, sin, eps, rope_offset).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     qk_norm_rope_into(x, weight, cos, sin, eps, rope_offset, out, chosen)
     return out
