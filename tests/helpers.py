@@ -71,13 +71,13 @@ def tiny_flux_inputs(text_tokens=7, grid=8, dtype=torch.float32, device="cpu"):
     )
 
 
-def tiny_sana(in_channels=8, dtype=torch.float32, device="cpu"):
+def tiny_sana(in_channels=8, dtype=torch.float32, device="cpu", qk_norm=None):
     from diffusers import SanaTransformer2DModel
 
     model = SanaTransformer2DModel(
         in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=32,
         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64,
-        caption_channels=24, mlp_ratio=2.5, sample_size=8,
+        caption_channels=24, mlp_ratio=2.5, sample_size=8, qk_norm=qk_norm,
     )
     return model.to(device=device, dtype=dtype).eval()
 

@@ -36,11 +36,13 @@ def test_reference_equals_diffusers_rms_norm_with_residual():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_affine,with_residual", [(True, True), (False, False), (True, False)])
-def test_triton_matches_reference(dtype, with_affine, with_residual):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_triton_matches_reference(dtype, with_affine, with_residual, memory_format):
     x, w, b, r = make_inputs(dtype=dtype)  # 43 channels, 323 pixels: partial channel and pixel blocks
+    x, r = x.to(memory_format=memory_format), r.to(memory_format=memory_format)
     w, b = (w, b) if with_affine else (None, None)
     r = r if with_residual else None
-    out = torch.full_like(x, float("nan"))
+    out = torch.full_like(x, float("nan"))  # x's layout
     channel_rms_norm_module._launch_triton(x, w, b, r, 1e-5, out=out)
     assert rel_l2(out, channel_rms_norm_reference(x, w, b, r)) <= max(TOLERANCE[dtype] / 2, 1e-6)
 
@@ -59,6 +61,8 @@ def test_triton_reads_strided_weight_and_bias():
     (lambda x, w, b, r: channel_rms_norm(x, w[:-1], b, r), ValueError, r"weight must have shape \(43,\)"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b, r[:, :-1]), ValueError, "residual must have shape"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b, r.half()), TypeError, "residual must have dtype"),
+    (lambda x, w, b, r: channel_rms_norm(x, w, b, r.to(memory_format=torch.channels_last)), ValueError,
+     "residual must have x's layout"),
     (lambda x, w, b, r: channel_rms_norm(x.int(), None, None, None), TypeError, "x must have dtype"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b.to("meta"), r), ValueError, "bias must be on device"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b, r, eps=0.0), ValueError, "eps must be a positive float"),

@@ -133,6 +133,19 @@ def test_patch_latent_io_alone_and_unpatch():
     assert not any("forward" in vars(m) or "_dcgen_latents" in vars(m) for m in model.modules())
 
 
+def test_unpatch_latent_io_under_cuda_graph_leaves_a_stock_graphed_forward():
+    from dcgen_kernels.patching import cuda_graph
+
+    model, inputs, latent = flux_case(2)
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    latents.unpatch_latent_io(model)
+    wrapper = cuda_graph.graphed(model)
+    assert wrapper is not None and not latents.takes_unpacked_latents(model)
+    assert wrapper.forward == type(model).forward.__get__(model)  # graphs the class's forward, not ours
+    dcgen_kernels.unpatch(model)
+    assert not any("forward" in vars(m) or "_dcgen_latents" in vars(m) for m in model.modules())
+
+
 def test_flux_non_linear_embedder_is_skipped_with_reason():
     model, _, _ = flux_case(2)
     model.x_embedder = torch.nn.Sequential(model.x_embedder)

@@ -29,6 +29,32 @@ def test_sana_patched_reference_equals_stock():
     assert rel_l2(run_sana(model, inputs), expected) < 1e-5
 
 
+def test_sana_cross_attention_keeps_rescale_output_factor():
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    for block in model.transformer_blocks:
+        block.attn2.rescale_output_factor = 2.0  # a config value stock divides the output by
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert rel_l2(run_sana(model, inputs), expected) < 1e-5
+
+
+def test_sana_and_dcae_patched_under_autocast_match_stock():
+    # fp32 weights under bf16 autocast: projections give bf16, the fp32-weight qk RMSNorms fp32 (SANA 1.5's
+    # qk_norm), DC-AE's convs bf16 next to an fp32 residual. Stock promotes; the patched forwards must too.
+    model, inputs, dcae = tiny_sana(qk_norm="rms_norm_across_heads"), tiny_sana_inputs(), tiny_dcae()
+    latent = torch.randn(1, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_image = run_sana(model, inputs), decode(dcae, latent)
+        dcgen_kernels.patch(model, backend="reference")
+        dcgen_kernels.patch(dcae, backend="reference")
+        out = run_sana(model, inputs)
+        dcgen_kernels._backend._warned.clear()
+        with pytest.warns(RuntimeWarning, match="ResBlock runs diffusers' norm \\+ residual .* different dtypes"):
+            image = decode(dcae, latent)  # the fused tail would round the fp32 result: stock's runs, said once
+    assert out.dtype == expected.dtype and rel_l2(out, expected) < TOLERANCE[torch.bfloat16]
+    assert image.dtype == expected_image.dtype and rel_l2(image, expected_image) < TOLERANCE[torch.bfloat16]
+
+
 def test_sana_patched_triton_bf16_close_to_fp32_stock():
     model, inputs = tiny_sana(), tiny_sana_inputs()
     expected = run_sana(model, inputs)

@@ -93,6 +93,14 @@ def test_keep_original_unpatch_restores_exactly():
     assert torch.equal(_run(model, inputs), stock)
 
 
+def test_keep_original_restores_onto_the_device_the_model_moved_to():
+    model = tiny_flux()
+    dcgen_kernels.patch(model, quant="fp8", keep_original=True, backend="reference")
+    model.to("meta")  # moves the quantized layers; the kept originals are off the module tree
+    dcgen_kernels.unpatch(model)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 def test_unpatch_without_originals_raises_and_leaves_model_patched():
     model, inputs = tiny_flux(), tiny_flux_inputs()
     dcgen_kernels.patch(model, quant="fp8", backend="reference")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import types
+from typing import Optional
 
 import torch
+
+from ..ops._common import FLOAT_DTYPES
 
 _BACKEND_ATTR = "_dcgen_backend"
 
@@ -28,3 +31,9 @@ def restore_forward(module: torch.nn.Module) -> bool:
 def backend_of(module: torch.nn.Module) -> str:
     return getattr(module, _BACKEND_ATTR)
 
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a Linear or conv on x in, or None outside autocast (float64 is left alone)."""
+    if x.dtype in FLOAT_DTYPES and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None

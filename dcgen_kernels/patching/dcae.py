@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from .._backend import warn_once
 from ..ops.channel_rms_norm import channel_rms_norm
 from ._instance import backend_of, replace_forward, restore_forward
 
@@ -26,10 +27,23 @@ def _res_block_class():
 
 def _res_block_forward(self, hidden_states):
     x = self.conv2(self.nonlinearity(self.conv1(hidden_states)))
-    if not (x.is_contiguous() and hidden_states.is_contiguous()):  # e.g. channels_last: the stock tail
+    reason = _fused_tail_error(x, hidden_states, self.norm)
+    if reason:
+        warn_once(f"dcae-tail:{reason}", f"dcgen_kernels: DC-AE ResBlock runs diffusers' norm + residual because "
+                                         f"{reason}")
         return self.norm(x.movedim(1, -1)).movedim(-1, 1) + hidden_states
     return channel_rms_norm(x, self.norm.weight, self.norm.bias, hidden_states, eps=float(self.norm.eps),
                             backend=backend_of(self))
+
+
+def _fused_tail_error(x: torch.Tensor, residual: torch.Tensor, norm) -> Optional[str]:
+    """Why the fused norm + residual cannot stand in for stock's tail here, or None."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) or x.stride() != residual.stride():
+        return "its conv output and residual are not both contiguous NCHW or both channels-last"
+    dtypes = {x.dtype, residual.dtype} | {p.dtype for p in (norm.weight, norm.bias) if p is not None}
+    if len(dtypes) > 1:  # stock promotes (e.g. bf16 convs and fp32 weights under autocast)
+        return f"its conv output, residual and norm weight have different dtypes {sorted(map(str, dtypes))}"
+    return None
 
 
 def _skip_reason(block) -> Optional[str]:

@@ -26,6 +26,8 @@ import torch
 from .. import _backend
 from ..ops._common import FLOAT_DTYPES
 from ..ops.patch_embed import PATCH_SIZES, patch_embed, patch_unembed
+from . import cuda_graph
+from ._instance import autocast_dtype
 
 FAMILY = "latents"
 SUPPORTED = ("FluxTransformer2DModel (unpacked (B, C, h, w) latents) / SanaTransformer2DModel: x_embedder|"
@@ -47,16 +49,9 @@ def _backend_of(module) -> str:
     return getattr(module, _STATE_ATTR)["backend"]
 
 
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    # autocast leaves float64 alone, like nn.Linear under it
-    if x.dtype in FLOAT_DTYPES and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
-
 def _fusable_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
     """(x, weight, bias) as the op takes them (cast like nn.Linear under autocast), or None when it cannot."""
-    cast = _autocast_dtype(x)
+    cast = autocast_dtype(x)
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
@@ -284,8 +279,11 @@ def patch_module(module: torch.nn.Module, backend: str):
 def unpatch_module(module: torch.nn.Module) -> bool:
     if _STATE_ATTR not in module.__dict__:
         return False
+    graphed = cuda_graph.disable(module)  # a CUDA-graph wrapper around our forward: unwrap it first,
     del module.forward
     delattr(module, _STATE_ATTR)
+    if graphed:  # then wrap the stock forward again (unpatch_latent_io on a patch(cuda_graph=True) model)
+        cuda_graph.enable(module)
     return True
 
 

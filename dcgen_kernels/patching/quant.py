@@ -254,6 +254,9 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
                            f"Reload the model, or quantize with keep_original=True to make it reversible.")
     for name, linear in model.__dict__.pop(_ORIGINALS_ATTR).items():
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        # The originals were kept off the module tree, so a model.to(device) since did not move them.
+        tensors = [*getattr(parent, attr).parameters(), *getattr(parent, attr).buffers()]
+        setattr(parent, attr, linear.to(tensors[0].device) if tensors else linear)
     del model.__dict__[_REPORT_ATTR]
     return model

@@ -28,7 +28,7 @@ from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
-from ._instance import backend_of, replace_forward, restore_forward
+from ._instance import autocast_dtype, backend_of, replace_forward, restore_forward
 from .quant import QuantizedPointwiseConv
 
 FAMILY = "sana"
@@ -60,7 +60,7 @@ def _fallback(reason: str, original, *args):
 
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
-    # diffusers' SANA processors clip fp16 outputs to the finite range; keep that behaviour.
+    # diffusers' SanaLinearAttnProcessor2_0 clips fp16 outputs to the finite range; keep that behaviour.
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
@@ -81,7 +81,11 @@ class DCGenSanaLinearAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = sana_linear_attention(query, key, value, attn.heads, backend=self.backend)
+        # Stock computes in fp32 from whatever dtypes it gets (under autocast an fp32-weight qk RMSNorm returns
+        # fp32 next to a bf16 value): one common dtype for the op, the output in the input's dtype as stock.
+        common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+        query, key, value = query.to(common), key.to(common), value.to(common)
+        out = sana_linear_attention(query, key, value, attn.heads, backend=self.backend).to(hidden_states.dtype)
         return _clip_fp16(attn.to_out[1](attn.to_out[0](out)))
 
 
@@ -102,11 +106,14 @@ class DCGenSanaCrossAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        cast = autocast_dtype(query)  # stock's SDPA runs in the autocast dtype
+        if cast is not None:
+            query, key, value = query.to(cast), key.to(cast), value.to(cast)
         head_dim = key.shape[-1] // attn.heads
         heads = lambda t: t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
         out = key_padding_attention(heads(query), heads(key), heads(value), attention_mask)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        return _clip_fp16(attn.to_out[1](attn.to_out[0](out)))
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor  # as SanaAttnProcessor2_0
 
 
 class DCGenSanaMultiscaleAttnProcessor:
@@ -145,8 +152,12 @@ _OURS = tuple(_PROCESSORS.values())
 def _glumbconv_tokens(ff, tokens, height, width, backend):
     if _quantized_mix_ffn(ff):
         return ff.conv_point.linear(_depthwise_glu(ff, ff.conv_inverted.linear(tokens), height, width, backend))
-    return glumbconv(tokens, height, width, ff.conv_inverted.weight, ff.conv_inverted.bias, ff.conv_depth.weight,
-                     ff.conv_depth.bias, ff.conv_point.weight, backend=backend)
+    weights = (ff.conv_inverted.weight, ff.conv_inverted.bias, ff.conv_depth.weight, ff.conv_depth.bias,
+               ff.conv_point.weight)
+    cast = autocast_dtype(tokens)  # the convs it stands for run in the autocast dtype
+    if cast is not None:
+        tokens, weights = tokens.to(cast), tuple(w.to(cast) for w in weights)
+    return glumbconv(tokens, height, width, *weights, backend=backend)
 
 
 def _quantized_mix_ffn(ff) -> bool:
