@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import pytest
 import torch
@@ -21,3 +22,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fallbacks_are_errors(request):
+    """A backend that cannot serve a call falls back with a one-time warning; in a test that is an error, so a
+    test of a kernel cannot silently compare the reference with itself. Tests of the fallback itself catch it
+    with pytest.warns (or are marked allow_fallback); the one-time memory starts empty in every test."""
+    from dcgen_kernels import _backend
+
+    _backend._warned.clear()
+    if request.node.get_closest_marker("allow_fallback"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"dcgen_kernels\..*backend cannot serve this call",
+                                category=RuntimeWarning)
+        yield

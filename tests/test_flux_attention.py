@@ -108,6 +108,7 @@ def test_explicit_backend_falls_back_with_one_warning():
     assert rel_l2(out, flux_attention_reference(**args)) < 1e-6
 
 
+@pytest.mark.allow_fallback  # cuda -> triton (no _C device here) -> reference (fp32): two warnings
 def test_cuda_backend_request_falls_back_on_cpu():
     args = make_inputs(S=9, S_txt=2, dtype=torch.float32)
     _backend._warned.clear()
@@ -213,17 +214,14 @@ def _diffusers_attention(args):
     return out.transpose(1, 2).flatten(2)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_gradients_match_diffusers_math(backend):
+def test_gradients_match_diffusers_math():
     args = make_inputs(S=13, S_txt=4, dtype=torch.float32)
     names = ["q", "k", "v", "txt_q", "txt_k", "txt_v", "norm_q_weight", "norm_k_weight", "norm_txt_q_weight",
              "norm_txt_k_weight"]
     for n in names:
         args[n] = args[n].detach().clone().requires_grad_(True)
     grad_out = torch.randn(2, 17, 128)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fp32 on the triton backend falls back to the reference
-        ours = torch.autograd.grad(flux_attention(**args, backend=backend), [args[n] for n in names], grad_out)
+    ours = torch.autograd.grad(flux_attention(**args, backend="reference"), [args[n] for n in names], grad_out)
     theirs = torch.autograd.grad(_diffusers_attention(args), [args[n] for n in names], grad_out)
     for n, a, b in zip(names, ours, theirs):
         assert rel_l2(a, b) < 1e-5, n

@@ -171,9 +171,11 @@ def test_linear_2d_and_quantize_on_the_fly_close_to_unquantized():
 
 
 def test_linear_auto_on_cpu_serves_and_empty_input():
-    wq, ws = quantize_weight_fp8(torch.randn(16, 32))
-    got = fp8_linear(torch.randn(4, 32).bfloat16(), wq, ws)
+    w, x = torch.randn(16, 32), torch.randn(4, 32).bfloat16()
+    wq, ws = quantize_weight_fp8(w)
+    got = fp8_linear(x, wq, ws)
     assert got.shape == (4, 16) and got.dtype == torch.bfloat16
+    assert rel_l2(got, F.linear(x.float(), w)) < QUANT_TOL
     assert fp8_linear(torch.randn(2, 0, 32), wq, ws, backend="triton").shape == (2, 0, 16)
 
 
@@ -215,11 +217,12 @@ def test_fake_tensors_trace():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_linear_gpu_backends_match_reference(backend):
-    x = quantize_fp8(torch.randn(2, 300, 512, device="cuda").bfloat16())
-    wq, ws = quantize_weight_fp8(torch.randn(384, 512, device="cuda"))
-    bias, gate = torch.randn(384, device="cuda").bfloat16(), torch.randn(2, 384, device="cuda").bfloat16()
-    residual = torch.randn(2, 300, 384, device="cuda").bfloat16()
+@pytest.mark.parametrize("S,N,K", [(300, 384, 512), (333, 400, 528)])  # the second no multiple of the tiles
+def test_linear_gpu_backends_match_reference(backend, S, N, K):
+    x = quantize_fp8(torch.randn(2, S, K, device="cuda").bfloat16())
+    wq, ws = quantize_weight_fp8(torch.randn(N, K, device="cuda"))
+    bias, gate = torch.randn(N, device="cuda").bfloat16(), torch.randn(2, N, device="cuda").bfloat16()
+    residual = torch.randn(2, S, N, device="cuda").bfloat16()
     got = fp8_linear(x, wq, ws, bias, gate=gate, residual=residual, backend=backend)
     expected = fp8_linear_reference(x.data, x.scale, wq, ws, bias, gate, residual, False, torch.float32)
     assert rel_l2(got, expected) <= GEMM_TOL[torch.bfloat16]
@@ -231,6 +234,17 @@ def test_quantize_gpu_bit_exact():
     got = quantize_fp8(x, backend="triton")
     q, scale = quantize_fp8_reference(x)
     assert torch.equal(got.scale, scale) and torch.equal(codes(got.data), codes(q))
+
+
+@pytest.mark.gpu
+def test_quantize_gpu_single_block_cat_and_gelu():
+    # FLUX's single block: rows of cat([attention output, GELU(mlp)]) quantized in one pass (K 3072 + 12288).
+    x = torch.randn(1, 999, 12288, device="cuda").bfloat16()
+    prefix = torch.randn(1, 999, 3072, device="cuda").bfloat16()
+    got = quantize_fp8(x, prefix=prefix, gelu=True, backend="triton")
+    q, scale = quantize_fp8_reference(x, prefix, gelu=True)
+    torch.testing.assert_close(got.scale, scale, rtol=1e-5, atol=0)  # GELU in fp32 vs the fp64 reference
+    assert (codes(got.data) != codes(q)).float().mean() < 2e-3
 
 
 def test_torch_compile_fullgraph_through_producer_and_fp8linear():

@@ -53,7 +53,7 @@ def test_w4a4_half_outputs_and_leading_dims(out_dtype):
     out = nvfp4_gemm(a_packed, a_scales, 0.02, *wq, backend="triton", **kw)
     ref = nvfp4_gemm(a_packed, a_scales, 0.02, *wq, backend="reference", **kw)
     assert out.shape == (2, 13, 40) and out.dtype == out_dtype
-    assert rel_l2(out, ref.float()) < 1e-2
+    assert rel_l2(out, ref.float()) <= TOLERANCE[out_dtype]  # both round the same fp32 result once
 
 
 @pytest.mark.parametrize("M,K,N,R", SHAPES)
@@ -193,10 +193,10 @@ def test_sm120_kernel_fragments_on_host_emulation(out_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [16, 4608])
-def test_w4a16_gpu_flux_shape_accuracy(M):
-    # A FLUX shape on the GPU: fused kernel (M=16) and effective weight + cuBLAS (M=4608) against fp32.
-    K, N, R = 3072, 3072, 32
+@pytest.mark.parametrize("M,N", [(16, 3072), (1000, 3000), (4608, 3072)])
+def test_w4a16_gpu_flux_shape_accuracy(M, N):
+    # FLUX shapes on the GPU: fused kernel (M < 1024, also off the tiles) and effective weight + cuBLAS (M=4608).
+    K, R = 3072, 32
     x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
     smooth = torch.rand(K, device="cuda") + 0.5
     kw = dict(smooth=smooth, lora_down=lora_down, lora_up=lora_up, bias=bias)

@@ -472,8 +472,10 @@ def test_benchmark_tiny_mode_runs_and_checks():
 
 
 # ----------------------------------------------------------------------------------------------- GPU
-# FLUX f8c16 p2 at 1024^2 (4096 tokens), DC-Gen f32c32 p1 at 1024^2 (1024 tokens), DC-AE-1.5 f64c128 p1 at 4K.
-GPU_SHAPES = [(1, 16, 128, 128, 2, 3072), (2, 32, 32, 32, 1, 3072), (1, 128, 64, 64, 1, 3072)]
+# FLUX f8c16 p2 at 1024^2 (4096 tokens), DC-Gen f32c32 p1 at 1024^2 (1024 tokens), DC-AE-1.5 f64c128 p1 at 4K;
+# then grids and widths that are no multiple of the GPU tiles (45 x 37 tokens, D 3000 / 2232).
+GPU_SHAPES = [(1, 16, 128, 128, 2, 3072), (2, 32, 32, 32, 1, 3072), (1, 128, 64, 64, 1, 3072),
+              (1, 16, 90, 74, 2, 3000), (2, 32, 45, 37, 1, 2232)]
 
 
 @pytest.mark.gpu

@@ -34,6 +34,7 @@ def _run(model, inputs):
 
 
 # --------------------------------------------------------------------------------------------- FLUX fp8
+@pytest.mark.allow_fallback  # the fp32 tiny model's attention has no Triton kernel (bf16/fp16): reference
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_flux_fp8_close_to_stock_and_report(backend):
     model, inputs = tiny_flux(), tiny_flux_inputs()
