@@ -208,6 +208,14 @@ def test_custom_ops_trace_with_fake_tensors():
     assert out.shape == (5, 40) and out.dtype == torch.bfloat16
 
 
+def test_triton_dequantize_to_fp16_rounds_like_torch():
+    # fp16 only: the interpreter truncates bf16 stores where a GPU rounds (the bf16 cast runs in the GPU tests).
+    packed, scales, gs = quantize_nvfp4(torch.randn(6, 40) * 3, backend="reference")
+    out = dequantize_nvfp4(packed, scales, gs, k=40, dtype=torch.float16, backend="triton")
+    expected = dequantize_nvfp4(packed, scales, gs, k=40, backend="reference").half()
+    assert out.dtype == torch.float16 and torch.equal(out, expected)
+
+
 def test_reference_dequantize_is_contiguous_like_the_fake():
     packed, scales, global_scale = quantize_nvfp4(torch.randn(6, 40), backend="reference")  # K padded to 48
     torch.library.opcheck(torch.ops.dcgen.nvfp4_dequantize.default,
@@ -273,3 +281,6 @@ def test_gpu_triton_quantizers_bit_exact_at_flux_width():
     assert_same_bytes(fused[0], ref[0])
     assert_same_bytes(fused[1], ref[1])
     assert rel_l2(fused[2], ref[2]) < 1e-5
+    for dtype in (torch.bfloat16, torch.float16):  # the dequantize kernel's cast rounds like torch's
+        out = dequantize_nvfp4(*tri, k=K, dtype=dtype, backend="triton")
+        assert torch.equal(out, dequantize_nvfp4(*tri, k=K, backend="reference").to(dtype))
