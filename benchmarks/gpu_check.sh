@@ -133,8 +133,10 @@ phase() {  # phase NAME TIMEOUT_S -- CMD...: run with a timeout, time and record
   dt=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
   case $rc in
     0) status=ok ;;
-    124 | 137) status="timeout after ${limit}s"; FAILED+=("$name") ;;  # 137: killed 10 s after the TERM
-    *) status="failed (rc=$rc)"; FAILED+=("$name") ;;
+    124) status="timeout after ${limit}s"; FAILED+=("$name") ;;
+    *) if ((rc == 137 && ${dt%.*} >= limit)); then status="timeout after ${limit}s (killed 10 s after the TERM)"
+       else status="failed (rc=$rc)"; fi  # 137 before the limit: killed otherwise (e.g. out of memory)
+       FAILED+=("$name") ;;
   esac
   record "$name" "$status" "$dt"
   PHASE_RC=$rc
@@ -170,8 +172,8 @@ main() {
     phase cmake_build 180 -- cmake --build build-gpu
     so=$(find build-gpu -name '_C*.so' -print -quit)
     if ((PHASE_RC != 0)); then  # a _C left by an earlier build is not this commit's: run without one
-      rm -f dcgen_kernels/_C*.so
-      record install_extension "skipped (the build failed: no _C, the CUDA backends fall back)" 0
+      [[ $DRY_RUN == 1 ]] || rm -f dcgen_kernels/_C*.so  # (a dry run leaves the developer's own build alone)
+      record install_extension "skipped (the build failed: no _C from this commit)" 0
     elif [[ -n $so ]]; then
       cp -f "$so" dcgen_kernels/ && echo "installed $so -> dcgen_kernels/"
     else

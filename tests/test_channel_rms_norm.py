@@ -46,6 +46,18 @@ def test_triton_matches_reference(dtype, with_affine, with_residual, memory_form
     assert rel_l2(out, channel_rms_norm_reference(x, w, b, r)) <= max(TOLERANCE[dtype] / 2, 1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_size_one_dims_with_any_stride(backend):
+    # W == 1: torch calls (2, 4, 5, 1) with strides (20, 5, 1, 5) contiguous; its elements sit where NCHW puts them.
+    x = torch.randn(2, 4, 1, 5).transpose(2, 3)
+    assert x.is_contiguous() and x.stride() == (20, 5, 1, 5)
+    w = torch.rand(4) + 0.5
+    out = channel_rms_norm(x, w, None, x, backend=backend)
+    assert rel_l2(out, channel_rms_norm_reference(x.contiguous(), w, None, x.contiguous())) <= 1e-6
+    torch.library.opcheck(torch.ops.dcgen.channel_rms_norm.default, (x, w, None, x, 1e-5, backend),
+                          test_utils=("test_faketensor",))
+
+
 def test_triton_reads_strided_weight_and_bias():
     x, w, b, r = make_inputs()
     w2, b2 = torch.stack([w, -w], 1)[:, 0], torch.stack([b, -b], 1)[:, 0]  # stride-2 views of the same values

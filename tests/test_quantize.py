@@ -6,6 +6,8 @@ and 1.6-2.6% (SANA, attention + Mix-FFN, seeds 0-4), nvfp4 (rank 16) 0.75% (FLUX
 weights and activations err 14% (rank 0) / 10.5% (rank 16) per layer (svdquant_error_report), the whole fp32
 Mix-FFN 14% (fp8: 4.9%), diluted by the blocks' gates and residuals."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -34,7 +36,6 @@ def _run(model, inputs):
 
 
 # --------------------------------------------------------------------------------------------- FLUX fp8
-@pytest.mark.allow_fallback  # the fp32 tiny model's attention has no Triton kernel (bf16/fp16): reference
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_flux_fp8_close_to_stock_and_report(backend):
     model, inputs = tiny_flux(), tiny_flux_inputs()
@@ -50,7 +51,10 @@ def test_flux_fp8_close_to_stock_and_report(backend):
                  "single_transformer_blocks.0.norm.linear", "norm_out.linear"):
         assert type(model.get_submodule(name)) is torch.nn.Linear, name
     assert "quantized 17 linears to fp8" in str(dcgen_kernels.patch_report(model))
-    got = _run(model, inputs)
+    with warnings.catch_warnings():  # only the attention may fall back: the fp32 tiny model's has no Triton kernel
+        warnings.filterwarnings("ignore", message=r"dcgen_kernels\.flux_attention: triton backend cannot serve",
+                                category=RuntimeWarning)
+        got = _run(model, inputs)
     assert torch.isfinite(got).all()
     err = rel_l2(got, stock)
     assert 0 < err < MODEL_TOL  # quantized (not the stock path by accident) and close

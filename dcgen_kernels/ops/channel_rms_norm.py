@@ -34,9 +34,18 @@ def channel_rms_norm_reference(x, weight=None, bias=None, residual=None, eps: fl
     return y.to(x.dtype)
 
 
+def layout(x: torch.Tensor) -> Optional[torch.memory_format]:
+    """contiguous_format (NCHW first, when both hold), channels_last, or None for any other layout. Either way the
+    elements sit where the canonical strides put them (a size-1 dim's stride is never used)."""
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        if x.is_contiguous(memory_format=memory_format):
+            return memory_format
+    return None
+
+
 def _validate(x, weight, bias, residual, eps) -> None:
     check_tensor("x", x, ndim=4)
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    if layout(x) is None:
         raise ValueError(f"x must be a contiguous NCHW or channels-last tensor, got strides {x.stride()}")
     C = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
@@ -44,8 +53,8 @@ def _validate(x, weight, bias, residual, eps) -> None:
             check_tensor(name, t, shape=(C,), device=x.device)
     if residual is not None:
         check_tensor("residual", residual, shape=x.shape, dtypes=(x.dtype,), device=x.device)
-        if residual.stride() != x.stride():
-            raise ValueError(f"residual must have x's layout (strides {x.stride()}), got strides {residual.stride()}")
+        if not residual.is_contiguous(memory_format=layout(x)):
+            raise ValueError(f"residual must have x's layout ({layout(x)}), got strides {residual.stride()}")
     if not isinstance(eps, float) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
 
@@ -54,13 +63,19 @@ def _launch_triton(x, weight, bias, residual, eps, out: Optional[torch.Tensor] =
     from ..triton_kernels.channel_rms_norm import channel_rms_norm_kernel
 
     B, C, H, W = x.shape
-    if out is None:
-        out = torch.empty_like(x)  # x's layout: the kernel addresses x, residual and out with x's strides
+    memory_format = layout(x)
+    if out is None:  # x's layout: x, residual and out are addressed with the same canonical strides
+        out = torch.empty_like(x, memory_format=memory_format)
     # The kernel reads the (C,) weight and bias with stride 1.
     weight, bias = (t.contiguous() if t is not None else None for t in (weight, bias))
-    block_c, block_hw = _TILE["channels_last" if x.stride(1) == 1 and C > 1 else "nchw"]
+    if memory_format == torch.channels_last:
+        block_c, block_hw = _TILE["channels_last"]
+        strides = (H * W * C, 1, C)  # batch, channel, pixel
+    else:
+        block_c, block_hw = _TILE["nchw"]
+        strides = (C * H * W, H * W, 1)
     channel_rms_norm_kernel[(cdiv(H * W, block_hw), B)](
-        x, weight, bias, residual, out, C, H * W, eps, x.stride(0), x.stride(1), x.stride(3),
+        x, weight, bias, residual, out, C, H * W, eps, *strides,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4,
     )
@@ -75,12 +90,13 @@ def _channel_rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
                              case_checks={})
     if chosen == "triton":
         return _launch_triton(x, weight, bias, residual, eps)
-    return channel_rms_norm_reference(x, weight, bias, residual, eps)
+    # in x's layout with canonical strides, like the kernel's output and the fake
+    return channel_rms_norm_reference(x, weight, bias, residual, eps).contiguous(memory_format=layout(x))
 
 
 @_channel_rms_norm_op.register_fake
 def _(x, weight, bias, residual, eps, backend):
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=layout(x) or torch.contiguous_format)
 
 
 register_reference_autograd(_channel_rms_norm_op, channel_rms_norm_reference, n_tensor_inputs=4)

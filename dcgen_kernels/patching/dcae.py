@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .._backend import warn_once
-from ..ops.channel_rms_norm import channel_rms_norm
+from ..ops.channel_rms_norm import channel_rms_norm, layout
 from ._instance import backend_of, replace_forward, restore_forward
 
 FAMILY = "dcae"
@@ -38,7 +38,8 @@ def _res_block_forward(self, hidden_states):
 
 def _fused_tail_error(x: torch.Tensor, residual: torch.Tensor, norm) -> Optional[str]:
     """Why the fused norm + residual cannot stand in for stock's tail here, or None."""
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) or x.stride() != residual.stride():
+    memory_format = layout(x)
+    if memory_format is None or not residual.is_contiguous(memory_format=memory_format):
         return "its conv output and residual are not both contiguous NCHW or both channels-last"
     dtypes = {x.dtype, residual.dtype} | {p.dtype for p in (norm.weight, norm.bias) if p is not None}
     if len(dtypes) > 1:  # stock promotes (e.g. bf16 convs and fp32 weights under autocast)

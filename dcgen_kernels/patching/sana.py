@@ -59,9 +59,9 @@ def _fallback(reason: str, original, *args):
     return original(*args)
 
 
-def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
-    # diffusers' SanaLinearAttnProcessor2_0 clips fp16 outputs to the finite range; keep that behaviour.
-    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+def _clip_fp16(x: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+    # diffusers' SanaLinearAttnProcessor2_0 clips to the fp16 range when its input is fp16; keep that behaviour.
+    return x.clip(-65504, 65504) if input_dtype == torch.float16 else x
 
 
 # ----------------------------------------------------------------------------------------------- processors
@@ -81,12 +81,13 @@ class DCGenSanaLinearAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        # Stock computes in fp32 from whatever dtypes it gets (under autocast an fp32-weight qk RMSNorm returns
-        # fp32 next to a bf16 value): one common dtype for the op, the output in the input's dtype as stock.
+        # Stock upcasts whatever dtypes it gets (under autocast an fp32-weight qk RMSNorm returns fp32 next to a
+        # bf16 value; its matmuls then run in the autocast dtype, ours stay fp32): one common dtype for the op,
+        # the output in the input's dtype as stock.
         common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
         query, key, value = query.to(common), key.to(common), value.to(common)
         out = sana_linear_attention(query, key, value, attn.heads, backend=self.backend).to(hidden_states.dtype)
-        return _clip_fp16(attn.to_out[1](attn.to_out[0](out)))
+        return _clip_fp16(attn.to_out[1](attn.to_out[0](out)), hidden_states.dtype)
 
 
 class DCGenSanaCrossAttnProcessor:
