@@ -112,3 +112,22 @@ def test_triton_on_gpu(C, H, memory_format):
     out = torch.full_like(x, float("nan"))
     channel_rms_norm_module._launch_triton(x, w, b, r, 1e-5, out=out)
     assert rel_l2(out, channel_rms_norm_reference(x, w, b, r)) <= TOLERANCE[torch.bfloat16] / 2
+
+
+_LAUNCHES = r'''
+m = importlib.import_module("dcgen_kernels.ops.channel_rms_norm")
+for memory_format in (torch.contiguous_format, torch.channels_last):  # a DC-AE decoder stage, 4K image
+    x = torch.empty(1, 512, 256, 256, dtype=torch.bfloat16).to(memory_format=memory_format)
+    w = torch.empty(512, dtype=torch.bfloat16)
+    m._launch_triton(x, w, w, torch.empty_like(x), 1e-5)
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_both_layouts_compile_for_sm90_without_spills_and_with_vector_stores():
+    from tests.helpers import compile_launchers_for_sm90
+
+    stats = compile_launchers_for_sm90(_LAUNCHES)
+    assert [s["kernel"] for s in stats] == ["channel_rms_norm_kernel"] * 2
+    assert all(s["spills"] == 0 and s["scalar_stores"] == 0 for s in stats), stats
