@@ -91,7 +91,8 @@ def _channel_rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
     if chosen == "triton":
         return _launch_triton(x, weight, bias, residual, eps)
     # in x's layout with canonical strides, like the kernel's output and the fake
-    return channel_rms_norm_reference(x, weight, bias, residual, eps).contiguous(memory_format=layout(x))
+    out = channel_rms_norm_reference(x, weight, bias, residual, eps)
+    return out.contiguous(memory_format=layout(x) or torch.contiguous_format)
 
 
 @_channel_rms_norm_op.register_fake
@@ -112,7 +113,7 @@ def channel_rms_norm(
     backend: str = "auto",
 ) -> torch.Tensor:
     """RMSNorm over channels of a contiguous NCHW or channels-last `x` (fp32 statistics), `* weight + bias` (each
-    (C,) or None), `+ residual` (same shape, dtype and strides as x, or None). Returns a tensor of x's layout and
+    (C,) or None), `+ residual` (same shape, dtype and layout as x, or None). Returns a tensor of x's layout and
     dtype."""
     _backend.check_backend_name(backend)
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
