@@ -131,3 +131,11 @@ def test_both_layouts_compile_for_sm90_without_spills_and_with_vector_stores():
     stats = compile_launchers_for_sm90(_LAUNCHES)
     assert [s["kernel"] for s in stats] == ["channel_rms_norm_kernel"] * 2
     assert all(s["spills"] == 0 and s["scalar_stores"] == 0 for s in stats), stats
+
+
+def test_unavailable_backend_warns_once_and_falls_back():
+    x, w, b, r = make_inputs()
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve") as caught:
+        outs = [channel_rms_norm(x, w, b, r, backend="cuda") for _ in range(2)]
+    assert len(caught) == 1  # one-time
+    assert all(rel_l2(o, channel_rms_norm_reference(x, w, b, r)) <= 1e-6 for o in outs)

@@ -343,3 +343,12 @@ def test_quantize_launcher_configs_compile_for_sm90_without_spills():
     assert [s["kernel"] for s in stats] == ["quantize_fp8_rows_one_pass_kernel"] * 3 + ["quantize_fp8_rows_kernel"]
     assert [s["warps"] for s in stats[:3]] == [16, 16, 4], stats
     assert all(s["spills"] == 0 for s in stats), stats
+
+
+def test_unavailable_quantize_backend_warns_once_and_falls_back():
+    x = torch.randn(5, 64)
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve") as caught:
+        outs = [quantize_fp8(x, backend="cuda") for _ in range(2)]
+    assert len(caught) == 1  # one-time
+    q, scale = quantize_fp8_reference(x)
+    assert all(torch.equal(codes(o.data), codes(q)) and torch.equal(o.scale, scale) for o in outs)

@@ -284,3 +284,12 @@ def test_gpu_triton_quantizers_bit_exact_at_flux_width():
     for dtype in (torch.bfloat16, torch.float16):  # the dequantize kernel's cast rounds like torch's
         out = dequantize_nvfp4(*tri, k=K, dtype=dtype, backend="triton")
         assert torch.equal(out, dequantize_nvfp4(*tri, k=K, backend="reference").to(dtype))
+
+
+def test_unavailable_backend_warns_once_and_falls_back():
+    x = torch.randn(5, 40)
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve") as caught:
+        outs = [quantize_nvfp4(x, backend="cuda") for _ in range(2)]
+    assert len(caught) == 1  # one-time
+    ref = quantize_nvfp4(x, backend="reference")
+    assert all(torch.equal(o[0], ref[0]) for o in outs)

@@ -115,3 +115,11 @@ def test_reference_output_is_contiguous_like_the_fake():
     _, w, cos, sin = make_inputs(dtype=torch.float32)
     torch.library.opcheck(torch.ops.dcgen.qk_norm_rope.default, (x, w, cos, sin, 1e-6, 0, "reference"),
                           test_utils=("test_faketensor",))
+
+
+def test_unavailable_backend_warns_once_and_falls_back():
+    x, w, cos, sin = make_inputs(dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot serve") as caught:
+        outs = [qk_norm_rope(x, w, cos, sin, backend="cuda") for _ in range(2)]  # a CPU tensor
+    assert len(caught) == 1  # one-time
+    assert all(rel_l2(o, qk_norm_rope_reference(x, w, cos, sin)) <= 1e-6 for o in outs)
