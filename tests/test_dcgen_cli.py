@@ -205,6 +205,37 @@ def test_bad_arguments_exit_2(models, tmp_path, capsys):
     assert code == 2 and "lora/" in err
     code, _, err = _run(["frobnicate"], capsys)
     assert code == 2
+    if not torch.cuda.is_available():
+        code, _, err = _run(["encode", "--sample-images", "--base-ae", models["kl"], "--dc-ae", models["dc"],
+                             "--size", "64", "--out", str(tmp_path / "c.safetensors"), "--device", "cuda"], capsys)
+        assert code == 2 and "no CUDA GPU" in err
+
+
+def test_bad_text_embeddings_exit_2(models, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4), dict(source="synthetic"))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)
+    short_null = str(tmp_path / "short_null.safetensors")
+    save_file(dict(encoder_hidden_states=torch.randn(2, 5, 32), pooled_projections=torch.randn(2, 16),
+                   null_encoder_hidden_states=torch.randn(7, 32), null_pooled_projections=torch.randn(16)), short_null)
+    for path, message in ((str(corrupt), "not a readable safetensors file"),
+                          (short_null, r"null_encoder_hidden_states must have shape (5, 32)")):
+        code, _, err = _run(["align-head", "--transformer", models["flux"], "--cache", cache, "--text-embeds", path,
+                             "--steps", "1", "--out", str(tmp_path / "x"), "--quiet", "--device", "cpu"], capsys)
+        assert code == 2 and message in err, err
+
+
+def test_encode_with_a_dc_ae_as_base_autoencoder(models, tmp_path, capsys):
+    """SANA's base autoencoder is DC-AE f32c32: `encode` takes an AutoencoderDC as --base-ae too."""
+    cache = str(tmp_path / "cache.safetensors")
+    code, out, err = _run(["encode", "--sample-images", "--base-ae", models["dc"], "--dc-ae", models["dc"],
+                           "--size", "64", "--out", cache, "--device", "cpu"], capsys)
+    assert code == 0, err
+    base, dc, _ = data.load_latent_cache(cache)
+    assert base.shape == dc.shape == (len(data.sample_images()), 8, 4, 4)
 
 
 def test_cli_sana_end_to_end(tmp_path, capsys):

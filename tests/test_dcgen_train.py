@@ -173,6 +173,26 @@ def test_align_head_loss_matches_manual_and_unguided_has_no_grad():
     torch.testing.assert_close(loss.detach(), ((v_hat - (noise - x0)) ** 2).mean())
 
 
+def test_align_head_loss_without_guidance_embedding_is_plain_flow_matching():
+    model = flux_p2(guidance=False)  # FLUX.1-schnell-like: not guidance-distilled
+    convert(model, latent_channels=8, patch_size=1)
+    text, pooled, null_text, null_pooled = text_data(2)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
+    t, w = torch.tensor([0.3, 0.8]), torch.tensor([2.0, 9.0])
+    img_ids, txt_ids = latent_image_ids(4, 4), torch.zeros(5, 3)
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(1))
+    loss = T.align_head_loss(model, x0, text, pooled, img_ids, txt_ids, t, noise, w, null_text, null_pooled)
+    hook.remove()
+    assert len(calls) == 1  # no unconditional pass
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    with torch.no_grad():
+        v = model(hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                  img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
+    torch.testing.assert_close(loss.detach(), ((v - (noise - x0)) ** 2).mean())
+
+
 def test_align_head_trains_only_embedder_and_head():
     model = flux_p2()
     convert(model, latent_channels=8, patch_size=1)
@@ -408,12 +428,14 @@ def test_bad_arguments(tmp_path):
         T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=1, checkpoint_every=1,
                           **kw)
     d = str(tmp_path)
-    T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=2, checkpoint_dir=d, **kw)
+    data = torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2)
+    T.align_embedding(*lin, *data, steps=2, checkpoint_dir=d, **kw)
     with pytest.raises(ValueError, match="different settings"):
-        T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=3, checkpoint_dir=d,
-                          **dict(kw, lr=1e-2))
+        T.align_embedding(*lin, *data, steps=3, checkpoint_dir=d, **dict(kw, lr=1e-2))
+    with pytest.raises(ValueError, match="different settings"):  # another latent cache
+        T.align_embedding(*lin, data[0], data[1] + 1, steps=3, checkpoint_dir=d, **kw)
     with pytest.raises(ValueError, match="past steps"):
-        T.align_embedding(*lin, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2), steps=1, checkpoint_dir=d, **kw)
+        T.align_embedding(*lin, *data, steps=1, checkpoint_dir=d, **kw)
     with pytest.raises(ValueError, match="probability"):
         T.drop_text(torch.randn(2, 3, 4), torch.randn(2, 5), torch.randn(3, 4), torch.randn(5), p=1.5)
     with pytest.raises(ValueError, match="null_text"):

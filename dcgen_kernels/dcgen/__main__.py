@@ -61,10 +61,55 @@ def _transformer_cls(path: str):
     return classes[name]
 
 
-def _load_transformer(path: str):
+def _load_transformer(path: str, device: torch.device):
     from .data import load_local_model
 
-    return load_local_model(_transformer_cls(path), path)
+    return load_local_model(_transformer_cls(path), path).to(device)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CLIError(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA GPU is visible (use --device cpu)")
+    return device
+
+
+def _autoencoder_cls(path: str):
+    """AutoencoderKL (FLUX's VAE) or AutoencoderDC (SANA's base AE is DC-AE f32c32), from the directory's config.json
+    (AutoencoderKL when unreadable: loading then reports what is missing)."""
+    from diffusers import AutoencoderDC, AutoencoderKL
+
+    classes = {cls.__name__: cls for cls in (AutoencoderKL, AutoencoderDC)}
+    config = os.path.join(path or "", "config.json")
+    if not os.path.isfile(config):
+        return AutoencoderKL
+    with open(config) as f:
+        name = json.load(f).get("_class_name")
+    if name not in classes:
+        raise CLIError(f"{path}: config.json names autoencoder class {name!r}; supported: {', '.join(classes)}")
+    return classes[name]
+
+
+def _load_embeddings(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text embeddings file {path!r} does not exist")
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise CLIError(f"text embeddings file {path!r} is not a readable safetensors file: {err}") from None
+
+
+def _null_like(path: str, name: str, null: torch.Tensor, shape) -> torch.Tensor:
+    """The null prompt's tensor as `shape` (one row, with or without a leading 1), else a clear error."""
+    if tuple(null.shape) not in (tuple(shape), (1, *shape)):
+        raise CLIError(f"{path}: {name} must have shape {tuple(shape)} (the prompts' per-row shape), got "
+                       f"{tuple(null.shape)}")
+    return null.reshape(shape)
 
 
 def _is_sana(transformer) -> bool:
@@ -89,12 +134,8 @@ def _load_sana_text(args, n: int, transformer):
         length = args.random_text_tokens
         return (torch.randn(n, length, d, generator=g), torch.ones(n, length), torch.randn(length, d, generator=g),
                 torch.ones(length))
-    from safetensors.torch import load_file
-
     path = args.text_embeds
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text embeddings file {path!r} does not exist")
-    tensors = load_file(path)
+    tensors = _load_embeddings(path)
     keys = ("encoder_hidden_states", "null_encoder_hidden_states")
     missing = [k for k in keys if k not in tensors]
     if missing:
@@ -106,6 +147,7 @@ def _load_sana_text(args, n: int, transformer):
                        f"{tuple(text.shape)}")
     mask = tensors.get("encoder_attention_mask", torch.ones(text.shape[:2])).float()
     null_mask = tensors.get("null_encoder_attention_mask", torch.ones(text.shape[1])).float().reshape(-1)
+    null_text = _null_like(path, "null_encoder_hidden_states", null_text, text.shape[1:])
     if mask.shape != text.shape[:2] or null_mask.shape[0] != text.shape[1]:
         raise CLIError(f"{path}: encoder_attention_mask must be {tuple(text.shape[:2])} and "
                        f"null_encoder_attention_mask ({text.shape[1]},), got {tuple(mask.shape)} and "
@@ -115,7 +157,7 @@ def _load_sana_text(args, n: int, transformer):
                        f"{n} or 1)")
     if text.shape[0] == 1:
         text, mask = text.expand(n, -1, -1), mask.expand(n, -1)
-    return text.contiguous(), mask.contiguous(), null_text.reshape(text.shape[1:]), null_mask
+    return text.contiguous(), mask.contiguous(), null_text, null_mask
 
 
 def _load_text(args, n: int, transformer):
@@ -128,12 +170,8 @@ def _load_text(args, n: int, transformer):
         d, pdim, length = cfg.joint_attention_dim, cfg.pooled_projection_dim, args.random_text_tokens
         return (torch.randn(n, length, d, generator=g), torch.randn(n, pdim, generator=g),
                 torch.randn(length, d, generator=g), torch.randn(pdim, generator=g))
-    from safetensors.torch import load_file
-
     path = args.text_embeds
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text embeddings file {path!r} does not exist")
-    tensors = load_file(path)
+    tensors = _load_embeddings(path)
     keys = ("encoder_hidden_states", "pooled_projections", "null_encoder_hidden_states", "null_pooled_projections")
     missing = [k for k in keys if k not in tensors]
     if missing:
@@ -149,9 +187,11 @@ def _load_text(args, n: int, transformer):
     for name, t in (("encoder_hidden_states", text), ("pooled_projections", pooled)):
         if t.shape[0] not in (1, n):
             raise CLIError(f"{path}: {name} has {t.shape[0]} rows, the cache holds {n} images (need {n} or 1)")
+    null_text = _null_like(path, "null_encoder_hidden_states", null_text, text.shape[1:])
+    null_pooled = _null_like(path, "null_pooled_projections", null_pooled, pooled.shape[1:])
     text = text.expand(n, -1, -1) if text.shape[0] == 1 else text
     pooled = pooled.expand(n, -1) if pooled.shape[0] == 1 else pooled
-    return text.contiguous(), pooled.contiguous(), null_text.reshape(text.shape[1:]), null_pooled.reshape(-1)
+    return text.contiguous(), pooled.contiguous(), null_text, null_pooled
 
 
 def _summary(name: str, history: List[float], out: str) -> None:
@@ -161,7 +201,7 @@ def _summary(name: str, history: List[float], out: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_encode(args) -> None:
-    from diffusers import AutoencoderDC, AutoencoderKL
+    from diffusers import AutoencoderDC
 
     from .data import (
         encode_latents,
@@ -177,8 +217,9 @@ def cmd_encode(args) -> None:
     else:
         images = load_image_folder(args.images, args.size)
         source = os.path.abspath(args.images)
-    base_ae = load_local_model(AutoencoderKL, args.base_ae)
-    dc_ae = load_local_model(AutoencoderDC, args.dc_ae)
+    device = _device(args.device)
+    base_ae = load_local_model(_autoencoder_cls(args.base_ae), args.base_ae).to(device)
+    dc_ae = load_local_model(AutoencoderDC, args.dc_ae).to(device)
     base = encode_latents(images, base_ae, args.batch_size)
     dc = encode_latents(images, dc_ae, args.batch_size)
     from .data import save_latent_cache
@@ -201,7 +242,7 @@ def cmd_align_embedding(args) -> None:
     if channels != dc_lat.shape[1]:
         raise CLIError(f"--latent-channels {channels} does not match the cache's DC latents ({dc_lat.shape[1]} "
                        f"channels)")
-    student = _load_transformer(args.transformer)
+    student = _load_transformer(args.transformer, _device(args.device))
     if _is_sana(student):
         if base_lat.shape[1] != student.config.in_channels:
             raise CLIError(f"base model: its patch_embed takes {student.config.in_channels} channels, the cache's "
@@ -242,7 +283,7 @@ def _head_or_lora(args, lora: bool) -> None:
     from .data import load_latent_cache
 
     _, dc_lat, _ = load_latent_cache(args.cache)
-    transformer = _load_transformer(args.transformer)
+    transformer = _load_transformer(args.transformer, _device(args.device))
     if _is_sana(transformer):
         p = transformer.config.patch_size
         if dc_lat.shape[1] != transformer.config.in_channels:
@@ -291,7 +332,7 @@ def cmd_merge(args) -> None:
     if not os.path.isfile(os.path.join(adapter, LORA_WEIGHTS)):
         raise FileNotFoundError(f"{args.transformer!r} has no {LORA_SUBDIR}/{LORA_WEIGHTS} adapter; pass the output "
                                 f"directory of the `lora` command")
-    transformer = _load_transformer(args.transformer)
+    transformer = _load_transformer(args.transformer, torch.device("cpu"))
     transformer.load_lora_adapter(adapter, weight_name=LORA_WEIGHTS, prefix=None, adapter_name="default",
                                   use_safetensors=True)
     merge_lora(transformer)
@@ -314,6 +355,12 @@ def _add_training(p, default_lr: float) -> None:
                    help="train through dcgen_kernels' fused patch_embed / patch_unembed (embedder and head only)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                    help="backend of the fused ops with --fused-latent-io")
+    _add_device(p)
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the models run (default: cuda when a GPU is visible, else cpu; bf16 autocast on cuda)")
 
 
 def _add_text(p) -> None:
@@ -334,11 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images")
     src.add_argument("--sample-images", action="store_true", help="scikit-image's bundled sample images")
-    p.add_argument("--base-ae", required=True, help="local AutoencoderKL directory (e.g. FLUX vae/)")
+    p.add_argument("--base-ae", required=True, help="local base autoencoder directory: AutoencoderKL (FLUX vae/) "
+                                                    "or AutoencoderDC (SANA's DC-AE f32c32), read from config.json")
     p.add_argument("--dc-ae", required=True, help="local AutoencoderDC directory")
     p.add_argument("--size", type=int, required=True, help="square image side in pixels")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", required=True, help="cache file (.safetensors)")
+    _add_device(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("align-embedding", help="stage 1: convert a base FLUX / SANA and align the new embedder")

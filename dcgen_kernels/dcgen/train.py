@@ -173,7 +173,8 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
     the last step ``checkpoint_dir/step-XXXXXXXX/`` gets ``trainable.safetensors`` (the trained parameters) and
     ``state.pt`` (step, loss history, AdamW state, data-generator and torch RNG states, run settings). With
     ``resume=True`` a call continues from the latest one and reproduces the uninterrupted run bit for bit; a
-    checkpoint written with other settings (lr, seed, batch_size, mode, parameter names) is refused.
+    checkpoint written with other settings (lr, seed, batch_size, mode, patch sizes, parameter names, the data's
+    shapes and sums) is refused.
     """
     _check_tensor("teacher_latents", teacher_latents, 4)
     _check_tensor("student_latents", student_latents, 4)
@@ -215,7 +216,9 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
 
     return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                  progress=progress, meta=dict(stage="align_embedding", mode=mode), desc="align embedding")
+                  progress=progress, desc="align embedding",
+                  meta=dict(stage="align_embedding", mode=mode, patch_sizes=[tp, sp],
+                            data=data_fingerprint(teacher_latents, student_latents)))
 
 
 def _dtype_of(module: nn.Module, fallback: torch.Tensor) -> torch.dtype:
@@ -317,9 +320,10 @@ def align_head_loss(transformer: nn.Module, x0_tokens: torch.Tensor, encoder_hid
     v_hat = (v_g - (1 - w) v_u) / w; loss = mean((v_hat - (noise - x0))^2). ``x0_tokens`` / ``noise`` are packed
     latents (B, N, C p^2), or, for a model patched by dcgen_kernels (fused embedder and head), the unpacked
     (B, C, h, w) latents; ``t`` (B,) in [0, 1] is passed as the model's ``timestep`` (FluxPipeline's
-    ``timestep / 1000``); ``w`` (B,) as ``guidance`` (raw scale, as the pipeline passes it). For a model without
-    a guidance embedding both calls get ``guidance=None``. The null embeddings are (L, D) / (P,) or batched.
-    SANA has no guidance distillation: use `sana_flow_matching_loss`.
+    ``timestep / 1000``); ``w`` (B,) as ``guidance`` (raw scale, as the pipeline passes it). A model without a
+    guidance embedding (FLUX.1-schnell) is not guidance-distilled: its loss is plain flow matching,
+    mean((f(x_t, c, t) - (noise - x0))^2), and ``w`` and the null embeddings are unused. The null embeddings are
+    (L, D) / (P,) or batched. SANA has no guidance distillation: use `sana_flow_matching_loss`.
     """
     from ..patching.latents import takes_unpacked_latents
 
@@ -339,15 +343,15 @@ def align_head_loss(transformer: nn.Module, x0_tokens: torch.Tensor, encoder_hid
     null_pooled = null_pooled_projections.reshape(-1, pooled_projections.shape[1])
     null_pooled = null_pooled.expand(b, -1) if null_pooled.shape[0] == 1 else null_pooled
     distilled = bool(getattr(transformer.config, "guidance_embeds", False))
-    g = w.to(dtype) if distilled else None
-    one = torch.ones_like(w, dtype=dtype) if distilled else None
     xin, tin = x_t.to(dtype), t.to(dtype)
     with _autocast(x0_tokens.device):
         v_g = _flux_velocity(transformer, xin, encoder_hidden_states.to(dtype), pooled_projections.to(dtype), tin,
-                             g, img_ids, txt_ids)
+                             w.to(dtype) if distilled else None, img_ids, txt_ids)
+        if not distilled:
+            return F.mse_loss(v_g.float(), target.float())
         with torch.no_grad():
-            v_u = _flux_velocity(transformer, xin, null_text.to(dtype), null_pooled.to(dtype), tin, one, img_ids,
-                                 txt_ids)
+            v_u = _flux_velocity(transformer, xin, null_text.to(dtype), null_pooled.to(dtype), tin,
+                                 torch.ones_like(w, dtype=dtype), img_ids, txt_ids)
     v_hat = guidance_distilled_velocity(v_g.float(), v_u.float(), w.float())
     return F.mse_loss(v_hat, target.float())
 
@@ -468,7 +472,9 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
                                t.to(device), noise.to(device), w.to(device), null_encoder_hidden_states.to(device),
                                null_pooled_projections.to(device))
 
-    meta = dict(stage="align_head", p_drop=p_drop, t_sampling=t_sampling, guidance_range=[float(low), float(high)])
+    meta = dict(stage="align_head", p_drop=p_drop, t_sampling=t_sampling, guidance_range=[float(low), float(high)],
+                patch_size=patch_size, data=data_fingerprint(latents, encoder_hidden_states, pooled_projections,
+                                                             null_encoder_hidden_states, null_pooled_projections))
     return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
                   progress=progress, meta=meta, desc="align head")
@@ -518,7 +524,8 @@ def _align_head_sana(transformer, latents, encoder_hidden_states, pooled_project
         return sana_flow_matching_loss(transformer, x0.to(device), cond.to(device), t.to(device), noise.to(device),
                                        cond_mask.to(device))
 
-    meta = dict(stage="align_head", objective="flow_matching", p_drop=p_drop, t_sampling=t_sampling)
+    meta = dict(stage="align_head", objective="flow_matching", p_drop=p_drop, t_sampling=t_sampling,
+                data=data_fingerprint(latents, text, mask, null_text, null_mask))
     return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
                   progress=progress, meta=meta, desc="align head")
@@ -558,6 +565,11 @@ def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
     return best[1] if best else None
 
 
+def data_fingerprint(*tensors: torch.Tensor) -> list:
+    """Shapes and fp64 sums of a run's training data: a resume with another latent cache or other text is refused."""
+    return [[list(t.shape), round(float(t.detach().double().sum()), 6)] for t in tensors]
+
+
 def _save_checkpoint(checkpoint_dir: str, step: int, params: Dict[str, nn.Parameter], optimizer, generator,
                      history, meta) -> None:
     from safetensors.torch import save_file
@@ -578,7 +590,7 @@ def _save_checkpoint(checkpoint_dir: str, step: int, params: Dict[str, nn.Parame
 def _load_checkpoint(path: str, params: Dict[str, nn.Parameter], optimizer, generator, meta) -> Tuple[int, list]:
     from safetensors.torch import load_file
 
-    state = torch.load(os.path.join(path, _STATE), weights_only=True)
+    state = torch.load(os.path.join(path, _STATE), weights_only=True, map_location="cpu")  # GPU-written, too
     if state["meta"] != meta:
         raise ValueError(f"checkpoint {path} was written by a run with different settings: {state['meta']} vs "
                          f"{meta}; use another checkpoint_dir or resume=False")
