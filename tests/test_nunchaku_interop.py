@@ -5,8 +5,9 @@ import torch
 
 from dcgen_kernels.quant.nunchaku import (
     import_nunchaku_state_dict, nunchaku_backend_error, pack_nunchaku_lowrank, pack_nunchaku_qweight,
-    pack_nunchaku_wscales, svdquant_linear_from_nunchaku, svdquant_linear_to_nunchaku, to_nunchaku_module,
-    unpack_nunchaku_lowrank, unpack_nunchaku_qweight, unpack_nunchaku_wscales,
+    pack_nunchaku_vector, pack_nunchaku_wscales, svdquant_linear_from_nunchaku, svdquant_linear_to_nunchaku,
+    to_nunchaku_module, unpack_nunchaku_lowrank, unpack_nunchaku_qweight, unpack_nunchaku_vector,
+    unpack_nunchaku_wscales,
 )
 from dcgen_kernels.quant.svdquant import SVDQuantLinear
 from tests.helpers import rel_l2
@@ -109,9 +110,9 @@ def test_import_matches_nunchaku_math_written_by_hand():
     down, up = (torch.randn(K, R) * 0.05).bfloat16(), (torch.randn(N, R) * 0.05).bfloat16()
     bias, alpha = torch.randn(N).bfloat16(), 0.03
     tensors = {"qweight": pack_nunchaku_qweight(codes), "wscales": pack_nunchaku_wscales(scales),
-               "wtscale": torch.tensor([alpha]).bfloat16(), "smooth_factor": smooth,
+               "wtscale": torch.tensor([alpha]).bfloat16(), "smooth_factor": pack_nunchaku_vector(smooth),
                "proj_down": pack_nunchaku_lowrank(down.t(), True), "proj_up": pack_nunchaku_lowrank(up, False),
-               "bias": bias}
+               "bias": pack_nunchaku_vector(bias)}
     layer = svdquant_linear_from_nunchaku(tensors, backend="reference")
     from dcgen_kernels.ops.nvfp4_quantize import dequantize_nvfp4_reference, quantize_nvfp4_reference
 
@@ -166,3 +167,24 @@ def test_nunchaku_kernels_agree_when_available():
     assert theirs.external_kernel is not None
     x = torch.randn(1, 256, K, device="cuda").bfloat16()
     assert rel_l2(theirs(x), ours(x).float()) < 5e-2
+
+
+def test_vector_tiling_follows_nunchaku_pack_scale_order():
+    # nunchaku's pack_scale(group_size=-1) for bias / smooth / wcscales: per 128-tile, value a*16 + b*8 + c*2 + d
+    # (a < 8, b < 2, c < 4, d < 2) is stored at a*16 + c*4 + b*2 + d.
+    v = torch.arange(256.0)
+    packed = pack_nunchaku_vector(v)
+    for a, b, c, d in ((0, 1, 0, 0), (3, 0, 2, 1), (7, 1, 3, 1)):
+        assert packed[128 + a * 16 + c * 4 + b * 2 + d] == 128 + a * 16 + b * 8 + c * 2 + d
+    assert torch.equal(unpack_nunchaku_vector(packed), v)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        pack_nunchaku_vector(torch.zeros(100))
+
+
+def test_import_leaves_awq_w4a16_layers_to_the_caller():
+    _, _, tensors = synthetic_checkpoint()
+    state = {f"blocks.0.attn.to_q.{k}": v for k, v in tensors.items()}
+    state.update({"blocks.0.norm1.linear.qweight": torch.zeros(64, 16, dtype=torch.int32),  # AWQ W4A16 adaLN
+                  "blocks.0.norm1.linear.wscales": torch.ones(2, 64).bfloat16(),
+                  "blocks.0.norm1.linear.wzeros": torch.zeros(2, 64).bfloat16()})
+    assert set(import_nunchaku_state_dict(state, backend="reference")) == {"blocks.0.attn.to_q"}

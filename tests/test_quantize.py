@@ -293,14 +293,16 @@ def test_nvfp4_activations_auto_is_w4a16_without_native_fp4_and_switchable():
     assert quant_report(model).activations == "nvfp4"
 
 
-def test_nvfp4_save_load_round_trip_bit_exact(tmp_path):
+@pytest.mark.parametrize("activations", ["auto", "nvfp4"])  # W4A16 on a CPU by default; W4A4 saved explicitly
+def test_nvfp4_save_load_round_trip_bit_exact(tmp_path, activations):
     model, inputs = tiny_flux(), tiny_flux_inputs()
-    dcgen_kernels.quantize(model, quant="nvfp4", rank=8, backend="reference")
+    dcgen_kernels.quantize(model, quant="nvfp4", rank=8, backend="reference", nvfp4_activations=activations)
     expected = _run(model, inputs)
     dcgen_kernels.save_quantized(model, tmp_path / "flux-nvfp4.safetensors")
     fresh = tiny_flux()
     dcgen_kernels.load_quantized(fresh, tmp_path / "flux-nvfp4.safetensors", backend="reference")
     assert fresh.transformer_blocks[0].attn.to_q.rank == 8
+    assert quant_report(fresh).activations == quant_report(model).activations
     assert torch.equal(_run(fresh, inputs), expected)
 
 

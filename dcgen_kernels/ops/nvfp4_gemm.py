@@ -193,8 +193,8 @@ def _cuda_sm120_error(device: torch.device) -> Optional[str]:
     reason = _cext.cuda_device_error(device)
     if reason:
         return reason
-    if torch.cuda.get_device_capability(device)[0] != 12:
-        return "the native FP4 MMA kernel needs an sm_120 (Blackwell RTX) GPU"
+    if torch.cuda.get_device_capability(device) != (12, 0):  # _C carries sm_120a code only (no sm_121a)
+        return "the native FP4 MMA kernel is built for sm_120 (Blackwell RTX) GPUs only"
     compiled = getattr(_cext._C, "nvfp4_gemm_sm120_compiled", None)
     if compiled is None or not compiled():
         return "_C was not compiled for sm_120a (add 120a to DCGEN_CUDA_ARCHS)"
@@ -216,7 +216,7 @@ def _cuda_case_error(a_packed, lora_up, bias, out_dtype) -> Optional[str]:
 
 
 def _launch_cuda(a_packed, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, lora_up, bias, out) -> None:
-    from .._cext import DTYPE_CODES, _C, stream_handle
+    from .._cext import DTYPE_CODES, _C, on_device, stream_handle
 
     # Every copy is bound to a name: a temporary freed before the launch could be reused by the next allocation.
     a2, as2 = _rows(a_packed).contiguous(), _rows(a_scales.view(torch.uint8)).contiguous()
@@ -227,10 +227,11 @@ def _launch_cuda(a_packed, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, l
     la = _rows(lora_act).float().contiguous() if R else None
     up = lora_up.contiguous() if R else None
     bias = bias.contiguous() if bias is not None else None
-    _C.nvfp4_gemm_sm120(
-        a2.data_ptr(), as2.data_ptr(), w2.data_ptr(), ws2.data_ptr(), a_gs.data_ptr(), w_gs.data_ptr(),
-        la.data_ptr() if R else 0, up.data_ptr() if R else 0, bias.data_ptr() if bias is not None else 0,
-        out2.data_ptr(), M, N, a2.shape[1] * 2, R, DTYPE_CODES[out.dtype], stream_handle(out.device))
+    with on_device(out.device):
+        _C.nvfp4_gemm_sm120(
+            a2.data_ptr(), as2.data_ptr(), w2.data_ptr(), ws2.data_ptr(), a_gs.data_ptr(), w_gs.data_ptr(),
+            la.data_ptr() if R else 0, up.data_ptr() if R else 0, bias.data_ptr() if bias is not None else 0,
+            out2.data_ptr(), M, N, a2.shape[1] * 2, R, DTYPE_CODES[out.dtype], stream_handle(out.device))
 
 
 # ----------------------------------------------------------------------------------------------- custom ops

@@ -109,13 +109,14 @@ def _launch_cuda(x, weight, cos, sin, eps, rope_offset, out) -> None:
     if cos is not None:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    _cext._C.qk_norm_rope(
-        x.data_ptr(), ptr(weight), ptr(cos), ptr(sin), out.data_ptr(),
-        B, S, H, D,
-        x.stride(0), x.stride(1), x.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        rope_offset, eps, _cext.DTYPE_CODES[x.dtype], _cext.stream_handle(x.device),
-    )
+    with _cext.on_device(x.device):
+        _cext._C.qk_norm_rope(
+            x.data_ptr(), ptr(weight), ptr(cos), ptr(sin), out.data_ptr(),
+            B, S, H, D,
+            x.stride(0), x.stride(1), x.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            rope_offset, eps, _cext.DTYPE_CODES[x.dtype], _cext.stream_handle(x.device),
+        )
 
 
 

@@ -165,7 +165,7 @@ def resolve_nvfp4_activations(choice: str, device: torch.device) -> str:
         raise ValueError(f"nvfp4_activations must be one of {NVFP4_ACTIVATIONS}, got {choice!r}")
     if choice != "auto":
         return choice
-    native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 12
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device) == (12, 0)
     return "nvfp4" if native else "bf16"
 
 

@@ -7,12 +7,12 @@ nunchaku (the SVDQuant engine; not the unrelated PyPI package of the same name) 
 | qweight                                             | [N, K/2] int8, MMA tiled | qweight [N, K/2] uint8 (untiled) |
 | wscales                                             | [K/16, N] e4m3, tiled    | wscales [N, K/16] (untiled)      |
 | wtscale (optional, default 1)                       | [1] bf16/fp16/fp32       | wtscale (fp32)                   |
-| wcscales (optional per-channel, default 1)          | [N]                      | folded into wscales (see below)  |
-| smooth_factor / smooth                              | [K]                      | smooth (fp32)                    |
+| wcscales (optional per-channel, default 1)          | [N], tiled               | folded into wscales (see below)  |
+| smooth_factor / smooth                              | [K], tiled               | smooth (fp32)                    |
 | proj_down / lora_down                               | [K, R], tiled            | lora_down [K, R]                 |
 | proj_up / lora_up                                   | [N, R], tiled            | lora_up [R, N] (transposed)      |
-| bias                                                | [N]                      | bias                             |
-| smooth_factor_orig / smooth_orig                    | [K]                      | not used by the forward pass     |
+| bias                                                | [N], tiled               | bias                             |
+| smooth_factor_orig / smooth_orig                    | [K], tiled               | not used by the forward pass     |
 
 Semantics match: nunchaku computes y = alpha * wcscales * (Q(x / smooth) Q(W)^T) + bias + (x @ proj_down) @ proj_up^T
 with the down-projection on the unsmoothed input (read from its fused quantize kernel), E2M1 codes in the standard
@@ -27,6 +27,10 @@ index order, checked in tests against the store order tables in its comments):
 - wscales: per 128-row tile and 64-K block, word (4 E4M3 scales of 4 consecutive K groups) n = s*32 + a*8 + b is
   stored at position (b*4 + a)*4 + s (lane b*4 + a loads words s = 0..3).
 - proj_down / proj_up: 16 x 16 bf16 packs (2 x 8 lanes along the "n" side, 2 x 4 lanes x 2 values along "k").
+- bias, smooth_factor, wcscales (vectors; `pack_scale(..., group_size=-1)`): within each tile of 128 values, value
+  a*16 + b*8 + c*2 + d (a < 8, b < 2, c < 4, d < 2) is stored at a*16 + c*4 + b*2 + d.
+Layers stored otherwise (nunchaku's AWQ W4A16 adaLN linears: int32 qweight with wzeros) are not NVFP4 SVDQuant
+layers: `import_nunchaku_state_dict` leaves them to the caller.
 
 Assumptions that remain: K and N multiples of 128 and R a multiple of 16, as nunchaku pads them (a padded
 checkpoint imports with its padded sizes); nunchaku quantizes activations with the reciprocal of the unrounded
@@ -54,6 +58,7 @@ __all__ = [
     "svdquant_linear_from_nunchaku", "svdquant_linear_to_nunchaku", "import_nunchaku_state_dict",
     "nunchaku_backend_error", "to_nunchaku_module", "pack_nunchaku_qweight", "unpack_nunchaku_qweight",
     "pack_nunchaku_wscales", "unpack_nunchaku_wscales", "pack_nunchaku_lowrank", "unpack_nunchaku_lowrank",
+    "pack_nunchaku_vector", "unpack_nunchaku_vector",
 ]
 
 WARP_N = 128  # rows per weight tile
@@ -84,6 +89,24 @@ def _check_tiles(N: int, K: int) -> None:
     if N % WARP_N or K % (2 * MEM_K):
         raise ValueError(f"nunchaku layout needs out_features % {WARP_N} == 0 and in_features % {2 * MEM_K} == 0 "
                          f"(it pads to these), got N={N}, K={K}")
+
+
+# ----------------------------------------------------------------------------------------------- vectors
+def _check_vector(v: torch.Tensor) -> None:
+    if v.dim() != 1 or v.numel() % WARP_N:
+        raise ValueError(f"nunchaku packs per-channel vectors in tiles of {WARP_N}: expected a 1-D tensor whose "
+                         f"length is a multiple of {WARP_N}, got shape {tuple(v.shape)}")
+
+
+def pack_nunchaku_vector(v: torch.Tensor) -> torch.Tensor:
+    """bias / smooth / wcscales [L] -> nunchaku's order (per 128-tile: (a, b, c, d) of 8x2x4x2 -> (a, c, b, d))."""
+    _check_vector(v)
+    return v.reshape(-1, 8, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1)
+
+
+def unpack_nunchaku_vector(v: torch.Tensor) -> torch.Tensor:
+    _check_vector(v)
+    return v.reshape(-1, 8, 4, 2, 2).permute(0, 1, 3, 2, 4).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------- qweight
@@ -212,16 +235,17 @@ def svdquant_linear_from_nunchaku(tensors: Mapping[str, torch.Tensor], prefix: s
     if wcscales is not None and wcscales.numel() and not torch.all(wcscales == 1):
         warn_once("nunchaku:wcscales", f"{prefix}wcscales (per-channel weight scales) folded into the E4M3 group "
                   "scales: one extra rounding per group")
-        scales = (scales.float() * wcscales.float()[:, None]).clamp(max=448.0).to(torch.float8_e4m3fn)
+        scales = (scales.float() * unpack_nunchaku_vector(wcscales).float()[:, None]).clamp(max=448.0)
+        scales = scales.to(torch.float8_e4m3fn)
     layer.qweight.copy_(unpack_nunchaku_qweight(qweight))
     layer.wscales.copy_(scales)
     layer.wtscale.fill_(float(wtscale.float().reshape(-1)[0]) if wtscale is not None else 1.0)
     layer.input_scale.fill_(1.0)
-    layer.smooth.copy_(smooth.float())
+    layer.smooth.copy_(unpack_nunchaku_vector(smooth).float())
     layer.lora_down.copy_(unpack_nunchaku_lowrank(proj_down, down=True).t())
     layer.lora_up.copy_(unpack_nunchaku_lowrank(proj_up, down=False).t())
     if bias is not None:
-        layer.bias.copy_(bias)
+        layer.bias.copy_(unpack_nunchaku_vector(bias))
     if nunchaku_kernels != "never":
         reason = nunchaku_backend_error(qweight.device)
         if reason is None:
@@ -256,21 +280,26 @@ def svdquant_linear_to_nunchaku(layer: SVDQuantLinear, dtype: torch.dtype = torc
         "wscales": pack_nunchaku_wscales(layer.wscales),
         "wtscale": layer.wtscale.reshape(1).to(dtype),
         "wcscales": torch.ones(layer.out_features, dtype=dtype, device=layer.qweight.device),
-        "smooth_factor": layer.smooth.to(dtype),
-        "smooth_factor_orig": layer.smooth.to(dtype),
+        "smooth_factor": pack_nunchaku_vector(layer.smooth.to(dtype)),
+        "smooth_factor_orig": pack_nunchaku_vector(layer.smooth.to(dtype)),
         "proj_down": pack_nunchaku_lowrank(layer.lora_down.t().to(dtype), down=True),
         "proj_up": pack_nunchaku_lowrank(layer.lora_up.t().to(dtype), down=False),
     }
     if layer.bias is not None:
-        out["bias"] = layer.bias.to(dtype)
+        out["bias"] = pack_nunchaku_vector(layer.bias.to(dtype))
     return out
 
 
 def import_nunchaku_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
                                backend: str = "auto", nunchaku_kernels: str = "auto") -> dict:
     """Every NVFP4 SVDQuant layer of a nunchaku state dict (or safetensors file's tensors): {module name: layer}.
-    Keys without a `.qweight` sibling (norms, embedders, ...) are left to the caller."""
-    prefixes = sorted(k[: -len("qweight")] for k in state_dict if k.endswith("qweight"))
+    Keys without a `.qweight` sibling (norms, embedders, ...) and other quantized layers (AWQ W4A16: wzeros, 16-bit
+    wscales) are left to the caller."""
+    def nvfp4(prefix: str) -> bool:
+        scales = state_dict.get(f"{prefix}wscales")
+        return f"{prefix}wzeros" not in state_dict and getattr(scales, "dtype", None) == torch.float8_e4m3fn
+
+    prefixes = sorted(p for p in (k[: -len("qweight")] for k in state_dict if k.endswith("qweight")) if nvfp4(p))
     return {p.rstrip("."): svdquant_linear_from_nunchaku(state_dict, p, dtype=dtype, backend=backend,
                                                          nunchaku_kernels=nunchaku_kernels)
             for p in prefixes}

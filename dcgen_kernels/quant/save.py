@@ -30,7 +30,7 @@ def save_quantized(model: torch.nn.Module, path) -> None:
         tensors[name] = t.clone().contiguous() if key in seen else t.contiguous()  # safetensors rejects aliasing
         seen.add(key)
     metadata = {"format": FORMAT, "quant": report.quant, "rank": str(report.rank), "model": type(model).__name__,
-                "layers": json.dumps([name for name, *_ in report.layers])}
+                "activations": report.activations, "layers": json.dumps([name for name, *_ in report.layers])}
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
@@ -56,7 +56,9 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto") -> to
     if current_quant(model) is not None:
         raise ValueError(f"load_quantized needs an unquantized {type(model).__name__}; this one is already "
                          f"quantized to {current_quant(model)}")
-    quantize(model, metadata["quant"], backend=backend, rank=int(metadata["rank"]))
+    # NVFP4's W4A4 / W4A16 mode as saved, not as the loading device would pick it (older files: the device's)
+    activations = metadata.get("activations", "auto") if metadata["quant"] == "nvfp4" else "auto"
+    quantize(model, metadata["quant"], backend=backend, rank=int(metadata["rank"]), nvfp4_activations=activations)
     saved_layers = json.loads(metadata["layers"])
     layers = [name for name, *_ in quant_report(model).layers]
     if layers != saved_layers:
