@@ -352,3 +352,15 @@ def test_unavailable_quantize_backend_warns_once_and_falls_back():
     assert len(caught) == 1  # one-time
     q, scale = quantize_fp8_reference(x)
     assert all(torch.equal(codes(o.data), codes(q)) and torch.equal(o.scale, scale) for o in outs)
+
+
+def test_fp8_linear_module_takes_any_leading_shape_like_nn_linear():
+    from dcgen_kernels.quant import FP8Linear
+
+    linear = torch.nn.Linear(64, 32)
+    layer = FP8Linear.from_linear(linear, backend="reference")
+    for shape in ((64,), (2, 3, 4, 64)):
+        x = torch.randn(*shape)
+        out = layer(x)
+        assert out.shape == shape[:-1] + (32,)
+        assert rel_l2(out, linear(x).detach()) < QUANT_TOL

@@ -338,3 +338,16 @@ def test_quantized_model_compiles_fullgraph(family, quant):
         eager = model(**inputs)[0]
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)[0]
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_quantized_pointwise_conv_keeps_the_conv_output_layout(memory_format):
+    from dcgen_kernels.patching.quant import _conv_as_linear
+    from dcgen_kernels.quant import FP8Linear
+
+    conv = torch.nn.Conv2d(32, 48, 1)
+    wrapped = QuantizedPointwiseConv(FP8Linear.from_linear(_conv_as_linear(conv), backend="reference"))
+    x = torch.randn(2, 32, 5, 7).to(memory_format=memory_format)
+    out, expected = wrapped(x), conv(x).detach()
+    assert out.shape == expected.shape and out.stride() == expected.stride()
+    assert rel_l2(out, expected) < MODEL_TOL

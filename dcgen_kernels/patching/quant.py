@@ -114,7 +114,10 @@ class QuantizedPointwiseConv(torch.nn.Module):
         batch, channels, height, width = x.shape
         # a copy unless x is channels_last: the quantizers need channel stride 1
         tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels).contiguous()
-        return self.linear(tokens, **kwargs).unflatten(1, (height, width)).permute(0, 3, 1, 2)
+        out = self.linear(tokens, **kwargs).unflatten(1, (height, width)).permute(0, 3, 1, 2)
+        # the conv's output layout: channels-last for a channels-last input, else NCHW (a copy, as views may follow)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _conv_as_linear(conv: torch.nn.Conv2d) -> torch.nn.Linear:

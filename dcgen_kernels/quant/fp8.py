@@ -53,6 +53,12 @@ class FP8Linear(torch.nn.Module):
                 gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() > 1 and x.stride(-1) != 1:
             x = x.contiguous()  # e.g. diffusers' transposed patch-embedding tokens: the quantizer needs stride 1
+        if isinstance(x, torch.Tensor) and x.dim() not in (2, 3) and gate is None and residual is None:
+            # any leading shape, as nn.Linear: the op takes (M, K) or (B, S, K)
+            lead = x.shape[:-1]
+            out = fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, self.bias,
+                             activation=activation, backend=self.backend)
+            return out.reshape(*lead, out.shape[-1])
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, activation=activation, gate=gate,
                           residual=residual, backend=self.backend)
 
