@@ -142,14 +142,20 @@ def test_flow_matching_and_guidance_closed_form():
     assert w.min() >= 1 and w.max() <= 14 and abs(w.mean().item() - 7.5) < 0.2
 
 
-def test_align_head_loss_matches_manual_and_unguided_has_no_grad():
-    model = flux_p2()
+def head_loss_case(guidance=True):
+    """A converted tiny FLUX and one batch of align_head_loss inputs (4x4 latent grid, p = 1, 8 channels)."""
+    model = flux_p2(guidance=guidance)
     convert(model, latent_channels=8, patch_size=1)
     text, pooled, null_text, null_pooled = text_data(2)
     g = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
     t, w = torch.tensor([0.3, 0.8]), torch.tensor([2.0, 9.0])
     img_ids, txt_ids = latent_image_ids(4, 4), torch.zeros(5, 3)
+    return model, text, pooled, null_text, null_pooled, x0, noise, t, w, img_ids, txt_ids
+
+
+def test_align_head_loss_matches_manual_and_unguided_has_no_grad():
+    model, text, pooled, null_text, null_pooled, x0, noise, t, w, img_ids, txt_ids = head_loss_case()
 
     calls = []
     hook = model.register_forward_hook(
@@ -174,13 +180,8 @@ def test_align_head_loss_matches_manual_and_unguided_has_no_grad():
 
 
 def test_align_head_loss_without_guidance_embedding_is_plain_flow_matching():
-    model = flux_p2(guidance=False)  # FLUX.1-schnell-like: not guidance-distilled
-    convert(model, latent_channels=8, patch_size=1)
-    text, pooled, null_text, null_pooled = text_data(2)
-    g = torch.Generator().manual_seed(3)
-    x0, noise = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
-    t, w = torch.tensor([0.3, 0.8]), torch.tensor([2.0, 9.0])
-    img_ids, txt_ids = latent_image_ids(4, 4), torch.zeros(5, 3)
+    # FLUX.1-schnell-like: not guidance-distilled
+    model, text, pooled, null_text, null_pooled, x0, noise, t, w, img_ids, txt_ids = head_loss_case(guidance=False)
     calls = []
     hook = model.register_forward_hook(lambda m, args, out: calls.append(1))
     loss = T.align_head_loss(model, x0, text, pooled, img_ids, txt_ids, t, noise, w, null_text, null_pooled)

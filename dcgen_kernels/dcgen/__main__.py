@@ -45,20 +45,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _transformer_cls(path: str):
-    """FluxTransformer2DModel or SanaTransformer2DModel, from the directory's config.json (FLUX when unreadable:
+def _class_from_config(path: str, candidates: tuple, kind: str):
+    """The class of `candidates` that the directory's config.json names (the first when there is no config.json:
     loading then reports what is missing)."""
-    from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
-
-    classes = {cls.__name__: cls for cls in (FluxTransformer2DModel, SanaTransformer2DModel)}
+    classes = {cls.__name__: cls for cls in candidates}
     config = os.path.join(path or "", "config.json")
     if not os.path.isfile(config):
-        return FluxTransformer2DModel
+        return candidates[0]
     with open(config) as f:
         name = json.load(f).get("_class_name")
     if name not in classes:
-        raise CLIError(f"{path}: config.json names model class {name!r}; supported: {', '.join(classes)}")
+        raise CLIError(f"{path}: config.json names {kind} class {name!r}; supported: {', '.join(classes)}")
     return classes[name]
+
+
+def _transformer_cls(path: str):
+    """FluxTransformer2DModel or SanaTransformer2DModel."""
+    from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
+
+    return _class_from_config(path, (FluxTransformer2DModel, SanaTransformer2DModel), "model")
 
 
 def _load_transformer(path: str, device: torch.device):
@@ -78,19 +83,10 @@ def _device(name: str) -> torch.device:
 
 
 def _autoencoder_cls(path: str):
-    """AutoencoderKL (FLUX's VAE) or AutoencoderDC (SANA's base AE is DC-AE f32c32), from the directory's config.json
-    (AutoencoderKL when unreadable: loading then reports what is missing)."""
+    """AutoencoderKL (FLUX's VAE) or AutoencoderDC (SANA's base autoencoder is DC-AE f32c32)."""
     from diffusers import AutoencoderDC, AutoencoderKL
 
-    classes = {cls.__name__: cls for cls in (AutoencoderKL, AutoencoderDC)}
-    config = os.path.join(path or "", "config.json")
-    if not os.path.isfile(config):
-        return AutoencoderKL
-    with open(config) as f:
-        name = json.load(f).get("_class_name")
-    if name not in classes:
-        raise CLIError(f"{path}: config.json names autoencoder class {name!r}; supported: {', '.join(classes)}")
-    return classes[name]
+    return _class_from_config(path, (AutoencoderKL, AutoencoderDC), "autoencoder")
 
 
 def _load_embeddings(path: str) -> dict:
