@@ -84,8 +84,9 @@ class DCGenSanaLinearAttnProcessor:
         # Stock upcasts whatever dtypes it gets (under autocast an fp32-weight qk RMSNorm returns fp32 next to a
         # bf16 value; its matmuls then run in the autocast dtype, ours stay fp32): one common dtype for the op,
         # the output in the input's dtype as stock.
-        common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
-        query, key, value = query.to(common), key.to(common), value.to(common)
+        if not query.dtype == key.dtype == value.dtype:
+            common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+            query, key, value = query.to(common), key.to(common), value.to(common)
         out = sana_linear_attention(query, key, value, attn.heads, backend=self.backend).to(hidden_states.dtype)
         return _clip_fp16(attn.to_out[1](attn.to_out[0](out)), hidden_states.dtype)
 
