@@ -58,6 +58,13 @@ from .bench_sana_step import SANA_1600M
 from .timing import time_ms, wall_s
 
 E2E_TOL = 2e-2  # whole model or decoder, bf16, patched vs stock
+# torch.compile of stock vs eager stock. Inductor keeps the bf16 intermediates of fused pointwise chains in fp32
+# (torch._inductor.config.emulate_precision_casts is False by default), so over FLUX's deep random-weight stack it
+# departs from eager stock far more than bf16 rounding order does (0.13 at DC-Gen-FLUX 4K, H100) while computing the
+# same function: on a 6-layer FLUX on the CPU, compiled is 5.5e-3 from fp32 and eager 4.0e-2, and with the casts
+# emulated compiled is 1.7e-3 from eager (PERF_NOTES). This check guards against timing a wrong graph (unrelated
+# outputs are ~1.4 apart), not against rounding.
+COMPILE_TOL = 0.25
 WEIGHTS_NOTE = ("random bf16 weights built on the GPU (diffusers' default init) for transformers and decoders: latency "
                 "does not depend on weight values")
 F64C128_ASSUMPTION = ("DC-AE-1.5 f64c128 decoder assumed = the DC-AE 1.0 f64c128 architecture (diffusers converter "
@@ -602,7 +609,7 @@ def _compile_one(cfg: Config, pipe: Pipeline, res: str, device, dynamo) -> dict:
         with torch.no_grad():
             stock_out = model(**x)[0]
             out, seconds = wall_s(lambda: compiled(**x)[0], device)
-            rec = {"compile_s": seconds, **check_record(rel_l2(out, stock_out), E2E_TOL)}
+            rec = {"compile_s": seconds, **check_record(rel_l2(out, stock_out), COMPILE_TOL)}
             del out, stock_out
             rec["ms"] = time_ms(lambda: compiled(**x)[0], device, warmup, iters)
             rec["stock_ms"] = time_ms(lambda: model(**x)[0], device, warmup, iters)

@@ -1,7 +1,6 @@
 """Backend selection shared by every op.
 
-``auto`` tries ``cuda`` -> ``triton`` -> ``reference`` (an op may try triton first where its Triton kernel is the
-faster one for the call: `patch_embed` with 2x2 packing). Backends an op does not implement, or that cannot run
+``auto`` tries ``cuda`` -> ``triton`` -> ``reference``. Backends an op does not implement, or that cannot run
 on this machine at all (no ``_C``, Triton on a CPU tensor without ``TRITON_INTERPRET=1``), are skipped quietly
 in ``auto``; a backend that is there but rejects this particular call (dtype, head_dim, strides) is skipped with
 a one-time warning naming the reason, because that is a performance cliff the user should hear about.
@@ -78,19 +77,17 @@ def select(
     backend: str,
     platform_checks: Mapping[str, SupportCheck],
     case_checks: Mapping[str, SupportCheck],
-    auto_order: tuple = BACKENDS,
 ) -> str:
     """Pick the backend for one call of `op`.
 
     platform_checks: per implemented backend, whether it can run on this machine/device at all.
     case_checks: per implemented backend, whether it supports this call's dtypes, shapes and strides.
     Backends missing from platform_checks are not implemented for `op`. 'reference' always serves.
-    auto_order: the order `auto` tries (an op whose faster backend depends on the call reorders BACKENDS); an
-    explicit choice falls back down BACKENDS.
+    `auto` tries BACKENDS in order; an explicit choice falls back down BACKENDS from itself.
     """
     choice = requested(backend)
     explicit = choice != "auto"
-    order = BACKENDS[BACKENDS.index(choice):] if explicit else auto_order
+    order = BACKENDS[BACKENDS.index(choice):] if explicit else BACKENDS
     for name in order:
         if name == "reference":
             return name

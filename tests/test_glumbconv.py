@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from dcgen_kernels import _backend
 from dcgen_kernels.ops.glumbconv import _launch_depthwise_glu, depthwise_glu, depthwise_glu_reference, glumbconv, \
     glumbconv_reference
-from tests.helpers import TOLERANCE, rel_l2
+from tests.helpers import TOLERANCE, compile_launchers_for_sm90, rel_l2
 
 
 def make_weights(C=20, hidden=40, C_out=None, dtype=torch.float32, device="cpu"):
@@ -151,13 +151,34 @@ def test_torch_compile_fullgraph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_depthwise_glu_partial_tiles(dtype):
-    """Odd sizes at the GPU tile config: partial column, channel and row blocks."""
+    """Odd sizes, every autotuned block config and the tuned launch: partial column, channel and row blocks."""
+    from dcgen_kernels.triton_kernels.glumbconv import depthwise_glu_kernel
+
     H, W, hidden = 45, 37, 200
     pre = torch.randn(2 * H * W, 2 * hidden, device="cuda").to(dtype)
     _, _, depth_weight, depth_bias, _ = make_weights(hidden=hidden, dtype=dtype, device="cuda")
-    out = torch.full((2 * H * W, hidden), float("nan"), dtype=dtype, device="cuda")
-    _launch_depthwise_glu(pre, H, W, depth_weight, depth_bias, out)
-    assert rel_l2(out, depthwise_glu_fp32(pre, H, W, depth_weight, depth_bias)) <= max(TOLERANCE[dtype] / 2, 1e-6)
+    expected = depthwise_glu_fp32(pre, H, W, depth_weight, depth_bias)
+    for config in [*depthwise_glu_kernel.configs, None]:
+        out = torch.full((2 * H * W, hidden), float("nan"), dtype=dtype, device="cuda")
+        _launch_depthwise_glu(pre, H, W, depth_weight, depth_bias, out, config=config)
+        assert rel_l2(out, expected) <= max(TOLERANCE[dtype] / 2, 1e-6), config
+
+
+_DEPTHWISE_GLU_CONFIG_LAUNCHES = r'''
+g = importlib.import_module("dcgen_kernels.ops.glumbconv")
+kernel = importlib.import_module("dcgen_kernels.triton_kernels.glumbconv").depthwise_glu_kernel
+E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
+for config in kernel.configs:  # SANA-1.6B's Mix-FFN at a 128x128 latent
+    g._launch_depthwise_glu(E(128 * 128, 11200), 128, 128, E(11200, 1, 3, 3), E(11200), E(128 * 128, 5600), config)
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_depthwise_glu_configs_compile_for_sm90_without_spills():
+    stats = compile_launchers_for_sm90(_DEPTHWISE_GLU_CONFIG_LAUNCHES)
+    assert len(stats) > 1, stats  # the GPU config list (the subprocess runs outside the interpreter)
+    assert all(s["spills"] == 0 for s in stats), stats
 
 
 @pytest.mark.gpu

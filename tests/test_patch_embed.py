@@ -271,13 +271,11 @@ def test_backend_env_override(monkeypatch):
     assert patch_embed_module.select_backend("patch_embed", "triton", latent, weight, 2) == "triton"
 
 
-@pytest.mark.parametrize("p,embed_runs,unembed_runs", [
-    (2, ["embed_triton", "unembed_cublas"], ["unembed_cublas", "embed_triton"]),
-    (1, ["embed_cublas", "unembed_cublas"], ["unembed_cublas", "embed_cublas"]),
-])
-def test_auto_routes_each_gemm_to_its_faster_backend(p, embed_runs, unembed_runs, cublas_on_cpu, monkeypatch):
-    """auto with cuBLAS there: the wide-output 2x2 gather GEMM (patch_embed p=2, and patch_unembed's d(tokens)) on
-    Triton, every other GEMM on cuBLAS; the forward first, then the input gradient."""
+@pytest.mark.parametrize("p", [2, 1])
+def test_auto_routes_every_gemm_to_cublas(p, cublas_on_cpu, monkeypatch):
+    """auto with cuBLAS there: every GEMM of both ops, forward first, then the input gradient, on cuBLAS (measured
+    at least as fast as the Triton kernels in 29 of 32 H100 cases, ops/patch_embed.py)."""
+    embed_runs, unembed_runs = ["embed_cublas", "unembed_cublas"], ["unembed_cublas", "embed_cublas"]
     runs = []
     for name in ("_launch_embed_triton", "_launch_unembed_triton", "_embed_cublas", "_unembed_cublas"):
         original = getattr(patch_embed_module, name)

@@ -161,24 +161,24 @@ def _validate_linear(x: FP8Activation, w_q, w_scale, bias, gate, residual) -> No
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-# Rows whose (prefix, x) parts fit these widths are quantized in one read, the row in registers (16 warps hold
-# 16384 fp32 values in 32 registers per thread); wider rows take two sweeps (amax, then quantize). The interpreter
-# takes narrow limits so the tests cover both kernels.
-ONE_PASS_MAX_WIDTH = (4096, 16384)  # (prefix, x)
-ONE_PASS_MAX_WIDTH_INTERPRETER = (64, 128)
+# Rows of up to this width (prefix + x) are quantized in one read, the row in registers (16 warps hold 16384 fp32
+# values in 32 registers per thread); wider rows take two sweeps (amax, then quantize). The interpreter takes a
+# narrow limit so the tests cover both kernels.
+ONE_PASS_MAX_WIDTH = 16384
+ONE_PASS_MAX_WIDTH_INTERPRETER = 128
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _one_pass_config(k1: int, k2: int) -> Optional[dict]:
-    max_p, max_x = ONE_PASS_MAX_WIDTH_INTERPRETER if _backend.triton_interpreter_enabled() else ONE_PASS_MAX_WIDTH
-    if k1 > max_p or k2 > max_x:
+def _one_pass_config(width: int) -> Optional[dict]:
+    if width > (ONE_PASS_MAX_WIDTH_INTERPRETER if _backend.triton_interpreter_enabled() else ONE_PASS_MAX_WIDTH):
         return None
-    block_p, block_x = _next_pow2(k1) if k1 else 1, _next_pow2(k2)
-    # ~32 values per thread: a 3072-wide row takes 4 warps, the 12288-wide FFN row 16
-    return dict(BLOCK_P=block_p, BLOCK_X=block_x, num_warps=max(4, min(16, (block_p + block_x) // 1024)))
+    block = _next_pow2(width)
+    # ~32 values per thread: a 3072-wide row takes 4 warps, the 12288-wide FFN row and FLUX's 15360-wide
+    # [attention | GELU(MLP)] row 16
+    return dict(BLOCK=block, num_warps=max(4, min(16, block // 1024)))
 
 
 def _quantize_config(width: int) -> dict:
@@ -201,7 +201,7 @@ def _launch_quantize(x, prefix, gelu, q, scale) -> None:
     rows_per_batch, x_sb, x_sn = _rows_view(x)
     _, p_sb, p_sn = _rows_view(prefix) if prefix is not None else (0, 0, 0)
     k1 = q.shape[-1] - x.shape[-1]
-    one_pass = _one_pass_config(k1, x.shape[-1])
+    one_pass = _one_pass_config(q.shape[-1])
     if one_pass is not None:
         quantize_fp8_rows_one_pass_kernel[(n_rows,)](
             prefix if prefix is not None else x, x, q, scale,

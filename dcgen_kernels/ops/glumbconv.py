@@ -4,7 +4,9 @@ Stock runs 1x1 conv -> SiLU -> 3x3 depthwise conv -> chunk -> x * SiLU(gate) -> 
 with separate passes over the (B, 2*hid, H, W) activations for the SiLU, the conv, the chunk and the gating.
 Here the 1x1 convs are cuBLAS GEMMs on the tokens (the first with its bias fused in the cuBLASLt epilogue),
 and one Triton kernel reads the GEMM's channels-last output once, applies the SiLU on load, the depthwise
-conv with its bias and the gating, and writes the (B, N, hid) input of the second GEMM.
+conv with its bias and the gating, and writes the (B, N, hid) input of the second GEMM. That kernel's block
+config is autotuned: the first call per (H, W, hid, dtype) times six configs (about a second, plus their one-time
+compilation), so warm a model up before capturing it in a CUDA graph (patch(cuda_graph=True) does).
 
 Backends (auto order triton -> reference; there is no cuda backend):
 - triton: torch GEMMs around the fused depthwise + GLU kernel; fp32, bf16 and fp16.
@@ -94,29 +96,23 @@ def _validate_depthwise_glu(pre, height, width, depth_weight, depth_bias) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- triton
-def _block_config() -> dict:
-    """Value channels per program and warps: two channels per thread keeps the rolling sums of a strip in
-    registers (166 on sm_90, no spills, also for fp32). Under the interpreter a smaller block lets small test
-    shapes cover full and partial channel blocks."""
-    if _backend.triton_interpreter_enabled():
-        return dict(block_c=64, num_warps=1)
-    return dict(block_c=128, num_warps=2)
-
-
-def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, block_c: Optional[int] = None,
-                          num_warps: Optional[int] = None):
-    """out (B*N, hid) = value * SiLU(gate) of depthwise3x3(SiLU(pre)) + bias, pre (B*N, 2*hid) channels-last."""
+def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, config=None):
+    """out (B*N, hid) = value * SiLU(gate) of depthwise3x3(SiLU(pre)) + bias, pre (B*N, 2*hid) channels-last.
+    The block config is autotuned on the first call per shape and dtype (triton_kernels/glumbconv.py); `config`
+    (a triton.Config of that list) runs one without tuning, for tests."""
     from ..triton_kernels.glumbconv import STRIP_ROWS, depthwise_glu_kernel
 
     hidden = pre.shape[1] // 2
     batch = pre.shape[0] // (height * width)
-    cfg = _block_config()
-    block_c, num_warps = block_c or cfg["block_c"], num_warps or cfg["num_warps"]
     # (9, 2*hid) fp32: each tap one contiguous vector (a 0.4 MB copy at SANA-1.6B sizes)
     taps = pre.new_empty((9, 2 * hidden), dtype=torch.float32).copy_(depth_weight.reshape(2 * hidden, 9).t())
-    grid = (cdiv(hidden, block_c), cdiv(height, STRIP_ROWS.value), batch)
-    depthwise_glu_kernel[grid](pre, taps, depth_bias.contiguous(), out, height, width, hidden, BLOCK_C=block_c,
-                               num_warps=num_warps)
+    args = (pre, taps, depth_bias.contiguous(), out, height, width, hidden)
+    if config is None:
+        grid = lambda meta: (cdiv(hidden, meta["BLOCK_C"]), cdiv(height, STRIP_ROWS.value), batch)  # noqa: E731
+        depthwise_glu_kernel[grid](*args)
+    else:
+        grid = (cdiv(hidden, config.kwargs["BLOCK_C"]), cdiv(height, STRIP_ROWS.value), batch)
+        depthwise_glu_kernel.fn[grid](*args, **config.kwargs, num_warps=config.num_warps)
 
 
 def _triton_forward(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight):

@@ -12,7 +12,9 @@ Backends:
   C*p*p <= 128 features against the tokens' D = 2240-3072, so under 6% of the GEMM's bytes.
 - triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
   it, so no packed tensor exists (triton_kernels/patch_embed.py).
-`auto` tries cuda first, except for patch_embed with p = 2 (see _TRITON_FIRST).
+`auto` tries cuda first: on an H100 it was at least as fast as the gathering Triton kernels in 29 of the 32 benchmarked
+cases (forward and forward+backward); Triton won the f8c16 unembed forward at 16384 tokens (43 vs 51 us) and two
+4096-token p = 1 embed forwards by 2-3 us (benchmarks/results, 2026-11-27 11:45 run).
 Backward: d(input) is the other op with the weight transposed and the same backend request (patch_unembed(grad,
 weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed); d(weight) and d(bias) are one cuBLAS
 GEMM over all B*N tokens and a column sum (fp32-accumulated), on the packed token matrices. On the reference
@@ -238,13 +240,6 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     )
 
 
-# `auto` for patch_embed with 2x2 packing tries Triton first: that GEMM has a 64-wide reduction and a 3072-wide
-# output, so it is bound by writing the output, which the gathering kernel does at GEMM speed, where cuBLAS needs a
-# packing copy first (measured for stock's copy: 0.78x of the bare GEMM at 4096 tokens). Narrow outputs (unembed,
-# p = 1 anything) stay on cuBLAS, which splits their long reductions over the SMs.
-_TRITON_FIRST = ("triton", "cuda", "reference")
-
-
 def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor, patch_size: int) -> str:
     """`op` is "patch_embed" or "patch_unembed"; x is its latent or tokens. "cuda" is cuBLAS (no _C needed)."""
     return _backend.select(
@@ -253,7 +248,6 @@ def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor,
         platform_checks={"cuda": lambda: _cublas_device_error(x.device),
                          "triton": lambda: _backend.triton_device_error(x.device)},
         case_checks={"triton": lambda: _triton_case_error(x, weight)},
-        auto_order=_TRITON_FIRST if op == "patch_embed" and patch_size == 2 else _backend.BACKENDS,
     )
 
 

@@ -117,33 +117,28 @@ def quantize_fp8_rows_one_pass_kernel(
     prefix_ptr, x_ptr, q_ptr, scale_ptr,
     rows_per_batch, K1, K2,
     prefix_stride_b, prefix_stride_n, x_stride_b, x_stride_n,
-    HAS_PREFIX: tl.constexpr, GELU: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_X: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, GELU: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """quantize_fp8_rows_kernel for rows that fit in registers (one program per row): each element is read and
-    (GELU) computed once, where the two sweeps over a wide row read it twice (the 12288-wide FFN row: 24 KB)."""
-    rows = tl.program_id(0) + tl.arange(0, 1)
-    rows64 = rows.to(tl.int64)
+    (GELU) computed once, where the two sweeps over a wide row read it twice (the 12288-wide FFN row: 24 KB).
+    The output row [prefix | x] is one BLOCK of lanes, each loading from the part it covers, so a concatenated row
+    pads only its total width to a power of two."""
+    rows64 = (tl.program_id(0) + tl.arange(0, 1)).to(tl.int64)
     b = rows64 // rows_per_batch
     n = rows64 % rows_per_batch
-    xcols = tl.arange(0, BLOCK_X)
-    x_ok = (xcols < K2)[None, :]
-    xv = _load_rows(x_ptr, b * x_stride_b + n * x_stride_n, xcols, x_ok, GELU)
-    amax = tl.max(tl.abs(xv), axis=1)
+    cols = tl.arange(0, BLOCK)
+    x_cols = cols - K1
+    x_ok = ((x_cols >= 0) & (x_cols < K2))[None, :]
+    v = _load_rows(x_ptr, b * x_stride_b + n * x_stride_n, x_cols, x_ok, GELU)
     if HAS_PREFIX:
-        pcols = tl.arange(0, BLOCK_P)
-        p_ok = (pcols < K1)[None, :]
-        pv = _load_rows(prefix_ptr, b * prefix_stride_b + n * prefix_stride_n, pcols, p_ok, False)
-        amax = tl.maximum(amax, tl.max(tl.abs(pv), axis=1))
-    amax = tl.maximum(amax, AMAX_FLOOR)
+        in_prefix = (cols < K1)[None, :]
+        v = tl.where(in_prefix, _load_rows(prefix_ptr, b * prefix_stride_b + n * prefix_stride_n, cols, in_prefix,
+                                           False), v)
+    amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)
     inv = tl.div_rn(tl.full([1], FP8_MAX, tl.float32), amax)[:, None]
     tl.store(scale_ptr + rows64, tl.div_rn(amax, tl.full([1], FP8_MAX, tl.float32)))
-    q_row = rows64 * (K1 + K2)
-    if HAS_PREFIX:
-        tl.store(q_ptr + q_row[:, None] + pcols[None, :], to_e4m3(tl.clamp(pv * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST),
-                 mask=p_ok)
-    tl.store(q_ptr + q_row[:, None] + K1 + xcols[None, :], to_e4m3(tl.clamp(xv * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST),
-             mask=x_ok)
+    tl.store(q_ptr + rows64[:, None] * (K1 + K2) + cols[None, :],
+             to_e4m3(tl.clamp(v * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST), mask=(cols < K1 + K2)[None, :])
 
 
 @triton.jit

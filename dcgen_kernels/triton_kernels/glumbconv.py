@@ -4,6 +4,8 @@ Reads the pre-activation of the inverted 1x1 conv channels-last, (B, H, W, 2*hid
 gate channels second (the order of `torch.chunk(..., 2, dim=1)`), and writes the gated (B, H*W, hid) tokens.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -27,26 +29,25 @@ def _activated(pre_ptr, lanes, row, column, b, H, W, C2, ok):
 
 
 @triton.jit
-def _kernel_columns(above, level, below, taps_ptr, lanes, lane_ok, C2):
-    """An output pixel's vertical sums over its three input rows, for the left, centre and right kernel column.
+def _taps(taps_ptr, lanes, lane_ok, C2):
+    """The nine depthwise weights of the [BLOCK_C] lanes, from fp32 (9, 2*HID) tap-major: loaded once per program."""
+    return (tl.load(taps_ptr + 0 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 1 * C2 + lanes, mask=lane_ok),
+            tl.load(taps_ptr + 2 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 3 * C2 + lanes, mask=lane_ok),
+            tl.load(taps_ptr + 4 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 5 * C2 + lanes, mask=lane_ok),
+            tl.load(taps_ptr + 6 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 7 * C2 + lanes, mask=lane_ok),
+            tl.load(taps_ptr + 8 * C2 + lanes, mask=lane_ok))
 
-    taps_ptr: the depthwise weights as fp32 (9, 2*HID), tap-major, so each tap is one contiguous vector."""
-    w00 = tl.load(taps_ptr + 0 * C2 + lanes, mask=lane_ok)
-    w01 = tl.load(taps_ptr + 1 * C2 + lanes, mask=lane_ok)
-    w02 = tl.load(taps_ptr + 2 * C2 + lanes, mask=lane_ok)
-    w10 = tl.load(taps_ptr + 3 * C2 + lanes, mask=lane_ok)
-    w11 = tl.load(taps_ptr + 4 * C2 + lanes, mask=lane_ok)
-    w12 = tl.load(taps_ptr + 5 * C2 + lanes, mask=lane_ok)
-    w20 = tl.load(taps_ptr + 6 * C2 + lanes, mask=lane_ok)
-    w21 = tl.load(taps_ptr + 7 * C2 + lanes, mask=lane_ok)
-    w22 = tl.load(taps_ptr + 8 * C2 + lanes, mask=lane_ok)
+
+@triton.jit
+def _kernel_columns(above, level, below, w00, w01, w02, w10, w11, w12, w20, w21, w22):
+    """An output pixel's vertical sums over its three input rows, for the left, centre and right kernel column."""
     return (above * w00 + level * w10 + below * w20,
             above * w01 + level * w11 + below * w21,
             above * w02 + level * w12 + below * w22)
 
 
 @triton.jit
-def _strip_column(pre_ptr, taps_ptr, lanes, lane_ok, ok, top, column, b, H, W, C2):
+def _strip_column(pre_ptr, lanes, ok, top, column, b, H, W, C2, w00, w01, w02, w10, w11, w12, w20, w21, w22):
     """Activate one column of the strip's STRIP_ROWS + 2 input rows once; return the kernel-column sums
     (left, centre, right) of each of its STRIP_ROWS output rows."""
     a0 = _activated(pre_ptr, lanes, top - 1, column, b, H, W, C2, ok)
@@ -55,10 +56,10 @@ def _strip_column(pre_ptr, taps_ptr, lanes, lane_ok, ok, top, column, b, H, W, C
     a3 = _activated(pre_ptr, lanes, top + 2, column, b, H, W, C2, ok)
     a4 = _activated(pre_ptr, lanes, top + 3, column, b, H, W, C2, ok)
     a5 = _activated(pre_ptr, lanes, top + 4, column, b, H, W, C2, ok)
-    left0, centre0, right0 = _kernel_columns(a0, a1, a2, taps_ptr, lanes, lane_ok, C2)
-    left1, centre1, right1 = _kernel_columns(a1, a2, a3, taps_ptr, lanes, lane_ok, C2)
-    left2, centre2, right2 = _kernel_columns(a2, a3, a4, taps_ptr, lanes, lane_ok, C2)
-    left3, centre3, right3 = _kernel_columns(a3, a4, a5, taps_ptr, lanes, lane_ok, C2)
+    left0, centre0, right0 = _kernel_columns(a0, a1, a2, w00, w01, w02, w10, w11, w12, w20, w21, w22)
+    left1, centre1, right1 = _kernel_columns(a1, a2, a3, w00, w01, w02, w10, w11, w12, w20, w21, w22)
+    left2, centre2, right2 = _kernel_columns(a2, a3, a4, w00, w01, w02, w10, w11, w12, w20, w21, w22)
+    left3, centre3, right3 = _kernel_columns(a3, a4, a5, w00, w01, w02, w10, w11, w12, w20, w21, w22)
     return left0, centre0, right0, left1, centre1, right1, left2, centre2, right2, left3, centre3, right3
 
 
@@ -69,6 +70,18 @@ def _store_gated(out_ptr, value, gate, row, column, b, H, W, HID, channel, chann
              mask=channel_ok & (row < H))
 
 
+def _configs():
+    """(value channels per program, warps) to time on the first call of each (H, W, HID, dtype). Two channels per
+    thread was the hand-picked H100 default (166 registers, no spills, with the taps reloaded per column); the
+    others trade bytes per load against programs in flight. The interpreter takes one small block, so the test
+    shapes cover full and partial channel blocks."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({"BLOCK_C": 64}, num_warps=1)]
+    return [triton.Config({"BLOCK_C": block_c}, num_warps=warps)
+            for block_c, warps in ((128, 2), (64, 1), (64, 2), (128, 4), (256, 2), (256, 4))]
+
+
+@triton.autotune(configs=_configs(), key=["H", "W", "HID"])
 @triton.jit
 def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_C: tl.constexpr):
     """One program: BLOCK_C value channels and their gates x STRIP_ROWS output rows x the whole width.
@@ -77,7 +90,7 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     sums for the left, centre and right kernel column belong to the output columns right of, at and left of it.
     Rolling accumulators carry them: after column j-1, done_t holds output (top+t, j-1) but for its right kernel
     column and pending_t holds output (top+t, j)'s left kernel column (with the bias), so column j completes
-    output column j-1. taps_ptr: the depthwise weights as fp32 (9, 2*HID), tap-major.
+    output column j-1. taps_ptr: the depthwise weights as fp32 (9, 2*HID), tap-major, held in registers.
     """
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     top = tl.program_id(1) * STRIP_ROWS
@@ -85,6 +98,8 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     C2 = 2 * HID
     channel_ok = channel < HID
     gate_lanes = channel + HID
+    vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22 = _taps(taps_ptr, channel, channel_ok, C2)
+    gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22 = _taps(taps_ptr, gate_lanes, channel_ok, C2)
     value_bias = tl.load(bias_ptr + channel, mask=channel_ok).to(tl.float32)
     gate_bias = tl.load(bias_ptr + gate_lanes, mask=channel_ok).to(tl.float32)
     value_done0 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -106,9 +121,9 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     for j in range(0, W + 1):  # column W is the right zero padding
         ok = channel_ok & (j < W)
         vl0, vc0, vr0, vl1, vc1, vr1, vl2, vc2, vr2, vl3, vc3, vr3 = _strip_column(
-            pre_ptr, taps_ptr, channel, channel_ok, ok, top, j, b, H, W, C2)
+            pre_ptr, channel, ok, top, j, b, H, W, C2, vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22)
         gl0, gc0, gr0, gl1, gc1, gr1, gl2, gc2, gr2, gl3, gc3, gr3 = _strip_column(
-            pre_ptr, taps_ptr, gate_lanes, channel_ok, ok, top, j, b, H, W, C2)
+            pre_ptr, gate_lanes, ok, top, j, b, H, W, C2, gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22)
         if j > 0:
             _store_gated(out_ptr, value_done0 + vr0, gate_done0 + gr0, top, j - 1, b, H, W, HID, channel, channel_ok)
             _store_gated(out_ptr, value_done1 + vr1, gate_done1 + gr1, top + 1, j - 1, b, H, W, HID, channel,
