@@ -205,6 +205,21 @@ def test_w4a16_gpu_flux_shape_accuracy(M, N):
     assert rel_l2(out, ref.float()) < 1e-2
 
 
+@pytest.mark.gpu
+def test_w4a16_gpu_every_effective_weight_config():
+    """Each autotuned tile config of the effective-weight pass, at a shape off every tile (N, K not multiples)."""
+    from dcgen_kernels.triton_kernels.nvfp4_gemm import nvfp4_effective_weight_kernel
+
+    K, N, R = 1000, 700, 32
+    _, wq, lora_down, lora_up, _ = operands(1, K, N, R, torch.bfloat16, "cuda")
+    smooth = torch.rand(K, device="cuda") + 0.5
+    expected = dequantize_nvfp4_reference(*wq, k=K) / smooth + (lora_down.float() @ lora_up.float()).t()
+    for config in nvfp4_effective_weight_kernel.configs:
+        weight = torch.full((N, K), float("nan"), dtype=torch.bfloat16, device="cuda")
+        gemm_module._launch_effective_weight(*wq, smooth, lora_down, lora_up, weight, config)
+        assert rel_l2(weight, expected) < 1e-2, config
+
+
 def assert_gpu_w4a4_matches_reference(M, N, backend):
     K, R = 3072, 32
     x, wq, lora_down, lora_up, bias = operands(M, K, N, R, torch.bfloat16, "cuda")
@@ -252,8 +267,10 @@ for rows in (M, 16):  # W4A4 at FLUX tokens and decode-like M
                       E(N, K // 16, dtype=f8), one, E(rows, R, dtype=f32), E(R, N), E(N), E(rows, N), K, a_fp4=True)
 g4._launch_triton(E(512, K), None, None, E(N, K // 2, dtype=u8), E(N, K // 16, dtype=f8), one,
                   E(512, R, dtype=f32), E(R, N), E(N), E(512, N), K, a_fp4=False, smooth=E(K, dtype=f32))
-g4._launch_effective_weight(E(N, K // 2, dtype=u8), E(N, K // 16, dtype=f8), one, E(K, dtype=f32), E(K, R),
-                            E(R, N), E(N, K))
+effective_weight = importlib.import_module("dcgen_kernels.triton_kernels.nvfp4_gemm").nvfp4_effective_weight_kernel
+for config in effective_weight.configs:  # every autotuned tile config
+    g4._launch_effective_weight(E(N, K // 2, dtype=u8), E(N, K // 16, dtype=f8), one, E(K, dtype=f32), E(K, R),
+                                E(R, N), E(N, K), config)
 print(json.dumps(stats))
 '''
 
@@ -263,9 +280,9 @@ def test_launcher_configs_compile_for_sm90_without_spills():
     """Every NVFP4 kernel config the launchers pick at FLUX shapes compiles for sm_90a (Triton's bundled ptxas)
     without register spills, within the 227 KB of shared memory, and the 128-row GEMMs use wgmma."""
     stats = compile_launchers_for_sm90(_NVFP4_LAUNCHES)
-    assert [s["kernel"] for s in stats] == ["nvfp4_quantize_kernel"] + ["nvfp4_gemm_kernel"] * 3 + [
-        "nvfp4_effective_weight_kernel"]
+    assert [s["kernel"] for s in stats[:4]] == ["nvfp4_quantize_kernel"] + ["nvfp4_gemm_kernel"] * 3
+    assert len(stats) > 5 and all(s["kernel"] == "nvfp4_effective_weight_kernel" for s in stats[4:]), stats
     assert all(s["spills"] == 0 and s["shared"] <= 227 * 1024 for s in stats), stats
-    quantize, w4a4_large_m, _, w4a16, _ = stats
+    quantize, w4a4_large_m, _, w4a16 = stats[:4]
     assert w4a4_large_m["warps"] == 8 and w4a4_large_m["wgmma"] > 0 and w4a16["wgmma"] > 0, stats
     assert quantize["wgmma"] > 0, stats  # the fused down-projection runs on tensor cores

@@ -161,24 +161,29 @@ def _launch_triton(a, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, lora_u
     )
 
 
-def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_up, out) -> None:
+def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_up, out, config=None) -> None:
+    """The tile config is autotuned on the first call per shape (triton_kernels/nvfp4_gemm.py); `config` (a
+    triton.Config of that list) runs one without tuning, for tests."""
     from ..triton_kernels.nvfp4_gemm import nvfp4_effective_weight_kernel
 
     N, K = out.shape
     R = lora_down.shape[1] if lora_down is not None else 0
     w_packed, w_scales = _rows(w_packed), _rows(w_scales.view(torch.uint8))
     interp = _backend.triton_interpreter_enabled()
-    block_n, block_k = (32, 32) if interp else (64, 128)
     dot = _tl_dtype(torch.float32 if interp or not R or lora_up.dtype not in HALF_DTYPES else lora_up.dtype)
     down = lora_down.contiguous() if R else out
     up = lora_up.contiguous() if R else out
-    grid = (cdiv(N, block_n), cdiv(K, block_k))
-    nvfp4_effective_weight_kernel[grid](
-        w_packed, w_scales, w_gs, smooth.float().contiguous() if smooth is not None else out,
-        down, up, out, N, K, w_packed.shape[1] * 2, R, w_packed.stride(0), w_scales.stride(0),
-        down.stride(0) if R else 0, up.stride(0) if R else 0, out.stride(0),
-        HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0, DOT_DTYPE=dot,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, 1 << max(0, R - 1).bit_length()), num_warps=4)
+    args = (w_packed, w_scales, w_gs, smooth.float().contiguous() if smooth is not None else out,
+            down, up, out, N, K, w_packed.shape[1] * 2, R, w_packed.stride(0), w_scales.stride(0),
+            down.stride(0) if R else 0, up.stride(0) if R else 0, out.stride(0))
+    meta = dict(HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0, DOT_DTYPE=dot,
+                BLOCK_R=max(16, 1 << max(0, R - 1).bit_length()))
+    if config is None:
+        grid = lambda m: (cdiv(N, m["BLOCK_N"]), cdiv(K, m["BLOCK_K"]))  # noqa: E731
+        nvfp4_effective_weight_kernel[grid](*args, **meta)
+    else:
+        grid = (cdiv(N, config.kwargs["BLOCK_N"]), cdiv(K, config.kwargs["BLOCK_K"]))
+        nvfp4_effective_weight_kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps)
 
 
 def _w4a16_effective_weight_cublas(x, w_packed, w_scales, w_gs, smooth, lora_down, lora_up, bias) -> torch.Tensor:

@@ -20,12 +20,17 @@ def _silu(x):
 
 
 @triton.jit
-def _activated(pre_ptr, lanes, row, column, b, H, W, C2, ok):
-    """SiLU of the pre-activation at (row, column) for the [BLOCK_C] lanes; 0 outside the image, which is exactly
-    the zero padding stock applies after its SiLU (SiLU(0) = 0)."""
-    pixel = ((b * H + row) * W + column).to(tl.int64)
-    inside = ok & (row >= 0) & (row < H)
-    return _silu(tl.load(pre_ptr + pixel * C2 + lanes, mask=inside, other=0.0).to(tl.float32))
+def _load_column(pre_ptr, lanes, ok, top, column, b, H, W, C2):
+    """The raw pre-activations at `column` of input rows top-1 .. top+STRIP_ROWS for the [BLOCK_C] lanes; 0 outside
+    the image, which is exactly the zero padding stock applies after its SiLU (SiLU(0) = 0)."""
+    row_step = W.to(tl.int64) * C2
+    ptrs = pre_ptr + ((b * H + top - 1) * W + column).to(tl.int64) * C2 + lanes
+    return (tl.load(ptrs, mask=ok & (top >= 1), other=0.0),
+            tl.load(ptrs + row_step, mask=ok & (top < H), other=0.0),
+            tl.load(ptrs + 2 * row_step, mask=ok & (top + 1 < H), other=0.0),
+            tl.load(ptrs + 3 * row_step, mask=ok & (top + 2 < H), other=0.0),
+            tl.load(ptrs + 4 * row_step, mask=ok & (top + 3 < H), other=0.0),
+            tl.load(ptrs + 5 * row_step, mask=ok & (top + 4 < H), other=0.0))
 
 
 @triton.jit
@@ -47,15 +52,15 @@ def _kernel_columns(above, level, below, w00, w01, w02, w10, w11, w12, w20, w21,
 
 
 @triton.jit
-def _strip_column(pre_ptr, lanes, ok, top, column, b, H, W, C2, w00, w01, w02, w10, w11, w12, w20, w21, w22):
-    """Activate one column of the strip's STRIP_ROWS + 2 input rows once; return the kernel-column sums
-    (left, centre, right) of each of its STRIP_ROWS output rows."""
-    a0 = _activated(pre_ptr, lanes, top - 1, column, b, H, W, C2, ok)
-    a1 = _activated(pre_ptr, lanes, top, column, b, H, W, C2, ok)
-    a2 = _activated(pre_ptr, lanes, top + 1, column, b, H, W, C2, ok)
-    a3 = _activated(pre_ptr, lanes, top + 2, column, b, H, W, C2, ok)
-    a4 = _activated(pre_ptr, lanes, top + 3, column, b, H, W, C2, ok)
-    a5 = _activated(pre_ptr, lanes, top + 4, column, b, H, W, C2, ok)
+def _strip_sums(raw0, raw1, raw2, raw3, raw4, raw5, w00, w01, w02, w10, w11, w12, w20, w21, w22):
+    """Activate one column's STRIP_ROWS + 2 input pixels once; return the kernel-column sums (left, centre, right)
+    of each of its STRIP_ROWS output rows."""
+    a0 = _silu(raw0.to(tl.float32))
+    a1 = _silu(raw1.to(tl.float32))
+    a2 = _silu(raw2.to(tl.float32))
+    a3 = _silu(raw3.to(tl.float32))
+    a4 = _silu(raw4.to(tl.float32))
+    a5 = _silu(raw5.to(tl.float32))
     left0, centre0, right0 = _kernel_columns(a0, a1, a2, w00, w01, w02, w10, w11, w12, w20, w21, w22)
     left1, centre1, right1 = _kernel_columns(a1, a2, a3, w00, w01, w02, w10, w11, w12, w20, w21, w22)
     left2, centre2, right2 = _kernel_columns(a2, a3, a4, w00, w01, w02, w10, w11, w12, w20, w21, w22)
@@ -71,14 +76,14 @@ def _store_gated(out_ptr, value, gate, row, column, b, H, W, HID, channel, chann
 
 
 def _configs():
-    """(value channels per program, warps) to time on the first call of each (H, W, HID, dtype). Two channels per
-    thread was the hand-picked H100 default (166 registers, no spills, with the taps reloaded per column); the
-    others trade bytes per load against programs in flight. The interpreter takes one small block, so the test
-    shapes cover full and partial channel blocks."""
+    """(value channels per program, warps) to time on the first call of each (H, W, HID, dtype): two channels per
+    thread (149 registers on sm_90a; the hand-picked H100 default before) or one (82 registers, twice the programs
+    in flight per SM); four would spill. The interpreter takes one small block, so the test shapes cover full and
+    partial channel blocks."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({"BLOCK_C": 64}, num_warps=1)]
     return [triton.Config({"BLOCK_C": block_c}, num_warps=warps)
-            for block_c, warps in ((128, 2), (64, 1), (64, 2), (128, 4), (256, 2), (256, 4))]
+            for block_c, warps in ((128, 2), (64, 1), (256, 4), (64, 2), (128, 4), (256, 8))]
 
 
 @triton.autotune(configs=_configs(), key=["H", "W", "HID"])
@@ -86,7 +91,8 @@ def _configs():
 def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_C: tl.constexpr):
     """One program: BLOCK_C value channels and their gates x STRIP_ROWS output rows x the whole width.
 
-    It sweeps the columns left to right. Each column's STRIP_ROWS + 2 input pixels are activated once; their
+    It sweeps the columns left to right, loading each column one step ahead of its math. Each column's
+    STRIP_ROWS + 2 input pixels are activated once; their
     sums for the left, centre and right kernel column belong to the output columns right of, at and left of it.
     Rolling accumulators carry them: after column j-1, done_t holds output (top+t, j-1) but for its right kernel
     column and pending_t holds output (top+t, j)'s left kernel column (with the bias), so column j completes
@@ -118,12 +124,23 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     gate_pending1 = gate_bias
     gate_pending2 = gate_bias
     gate_pending3 = gate_bias
+    value_raw0, value_raw1, value_raw2, value_raw3, value_raw4, value_raw5 = _load_column(
+        pre_ptr, channel, channel_ok, top, 0, b, H, W, C2)
+    gate_raw0, gate_raw1, gate_raw2, gate_raw3, gate_raw4, gate_raw5 = _load_column(
+        pre_ptr, gate_lanes, channel_ok, top, 0, b, H, W, C2)
     for j in range(0, W + 1):  # column W is the right zero padding
-        ok = channel_ok & (j < W)
-        vl0, vc0, vr0, vl1, vc1, vr1, vl2, vc2, vr2, vl3, vc3, vr3 = _strip_column(
-            pre_ptr, channel, ok, top, j, b, H, W, C2, vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22)
-        gl0, gc0, gr0, gl1, gc1, gr1, gl2, gc2, gr2, gl3, gc3, gr3 = _strip_column(
-            pre_ptr, gate_lanes, ok, top, j, b, H, W, C2, gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22)
+        # Column j+1's loads go out before column j's math, so they overlap it (zeros past the right edge).
+        next_ok = channel_ok & (j + 1 < W)
+        next_value0, next_value1, next_value2, next_value3, next_value4, next_value5 = _load_column(
+            pre_ptr, channel, next_ok, top, j + 1, b, H, W, C2)
+        next_gate0, next_gate1, next_gate2, next_gate3, next_gate4, next_gate5 = _load_column(
+            pre_ptr, gate_lanes, next_ok, top, j + 1, b, H, W, C2)
+        vl0, vc0, vr0, vl1, vc1, vr1, vl2, vc2, vr2, vl3, vc3, vr3 = _strip_sums(
+            value_raw0, value_raw1, value_raw2, value_raw3, value_raw4, value_raw5,
+            vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22)
+        gl0, gc0, gr0, gl1, gc1, gr1, gl2, gc2, gr2, gl3, gc3, gr3 = _strip_sums(
+            gate_raw0, gate_raw1, gate_raw2, gate_raw3, gate_raw4, gate_raw5,
+            gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22)
         if j > 0:
             _store_gated(out_ptr, value_done0 + vr0, gate_done0 + gr0, top, j - 1, b, H, W, HID, channel, channel_ok)
             _store_gated(out_ptr, value_done1 + vr1, gate_done1 + gr1, top + 1, j - 1, b, H, W, HID, channel,
@@ -148,3 +165,7 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
         gate_pending1 = gl1 + gate_bias
         gate_pending2 = gl2 + gate_bias
         gate_pending3 = gl3 + gate_bias
+        value_raw0, value_raw1, value_raw2, value_raw3, value_raw4, value_raw5 = (
+            next_value0, next_value1, next_value2, next_value3, next_value4, next_value5)
+        gate_raw0, gate_raw1, gate_raw2, gate_raw3, gate_raw4, gate_raw5 = (
+            next_gate0, next_gate1, next_gate2, next_gate3, next_gate4, next_gate5)
