@@ -49,7 +49,8 @@ How to read the numbers
   fwd+bwd, every variant checked against the fp32 reference. quant_linear (bench_quant_linear.py): FP8 / NVFP4
   linears vs cuBLAS bf16 at FLUX shapes, and the FLUX-12B step stock / patched / fp8 / nvfp4.
 - targets (dcgen): patch_embed/unembed >= 0.9x the bare GEMM (fwd and fwd+bwd, worst case); FP8 linear including
-  the activation quantization >= 1.4x cuBLAS bf16 per layer; FLUX-12B step patched fp8 <= 0.6x stock.
+  the activation quantization >= 1.4x cuBLAS bf16 per layer; W4A16 >= 0.9x cuBLAS bf16 per layer; FLUX-12B step
+  patched fp8 <= 0.6x stock.
 - Suites: kernels (ops, model steps, decodes), dcgen (ceilings, patch_embed, quant_linear), e2e (ceilings, e2e,
   projection, e2e_compile), all (default); or
   --sections a,b. A new section is one line in SECTIONS. compare.py diffs two of these JSONs (perf regressions).
@@ -88,6 +89,7 @@ E2E_PAPER_RATIO_TOLERANCE = 0.2  # ours / paper DC-Gen-FLUX speed-up within +-20
 PATCH_EMBED_MIN_FRACTION_OF_GEMM = 0.9  # fused (un)packing + GEMM vs the bare GEMM on packed input
 FP8_LAYER_MIN_SPEEDUP = 1.4  # FP8 linear incl. activation quantization vs cuBLAS bf16
 FP8_STEP_MAX_FRACTION_OF_STOCK = 0.6
+W4A16_LAYER_MIN_FRACTION_OF_BF16 = 0.9  # NVFP4 weights with bf16 activations vs cuBLAS bf16, per FLUX layer
 TINY_NOTE = "tiny CPU mode, timings are not meaningful"
 
 
@@ -207,7 +209,8 @@ def flux_targets(report: dict, ran: set) -> list:
 
 def dcgen_targets(report: dict, ran: set) -> list:
     """Issue 4: fused patch (un)embedding >= 0.9x the bare GEMM, forward and forward+backward. Issue 6: FP8 linear
-    incl. activation quantization >= 1.4x cuBLAS bf16 per FLUX layer; FLUX-12B step patched fp8 <= 0.6x stock."""
+    incl. activation quantization >= 1.4x cuBLAS bf16 per FLUX layer; W4A16 >= 0.9x cuBLAS bf16 per FLUX layer;
+    FLUX-12B step patched fp8 <= 0.6x stock."""
     out = []
     if "patch_embed" in ran:
         summary = report.get("patch_embed", {}).get("summary", {})
@@ -238,6 +241,12 @@ def dcgen_targets(report: dict, ran: set) -> list:
                       f"{rec['speedup_vs_bf16_with_producer']:.2f}x its bf16 producer + cuBLAS bf16")
         out.append(_target(f"FP8 linear incl. its fused activation quantization >= {FP8_LAYER_MIN_SPEEDUP}x bf16 at "
                            f"{key}", *result))
+        rec = layer.get("w4a16", {}) if isinstance(layer, dict) else {}
+        result = (False, f"no checked result ({_why_not(rec)})")
+        if _checked_ms(rec) and rec.get("speedup_vs_bf16"):
+            result = (rec["speedup_vs_bf16"] >= W4A16_LAYER_MIN_FRACTION_OF_BF16,
+                      f"{rec['ms']:.3f} ms = {rec['speedup_vs_bf16']:.3f}x cuBLAS bf16")
+        out.append(_target(f"W4A16 linear >= {W4A16_LAYER_MIN_FRACTION_OF_BF16}x cuBLAS bf16 at {key}", *result))
     step = quant.get("flux_step", {})
     for name, how in (("patched_fp8", "eager"), ("patched_fp8_graph", "CUDA graph")):
         fp8 = step.get(name, {})
@@ -324,8 +333,9 @@ def sana_targets(report: dict, ran: set) -> list:
             if patched_ms:
                 fast = ((patched_ms < comp_ms, f"{patched_ms:.1f} ms vs torch.compile {comp_ms:.1f} ms")
                         if comp_ms else (False, f"no checked torch.compile result ({_why_not(comp)})"))
-            out += [_target(f"SANA step {shape.key}: {how} <= {SANA_STEP_MAX_FRACTION_OF_STOCK}x stock eager", *half),
-                    _target(f"SANA step {shape.key}: {how} faster than torch.compile of stock", *fast)]
+            out.append(_target(f"SANA step {shape.key}: {how} <= {SANA_STEP_MAX_FRACTION_OF_STOCK}x stock eager", *half))
+            if "sana_step_compile" in ran:  # compared within one run only
+                out.append(_target(f"SANA step {shape.key}: {how} faster than torch.compile of stock", *fast))
 
     if "sana_ops" in ran:
         n = bench_sana_ops.REAL.grids[-1] ** 2

@@ -300,6 +300,32 @@ def test_patch_embed_target_not_met_when_a_case_is_unmeasured():
         assert summary[mode]["unmeasured"] == ["a/unembed", "b/embed"]
 
 
+def test_w4a16_target_per_layer_needs_a_checked_result():
+    from benchmarks import run
+
+    layer = lambda w4a16: {"fp8_fused_producer": {}, "w4a16": w4a16}  # noqa: E731
+    report = {"quant_linear": {"layers": {
+        "fast": layer({"ms": 1.0, "check": "ok", "speedup_vs_bf16": 0.95}),
+        "slow": layer({"ms": 1.0, "check": "ok", "speedup_vs_bf16": 0.85}),
+        "wrong": layer({"ms": 1.0, "check": "FAILED", "speedup_vs_bf16": 2.0})}}}
+    verdicts = {t["target"].rsplit(" at ", 1)[1]: t["pass"] for t in run.dcgen_targets(report, {"quant_linear"})
+                if t["target"].startswith("W4A16")}
+    assert verdicts == {"fast": True, "slow": False, "wrong": False}
+
+
+def test_sana_compile_targets_only_when_compiled_in_the_same_run():
+    from benchmarks import bench_sana_step, run
+
+    sizes = {shape.key: {"stock": {"ms": 100.0}, "patched": {"ms": 40.0, "check": "ok"}}
+             for shape in bench_sana_step.REAL.shapes}
+    report = {"sana_step": {"sizes": sizes}}
+    names = lambda ran: [t["target"] for t in run.sana_targets(report, ran)]  # noqa: E731
+    assert not any("torch.compile" in n for n in names({"sana_step"}))
+    with_compile = [t for t in run.sana_targets(report, {"sana_step", "sana_step_compile"})
+                    if "torch.compile" in t["target"]]
+    assert with_compile and all(t["pass"] is False for t in with_compile)  # requested but no compiled result
+
+
 def test_noise_floor_is_capped_and_checked():
     from benchmarks import common
 
