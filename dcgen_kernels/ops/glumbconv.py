@@ -15,8 +15,6 @@ Backends (auto order triton -> reference; there is no cuda backend):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 

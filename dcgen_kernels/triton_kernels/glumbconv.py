@@ -92,8 +92,8 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     """One program: BLOCK_C value channels and their gates x STRIP_ROWS output rows x the whole width.
 
     It sweeps the columns left to right, loading each column one step ahead of its math. Each column's
-    STRIP_ROWS + 2 input pixels are activated once; their
-    sums for the left, centre and right kernel column belong to the output columns right of, at and left of it.
+    STRIP_ROWS + 2 input pixels are activated once; their sums for the left, centre and right kernel column belong
+    to the output columns right of, at and left of it.
     Rolling accumulators carry them: after column j-1, done_t holds output (top+t, j-1) but for its right kernel
     column and pending_t holds output (top+t, j)'s left kernel column (with the bias), so column j completes
     output column j-1. taps_ptr: the depthwise weights as fp32 (9, 2*HID), tap-major, held in registers.
