@@ -12,9 +12,9 @@ Backends:
   C*p*p <= 128 features against the tokens' D = 2240-3072, so under 6% of the GEMM's bytes.
 - triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
   it, so no packed tensor exists (triton_kernels/patch_embed.py).
-`auto` tries cuda first: on an H100 it was at least as fast as the gathering Triton kernels in 29 of the 32 benchmarked
-cases (forward and forward+backward); Triton won the f8c16 unembed forward at 16384 tokens (43 vs 51 us) and two
-4096-token p = 1 embed forwards by 2-3 us (benchmarks/results, 2026-11-27 11:45 run).
+`auto` tries cuda first: on an H100 the Triton kernels beat it by more than 1 us in only 4 of the 32 benchmarked
+cases (forward and forward+backward): the f8c16 unembed forward at 16384 tokens (43 vs 51 us) and three p = 1 embed
+cases by 2-3 us (benchmarks/results, 2026-11-27 11:45 run).
 Backward: d(input) is the other op with the weight transposed and the same backend request (patch_unembed(grad,
 weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed); d(weight) and d(bias) are one cuBLAS
 GEMM over all B*N tokens and a column sum (fp32-accumulated), on the packed token matrices. On the reference
