@@ -118,11 +118,11 @@ def _inputs(shape: Shape, direction: str, dtype, device, ops) -> dict:
         packed = ops["pack"](latent, p).contiguous()
         reference = lambda x, w, b: ops["embed_reference"](x, w, b, p)  # noqa: E731
         return dict(main=(latent, weight, bias), gemm=(packed, weight, bias), reference=reference,
-                    auto_backend=ops["select_backend"]("patch_embed", "auto", latent, weight, p))
+                    auto_backend=ops["select_backend"]("patch_embed", "auto", latent, weight))
     tokens, weight, bias = rand(1, shape.grid ** 2, shape.dim), rand(k, shape.dim, scale=shape.dim ** -0.5), rand(k)
     reference = lambda x, w, b: ops["unembed_reference"](x, w, b, p, h, h)  # noqa: E731
     return dict(main=(tokens, weight, bias), gemm=(tokens, weight, bias), reference=reference,
-                auto_backend=ops["select_backend"]("patch_unembed", "auto", tokens, weight, p))
+                auto_backend=ops["select_backend"]("patch_unembed", "auto", tokens, weight))
 
 
 def _fwd_bwd(fn: Callable, inputs, grad_for: Callable[[torch.Tensor], torch.Tensor]) -> Callable:

@@ -155,7 +155,7 @@ def test_cublas_matches_reference(dtype, shape, with_bias, channels_last, cublas
     latent, weight, bias = embed_inputs(*shape, dtype=dtype)
     latent = latent.to(memory_format=torch.channels_last) if channels_last else latent
     bias = bias if with_bias else None
-    assert patch_embed_module.select_backend("patch_embed", "cuda", latent, weight, p) == "cuda"
+    assert patch_embed_module.select_backend("patch_embed", "cuda", latent, weight) == "cuda"
     out = patch_embed(latent, weight, bias, patch_size=p, backend="cuda")
     assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= max(TOLERANCE[dtype], 1e-6)
     tokens, weight, bias = unembed_inputs(*shape, dtype=dtype)
@@ -267,8 +267,8 @@ def test_oversized_call_falls_back_from_triton_with_one_warning(monkeypatch):
 def test_backend_env_override(monkeypatch):
     latent, weight, _ = embed_inputs(*SHAPES[0])
     monkeypatch.setenv("DCGEN_BACKEND", "reference")
-    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight, 2) == "reference"
-    assert patch_embed_module.select_backend("patch_embed", "triton", latent, weight, 2) == "triton"
+    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight) == "reference"
+    assert patch_embed_module.select_backend("patch_embed", "triton", latent, weight) == "triton"
 
 
 @pytest.mark.parametrize("p", [2, 1])
@@ -498,7 +498,7 @@ def test_gpu_triton_at_dcgen_shapes(dtype, shape):
 def test_gpu_auto_at_dcgen_shapes(dtype, shape):
     B, C, h, w, p, D = shape
     latent, weight, bias = embed_inputs(*shape, dtype=dtype, device="cuda")
-    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight, p) == "cuda"
+    assert patch_embed_module.select_backend("patch_embed", "auto", latent, weight) == "cuda"
     out = patch_embed(latent, weight, bias, patch_size=p)
     assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= TOLERANCE[dtype] / 2
     tokens, weight, bias = unembed_inputs(*shape, dtype=dtype, device="cuda")

@@ -240,7 +240,7 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     )
 
 
-def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor, patch_size: int) -> str:
+def select_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
     """`op` is "patch_embed" or "patch_unembed"; x is its latent or tokens. "cuda" is cuBLAS (no _C needed)."""
     return _backend.select(
         op,
@@ -281,7 +281,7 @@ def patch_unembed_into(tokens, weight, bias, patch_size: int, out: torch.Tensor,
 def _patch_embed_op(
     latent: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, backend: str,
 ) -> torch.Tensor:
-    chosen = select_backend("patch_embed", backend, latent, weight, patch_size)
+    chosen = select_backend("patch_embed", backend, latent, weight)
     if chosen == "reference":
         return patch_embed_reference(latent, weight, bias, patch_size)
     if chosen == "cuda":
@@ -320,10 +320,10 @@ def _saved(ctx):
     return tensors, [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(tensors)]
 
 
-def _backward_on_reference(op: str, backend: str, x, weight, grad, patch_size: int) -> bool:
+def _backward_on_reference(op: str, backend: str, x, weight, grad) -> bool:
     """Whether this backward is the reference vjp: the forward's backend was the reference, or Triton would be
     asked for a gradient too large for its int32 indexing where cuBLAS is not there to take it."""
-    chosen = select_backend(op, backend, x, weight, patch_size)
+    chosen = select_backend(op, backend, x, weight)
     return chosen == "reference" or (chosen == "triton" and _triton_case_error(grad) is not None
                                      and _cublas_device_error(grad.device) is not None)
 
@@ -346,7 +346,7 @@ def _embed_backward(ctx, grad):
     (latent, weight, bias), wanted = _saved(ctx)
     patch_size, backend = ctx.rest
     grad = grad.to(latent.dtype)
-    if _backward_on_reference("patch_embed", backend, latent, weight, grad, patch_size):
+    if _backward_on_reference("patch_embed", backend, latent, weight, grad):
         grads = _reference_vjp(patch_embed_reference, (latent, weight, bias), (patch_size,), grad, wanted)
         return (*grads, None, None)
     d_latent = None
@@ -365,7 +365,7 @@ def _patch_unembed_op(
     tokens: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, height: int,
     width: int, backend: str,
 ) -> torch.Tensor:
-    chosen = select_backend("patch_unembed", backend, tokens, weight, patch_size)
+    chosen = select_backend("patch_unembed", backend, tokens, weight)
     if chosen == "reference":
         return patch_unembed_reference(tokens, weight, bias, patch_size, height, width)
     if chosen == "cuda":
@@ -389,7 +389,7 @@ def _unembed_backward(ctx, grad):
     (tokens, weight, bias), wanted = _saved(ctx)
     patch_size, height, width, backend = ctx.rest
     grad = grad.to(tokens.dtype)
-    if _backward_on_reference("patch_unembed", backend, tokens, weight, grad, patch_size):
+    if _backward_on_reference("patch_unembed", backend, tokens, weight, grad):
         grads = _reference_vjp(patch_unembed_reference, (tokens, weight, bias), (patch_size, height, width), grad,
                                wanted)
         return (*grads, None, None, None, None)
