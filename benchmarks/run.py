@@ -782,6 +782,21 @@ TABLED_SECTIONS = ("ceilings", "flux_attention", "flux_step", "sana_ops", "sana_
                    "quant_linear", "e2e", "projection", "sana_step_compile", "e2e_compile")
 DESCRIPTIVE = ("environment", "anchors", "gpu_check")  # records, not timed sections
 
+AUTOTUNED_KERNELS = ("dcgen_kernels.triton_kernels.glumbconv:depthwise_glu_kernel",
+                     "dcgen_kernels.triton_kernels.nvfp4_gemm:nvfp4_effective_weight_kernel")
+
+
+def autotuned_configs() -> dict:
+    """The config each autotuned Triton kernel picked per tuning key in this run (none before its first call)."""
+    import importlib
+
+    picked = {}
+    for path in AUTOTUNED_KERNELS:
+        module, name = path.split(":")
+        kernel = getattr(importlib.import_module(module), name)
+        picked[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+    return picked
+
 
 def select_sections(suite: str, names: str | None) -> list:
     known = [s.name for s in SECTIONS]
@@ -916,6 +931,7 @@ def main(argv=None) -> int:
         except Exception as err:  # noqa: BLE001 - a bug here must not end a one-shot GPU run early
             report["targets"] = [_target("evaluate the targets", False, f"{type(err).__name__}: {err}")]
         report["problems"] = problems(report)
+        report["autotuned"] = autotuned_configs()
         save()
 
     for sec in selected:

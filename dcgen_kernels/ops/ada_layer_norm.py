@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import cdiv, check_tensor, register_reference_autograd
+from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
 
 __all__ = [
     "ada_layer_norm_modulate", "ada_layer_norm_modulate_reference",
@@ -193,7 +193,7 @@ def gated_residual_into(residual, gate, x, out, backend: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dcgen::ada_layer_norm_modulate", mutates_args=())
+@custom_op("dcgen::ada_layer_norm_modulate")
 def _ada_layer_norm_modulate_op(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float, backend: str,
@@ -214,7 +214,7 @@ def _(x, scale, shift, norm_weight, norm_bias, eps, backend):
 register_reference_autograd(_ada_layer_norm_modulate_op, ada_layer_norm_modulate_reference, n_tensor_inputs=5)
 
 
-@torch.library.custom_op("dcgen::ada_layer_norm_modulate_fp8", mutates_args=())
+@custom_op("dcgen::ada_layer_norm_modulate_fp8")
 def _ada_layer_norm_modulate_fp8_op(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float, backend: str,
@@ -235,7 +235,7 @@ def _(x, scale, shift, norm_weight, norm_bias, eps, backend):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("dcgen::gated_residual", mutates_args=())
+@custom_op("dcgen::gated_residual")
 def _gated_residual_op(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
     chosen = select_gated_backend(residual, backend)
     if chosen == "reference":  # contiguous like the kernel's output and the fake (inputs may be permuted)
@@ -274,7 +274,7 @@ def ada_layer_norm_modulate(
     _backend.check_backend_name(backend)
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
     _validate_modulate(x, scale, shift, norm_weight, norm_bias, eps)
-    return _ada_layer_norm_modulate_op(x, scale, shift, norm_weight, norm_bias, eps, backend)
+    return call_op(_ada_layer_norm_modulate_op, x, scale, shift, norm_weight, norm_bias, eps, backend)
 
 
 def ada_layer_norm_modulate_fp8(
@@ -297,7 +297,8 @@ def ada_layer_norm_modulate_fp8(
     _backend.check_backend_name(backend)
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
     _validate_modulate(x, scale, shift, norm_weight, norm_bias, eps)
-    data, row_scale = _ada_layer_norm_modulate_fp8_op(x, scale, shift, norm_weight, norm_bias, eps, backend)
+    data, row_scale = call_op(_ada_layer_norm_modulate_fp8_op, x, scale, shift, norm_weight, norm_bias, eps,
+                              backend)
     return FP8Activation(data, row_scale, x.dtype)
 
 
@@ -310,4 +311,4 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, 
     """
     _backend.check_backend_name(backend)
     _validate_gated(residual, gate, x)
-    return _gated_residual_op(residual, gate, x, backend)
+    return call_op(_gated_residual_op, residual, gate, x, backend)

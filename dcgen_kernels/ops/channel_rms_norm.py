@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import cdiv, check_tensor, register_reference_autograd
+from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
 
 __all__ = ["channel_rms_norm", "channel_rms_norm_reference"]
 
@@ -82,7 +82,7 @@ def _launch_triton(x, weight, bias, residual, eps, out: Optional[torch.Tensor] =
     return out
 
 
-@torch.library.custom_op("dcgen::channel_rms_norm", mutates_args=())
+@custom_op("dcgen::channel_rms_norm")
 def _channel_rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          residual: Optional[torch.Tensor], eps: float, backend: str) -> torch.Tensor:
     chosen = _backend.select("channel_rms_norm", backend,
@@ -118,4 +118,4 @@ def channel_rms_norm(
     _backend.check_backend_name(backend)
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
     _validate(x, weight, bias, residual, eps)
-    return _channel_rms_norm_op(x, weight, bias, residual, eps, backend)
+    return call_op(_channel_rms_norm_op, x, weight, bias, residual, eps, backend)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _cext
-from ._common import HALF_DTYPES, cdiv, check_tensor, register_reference_autograd, tma_alignment_error
+from ._common import (HALF_DTYPES, call_op, cdiv, check_tensor, custom_op, register_reference_autograd,
+                      tma_alignment_error)
 from .qk_norm_rope import CUDA_HEAD_DIMS, apply_rope_fp32, qk_norm_rope_into, rms_norm_fp32
 
 __all__ = ["flux_attention", "flux_attention_reference"]
@@ -214,7 +215,7 @@ def select_backend(q, v, txt_q, txt_v, backend: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- custom op
-@torch.library.custom_op("dcgen::flux_attention", mutates_args=())
+@custom_op("dcgen::flux_attention")
 def _flux_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
     txt_q: Optional[torch.Tensor], txt_k: Optional[torch.Tensor], txt_v: Optional[torch.Tensor],
@@ -272,5 +273,5 @@ def flux_attention(
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
     _validate(q, k, v, cos, sin, txt_q, txt_k, txt_v, norm_q_weight, norm_k_weight, norm_txt_q_weight,
               norm_txt_k_weight, eps)
-    return _flux_attention_op(q, k, v, cos, sin, txt_q, txt_k, txt_v, norm_q_weight, norm_k_weight,
-                              norm_txt_q_weight, norm_txt_k_weight, eps, backend)
+    return call_op(_flux_attention_op, q, k, v, cos, sin, txt_q, txt_k, txt_v, norm_q_weight, norm_k_weight,
+                   norm_txt_q_weight, norm_txt_k_weight, eps, backend)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import FLOAT_DTYPES, cdiv, check_tensor
+from ._common import FLOAT_DTYPES, call_op, cdiv, check_tensor, custom_op
 from .ada_layer_norm import _batch_stride, gated_residual
 
 __all__ = [
@@ -311,7 +311,7 @@ def select_linear_backend(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dcgen::quantize_fp8", mutates_args=())
+@custom_op("dcgen::quantize_fp8")
 def _quantize_fp8_op(x: torch.Tensor, prefix: Optional[torch.Tensor], gelu: bool,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = select_quantize_backend(x, backend)
@@ -333,7 +333,7 @@ def _(x, prefix, gelu, backend):
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-@torch.library.custom_op("dcgen::fp8_linear", mutates_args=())
+@custom_op("dcgen::fp8_linear")
 def _fp8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
     gate: Optional[torch.Tensor], residual: Optional[torch.Tensor], gelu: bool, out_dtype: torch.dtype, backend: str,
@@ -367,7 +367,7 @@ def quantize_fp8(x: torch.Tensor, *, prefix: Optional[torch.Tensor] = None, gelu
     """
     _backend.check_backend_name(backend)
     _validate_quantize(x, prefix)
-    data, scale = _quantize_fp8_op(x, prefix, bool(gelu), backend)
+    data, scale = call_op(_quantize_fp8_op, x, prefix, bool(gelu), backend)
     return FP8Activation(data, scale, x.dtype)
 
 
@@ -395,5 +395,5 @@ def fp8_linear(
     if not isinstance(x, FP8Activation):
         x = quantize_fp8(x, backend="triton" if backend == "cuda" else backend)
     _validate_linear(x, weight, weight_scale, bias, gate, residual)
-    return _fp8_linear_op(x.data, x.scale, weight, weight_scale, bias, gate, residual, activation == "gelu_tanh",
-                          x.dtype, backend)
+    return call_op(_fp8_linear_op, x.data, x.scale, weight, weight_scale, bias, gate, residual,
+                   activation == "gelu_tanh", x.dtype, backend)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import cdiv, check_tensor, register_reference_autograd
+from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
 
 __all__ = ["depthwise_glu", "depthwise_glu_reference", "glumbconv", "glumbconv_reference"]
 
@@ -133,7 +133,7 @@ def select_backend(x: torch.Tensor, backend: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- custom op
-@torch.library.custom_op("dcgen::glumbconv", mutates_args=())
+@custom_op("dcgen::glumbconv")
 def _glumbconv_op(
     x: torch.Tensor, inverted_weight: torch.Tensor, inverted_bias: torch.Tensor, depth_weight: torch.Tensor,
     depth_bias: torch.Tensor, point_weight: torch.Tensor, height: int, width: int, backend: str,
@@ -154,7 +154,7 @@ def _(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight,
 register_reference_autograd(_glumbconv_op, _reference_tensors_first, n_tensor_inputs=6)
 
 
-@torch.library.custom_op("dcgen::depthwise_glu", mutates_args=())
+@custom_op("dcgen::depthwise_glu")
 def _depthwise_glu_op(pre: torch.Tensor, depth_weight: torch.Tensor, depth_bias: torch.Tensor, height: int,
                       width: int, backend: str) -> torch.Tensor:
     batch, tokens, hid2 = pre.shape
@@ -182,7 +182,7 @@ def depthwise_glu(pre: torch.Tensor, height: int, width: int, depth_weight: torc
     in fp32 (the Triton kernel of `glumbconv`, else the reference)."""
     _backend.check_backend_name(backend)
     _validate_depthwise_glu(pre, height, width, depth_weight, depth_bias)
-    return _depthwise_glu_op(pre, depth_weight, depth_bias, height, width, backend)
+    return call_op(_depthwise_glu_op, pre, depth_weight, depth_bias, height, width, backend)
 
 
 def glumbconv(
@@ -208,5 +208,5 @@ def glumbconv(
     """
     _backend.check_backend_name(backend)
     _validate(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight)
-    return _glumbconv_op(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight, height, width,
-                         backend)
+    return call_op(_glumbconv_op, x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight,
+                   height, width, backend)

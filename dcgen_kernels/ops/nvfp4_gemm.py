@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend, _cext
-from ._common import FLOAT_DTYPES, HALF_DTYPES, cdiv, check_tensor
+from ._common import FLOAT_DTYPES, HALF_DTYPES, call_op, cdiv, check_tensor, custom_op
 from .nvfp4_quantize import GROUP_SIZE, _as_global_scale, _check_packed, dequantize_nvfp4_reference
 
 __all__ = ["nvfp4_gemm", "nvfp4_gemm_reference", "nvfp4_w4a16_gemm", "nvfp4_w4a16_gemm_reference",
@@ -179,10 +179,10 @@ def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_u
     meta = dict(HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0, DOT_DTYPE=dot,
                 BLOCK_R=max(16, 1 << max(0, R - 1).bit_length()))
     if config is None:
-        grid = lambda m: (cdiv(N, m["BLOCK_N"]), cdiv(K, m["BLOCK_K"]))  # noqa: E731
+        grid = lambda m: (cdiv(N, m["BLOCK_N"]), cdiv(K, m["BLOCK_K"] * m["K_TILES"]))  # noqa: E731
         nvfp4_effective_weight_kernel[grid](*args, **meta)
     else:
-        grid = (cdiv(N, config.kwargs["BLOCK_N"]), cdiv(K, config.kwargs["BLOCK_K"]))
+        grid = (cdiv(N, config.kwargs["BLOCK_N"]), cdiv(K, config.kwargs["BLOCK_K"] * config.kwargs["K_TILES"]))
         nvfp4_effective_weight_kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps)
 
 
@@ -240,7 +240,7 @@ def _launch_cuda(a_packed, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, l
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dcgen::nvfp4_gemm", mutates_args=())
+@custom_op("dcgen::nvfp4_gemm")
 def _w4a4_op(
     a_packed: torch.Tensor, a_scales: torch.Tensor, a_global_scale: torch.Tensor, w_packed: torch.Tensor,
     w_scales: torch.Tensor, w_global_scale: torch.Tensor, lora_act: Optional[torch.Tensor],
@@ -272,7 +272,7 @@ def _(a_packed, a_scales, a_global_scale, w_packed, w_scales, w_global_scale, lo
     return a_packed.new_empty(*a_packed.shape[:-1], w_packed.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("dcgen::nvfp4_w4a16_gemm", mutates_args=())
+@custom_op("dcgen::nvfp4_w4a16_gemm")
 def _w4a16_op(
     x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_global_scale: torch.Tensor,
     smooth: Optional[torch.Tensor], lora_down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
@@ -318,8 +318,8 @@ def nvfp4_gemm(a_packed: torch.Tensor, a_scales: torch.Tensor, a_global_scale: U
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
     _check_epilogue(a_packed.shape[:-1], w_packed.shape[0], lora_act, lora_up, bias, a_packed.device)
-    return _w4a4_op(a_packed, a_scales, _as_global_scale(a_global_scale, a_packed.device), w_packed, w_scales,
-                    _as_global_scale(w_global_scale, a_packed.device), lora_act, lora_up, bias, out_dtype, backend)
+    return call_op(_w4a4_op, a_packed, a_scales, _as_global_scale(a_global_scale, a_packed.device), w_packed, w_scales,
+                   _as_global_scale(w_global_scale, a_packed.device), lora_act, lora_up, bias, out_dtype, backend)
 
 
 def nvfp4_w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
@@ -343,5 +343,5 @@ def nvfp4_w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Te
         check_tensor("smooth", smooth, shape=(K,), device=x.device)
     if lora_down is not None and lora_down.shape[1] == 0:
         lora_down = lora_up = None
-    return _w4a16_op(x, w_packed, w_scales, _as_global_scale(w_global_scale, x.device), smooth, lora_down, lora_up,
-                     bias, backend)
+    return call_op(_w4a16_op, x, w_packed, w_scales, _as_global_scale(w_global_scale, x.device), smooth, lora_down,
+                   lora_up, bias, backend)

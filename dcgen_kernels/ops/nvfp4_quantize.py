@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
-from ._common import FLOAT_DTYPES, cdiv, check_tensor
+from ._common import FLOAT_DTYPES, call_op, cdiv, check_tensor, custom_op
 
 __all__ = [
     "quantize_nvfp4", "quantize_nvfp4_reference", "dequantize_nvfp4", "dequantize_nvfp4_reference",
@@ -195,7 +195,7 @@ def _select(op: str, backend: str, device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dcgen::nvfp4_quantize", mutates_args=())
+@custom_op("dcgen::nvfp4_quantize")
 def _quantize_op(
     x: torch.Tensor, smooth: Optional[torch.Tensor], lora_down: Optional[torch.Tensor], global_scale: torch.Tensor,
     backend: str,
@@ -222,7 +222,7 @@ def _(x, smooth, lora_down, global_scale, backend):
             x.new_empty(*lead, R, dtype=torch.float32))
 
 
-@torch.library.custom_op("dcgen::nvfp4_dequantize", mutates_args=())
+@custom_op("dcgen::nvfp4_dequantize")
 def _dequantize_op(packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, k: int,
                    dtype: torch.dtype, backend: str) -> torch.Tensor:
     if _select("nvfp4_dequantize", backend, packed.device) == "reference":
@@ -251,7 +251,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: Union[None, float, torch.Tenso
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (K)")
     gs = nvfp4_global_scale(x) if global_scale is None else _as_global_scale(global_scale, x.device)
-    packed, scales, _ = _quantize_op(x, None, None, gs, backend)
+    packed, scales, _ = call_op(_quantize_op, x, None, None, gs, backend)
     return packed, scales, gs
 
 
@@ -269,7 +269,7 @@ def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: U
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     gs = _as_global_scale(global_scale, packed.device)
-    return _dequantize_op(packed, scales, gs, k, dtype, backend)
+    return call_op(_dequantize_op, packed, scales, gs, k, dtype, backend)
 
 
 def quantize_nvfp4_activations(x: torch.Tensor, smooth: Optional[torch.Tensor], lora_down: Optional[torch.Tensor],
@@ -294,4 +294,4 @@ def quantize_nvfp4_activations(x: torch.Tensor, smooth: Optional[torch.Tensor], 
         if lora_down.shape[1] == 0:
             lora_down = None
     gs = _as_global_scale(global_scale, x.device)
-    return _quantize_op(x, smooth, lora_down, gs, backend)
+    return call_op(_quantize_op, x, smooth, lora_down, gs, backend)

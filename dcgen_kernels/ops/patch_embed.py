@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import cdiv, check_tensor
+from ._common import call_op, cdiv, check_tensor, custom_op
 
 __all__ = ["patch_embed", "patch_embed_reference", "patch_unembed", "patch_unembed_reference"]
 
@@ -277,7 +277,7 @@ def patch_unembed_into(tokens, weight, bias, patch_size: int, out: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dcgen::patch_embed", mutates_args=())
+@custom_op("dcgen::patch_embed")
 def _patch_embed_op(
     latent: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, backend: str,
 ) -> torch.Tensor:
@@ -351,7 +351,8 @@ def _embed_backward(ctx, grad):
         return (*grads, None, None)
     d_latent = None
     if wanted[0]:  # unpack(grad . weight): patch_unembed with weight^T, no bias (a custom op: torch.compile traces it)
-        d_latent = _patch_unembed_op(grad, weight.t(), None, patch_size, latent.shape[2], latent.shape[3], backend)
+        d_latent = call_op(_patch_unembed_op, grad, weight.t(), None, patch_size, latent.shape[2], latent.shape[3],
+                           backend)
     packed = _token_matrix(latent, patch_size) if wanted[1] else None
     d_weight, d_bias = _linear_param_grads(grad.reshape(-1, grad.shape[2]), packed, wanted)
     return d_latent, d_weight, d_bias, None, None
@@ -360,7 +361,7 @@ def _embed_backward(ctx, grad):
 _patch_embed_op.register_autograd(_embed_backward, setup_context=_embed_setup_context)
 
 
-@torch.library.custom_op("dcgen::patch_unembed", mutates_args=())
+@custom_op("dcgen::patch_unembed")
 def _patch_unembed_op(
     tokens: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], patch_size: int, height: int,
     width: int, backend: str,
@@ -395,7 +396,7 @@ def _unembed_backward(ctx, grad):
         return (*grads, None, None, None, None)
     d_tokens = None
     if wanted[0]:  # pack(grad) . weight: patch_embed with weight^T, no bias
-        d_tokens = _patch_embed_op(grad, weight.t(), None, patch_size, backend)
+        d_tokens = call_op(_patch_embed_op, grad, weight.t(), None, patch_size, backend)
     packed = _token_matrix(grad, patch_size) if wanted[1] or wanted[2] else None
     tokens_2d = tokens.reshape(-1, tokens.shape[2]) if wanted[1] else None
     d_weight, d_bias = _linear_param_grads(packed, tokens_2d, wanted)
@@ -422,7 +423,7 @@ def patch_embed(
     """
     _backend.check_backend_name(backend)
     _validate_embed(latent, weight, bias, patch_size)
-    return _patch_embed_op(latent, weight, bias, patch_size, backend)
+    return call_op(_patch_embed_op, latent, weight, bias, patch_size, backend)
 
 
 def patch_unembed(
@@ -444,4 +445,4 @@ def patch_unembed(
     """
     _backend.check_backend_name(backend)
     _validate_unembed(tokens, weight, bias, patch_size, height, width)
-    return _patch_unembed_op(tokens, weight, bias, patch_size, height, width, backend)
+    return call_op(_patch_unembed_op, tokens, weight, bias, patch_size, height, width, backend)

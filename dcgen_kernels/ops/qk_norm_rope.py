@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _cext
-from ._common import cdiv, check_tensor, register_reference_autograd
+from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference", "rms_norm_fp32", "apply_rope_fp32"]
 
@@ -141,7 +141,7 @@ def qk_norm_rope_into(x, weight, cos, sin, eps, rope_offset, out, backend: str) 
 
 
 # ----------------------------------------------------------------------------------------------- custom op
-@torch.library.custom_op("dcgen::qk_norm_rope", mutates_args=())
+@custom_op("dcgen::qk_norm_rope")
 def _qk_norm_rope_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
     eps: float, rope_offset: int, backend: str,
@@ -181,4 +181,4 @@ def qk_norm_rope(
     _backend.check_backend_name(backend)
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
     _validate(x, weight, cos, sin, eps, rope_offset)
-    return _qk_norm_rope_op(x, weight, cos, sin, eps, rope_offset, backend)
+    return call_op(_qk_norm_rope_op, x, weight, cos, sin, eps, rope_offset, backend)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import cdiv, check_tensor, register_reference_autograd
+from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
 
 __all__ = [
     "sana_linear_attention", "sana_linear_attention_reference",
@@ -193,7 +193,7 @@ def sana_multiscale_linear_attention_into(q, k, v, eps: float, out, backend: str
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dcgen::sana_linear_attention", mutates_args=())
+@custom_op("dcgen::sana_linear_attention")
 def _sana_linear_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float, backend: str,
 ) -> torch.Tensor:
@@ -213,7 +213,7 @@ def _(q, k, v, heads, eps, backend):
 register_reference_autograd(_sana_linear_attention_op, sana_linear_attention_reference, n_tensor_inputs=3)
 
 
-@torch.library.custom_op("dcgen::sana_multiscale_linear_attention", mutates_args=())
+@custom_op("dcgen::sana_multiscale_linear_attention")
 def _sana_multiscale_linear_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, backend: str,
 ) -> torch.Tensor:
@@ -247,7 +247,7 @@ def sana_linear_attention(
     _backend.check_backend_name(backend)
     eps = _as_eps(eps)
     _validate(q, k, v, heads, eps)
-    return _sana_linear_attention_op(q, k, v, heads, eps, backend)
+    return call_op(_sana_linear_attention_op, q, k, v, heads, eps, backend)
 
 
 def sana_multiscale_linear_attention(
@@ -263,4 +263,4 @@ def sana_multiscale_linear_attention(
     _backend.check_backend_name(backend)
     eps = _as_eps(eps)
     _validate_qkv(q, k, v, eps, 4, "(B, heads, D, N)", last_dim_contiguous=False)
-    return _sana_multiscale_linear_attention_op(q, k, v, eps, backend)
+    return call_op(_sana_multiscale_linear_attention_op, q, k, v, eps, backend)

@@ -8,14 +8,23 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Output rows per program. Each program loads STRIP_ROWS + 2 input rows per column, so the SiLU runs
 # (STRIP_ROWS + 2) / STRIP_ROWS times per element; more rows cost registers for the rolling sums.
 STRIP_ROWS = tl.constexpr(4)
+# The interpreter has no libdevice: there the SiLU keeps the exactly rounded operations (same formula).
+FAST_SILU = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
 def _silu(x):
+    """x / (1 + e^-x). On a GPU with the exponential and the division as single approximate MUFU operations
+    (`__expf`, `__fdividef`: a few fp32 ulp, far below the 16-bit output rounding) instead of `tl.exp` and `/`,
+    whose range and subnormal handling took ~10 SASS instructions per SiLU: this kernel is issue-bound (sm_90a
+    build: 756 instructions per column step for 8 outputs per thread, 64 of them MUFU)."""
+    if FAST_SILU:
+        return libdevice.fast_dividef(x, 1.0 + libdevice.fast_expf(-x))
     return x / (1.0 + tl.exp(-x))
 
 
@@ -34,7 +43,7 @@ def _load_column(pre_ptr, lanes, ok, top, column, b, H, W, C2):
 
 
 @triton.jit
-def _taps(taps_ptr, lanes, lane_ok, C2):
+def _load_taps(taps_ptr, lanes, lane_ok, C2):
     """The nine depthwise weights of the [BLOCK_C] lanes, from fp32 (9, 2*HID) tap-major: loaded once per program."""
     return (tl.load(taps_ptr + 0 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 1 * C2 + lanes, mask=lane_ok),
             tl.load(taps_ptr + 2 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 3 * C2 + lanes, mask=lane_ok),
@@ -44,28 +53,29 @@ def _taps(taps_ptr, lanes, lane_ok, C2):
 
 
 @triton.jit
-def _kernel_columns(above, level, below, w00, w01, w02, w10, w11, w12, w20, w21, w22):
-    """An output pixel's vertical sums over its three input rows, for the left, centre and right kernel column."""
-    return (above * w00 + level * w10 + below * w20,
-            above * w01 + level * w11 + below * w21,
-            above * w02 + level * w12 + below * w22)
+def _taps(acc, above, level, below, w_above, w_level, w_below):
+    """acc + one kernel column's three vertical taps: a chain of three fused multiply-adds."""
+    return acc + above * w_above + level * w_level + below * w_below
 
 
 @triton.jit
-def _strip_sums(raw0, raw1, raw2, raw3, raw4, raw5, w00, w01, w02, w10, w11, w12, w20, w21, w22):
-    """Activate one column's STRIP_ROWS + 2 input pixels once; return the kernel-column sums (left, centre, right)
-    of each of its STRIP_ROWS output rows."""
+def _column_step(raw0, raw1, raw2, raw3, raw4, raw5, done0, done1, done2, done3, pending0, pending1, pending2,
+                 pending3, bias, w00, w01, w02, w10, w11, w12, w20, w21, w22):
+    """Activate one input column's STRIP_ROWS + 2 pixels once and add them to the output pixels of the strip they
+    touch: through the right kernel column they complete output column j-1 (returned first), through the centre
+    one they continue column j (`done`), through the left one they start column j+1 from the bias (`pending`)."""
     a0 = _silu(raw0.to(tl.float32))
     a1 = _silu(raw1.to(tl.float32))
     a2 = _silu(raw2.to(tl.float32))
     a3 = _silu(raw3.to(tl.float32))
     a4 = _silu(raw4.to(tl.float32))
     a5 = _silu(raw5.to(tl.float32))
-    left0, centre0, right0 = _kernel_columns(a0, a1, a2, w00, w01, w02, w10, w11, w12, w20, w21, w22)
-    left1, centre1, right1 = _kernel_columns(a1, a2, a3, w00, w01, w02, w10, w11, w12, w20, w21, w22)
-    left2, centre2, right2 = _kernel_columns(a2, a3, a4, w00, w01, w02, w10, w11, w12, w20, w21, w22)
-    left3, centre3, right3 = _kernel_columns(a3, a4, a5, w00, w01, w02, w10, w11, w12, w20, w21, w22)
-    return left0, centre0, right0, left1, centre1, right1, left2, centre2, right2, left3, centre3, right3
+    return (_taps(done0, a0, a1, a2, w02, w12, w22), _taps(done1, a1, a2, a3, w02, w12, w22),
+            _taps(done2, a2, a3, a4, w02, w12, w22), _taps(done3, a3, a4, a5, w02, w12, w22),
+            _taps(pending0, a0, a1, a2, w01, w11, w21), _taps(pending1, a1, a2, a3, w01, w11, w21),
+            _taps(pending2, a2, a3, a4, w01, w11, w21), _taps(pending3, a3, a4, a5, w01, w11, w21),
+            _taps(bias, a0, a1, a2, w00, w10, w20), _taps(bias, a1, a2, a3, w00, w10, w20),
+            _taps(bias, a2, a3, a4, w00, w10, w20), _taps(bias, a3, a4, a5, w00, w10, w20))
 
 
 @triton.jit
@@ -92,11 +102,12 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     """One program: BLOCK_C value channels and their gates x STRIP_ROWS output rows x the whole width.
 
     It sweeps the columns left to right, loading each column one step ahead of its math. Each column's
-    STRIP_ROWS + 2 input pixels are activated once; their sums for the left, centre and right kernel column belong
+    STRIP_ROWS + 2 input pixels are activated once; through the left, centre and right kernel column they belong
     to the output columns right of, at and left of it.
-    Rolling accumulators carry them: after column j-1, done_t holds output (top+t, j-1) but for its right kernel
-    column and pending_t holds output (top+t, j)'s left kernel column (with the bias), so column j completes
-    output column j-1. taps_ptr: the depthwise weights as fp32 (9, 2*HID), tap-major, held in registers.
+    Rolling accumulators carry the partial outputs: before column j, done_t holds output (top+t, j-1) but for its
+    right kernel column and pending_t holds the bias plus output (top+t, j)'s left kernel column, so column j
+    completes output column j-1. Every tap is one fused multiply-add into its accumulator. taps_ptr: the depthwise
+    weights as fp32 (9, 2*HID), tap-major, held in registers.
     """
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     top = tl.program_id(1) * STRIP_ROWS
@@ -104,8 +115,8 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     C2 = 2 * HID
     channel_ok = channel < HID
     gate_lanes = channel + HID
-    vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22 = _taps(taps_ptr, channel, channel_ok, C2)
-    gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22 = _taps(taps_ptr, gate_lanes, channel_ok, C2)
+    vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22 = _load_taps(taps_ptr, channel, channel_ok, C2)
+    gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22 = _load_taps(taps_ptr, gate_lanes, channel_ok, C2)
     value_bias = tl.load(bias_ptr + channel, mask=channel_ok).to(tl.float32)
     gate_bias = tl.load(bias_ptr + gate_lanes, mask=channel_ok).to(tl.float32)
     value_done0 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -135,36 +146,23 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
             pre_ptr, channel, next_ok, top, j + 1, b, H, W, C2)
         next_gate0, next_gate1, next_gate2, next_gate3, next_gate4, next_gate5 = _load_column(
             pre_ptr, gate_lanes, next_ok, top, j + 1, b, H, W, C2)
-        vl0, vc0, vr0, vl1, vc1, vr1, vl2, vc2, vr2, vl3, vc3, vr3 = _strip_sums(
+        (value_out0, value_out1, value_out2, value_out3, value_done0, value_done1, value_done2, value_done3,
+         value_pending0, value_pending1, value_pending2, value_pending3) = _column_step(
             value_raw0, value_raw1, value_raw2, value_raw3, value_raw4, value_raw5,
+            value_done0, value_done1, value_done2, value_done3,
+            value_pending0, value_pending1, value_pending2, value_pending3, value_bias,
             vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22)
-        gl0, gc0, gr0, gl1, gc1, gr1, gl2, gc2, gr2, gl3, gc3, gr3 = _strip_sums(
+        (gate_out0, gate_out1, gate_out2, gate_out3, gate_done0, gate_done1, gate_done2, gate_done3,
+         gate_pending0, gate_pending1, gate_pending2, gate_pending3) = _column_step(
             gate_raw0, gate_raw1, gate_raw2, gate_raw3, gate_raw4, gate_raw5,
+            gate_done0, gate_done1, gate_done2, gate_done3,
+            gate_pending0, gate_pending1, gate_pending2, gate_pending3, gate_bias,
             gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22)
         if j > 0:
-            _store_gated(out_ptr, value_done0 + vr0, gate_done0 + gr0, top, j - 1, b, H, W, HID, channel, channel_ok)
-            _store_gated(out_ptr, value_done1 + vr1, gate_done1 + gr1, top + 1, j - 1, b, H, W, HID, channel,
-                         channel_ok)
-            _store_gated(out_ptr, value_done2 + vr2, gate_done2 + gr2, top + 2, j - 1, b, H, W, HID, channel,
-                         channel_ok)
-            _store_gated(out_ptr, value_done3 + vr3, gate_done3 + gr3, top + 3, j - 1, b, H, W, HID, channel,
-                         channel_ok)
-        value_done0 = value_pending0 + vc0
-        value_done1 = value_pending1 + vc1
-        value_done2 = value_pending2 + vc2
-        value_done3 = value_pending3 + vc3
-        gate_done0 = gate_pending0 + gc0
-        gate_done1 = gate_pending1 + gc1
-        gate_done2 = gate_pending2 + gc2
-        gate_done3 = gate_pending3 + gc3
-        value_pending0 = vl0 + value_bias
-        value_pending1 = vl1 + value_bias
-        value_pending2 = vl2 + value_bias
-        value_pending3 = vl3 + value_bias
-        gate_pending0 = gl0 + gate_bias
-        gate_pending1 = gl1 + gate_bias
-        gate_pending2 = gl2 + gate_bias
-        gate_pending3 = gl3 + gate_bias
+            _store_gated(out_ptr, value_out0, gate_out0, top, j - 1, b, H, W, HID, channel, channel_ok)
+            _store_gated(out_ptr, value_out1, gate_out1, top + 1, j - 1, b, H, W, HID, channel, channel_ok)
+            _store_gated(out_ptr, value_out2, gate_out2, top + 2, j - 1, b, H, W, HID, channel, channel_ok)
+            _store_gated(out_ptr, value_out3, gate_out3, top + 3, j - 1, b, H, W, HID, channel, channel_ok)
         value_raw0, value_raw1, value_raw2, value_raw3, value_raw4, value_raw5 = (
             next_value0, next_value1, next_value2, next_value3, next_value4, next_value5)
         gate_raw0, gate_raw1, gate_raw2, gate_raw3, gate_raw4, gate_raw5 = (

@@ -21,19 +21,34 @@ GROUP = tl.constexpr(16)
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, scales_ptr, rows64, row_ok, k0, K_PAD, stride_p, stride_s,
-                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[ROWS, BLOCK_K] fp32 = e2m1 * group scale of NVFP4 rows (bytes [.., K_PAD/2], scale bytes [.., K_PAD/16])."""
+def _load_tile_bytes(packed_ptr, scales_ptr, rows64, row_ok, k0, k_end, stride_p, stride_s, BLOCK_K: tl.constexpr):
+    """The raw bytes of a [rows, BLOCK_K] tile of NVFP4 rows at column k0: packed E2M1 pairs [rows, BLOCK_K/2] and
+    E4M3 group scales [rows, BLOCK_K/16]; columns at or past k_end (a multiple of 16) load as zeros."""
     pcols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    bytes_ = tl.load(packed_ptr + rows64[:, None] * stride_p + pcols[None, :],
-                     mask=row_ok[:, None] & (pcols[None, :] < K_PAD // 2), other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(bytes_ & 0xF, bytes_ >> 4), [ROWS, BLOCK_K])
+    packed = tl.load(packed_ptr + rows64[:, None] * stride_p + pcols[None, :],
+                     mask=row_ok[:, None] & (pcols[None, :] < k_end // 2), other=0)
     gcols = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
     sbytes = tl.load(scales_ptr + rows64[:, None] * stride_s + gcols[None, :],
-                     mask=row_ok[:, None] & (gcols[None, :] < K_PAD // GROUP), other=0)
+                     mask=row_ok[:, None] & (gcols[None, :] < k_end // GROUP), other=0)
+    return packed, sbytes
+
+
+@triton.jit
+def _decode_tile(packed, sbytes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[ROWS, BLOCK_K] fp32 = e2m1 * group scale of the bytes _load_tile_bytes returned."""
+    bytes_ = packed.to(tl.int32)
+    codes = tl.reshape(tl.join(bytes_ & 0xF, bytes_ >> 4), [ROWS, BLOCK_K])
     scale = e4m3_values(sbytes)
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [ROWS, BLOCK_K // GROUP, GROUP]), [ROWS, BLOCK_K])
     return e2m1_values(codes) * scale
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, scales_ptr, rows64, row_ok, k0, K_PAD, stride_p, stride_s,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[ROWS, BLOCK_K] fp32 = e2m1 * group scale of NVFP4 rows (bytes [.., K_PAD/2], scale bytes [.., K_PAD/16])."""
+    packed, sbytes = _load_tile_bytes(packed_ptr, scales_ptr, rows64, row_ok, k0, K_PAD, stride_p, stride_s, BLOCK_K)
+    return _decode_tile(packed, sbytes, ROWS, BLOCK_K)
 
 
 @triton.jit
@@ -93,13 +108,17 @@ def nvfp4_gemm_kernel(
 
 
 def _effective_weight_configs():
-    """(BLOCK_N, BLOCK_K, warps) to time on the first call per (N, K, R, dtypes). 64 x 128 with 4 warps was the
-    hand-picked default (its pass ran at ~1.3-1.5 TB/s on an H100, 2026-11-27); larger tiles re-read the low-rank
-    factors less often. Under the interpreter: small tiles, so the tests cover partial blocks."""
+    """(BLOCK_N, BLOCK_K, K_TILES, warps) to time on the first call per (N, K, R, dtypes). 64 x 128 with 4 warps, one
+    tile per program, was the hand-picked default (its pass ran at ~1.3-1.5 TB/s on an H100, 2026-11-27); larger
+    tiles re-read the low-rank factors less often; K_TILES > 1 streams several tiles per program with the next one's
+    bytes in flight (one-tile programs, at 96-204 registers per thread for sm_90a, leave few loads in flight per SM:
+    an estimate, not yet measured). Under the interpreter: small tiles, two per program, so the tests cover partial
+    blocks and the prefetch."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-            for n, k, w in ((64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 256, 8), (32, 256, 4), (128, 64, 4))]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_TILES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "K_TILES": t}, num_warps=w)
+            for n, k, t, w in ((64, 128, 1, 4), (128, 128, 1, 8), (64, 256, 1, 8), (128, 256, 1, 8), (32, 256, 1, 4),
+                               (128, 64, 1, 4), (64, 128, 4, 4), (32, 128, 8, 4), (128, 128, 4, 8))]
 
 
 @triton.autotune(configs=_effective_weight_configs(), key=["N", "K", "R"])
@@ -109,30 +128,41 @@ def nvfp4_effective_weight_kernel(
     N, K, K_PAD, R,
     stride_wn, stride_wsn, stride_dk, stride_ur, stride_on,
     HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
 ):
     """out [N, K] = dequant(W) / smooth[k] + (down [K, R] @ up [R, N])^T: an SVDQuant layer's effective weight,
-    for a 16-bit GEMM (large-M W4A16). Grid (N blocks, K blocks)."""
+    for a 16-bit GEMM (large-M W4A16). Grid (N blocks, K blocks of K_TILES tiles)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    cols = k0 + tl.arange(0, BLOCK_K)
     row_ok = rows < N
-    col_ok = cols < K
     rows64 = rows.to(tl.int64)
-    w = _dequant_tile(w_ptr, w_scales_ptr, rows64, row_ok, k0, K_PAD, stride_wn, stride_wsn, BLOCK_N, BLOCK_K)
-    # One multiply per element by gscale / smooth[k], computed per column, not a per-element fp32 division (div.rn,
-    # ~10 instructions): this pass ran at ~1.3-1.5 TB/s on an H100 (2026-11-27), by estimate ALU-bound. The
-    # result is rounded to 16 bits, so the reciprocal's extra fp32 rounding does not show.
-    col_factor = tl.load(w_gscale_ptr) + tl.zeros([BLOCK_K], dtype=tl.float32)
-    if HAS_SMOOTH:
-        col_factor = col_factor / tl.load(smooth_ptr + cols, mask=col_ok, other=1.0)
-    w = w * col_factor[None, :]
+    k_first = tl.program_id(1) * (K_TILES * BLOCK_K)
+    k_end = tl.minimum(k_first + K_TILES * BLOCK_K, K_PAD)  # this program's columns: no prefetch past them
+    gscale = tl.load(w_gscale_ptr)
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
         up_t = tl.load(up_ptr + ranks[None, :] * stride_ur + rows64[:, None],
                        mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
-        down_t = tl.load(down_ptr + cols[None, :] * stride_dk + ranks[:, None],
-                         mask=col_ok[None, :] & (ranks[:, None] < R), other=0.0)
-        w = tl.dot(up_t.to(DOT_DTYPE), down_t.to(DOT_DTYPE), w, input_precision="ieee")
-    tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    packed, sbytes = _load_tile_bytes(w_ptr, w_scales_ptr, rows64, row_ok, k_first, k_end, stride_wn, stride_wsn,
+                                      BLOCK_K)
+    for tile in range(K_TILES):
+        k0 = k_first + tile * BLOCK_K
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        # The next tile's bytes are requested before this one is decoded and stored, so their latency overlaps it.
+        next_packed, next_sbytes = _load_tile_bytes(w_ptr, w_scales_ptr, rows64, row_ok, k0 + BLOCK_K, k_end,
+                                                    stride_wn, stride_wsn, BLOCK_K)
+        w = _decode_tile(packed, sbytes, BLOCK_N, BLOCK_K)
+        # One multiply per element by gscale / smooth[k], computed per column, not a per-element fp32 division
+        # (div.rn, ~10 instructions). The result is rounded to 16 bits, so the reciprocal's extra fp32 rounding
+        # does not show.
+        col_factor = gscale + tl.zeros([BLOCK_K], dtype=tl.float32)
+        if HAS_SMOOTH:
+            col_factor = col_factor / tl.load(smooth_ptr + cols, mask=col_ok, other=1.0)
+        w = w * col_factor[None, :]
+        if HAS_LORA:
+            down_t = tl.load(down_ptr + cols[None, :] * stride_dk + ranks[:, None],
+                             mask=col_ok[None, :] & (ranks[:, None] < R), other=0.0)
+            w = tl.dot(up_t.to(DOT_DTYPE), down_t.to(DOT_DTYPE), w, input_precision="ieee")
+        tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+        packed, sbytes = next_packed, next_sbytes

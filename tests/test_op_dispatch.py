@@ -1,0 +1,90 @@
+"""ops/_common.call_op: plain eager inference skips the custom-op dispatcher; everything else still goes through it."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dcgen_kernels.ops import ada_layer_norm
+from dcgen_kernels.ops.ada_layer_norm import gated_residual, gated_residual_reference
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """Counts the calls that bypass the dispatcher (the dispatcher runs the registered function, not eager_impl)."""
+    op = ada_layer_norm._gated_residual_op
+    calls = []
+    impl = op.eager_impl
+
+    def counting(*args):
+        calls.append(args)
+        return impl(*args)
+
+    monkeypatch.setattr(op, "eager_impl", counting)
+    return calls
+
+
+def inputs(requires_grad=False):
+    residual = torch.randn(2, 5, 8, requires_grad=requires_grad)
+    return residual, torch.randn(2, 8), torch.randn(2, 5, 8)
+
+
+def test_eager_inference_calls_the_implementation_directly(direct_calls):
+    residual, gate, x = inputs()
+    out = gated_residual(residual, gate, x)  # grad mode on, but nothing requires grad
+    with torch.no_grad():
+        gated_residual(inputs(requires_grad=True)[0], gate, x)
+    with torch.inference_mode():
+        gated_residual(residual, gate, x)
+    assert len(direct_calls) == 3
+    torch.testing.assert_close(out, gated_residual_reference(residual, gate, x), rtol=0, atol=0)
+
+
+def test_parameters_count_as_plain_tensors(direct_calls):
+    residual, gate, x = inputs()
+    with torch.no_grad():
+        gated_residual(residual, torch.nn.Parameter(gate), x)
+    assert len(direct_calls) == 1
+
+
+def test_autograd_goes_through_the_op(direct_calls):
+    residual, gate, x = inputs(requires_grad=True)
+    out = gated_residual(residual, gate, x)
+    out.sum().backward()
+    assert not direct_calls
+    assert out.grad_fn is not None and residual.grad is not None
+
+
+def test_fake_and_meta_tensors_go_through_the_op(direct_calls):
+    with FakeTensorMode():
+        out = gated_residual(*inputs())
+    assert out.shape == (2, 5, 8)
+    meta = [t.to("meta") for t in inputs()]
+    assert gated_residual(*meta).device.type == "meta"
+    assert not direct_calls
+
+
+def test_torch_function_modes_and_functorch_go_through_the_op(direct_calls):
+    residual, gate, x = inputs()
+    with torch.device("cpu"):  # a TorchFunctionMode
+        gated_residual(residual, gate, x)
+    batched = torch.func.vmap(lambda r: gated_residual(r, gate, x))(residual[None].expand(3, -1, -1, -1))
+    assert not direct_calls
+    torch.testing.assert_close(batched[1], gated_residual_reference(residual, gate, x), rtol=0, atol=0)
+
+
+def test_torch_compile_traces_the_op(direct_calls):
+    residual, gate, x = inputs()
+    compiled = torch.compile(lambda r, g, v: gated_residual(r, g, v), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(residual, gate, x), gated_residual_reference(residual, gate, x))
+    assert not direct_calls
+
+
+def test_direct_and_dispatched_calls_agree_under_autocast(direct_calls):
+    """Autocast falls through a custom op to its implementation, so both paths see the same autocast state."""
+    residual, gate, x = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = gated_residual(residual, gate, x)
+        with torch.device("cpu"):
+            dispatched = gated_residual(residual, gate, x)
+    assert len(direct_calls) == 1
+    torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
