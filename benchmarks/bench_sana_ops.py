@@ -30,9 +30,11 @@ Metrics: ms, the median GPU time per call after warm-up, timed back to back behi
 for the memory-bound ops, counting each input read once and the output written once at the op's dtype, and its
 fraction of this run's device-copy ceiling; TFLOP/s for glumbconv (2·N·C·2h + 2·N·h·C + 2·9·N·2h, h = 5600) and
 key_padding_attention (4·B·H·N·S_valid·D: the useful work over the valid text tokens, which stock computes over
-all 300); rel-L2 vs the fp32 reference (the stock math on fp32 copies of the inputs), for stock too: a dcgen
-variant's check fails above max(DTYPE_TOL (bf16 1e-2), 1.5x stock's own error); rel-L2 vs stock beside it. No L2 flush between calls: at N = 4096 the adaLN and residual
-working sets (37-55 MB) are about the H100's 50 MB L2, so their GB/s may exceed DRAM bandwidth; the N = 16384 rows
+all 300); `kernels` beside the dcgen variant: its kernels' GPU ms per call from torch.profiler (kernel_ms_per_call
+against ms shows the gaps between an op's launches); rel-L2 vs the fp32 reference (the stock math on fp32 copies of
+the inputs), for stock too: a dcgen variant's check fails above max(DTYPE_TOL (bf16 1e-2), 1.5x stock's own error);
+rel-L2 vs stock beside it. No L2 flush between calls: at N = 4096 the adaLN and residual working sets (37-55 MB) are
+about the H100's 50 MB L2, so their GB/s may exceed DRAM bandwidth; the N = 16384 rows
 (4x larger) measure it.
 """
 
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 
 from .common import (accepts_backend, dcgen_fallbacks, error_record, first_call,
                      free_device_memory, load_op, rel_l2, reset_dcgen_warnings)
-from .timing import time_kernel_ms
+from .timing import profile_kernels, time_kernel_ms
 
 DCGEN_VARIANTS = {"dcgen": "auto", "dcgen_triton": "triton", "dcgen_cuda": "cuda"}
 # rel-L2 against the fp32 reference allowed per dtype, or more where stock's own error is larger: a fused op may be
@@ -258,6 +260,15 @@ def _check(out: torch.Tensor, truth: torch.Tensor, tolerance: float, stock_out) 
     return rec
 
 
+def _kernel_breakdown(fn, device, calls: int) -> dict:
+    """Where an op's GPU time goes, per call (torch.profiler): e.g. the two passes of the linear attention."""
+    try:
+        prof = profile_kernels(fn, device, steps=calls, top=4)
+    except Exception as err:  # noqa: BLE001 - a diagnostic: the timing stays
+        return error_record(err)
+    return {"kernel_ms_per_call": prof["kernel_ms_per_step"], "top_kernels_ms": prof["top_kernels_ms"]}
+
+
 def _bench_case(case: Case, variants: dict, device, cfg, copy_gbps, skip: dict, unavailable: Optional[str]) -> dict:
     records, expected = {}, None
     with torch.no_grad():
@@ -294,6 +305,8 @@ def _bench_case(case: Case, variants: dict, device, cfg, copy_gbps, skip: dict, 
                 if fallbacks:
                     rec["fallbacks"] = fallbacks
                 rec["ms"], rec["host_ms"] = time_kernel_ms(fn, device, cfg.warmup, cfg.iters)
+                if name == "dcgen":
+                    rec["kernels"] = _kernel_breakdown(fn, device, cfg.iters)
                 records[name] = rec
             except Exception as err:  # noqa: BLE001
                 records[name] = error_record(err)
