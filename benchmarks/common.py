@@ -70,6 +70,7 @@ OP_MODULES = {"sana_linear_attention": "sana_linear_attention",
               "glumbconv": "glumbconv",
               "ada_layer_norm_modulate": "ada_layer_norm",
               "gated_residual": "ada_layer_norm",
+              "gated_residual_ada_layer_norm_modulate": "ada_layer_norm",
               "key_padding_attention": "key_padding_attention"}
 
 

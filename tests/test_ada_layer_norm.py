@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from dcgen_kernels import _backend
 from dcgen_kernels.ops.ada_layer_norm import (
     TRITON_MAX_CHANNELS, ada_layer_norm_modulate, ada_layer_norm_modulate_into, ada_layer_norm_modulate_reference,
-    gated_residual, gated_residual_into, gated_residual_reference,
+    gated_residual, gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8,
+    gated_residual_ada_layer_norm_modulate_reference, gated_residual_into, gated_residual_reference,
 )
 from tests.helpers import TOLERANCE, rel_l2
 
@@ -309,3 +310,151 @@ def test_gated_residual_reference_output_is_contiguous_like_the_fake():
     gate = torch.randn(2, 1, 64)
     torch.library.opcheck(torch.ops.dcgen.gated_residual.default, (residual, gate, x, "reference"),
                           test_utils=("test_faketensor",))
+
+
+# --------------------------------------------------------------------------------------------- residual + adaLN
+def _gated_modulate_args(layout="sana", dtype=torch.bfloat16, C=200, gated=True):
+    residual, x = activations(C=C, dtype=dtype), activations(C=C, dtype=dtype)
+    shift, scale, gate = modulation(layout, C=C, dtype=dtype)
+    return residual, gate if gated else None, x, scale, shift
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["sana", "flux", "broadcast"])
+def test_gated_modulate_triton_equals_the_two_ops(dtype, layout):
+    """The fused kernel normalises the rounded sum it stores: the same bits as gated_residual then the modulation."""
+    residual, gate, x, scale, shift = _gated_modulate_args(layout, dtype)
+    total, out = gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, backend="triton")
+    expected_total = gated_residual(residual, gate, x, backend="triton")
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    torch.testing.assert_close(out, ada_layer_norm_modulate(expected_total, scale, shift, backend="triton"),
+                               rtol=0, atol=0)
+    ref_total, ref_out = gated_residual_ada_layer_norm_modulate_reference(residual, gate, x, scale, shift)
+    assert rel_l2(total, ref_total) <= max(TOLERANCE[dtype] / 2, 1e-6)
+    assert rel_l2(out, ref_out) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ungated_modulate_triton_matches_reference(dtype):
+    residual, _, x, scale, shift = _gated_modulate_args("sana", dtype, gated=False)
+    weight, bias = torch.rand(200) + 0.5, torch.randn(200) / 4
+    total, out = gated_residual_ada_layer_norm_modulate(residual, None, x, scale, shift, norm_weight=weight,
+                                                        norm_bias=bias, eps=1e-5, backend="triton")
+    ref_total, ref_out = gated_residual_ada_layer_norm_modulate_reference(residual, None, x, scale, shift, weight,
+                                                                          bias, 1e-5)
+    assert total.dtype == out.dtype == dtype and total.is_contiguous() and out.is_contiguous()
+    assert rel_l2(total, ref_total) <= max(TOLERANCE[dtype] / 2, 1e-6)
+    assert rel_l2(out, ref_out) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+def test_gated_modulate_launcher_writes_every_element():
+    """Poisoned outputs at a shape off the row and channel blocks (37 rows, 200 channels)."""
+    from dcgen_kernels.ops.ada_layer_norm import _launch_modulate_triton
+
+    residual, gate, x, scale, shift = _gated_modulate_args("flux", torch.float32)
+    total, out = torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))
+    _launch_modulate_triton(residual, scale, shift, None, None, 1e-6, out, update=x, gate=gate, total=total)
+    ref_total, ref_out = gated_residual_ada_layer_norm_modulate_reference(residual, gate, x, scale, shift)
+    assert rel_l2(total, ref_total) < 1e-6 and rel_l2(out, ref_out) < 1e-6
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_gated_modulate_fp8_equals_the_two_ops(gated):
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
+
+    residual, gate, x, scale, shift = _gated_modulate_args("flux", gated=gated)
+    total, act = gated_residual_ada_layer_norm_modulate_fp8(residual, gate, x, scale, shift, backend="triton")
+    expected_total, _ = gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, backend="triton")
+    expected = ada_layer_norm_modulate_fp8(expected_total, scale, shift, backend="triton")
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    assert act.dtype == residual.dtype and torch.equal(act.data.view(torch.uint8), expected.data.view(torch.uint8))
+    torch.testing.assert_close(act.scale, expected.scale, rtol=0, atol=0)
+
+
+def test_gated_modulate_gradients_match_the_two_ops():
+    residual, gate, x, scale, shift = (t.float().detach().requires_grad_(True)
+                                       for t in _gated_modulate_args("sana", C=64))
+    leaves = [residual, gate, x, scale, shift]
+    weights = torch.randn(2, 37, 64), torch.randn(2, 37, 64)
+
+    def grads(fn):
+        total, out = fn()
+        return torch.autograd.grad((total * weights[0]).sum() + (out * weights[1]).sum(), leaves)
+
+    fused = grads(lambda: gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, backend="triton"))
+    total = gated_residual(residual, gate, x, backend="triton")
+    two = grads(lambda: (total, ada_layer_norm_modulate(total, scale, shift, backend="triton")))
+    assert all(rel_l2(a, b) < 1e-6 for a, b in zip(fused, two))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r[0], g, x, sc, sh), ValueError,
+     "residual must have 3 dimensions"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x[:, :-1], sc, sh), ValueError,
+     "x must have the same shape as residual"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g[..., :5], x, sc, sh), ValueError,
+     "gate must have shape"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x, sc[..., :-1], sh), ValueError,
+     "scale must have shape"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate_fp8(r, g, x, sc, sh, eps=-1.0), ValueError,
+     "eps must be a positive float"),
+])
+def test_gated_modulate_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*_gated_modulate_args())
+
+
+def test_gated_modulate_traces_in_torch_compile_and_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = [t.float() for t in _gated_modulate_args("flux")]
+    compiled = torch.compile(lambda *a: gated_residual_ada_layer_norm_modulate(*a, backend="triton"),
+                             fullgraph=True, backend="aot_eager")
+    expected = gated_residual_ada_layer_norm_modulate_reference(*args)
+    assert all(rel_l2(a, b) < 1e-6 for a, b in zip(compiled(*args), expected))
+    with FakeTensorMode():
+        total, act = gated_residual_ada_layer_norm_modulate_fp8(*_gated_modulate_args("flux"))
+    assert total.shape == act.data.shape == (2, 37, 200) and act.scale.shape == (2, 37)
+    assert total.dtype == torch.bfloat16 and act.data.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model,B,N,C", [("flux", 1, 4608, 3072), ("sana", 2, 4096, 2240), ("sana", 1, 4099, 2232)])
+def test_gpu_gated_modulate_equals_the_two_ops(model, B, N, C):
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
+
+    residual, x = (activations(B, N, C, device="cuda") for _ in range(2))
+    shift, scale, gate = modulation(model, B=B, C=C, device="cuda")
+    gate = gate if model == "flux" else None  # SANA's cross-attention residual is ungated
+    total, out = gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, backend="triton")
+    expected_total = (gated_residual(residual, gate, x, backend="triton") if gate is not None
+                      else (residual + x))  # a bf16 add rounds its fp32 sum once, as the kernel does
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    torch.testing.assert_close(out, ada_layer_norm_modulate(total, scale, shift, backend="triton"), rtol=0, atol=0)
+    _, act = gated_residual_ada_layer_norm_modulate_fp8(residual, gate, x, scale, shift, backend="triton")
+    assert torch.equal(act.data.view(torch.uint8),
+                       ada_layer_norm_modulate_fp8(total, scale, shift, backend="triton").data.view(torch.uint8))
+
+
+_MODULATE_LAUNCHES = r'''
+a = importlib.import_module("dcgen_kernels.ops.ada_layer_norm")
+E = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype)
+for B, N, C in ((1, 4608, 3072), (2, 4096, 2240)):  # FLUX image stream, SANA-1.6B
+    x, mod = E(B, N, C), E(B, 1, C)
+    a._launch_modulate_triton(x, mod, mod, None, None, 1e-6, E(B, N, C))
+    a._launch_modulate_triton(x, mod, mod, None, None, 1e-6, E(B, N, C), update=E(B, N, C), gate=mod, total=E(B, N, C))
+    a._launch_modulate_triton(x, mod, mod, None, None, 1e-6, E(B, N, C, dtype=torch.float8_e4m3fn),
+                              E(B, N, dtype=torch.float32), update=E(B, N, C), total=E(B, N, C))
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_modulate_launches_compile_for_sm90_without_spills():
+    """The plain, fused-residual and fused-residual FP8 modulation at FLUX and SANA widths compile for sm_90a
+    (Triton's bundled ptxas) with no register spills: a whole row stays in registers."""
+    from tests.helpers import compile_launchers_for_sm90
+
+    stats = compile_launchers_for_sm90(_MODULATE_LAUNCHES)
+    assert len(stats) == 6 and all(s["kernel"] == "ada_layer_norm_modulate_kernel" for s in stats), stats
+    assert all(s["spills"] == 0 for s in stats), stats

@@ -292,10 +292,11 @@ quant = compile_sm90(quantize_fp8_rows_kernel, dict(prefix_ptr="*bf16", x_ptr="*
                      dict(HAS_PREFIX=True, GELU=True, NATIVE_CAST=True, BLOCK_ROWS=4, BLOCK_C=1024), [],
                      num_warps=4)
 norm = compile_sm90(ada_layer_norm_modulate_kernel,
-                    dict(x_ptr="*bf16", scale_ptr="*bf16", shift_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16",
-                         out_ptr="*fp8e4nv", row_scale_ptr="*fp32", eps="fp32"),
-                    dict(BLOCK_ROWS=1, BLOCK_C=4096, HAS_WEIGHT=False, HAS_BIAS=False, QUANT_FP8=True,
-                         NATIVE_CAST=True), [], num_warps=4)
+                    dict(x_ptr="*bf16", update_ptr="*bf16", gate_ptr="*bf16", sum_ptr="*bf16", scale_ptr="*bf16",
+                         shift_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp8e4nv",
+                         row_scale_ptr="*fp32", eps="fp32"),
+                    dict(BLOCK_ROWS=1, BLOCK_C=4096, HAS_WEIGHT=False, HAS_BIAS=False, HAS_UPDATE=False,
+                         HAS_GATE=False, QUANT_FP8=True, NATIVE_CAST=True), [], num_warps=4)
 cvt = "cvt.rn.satfinite.e4m3x2.f32"
 print(json.dumps({"wgmma": ttgir.count("warp_group_dot"), "async_copies": ttgir.count("async_copy_global_to_local"),
                   "shared": gemm.metadata.shared, "quantize_cvt": quant.asm["ptx"].count(cvt),

@@ -1,7 +1,9 @@
 """Ops: each module holds the fp32 reference, the kernel launchers and the torch.library custom op."""
 
 from .ada_layer_norm import ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, \
-    ada_layer_norm_modulate_fp8_reference, ada_layer_norm_modulate_reference, gated_residual, gated_residual_reference
+    ada_layer_norm_modulate_fp8_reference, ada_layer_norm_modulate_reference, gated_residual, \
+    gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8, \
+    gated_residual_ada_layer_norm_modulate_reference, gated_residual_reference
 from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
 from .flux_attention import flux_attention, flux_attention_reference
 from .fp8_linear import FP8Activation, dequantize_fp8, fp8_linear, fp8_linear_reference, quantize_fp8, \
@@ -19,6 +21,8 @@ from .sana_linear_attention import sana_linear_attention, sana_linear_attention_
 __all__ = [
     "ada_layer_norm_modulate", "ada_layer_norm_modulate_reference", "ada_layer_norm_modulate_fp8",
     "ada_layer_norm_modulate_fp8_reference", "gated_residual", "gated_residual_reference",
+    "gated_residual_ada_layer_norm_modulate", "gated_residual_ada_layer_norm_modulate_fp8",
+    "gated_residual_ada_layer_norm_modulate_reference",
     "FP8Activation", "dequantize_fp8", "fp8_linear", "fp8_linear_reference", "quantize_fp8", "quantize_fp8_reference",
     "quantize_weight_fp8",
     "channel_rms_norm", "channel_rms_norm_reference", "flux_attention", "flux_attention_reference", "depthwise_glu", "depthwise_glu_reference", "glumbconv",

@@ -99,8 +99,9 @@ def call_op(op, *args):
 def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -> None:
     """Backward of `op` = vjp of its fp32 reference, recomputed under autograd.
 
-    The first `n_tensor_inputs` arguments of `op` are (optional) tensors; the rest are passed through.
-    Correct for every backend's forward; memory-lean because the reference uses SDPA-style primitives.
+    The first `n_tensor_inputs` arguments of `op` are (optional) tensors; the rest are passed through. The op may
+    return one tensor or a tuple (then so does the reference). Correct for every backend's forward; memory-lean
+    because the reference uses SDPA-style primitives.
     """
 
     def setup_context(ctx, inputs, output):
@@ -109,14 +110,16 @@ def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -
         ctx.save_for_backward(*[t for t in tensors if t is not None])
         ctx.rest = inputs[n_tensor_inputs:]
 
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         saved = iter(ctx.saved_tensors)
         tensors = [next(saved) if present else None for present in ctx.present]
         wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(tensors)]
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(tensors, wanted)]
             out = reference(*leaves, *ctx.rest[:-1])  # the last non-tensor input is the backend name
-            grads = torch.autograd.grad(out, [t for t, w in zip(leaves, wanted) if w], grad_out, allow_unused=True)
+            used = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grad_outs) if g is not None]
+            grads = torch.autograd.grad([o for o, _ in used], [t for t, w in zip(leaves, wanted) if w],
+                                        [g for _, g in used], allow_unused=True)
         grads = iter(grads)
         return tuple(next(grads) if w else None for w in wanted) + (None,) * len(ctx.rest)
 

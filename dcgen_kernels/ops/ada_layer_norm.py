@@ -9,6 +9,11 @@ batch size of 1 to broadcast. Strided chunk views are read in place (only the ch
 `ada_layer_norm_modulate_fp8` is the same op emitting FP8 E4M3 rows and one fp32 scale per row (the format of
 ops/fp8_linear.py), quantized from the fp32 result in the same pass: the producer side of the FP8 linears.
 
+`gated_residual_ada_layer_norm_modulate` (and its `_fp8` form) is a residual add (gated or not) followed by the
+modulated norm of the sum, as a DiT block does after its attention (FLUX: `norm2` after the gated attention
+residual; SANA: `norm2` after the cross-attention residual): one pass that writes the sum without reading it back,
+equal to the two ops in sequence.
+
 Rounding: the math runs in fp32 and is rounded once to the output dtype. diffusers rounds after every
 operation in bf16/fp16 (norm, 1 + scale, product, sum), so results differ by about one rounding of the output.
 """
@@ -27,6 +32,8 @@ __all__ = [
     "ada_layer_norm_modulate", "ada_layer_norm_modulate_reference",
     "ada_layer_norm_modulate_fp8", "ada_layer_norm_modulate_fp8_reference",
     "gated_residual", "gated_residual_reference",
+    "gated_residual_ada_layer_norm_modulate", "gated_residual_ada_layer_norm_modulate_reference",
+    "gated_residual_ada_layer_norm_modulate_fp8",
 ]
 
 # The LayerNorm kernel holds a whole row in registers; wider rows would spill.
@@ -62,6 +69,20 @@ def gated_residual_reference(residual, gate, x):
     return (residual.float() + _per_batch(gate).float() * x.float()).to(residual.dtype)
 
 
+def _residual_sum_reference(residual, gate, x):
+    """residual + gate * x (gate None: residual + x) in fp32, rounded to residual's dtype."""
+    if gate is None:
+        return (residual.float() + x.float()).to(residual.dtype)
+    return gated_residual_reference(residual, gate, x)
+
+
+def gated_residual_ada_layer_norm_modulate_reference(residual, gate, x, scale, shift, norm_weight=None,
+                                                     norm_bias=None, eps: float = 1e-6):
+    """(total, out): total = residual + gate * x rounded to residual's dtype (gate None: 1), out its modulated norm."""
+    total = _residual_sum_reference(residual, gate, x)
+    return total, ada_layer_norm_modulate_reference(total, scale, shift, norm_weight, norm_bias, eps)
+
+
 # ----------------------------------------------------------------------------------------------- validation
 def _check_modulation(name: str, t, x: torch.Tensor) -> None:
     B, _, C = x.shape
@@ -80,8 +101,8 @@ def _check_activations(name: str, t, like: Optional[torch.Tensor] = None) -> Non
         raise ValueError(f"{name} must have at least one channel, got shape {tuple(t.shape)}")
 
 
-def _validate_modulate(x, scale, shift, norm_weight, norm_bias, eps) -> None:
-    _check_activations("x", x)
+def _validate_modulate(x, scale, shift, norm_weight, norm_bias, eps, name: str = "x") -> None:
+    _check_activations(name, x)
     _check_modulation("scale", scale, x)
     _check_modulation("shift", shift, x)
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
@@ -95,6 +116,13 @@ def _validate_gated(residual, gate, x) -> None:
     _check_activations("residual", residual)
     _check_activations("x", x, like=residual)
     _check_modulation("gate", gate, residual)
+
+
+def _validate_gated_modulate(residual, gate, x, scale, shift, norm_weight, norm_bias, eps) -> None:
+    _validate_modulate(residual, scale, shift, norm_weight, norm_bias, eps, name="residual")
+    _check_activations("x", x, like=residual)
+    if gate is not None:
+        _check_modulation("gate", gate, residual)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -117,22 +145,27 @@ def _gated_config() -> dict:
     return dict(BLOCK_ROWS=4, BLOCK_C=1024, num_warps=4)  # best of 6 tiles measured on an H100 (bf16)
 
 
-def _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out, row_scale=None) -> None:
-    """row_scale given: out is fp8 and gets the quantized rows, row_scale (B, N) fp32 their scales."""
+def _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out, row_scale=None, update=None,
+                            gate=None, total=None) -> None:
+    """row_scale given: out is fp8 and gets the quantized rows, row_scale (B, N) fp32 their scales.
+    update given: the rows normalised are total = x + gate * update (gate None: 1), also written to `total`."""
     from ..triton_kernels.ada_layer_norm import ada_layer_norm_modulate_kernel
 
     B, N, C = x.shape
     cfg = _modulate_config(C)
+    has_update, has_gate = update is not None, gate is not None
     ada_layer_norm_modulate_kernel[(cdiv(N, cfg["BLOCK_ROWS"]), B)](
-        x, scale, shift,
-        norm_weight if norm_weight is not None else x,  # placeholders, never read (HAS_WEIGHT/HAS_BIAS off)
-        norm_bias if norm_bias is not None else x,
+        # x stands in for the pointers whose flag is off: never read or written
+        x, update if has_update else x, gate if has_gate else x, total if has_update else x, scale, shift,
+        norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x,
         out, row_scale if row_scale is not None else x,
         N, C,
-        x.stride(0), x.stride(1), _batch_stride(scale), _batch_stride(shift), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), update.stride(0) if has_update else 0, update.stride(1) if has_update else 0,
+        _batch_stride(gate) if has_gate else 0, total.stride(0) if has_update else 0,
+        total.stride(1) if has_update else 0, _batch_stride(scale), _batch_stride(shift), out.stride(0), out.stride(1),
         eps,
-        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, QUANT_FP8=row_scale is not None,
-        NATIVE_CAST=not _backend.triton_interpreter_enabled(), **cfg,
+        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, HAS_UPDATE=has_update, HAS_GATE=has_gate,
+        QUANT_FP8=row_scale is not None, NATIVE_CAST=not _backend.triton_interpreter_enabled(), **cfg,
     )
 
 
@@ -156,9 +189,9 @@ def _triton_case_error(x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def select_modulate_backend(x: torch.Tensor, backend: str) -> str:
+def select_modulate_backend(x: torch.Tensor, backend: str, op: str = "ada_layer_norm_modulate") -> str:
     return _backend.select(
-        "ada_layer_norm_modulate",
+        op,
         backend,
         platform_checks={"triton": lambda: _backend.triton_device_error(x.device)},
         case_checks={"triton": lambda: _triton_case_error(x)},
@@ -253,6 +286,58 @@ def _(residual, gate, x, backend):
 register_reference_autograd(_gated_residual_op, gated_residual_reference, n_tensor_inputs=3)
 
 
+@custom_op("dcgen::gated_residual_ada_layer_norm_modulate")
+def _gated_residual_modulate_op(
+    residual: torch.Tensor, gate: Optional[torch.Tensor], x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = select_modulate_backend(residual, backend, "gated_residual_ada_layer_norm_modulate")
+    if chosen == "reference":
+        total, out = gated_residual_ada_layer_norm_modulate_reference(residual, gate, x, scale, shift, norm_weight,
+                                                                      norm_bias, eps)
+        return total.contiguous(), out.contiguous()
+    total = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    out = torch.empty_like(total)
+    if residual.numel():
+        _launch_modulate_triton(residual, scale, shift, norm_weight, norm_bias, eps, out, update=x, gate=gate,
+                                total=total)
+    return total, out
+
+
+@_gated_residual_modulate_op.register_fake
+def _(residual, gate, x, scale, shift, norm_weight, norm_bias, eps, backend):
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
+register_reference_autograd(_gated_residual_modulate_op, gated_residual_ada_layer_norm_modulate_reference,
+                            n_tensor_inputs=7)
+
+
+@custom_op("dcgen::gated_residual_ada_layer_norm_modulate_fp8")
+def _gated_residual_modulate_fp8_op(
+    residual: torch.Tensor, gate: Optional[torch.Tensor], x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = select_modulate_backend(residual, backend, "gated_residual_ada_layer_norm_modulate_fp8")
+    if chosen == "reference":
+        total = _residual_sum_reference(residual, gate, x)
+        q, row_scale = ada_layer_norm_modulate_fp8_reference(total, scale, shift, norm_weight, norm_bias, eps)
+        return total.contiguous(), q.contiguous(), row_scale.contiguous()
+    total = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    q = torch.empty(residual.shape, dtype=torch.float8_e4m3fn, device=residual.device)
+    row_scale = torch.empty(residual.shape[:-1], dtype=torch.float32, device=residual.device)
+    if residual.numel():
+        _launch_modulate_triton(residual, scale, shift, norm_weight, norm_bias, eps, q, row_scale, update=x,
+                                gate=gate, total=total)
+    return total, q, row_scale
+
+
+@_gated_residual_modulate_fp8_op.register_fake
+def _(residual, gate, x, scale, shift, norm_weight, norm_bias, eps, backend):
+    return (residual.new_empty(residual.shape), residual.new_empty(residual.shape, dtype=torch.float8_e4m3fn),
+            residual.new_empty(residual.shape[:-1], dtype=torch.float32))
+
+
 # ----------------------------------------------------------------------------------------------- public API
 def ada_layer_norm_modulate(
     x: torch.Tensor,
@@ -312,3 +397,39 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, 
     _backend.check_backend_name(backend)
     _validate_gated(residual, gate, x)
     return call_op(_gated_residual_op, residual, gate, x, backend)
+
+
+def _checked_eps(residual, gate, x, scale, shift, norm_weight, norm_bias, eps, backend) -> float:
+    """Validate a gated_residual_ada_layer_norm_modulate(_fp8) call; returns eps as a float."""
+    _backend.check_backend_name(backend)
+    eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
+    _validate_gated_modulate(residual, gate, x, scale, shift, norm_weight, norm_bias, eps)
+    return eps
+
+
+def gated_residual_ada_layer_norm_modulate(
+    residual: torch.Tensor, gate: Optional[torch.Tensor], x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    *, norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`total = gated_residual(residual, gate, x)` (gate None: residual + x) and `ada_layer_norm_modulate(total,
+    scale, shift, ...)` in one pass; returns (total, out), both contiguous (B, N, C) in residual's dtype and equal to
+    the two ops in sequence. Arguments as those two ops take them.
+    """
+    eps = _checked_eps(residual, gate, x, scale, shift, norm_weight, norm_bias, eps, backend)
+    return call_op(_gated_residual_modulate_op, residual, gate, x, scale, shift, norm_weight, norm_bias, eps, backend)
+
+
+def gated_residual_ada_layer_norm_modulate_fp8(
+    residual: torch.Tensor, gate: Optional[torch.Tensor], x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    *, norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    backend: str = "auto",
+):
+    """`gated_residual_ada_layer_norm_modulate` whose normalised output is quantized to FP8 in the same pass, as
+    `ada_layer_norm_modulate_fp8` does: returns (total, FP8Activation)."""
+    from .fp8_linear import FP8Activation
+
+    eps = _checked_eps(residual, gate, x, scale, shift, norm_weight, norm_bias, eps, backend)
+    total, data, row_scale = call_op(_gated_residual_modulate_fp8_op, residual, gate, x, scale, shift, norm_weight,
+                                     norm_bias, eps, backend)
+    return total, FP8Activation(data, row_scale, residual.dtype)

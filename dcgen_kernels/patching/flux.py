@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ..ops.ada_layer_norm import ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual
+from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
+                                  gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8)
 from ..ops.flux_attention import flux_attention
 from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
@@ -181,6 +182,14 @@ def _modulate_for(consumers_fp8: bool, x, scale, shift, eps, backend):
     return ada_layer_norm_modulate(x, scale, shift, eps=eps, backend=backend)
 
 
+def _gated_residual_modulate_for(consumers_fp8: bool, residual, gate, x, scale, shift, eps, backend):
+    """(residual + gate * x, the modulated norm of that sum for its consumers) in one pass."""
+    if consumers_fp8:
+        return gated_residual_ada_layer_norm_modulate_fp8(residual, gate, x, scale, shift, eps=eps,
+                                                          backend=_quantize_backend(backend))
+    return gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, eps=eps, backend=backend)
+
+
 def _fp8_attention_inputs(block, *ada_norms) -> bool:
     """Whether the attention may be handed FP8 activations from `ada_norms`' modulation: our processor (which only
     projects them) and adaLN modules whose norm is a plain LayerNorm without affine and no embedding of their own."""
@@ -211,9 +220,9 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
                         image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
     attn_output, context_attn_output = outputs[0], outputs[1]
 
-    hidden_states = gated_residual(hidden_states, gate_msa, attn_output, backend=backend)
     fp8_ff = _fp8_ffn(self.ff)
-    norm_hidden = _modulate_for(fp8_ff, hidden_states, scale_mlp, shift_mlp, self.norm2.eps, backend)
+    hidden_states, norm_hidden = _gated_residual_modulate_for(fp8_ff, hidden_states, gate_msa, attn_output, scale_mlp,
+                                                              shift_mlp, self.norm2.eps, backend)
     if fp8_ff:
         hidden_states = _fp8_ffn_residual(self.ff, norm_hidden, hidden_states, gate_mlp, backend)
     else:
@@ -221,10 +230,10 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
     if len(outputs) == 3:  # IP-adapter output
         hidden_states = hidden_states + outputs[2]
 
-    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa, context_attn_output, backend=backend)
     fp8_ff = _fp8_ffn(self.ff_context)
-    norm_context = _modulate_for(fp8_ff, encoder_hidden_states, c_scale_mlp, c_shift_mlp, self.norm2_context.eps,
-                                 backend)
+    encoder_hidden_states, norm_context = _gated_residual_modulate_for(
+        fp8_ff, encoder_hidden_states, c_gate_msa, context_attn_output, c_scale_mlp, c_shift_mlp,
+        self.norm2_context.eps, backend)
     if fp8_ff:
         encoder_hidden_states = _fp8_ffn_residual(self.ff_context, norm_context, encoder_hidden_states, c_gate_mlp,
                                                   backend)

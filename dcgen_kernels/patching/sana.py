@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ..ops.ada_layer_norm import ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual
+from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
+                                  gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8)
 from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
@@ -200,15 +201,22 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     else:
         norm = ada_layer_norm_modulate(hidden_states, scale_msa, shift_msa, eps=self.norm1.eps, backend=backend)
     hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm), backend=backend)
-    if self.attn2 is not None:
-        hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                   attention_mask=encoder_attention_mask) + hidden_states
-    if _fp8_mix_ffn(self.ff):
-        norm = ada_layer_norm_modulate_fp8(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps,
-                                           backend=_quantize_backend(backend))
+    fp8_ff = _fp8_mix_ffn(self.ff)
+    norm_backend = _quantize_backend(backend) if fp8_ff else backend
+    cross = None if self.attn2 is None else self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                                       attention_mask=encoder_attention_mask)
+    if cross is not None and cross.dtype == hidden_states.dtype:  # the residual add and norm2 in one pass
+        fused = gated_residual_ada_layer_norm_modulate_fp8 if fp8_ff else gated_residual_ada_layer_norm_modulate
+        hidden_states, norm = fused(hidden_states, None, cross, scale_mlp, shift_mlp, eps=self.norm2.eps,
+                                    backend=norm_backend)
+    else:
+        if cross is not None:  # stock's add promotes mixed dtypes: keep its exact semantics
+            hidden_states = cross + hidden_states
+        modulate = ada_layer_norm_modulate_fp8 if fp8_ff else ada_layer_norm_modulate
+        norm = modulate(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps, backend=norm_backend)
+    if fp8_ff:
         gated = _depthwise_glu(self.ff, self.ff.conv_inverted.linear(norm), height, width, backend)
         return self.ff.conv_point.linear(gated, gate=gate_mlp, residual=hidden_states)
-    norm = ada_layer_norm_modulate(hidden_states, scale_mlp, shift_mlp, eps=self.norm2.eps, backend=backend)
     ff = _glumbconv_tokens(self.ff, norm, height, width, backend)
     return gated_residual(hidden_states, gate_mlp, ff, backend=backend)
 

@@ -1,7 +1,9 @@
 """Triton kernels for adaLN modulation and the gated residual add (memory-bound: one read, one write).
 
 `ada_layer_norm_modulate_kernel` can also emit FP8 E4M3 rows with one fp32 scale per row (QUANT_FP8): the row is
-already in registers, so the amax costs no extra memory traffic and the output is half the bytes.
+already in registers, so the amax costs no extra memory traffic and the output is half the bytes. It can also form
+its input as a gated residual sum first (HAS_UPDATE), storing that sum too: a DiT block's residual add followed by
+its next adaLN in one pass, without reading the sum back.
 
 Tensors are addressed as (batch, row, channel) with the channel stride 1; the per-(batch, channel) modulation
 vectors (scale, shift, gate) have a batch stride that is 0 when they broadcast over the batch. Each program
@@ -16,19 +18,23 @@ from .fp8_linear import to_e4m3
 
 @triton.jit
 def ada_layer_norm_modulate_kernel(
-    x_ptr, scale_ptr, shift_ptr, weight_ptr, bias_ptr, out_ptr, row_scale_ptr,
+    x_ptr, update_ptr, gate_ptr, sum_ptr, scale_ptr, shift_ptr, weight_ptr, bias_ptr, out_ptr, row_scale_ptr,
     N, C,
-    x_stride_b, x_stride_n, scale_stride_b, shift_stride_b, out_stride_b, out_stride_n,
+    x_stride_b, x_stride_n, update_stride_b, update_stride_n, gate_stride_b, sum_stride_b, sum_stride_n,
+    scale_stride_b, shift_stride_b, out_stride_b, out_stride_n,
     eps,
     BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    QUANT_FP8: tl.constexpr = False, NATIVE_CAST: tl.constexpr = True,
+    HAS_UPDATE: tl.constexpr = False, HAS_GATE: tl.constexpr = False, QUANT_FP8: tl.constexpr = False,
+    NATIVE_CAST: tl.constexpr = True,
 ):
     """out = LayerNorm(x) (optionally * weight + bias) * (1 + scale) + shift; statistics in fp32.
 
     The whole row sits in registers (BLOCK_C = next power of two >= C, masked), so the two-pass mean/variance
     costs no second read of memory. QUANT_FP8: out is fp8 E4M3 with y * (448 / amax) rounded to nearest even,
     and row_scale[b * N + row] = amax / 448 (fp32), the arithmetic of the quantize_fp8 op (NATIVE_CAST: see
-    fp8_linear.to_e4m3).
+    fp8_linear.to_e4m3). HAS_UPDATE: the row normalised is sum = x + gate * update (gate per (batch, channel) when
+    HAS_GATE, else 1) in fp32, rounded to sum's dtype and stored; the statistics are taken of that rounded row, so
+    the pair equals gated_residual_kernel followed by this kernel on its output, bit for bit.
     """
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -40,6 +46,16 @@ def ada_layer_norm_modulate_kernel(
 
     x_off = b * x_stride_b + rows64[:, None] * x_stride_n + cols[None, :]
     x = tl.load(x_ptr + x_off, mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    if HAS_UPDATE:
+        update = tl.load(update_ptr + b * update_stride_b + rows64[:, None] * update_stride_n + cols[None, :],
+                         mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + b * gate_stride_b + cols, mask=col_ok, other=0.0).to(tl.float32)
+            total = (x + gate[None, :] * update).to(sum_ptr.dtype.element_ty)
+        else:
+            total = (x + update).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + b * sum_stride_b + rows64[:, None] * sum_stride_n + cols[None, :], total, mask=tile_ok)
+        x = total.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     centred = tl.where(tile_ok, x - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / C
