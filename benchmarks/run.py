@@ -24,6 +24,8 @@ How to read the numbers
   patch() uses), "dcgen_triton"/"dcgen_cuda" force a backend (skipped when it would fall back). GB/s counts
   inputs read once + output written once (memory-bound ops), "%copy" is that over this run's copy ceiling;
   TFLOP/s for glumbconv (its GEMMs + depthwise conv) and the cross-attention. Checks at rel-L2 1e-2.
+- host_overhead: host microseconds per call of four common ops at 64 tokens (bench_host_overhead.py): the public
+  function, the custom op through torch's dispatcher, and the bare implementation.
 - sana_step: one SanaTransformer2DModel forward, SANA-1.6B config, random bf16 weights, 300 text tokens with a
   mask of ones, at c32_128x128 (SANA 4K) and c128_64x64 (DC-Gen-SANA 4K): stock eager vs patch(model); checks
   allow max(2e-2, twice the fp32-reference-backend deviation); one profiled step of stock and patched gives the
@@ -604,10 +606,27 @@ def _step_row(key: str, name: str, rec: dict, width: int) -> str:
             f"{_fmt(rec.get('compile_s'), '.1f', 11)}{_fmt(anchor_ms, '.1f', 11)}")
 
 
+def host_overhead_table(report: dict) -> list:
+    rec = report.get("host_overhead", {})
+    lines = [f"host_overhead (host us per call, {rec.get('config', {}).get('dtype')}; dispatcher - impl = what "
+             f"skipping the dispatcher saves)\n  {'op':<40}{'public':>9}{'dispatcher':>11}{'impl':>9}{'saved':>9}"]
+    if _status(rec):
+        lines.append(f"  {_status(rec)}")
+    for op, op_rec in rec.get("ops", {}).items():
+        status = _status(op_rec)
+        lines.append(f"  {op:<40}" + (status or f"{_fmt(op_rec.get('public_us'), '.1f', 9)}"
+                                               f"{_fmt(op_rec.get('dispatcher_us'), '.1f', 11)}"
+                                               f"{_fmt(op_rec.get('impl_us'), '.1f', 9)}"
+                                               f"{_fmt(op_rec.get('saved_by_call_op_us'), '.1f', 9)}"))
+    return lines
+
+
 def sana_tables(report: dict, ran: set) -> list:
     lines = []
     if "sana_ops" in ran:
         lines += sana_ops_table(report)
+    if "host_overhead" in ran:
+        lines += host_overhead_table(report)
     if ran & {"sana_step", "sana_step_compile"}:
         lines += sana_step_table(report)
     if "dcae_decode" in ran:
@@ -757,6 +776,8 @@ SECTIONS = (
         ctx.device, ctx.tiny, ctx.anchors.get("flux12b_step_ms_by_image_tokens"), progress), min_s=40),
     Section("sana_ops", ("kernels",), lambda ctx, progress: _bench("bench_sana_ops").run(
         ctx.device, ctx.tiny, _ceiling(ctx, "copy_GBps"), progress), min_s=45),
+    Section("host_overhead", ("kernels",), lambda ctx, progress: _bench("bench_host_overhead").run(
+        ctx.device, ctx.tiny, progress), min_s=10),
     Section("sana_step", ("kernels",), lambda ctx, progress: _bench("bench_sana_step").run(
         ctx.device, ctx.tiny, ctx.anchors.get("sana1600m_step_ms"), progress), min_s=45),
     Section("dcae_decode", ("kernels",), lambda ctx, progress: _bench("bench_dcae_decode").run(
@@ -778,8 +799,8 @@ SECTIONS = (
         ctx.device, ctx.tiny, ctx.report.get("e2e"), progress, ctx.time_left), min_s=90),
 )
 SUITES = ("kernels", "dcgen", "e2e", "all")
-TABLED_SECTIONS = ("ceilings", "flux_attention", "flux_step", "sana_ops", "sana_step", "dcae_decode", "patch_embed",
-                   "quant_linear", "e2e", "projection", "sana_step_compile", "e2e_compile")
+TABLED_SECTIONS = ("ceilings", "flux_attention", "flux_step", "sana_ops", "host_overhead", "sana_step", "dcae_decode",
+                   "patch_embed", "quant_linear", "e2e", "projection", "sana_step_compile", "e2e_compile")
 DESCRIPTIVE = ("environment", "anchors", "gpu_check")  # records, not timed sections
 
 AUTOTUNED_KERNELS = ("dcgen_kernels.triton_kernels.glumbconv:depthwise_glu_kernel",

@@ -532,3 +532,17 @@ def test_sana_step_kernel_profiles_leave_the_model_unpatched():
     assert set(profiles) == {"stock", "patched"}
     assert all(p["kernel_ms_per_step"] > 0 and len(p["top_kernels_ms"]) == 8 for p in profiles.values())
     assert not dcgen_kernels.is_patched(model)
+
+
+def test_tiny_host_overhead_times_each_route_of_each_op(tmp_path):
+    out = tmp_path / "host.json"
+    rc = run.main(["--tiny", "--sections", "host_overhead", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["problems"]
+    ops = report["host_overhead"]["ops"]
+    assert set(ops) == {"ada_layer_norm_modulate", "gated_residual", "gated_residual_ada_layer_norm_modulate",
+                        "sana_linear_attention"}
+    for rec in ops.values():
+        assert all(rec[key] > 0 for key in ("public_us", "dispatcher_us", "impl_us")), rec
+        assert rec["saved_by_call_op_us"] == pytest.approx(rec["dispatcher_us"] - rec["impl_us"])
+    assert "host_overhead" in run.table(report)
