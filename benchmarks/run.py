@@ -24,7 +24,7 @@ How to read the numbers
   patch() uses), "dcgen_triton"/"dcgen_cuda" force a backend (skipped when it would fall back). GB/s counts
   inputs read once + output written once (memory-bound ops), "%copy" is that over this run's copy ceiling;
   TFLOP/s for glumbconv (its GEMMs + depthwise conv) and the cross-attention. Checks at rel-L2 1e-2.
-- host_overhead: host microseconds per call of four common ops at 64 tokens (bench_host_overhead.py): the public
+- host_overhead: host microseconds per call of five common ops at 64 tokens (bench_host_overhead.py): the public
   function, the custom op through torch's dispatcher, and the bare implementation.
 - sana_step: one SanaTransformer2DModel forward, SANA-1.6B config, random bf16 weights, 300 text tokens with a
   mask of ones, at c32_128x128 (SANA 4K) and c128_64x64 (DC-Gen-SANA 4K): stock eager vs patch(model); checks

@@ -541,7 +541,7 @@ def test_tiny_host_overhead_times_each_route_of_each_op(tmp_path):
     assert rc == 0, report["problems"]
     ops = report["host_overhead"]["ops"]
     assert set(ops) == {"ada_layer_norm_modulate", "gated_residual", "gated_residual_ada_layer_norm_modulate",
-                        "sana_linear_attention"}
+                        "fp8_linear", "sana_linear_attention"}
     for rec in ops.values():
         assert all(rec[key] > 0 for key in ("public_us", "dispatcher_us", "impl_us")), rec
         assert rec["saved_by_call_op_us"] == pytest.approx(rec["dispatcher_us"] - rec["impl_us"])
