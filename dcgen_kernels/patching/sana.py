@@ -116,7 +116,10 @@ class DCGenSanaCrossAttnProcessor:
         heads = lambda t: t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
         out = key_padding_attention(heads(query), heads(key), heads(value), attention_mask)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor  # as SanaAttnProcessor2_0
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.rescale_output_factor != 1.0:  # as SanaAttnProcessor2_0; x / 1.0 is exact, yet a pass over x
+            out = out / attn.rescale_output_factor
+        return out
 
 
 class DCGenSanaMultiscaleAttnProcessor:
