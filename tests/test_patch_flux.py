@@ -137,3 +137,39 @@ def test_patched_tiny_flux_on_gpu():
                                for k, v in inputs.items()})
     dcgen_kernels.patch(model)
     assert rel_l2(run(model, inputs), expected) <= 2 * TOLERANCE[torch.bfloat16]
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """A Linear whose forward is not F.linear (as a LoRA wrapper's is not): must never be bypassed."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_gelu_tanh_linear_is_stock_off_the_gpu():
+    """On the CPU torch._addmm_activation's GELU is the erf form: the tanh MLPs must keep stock's two ops there."""
+    from dcgen_kernels.patching.flux import _gelu_tanh_linear
+
+    linear, x = torch.nn.Linear(32, 48), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(_gelu_tanh_linear(linear, x),
+                                   torch.nn.functional.gelu(linear(x), approximate="tanh"), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_gelu_tanh_linear_fuses_only_plain_linears(dtype):
+    from dcgen_kernels.patching.flux import _gelu_tanh_linear
+
+    x = torch.randn(3, 77, 320, device="cuda", dtype=dtype)
+    for linear, factor in ((torch.nn.Linear(320, 1280), 1), (_DoubledLinear(320, 1280), 2)):
+        linear = linear.to("cuda", dtype)
+        pre = factor * torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        expected = torch.nn.functional.gelu(pre, approximate="tanh")
+        with torch.no_grad():
+            out = _gelu_tanh_linear(linear, x)
+        assert out.shape == (3, 77, 1280) and out.dtype == dtype
+        assert rel_l2(out, expected) <= TOLERANCE[dtype] / 2, type(linear).__name__
+    x.requires_grad_(True)  # with gradients: stock's ops, differentiable
+    _gelu_tanh_linear(torch.nn.Linear(320, 1280).to("cuda", dtype), x).sum().backward()
+    assert x.grad is not None

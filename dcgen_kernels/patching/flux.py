@@ -1,5 +1,7 @@
 """FLUX family: `FluxAttnProcessor` -> the fused `flux_attention` op; adaLN norms -> `ada_layer_norm_modulate`;
-the blocks' gated residuals and their inline MLP norm -> `gated_residual` / `ada_layer_norm_modulate`.
+the blocks' gated residuals and their inline MLP norm -> `gated_residual` / `ada_layer_norm_modulate` (the attention
+residual with norm2: `gated_residual_ada_layer_norm_modulate`); on a GPU the MLPs' tanh GELU runs in the epilogue of
+the GEMM before it (cuBLASLt through torch._addmm_activation).
 
 When the block linears are FP8Linear (patch(model, quant="fp8")), the patched blocks hand them activations
 quantized by the kernel that produces them: adaLN-modulate emits FP8 rows once for Q/K/V (and the single blocks'
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import _backend
 from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
@@ -151,13 +154,39 @@ def _qkv(attn, text: bool) -> tuple:
     return (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if text else (attn.to_q, attn.to_k, attn.to_v)
 
 
-def _fp8_ffn(ff) -> bool:
-    """diffusers FeedForward(activation_fn="gelu-approximate") with both linears in FP8: [GELU(tanh) with proj,
-    Dropout, Linear]."""
+def _gelu_tanh_ffn(ff) -> bool:
+    """diffusers FeedForward(activation_fn="gelu-approximate"): [GELU(tanh) with proj, Dropout (inactive), Linear]."""
     net = getattr(ff, "net", None)
     if net is None or len(net) != 3 or type(net[0]).__name__ != "GELU" or getattr(net[0], "approximate", "") != "tanh":
         return False
-    return isinstance(net[1], torch.nn.Dropout) and (net[1].p == 0 or not ff.training) and _fp8(net[0].proj, net[2])
+    return isinstance(net[1], torch.nn.Dropout) and (net[1].p == 0 or not ff.training)
+
+
+def _fp8_ffn(ff) -> bool:
+    """A FLUX FeedForward with both linears in FP8."""
+    return _gelu_tanh_ffn(ff) and _fp8(ff.net[0].proj, ff.net[2])
+
+
+def _gelu_tanh_linear(linear, x):
+    """gelu_tanh(linear(x)). For a plain nn.Linear with bias on a GPU, in 16 bits and without gradients: one
+    cuBLASLt GEMM with the bias and the GELU in its epilogue (torch._addmm_activation, whose GELU on CUDA is the tanh
+    form, applied to the fp32 accumulator: rounded once where stock rounds twice), instead of a separate GELU pass
+    over FLUX's 12288-wide MLP activations. Otherwise stock's two ops (on the CPU _addmm_activation's GELU is erf)."""
+    fused = (type(linear) is torch.nn.Linear and linear.bias is not None and x.is_cuda
+             and x.dtype in (torch.bfloat16, torch.float16) and linear.weight.dtype == linear.bias.dtype == x.dtype
+             and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad
+                                                   or linear.bias.requires_grad)))
+    if not fused:
+        return F.gelu(linear(x), approximate="tanh")
+    out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _feed_forward(ff, x):
+    """ff(x), the GELU of a FLUX FeedForward inside its first GEMM (_gelu_tanh_linear); another FeedForward as is."""
+    if _gelu_tanh_ffn(ff):
+        return ff.net[2](_gelu_tanh_linear(ff.net[0].proj, x))
+    return ff(x)
 
 
 def _fp8_ffn_residual(ff, x, residual, gate, backend):
@@ -226,7 +255,7 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
     if fp8_ff:
         hidden_states = _fp8_ffn_residual(self.ff, norm_hidden, hidden_states, gate_mlp, backend)
     else:
-        hidden_states = gated_residual(hidden_states, gate_mlp, self.ff(norm_hidden), backend=backend)
+        hidden_states = gated_residual(hidden_states, gate_mlp, _feed_forward(self.ff, norm_hidden), backend=backend)
     if len(outputs) == 3:  # IP-adapter output
         hidden_states = hidden_states + outputs[2]
 
@@ -238,8 +267,8 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
         encoder_hidden_states = _fp8_ffn_residual(self.ff_context, norm_context, encoder_hidden_states, c_gate_mlp,
                                                   backend)
     else:
-        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context),
-                                               backend=backend)
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp,
+                                               _feed_forward(self.ff_context, norm_context), backend=backend)
     return _clip_fp16(encoder_hidden_states), hidden_states
 
 
@@ -269,7 +298,10 @@ def _flux_single_block_forward(self, hidden_states, encoder_hidden_states, temb,
         hidden_states = _clip_fp16(self.proj_out(joint, gate=gate, residual=residual))
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
     norm_hidden, gate = self.norm(residual, emb=temb)
-    mlp_hidden = self.act_mlp(self.proj_mlp(norm_hidden))
+    if type(self.act_mlp) is torch.nn.GELU and self.act_mlp.approximate == "tanh":
+        mlp_hidden = _gelu_tanh_linear(self.proj_mlp, norm_hidden)
+    else:
+        mlp_hidden = self.act_mlp(self.proj_mlp(norm_hidden))
     attn_output = self.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb,
                             **(joint_attention_kwargs or {}))
     out = self.proj_out(torch.cat([attn_output, mlp_hidden], dim=2))
