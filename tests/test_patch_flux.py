@@ -173,3 +173,32 @@ def test_gpu_gelu_tanh_linear_fuses_only_plain_linears(dtype):
     x.requires_grad_(True)  # with gradients: stock's ops, differentiable
     _gelu_tanh_linear(torch.nn.Linear(320, 1280).to("cuda", dtype), x).sum().backward()
     assert x.grad is not None
+
+
+def test_single_blocks_join_their_inputs_without_a_copy():
+    """A patched single block returns its output as two views of one tensor; the next one joins them back as a view
+    (stock concatenates them again), with the same result as stock."""
+    from diffusers import FluxTransformer2DModel
+
+    from dcgen_kernels.patching.flux import _joined
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=3,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    inputs = tiny_flux_inputs()
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    joined = []
+    block = model.single_transformer_blocks[1]
+    handle = block.register_forward_pre_hook(
+        lambda module, args, kwargs: joined.append(_joined(kwargs["encoder_hidden_states"], kwargs["hidden_states"])
+                                                   .data_ptr() == kwargs["encoder_hidden_states"].data_ptr()),
+        with_kwargs=True)
+    out = run(model, inputs)
+    handle.remove()
+    assert joined == [True] and rel_l2(out, expected) < 1e-5
+    first, second = torch.randn(2, 3, 8), torch.randn(2, 5, 8)  # separate tensors: a real concatenation
+    torch.testing.assert_close(_joined(first, second), torch.cat([first, second], dim=1), rtol=0, atol=0)
+    base = torch.randn(2, 8, 8)
+    assert torch.equal(_joined(base[:, :3], base[:, 3:]), base)
+    assert torch.equal(_joined(base[:, :3], base[:, 4:]), torch.cat([base[:, :3], base[:, 4:]], dim=1))  # a gap
