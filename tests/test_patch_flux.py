@@ -202,3 +202,10 @@ def test_single_blocks_join_their_inputs_without_a_copy():
     base = torch.randn(2, 8, 8)
     assert torch.equal(_joined(base[:, :3], base[:, 3:]), base)
     assert torch.equal(_joined(base[:, :3], base[:, 4:]), torch.cat([base[:, :3], base[:, 4:]], dim=1))  # a gap
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # fake and meta tensors have no storage to compare: concatenated as stock does
+        fake = torch.randn(2, 8, 8)
+        assert _joined(fake[:, :3], fake[:, 3:]).shape == (2, 8, 8)
+    meta = torch.randn(2, 8, 8, device="meta")
+    assert _joined(meta[:, :3], meta[:, 3:]).shape == (2, 8, 8)

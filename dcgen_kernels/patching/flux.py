@@ -281,11 +281,13 @@ def _fp8_single_block(block) -> bool:
 def _joined(first, second):
     """torch.cat([first, second], dim=1) of (B, T, C) and (B, N, C), as a view when they are the two halves of one
     (B, T + N, C) tensor, which is how a patched single block returns its output to the next one (a 28 MB copy per
-    single block at 4608 FLUX tokens otherwise). Not while compiling or recording gradients."""
+    single block at 4608 FLUX tokens otherwise). Only for plain tensors with real storage, outside torch.compile,
+    dispatch modes (fake tensors) and autograd."""
     B, T, C = first.shape
     S = T + second.shape[1]
-    halves = (not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (first.requires_grad
-                                                                                      or second.requires_grad))
+    halves = (type(first) is torch.Tensor and type(second) is torch.Tensor and not first.is_meta
+              and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+              and not (torch.is_grad_enabled() and (first.requires_grad or second.requires_grad))
               and second.shape[0] == B and second.shape[2] == C and first.dtype == second.dtype
               and first.device == second.device and first.stride() == second.stride() == (S * C, C, 1)
               and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
