@@ -47,7 +47,7 @@ TINY = Config(4, 64, 64, 2, torch.float32, "reference", warmup=100, calls=100, r
 def host_us_per_call(variants: dict, device: torch.device, cfg: Config) -> dict:
     """name -> host microseconds per call of each zero-argument callable, the minimum over rounds of the mean over
     `cfg.calls` back-to-back calls; the variants take turns within each round, so a slow spell of the machine
-    hits them alike."""
+    hits them alike (timing.time_kernel_ms's host_ms is one pass per variant, and None on the CPU)."""
     for fn in variants.values():
         for _ in range(cfg.warmup):
             fn()

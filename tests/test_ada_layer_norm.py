@@ -398,6 +398,16 @@ def test_gated_modulate_gradients_match_the_two_ops():
      "scale must have shape"),
     (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate_fp8(r, g, x, sc, sh, eps=-1.0), ValueError,
      "eps must be a positive float"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r.int(), g, x, sc, sh), TypeError,
+     "residual must have dtype"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x.to("meta"), sc, sh), ValueError,
+     "x must be on device"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate_fp8(r, g.to("meta"), x, sc, sh), ValueError,
+     "gate must be on device"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x.transpose(1, 2), sc, sh), ValueError,
+     "x must be contiguous in its last dimension"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x, sc, sh, backend="gpu"), ValueError,
+     "backend must be one of"),
 ])
 def test_gated_modulate_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):
