@@ -804,7 +804,9 @@ TABLED_SECTIONS = ("ceilings", "flux_attention", "flux_step", "sana_ops", "host_
 DESCRIPTIVE = ("environment", "anchors", "gpu_check")  # records, not timed sections
 
 AUTOTUNED_KERNELS = ("dcgen_kernels.triton_kernels.glumbconv:depthwise_glu_kernel",
-                     "dcgen_kernels.triton_kernels.nvfp4_gemm:nvfp4_effective_weight_kernel")
+                     "dcgen_kernels.triton_kernels.nvfp4_gemm:nvfp4_effective_weight_kernel",
+                     "dcgen_kernels.triton_kernels.sana_linear_attention:linear_attention_kv_kernel",
+                     "dcgen_kernels.triton_kernels.sana_linear_attention:linear_attention_out_kernel")
 
 
 def autotuned_configs() -> dict:

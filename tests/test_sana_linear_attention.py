@@ -120,6 +120,38 @@ def test_triton_math_is_fp32_accurate_before_the_output_cast(dtype):
     assert rel_l2(out, relu_linear_attention_fp32(q, k, v, 1e-15)) < 5e-5
 
 
+def test_passes_with_different_slicings_of_the_tokens():
+    """The output pass sums however many partials the K pass wrote, whatever its own slicing: here the K pass
+    runs 2 slices of 16-token tiles per (b, h) and the output pass 1 slice of 64-token tiles."""
+    import triton
+
+    q, k, v = torch.randn(3, 2, 3, 40, 32)
+    out = torch.full(q.shape, float("nan"))
+    configs = (triton.Config({"BLOCK_N": 16, "PROGRAMS_PER_SM": 0}, num_warps=4, num_stages=1),
+               triton.Config({"BLOCK_M": 64, "PROGRAMS_PER_SM": 0}, num_warps=4, num_stages=1))
+    _launch_triton(q, k, v, 1e-15, out, configs)
+    assert rel_l2(out, relu_linear_attention_fp32(q, k, v, 1e-15)) < 1e-6
+
+
+_CONFIG_LAUNCHES = r'''
+a = importlib.import_module("dcgen_kernels.ops.sana_linear_attention")
+kernels = importlib.import_module("dcgen_kernels.triton_kernels.sana_linear_attention")
+q, k, v, out = torch.empty(4, 1, 16384, 2240, dtype=torch.bfloat16).unflatten(-1, (70, 32)).transpose(2, 3)
+for pair in zip(kernels.linear_attention_kv_kernel.configs, kernels.linear_attention_out_kernel.configs):
+    a._launch_triton(q, k, v, 1e-15, out, pair)  # SANA-1.6B's self-attention at a 128x128 latent
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_pass_configs_compile_for_sm90_without_spills():
+    from tests.helpers import compile_launchers_for_sm90
+
+    stats = compile_launchers_for_sm90(_CONFIG_LAUNCHES)
+    assert len(stats) > 2, stats  # both passes, every config of the GPU list (the subprocess runs outside the
+    assert all(s["spills"] == 0 for s in stats), stats  # interpreter)
+
+
 def test_all_negative_query_row_gives_zeros():
     """ReLU(Q[n]) = 0 makes the quotient 0 / eps = 0, as in diffusers."""
     q, k, v = make_inputs(N=20, H=1, dtype=torch.float32)
@@ -242,6 +274,21 @@ def test_gpu_sana_shapes(N, dtype):
     assert rel_l2(out, sana_linear_attention_reference(q, k, v, 70)) <= TOLERANCE[dtype] / 2
     again = sana_linear_attention(q, k, v, 70, backend="triton")
     assert torch.equal(out, again)  # fixed-order reduction: bitwise deterministic
+
+
+@pytest.mark.gpu
+def test_gpu_every_pass_config():
+    """Each config of either pass, paired with a different-slicing config of the other (the tuner may pick any)."""
+    from dcgen_kernels.triton_kernels.sana_linear_attention import (linear_attention_kv_kernel,
+                                                                    linear_attention_out_kernel)
+
+    q, k, v = make_inputs(B=1, N=16384, H=70, D=32, device="cuda")
+    expected = sana_linear_attention_reference(q, k, v, 70)
+    kv_configs, out_configs = linear_attention_kv_kernel.configs, linear_attention_out_kernel.configs
+    for pair in zip(kv_configs, out_configs[1:] + out_configs[:1]):
+        out = torch.full((1, 16384, 2240), float("nan"), dtype=torch.bfloat16, device="cuda")
+        _launch_triton(*(t.unflatten(-1, (70, 32)).transpose(1, 2) for t in (q, k, v, out)), 1e-15, pair)
+        assert rel_l2(out, expected) <= TOLERANCE[torch.bfloat16] / 2, pair
 
 
 @pytest.mark.gpu

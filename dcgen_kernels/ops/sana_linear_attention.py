@@ -14,7 +14,9 @@ Backends (auto order triton -> reference; there is no CUDA backend):
   no padding with ones, no permutes. KᵀV and ΣK are reduced in fp32 per token slice into a small workspace and
   summed in a fixed order by the output pass (deterministic; no atomics). fp32, bf16, fp16; head_dim <= 128.
   Memory-bound: at B=1, 70 heads × 32, 16384 tokens, bf16 it moves 4 × 73 MB; the target is >= 80% of the
-  copy rate (benchmarks/bench_sana_ops.py measures it; the tile defaults are from an H100 sweep of each pass).
+  copy rate (benchmarks/bench_sana_ops.py measures it). Each pass times its token tile and grid (programs per
+  SM) on its first call per shape and layout (about a second plus compilation): warm a model up before capturing
+  it in a CUDA graph (patch(cuda_graph=True) does).
 - reference: fp32 torch (always available; also the backward of both ops).
 """
 
@@ -36,7 +38,6 @@ __all__ = [
 ]
 
 TRITON_MAX_HEAD_DIM = 128  # the output pass holds the padded D×D fp32 KᵀV in registers
-_PROGRAMS_PER_SM = 4
 # fp32 inputs: IEEE dots on the FMA units (the K pass measured FMA-bound, ~4x off the copy rate, at DC-AE's
 # 64 heads × 32 × 16384 tokens). "tf32x3" would move them to the tensor cores at ~fp32 accuracy; not yet
 # measured on a GPU, so not the default.
@@ -109,37 +110,37 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _token_slices(n_tokens: int, block: int, batch_heads: int, programs: int) -> tuple[int, int]:
-    """(tokens per program, programs per (b, h)): enough programs in all, each a whole number of blocks."""
+def _slices(n_tokens: int, block: int, batch_heads: int, programs: int) -> int:
+    """Programs per (b, h): about `programs` in all, each a whole number of token tiles, none empty (the kernels
+    invert this as `_tokens_per_program`)."""
     blocks = cdiv(n_tokens, block)
-    splits = min(blocks, max(1, cdiv(programs, batch_heads)))
-    tokens = cdiv(blocks, splits) * block
-    return tokens, cdiv(n_tokens, tokens)
+    per_program = cdiv(blocks, min(blocks, max(1, cdiv(programs, batch_heads))))
+    return cdiv(blocks, per_program)
 
 
-def _launch_config(batch_heads: int, device: torch.device) -> dict:
-    """Tile sizes and the number of programs to aim for per pass. Measured on an H100 (70 heads × 32, 16384
-    tokens, bf16): 64-token tiles, 4 warps, 3 stages and ~4 programs per SM were best or within noise of the
-    best for both passes, also for DC-AE's channel-first layout and head dim 112. Under the interpreter:
-    2 slices per (b, h) of 16-token tiles, so small test shapes cover several slices, several tiles per slice
-    and partial tiles."""
-    if _backend.triton_interpreter_enabled():
-        return dict(block=16, programs=2 * batch_heads, num_warps=4, num_stages=1)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return dict(block=64, programs=_PROGRAMS_PER_SM * _sm_count(index), num_warps=4, num_stages=3)
+def _grid(n_tokens: int, batch_heads: int, device: torch.device, block: str):
+    """The autotuned passes' grid: (B*H, slices) for a config's tile and programs per SM; under the interpreter
+    (PROGRAMS_PER_SM 0) two slices per (b, h)."""
+    index = None if device.type != "cuda" else (device.index if device.index is not None
+                                                 else torch.cuda.current_device())
+
+    def grid(meta):
+        per_sm = meta["PROGRAMS_PER_SM"]
+        programs = per_sm * _sm_count(index) if per_sm else 2 * batch_heads
+        return batch_heads, _slices(n_tokens, meta[block], batch_heads, programs)
+
+    return grid
 
 
-def _launch_triton(q, k, v, eps: float, out) -> None:
-    """q, k, v, out: (B, H, N, D)-indexed views, any strides."""
+def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
+    """q, k, v, out: (B, H, N, D)-indexed views, any strides. configs: a (K pass, output pass) pair of
+    triton.Configs from the kernels' lists, run without tuning (for tests)."""
     import triton.language as tl
 
     from ..triton_kernels.sana_linear_attention import linear_attention_kv_kernel, linear_attention_out_kernel
 
     B, H, N, D = q.shape
     padded = _padded_dim(D)
-    cfg = _launch_config(B * H, q.device)
-    tokens, splits = _token_slices(N, cfg["block"], B * H, cfg["programs"])
-
     half = q.dtype in (torch.bfloat16, torch.float16)
     interpret = _backend.triton_interpreter_enabled()
     # bf16 dots are wrong under the interpreter: there the same bf16-valued operands go through fp32 dots.
@@ -148,23 +149,32 @@ def _launch_triton(q, k, v, eps: float, out) -> None:
     part_dtype = tl.float32 if interpret else tl.bfloat16
     fp32_precision = "ieee" if interpret else _FP32_DOT_PRECISION
 
-    kv_parts = torch.empty(B * H, splits, padded, padded, dtype=torch.float32, device=q.device)
-    ksum_parts = torch.empty(B * H, splits, padded, dtype=torch.float32, device=q.device)
-    linear_attention_kv_kernel[(B * H, splits)](
-        k, v, kv_parts, ksum_parts,
-        N, H, tokens,
-        *k.stride(), *v.stride(),
-        HEAD_DIM=D, PADDED_DIM=padded, BLOCK_N=cfg["block"], DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    linear_attention_out_kernel[(B * H, splits)](
-        q, kv_parts, ksum_parts, out,
-        N, H, splits, tokens, eps,
-        *q.stride(), *out.stride(),
-        HEAD_DIM=D, PADDED_DIM=padded, BLOCK_M=cfg["block"],
-        SPLIT_KV=half, SPLIT_Q=q.dtype == torch.float16, PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    kv_grid, out_grid = _grid(N, B * H, q.device, "BLOCK_N"), _grid(N, B * H, q.device, "BLOCK_M")
+    kv_configs = linear_attention_kv_kernel.configs if configs is None else configs[:1]
+    most_slices = max(kv_grid(config.all_kwargs())[1] for config in kv_configs)
+    kv_parts = torch.empty(B * H, most_slices, padded, padded, dtype=torch.float32, device=q.device)
+    ksum_parts = torch.empty(B * H, most_slices, padded, dtype=torch.float32, device=q.device)
+    kv_args = (k, v, kv_parts, ksum_parts, N, H, *k.stride(), *v.stride())
+    kv_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision)
+    if configs is None:
+        linear_attention_kv_kernel[kv_grid](*kv_args, **kv_meta)
+        kv_config = linear_attention_kv_kernel.best_config  # tuned on the first call per key, then cached
+    else:
+        kv_config = configs[0]
+        linear_attention_kv_kernel.fn[kv_grid(kv_config.all_kwargs())](*kv_args, **kv_meta, **_run_kwargs(kv_config))
+    out_args = (q, kv_parts, ksum_parts, out, N, H, kv_grid(kv_config.all_kwargs())[1], eps,
+                *q.stride(), *out.stride())
+    out_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, SPLIT_KV=half, SPLIT_Q=q.dtype == torch.float16,
+                    PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision)
+    if configs is None:
+        linear_attention_out_kernel[out_grid](*out_args, **out_meta)
+    else:
+        linear_attention_out_kernel.fn[out_grid(configs[1].all_kwargs())](*out_args, **out_meta,
+                                                                          **_run_kwargs(configs[1]))
+
+
+def _run_kwargs(config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def select_backend(q: torch.Tensor, head_dim: int, backend: str) -> str:

@@ -7,10 +7,27 @@ channel-first (B, H, D, N) layout of DC-AE share them:
 2. `linear_attention_out_kernel`: each program sums the partials of its (b, h) in a fixed order (so results are
    bitwise run-to-run deterministic, unlike atomics into one accumulator), then streams its slice of Q.
 The head dim is padded to a power of two (>= 16, the tl.dot minimum) with masks; padded lanes load as zeros.
+Each pass is autotuned on its first call per shape and layout over the token tile and the number of programs
+(the grid); the output pass reads how many partials the K pass wrote from its launch.
 """
+
+import os
 
 import triton
 import triton.language as tl
+
+
+def _configs(block: str):
+    """Token tile x programs per SM (the grid) to time per (N, H, D, token stride): H100, 70 heads x 32, 16384
+    tokens, bf16: (64, 4) was the hand-picked best of a sweep at 74-75% of the copy rate for the pair, the K pass
+    at 72% (run F); more programs per SM hide more latency while the tail wave is shorter with fewer, so both
+    ways are timed. The interpreter takes one config with small tiles (PROGRAMS_PER_SM 0: two slices per
+    (b, h), see the launcher), so the test shapes cover several slices, several tiles per slice and partial
+    tiles."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({block: 16, "PROGRAMS_PER_SM": 0}, num_warps=4, num_stages=1)]
+    return [triton.Config({block: size, "PROGRAMS_PER_SM": per_sm}, num_warps=4, num_stages=3)
+            for size, per_sm in ((64, 4), (64, 8), (64, 2), (128, 4), (128, 2), (32, 8))]
 
 
 @triton.jit
@@ -39,15 +56,23 @@ def split_bf16(x, PART_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _tokens_per_program(N, BLOCK: tl.constexpr):
+    """Tokens per slice of the grid's dim 1, whole tiles: the inverse of the launcher's `_slices`."""
+    return tl.cdiv(tl.cdiv(N, BLOCK), tl.num_programs(1)) * BLOCK
+
+
+@triton.autotune(configs=_configs("BLOCK_N"), key=["N", "H", "HEAD_DIM", "k_stride_n"])
+@triton.jit
 def linear_attention_kv_kernel(
     k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr,
-    N, H, tokens_per_program,
+    N, H,
     k_stride_b, k_stride_h, k_stride_n, k_stride_d,
     v_stride_b, v_stride_h, v_stride_n, v_stride_d,
-    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
-    """Grid (B*H, splits). Writes kv_part[bh, split] = ReLU(K_s)ᵀ V_s and ksum_part[bh, split] = Σ ReLU(K_s).
+    """Grid (B*H, slices). Writes kv_part[bh, s] = ReLU(K_s)ᵀ V_s and ksum_part[bh, s] = Σ ReLU(K_s).
+    PROGRAMS_PER_SM only shapes the grid (the launcher reads it from the config).
 
     DOT_DTYPE is the input dtype for bf16/fp16 (products of 16-bit floats are exact in the fp32 tensor-core
     accumulator, so this equals the fp32 reference up to summation order) and float32 otherwise, with
@@ -60,6 +85,7 @@ def linear_attention_kv_kernel(
     d = tl.arange(0, PADDED_DIM)
     k_base = k_ptr + b.to(tl.int64) * k_stride_b + h.to(tl.int64) * k_stride_h
     v_base = v_ptr + b.to(tl.int64) * v_stride_b + h.to(tl.int64) * v_stride_h
+    tokens_per_program = _tokens_per_program(N, BLOCK_N)
     start = split * tokens_per_program
     end = tl.minimum(start + tokens_per_program, N)
 
@@ -80,16 +106,19 @@ def linear_attention_kv_kernel(
     tl.store(ksum_part_ptr + part * PADDED_DIM + d, tl.sum(ksum_rows, axis=0))
 
 
+@triton.autotune(configs=_configs("BLOCK_M"), key=["N", "H", "HEAD_DIM", "q_stride_n"])
 @triton.jit
 def linear_attention_out_kernel(
     q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr,
-    N, H, n_kv_parts, tokens_per_program, eps,
+    N, H, n_kv_parts, eps,
     q_stride_b, q_stride_h, q_stride_n, q_stride_d,
     o_stride_b, o_stride_h, o_stride_n, o_stride_d,
-    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr,
     SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
-    """Grid (B*H, splits). out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this program's slice of tokens.
+    """Grid (B*H, slices), its own slicing of the tokens. out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this
+    program's slice, KV and ksum the sums of the K pass's n_kv_parts partials of (b, h).
 
     SPLIT_KV: run ReLU(Q)·KV on the tensor cores as ReLU(Q)·KV_hi + ReLU(Q)·KV_lo (bf16 parts, fp32
     accumulation), for bf16/fp16 inputs; else one fp32 dot with FP32_PRECISION (fp32 inputs).
@@ -113,6 +142,7 @@ def linear_attention_out_kernel(
 
     q_base = q_ptr + b.to(tl.int64) * q_stride_b + h.to(tl.int64) * q_stride_h
     o_base = out_ptr + b.to(tl.int64) * o_stride_b + h.to(tl.int64) * o_stride_h
+    tokens_per_program = _tokens_per_program(N, BLOCK_M)
     start = split * tokens_per_program
     end = tl.minimum(start + tokens_per_program, N)
     for m0 in range(start, end, BLOCK_M):
