@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dcgen_kernels import _backend
 from dcgen_kernels.ops.glumbconv import _launch_depthwise_glu, depthwise_glu, depthwise_glu_reference, glumbconv, \
-    glumbconv_gated_residual_, glumbconv_reference
+    glumbconv_reference
 from tests.helpers import TOLERANCE, compile_launchers_for_sm90, rel_l2
 
 
@@ -146,76 +146,6 @@ def test_torch_compile_fullgraph():
     x = make_tokens(B=1, H=3, W=4)
     compiled = torch.compile(lambda t: glumbconv(t, 3, 4, *weights) * 2, backend="aot_eager", fullgraph=True)
     assert rel_l2(compiled(x), 2 * glumbconv_reference(x, 3, 4, *weights)) <= TOLERANCE[torch.float32]
-
-
-# ------------------------------------------------------------------------------- glumbconv_gated_residual_
-def gated_residual_fp32(residual, gate, x, H, W, weights):
-    """residual + gate * GLUMBConv(x), all in fp32 (gate (B or 1, 1, C_out))."""
-    ff = glumbconv_reference(x.float(), H, W, *(w.float() for w in weights))
-    return residual.float() + gate.float() * ff
-
-
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gate_batch", [2, 1])
-def test_gated_residual_in_place(backend, dtype, gate_batch):
-    weights = make_weights(24, 72, 16, dtype=dtype)
-    x = make_tokens(B=2, H=5, W=13, C=24, dtype=dtype)
-    residual = make_tokens(B=2, H=5, W=13, C=16, dtype=dtype)
-    gate = (torch.randn(gate_batch, 1, 16) / 2).to(dtype)
-    expected = gated_residual_fp32(residual, gate, x, 5, 13, weights)
-    stock_order = residual + gate * glumbconv_reference(x, 5, 13, *weights)  # stock rounds three times
-    out = glumbconv_gated_residual_(residual, gate, x, 5, 13, *weights, backend=backend)
-    assert out is residual and out.dtype == dtype
-    assert rel_l2(out, expected) <= max(TOLERANCE[dtype], 1e-6)
-    assert rel_l2(out, expected) <= 1.5 * rel_l2(stock_order, expected) + 1e-6
-
-
-def test_gated_residual_in_place_traces_in_torch_compile():
-    weights = make_weights()
-    x, gate = make_tokens(B=1, H=3, W=4), torch.randn(1, 20)
-    expected = gated_residual_fp32(torch.ones(1, 12, 20), gate[:, None], x, 3, 4, weights)
-
-    def block_tail(t):
-        residual = torch.ones(1, 12, 20)  # like the block forward: a tensor it made itself
-        return glumbconv_gated_residual_(residual, gate, t, 3, 4, *weights) * 2
-
-    compiled = torch.compile(block_tail, backend="aot_eager", fullgraph=True)
-    assert rel_l2(compiled(x), 2 * expected) <= TOLERANCE[torch.float32]
-
-
-@pytest.mark.parametrize("call,error,match", [
-    (lambda r, g, x, w: glumbconv_gated_residual_(r.transpose(0, 1), g, x, 7, 9, *w), ValueError,
-     "residual must have shape"),
-    (lambda r, g, x, w: glumbconv_gated_residual_(r.half(), g, x, 7, 9, *w), TypeError, "residual must have dtype"),
-    (lambda r, g, x, w: glumbconv_gated_residual_(r.transpose(1, 2).contiguous().transpose(1, 2), g, x, 7, 9, *w),
-     ValueError, "residual must be contiguous"),
-    (lambda r, g, x, w: glumbconv_gated_residual_(r.requires_grad_(), g, x, 7, 9, *w), ValueError,
-     "residual must not require grad"),
-    (lambda r, g, x, w: glumbconv_gated_residual_(r, g[:, :, :-1], x, 7, 9, *w), ValueError, "gate must have shape"),
-    (lambda r, g, x, w: glumbconv_gated_residual_(r, g, x[..., :-1], 7, 9, *w), ValueError, "inverted_weight must"),
-    (lambda r, g, x, w: glumbconv_gated_residual_(r, g, x, 7, 9, *w, backend="gpu"), ValueError,
-     "backend must be one of"),
-])
-def test_gated_residual_in_place_bad_input(call, error, match):
-    residual, x = make_tokens(), make_tokens()
-    with pytest.raises(error, match=match):
-        call(residual, torch.randn(2, 1, 20), x, make_weights())
-
-
-@pytest.mark.gpu
-def test_gpu_gated_residual_in_place_at_sana_shapes():
-    """SANA-1.6B's Mix-FFN + gated residual at a 64x64 latent: no worse than stock's three roundings."""
-    weights = make_weights(2240, 5600, dtype=torch.bfloat16, device="cuda")
-    x = make_tokens(B=2, H=64, W=64, C=2240, dtype=torch.bfloat16, device="cuda")
-    residual = make_tokens(B=2, H=64, W=64, C=2240, dtype=torch.bfloat16, device="cuda")
-    for gate in (torch.randn(2, 1, 2240, device="cuda") / 2, torch.randn(1, 2240, device="cuda") / 2):
-        expected = gated_residual_fp32(residual, gate.reshape(gate.shape[0], 1, -1), x, 64, 64, weights)
-        stock_order = residual + gate.to(torch.bfloat16).reshape(gate.shape[0], 1, -1) * glumbconv(
-            x, 64, 64, *weights, backend="triton")
-        out = glumbconv_gated_residual_(residual.clone(), gate, x, 64, 64, *weights, backend="triton")
-        assert rel_l2(out, expected) <= 1.2 * rel_l2(stock_order, expected), (rel_l2(out, expected),
-                                                                            rel_l2(stock_order, expected))
 
 
 @pytest.mark.gpu

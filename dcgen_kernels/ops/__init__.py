@@ -8,8 +8,7 @@ from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
 from .flux_attention import flux_attention, flux_attention_reference
 from .fp8_linear import FP8Activation, dequantize_fp8, fp8_linear, fp8_linear_reference, quantize_fp8, \
     quantize_fp8_reference, quantize_weight_fp8
-from .glumbconv import depthwise_glu, depthwise_glu_reference, glumbconv, glumbconv_gated_residual_, \
-    glumbconv_reference
+from .glumbconv import depthwise_glu, depthwise_glu_reference, glumbconv, glumbconv_reference
 from .key_padding_attention import key_padding_attention, key_padding_attention_reference
 from .nvfp4_gemm import nvfp4_gemm, nvfp4_gemm_reference, nvfp4_w4a16_gemm, nvfp4_w4a16_gemm_reference
 from .nvfp4_quantize import dequantize_nvfp4, dequantize_nvfp4_reference, quantize_nvfp4, \
@@ -27,7 +26,7 @@ __all__ = [
     "FP8Activation", "dequantize_fp8", "fp8_linear", "fp8_linear_reference", "quantize_fp8", "quantize_fp8_reference",
     "quantize_weight_fp8",
     "channel_rms_norm", "channel_rms_norm_reference", "flux_attention", "flux_attention_reference", "depthwise_glu", "depthwise_glu_reference", "glumbconv",
-    "glumbconv_gated_residual_", "glumbconv_reference", "key_padding_attention", "key_padding_attention_reference",
+    "glumbconv_reference", "key_padding_attention", "key_padding_attention_reference",
     "nvfp4_gemm", "nvfp4_gemm_reference", "nvfp4_w4a16_gemm", "nvfp4_w4a16_gemm_reference", "dequantize_nvfp4",
     "dequantize_nvfp4_reference", "quantize_nvfp4", "quantize_nvfp4_activations", "quantize_nvfp4_activations_reference",
     "quantize_nvfp4_reference", "patch_embed",

@@ -52,12 +52,11 @@ def tma_alignment_error(name: str, t: torch.Tensor) -> Optional[str]:
     return None
 
 
-def custom_op(name: str, mutates_args: Sequence[str] = ()):
-    """Decorator: `torch.library.custom_op(name, mutates_args=...)` that keeps the Python implementation for
-    call_op."""
+def custom_op(name: str):
+    """Decorator: `torch.library.custom_op(name, mutates_args=())` that keeps the Python implementation for call_op."""
 
     def register(fn: Callable):
-        op = torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
         op.eager_impl = fn
         return op
 

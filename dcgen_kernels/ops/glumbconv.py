@@ -8,13 +8,6 @@ conv with its bias and the gating, and writes the (B, N, hid) input of the secon
 config is autotuned: the first call per (H, W, hid, dtype) times six configs (about a second, plus their one-time
 compilation), so warm a model up before capturing it in a CUDA graph (patch(cuda_graph=True) does).
 
-`glumbconv_gated_residual_` adds `gate * glumbconv(x)` to a DiT block's residual stream in place (SANA's
-`hidden_states + gate_mlp * ff_output`): the gate is folded into the second GEMM's weight rows (a 25 MB pass
-at SANA-1.6B sizes) and the residual is that GEMM's accumulate operand (C += A·B in cuBLAS), so no separate
-pass reads the GEMM output and the residual again (147 MB at a 128x128 latent). Rounding: the gated weight is
-rounded to the weight dtype once and the sum once, where stock rounds the FFN output, the gated product and the
-sum.
-
 Backends (auto order triton -> reference; there is no cuda backend):
 - triton: torch GEMMs around the fused depthwise + GLU kernel; fp32, bf16 and fp16.
 - reference: fp32 torch convs in diffusers' order.
@@ -28,8 +21,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
 
-__all__ = ["depthwise_glu", "depthwise_glu_reference", "glumbconv", "glumbconv_gated_residual_",
-           "glumbconv_reference"]
+__all__ = ["depthwise_glu", "depthwise_glu_reference", "glumbconv", "glumbconv_reference"]
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -121,32 +113,14 @@ def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, con
         depthwise_glu_kernel.fn[grid](*args, **config.kwargs, num_warps=config.num_warps)
 
 
-def _triton_gated_tokens(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias):
-    """(B*N, hid) input of the second GEMM: value * SiLU(gate) of the depthwise conv of SiLU(first GEMM)."""
+def _triton_forward(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight):
     B, N, C = x.shape
     hidden = inverted_weight.shape[0] // 2
     # cuBLASLt fuses the bias; the SiLU is applied by the depthwise kernel as it loads.
     pre = torch.addmm(inverted_bias, x.reshape(B * N, C), inverted_weight.reshape(2 * hidden, C).t())
     gated = torch.empty(B * N, hidden, dtype=x.dtype, device=x.device)
     _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, gated)
-    return gated
-
-
-def _triton_forward(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight):
-    gated = _triton_gated_tokens(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias)
-    return torch.mm(gated, point_weight.reshape(point_weight.shape[0], -1).t()).view(*x.shape[:2], -1)
-
-
-def _triton_gated_residual_(residual, gate, x, height, width, inverted_weight, inverted_bias, depth_weight,
-                            depth_bias, point_weight) -> None:
-    B, N, C_out = residual.shape
-    gated = _triton_gated_tokens(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias)
-    gate = gate.reshape(gate.shape[0], C_out, 1)  # (1 or B, C_out, 1): one factor per weight row
-    gated_weight = point_weight.reshape(1, C_out, -1) * gate.to(point_weight.dtype)
-    if gate.shape[0] == 1:
-        residual.view(B * N, C_out).addmm_(gated, gated_weight[0].t())
-    else:
-        residual.baddbmm_(gated.view(B, N, -1), gated_weight.transpose(1, 2))
+    return torch.mm(gated, point_weight.reshape(-1, hidden).t()).view(B, N, -1)
 
 
 def select_backend(x: torch.Tensor, backend: str) -> str:
@@ -180,29 +154,6 @@ def _(x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight,
 register_reference_autograd(_glumbconv_op, _reference_tensors_first, n_tensor_inputs=6)
 
 
-@custom_op("dcgen::glumbconv_gated_residual_", mutates_args=("residual",))
-def _glumbconv_gated_residual_op(
-    residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, inverted_weight: torch.Tensor,
-    inverted_bias: torch.Tensor, depth_weight: torch.Tensor, depth_bias: torch.Tensor, point_weight: torch.Tensor,
-    height: int, width: int, backend: str,
-) -> None:
-    args = (x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight)
-    if residual.numel() == 0:
-        return
-    if select_backend(x, backend) == "triton":
-        _triton_gated_residual_(residual, gate, *args)
-        return
-    ff = glumbconv_reference(*args).float()  # rounded to x's dtype, as the op's output would be
-    gate = gate.reshape(gate.shape[0], 1, -1).float()
-    residual.copy_(residual.float() + gate * ff)
-
-
-@_glumbconv_gated_residual_op.register_fake
-def _(residual, gate, x, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight, height, width,
-      backend):
-    return None
-
-
 @custom_op("dcgen::depthwise_glu")
 def _depthwise_glu_op(pre: torch.Tensor, depth_weight: torch.Tensor, depth_bias: torch.Tensor, height: int,
                       width: int, backend: str) -> torch.Tensor:
@@ -232,45 +183,6 @@ def depthwise_glu(pre: torch.Tensor, height: int, width: int, depth_weight: torc
     _backend.check_backend_name(backend)
     _validate_depthwise_glu(pre, height, width, depth_weight, depth_bias)
     return call_op(_depthwise_glu_op, pre, depth_weight, depth_bias, height, width, backend)
-
-
-def glumbconv_gated_residual_(
-    residual: torch.Tensor,
-    gate: torch.Tensor,
-    x: torch.Tensor,
-    height: int,
-    width: int,
-    inverted_weight: torch.Tensor,
-    inverted_bias: torch.Tensor,
-    depth_weight: torch.Tensor,
-    depth_bias: torch.Tensor,
-    point_weight: torch.Tensor,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """residual += gate * glumbconv(x, ...) in place; returns residual.
-
-    residual: contiguous (B, N, C_out) in x's dtype, not requiring grad (inference: use `gated_residual` of
-    `glumbconv` to train through it). gate: (B, C_out), (B, 1, C_out), (1, C_out) or (1, 1, C_out), any float
-    dtype, channel stride 1. x and the weights as for `glumbconv`. The sum is computed in fp32 and rounded once;
-    the gate multiplies the second 1x1 conv's weight (rounded to its dtype), see the module docstring.
-    """
-    from .ada_layer_norm import _check_modulation
-
-    _backend.check_backend_name(backend)
-    _validate(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight)
-    out_shape = (*x.shape[:2], point_weight.shape[0])
-    check_tensor("residual", residual, shape=out_shape, dtypes=(x.dtype,), device=x.device)
-    if not residual.is_contiguous():
-        raise ValueError(f"residual must be contiguous (it is the GEMM's accumulate operand), got strides "
-                         f"{residual.stride()}")
-    if residual.requires_grad:
-        raise ValueError("residual must not require grad: the in-place update has no backward (use "
-                         "gated_residual(residual, gate, glumbconv(...)) to train through it)")
-    _check_modulation("gate", gate, residual)
-    call_op(_glumbconv_gated_residual_op, residual, gate, x, inverted_weight, inverted_bias, depth_weight,
-            depth_bias, point_weight, height, width, backend)
-    return residual
 
 
 def glumbconv(

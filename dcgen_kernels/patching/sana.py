@@ -2,8 +2,7 @@
 `GLUMBConv` and the multiscale linear attention.
 
 - SanaTransformerBlock: forward replaced by one using `ada_layer_norm_modulate`, `gated_residual` and
-  `glumbconv` on tokens (no NCHW round trip for the Mix-FFN; in inference its gated residual rides on the
-  second GEMM, `glumbconv_gated_residual_`); SanaModulatedNorm (norm_out) likewise.
+  `glumbconv` on tokens (no NCHW round trip for the Mix-FFN); SanaModulatedNorm (norm_out) likewise.
 - Attention with SanaLinearAttnProcessor2_0 (self-attention): `sana_linear_attention`.
 - Attention with SanaAttnProcessor2_0 (cross-attention): `key_padding_attention`, which keeps SDPA on its
   flash/cuDNN kernels instead of the float-mask path.
@@ -26,7 +25,7 @@ import torch
 from .. import _backend
 from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
                                   gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8)
-from ..ops.glumbconv import depthwise_glu, glumbconv, glumbconv_gated_residual_
+from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
@@ -159,30 +158,12 @@ _OURS = tuple(_PROCESSORS.values())
 def _glumbconv_tokens(ff, tokens, height, width, backend):
     if _quantized_mix_ffn(ff):
         return ff.conv_point.linear(_depthwise_glu(ff, ff.conv_inverted.linear(tokens), height, width, backend))
-    tokens, *weights = _glumbconv_inputs(ff, tokens)
-    return glumbconv(tokens, height, width, *weights, backend=backend)
-
-
-def _glumbconv_inputs(ff, tokens):
-    """(tokens, weights...) of an unquantized GLUMBConv in the dtype its convs run in (autocast's, if on)."""
     weights = (ff.conv_inverted.weight, ff.conv_inverted.bias, ff.conv_depth.weight, ff.conv_depth.bias,
                ff.conv_point.weight)
-    cast = autocast_dtype(tokens)
+    cast = autocast_dtype(tokens)  # the convs it stands for run in the autocast dtype
     if cast is not None:
         tokens, weights = tokens.to(cast), tuple(w.to(cast) for w in weights)
-    return tokens, *weights
-
-
-def _mix_ffn_gated_residual(ff, hidden_states, gate, norm, height, width, backend):
-    """hidden_states + gate * ff(norm); in place into hidden_states (which the block forward created) where the
-    gate can ride on the second GEMM: inference, unquantized Mix-FFN, one dtype."""
-    if not _quantized_mix_ffn(ff):
-        tokens, *weights = _glumbconv_inputs(ff, norm)
-        inference = not torch.is_grad_enabled() or not any(t.requires_grad for t in (hidden_states, tokens, gate,
-                                                                                      *weights))
-        if inference and hidden_states.dtype == tokens.dtype and hidden_states.is_contiguous():
-            return glumbconv_gated_residual_(hidden_states, gate, tokens, height, width, *weights, backend=backend)
-    return gated_residual(hidden_states, gate, _glumbconv_tokens(ff, norm, height, width, backend), backend=backend)
+    return glumbconv(tokens, height, width, *weights, backend=backend)
 
 
 def _quantized_mix_ffn(ff) -> bool:
@@ -239,7 +220,8 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     if fp8_ff:
         gated = _depthwise_glu(self.ff, self.ff.conv_inverted.linear(norm), height, width, backend)
         return self.ff.conv_point.linear(gated, gate=gate_mlp, residual=hidden_states)
-    return _mix_ffn_gated_residual(self.ff, hidden_states, gate_mlp, norm, height, width, backend)
+    ff = _glumbconv_tokens(self.ff, norm, height, width, backend)
+    return gated_residual(hidden_states, gate_mlp, ff, backend=backend)
 
 
 def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
