@@ -17,17 +17,22 @@ import triton
 import triton.language as tl
 
 
-def _configs(block: str):
-    """Token tile x programs per SM (the grid) to time per (N, H, D, token stride): H100, 70 heads x 32, 16384
-    tokens, bf16: (64, 4) was the hand-picked best of a sweep at 74-75% of the copy rate for the pair, the K pass
-    at 72% (run F); tuned (run G), the K pass took (64, 2), the output pass kept (64, 4): 77%. More programs per
-    SM hide more latency, fewer sum fewer partials and leave a shorter tail wave, so both ways are timed. The interpreter takes one config with small tiles (PROGRAMS_PER_SM 0: two slices per
-    (b, h), see the launcher), so the test shapes cover several slices, several tiles per slice and partial
-    tiles."""
+def _configs(block: str, tiles):
+    """(token tile, programs per SM: the grid) pairs to time per (N, H, D, token stride). The interpreter takes
+    one config with small tiles (PROGRAMS_PER_SM 0: two slices per (b, h), see the launcher), so the test shapes
+    cover several slices, several tiles per slice and partial tiles."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({block: 16, "PROGRAMS_PER_SM": 0}, num_warps=4, num_stages=1)]
     return [triton.Config({block: size, "PROGRAMS_PER_SM": per_sm}, num_warps=4, num_stages=3)
-            for size, per_sm in ((64, 4), (64, 8), (64, 2), (64, 1), (128, 4), (128, 2), (128, 1), (32, 8))]
+            for size, per_sm in tiles]
+
+
+# H100 run H (benchmarks/PERF_NOTES.md) tuned each pass over 8 pairs (tiles 32-128, 1-8 programs per SM); these
+# won at SANA's 16384 tokens (token-major) and DC-AE's 16384 and 65536 (channel-first); 4096 and 262144 tokens
+# picked others ((64, 8), (128, 4) / (64, 8)). Two per pass keep the first call's tuning short (each config is
+# one compile). The old fixed (64, 4) for both: 75% of the copy rate at SANA's 16384 tokens; tuned: 77-78%.
+KV_TILES = ((64, 2), (64, 4))
+OUT_TILES = ((64, 4), (128, 2))
 
 
 @triton.jit
@@ -61,7 +66,7 @@ def _tokens_per_program(N, BLOCK: tl.constexpr):
     return tl.cdiv(tl.cdiv(N, BLOCK), tl.num_programs(1)) * BLOCK
 
 
-@triton.autotune(configs=_configs("BLOCK_N"), key=["N", "H", "HEAD_DIM", "k_stride_n"])
+@triton.autotune(configs=_configs("BLOCK_N", KV_TILES), key=["N", "H", "HEAD_DIM", "k_stride_n"])
 @triton.jit
 def linear_attention_kv_kernel(
     k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr,
@@ -106,7 +111,7 @@ def linear_attention_kv_kernel(
     tl.store(ksum_part_ptr + part * PADDED_DIM + d, tl.sum(ksum_rows, axis=0))
 
 
-@triton.autotune(configs=_configs("BLOCK_M"), key=["N", "H", "HEAD_DIM", "q_stride_n"])
+@triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"])
 @triton.jit
 def linear_attention_out_kernel(
     q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr,
