@@ -240,6 +240,196 @@ def test_fake_impl_shapes():
 # --------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("model,B,N,C", [("flux", 1, 4608, 3072), ("sana", 2, 4096, 2240), ("sana", 1, 4099, 2232)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_triton_at_model_shapes(model, B, N, C, dtype):
+    x = activations(B, N, C, dtype=dtype, device="cuda")
+    shift, scale, gate = modulation(model, B=B, C=C, dtype=dtype, device="cuda")
+    out = torch.full((B, N, C), float("nan"), dtype=dtype, device="cuda")
+    ada_layer_norm_modulate_into(x, scale, shift, None, None, 1e-6, out, "triton")
+    assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift)) <= TOLERANCE[dtype] / 2
+    branch = torch.randn(B, N, C, device="cuda").to(dtype)
+    out.fill_(float("nan"))
+    gated_residual_into(x, gate, branch, out, "triton")
+    assert rel_l2(out, gated_residual_reference(x, gate, branch)) <= TOLERANCE[dtype] / 2
+
+
+# --------------------------------------------------------------------------------------------- fp8 output
+@pytest.mark.parametrize("layout", ["flux", "sana", "broadcast"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_modulate_fp8_triton_matches_reference(layout, affine):
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8, ada_layer_norm_modulate_fp8_reference
+
+    x = activations()
+    shift, scale, _ = modulation(layout)
+    weight, bias = (torch.rand(200) + 0.5, torch.randn(200) / 4) if affine else (None, None)
+    got = ada_layer_norm_modulate_fp8(x, scale, shift, norm_weight=weight, norm_bias=bias, backend="triton")
+    q, row_scale = ada_layer_norm_modulate_fp8_reference(x, scale, shift, weight, bias)
+    assert got.data.dtype == torch.float8_e4m3fn and got.data.shape == x.shape and got.dtype == x.dtype
+    assert got.scale.shape == x.shape[:2]
+    # The kernel's fp32 statistics equal F.layer_norm's up to summation order: scales agree to fp32 rounding and
+    # a value sitting on a rounding boundary may land one E4M3 step away, rarely.
+    torch.testing.assert_close(got.scale, row_scale, rtol=1e-6, atol=0)
+    differ = got.data.view(torch.uint8) != q.view(torch.uint8)
+    assert differ.float().mean() < 2e-3
+    assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
+
+
+def test_modulate_fp8_dequantizes_close_to_bf16_op():
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
+
+    x = activations()
+    shift, scale, _ = modulation("flux")
+    got = ada_layer_norm_modulate_fp8(x, scale, shift, backend="triton").dequantize()
+    expected = ada_layer_norm_modulate_reference(x, scale, shift)
+    assert rel_l2(got, expected) < 0.04  # E4M3 keeps 3 mantissa bits: ~2.5% rel-L2 on Gaussian rows
+
+
+def test_modulate_fp8_leaves_bf16_op_unchanged():
+    x = activations()
+    shift, scale, _ = modulation("flux")
+    got = ada_layer_norm_modulate(x, scale, shift, backend="triton")
+    assert got.dtype == x.dtype
+    assert rel_l2(got, ada_layer_norm_modulate_reference(x, scale, shift)) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_modulate_fp8_gpu_matches_reference():
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8, ada_layer_norm_modulate_fp8_reference
+
+    x = activations(N=300, C=3072, device="cuda")
+    shift, scale, _ = modulation("flux", C=3072, device="cuda")
+    got = ada_layer_norm_modulate_fp8(x, scale, shift, backend="triton")
+    q, row_scale = ada_layer_norm_modulate_fp8_reference(x, scale, shift)
+    torch.testing.assert_close(got.scale, row_scale, rtol=1e-5, atol=0)
+    assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
+    assert (got.data.view(torch.uint8) != q.view(torch.uint8)).float().mean() < 2e-3
+
+
+def test_gated_residual_reference_output_is_contiguous_like_the_fake():
+    residual, x = (torch.randn(5, 2, 64).transpose(0, 1) for _ in range(2))  # (B, N, C) views, batch-minor
+    gate = torch.randn(2, 1, 64)
+    torch.library.opcheck(torch.ops.dcgen.gated_residual.default, (residual, gate, x, "reference"),
+                          test_utils=("test_faketensor",))
+
+
+# --------------------------------------------------------------------------------------------- residual + adaLN
+def _gated_modulate_args(layout="sana", dtype=torch.bfloat16, C=200, gated=True):
+    residual, x = activations(C=C, dtype=dtype), activations(C=C, dtype=dtype)
+    shift, scale, gate = modulation(layout, C=C, dtype=dtype)
+    return residual, gate if gated else None, x, scale, shift
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["sana", "flux", "broadcast"])
+def test_gated_modulate_triton_equals_the_two_ops(dtype, layout):
+    """The fused kernel normalises the rounded sum it stores: the same bits as gated_residual then the modulation."""
+    residual, gate, x, scale, shift = _gated_modulate_args(layout, dtype)
+    total, out = gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, backend="triton")
+    expected_total = gated_residual(residual, gate, x, backend="triton")
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    torch.testing.assert_close(out, ada_layer_norm_modulate(expected_total, scale, shift, backend="triton"),
+                               rtol=0, atol=0)
+    ref_total, ref_out = gated_residual_ada_layer_norm_modulate_reference(residual, gate, x, scale, shift)
+    assert rel_l2(total, ref_total) <= max(TOLERANCE[dtype] / 2, 1e-6)
+    assert rel_l2(out, ref_out) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ungated_modulate_triton_matches_reference(dtype):
+    residual, _, x, scale, shift = _gated_modulate_args("sana", dtype, gated=False)
+    weight, bias = torch.rand(200) + 0.5, torch.randn(200) / 4
+    total, out = gated_residual_ada_layer_norm_modulate(residual, None, x, scale, shift, norm_weight=weight,
+                                                        norm_bias=bias, eps=1e-5, backend="triton")
+    ref_total, ref_out = gated_residual_ada_layer_norm_modulate_reference(residual, None, x, scale, shift, weight,
+                                                                          bias, 1e-5)
+    assert total.dtype == out.dtype == dtype and total.is_contiguous() and out.is_contiguous()
+    assert rel_l2(total, ref_total) <= max(TOLERANCE[dtype] / 2, 1e-6)
+    assert rel_l2(out, ref_out) <= max(TOLERANCE[dtype] / 2, 1e-6)
+
+
+def test_gated_modulate_launcher_writes_every_element():
+    """Poisoned outputs at a shape off the row and channel blocks (37 rows, 200 channels)."""
+    from dcgen_kernels.ops.ada_layer_norm import _launch_modulate_triton
+
+    residual, gate, x, scale, shift = _gated_modulate_args("flux", torch.float32)
+    total, out = torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))
+    _launch_modulate_triton(residual, scale, shift, None, None, 1e-6, out, update=x, gate=gate, total=total)
+    ref_total, ref_out = gated_residual_ada_layer_norm_modulate_reference(residual, gate, x, scale, shift)
+    assert rel_l2(total, ref_total) < 1e-6 and rel_l2(out, ref_out) < 1e-6
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_gated_modulate_fp8_equals_the_two_ops(gated):
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
+
+    residual, gate, x, scale, shift = _gated_modulate_args("flux", gated=gated)
+    total, act = gated_residual_ada_layer_norm_modulate_fp8(residual, gate, x, scale, shift, backend="triton")
+    expected_total, _ = gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, backend="triton")
+    expected = ada_layer_norm_modulate_fp8(expected_total, scale, shift, backend="triton")
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    assert act.dtype == residual.dtype and torch.equal(act.data.view(torch.uint8), expected.data.view(torch.uint8))
+    torch.testing.assert_close(act.scale, expected.scale, rtol=0, atol=0)
+
+
+def test_gated_modulate_gradients_match_the_two_ops():
+    residual, gate, x, scale, shift = (t.float().detach().requires_grad_(True)
+                                       for t in _gated_modulate_args("sana", C=64))
+    leaves = [residual, gate, x, scale, shift]
+    weights = torch.randn(2, 37, 64), torch.randn(2, 37, 64)
+
+    def grads(fn):
+        total, out = fn()
+        return torch.autograd.grad((total * weights[0]).sum() + (out * weights[1]).sum(), leaves)
+
+    fused = grads(lambda: gated_residual_ada_layer_norm_modulate(residual, gate, x, scale, shift, backend="triton"))
+    total = gated_residual(residual, gate, x, backend="triton")
+    two = grads(lambda: (total, ada_layer_norm_modulate(total, scale, shift, backend="triton")))
+    assert all(rel_l2(a, b) < 1e-6 for a, b in zip(fused, two))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r[0], g, x, sc, sh), ValueError,
+     "residual must have 3 dimensions"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x[:, :-1], sc, sh), ValueError,
+     "x must have the same shape as residual"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g[..., :5], x, sc, sh), ValueError,
+     "gate must have shape"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x, sc[..., :-1], sh), ValueError,
+     "scale must have shape"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate_fp8(r, g, x, sc, sh, eps=-1.0), ValueError,
+     "eps must be a positive float"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r.int(), g, x, sc, sh), TypeError,
+     "residual must have dtype"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x.to("meta"), sc, sh), ValueError,
+     "x must be on device"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate_fp8(r, g.to("meta"), x, sc, sh), ValueError,
+     "gate must be on device"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x.transpose(1, 2), sc, sh), ValueError,
+     "x must be contiguous in its last dimension"),
+    (lambda r, g, x, sc, sh: gated_residual_ada_layer_norm_modulate(r, g, x, sc, sh, backend="gpu"), ValueError,
+     "backend must be one of"),
+])
+def test_gated_modulate_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*_gated_modulate_args())
+
+
+def test_gated_modulate_traces_in_torch_compile_and_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = [t.float() for t in _gated_modulate_args("flux")]
+    compiled = torch.compile(lambda *a: gated_residual_ada_layer_norm_modulate(*a, backend="triton"),
+                             fullgraph=True, backend="aot_eager")
+    expected = gated_residual_ada_layer_norm_modulate_reference(*args)
+    assert all(rel_l2(a, b) < 1e-6 for a, b in zip(compiled(*args), expected))
+    with FakeTensorMode():
+        total, act = gated_residual_ada_layer_norm_modulate_fp8(*_gated_modulate_args("flux"))
+    assert total.shape == act.data.shape == (2, 37, 200) and act.scale.shape == (2, 37)
+    assert total.dtype == torch.bfloat16 and act.data.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model,B,N,C", [("flux", 1, 4608, 3072), ("sana", 2, 4096, 2240), ("sana", 1, 4099, 2232)])
 def test_gpu_gated_modulate_equals_the_two_ops(model, B, N, C):
     """The sum bit for bit; the normalised rows as accurate as the two ops'. Not bit for bit on a GPU: in H100 run
     F, 69 of 9.1M bf16 outputs differed from the two ops' at C = 2232 (the interpreter is bit-equal)."""
