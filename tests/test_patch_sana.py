@@ -169,3 +169,55 @@ def test_sana_cross_attention_skips_the_division_by_one():
             out = attn(hidden, encoder_hidden_states=text)
     assert attn.rescale_output_factor == 1.0 and 1.0 not in divisors.seen, divisors.seen
     assert rel_l2(out, expected) < 1e-6
+
+
+def _counting_norm1(monkeypatch):
+    from dcgen_kernels.patching import sana
+
+    calls = []
+    norm1 = sana._norm1
+    monkeypatch.setattr(sana, "_norm1", lambda *a: calls.append(1) or norm1(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "reference"), (torch.bfloat16, "triton")])
+def test_sana_blocks_hand_norm1_to_their_successor(monkeypatch, dtype, backend):
+    """In inference each block computes its successor's norm1 with its Mix-FFN residual in one pass: only the first
+    block normalises its own input, and the output is bit-equal to the blocks run apart (the fused op rounds
+    exactly as the two ops, in the interpreter and in the reference)."""
+    from dcgen_kernels.patching import sana
+
+    calls = _counting_norm1(monkeypatch)
+    model, inputs = tiny_sana(dtype=dtype), tiny_sana_inputs(dtype=dtype)
+    dcgen_kernels.patch(model, backend=backend)
+    handed = run_sana(model, inputs)
+    assert len(calls) == 1
+    sana._unlink_blocks(model.transformer_blocks)
+    apart = run_sana(model, inputs)
+    assert len(calls) == 1 + len(model.transformer_blocks) and torch.equal(handed, apart)
+    dcgen_kernels.unpatch(model)
+    assert not any(sana._SUCCESSOR_ATTR in vars(block) for block in model.transformer_blocks)
+    dcgen_kernels.patch(model, backend=backend)  # re-patching links the blocks again
+    assert torch.equal(run_sana(model, inputs), handed) and len(calls) == 2 + len(model.transformer_blocks)
+    model(**inputs)  # grad mode on: every block normalises its own input
+    assert len(calls) == 2 + 2 * len(model.transformer_blocks)
+
+
+def test_sana_successor_normalises_a_changed_input_itself(monkeypatch):
+    """The handed-over rows are used only on the very tensor (and version) and timestep they were made from."""
+    model = tiny_sana()
+    dcgen_kernels.patch(model, backend="reference")
+    calls = _counting_norm1(monkeypatch)
+    first, second = model.transformer_blocks
+    stock = type(second).forward  # diffusers' block forward, for the expected output
+    tokens, step = torch.randn(2, 42, 64), torch.randn(2, 6 * 64)
+    args = dict(encoder_hidden_states=torch.randn(2, 5, 64), height=6, width=7)
+    cases = [(lambda t: t, step, 0), (lambda t: t.clone(), step, 1), (lambda t: t.add_(0.5), step, 1),
+             (lambda t: t, step + 1, 1)]
+    with torch.no_grad():
+        for change, second_step, own_norm1 in cases:
+            x = change(first(tokens, timestep=step, **args))
+            calls.clear()
+            got = second(x, timestep=second_step, **args)
+            assert len(calls) == own_norm1
+            assert rel_l2(got, stock(second, x, timestep=second_step, **args)) < 1e-5
