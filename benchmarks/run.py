@@ -520,7 +520,8 @@ def dcgen_tables(report: dict, ran: set) -> list:
         step = rec.get("flux_step", {})
         lines.append(f"  FLUX-12B step, {step.get('image_tokens')} image tokens ('_graph': patch(cuda_graph=True))\n"
                      f"    {'variant':<22}{'ms':>9}{'x stock':>9}{'weights GiB':>12}{'rel-L2':>9}{'check':>7}")
-        for name in ("stock", "patched", "patched_graph", "patched_fp8", "patched_fp8_graph", "patched_nvfp4"):
+        for name in ("stock", "patched", "patched_graph", "patched_fp8", "patched_fp8_graph", "patched_nvfp4",
+                     "patched_nvfp4_graph"):
             v = step.get(name)
             if isinstance(v, dict):
                 frac = v.get("fraction_of_stock")
