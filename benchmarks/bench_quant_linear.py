@@ -241,7 +241,8 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, producer: st
 # fp8 first (the Hopper target), nvfp4 last: its offline SVDs of 418 weights take the longest to set up.
 # (name, quant, cuda_graph): the *_graph variants replay the step as a CUDA graph (patch(cuda_graph=True)).
 STEP_VARIANTS = (("patched_fp8", "fp8", False), ("patched_fp8_graph", "fp8", True), ("patched", None, False),
-                 ("patched_graph", None, True), ("patched_nvfp4", "nvfp4", False), ("patched_nvfp4_graph", "nvfp4", True))
+                 ("patched_graph", None, True), ("patched_nvfp4", "nvfp4", False),
+                 ("patched_nvfp4_graph", "nvfp4", True))
 # Seconds a step variant needs at least on an H100 (quantize or patch, Triton JIT, 8 steps); with less left of the
 # run's budget it is recorded as skipped rather than killed with the suite.
 STEP_VARIANT_MIN_S = {"stock": 30, "patched_fp8": 25, "patched_fp8_graph": 25, "patched": 20, "patched_graph": 20,
