@@ -102,6 +102,20 @@ def test_plan_is_cached_per_mask_object(monkeypatch):
     assert len(calls) == 3
 
 
+def test_inference_mode_masks_are_planned_per_call(monkeypatch):
+    """A mask made under torch.inference_mode has no version counter: an in-place edit must still be seen."""
+    calls = []
+    plan = kpa_module._plan
+    monkeypatch.setattr(kpa_module, "_plan", lambda mask: calls.append(1) or plan(mask))
+    q, k, v = qkv()
+    with torch.inference_mode():
+        mask = sana_bias(prefix(7, 7))
+        key_padding_attention(q, k, v, mask)
+        mask[1, 0, 6] = -10000.0
+        out = key_padding_attention(q, k, v, mask)
+    assert len(calls) == 2 and rel_l2(out, key_padding_attention_reference(q, k, v, mask)) < 1e-6
+
+
 def test_capture_runs_the_masked_call_without_a_host_plan(monkeypatch):
     """A CUDA graph replays with other masks than the captured one: no host plan may be baked into it."""
     monkeypatch.setattr(kpa_module, "_capturing", lambda t: True)

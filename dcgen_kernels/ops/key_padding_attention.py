@@ -10,7 +10,9 @@ are all padded gets the same shift on every logit, i.e. plain attention over all
 mask that is not a padding mask (entries other than 0 and <= -1000), run diffusers' masked call unchanged.
 
 The plan needs the mask's content on the host: one device sync per distinct mask. It is cached for the last
-mask object seen (unmodified), so the 20 SANA blocks of one step share it. Under torch.compile tracing and
+mask object seen (unmodified), so the 20 SANA blocks of one step share it; not for a mask made under
+torch.inference_mode, which has no version counter to tell an in-place change (one sync per call there; diffusers'
+pipelines run under torch.no_grad). Under torch.compile tracing and
 during a CUDA graph capture the plan is skipped and diffusers' masked call runs instead: data-dependent shapes
 would break a compiled graph, and a captured graph replays with other masks than the one it was captured with.
 """
@@ -107,6 +109,8 @@ _cache: dict = {}
 
 def _cached_plan(attn_mask: torch.Tensor) -> _Plan:
     """The plan of the last mask seen, while that very tensor is alive and unmodified."""
+    if attn_mask.is_inference():  # no version counter: an in-place change could not be seen
+        return _plan(attn_mask)
     ref, version, plan = _cache.get("last", (None, None, None))
     if ref is not None and ref() is attn_mask and version == attn_mask._version:
         return plan

@@ -223,7 +223,7 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
         gated = _depthwise_glu(self.ff, self.ff.conv_inverted.linear(norm), height, width, backend)
         return self.ff.conv_point.linear(gated, gate=gate_mlp, residual=hidden_states)
     ff = _glumbconv_tokens(self.ff, norm, height, width, backend)
-    successor = _successor_taking_norm1(self, hidden_states, ff)
+    successor = _successor_taking_norm1(self, hidden_states, ff, timestep)
     if successor is None:
         return gated_residual(hidden_states, gate_mlp, ff, backend=backend)
     return _hand_over_norm1(successor, hidden_states, gate_mlp, ff, timestep, backend)
@@ -243,17 +243,21 @@ def _norm1(block, hidden_states, scale, shift, backend):
 # without reading the sum back; ~0.033 ms per block pair at a 128x128 SANA-1.6B latent by run F's op timings).
 # The model calls the blocks one by one, so the block hands the rows to its successor, which takes them only if
 # it is called next on exactly that sum (same tensor object and version) and the same timestep; else it
-# normalises its input itself. Inference only (no grad, not compiling): autograd and graph capture by dynamo see
-# the plain ops.
+# normalises its input itself. Only without grad and outside torch.compile (autograd and dynamo see the plain
+# ops), and not under torch.inference_mode (its tensors carry no version counter; diffusers' pipelines run under
+# torch.no_grad).
 _SUCCESSOR_ATTR = "_dcgen_successor"  # the next SanaTransformerBlock of the same ModuleList (a plain attribute)
 _HANDED_OVER_ATTR = "_dcgen_handed_over_norm1"
 
 
-def _successor_taking_norm1(block, hidden_states, ff):
+def _successor_taking_norm1(block, hidden_states, ff, timestep):
     successor = block.__dict__.get(_SUCCESSOR_ATTR)
     if successor is None or getattr(successor.forward, "__func__", None) is not _sana_block_forward:
         return None
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or ff.dtype != hidden_states.dtype:
+        return None
+    # Inference tensors have no version counter: an in-place change between the blocks would go unseen.
+    if torch.is_inference_mode_enabled() or hidden_states.is_inference() or timestep.is_inference():
         return None
     return successor
 
