@@ -94,6 +94,16 @@ def tiny_sana_inputs(in_channels=8, height=6, width=7, text_tokens=5, dtype=torc
     )
 
 
+def add_lora(model, targets, seed=0):
+    """peft LoRA adapters (rank 4) with random non-zero weights on `targets`, in place, as a trained and unmerged
+    adapter leaves them (peft's default init makes them add zero); returns the model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False),
+                                   model)
+
+
 def tiny_dcae(dtype=torch.float32, device="cpu"):
     """DC-AE with both block kinds (ResBlock and EfficientViTBlock), RMSNorm, multiscale attention."""
     from diffusers import AutoencoderDC

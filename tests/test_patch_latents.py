@@ -8,7 +8,7 @@ import torch
 import dcgen_kernels
 from dcgen_kernels.patching import latents
 from dcgen_kernels.dcgen import latent_image_ids, pack_latents, unpack_latents
-from tests.helpers import rel_l2, tiny_flux, tiny_flux_inputs, tiny_sana_inputs, tiny_sana_patched_latents
+from tests.helpers import add_lora, rel_l2, tiny_flux, tiny_flux_inputs, tiny_sana_inputs, tiny_sana_patched_latents
 
 pytest.importorskip("diffusers")
 
@@ -153,6 +153,26 @@ def test_flux_non_linear_embedder_is_skipped_with_reason():
     assert ("", "latents", "x_embedder is Sequential, not a plain torch.nn.Linear") in report.skipped
 
 
+@pytest.mark.parametrize("return_dict", [False, True])
+@pytest.mark.parametrize("target", ["x_embedder", "proj_out"])
+def test_flux_adapter_added_after_patch_runs_stock_on_packed_latents(target, return_dict):
+    # peft replaces the patched Linear by its LoRA layer: the model can no longer hand it the latent itself
+    model, inputs, latent = flux_case(2)
+    dcgen_kernels.patch(model, backend="reference")
+    add_lora(model, [target])
+    inputs["return_dict"] = return_dict
+    dcgen_kernels._backend._warned.clear()
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=f"x_embedder / proj_out runs diffusers' code because {target} is now "
+                                                f"peft"):
+            got = model(**{**inputs, "hidden_states": latent})
+        got = got.sample if return_dict else got[0]
+        expected = unpack_latents(flux_forward(dcgen_kernels.unpatch(model), {**inputs, "return_dict": False},
+                                               inputs["hidden_states"]), *latent.shape[2:], 2)
+    assert got.shape == latent.shape
+    assert rel_l2(got, expected) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------- SANA
 SANA_CASES = [(1, None, 6, 7), (2, None, 6, 10), (2, 1, 8, 8), (1, 1, 6, 4)]  # (p, interpolation_scale, h, w)
 
@@ -192,6 +212,21 @@ def test_sana_gradients_flow_and_equal_stock():
     for n in names:
         assert rel_l2(got[n], expected[n]) < 1e-4, n
     assert rel_l2(got_x, expected_x) < 1e-4
+
+
+@pytest.mark.parametrize("target,where", [("patch_embed.proj", "patch_embed"), ("proj_out", "proj_out")])
+def test_sana_adapter_added_after_patch_is_applied(target, where):
+    model, inputs = tiny_sana_patched_latents(patch_size=2), tiny_sana_inputs(height=6, width=10)
+    with torch.no_grad():
+        without_adapter = model(**inputs)[0]
+        dcgen_kernels.patch(model, backend="reference")
+        add_lora(model, [target])
+        dcgen_kernels._backend._warned.clear()
+        with pytest.warns(RuntimeWarning, match=f"SANA's {where} runs diffusers' code because {target}"):
+            got = model(**inputs)[0]
+        expected = dcgen_kernels.unpatch(model)(**inputs)[0]
+    assert rel_l2(expected, without_adapter) > 1e-3
+    assert rel_l2(got, expected) < 1e-5
 
 
 def test_sana_report_unpatch_and_state_dict():

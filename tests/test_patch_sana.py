@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import dcgen_kernels
-from tests.helpers import TOLERANCE, assert_patch_keeps_gradients, rel_l2, tiny_dcae, tiny_sana, tiny_sana_inputs
+from tests.helpers import (TOLERANCE, add_lora, assert_patch_keeps_gradients, rel_l2, tiny_dcae, tiny_sana,
+                           tiny_sana_inputs)
 
 
 def run_sana(model, inputs):
@@ -129,6 +130,36 @@ def test_dcae_decode_patched_triton_bf16_close_to_fp32_stock():
         warnings.simplefilter("error")
         patched_error = rel_l2(decode(model, latent.bfloat16()), expected)
     assert patched_error <= max(1.5 * stock_error, 2 * TOLERANCE[torch.bfloat16]), (patched_error, stock_error)
+
+
+# The DC-Gen LoRA stage adapts SANA's Mix-FFN 1x1 convs (dcgen.lora_target_modules); DC-AE's GLUMBConv is the same
+# module. The fused Mix-FFN reads the conv weights, so an unmerged adapter must send it back to diffusers' code.
+_MIX_FFN_CASES = {
+    "sana": (tiny_sana, tiny_sana_inputs, run_sana, "SANA's Mix-FFN \\(GLUMBConv\\)"),
+    "dcae": (tiny_dcae, lambda: torch.randn(1, 8, 5, 6), decode, "GLUMBConv"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_MIX_FFN_CASES))
+@pytest.mark.parametrize("adapters_first", [True, False])
+@pytest.mark.parametrize("target", ["conv_inverted", "conv_point"])
+def test_lora_adapters_on_the_mix_ffn_convs_are_applied(family, adapters_first, target):
+    make, make_inputs, run, where = _MIX_FFN_CASES[family]
+    model, inputs = make(), make_inputs()
+    without_adapter = run(model, inputs)
+    if adapters_first:
+        expected = run(add_lora(model, [target]), inputs)
+        dcgen_kernels.patch(model, backend="reference")
+    else:
+        dcgen_kernels.patch(model, backend="reference")
+        add_lora(model, [target])  # peft wraps the convs of the patched model
+    dcgen_kernels._backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match=f"{where} runs diffusers' code because {target} is peft"):
+        got = run(model, inputs)
+    if not adapters_first:
+        expected = run(dcgen_kernels.unpatch(model), inputs)
+    assert rel_l2(expected, without_adapter) > 1e-3  # the adapter changes the output: the check below can fail
+    assert rel_l2(got, expected) < 1e-5
 
 
 @pytest.mark.gpu

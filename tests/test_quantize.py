@@ -17,7 +17,7 @@ from dcgen_kernels.ops.glumbconv import glumbconv_reference
 from dcgen_kernels.patching.quant import QuantizedPointwiseConv, quant_report
 from dcgen_kernels.patching.sana import _glumbconv_tokens
 from dcgen_kernels.quant import FP8Linear
-from tests.helpers import rel_l2, tiny_dcae, tiny_flux, tiny_flux_inputs, tiny_sana, tiny_sana_inputs
+from tests.helpers import add_lora, rel_l2, tiny_dcae, tiny_flux, tiny_flux_inputs, tiny_sana, tiny_sana_inputs
 
 MODEL_TOL = 0.05
 SANA_NVFP4_TOL = 0.10
@@ -139,6 +139,21 @@ def test_bad_quant_name_and_unsupported_model():
     assert type(model.transformer_blocks[0].attn.to_q) is torch.nn.Linear
     with pytest.raises(ValueError, match="no transformer-block nn.Linear"):
         dcgen_kernels.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)), quant="fp8")
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("make,targets", [(tiny_flux, ["to_q", "proj_mlp"]), (tiny_sana, ["conv_inverted"])])
+def test_unmerged_lora_adapters_are_refused_before_anything_changes(make, targets, quant):
+    model = add_lora(make(), targets)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="carry peft adapters \\(LoRA\\). Merge them"):
+        dcgen_kernels.patch(model, quant=quant, backend="reference")
+    with pytest.raises(ValueError, match="carry peft adapters"):
+        dcgen_kernels.quantize(model, quant=quant, backend="reference")
+    assert not dcgen_kernels.is_patched(model) and quant_report(model) is None
+    assert not any("forward" in vars(m) for m in model.modules())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 # --------------------------------------------------------------------------------------------- save / load

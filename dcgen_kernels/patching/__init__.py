@@ -85,6 +85,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         if not _quant.block_linears(model) and _quant.current_quant(model) is None:
             raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "
                              f"{type(model).__name__}; quantization supports FLUX and SANA transformers")
+        _quant.check_no_adapters(model)
         if not _quant.can_restore(model):
             raise ValueError(f"{type(model).__name__} is already quantized to {_quant.current_quant(model)} without "
                              f"keep_original=True; it cannot be re-quantized to {quant!r}. Reload the model.")

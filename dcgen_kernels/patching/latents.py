@@ -13,11 +13,13 @@ reshape/permute/reshape are free views. SANA orders head features (i, j, c), FLU
 weight rows are permuted per call (a copy of C*4 x D elements).
 
 The model's forward learns the latent grid and hands it to its `proj_out` for the duration of the call (the
-Linear alone only sees tokens). Per instance; parameters and state_dict untouched; `unpatch` restores all.
+Linear alone only sees tokens). When peft has wrapped the embedder or head since patch() (a LoRA adapter), the call
+runs diffusers' code instead (FLUX: on the packed latent, its output unpacked), with a one-time warning. Per instance; parameters and state_dict untouched; `unpatch` restores all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Optional
 
@@ -27,7 +29,7 @@ from .. import _backend
 from ..ops._common import FLOAT_DTYPES
 from ..ops.patch_embed import PATCH_SIZES, patch_embed, patch_unembed
 from . import cuda_graph
-from ._instance import autocast_dtype
+from ._instance import autocast_dtype, not_plain, warn_unfused
 
 FAMILY = "latents"
 SUPPORTED = ("FluxTransformer2DModel (unpacked (B, C, h, w) latents) / SanaTransformer2DModel: x_embedder|"
@@ -139,7 +141,27 @@ def _flux_model_forward(self, hidden_states, *args, **kwargs):
         raise ValueError(f"img_ids must have one row per image token: a {height}x{width} latent with patch_size {p} "
                          f"has {tokens} tokens, got img_ids {got} (build them with "
                          f"dcgen_kernels.dcgen.latent_image_ids({height}, {width}, {p}))")
+    reason = _unpatched_child_reason(self, "x_embedder", "proj_out")
+    if reason is not None:  # the stock model on packed tokens, its output unpacked as the patched path returns it
+        from ..ops.patch_embed import _pack, _unpack
+
+        warn_unfused("FLUX's x_embedder / proj_out", reason)
+        output = type(self).forward(self, _pack(hidden_states, p), *args, **kwargs)
+        if isinstance(output, tuple):
+            return (_unpack(output[0], p, height, width), *output[1:])
+        return dataclasses.replace(output, sample=_unpack(output.sample, p, height, width))
     return _call_with_grid(self, (p, height, width), hidden_states, *args, **kwargs)
+
+
+def _unpatched_child_reason(model, *names: str) -> Optional[str]:
+    """Why the model's patched forward cannot hand these children the latent (grid) on this call: one is no longer
+    the module patch() replaced (peft wraps it when adapters are added afterwards), else None."""
+    for name in names:
+        module = getattr(model, name)
+        if _STATE_ATTR not in module.__dict__:
+            kind = type(module)
+            return f"{name} is now {kind.__module__}.{kind.__qualname__}, not the module patch() replaced"
+    return None
 
 
 def _flux_skip_reason(model) -> Optional[str]:
@@ -170,6 +192,10 @@ def _sana_embed_forward(self, latent):
     conv = self.proj
     if latent.dim() != 4 or latent.shape[-2] % self.patch_size or latent.shape[-1] % self.patch_size:
         return type(self).forward(self, latent)  # stock crops a ragged latent: keep it
+    reason = not_plain({"patch_embed.proj": conv}, torch.nn.Conv2d)
+    if reason is not None:
+        warn_unfused("SANA's patch_embed", reason)
+        return type(self).forward(self, latent)
     operands = _fusable_operands(latent, conv.weight.flatten(1), conv.bias)  # (D, C, p, p) -> (D, C*p*p)
     if operands is None:
         return type(self).forward(self, latent)
@@ -185,6 +211,10 @@ def _sana_model_forward(self, hidden_states, *args, **kwargs):
     p = self.config.patch_size
     if not (isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4) or hidden_states.shape[-2] % p \
             or hidden_states.shape[-1] % p:  # stock crops a ragged latent: keep it
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    reason = _unpatched_child_reason(self, "proj_out")
+    if reason is not None:  # stock's head and unpatchify
+        warn_unfused("SANA's proj_out", reason)
         return type(self).forward(self, hidden_states, *args, **kwargs)
     return _call_with_grid(self, (p, hidden_states.shape[-2], hidden_states.shape[-1]), hidden_states, *args,
                            **kwargs)

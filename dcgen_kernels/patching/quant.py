@@ -148,6 +148,24 @@ def block_linears(model: torch.nn.Module) -> list:
     return found
 
 
+def check_no_adapters(model: torch.nn.Module) -> None:
+    """Quantization replaces block layers by type: inside a peft adapter layer it would quantize the base layer and
+    the adapter's own small linears apart and hand them each other's activations. Raise instead."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft there are no peft adapters
+        return
+    blocks = _block_classes()
+    adapted = [f"{block_name}.{name}" for block_name, block in model.named_modules()
+               if blocks and isinstance(block, blocks)
+               for name, module in block.named_modules() if isinstance(module, BaseTunerLayer)]
+    if adapted:
+        more = f" and {len(adapted) - 3} more" if len(adapted) > 3 else ""
+        raise ValueError(f"dcgen_kernels cannot quantize {type(model).__name__}: {', '.join(adapted[:3])}{more} carry "
+                         f"peft adapters (LoRA). Merge them into the base weights first "
+                         f"(dcgen_kernels.dcgen.merge_lora(transformer), or peft's merge_and_unload())")
+
+
 def current_quant(model: torch.nn.Module) -> Optional[str]:
     report = getattr(model, _REPORT_ATTR, None)
     return report.quant if report is not None else None
@@ -197,7 +215,8 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
     are the same either way. keep_original: keep the 16-bit linears so `restore` / `dcgen_kernels.unpatch` can
     undo it (costs their memory).
     Quantizing an already quantized model to the same format only switches the backend; to another format it
-    needs the kept originals. Raises ValueError for an unknown format or a model without block linears.
+    needs the kept originals. Raises ValueError for an unknown format, a model without block linears or block
+    layers that carry peft adapters (merge them first).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}")
@@ -218,6 +237,7 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
             if quant == "nvfp4":
                 module.activations = report.activations = activations
         return model
+    check_no_adapters(model)
     if existing is not None:
         restore(model)  # raises when the originals were not kept
     linears = block_linears(model)

@@ -10,7 +10,9 @@
 - Attention with SanaAttnProcessor2_0 (cross-attention): `key_padding_attention`, which keeps SDPA on its
   flash/cuDNN kernels instead of the float-mask path.
 - SanaMultiscaleLinearAttention: `sana_multiscale_linear_attention` for its linear branch.
-- GLUMBConv: forward replaced by `glumbconv` (+ its RMSNorm and residual when configured).
+- GLUMBConv: forward replaced by `glumbconv` (+ its RMSNorm and residual when configured). The fused Mix-FFN reads
+  the convs' weights, so on a call where one is not a plain nn.Conv2d (peft wraps it for a LoRA adapter, e.g. the
+  DC-Gen `lora` stage's) it runs diffusers' code instead, with a one-time warning.
 
 Quantized blocks (patch(model, quant="fp8" | "nvfp4")): GLUMBConv's 1x1 convs become `QuantizedPointwiseConv`
 (patching/quant.py) and the Mix-FFN runs quantized GEMM -> glumbconv's depthwise + GLU Triton kernel (16-bit, the
@@ -33,7 +35,7 @@ from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
-from ._instance import autocast_dtype, backend_of, replace_forward, restore_forward
+from ._instance import autocast_dtype, backend_of, not_plain, replace_forward, restore_forward, warn_unfused
 from .quant import QuantizedPointwiseConv
 
 FAMILY = "sana"
@@ -170,6 +172,14 @@ def _glumbconv_tokens(ff, tokens, height, width, backend):
     return glumbconv(tokens, height, width, *weights, backend=backend)
 
 
+def _mix_ffn_unfused_reason(ff) -> Optional[str]:
+    """Why the fused Mix-FFN cannot read its convs' weights on this call (see `not_plain`), or None."""
+    convs = {"conv_depth": ff.conv_depth}
+    if not _quantized_mix_ffn(ff):  # quantized 1x1 convs are called as modules
+        convs.update(conv_inverted=ff.conv_inverted, conv_point=ff.conv_point)
+    return not_plain(convs, torch.nn.Conv2d)
+
+
 def _quantized_mix_ffn(ff) -> bool:
     return isinstance(ff.conv_inverted, QuantizedPointwiseConv) and isinstance(ff.conv_point, QuantizedPointwiseConv)
 
@@ -206,7 +216,8 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     if norm is None:
         norm = _norm1(self, hidden_states, scale_msa, shift_msa, backend)
     hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm), backend=backend)
-    fp8_ff = _fp8_mix_ffn(self.ff)
+    unfused_ff = _mix_ffn_unfused_reason(self.ff)
+    fp8_ff = unfused_ff is None and _fp8_mix_ffn(self.ff)
     norm_backend = _quantize_backend(backend) if fp8_ff else backend
     cross = None if self.attn2 is None else self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                                        attention_mask=encoder_attention_mask)
@@ -222,7 +233,12 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     if fp8_ff:
         gated = _depthwise_glu(self.ff, self.ff.conv_inverted.linear(norm), height, width, backend)
         return self.ff.conv_point.linear(gated, gate=gate_mlp, residual=hidden_states)
-    ff = _glumbconv_tokens(self.ff, norm, height, width, backend)
+    if unfused_ff is None:
+        ff = _glumbconv_tokens(self.ff, norm, height, width, backend)
+    else:  # stock's Mix-FFN call, on the NCHW view of the tokens
+        warn_unfused("SANA's Mix-FFN (GLUMBConv)", unfused_ff)
+        ff = type(self.ff).forward(self.ff, norm.unflatten(1, (height, width)).permute(0, 3, 1, 2))
+        ff = ff.flatten(2, 3).permute(0, 2, 1)
     successor = _successor_taking_norm1(self, hidden_states, ff, timestep)
     if successor is None:
         return gated_residual(hidden_states, gate_mlp, ff, backend=backend)
@@ -314,6 +330,10 @@ def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
 
 def _glumbconv_forward(self, hidden_states):
     """GLUMBConv on an NCHW map: tokens are its channels-last view (a copy unless already channels_last)."""
+    reason = _mix_ffn_unfused_reason(self)
+    if reason is not None:
+        warn_unfused("GLUMBConv", reason)
+        return type(self).forward(self, hidden_states)
     batch, channels, height, width = hidden_states.shape
     tokens = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
     out = _glumbconv_tokens(self, tokens, height, width, backend_of(self))
