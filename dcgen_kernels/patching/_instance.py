@@ -1,4 +1,9 @@
-"""Per-instance forward replacement: the diffusers classes themselves are never modified."""
+"""Per-instance forward replacement: the diffusers classes themselves are never modified.
+
+Hooks also wrap an instance's forward: diffusers' (`enable_cache`, group offloading, layerwise casting) and
+accelerate's (CPU offload, device maps) keep the forward they wrap in an attribute and put a wrapper in
+`module.forward`. A patched forward takes the place of that innermost forward, whether the hooks came before or
+after patch(), so the hooks keep wrapping it, and unpatch() or removing the hooks leaves the other intact."""
 
 from __future__ import annotations
 
@@ -13,18 +18,48 @@ from ..ops._common import FLOAT_DTYPES
 _BACKEND_ATTR = "_dcgen_backend"
 
 
+def _own_forward_slot(module: torch.nn.Module):
+    """(holder, attribute name) of the module's own forward: the one hook wrappers end in (a method bound to the
+    module, where wrappers are partials), else the module's `forward`."""
+    slots = [(module, "_old_forward")]  # accelerate's add_hook_to_module
+    references = getattr(module.__dict__.get("_diffusers_hook"), "_fn_refs", None)  # diffusers' HookRegistry
+    if references:
+        innermost = references[0]  # a hook with its own new_forward calls original_forward
+        slots.append((innermost, "forward" if getattr(innermost, "original_forward", None) is None
+                      else "original_forward"))
+    for holder, name in slots:
+        held = vars(holder).get(name)
+        if isinstance(held, types.MethodType) and held.__self__ is module:
+            return holder, name
+    return module, "forward"
+
+
+def set_own_forward(module: torch.nn.Module, forward) -> None:
+    """Make `forward` (an unbound function of the module) this instance's own forward."""
+    setattr(*_own_forward_slot(module), types.MethodType(forward, module))
+
+
+def reset_own_forward(module: torch.nn.Module) -> None:
+    """The class's forward again, where set_own_forward put another."""
+    holder, name = _own_forward_slot(module)
+    if holder is module and name == "forward":
+        module.__dict__.pop("forward", None)
+    else:
+        setattr(holder, name, types.MethodType(type(module).forward, module))
+
+
 def replace_forward(module: torch.nn.Module, forward, backend: str) -> None:
     """Shadow the class's forward with `forward` bound to this instance (idempotent: re-patching updates the
     backend only)."""
     if _BACKEND_ATTR not in module.__dict__:
-        module.forward = types.MethodType(forward, module)
+        set_own_forward(module, forward)
     setattr(module, _BACKEND_ATTR, backend)
 
 
 def restore_forward(module: torch.nn.Module) -> bool:
     if _BACKEND_ATTR not in module.__dict__:
         return False
-    del module.forward
+    reset_own_forward(module)
     delattr(module, _BACKEND_ATTR)
     return True
 
@@ -34,20 +69,36 @@ def backend_of(module: torch.nn.Module) -> str:
 
 
 def not_plain(modules: dict, cls: type) -> Optional[str]:
-    """Why fused code cannot read these modules' weights itself: the first of {name: module} whose type is not
-    exactly `cls` (a peft LoRA layer, say, whose forward adds to what its weights give), else None. Patched
-    forwards check per call: adapters can be added after patch()."""
+    """Why fused code cannot read these modules' weights itself instead of calling them: the first of {name: module}
+    that is not exactly `cls` (a peft LoRA layer adds to what its weights give) or has forward hooks (diffusers'
+    layerwise casting and group offloading, accelerate's offloading: they ready the weights as the module is called;
+    a user's hooks would not run), else None. Patched forwards check per call: both can come after patch()."""
     for name, module in modules.items():
         if type(module) is not cls:
             kind = type(module)
             return f"{name} is {kind.__module__}.{kind.__qualname__}, not a plain {cls.__qualname__}"
+        hooks = _forward_hooks(module)
+        if hooks is not None:
+            return f"{name} has {hooks}"
+    return None
+
+
+def _forward_hooks(module: torch.nn.Module) -> Optional[str]:
+    registry = module.__dict__.get("_diffusers_hook")
+    if getattr(registry, "hooks", None):
+        return f"diffusers hooks ({', '.join(registry.hooks)})"
+    if "_hf_hook" in module.__dict__:
+        return f"an accelerate hook ({type(module.__dict__['_hf_hook']).__name__})"
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "torch forward hooks"
     return None
 
 
 def warn_unfused(where: str, reason: str) -> None:
     _backend.warn_once(f"unfused:{where}:{reason}",
-                       f"dcgen_kernels: {where} runs diffusers' code because {reason}; merging adapters into the "
-                       f"weights (peft merge_and_unload, dcgen_kernels.dcgen.merge_lora) brings the fused ops back")
+                       f"dcgen_kernels: {where} runs diffusers' code because {reason} (the fused op reads the weights "
+                       f"itself; LoRA adapters merged into the weights, e.g. by dcgen_kernels.dcgen.merge_lora, let it "
+                       f"run)")
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:

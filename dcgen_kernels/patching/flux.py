@@ -23,7 +23,7 @@ from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modula
 from ..ops.flux_attention import flux_attention
 from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
-from ._instance import backend_of, replace_forward, restore_forward
+from ._instance import backend_of, not_plain, replace_forward, restore_forward
 
 FAMILY = "flux"
 SUPPORTED = ("FluxTransformer2DModel: FluxAttention with FluxAttnProcessor, AdaLayerNormZero/ZeroSingle/Continuous, "
@@ -168,11 +168,12 @@ def _fp8_ffn(ff) -> bool:
 
 
 def _gelu_tanh_linear(linear, x):
-    """gelu_tanh(linear(x)). For a plain nn.Linear with bias on a GPU, in 16 bits and without gradients: one
-    cuBLASLt GEMM with the bias and the GELU in its epilogue (torch._addmm_activation, whose GELU on CUDA is the tanh
-    form, applied to the fp32 accumulator: rounded once where stock rounds twice), instead of a separate GELU pass
-    over FLUX's 12288-wide MLP activations. Otherwise stock's two ops (on the CPU _addmm_activation's GELU is erf)."""
-    fused = (type(linear) is torch.nn.Linear and linear.bias is not None and x.is_cuda
+    """gelu_tanh(linear(x)). For a plain nn.Linear (no adapter, no hooks) with bias on a GPU, in 16 bits and without
+    gradients: one cuBLASLt GEMM with the bias and the GELU in its epilogue (torch._addmm_activation, whose GELU on
+    CUDA is the tanh form, applied to the fp32 accumulator: rounded once where stock rounds twice), instead of a
+    separate GELU pass over FLUX's 12288-wide MLP activations. Otherwise stock's two ops (on the CPU
+    _addmm_activation's GELU is erf)."""
+    fused = (not_plain({"ff.net.0.proj": linear}, torch.nn.Linear) is None and linear.bias is not None and x.is_cuda
              and x.dtype in (torch.bfloat16, torch.float16) and linear.weight.dtype == linear.bias.dtype == x.dtype
              and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad
                                                    or linear.bias.requires_grad)))

@@ -13,14 +13,15 @@ reshape/permute/reshape are free views. SANA orders head features (i, j, c), FLU
 weight rows are permuted per call (a copy of C*4 x D elements).
 
 The model's forward learns the latent grid and hands it to its `proj_out` for the duration of the call (the
-Linear alone only sees tokens). When peft has wrapped the embedder or head since patch() (a LoRA adapter), the call
-runs diffusers' code instead (FLUX: on the packed latent, its output unpacked), with a one-time warning. Per instance; parameters and state_dict untouched; `unpatch` restores all.
+Linear alone only sees tokens). When peft has wrapped the embedder or head since patch() (a LoRA adapter), or
+SANA's embedder conv is wrapped or hooked, the call runs diffusers' code instead (FLUX: on the packed latent, its
+output unpacked), with a one-time warning. Per instance; parameters and state_dict untouched; `unpatch` restores
+all.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ from .. import _backend
 from ..ops._common import FLOAT_DTYPES
 from ..ops.patch_embed import PATCH_SIZES, patch_embed, patch_unembed
 from . import cuda_graph
-from ._instance import autocast_dtype, not_plain, warn_unfused
+from ._instance import autocast_dtype, not_plain, reset_own_forward, set_own_forward, warn_unfused
 
 FAMILY = "latents"
 SUPPORTED = ("FluxTransformer2DModel (unpacked (B, C, h, w) latents) / SanaTransformer2DModel: x_embedder|"
@@ -43,7 +44,7 @@ _GRID_ATTR = "_dcgen_unembed_grid"  # on proj_out during one model call: (patch_
 # ----------------------------------------------------------------------------------------------- helpers
 def _install(module: torch.nn.Module, forward, role: str, backend: str) -> None:
     if _STATE_ATTR not in module.__dict__:
-        module.forward = types.MethodType(forward, module)
+        set_own_forward(module, forward)
     setattr(module, _STATE_ATTR, {"backend": backend, "role": role})
 
 
@@ -310,7 +311,7 @@ def unpatch_module(module: torch.nn.Module) -> bool:
     if _STATE_ATTR not in module.__dict__:
         return False
     graphed = cuda_graph.disable(module)  # a CUDA-graph wrapper around our forward: unwrap it first,
-    del module.forward
+    reset_own_forward(module)
     delattr(module, _STATE_ATTR)
     if graphed:  # then wrap the stock forward again (unpatch_latent_io on a patch(cuda_graph=True) model)
         cuda_graph.enable(module)

@@ -12,7 +12,8 @@
 - SanaMultiscaleLinearAttention: `sana_multiscale_linear_attention` for its linear branch.
 - GLUMBConv: forward replaced by `glumbconv` (+ its RMSNorm and residual when configured). The fused Mix-FFN reads
   the convs' weights, so on a call where one is not a plain nn.Conv2d (peft wraps it for a LoRA adapter, e.g. the
-  DC-Gen `lora` stage's) it runs diffusers' code instead, with a one-time warning.
+  DC-Gen `lora` stage's) or has forward hooks (layerwise casting, offloading) it runs diffusers' code instead, with a
+  one-time warning.
 
 Quantized blocks (patch(model, quant="fp8" | "nvfp4")): GLUMBConv's 1x1 convs become `QuantizedPointwiseConv`
 (patching/quant.py) and the Mix-FFN runs quantized GEMM -> glumbconv's depthwise + GLU Triton kernel (16-bit, the

@@ -1,0 +1,137 @@
+"""patch() next to hooks that also wrap module forwards: diffusers' (enable_cache, layerwise casting, group
+offloading) and accelerate's, registered before or after patch(); and unpatch() with them still in place."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import dcgen_kernels
+from dcgen_kernels.patching import flux as flux_family
+from tests.helpers import rel_l2, tiny_dcae, tiny_flux, tiny_flux_inputs, tiny_sana, tiny_sana_inputs
+
+pytest.importorskip("diffusers")
+
+
+def flux_steps(model, inputs, steps=3):
+    """A few denoising-like calls (the timestep moves) inside one cache context."""
+    outputs = []
+    with torch.no_grad(), model.cache_context("cond"):
+        for step in range(steps):
+            outputs.append(model(**{**inputs, "timestep": inputs["timestep"] * (1 - 0.01 * step)})[0])
+    return outputs
+
+
+def count_block_calls(monkeypatch):
+    """Counts the patched FLUX blocks' gated residual op: nonzero only if our forwards ran."""
+    calls = []
+    original = flux_family.gated_residual
+    monkeypatch.setattr(flux_family, "gated_residual", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("cache_first", [True, False])
+def test_flux_first_block_cache_wraps_the_patched_blocks(monkeypatch, cache_first):
+    from diffusers import FirstBlockCacheConfig
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    uncached = flux_steps(copy.deepcopy(model), inputs)
+    stock = copy.deepcopy(model)
+    stock.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    expected = flux_steps(stock, inputs)
+    assert rel_l2(expected[2], uncached[2]) > 1e-3  # the cache skipped blocks: the outputs tell it apart
+
+    if cache_first:
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+        dcgen_kernels.patch(model, backend="reference")
+    else:
+        dcgen_kernels.patch(model, backend="reference")
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    calls = count_block_calls(monkeypatch)
+    got = flux_steps(model, inputs)
+    assert calls  # the blocks the cache ran were the patched ones
+    assert all(rel_l2(g, e) < 1e-6 for g, e in zip(got, expected))
+
+    dcgen_kernels.unpatch(model)  # the cache stays: its wrappers now end in the stock forwards
+    calls.clear()
+    assert all(rel_l2(g, e) < 1e-6 for g, e in zip(flux_steps(model, inputs), expected)) and not calls
+    model.disable_cache()
+    assert all(rel_l2(g, e) < 1e-6 for g, e in zip(flux_steps(model, inputs), uncached))
+    # what is left on the instances is the class's forward (diffusers' hook removal sets it), nothing of ours
+    assert all(getattr(vars(m)["forward"], "__func__", None) is type(m).forward
+               for m in model.modules() if "forward" in vars(m))
+
+
+def decode(model, latent):
+    with torch.no_grad():
+        return model.decode(latent).sample
+
+
+def run_sana(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+_CASES = {"sana": (tiny_sana, tiny_sana_inputs, run_sana), "dcae": (tiny_dcae, lambda: torch.randn(1, 8, 5, 6), decode)}
+
+
+@pytest.mark.parametrize("family", sorted(_CASES))
+@pytest.mark.parametrize("hooks_first", [True, False])
+def test_layerwise_casting_keeps_the_mix_ffn_correct(family, hooks_first):
+    # fp8-stored conv weights, cast per call by hooks on the convs: the fused Mix-FFN, which would read the stored
+    # weights, hands over to diffusers' code (said once)
+    make, make_inputs, run = _CASES[family]
+    model, inputs = make(), make_inputs()
+    stock = copy.deepcopy(model)
+    cast = dict(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    stock.enable_layerwise_casting(**cast)
+    expected = run(stock, inputs)
+    if hooks_first:
+        model.enable_layerwise_casting(**cast)
+    dcgen_kernels.patch(model, backend="reference")
+    if not hooks_first:
+        model.enable_layerwise_casting(**cast)
+    dcgen_kernels._backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="GLUMBConv\\)? runs diffusers' code because conv_\\w+ has diffusers hooks "
+                                            "\\(layerwise_casting"):
+        got = run(model, inputs)
+    assert rel_l2(got, expected) < 1e-5
+    assert rel_l2(run(dcgen_kernels.unpatch(model), inputs), expected) < 1e-5
+
+
+@pytest.mark.parametrize("hooks_first", [True, False])
+def test_accelerate_hooks_wrap_the_patched_blocks(monkeypatch, hooks_first):
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class CountingHook(ModelHook):
+        def __init__(self):
+            self.calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+    block, hook = model.transformer_blocks[0], CountingHook()
+    if hooks_first:
+        add_hook_to_module(block, hook)
+    dcgen_kernels.patch(model, backend="reference")
+    if not hooks_first:
+        add_hook_to_module(block, hook)
+    calls = count_block_calls(monkeypatch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = model(**inputs)[0]
+    assert hook.calls == 1 and calls and torch.equal(got, expected)
+    dcgen_kernels.unpatch(model)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], expected)
+    assert hook.calls == 2 and not calls
+    remove_hook_from_module(block)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], expected)
+    assert hook.calls == 2
