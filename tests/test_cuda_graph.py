@@ -127,6 +127,23 @@ def test_unpatch_and_repatch_drop_the_graphs_and_restore_forward(fake_graphs):
     assert "forward" not in model.__dict__ and cuda_graph.graphed(model) is None
 
 
+def test_torch_save_load_keeps_the_graphed_forward_without_its_graphs(fake_graphs):
+    import io
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    expected = _patched_output_then_graphed(model, inputs)
+    _eager_out(model, inputs)  # one captured signature: graphs are not state to save
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    wrapper = cuda_graph.graphed(loaded)
+    assert wrapper is not None and not wrapper.graphs and len(cuda_graph.graphed(model).graphs) == 1
+    assert torch.equal(_eager_out(loaded, inputs), expected) and len(wrapper.graphs) == 1  # captured again
+    dcgen_kernels.unpatch(loaded)
+    assert not any("forward" in vars(m) for m in loaded.modules())
+
+
 def test_bad_cuda_graph_arguments():
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         dcgen_kernels.patch(tiny_flux(), cuda_graph="yes")

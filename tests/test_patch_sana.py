@@ -162,6 +162,21 @@ def test_lora_adapters_on_the_mix_ffn_convs_are_applied(family, adapters_first, 
     assert rel_l2(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("family", sorted(_MIX_FFN_CASES))
+def test_patched_model_survives_torch_save_load(family):
+    import io
+
+    make, make_inputs, run, _ = _MIX_FFN_CASES[family]
+    model, inputs = make(), make_inputs()
+    dcgen_kernels.patch(model, backend="reference")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert all(vars(m)["forward"].args[0] is m for m in loaded.modules() if "forward" in vars(m))
+    assert torch.equal(run(loaded, inputs), run(model, inputs))
+
+
 @pytest.mark.gpu
 def test_sana_and_dcae_patched_on_gpu():
     model, inputs = tiny_sana(device="cuda"), tiny_sana_inputs(device="cuda")

@@ -7,6 +7,7 @@ after patch(), so the hooks keep wrapping it, and unpatch() or removing the hook
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Optional
 
@@ -18,9 +19,21 @@ from ..ops._common import FLOAT_DTYPES
 _BACKEND_ATTR = "_dcgen_backend"
 
 
+class OwnForward(functools.partial):
+    """A patched forward bound to its module. A partial, so a patched model pickles (torch.save of the model): a bound
+    method of a module-level function pickles as getattr(module, its name), which the module's class lacks."""
+
+
+def _is_own_forward(held, module: torch.nn.Module) -> bool:
+    """A forward of the module itself (the class's, bound, or ours), where hook wrappers are other partials."""
+    if isinstance(held, types.MethodType):
+        return held.__self__ is module
+    return isinstance(held, OwnForward) and held.args[0] is module
+
+
 def _own_forward_slot(module: torch.nn.Module):
-    """(holder, attribute name) of the module's own forward: the one hook wrappers end in (a method bound to the
-    module, where wrappers are partials), else the module's `forward`."""
+    """(holder, attribute name) of the module's own forward: the one hook wrappers end in, else the module's
+    `forward`."""
     slots = [(module, "_old_forward")]  # accelerate's add_hook_to_module
     references = getattr(module.__dict__.get("_diffusers_hook"), "_fn_refs", None)  # diffusers' HookRegistry
     if references:
@@ -28,15 +41,14 @@ def _own_forward_slot(module: torch.nn.Module):
         slots.append((innermost, "forward" if getattr(innermost, "original_forward", None) is None
                       else "original_forward"))
     for holder, name in slots:
-        held = vars(holder).get(name)
-        if isinstance(held, types.MethodType) and held.__self__ is module:
+        if _is_own_forward(vars(holder).get(name), module):
             return holder, name
     return module, "forward"
 
 
 def set_own_forward(module: torch.nn.Module, forward) -> None:
     """Make `forward` (an unbound function of the module) this instance's own forward."""
-    setattr(*_own_forward_slot(module), types.MethodType(forward, module))
+    setattr(*_own_forward_slot(module), OwnForward(forward, module))
 
 
 def reset_own_forward(module: torch.nn.Module) -> None:
@@ -46,6 +58,12 @@ def reset_own_forward(module: torch.nn.Module) -> None:
         module.__dict__.pop("forward", None)
     else:
         setattr(holder, name, types.MethodType(type(module).forward, module))
+
+
+def runs_own_forward(module: torch.nn.Module, forward) -> bool:
+    """Whether calling the module runs `forward` directly (installed by set_own_forward, no hook around it)."""
+    held = module.__dict__.get("forward")
+    return isinstance(held, OwnForward) and held.func is forward
 
 
 def replace_forward(module: torch.nn.Module, forward, backend: str) -> None:

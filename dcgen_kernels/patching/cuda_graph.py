@@ -29,6 +29,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import _backend
+from ._instance import OwnForward
 
 MAX_GRAPHS = 8  # signatures per model (e.g. resolutions x batch sizes); each holds one step's activation memory
 _ATTR = "_dcgen_cuda_graph"
@@ -98,6 +99,9 @@ class GraphedForward:
         self.model_name = model_name
         self.graphs: dict = {}  # signature -> (static input tensors, replay), or None: that signature runs eagerly
 
+    def __getstate__(self):  # torch.save of the model: graphs are per process, captured again after loading
+        return {**self.__dict__, "graphs": {}}
+
     def _eager(self, reason: str, args, kwargs):
         _backend.warn_once(f"cuda_graph:{self.model_name}:{reason}",
                            f"dcgen_kernels: {self.model_name} runs eagerly, without CUDA graphs: {reason}")
@@ -143,7 +147,7 @@ def enable(model: torch.nn.Module) -> None:
     """Wrap `model.forward` (dropping graphs captured before); `disable` restores it."""
     disable(model)
     own = model.__dict__.get("forward")  # a forward another family installed on the instance, if any
-    graphed = GraphedForward(own if own is not None else model.forward, type(model).__name__)
+    graphed = GraphedForward(own if own is not None else OwnForward(type(model).forward, model), type(model).__name__)
     model.__dict__[_ATTR] = own
     model.forward = graphed
 

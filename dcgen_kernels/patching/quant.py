@@ -212,8 +212,8 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
     quant: "fp8" (FP8Linear: E4M3 weights per output channel, activations per token; fastest on Hopper) or
     "nvfp4" (SVDQuantLinear: NVFP4 weights with a rank-`rank` low-rank branch; smallest). nvfp4_activations:
     "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on sm_120 GPUs, where our native FP4 MMA kernel runs; else
-    W4A16); the weights are the same either way. keep_original: keep the 16-bit linears so `restore` / `dcgen_kernels.unpatch` can
-    undo it (costs their memory).
+    W4A16); the weights are the same either way. keep_original: keep the 16-bit linears so `restore` /
+    `dcgen_kernels.unpatch` can undo it (costs their memory).
     Quantizing an already quantized model to the same format only switches the backend; to another format it
     needs the kept originals. Raises ValueError for an unknown format, a model without block linears or block
     layers that carry peft adapters (merge them first).

@@ -36,7 +36,8 @@ from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
-from ._instance import autocast_dtype, backend_of, not_plain, replace_forward, restore_forward, warn_unfused
+from ._instance import (autocast_dtype, backend_of, not_plain, replace_forward, restore_forward,
+                        runs_own_forward, warn_unfused)
 from .quant import QuantizedPointwiseConv
 
 FAMILY = "sana"
@@ -269,7 +270,7 @@ _HANDED_OVER_ATTR = "_dcgen_handed_over_norm1"
 
 def _successor_taking_norm1(block, hidden_states, ff, timestep):
     successor = block.__dict__.get(_SUCCESSOR_ATTR)
-    if successor is None or getattr(successor.forward, "__func__", None) is not _sana_block_forward:
+    if successor is None or not runs_own_forward(successor, _sana_block_forward):
         return None
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or ff.dtype != hidden_states.dtype:
         return None
