@@ -110,6 +110,16 @@ def test_model_without_supported_modules_is_rejected():
         dcgen_kernels.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         dcgen_kernels.patch("flux")
+
+    from diffusers import DiffusionPipeline
+
+    class TinyPipeline(DiffusionPipeline):
+        def __init__(self, transformer):
+            super().__init__()
+            self.register_modules(transformer=transformer)
+
+    with pytest.raises(TypeError, match="got TinyPipeline: patch its models, e.g. pipe.transformer$"):
+        dcgen_kernels.patch(TinyPipeline(tiny_flux()))
     with pytest.raises(ValueError, match="backend must be one of"):
         dcgen_kernels.patch(tiny_flux(), backend="fastest")
 

@@ -53,7 +53,11 @@ def _supported_text() -> str:
 
 def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}")
+        hint = ""
+        if hasattr(model, "components"):  # a diffusers pipeline
+            parts = [name for name in ("transformer", "vae") if isinstance(getattr(model, name, None), torch.nn.Module)]
+            hint = f": patch its models, e.g. {', '.join(f'pipe.{name}' for name in parts) or 'pipe.transformer'}"
+        raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}{hint}")
 
 
 def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str] = None, keep_original: bool = False,
