@@ -156,6 +156,31 @@ def test_unmerged_lora_adapters_are_refused_before_anything_changes(make, target
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("make,make_inputs", [(tiny_flux, tiny_flux_inputs), (tiny_sana, tiny_sana_inputs)])
+def test_model_dtype_casts_leave_the_quantized_storage_alone(make, make_inputs, quant):
+    # pipe.to(torch.bfloat16) / model.half() after quantizing: FP8 codes and fp32 scales keep their dtype and bytes,
+    # the 16-bit parts (bias, low-rank branch) follow the model
+    model, inputs = make(), make_inputs()
+    dcgen_kernels.patch(model, quant=quant, backend="reference")
+    expected = _run(model, inputs)
+    layers = [model.get_submodule(name) for name, *_ in quant_report(model).layers]
+    layer = next(layer for layer in (getattr(m, "linear", m) for m in layers) if layer.bias is not None)
+    stored = {name: getattr(layer, name).clone() for name in layer.QUANTIZED_STATE}
+    model.to(torch.bfloat16)
+    for name, before in stored.items():
+        after = getattr(layer, name)
+        assert after.dtype == before.dtype and torch.equal(after.reshape(-1).view(torch.uint8),
+                                                           before.reshape(-1).view(torch.uint8)), name
+    assert layer.bias.dtype == torch.bfloat16
+    cast_inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "encoder_attention_mask"
+                   else v for k, v in inputs.items()}
+    assert rel_l2(_run(model, cast_inputs).float(), expected) < 0.05  # bf16 activations on the same quantized weights
+    model.to("meta").to_empty(device="cpu")  # device moves still apply to them
+    assert all(getattr(layer, name).dtype == before.dtype and getattr(layer, name).device.type == "cpu"
+               for name, before in stored.items())
+
+
 # --------------------------------------------------------------------------------------------- save / load
 def test_fp8_save_load_round_trip_bit_exact(tmp_path):
     model, inputs = tiny_flux(), tiny_flux_inputs()

@@ -14,13 +14,17 @@ import torch
 
 from .. import _backend
 from ..ops.fp8_linear import FP8_DTYPE, FP8Activation, dequantize_fp8, fp8_linear, quantize_weight_fp8
+from ._storage import KeepsQuantizedDtypes
 
 __all__ = ["FP8Linear", "FP8Activation"]
 
 
-class FP8Linear(torch.nn.Module):
+class FP8Linear(KeepsQuantizedDtypes):
     """y = residual + gate * act(x W^T + b) with W and x in FP8 E4M3; activation/gate/residual are optional
-    keyword arguments fused into the GEMM epilogue (plain `module(x)` is a drop-in for nn.Linear)."""
+    keyword arguments fused into the GEMM epilogue (plain `module(x)` is a drop-in for nn.Linear). `model.to(dtype)`
+    casts the bias only."""
+
+    QUANTIZED_STATE = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.bfloat16,
                  device=None, backend: str = "auto"):

@@ -33,6 +33,7 @@ from .. import _backend
 from ..ops._common import FLOAT_DTYPES
 from ..ops.nvfp4_gemm import nvfp4_gemm, nvfp4_w4a16_gemm
 from ..ops.nvfp4_quantize import E2M1_MAX, E4M3_MAX, GROUP_SIZE, quantize_nvfp4, quantize_nvfp4_activations
+from ._storage import KeepsQuantizedDtypes
 
 __all__ = ["SVDQuantLinear", "svdquant_decompose", "smoothing_factors", "svdquant_error_report"]
 
@@ -87,14 +88,17 @@ def svdquant_decompose(weight: torch.Tensor, rank: int, smooth: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------------- module
-class SVDQuantLinear(nn.Module):
+class SVDQuantLinear(KeepsQuantizedDtypes):
     """NVFP4 SVDQuant linear: W4A4 (activations="nvfp4") or W4A16 (activations="bf16").
 
     Buffers (state_dict round-trips; no parameters): qweight uint8 [N, ceil(K/16)*8], wscales float8_e4m3fn
     [N, ceil(K/16)], wtscale fp32 [] (weight tensor scale), input_scale fp32 [] (activation tensor scale, W4A4),
-    smooth fp32 [K], lora_down [K, R] and lora_up [R, N] in the layer dtype, bias [N] or None.
+    smooth fp32 [K], lora_down [K, R] and lora_up [R, N] in the layer dtype, bias [N] or None. `model.to(dtype)`
+    casts the layer-dtype buffers only.
     Build one with `SVDQuantLinear.from_linear(linear, ...)`; the constructor makes empty buffers to load into.
     """
+
+    QUANTIZED_STATE = ("wscales", "wtscale", "input_scale", "smooth")
 
     def __init__(self, in_features: int, out_features: int, rank: int = 32, bias: bool = True,
                  activations: str = "nvfp4", dtype: torch.dtype = torch.bfloat16,

@@ -1,0 +1,24 @@
+"""Quantized storage that model-wide dtype casts leave alone."""
+
+import torch
+
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class KeepsQuantizedDtypes(torch.nn.Module):
+    """`model.to(torch.bfloat16)`, `.half()`, `.float()` cast every floating tensor of a model: FP8 codes and fp32
+    scales included, which would break the quantized layers (and round the scales). The buffers named in
+    QUANTIZED_STATE go through such conversions as integer views of their bytes, which dtype casts skip while device
+    moves, pinning and `to_empty` still apply; the rest (bias, low-rank branch) follows the model's dtype."""
+
+    QUANTIZED_STATE: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        quantized = {id(t) for t in (getattr(self, name) for name in self.QUANTIZED_STATE) if t is not None}
+
+        def apply(t):
+            if id(t) not in quantized:
+                return fn(t)
+            return fn(t.view(_INTEGER_OF_SIZE[t.element_size()])).view(t.dtype)
+
+        return super()._apply(apply, recurse)
