@@ -211,6 +211,42 @@ def test_save_load_errors(tmp_path):
         dcgen_kernels.load_quantized(model, tmp_path / "q.safetensors")
 
 
+def _wider_embedder_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(  # tiny_flux but in_channels 64: same blocks, another x_embedder
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+
+
+@pytest.mark.parametrize("other,match", [
+    (_wider_embedder_flux, "3 tensors differ: .*x_embedder.weight: \\(128, 16\\) in the file"),
+    (tiny_sana, "quantizable layers: not the same architecture")])
+def test_load_quantized_refuses_another_architecture_before_changing_the_model(tmp_path, other, match):
+    model = tiny_flux()
+    dcgen_kernels.quantize(model, quant="nvfp4", rank=8)
+    dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
+    target = other()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        dcgen_kernels.load_quantized(target, tmp_path / "q.safetensors")
+    assert quant_report(target) is None and not any(isinstance(m, QuantizedPointwiseConv) for m in target.modules())
+    after = target.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_load_quantized_allocates_the_layers_instead_of_quantizing_them(tmp_path, monkeypatch):
+    from dcgen_kernels.quant import svdquant
+
+    model = tiny_sana()
+    dcgen_kernels.quantize(model, quant="nvfp4", rank=8)
+    dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
+    monkeypatch.setattr(svdquant, "svdquant_decompose", lambda *a, **k: pytest.fail("load_quantized ran an SVD"))
+    loaded = dcgen_kernels.load_quantized(tiny_sana(), tmp_path / "q.safetensors")
+    saved, got = model.state_dict(), loaded.state_dict()
+    assert list(got) == list(saved) and all(torch.equal(got[k], v) for k, v in saved.items())
+
+
 # --------------------------------------------------------------------------------------------- SANA
 def test_sana_fp8_close_to_stock_fused_inputs_and_exact_unpatch(monkeypatch):
     model, inputs = tiny_sana(), tiny_sana_inputs()

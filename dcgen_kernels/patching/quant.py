@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from ..ops._common import FLOAT_DTYPES
 
 QUANT_CHOICES = ("fp8", "nvfp4")
 _ORIGINALS_ATTR = "_dcgen_quant_originals"
@@ -190,17 +191,29 @@ def resolve_nvfp4_activations(choice: str, device: torch.device) -> str:
     return "nvfp4" if native else "bf16"
 
 
-def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int, activations: str):
+def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int, activations: str,
+                      empty: bool = False):
+    """The quantized stand-in for an nn.Linear or 1x1 conv; `empty`: its buffers allocated, not computed (for
+    load_quantized, whose checkpoint fills them: no SVD per layer)."""
     if isinstance(layer, torch.nn.Conv2d):
-        return QuantizedPointwiseConv(_quantized_module(_conv_as_linear(layer), quant, backend, rank, activations))
+        return QuantizedPointwiseConv(_quantized_module(_conv_as_linear(layer), quant, backend, rank, activations,
+                                                        empty))
     linear = layer
+    weight, has_bias = linear.weight, linear.bias is not None
     if quant == "fp8":
         from ..quant.fp8 import FP8Linear
 
+        if empty:
+            return FP8Linear(linear.in_features, linear.out_features, has_bias, dtype=weight.dtype,
+                             device=weight.device, backend=backend)
         return FP8Linear.from_linear(linear, backend=backend)
     from ..quant.svdquant import SVDQuantLinear
 
     rank = min(rank, linear.in_features, linear.out_features)  # narrow layers (tiny models) cap the rank
+    if empty:
+        dtype = weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float32  # as from_linear picks it
+        return SVDQuantLinear(linear.in_features, linear.out_features, rank, has_bias, activations, dtype,
+                              weight.device, backend)
     return SVDQuantLinear.from_linear(linear, rank=rank, activations=activations, backend=backend)
 
 
@@ -240,6 +253,14 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
     check_no_adapters(model)
     if existing is not None:
         restore(model)  # raises when the originals were not kept
+    replace_block_linears(model, quant, keep_original, backend, rank, activations)
+    return model
+
+
+def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: bool, backend: str, rank: int,
+                          activations: str, empty: bool = False) -> None:
+    """quantize()'s replacement of the block linears of an unquantized model, its arguments checked;
+    `empty`: allocate the quantized buffers without computing them (see _quantized_module)."""
     linears = block_linears(model)
     if not linears:
         raise ValueError(f"dcgen_kernels.quantize found no transformer-block nn.Linear in {type(model).__name__}; "
@@ -249,7 +270,7 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
                          weight_bytes_before=weight_bytes(model))
     originals = {}
     for name, parent, attr, layer in linears:
-        quantized = _quantized_module(layer, quant, backend, rank, activations)
+        quantized = _quantized_module(layer, quant, backend, rank, activations, empty)
         setattr(parent, attr, quantized)
         originals[name] = layer
         if isinstance(quantized, QuantizedPointwiseConv):
@@ -260,7 +281,6 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
     if keep_original:
         model.__dict__[_ORIGINALS_ATTR] = originals  # off the module tree: not in state_dict, .to() or memory
     model.__dict__[_REPORT_ATTR] = report
-    return model
 
 
 def can_restore(model: torch.nn.Module) -> bool:

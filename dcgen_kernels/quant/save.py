@@ -38,12 +38,15 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto") -> to
     """Quantize a stock model of the same architecture the way the checkpoint says, then load its tensors (strict).
 
     `model` supplies the architecture (its current weights are overwritten); the result equals the saved model
-    bit for bit. Returns the model.
+    bit for bit. Returns the model. The quantized layers are allocated, not computed (no SVD), and a checkpoint of
+    another architecture is refused before the model changes.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..patching.quant import current_quant, quantize, quant_report
+    from .. import _backend
+    from ..patching.quant import (block_linears, check_no_adapters, current_quant, replace_block_linears,
+                                  resolve_nvfp4_activations)
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -56,14 +59,50 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto") -> to
     if current_quant(model) is not None:
         raise ValueError(f"load_quantized needs an unquantized {type(model).__name__}; this one is already "
                          f"quantized to {current_quant(model)}")
-    # NVFP4's W4A4 / W4A16 mode as saved, not as the loading device would pick it (older files: the device's)
-    activations = metadata.get("activations", "auto") if metadata["quant"] == "nvfp4" else "auto"
-    quantize(model, metadata["quant"], backend=backend, rank=int(metadata["rank"]), nvfp4_activations=activations)
+    _backend.check_backend_name(backend)
+    check_no_adapters(model)
     saved_layers = json.loads(metadata["layers"])
-    layers = [name for name, *_ in quant_report(model).layers]
+    layers = [name for name, *_ in block_linears(model)]
     if layers != saved_layers:
         raise ValueError(f"the checkpoint quantized {len(saved_layers)} layers, this {type(model).__name__} has "
                          f"{len(layers)} quantizable layers: not the same architecture")
     device = next(model.parameters()).device
+    quant, rank = metadata["quant"], int(metadata["rank"])
+    # NVFP4's W4A4 / W4A16 mode as saved, not as the loading device would pick it (older files: the device's)
+    activations = resolve_nvfp4_activations(metadata.get("activations", "auto"), device) if quant == "nvfp4" \
+        else "fp8"
+    _check_shapes(model, path, quant, rank, activations)
+    replace_block_linears(model, quant, False, backend, rank, activations, empty=True)
     model.load_state_dict(load_file(path, device=str(device)), strict=True)
     return model
+
+
+def _check_shapes(model: torch.nn.Module, path: str, quant: str, rank: int, activations: str) -> None:
+    """Refuse, before the model changes, a checkpoint whose tensors would not load strictly into it once quantized:
+    the quantized layers' shapes come from stand-ins on the meta device (nothing allocated)."""
+    from safetensors import safe_open
+
+    from ..patching.quant import _quantized_module, block_linears
+
+    expected, quantized = {}, []
+    for name, _, _, layer in block_linears(model):
+        has_bias, dtype = layer.bias is not None, layer.weight.dtype
+        if isinstance(layer, torch.nn.Conv2d):
+            stand_in = torch.nn.Conv2d(layer.in_channels, layer.out_channels, 1, bias=has_bias, device="meta",
+                                       dtype=dtype)
+        else:
+            stand_in = torch.nn.Linear(layer.in_features, layer.out_features, bias=has_bias, device="meta",
+                                       dtype=dtype)
+        module = _quantized_module(stand_in, quant, "reference", rank, activations, empty=True)
+        expected.update({f"{name}.{key}": tuple(t.shape) for key, t in module.state_dict().items()})
+        quantized.append(name + ".")
+    expected.update({key: tuple(t.shape) for key, t in model.state_dict().items()
+                     if not key.startswith(tuple(quantized))})
+    with safe_open(path, framework="pt") as f:
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if saved != expected:
+        differ = sorted(set(saved) ^ set(expected)) or sorted(k for k in saved if saved[k] != expected[k])
+        detail = ", ".join(f"{k}: {saved.get(k, 'missing')} in the file, {expected.get(k, 'absent')} here"
+                           for k in differ[:3])
+        raise ValueError(f"{path!r} does not fit this {type(model).__name__} ({len(differ)} tensors differ: "
+                         f"{detail}): not the same architecture")
