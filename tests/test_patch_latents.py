@@ -173,6 +173,25 @@ def test_flux_adapter_added_after_patch_runs_stock_on_packed_latents(target, ret
     assert rel_l2(got, expected) < 1e-5
 
 
+def test_flux_converted_after_patch_runs_stock_until_patched_again(monkeypatch):
+    from dcgen_kernels import dcgen
+
+    model, inputs, _ = flux_case(1)
+    dcgen_kernels.patch(model, backend="reference")
+    dcgen.convert(model, 32, patch_size=1)  # new x_embedder / proj_out modules
+    latent = torch.randn(1, 32, 4, 4)
+    dcgen_kernels._backend._warned.clear()
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="x_embedder is now torch.nn.modules.linear.Linear, not the module "
+                                                "patch\\(\\) replaced \\(dcgen_kernels.patch\\(model\\) again"):
+            expected = flux_forward(model, inputs, latent)
+        dcgen_kernels.patch(model, backend="reference")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = flux_forward(model, inputs, latent)
+    assert got.shape == latent.shape and rel_l2(got, expected) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------- SANA
 SANA_CASES = [(1, None, 6, 7), (2, None, 6, 10), (2, 1, 8, 8), (1, 1, 6, 4)]  # (p, interpolation_scale, h, w)
 

@@ -93,12 +93,22 @@ def not_plain(modules: dict, cls: type) -> Optional[str]:
     a user's hooks would not run), else None. Patched forwards check per call: both can come after patch()."""
     for name, module in modules.items():
         if type(module) is not cls:
-            kind = type(module)
-            return f"{name} is {kind.__module__}.{kind.__qualname__}, not a plain {cls.__qualname__}"
+            return f"{name} is {qualified_type(module)}, not a plain {cls.__qualname__}{adapter_hint(module)}"
         hooks = _forward_hooks(module)
         if hooks is not None:
             return f"{name} has {hooks}"
     return None
+
+
+def qualified_type(module: torch.nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def adapter_hint(module: torch.nn.Module) -> str:
+    """How to get the fused op back when `module` is a peft adapter layer, else ''."""
+    if type(module).__module__.split(".")[0] != "peft":
+        return ""
+    return " (merging the adapters into the weights, e.g. with dcgen_kernels.dcgen.merge_lora, fuses it again)"
 
 
 def _forward_hooks(module: torch.nn.Module) -> Optional[str]:
@@ -113,10 +123,7 @@ def _forward_hooks(module: torch.nn.Module) -> Optional[str]:
 
 
 def warn_unfused(where: str, reason: str) -> None:
-    _backend.warn_once(f"unfused:{where}:{reason}",
-                       f"dcgen_kernels: {where} runs diffusers' code because {reason} (the fused op reads the weights "
-                       f"itself; LoRA adapters merged into the weights, e.g. by dcgen_kernels.dcgen.merge_lora, let it "
-                       f"run)")
+    _backend.warn_once(f"unfused:{where}:{reason}", f"dcgen_kernels: {where} runs diffusers' code because {reason}")
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:

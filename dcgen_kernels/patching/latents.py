@@ -30,7 +30,8 @@ from .. import _backend
 from ..ops._common import FLOAT_DTYPES
 from ..ops.patch_embed import PATCH_SIZES, patch_embed, patch_unembed
 from . import cuda_graph
-from ._instance import autocast_dtype, not_plain, reset_own_forward, set_own_forward, warn_unfused
+from ._instance import (adapter_hint, autocast_dtype, not_plain, qualified_type, reset_own_forward,
+                        set_own_forward, warn_unfused)
 
 FAMILY = "latents"
 SUPPORTED = ("FluxTransformer2DModel (unpacked (B, C, h, w) latents) / SanaTransformer2DModel: x_embedder|"
@@ -160,8 +161,8 @@ def _unpatched_child_reason(model, *names: str) -> Optional[str]:
     for name in names:
         module = getattr(model, name)
         if _STATE_ATTR not in module.__dict__:
-            kind = type(module)
-            return f"{name} is now {kind.__module__}.{kind.__qualname__}, not the module patch() replaced"
+            hint = adapter_hint(module) or " (dcgen_kernels.patch(model) again fuses the new one)"
+            return f"{name} is now {qualified_type(module)}, not the module patch() replaced{hint}"
     return None
 
 
