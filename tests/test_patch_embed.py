@@ -93,6 +93,20 @@ def test_triton_unembed_matches_reference(dtype, shape, with_bias):
     assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= max(TOLERANCE[dtype], 1e-6)
 
 
+def test_triton_embed_shapes_cover_both_kernels(monkeypatch):
+    """Under the interpreter latents of up to 16 rows per token row take the narrow kernel (128 on a GPU)."""
+    narrow = []
+    launch = patch_embed_module._launch_embed_narrow_triton
+    monkeypatch.setattr(patch_embed_module, "_launch_embed_narrow_triton",
+                        lambda *args: narrow.append(args[0].shape) or launch(*args))
+    for shape in SHAPES:
+        B, _, h, w, p, D = shape
+        latent, weight, bias = embed_inputs(*shape)
+        patch_embed_into(latent, weight, bias, p, torch.empty(B, (h // p) * (w // p), D), "triton")
+    expected = [s for s in SHAPES if s[1] * s[4] <= patch_embed_module._INTERPRETER_NARROW_MAX_ROWS]
+    assert 0 < len(expected) < len(SHAPES) and narrow == [s[:4] for s in expected]
+
+
 @pytest.mark.parametrize("p", [1, 2])
 def test_triton_strided_inputs(p):
     """channels_last latents, a sliced token tensor, a transposed weight view and strided biases are read right."""
@@ -114,7 +128,8 @@ _PATCH_LAUNCHES = r'''
 pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
 E = lambda *shape, dtype: torch.empty(*shape, dtype=dtype)
 for dtype in (torch.bfloat16, torch.float32):
-    for C, p, D, side in ((16, 2, 3072, 128), (128, 1, 3072, 64), (32, 1, 2240, 128)):  # FLUX 1K, DC-AE-1.5, SANA
+    # FLUX 1K, DC-AE-1.5, SANA (the narrow embed kernel); FLUX Fill's 96 x 2 rows (the general one)
+    for C, p, D, side in ((16, 2, 3072, 128), (128, 1, 3072, 64), (32, 1, 2240, 128), (96, 2, 3072, 128)):
         N, F = (side // p) ** 2, C * p * p
         pe._launch_embed_triton(E(1, C, side, side, dtype=dtype), E(D, F, dtype=dtype), E(D, dtype=dtype), p,
                                 E(1, N, D, dtype=dtype))
@@ -129,10 +144,11 @@ def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
     """At the benchmark shapes, for sm_90a: no spills; every global->shared copy is 16 bytes and every store a
     vector (the latent is read and written in whole pixel runs); the bf16 embedding GEMMs are wgmma."""
     stats = compile_launchers_for_sm90(_PATCH_LAUNCHES)
-    assert [s["kernel"] for s in stats] == ["patch_embed_kernel", "patch_unembed_kernel"] * 6
+    embed = ["patch_embed_narrow_kernel"] * 3 + ["patch_embed_kernel"] * 5  # fp32 keeps the general kernel
+    assert [s["kernel"] for s in stats] == [k for e in embed for k in (e, "patch_unembed_kernel")]
     assert all(s["spills"] == 0 and s["narrow_copies"] == 0 and s["async_copies"] > 0 for s in stats), stats
     assert all(s["scalar_stores"] == 0 for s in stats), stats
-    assert all(s["wgmma"] > 0 for s in stats[0:6:2]), stats
+    assert all(s["wgmma"] > 0 for s in stats[0:8:2]), stats
 
 
 # ----------------------------------------------------------------------------------------------- cuda (cuBLAS)

@@ -11,7 +11,9 @@ Backends:
   nothing is copied. For p = 2 (and NCHW batches for p = 1) the latent side is packed or unpacked by one copy:
   C*p*p <= 128 features against the tokens' D = 2240-3072, so under 6% of the GEMM's bytes.
 - triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
-  it, so no packed tensor exists (triton_kernels/patch_embed.py).
+  it, so no packed tensor exists (triton_kernels/patch_embed.py). The 16-bit embedding of latents of up to 128
+  rows per token row (C * p: every FLUX / DC-AE layout) runs the narrow kernel, which gathers a token block once and
+  streams its output tiles (added 2026-11-27 after the run quoted below, not yet timed on a GPU).
 `auto` tries cuda first: on an H100 the Triton kernels beat it by more than 1 us in only 4 of the 32 benchmarked
 cases (forward and forward+backward): the f8c16 unembed forward at 16384 tokens (43 vs 51 us) and three p = 1 embed
 cases by 2-3 us (benchmarks/results, 2026-11-27 11:45 run).
@@ -189,11 +191,23 @@ def _dot_dtype(dtype: torch.dtype):
 _INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=16, BLOCK_K=32, num_warps=4, num_stages=1)
 
 
-def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
-    from ..triton_kernels.patch_embed import patch_embed_kernel
+# patch_embed_narrow_kernel takes latents of up to this many rows per token row (C * p: 32 for FLUX's f8c16 and
+# DC-AE f32c32, 128 for f64c128); under the interpreter 16, so the test shapes run both embed kernels.
+NARROW_MAX_ROWS = 128
+_INTERPRETER_NARROW_MAX_ROWS = 16
 
+
+def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
     B, C, h, w = latent.shape
     p = patch_size
+    interpret = _backend.triton_interpreter_enabled()
+    narrow_max = _INTERPRETER_NARROW_MAX_ROWS if interpret else NARROW_MAX_ROWS
+    # fp32 on a GPU keeps the general kernel: its FMA dot would hold the gathered fp32 rows in registers (spills)
+    if _next_pow2(C * p) <= narrow_max and (interpret or latent.dtype != torch.float32):
+        _launch_embed_narrow_triton(latent, weight, bias, patch_size, out)
+        return
+    from ..triton_kernels.patch_embed import patch_embed_kernel
+
     grid_h, grid_w, dim = h // p, w // p, weight.shape[0]
     if _backend.triton_interpreter_enabled():
         cfg = {k: v for k, v in _INTERPRETER_TILES.items() if k != "BLOCK_K"}
@@ -212,6 +226,36 @@ def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
         *weight.stride(),
         out.stride(0), out.stride(1),
         PATCH=p, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(latent.dtype), **cfg,
+    )
+
+
+def _launch_embed_narrow_triton(latent, weight, bias, patch_size, out) -> None:
+    from ..triton_kernels.patch_embed import patch_embed_narrow_kernel
+
+    B, C, h, w = latent.shape
+    p = patch_size
+    grid_h, grid_w, dim = h // p, w // p, weight.shape[0]
+    block_r = max(16 // p, _next_pow2(C * p))  # the dot's K = p * block_r: at least 16
+    if _backend.triton_interpreter_enabled():
+        cfg = dict(BLOCK_M=_INTERPRETER_TILES["BLOCK_M"], BLOCK_N=_INTERPRETER_TILES["BLOCK_N"], N_TILES=2,
+                   num_warps=4, num_stages=1)  # two tiles per program: the tests cover the stream and partial tiles
+    else:
+        block_n = min(128, 8192 // (p * block_r), max(16, _next_pow2(dim)))  # 16 KB weight tiles, 3 in flight
+        block_m = _token_block(grid_h, grid_w, B * cdiv(dim, block_n), latent.device)
+        # ~3 programs per SM, each streaming as many output tiles as that leaves it
+        sms = torch.cuda.get_device_properties(latent.device).multi_processor_count
+        tiles = grid_h * cdiv(grid_w, block_m) * cdiv(dim, block_n) * B
+        n_tiles = max(1, min(8, tiles // (3 * sms)))
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, N_TILES=n_tiles, num_warps=8 if block_m * block_n >= 128 * 128
+                   else 4, num_stages=3)
+    grid = (grid_h * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(dim, cfg["N_TILES"] * cfg["BLOCK_N"]), B)
+    patch_embed_narrow_kernel[grid](
+        latent, weight, bias.contiguous() if bias is not None else weight, out,  # the kernel reads bias with stride 1
+        grid_w, C * p, dim,
+        *latent.stride(),
+        *weight.stride(),
+        out.stride(0), out.stride(1),
+        PATCH=p, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(latent.dtype), BLOCK_R=block_r, **cfg,
     )
 
 

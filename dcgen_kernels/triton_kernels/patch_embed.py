@@ -4,7 +4,9 @@ Token t = ty * grid_w + tx covers latent pixels (ty*p + i, tx*p + j); its featur
 `_pack_latents` for p = 2, a plain channel index for p = 1). A program owns BLOCK_M tokens of one token row ty, so
 each latent row r = c*p + i it touches is one contiguous run of pixels x = tx*p + j: loads and stores are whole
 runs (vectorised, coalesced), and for p = 2 the run is split into its j = 0 / j = 1 halves in registers. Feature
-f = r*p + j, so the GEMM over f is one dot per j over the rows r.
+f = r*p + j, so the GEMM over f is one dot per j over the rows r. The embedding has two kernels: the general one
+(one output tile per program, any number of rows) and the narrow one (latents of up to 128 rows per token row,
+which gathers once and streams its output tiles).
 """
 
 import triton
@@ -62,6 +64,56 @@ def patch_embed_kernel(
     tokens = ty * grid_w + tx
     out = out_ptr + batch * stride_ob + tokens[:, None].to(tl.int64) * stride_on + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tx < grid_w)[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def patch_embed_narrow_kernel(
+    latent_ptr, weight_ptr, bias_ptr, out_ptr,
+    grid_w, n_rows, dim,
+    stride_lb, stride_lc, stride_ly, stride_lx,
+    stride_wd, stride_wf,
+    stride_ob, stride_on,
+    PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, N_TILES: tl.constexpr,
+):
+    """patch_embed_kernel for latents whose C * PATCH rows fit one BLOCK_R (every FLUX / DC-AE layout): the program
+    gathers its BLOCK_M tokens' whole feature vectors once, then streams N_TILES output tiles through them, the
+    weight tiles pipelined under the stores. The GEMM is K = C*p^2 <= 128 deep, so writing the output is its cost;
+    one-tile programs re-gathered and re-arranged the latent for every tile and stalled on each gather.
+
+    grid (token rows * cdiv(grid_w, BLOCK_M), cdiv(dim, N_TILES * BLOCK_N), B).
+    """
+    row_blocks = tl.cdiv(grid_w, BLOCK_M)
+    ty = tl.program_id(0) // row_blocks
+    tx0 = (tl.program_id(0) % row_blocks) * BLOCK_M
+    batch = tl.program_id(2).to(tl.int64)
+    band = latent_ptr + batch * stride_lb + ty * (PATCH * stride_ly)
+    rows = tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    row_off = (rows // PATCH) * stride_lc + (rows % PATCH) * stride_ly
+    tx = tx0 + tl.arange(0, BLOCK_M)
+    tx_ok = tx < grid_w
+    if PATCH == 1:
+        a = tl.load(band + tx[:, None] * stride_lx + row_off[None, :], mask=tx_ok[:, None] & row_ok[None, :],
+                    other=0.0).to(DOT_DTYPE)
+    else:  # whole pixel runs, rearranged in registers to (token, f = r*2 + j): the weight's own feature order
+        px = tx0 * 2 + tl.arange(0, 2 * BLOCK_M)
+        runs = tl.load(band + row_off[:, None] + px[None, :] * stride_lx,
+                       mask=row_ok[:, None] & (px < 2 * grid_w)[None, :], other=0.0).to(DOT_DTYPE)
+        a = tl.reshape(tl.permute(tl.reshape(runs, (BLOCK_R, BLOCK_M, 2)), (1, 0, 2)), (BLOCK_M, 2 * BLOCK_R))
+    feats = tl.arange(0, PATCH * BLOCK_R)
+    feat_ok = feats < PATCH * n_rows
+    out_rows = out_ptr + batch * stride_ob + (ty * grid_w + tx)[:, None].to(tl.int64) * stride_on
+    n_first = tl.program_id(1) * (N_TILES * BLOCK_N)
+    for n0 in range(n_first, tl.minimum(n_first + N_TILES * BLOCK_N, dim), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < dim
+        w = tl.load(weight_ptr + feats[:, None] * stride_wf + cols[None, :] * stride_wd,
+                    mask=feat_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, w, input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tx_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
