@@ -14,8 +14,10 @@ from tests.helpers import TOLERANCE, compile_launchers_for_sm90, flux_pipeline_s
 patch_embed_module = sys.modules["dcgen_kernels.ops.patch_embed"]
 
 # (B, C, h, w, patch_size, D): none of them block multiples; the third has K = C*p*p = 12, not a power of two; the
-# last two have token rows longer than the interpreter's 16-token block (a full and a partial block per row).
-SHAPES = [(2, 16, 6, 10, 2, 40), (1, 32, 5, 7, 1, 48), (2, 3, 4, 6, 2, 20), (1, 4, 4, 36, 2, 24), (2, 8, 3, 40, 1, 24)]
+# fourth and fifth have token rows longer than the interpreter's 16-token block (a full and a partial block per row);
+# the last has D = 70: the narrow embed kernel streams two output tiles in one program and a partial one in the next.
+SHAPES = [(2, 16, 6, 10, 2, 40), (1, 32, 5, 7, 1, 48), (2, 3, 4, 6, 2, 20), (1, 4, 4, 36, 2, 24), (2, 8, 3, 40, 1, 24),
+          (1, 4, 4, 6, 2, 70)]
 
 
 @pytest.fixture
