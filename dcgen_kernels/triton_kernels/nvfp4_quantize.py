@@ -24,11 +24,17 @@ def e2m1_codes(x, denom):
 
 
 @triton.jit
-def e2m1_values(code):
-    """fp32 values of 4-bit E2M1 codes (int32): the 3 magnitude bits placed into an fp16 word give the value
-    times 2**-14 exactly (e = 0 lands on fp16 subnormals, as E2M1's 0 and 0.5 need)."""
+def e2m1_values_over_2_14(code):
+    """fp32 values of 4-bit E2M1 codes (int32) times 2**-14, exactly: the 3 magnitude bits placed into an fp16 word
+    (e = 0 lands on fp16 subnormals, as E2M1's 0 and 0.5 need). Decoders fold the 2**14 into their group scale."""
     bits = ((code & 8) << 12) | ((code & 7) << 9)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def e2m1_values(code):
+    """fp32 values of 4-bit E2M1 codes (int32)."""
+    return e2m1_values_over_2_14(code) * 16384.0
 
 
 @triton.jit
