@@ -9,6 +9,7 @@ Per op and size, variants on the same inputs:
   stock         diffusers' eager math (below), timed exactly as the model runs it, layout changes included.
   dcgen         the dcgen_kernels op with backend="auto" (what patch() uses).
   dcgen_triton  / dcgen_cuda: the op with that backend forced; skipped when the library would fall back.
+  dcgen_tanh    depthwise_glu only, on a GPU: its Triton kernel with the tanh.approx SiLU (not what the op runs).
 Stock paths (diffusers 0.42.1):
   sana_linear_attention  SanaLinearAttnProcessor2_0 between the projections and to_out: transpose/unflatten to
                          (B, H, d, N), ReLU(q), ReLU(k), .float(), V padded with a row of ones, (V_pad K^T) Q,
@@ -18,6 +19,8 @@ Stock paths (diffusers 0.42.1):
                          reshaped to (B, H, 3d, N) and chunked, then the same math; dcgen gets the bf16 chunks.
   glumbconv              GLUMBConv(C, C, 2.5, norm_type=None, residual_connection=False) on the NCHW view of the
                          tokens, exactly as SanaTransformerBlock calls it (unflatten/permute in, flatten/permute out).
+  depthwise_glu          GLUMBConv's middle on the NCHW view of (1, N, 2h) pre-activations ~ N(0, 2^2): SiLU,
+                         conv_depth, chunk, value * SiLU(gate), back to tokens (the kernel of glumbconv alone).
   ada_layer_norm_modulate  LayerNorm(C, eps 1e-6, no affine)(x) * (1 + scale) + shift, then .to(x.dtype).
   gated_residual         x + gate * y.
   gated_residual_ada_layer_norm_modulate
@@ -97,6 +100,8 @@ class Case:
     bytes: Optional[int] = None
     flops: Optional[int] = None
     info: dict = dataclasses.field(default_factory=dict)
+    # more dcgen variants, name -> callable(): kernel options the op does not expose, timed and checked alike
+    extra_variants: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- stock paths
@@ -199,6 +204,44 @@ def glumbconv_cases(cfg, device, op):
                    info={"channels": c, "hidden": h})
 
 
+def stock_depthwise_glu(ff, pre, height: int, width: int) -> torch.Tensor:
+    """GLUMBConv's middle as stock runs it (SiLU, depthwise conv, chunk, value * SiLU(gate)) on the NCHW view of
+    (B, N, 2*hid) tokens, returned as (B, N, hid) tokens like the op."""
+    value, gate = ff.conv_depth(ff.nonlinearity(pre.unflatten(1, (height, width)).permute(0, 3, 1, 2))).chunk(2, dim=1)
+    return (value * ff.nonlinearity(gate)).flatten(2).transpose(1, 2)
+
+
+def tanh_silu_depthwise_glu(pre, height: int, width: int, depth_weight, depth_bias) -> torch.Tensor:
+    """The op's Triton kernel with its tanh.approx SiLU (GPU only, not used by the op until measured)."""
+    from dcgen_kernels.ops.glumbconv import _launch_depthwise_glu
+
+    B, N, channels = pre.shape
+    out = torch.empty(B * N, channels // 2, dtype=pre.dtype, device=pre.device)
+    _launch_depthwise_glu(pre.reshape(B * N, channels), height, width, depth_weight, depth_bias, out, tanh_silu=True)
+    return out.view(B, N, channels // 2)
+
+
+def depthwise_glu_cases(cfg, device, op):
+    """The glumbconv op's depthwise + GLU kernel alone (what the quantized Mix-FFN runs between its GEMMs), and on a
+    GPU its tanh.approx-SiLU variant: speed and accuracy side by side."""
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+
+    c, h = cfg.hidden, int(cfg.mlp_ratio * cfg.hidden)
+    with torch.device(device):
+        ff = GLUMBConv(c, c, cfg.mlp_ratio, norm_type=None, residual_connection=False)
+    ff = ff.to(cfg.dtype).eval().requires_grad_(False)
+    weight, bias = ff.conv_depth.weight, ff.conv_depth.bias
+    for grid in cfg.grids:
+        n = grid * grid
+        pre = _randn(1, n, 2 * h, cfg=cfg, device=device, scale=2.0)  # SiLU's input: both signs, tails to ~-8
+        extra = {"dcgen_tanh": functools.partial(tanh_silu_depthwise_glu, pre, grid, grid, weight, bias)} \
+            if device.type == "cuda" else {}
+        yield Case(f"N={n}", functools.partial(stock_depthwise_glu, ff, pre, grid, grid),
+                   functools.partial(op, pre, grid, grid, weight, bias),
+                   lambda pre=pre, grid=grid: stock_depthwise_glu(copy.deepcopy(ff).float(), pre.float(), grid, grid),
+                   bytes=(n * 2 * h + n * h) * pre.element_size(), info={"hidden": h}, extra_variants=extra)
+
+
 def ada_layer_norm_cases(cfg, device, op):
     norm = torch.nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=NORM_EPS, device=device, dtype=cfg.dtype)
     shift, scale = _modulation(cfg, device)[:2]
@@ -264,6 +307,7 @@ def key_padding_cases(cfg, device, op):
 OPS = {"sana_linear_attention": linear_attention_cases,
        "sana_multiscale_linear_attention": multiscale_cases,
        "glumbconv": glumbconv_cases,
+       "depthwise_glu": depthwise_glu_cases,
        "ada_layer_norm_modulate": ada_layer_norm_cases,
        "gated_residual": gated_residual_cases,
        "gated_residual_ada_layer_norm_modulate": gated_residual_ada_layer_norm_cases,
@@ -312,21 +356,23 @@ def _bench_case(case: Case, variants: dict, device, cfg, copy_gbps, skip: dict, 
             tolerance = max(tolerance, STOCK_ERROR_MARGIN * stock_err)
         except Exception as err:  # noqa: BLE001 - the dcgen variants still run, checked against fp32
             records["stock"] = error_record(err)
-        for name, backend in variants.items():
+        calls = {name: (case.dcgen if backend is None else functools.partial(case.dcgen, backend=backend),
+                        backend not in (None, "auto")) for name, backend in variants.items()}
+        calls.update({name: (fn, True) for name, fn in case.extra_variants.items()})
+        for name, (fn, forced) in calls.items():
             if unavailable:
                 records[name] = {"unavailable": unavailable}
                 continue
             if name in skip:
                 records[name] = {"skipped": skip[name]}
                 continue
-            fn = case.dcgen if backend is None else functools.partial(case.dcgen, backend=backend)
             try:
                 reset_dcgen_warnings()
                 out, exc, messages = first_call(fn)
                 if exc is not None:
                     raise exc
                 fallbacks = dcgen_fallbacks(messages)
-                if backend not in (None, "auto") and fallbacks:  # the forced kernel did not run: time no stand-in
+                if forced and fallbacks:  # the forced kernel did not run: time no stand-in
                     skip[name] = "; ".join(fallbacks)  # and not at the next sizes either
                     records[name] = {"skipped": skip[name]}
                     continue

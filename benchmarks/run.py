@@ -579,7 +579,8 @@ def flux_step_table(report: dict) -> list:
 
 
 OP_LABELS = {"sana_linear_attention": "linear_attn", "sana_multiscale_linear_attention": "dcae_linear_attn",
-             "glumbconv": "glumbconv", "ada_layer_norm_modulate": "adaln_modulate", "gated_residual": "gated_residual",
+             "glumbconv": "glumbconv", "depthwise_glu": "depthwise_glu", "ada_layer_norm_modulate": "adaln_modulate",
+             "gated_residual": "gated_residual",
              "gated_residual_ada_layer_norm_modulate": "residual_adaln", "key_padding_attention": "cross_attn"}
 
 

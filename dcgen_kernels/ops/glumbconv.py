@@ -94,10 +94,11 @@ def _validate_depthwise_glu(pre, height, width, depth_weight, depth_bias) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- triton
-def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, config=None):
+def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, config=None, tanh_silu=False):
     """out (B*N, hid) = value * SiLU(gate) of depthwise3x3(SiLU(pre)) + bias, pre (B*N, 2*hid) channels-last.
     The block config is autotuned on the first call per shape and dtype (triton_kernels/glumbconv.py); `config`
-    (a triton.Config of that list) runs one without tuning, for tests."""
+    (a triton.Config of that list) runs one without tuning, for tests. tanh_silu: the kernel's tanh.approx SiLU
+    (GPU only; a benchmark variant, not used by the op)."""
     from ..triton_kernels.glumbconv import STRIP_ROWS, depthwise_glu_kernel
 
     hidden = pre.shape[1] // 2
@@ -107,10 +108,10 @@ def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, con
     args = (pre, taps, depth_bias.contiguous(), out, height, width, hidden)
     if config is None:
         grid = lambda meta: (cdiv(hidden, meta["BLOCK_C"]), cdiv(height, STRIP_ROWS.value), batch)  # noqa: E731
-        depthwise_glu_kernel[grid](*args)
+        depthwise_glu_kernel[grid](*args, TANH_SILU=tanh_silu)
     else:
         grid = (cdiv(hidden, config.kwargs["BLOCK_C"]), cdiv(height, STRIP_ROWS.value), batch)
-        depthwise_glu_kernel.fn[grid](*args, **config.kwargs, num_warps=config.num_warps)
+        depthwise_glu_kernel.fn[grid](*args, **config.kwargs, num_warps=config.num_warps, TANH_SILU=tanh_silu)
 
 
 def _triton_forward(x, height, width, inverted_weight, inverted_bias, depth_weight, depth_bias, point_weight):

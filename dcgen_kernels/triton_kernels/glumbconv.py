@@ -18,13 +18,23 @@ FAST_SILU = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
-def _silu(x):
+def _silu(x, TANH_SILU: tl.constexpr):
     """x / (1 + e^-x). On a GPU with the exponential and the division as single approximate MUFU operations
     (`__expf`, `__fdividef`: a few fp32 ulp, far below the 16-bit output rounding) instead of `tl.exp` and `/`,
     whose range and subnormal handling took ~10 SASS instructions per SiLU. The kernel was issue-bound: with this
     and the fused-multiply-add taps its sm_90a loop went from 756 to 500 instructions per column step (8 outputs per
-    thread), 64 of them MUFU."""
+    thread), 64 of them MUFU.
+
+    TANH_SILU (off by default; a benchmark variant until a GPU measures its accuracy): h + h * tanh(h), h = x / 2,
+    with `tanh.approx.f32`, one MUFU operation and two FP32 ones instead of two and three. The instruction's
+    documented error bound is relative to tanh, so for x << 0, where 1 + tanh(h) cancels, SiLU's absolute error
+    grows like 2**-12 |x| (its relative error is then large, on outputs below ~1e-3)."""
     if FAST_SILU:
+        if TANH_SILU:
+            h = 0.5 * x
+            tanh = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+            return h + h * tanh
         return libdevice.fast_dividef(x, 1.0 + libdevice.fast_expf(-x))
     return x / (1.0 + tl.exp(-x))
 
@@ -61,16 +71,16 @@ def _taps(acc, above, level, below, w_above, w_level, w_below):
 
 @triton.jit
 def _column_step(raw0, raw1, raw2, raw3, raw4, raw5, done0, done1, done2, done3, pending0, pending1, pending2,
-                 pending3, bias, w00, w01, w02, w10, w11, w12, w20, w21, w22):
+                 pending3, bias, w00, w01, w02, w10, w11, w12, w20, w21, w22, TANH_SILU: tl.constexpr):
     """Activate one input column's STRIP_ROWS + 2 pixels once and add them to the output pixels of the strip they
     touch: through the right kernel column they complete output column j-1 (returned first), through the centre
     one they continue column j (`done`), through the left one they start column j+1 from the bias (`pending`)."""
-    a0 = _silu(raw0.to(tl.float32))
-    a1 = _silu(raw1.to(tl.float32))
-    a2 = _silu(raw2.to(tl.float32))
-    a3 = _silu(raw3.to(tl.float32))
-    a4 = _silu(raw4.to(tl.float32))
-    a5 = _silu(raw5.to(tl.float32))
+    a0 = _silu(raw0.to(tl.float32), TANH_SILU)
+    a1 = _silu(raw1.to(tl.float32), TANH_SILU)
+    a2 = _silu(raw2.to(tl.float32), TANH_SILU)
+    a3 = _silu(raw3.to(tl.float32), TANH_SILU)
+    a4 = _silu(raw4.to(tl.float32), TANH_SILU)
+    a5 = _silu(raw5.to(tl.float32), TANH_SILU)
     return (_taps(done0, a0, a1, a2, w02, w12, w22), _taps(done1, a1, a2, a3, w02, w12, w22),
             _taps(done2, a2, a3, a4, w02, w12, w22), _taps(done3, a3, a4, a5, w02, w12, w22),
             _taps(pending0, a0, a1, a2, w01, w11, w21), _taps(pending1, a1, a2, a3, w01, w11, w21),
@@ -80,9 +90,9 @@ def _column_step(raw0, raw1, raw2, raw3, raw4, raw5, done0, done1, done2, done3,
 
 
 @triton.jit
-def _store_gated(out_ptr, value, gate, row, column, b, H, W, HID, channel, channel_ok):
+def _store_gated(out_ptr, value, gate, row, column, b, H, W, HID, channel, channel_ok, TANH_SILU: tl.constexpr):
     pixel = ((b * H + row) * W + column).to(tl.int64)
-    tl.store(out_ptr + pixel * HID + channel, (value * _silu(gate)).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + pixel * HID + channel, (value * _silu(gate, TANH_SILU)).to(out_ptr.dtype.element_ty),
              mask=channel_ok & (row < H))
 
 
@@ -99,7 +109,8 @@ def _configs():
 
 @triton.autotune(configs=_configs(), key=["H", "W", "HID"])
 @triton.jit
-def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_C: tl.constexpr):
+def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_C: tl.constexpr,
+                         TANH_SILU: tl.constexpr = False):
     """One program: BLOCK_C value channels and their gates x STRIP_ROWS output rows x the whole width.
 
     It sweeps the columns left to right, loading each column one step ahead of its math. Each column's
@@ -152,18 +163,22 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
             value_raw0, value_raw1, value_raw2, value_raw3, value_raw4, value_raw5,
             value_done0, value_done1, value_done2, value_done3,
             value_pending0, value_pending1, value_pending2, value_pending3, value_bias,
-            vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22)
+            vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22, TANH_SILU)
         (gate_out0, gate_out1, gate_out2, gate_out3, gate_done0, gate_done1, gate_done2, gate_done3,
          gate_pending0, gate_pending1, gate_pending2, gate_pending3) = _column_step(
             gate_raw0, gate_raw1, gate_raw2, gate_raw3, gate_raw4, gate_raw5,
             gate_done0, gate_done1, gate_done2, gate_done3,
             gate_pending0, gate_pending1, gate_pending2, gate_pending3, gate_bias,
-            gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22)
+            gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22, TANH_SILU)
         if j > 0:
-            _store_gated(out_ptr, value_out0, gate_out0, top, j - 1, b, H, W, HID, channel, channel_ok)
-            _store_gated(out_ptr, value_out1, gate_out1, top + 1, j - 1, b, H, W, HID, channel, channel_ok)
-            _store_gated(out_ptr, value_out2, gate_out2, top + 2, j - 1, b, H, W, HID, channel, channel_ok)
-            _store_gated(out_ptr, value_out3, gate_out3, top + 3, j - 1, b, H, W, HID, channel, channel_ok)
+            _store_gated(out_ptr, value_out0, gate_out0, top, j - 1, b, H, W, HID, channel, channel_ok,
+                         TANH_SILU)
+            _store_gated(out_ptr, value_out1, gate_out1, top + 1, j - 1, b, H, W, HID, channel, channel_ok,
+                         TANH_SILU)
+            _store_gated(out_ptr, value_out2, gate_out2, top + 2, j - 1, b, H, W, HID, channel, channel_ok,
+                         TANH_SILU)
+            _store_gated(out_ptr, value_out3, gate_out3, top + 3, j - 1, b, H, W, HID, channel, channel_ok,
+                         TANH_SILU)
         value_raw0, value_raw1, value_raw2, value_raw3, value_raw4, value_raw5 = (
             next_value0, next_value1, next_value2, next_value3, next_value4, next_value5)
         gate_raw0, gate_raw1, gate_raw2, gate_raw3, gate_raw4, gate_raw5 = (
