@@ -209,7 +209,7 @@ def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
     from ..triton_kernels.patch_embed import patch_embed_kernel
 
     grid_h, grid_w, dim = h // p, w // p, weight.shape[0]
-    if _backend.triton_interpreter_enabled():
+    if interpret:
         cfg = {k: v for k, v in _INTERPRETER_TILES.items() if k != "BLOCK_K"}
     else:
         block_n = min(128, max(16, _next_pow2(dim)))
