@@ -135,3 +135,53 @@ def test_accelerate_hooks_wrap_the_patched_blocks(monkeypatch, hooks_first):
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], expected)
     assert hook.calls == 2
+
+
+@pytest.mark.parametrize("order", ["accelerate, diffusers, patch", "diffusers, patch, accelerate",
+                                   "patch, accelerate, diffusers"])
+def test_stacked_hooks_keep_wrapping_the_patched_forward(monkeypatch, order):
+    # accelerate's hook and a diffusers hook on the same block, each registered before or after patch(): the
+    # patched forward ends up innermost and unpatch() swaps only it
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from diffusers.hooks import HookRegistry, ModelHook as DiffusersHook
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    class DiffusersCounting(DiffusersHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+    block, accelerate_hook, diffusers_hook = model.transformer_blocks[0], Counting(), DiffusersCounting()
+    steps = {"accelerate": lambda: add_hook_to_module(block, accelerate_hook),
+             "diffusers": lambda: HookRegistry.check_if_exists_or_initialize(block).register_hook(diffusers_hook,
+                                                                                                   "count"),
+             "patch": lambda: dcgen_kernels.patch(model, backend="reference")}
+    for step in order.split(", "):
+        steps[step]()
+    calls = count_block_calls(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], expected)
+    assert calls and accelerate_hook.calls == diffusers_hook.calls == 1
+    dcgen_kernels.unpatch(model)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], expected)
+    assert not calls and accelerate_hook.calls == diffusers_hook.calls == 2
+    removals = {"accelerate": lambda: remove_hook_from_module(block),
+                "diffusers": lambda: block._diffusers_hook.remove_hook("count")}
+    for step in reversed([step for step in order.split(", ") if step in removals]):  # last registered, first out
+        removals[step]()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], expected)
+    assert accelerate_hook.calls == diffusers_hook.calls == 2
