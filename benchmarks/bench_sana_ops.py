@@ -9,7 +9,6 @@ Per op and size, variants on the same inputs:
   stock         diffusers' eager math (below), timed exactly as the model runs it, layout changes included.
   dcgen         the dcgen_kernels op with backend="auto" (what patch() uses).
   dcgen_triton  / dcgen_cuda: the op with that backend forced; skipped when the library would fall back.
-  dcgen_tanh    depthwise_glu only, on a GPU: its Triton kernel with the tanh.approx SiLU (not what the op runs).
 Stock paths (diffusers 0.42.1):
   sana_linear_attention  SanaLinearAttnProcessor2_0 between the projections and to_out: transpose/unflatten to
                          (B, H, d, N), ReLU(q), ReLU(k), .float(), V padded with a row of ones, (V_pad K^T) Q,
@@ -100,8 +99,6 @@ class Case:
     bytes: Optional[int] = None
     flops: Optional[int] = None
     info: dict = dataclasses.field(default_factory=dict)
-    # more dcgen variants, name -> callable(): kernel options the op does not expose, timed and checked alike
-    extra_variants: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- stock paths
@@ -211,19 +208,8 @@ def stock_depthwise_glu(ff, pre, height: int, width: int) -> torch.Tensor:
     return (value * ff.nonlinearity(gate)).flatten(2).transpose(1, 2)
 
 
-def tanh_silu_depthwise_glu(pre, height: int, width: int, depth_weight, depth_bias) -> torch.Tensor:
-    """The op's Triton kernel with its tanh.approx SiLU (GPU only, not used by the op until measured)."""
-    from dcgen_kernels.ops.glumbconv import _launch_depthwise_glu
-
-    B, N, channels = pre.shape
-    out = torch.empty(B * N, channels // 2, dtype=pre.dtype, device=pre.device)
-    _launch_depthwise_glu(pre.reshape(B * N, channels), height, width, depth_weight, depth_bias, out, tanh_silu=True)
-    return out.view(B, N, channels // 2)
-
-
 def depthwise_glu_cases(cfg, device, op):
-    """The glumbconv op's depthwise + GLU kernel alone (what the quantized Mix-FFN runs between its GEMMs), and on a
-    GPU its tanh.approx-SiLU variant: speed and accuracy side by side."""
+    """The glumbconv op's depthwise + GLU kernel alone (what the quantized Mix-FFN runs between its GEMMs)."""
     from diffusers.models.transformers.sana_transformer import GLUMBConv
 
     c, h = cfg.hidden, int(cfg.mlp_ratio * cfg.hidden)
@@ -234,12 +220,10 @@ def depthwise_glu_cases(cfg, device, op):
     for grid in cfg.grids:
         n = grid * grid
         pre = _randn(1, n, 2 * h, cfg=cfg, device=device, scale=2.0)  # SiLU's input: both signs, tails to ~-8
-        extra = {"dcgen_tanh": functools.partial(tanh_silu_depthwise_glu, pre, grid, grid, weight, bias)} \
-            if device.type == "cuda" else {}
         yield Case(f"N={n}", functools.partial(stock_depthwise_glu, ff, pre, grid, grid),
                    functools.partial(op, pre, grid, grid, weight, bias),
                    lambda pre=pre, grid=grid: stock_depthwise_glu(copy.deepcopy(ff).float(), pre.float(), grid, grid),
-                   bytes=(n * 2 * h + n * h) * pre.element_size(), info={"hidden": h}, extra_variants=extra)
+                   bytes=(n * 2 * h + n * h) * pre.element_size(), info={"hidden": h})
 
 
 def ada_layer_norm_cases(cfg, device, op):
@@ -358,7 +342,6 @@ def _bench_case(case: Case, variants: dict, device, cfg, copy_gbps, skip: dict, 
             records["stock"] = error_record(err)
         calls = {name: (case.dcgen if backend is None else functools.partial(case.dcgen, backend=backend),
                         backend not in (None, "auto")) for name, backend in variants.items()}
-        calls.update({name: (fn, True) for name, fn in case.extra_variants.items()})
         for name, (fn, forced) in calls.items():
             if unavailable:
                 records[name] = {"unavailable": unavailable}

@@ -167,11 +167,10 @@ def test_gpu_depthwise_glu_partial_tiles(dtype):
 _DEPTHWISE_GLU_CONFIG_LAUNCHES = r'''
 g = importlib.import_module("dcgen_kernels.ops.glumbconv")
 kernel = importlib.import_module("dcgen_kernels.triton_kernels.glumbconv").depthwise_glu_kernel
-E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
-for tanh_silu in (False, True):  # the tanh.approx SiLU (a benchmark variant) compiles as well
+for dtype in (torch.bfloat16, torch.float32):  # the tanh.approx SiLU (16-bit outputs) and the exponential one
+    E = lambda *shape: torch.empty(*shape, dtype=dtype)
     for config in kernel.configs:  # SANA-1.6B's Mix-FFN at a 128x128 latent
-        g._launch_depthwise_glu(E(128 * 128, 11200), 128, 128, E(11200, 1, 3, 3), E(11200), E(128 * 128, 5600),
-                                config, tanh_silu=tanh_silu)
+        g._launch_depthwise_glu(E(128 * 128, 11200), 128, 128, E(11200, 1, 3, 3), E(11200), E(128 * 128, 5600), config)
 print(json.dumps(stats))
 '''
 

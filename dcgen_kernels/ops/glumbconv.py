@@ -94,11 +94,11 @@ def _validate_depthwise_glu(pre, height, width, depth_weight, depth_bias) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- triton
-def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, config=None, tanh_silu=False):
+def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, config=None):
     """out (B*N, hid) = value * SiLU(gate) of depthwise3x3(SiLU(pre)) + bias, pre (B*N, 2*hid) channels-last.
     The block config is autotuned on the first call per shape and dtype (triton_kernels/glumbconv.py); `config`
-    (a triton.Config of that list) runs one without tuning, for tests. tanh_silu: the kernel's tanh.approx SiLU
-    (GPU only; a benchmark variant, not used by the op)."""
+    (a triton.Config of that list) runs one without tuning, for tests. 16-bit outputs take the kernel's tanh.approx
+    SiLU (its error is under their rounding; fp32 keeps the exponential form)."""
     from ..triton_kernels.glumbconv import STRIP_ROWS, depthwise_glu_kernel
 
     hidden = pre.shape[1] // 2
@@ -106,6 +106,7 @@ def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, con
     # (9, 2*hid) fp32: each tap one contiguous vector (a 0.4 MB copy at SANA-1.6B sizes)
     taps = pre.new_empty((9, 2 * hidden), dtype=torch.float32).copy_(depth_weight.reshape(2 * hidden, 9).t())
     args = (pre, taps, depth_bias.contiguous(), out, height, width, hidden)
+    tanh_silu = out.dtype in (torch.bfloat16, torch.float16)
     if config is None:
         grid = lambda meta: (cdiv(hidden, meta["BLOCK_C"]), cdiv(height, STRIP_ROWS.value), batch)  # noqa: E731
         depthwise_glu_kernel[grid](*args, TANH_SILU=tanh_silu)
