@@ -269,3 +269,31 @@ def test_sana_successor_normalises_a_changed_input_itself(monkeypatch):
             got = second(x, timestep=second_step, **args)
             assert len(calls) == own_norm1
             assert rel_l2(got, stock(second, x, timestep=second_step, **args)) < 1e-5
+
+
+def test_processors_give_diffusers_their_own_call_signature(monkeypatch):
+    """diffusers' attention modules filter keyword arguments by inspect.signature(processor.__call__) on every call;
+    the signature the processors store is their method's own parameters (self dropped), so that filtering and its
+    warning about unexpected arguments are unchanged."""
+    import inspect
+
+    from dcgen_kernels.patching.flux import DCGenFluxAttnProcessor
+    from dcgen_kernels.patching.sana import (DCGenSanaCrossAttnProcessor, DCGenSanaLinearAttnProcessor,
+                                             DCGenSanaMultiscaleAttnProcessor)
+
+    for cls in (DCGenSanaLinearAttnProcessor, DCGenSanaCrossAttnProcessor, DCGenSanaMultiscaleAttnProcessor,
+                DCGenFluxAttnProcessor):
+        code = cls.__call__.__code__
+        assert list(inspect.signature(cls.__new__(cls).__call__).parameters) == \
+            list(code.co_varnames[1:code.co_argcount]), cls
+    model = tiny_sana()
+    x = torch.randn(1, 2 * 8, model.config.num_attention_heads * model.config.attention_head_dim)
+    dcgen_kernels.patch(model)
+    attn = model.transformer_blocks[0].attn1
+    from diffusers.models import attention_processor
+
+    warned = []
+    monkeypatch.setattr(attention_processor.logger, "warning", warned.append)
+    out = attn(x, scale=2.0)  # not a parameter of the processor: diffusers warns and drops it
+    assert len(warned) == 1 and "['scale'] are not expected by DCGenSanaLinearAttnProcessor" in warned[0]
+    assert torch.equal(out, attn(x))

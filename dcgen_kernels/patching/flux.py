@@ -23,7 +23,7 @@ from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modula
 from ..ops.flux_attention import flux_attention
 from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
-from ._instance import backend_of, not_plain, replace_forward, restore_forward
+from ._instance import backend_of, not_plain, precomputed_call_signature, replace_forward, restore_forward
 
 FAMILY = "flux"
 SUPPORTED = ("FluxTransformer2DModel: FluxAttention with FluxAttnProcessor, AdaLayerNormZero/ZeroSingle/Continuous, "
@@ -46,6 +46,7 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
+@precomputed_call_signature
 class DCGenFluxAttnProcessor:
     """Drop-in for FluxAttnProcessor: projections, then one fused norm + RoPE + attention op.
 

@@ -36,8 +36,8 @@ from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
-from ._instance import (autocast_dtype, backend_of, not_plain, replace_forward, restore_forward,
-                        runs_own_forward, warn_unfused)
+from ._instance import (autocast_dtype, backend_of, not_plain, precomputed_call_signature, replace_forward,
+                        restore_forward, runs_own_forward, warn_unfused)
 from .quant import QuantizedPointwiseConv
 
 FAMILY = "sana"
@@ -74,6 +74,7 @@ def _clip_fp16(x: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- processors
+@precomputed_call_signature
 class DCGenSanaLinearAttnProcessor:
     """SanaLinearAttnProcessor2_0 with the linear attention in one fused op."""
 
@@ -100,6 +101,7 @@ class DCGenSanaLinearAttnProcessor:
         return _clip_fp16(attn.to_out[1](attn.to_out[0](out)), hidden_states.dtype)
 
 
+@precomputed_call_signature
 class DCGenSanaCrossAttnProcessor:
     """SanaAttnProcessor2_0 with the float key-padding mask turned into a form SDPA's fast kernels accept."""
 
@@ -130,6 +132,7 @@ class DCGenSanaCrossAttnProcessor:
         return out
 
 
+@precomputed_call_signature
 class DCGenSanaMultiscaleAttnProcessor:
     """SanaMultiscaleAttnProcessor2_0 whose linear branch runs `sana_multiscale_linear_attention`: ReLU, the
     fp32 math and the cast back happen in the kernel instead of on an fp32 copy of the whole qkv tensor."""
