@@ -154,6 +154,26 @@ def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
     assert all(s["wgmma"] > 0 for s in stats[0:6:2] + stats[12:13]), stats
 
 
+
+_TRANSPOSED_WEIGHT_LAUNCHES = r"""
+pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
+E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
+tokens = E(1, 64 * 64, 3072)
+pe._launch_unembed_triton(tokens, E(64, 3072), None, 2, pe._unembed_output(tokens, 16, 2, 128, 128))
+# patch_embed's backward: the input gradient is the unembedding by weight.t() (strides (1, 64))
+pe._launch_unembed_triton(tokens, E(3072, 64).t(), None, 2, pe._unembed_output(tokens, 16, 2, 128, 128))
+print(json.dumps(stats))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_triton_unembed_of_a_transposed_weight_compiles_as_the_forward():
+    """A K-strided weight would compile another, slower unembed kernel (sm_90a: 40 KB of shared memory and a third of
+    the 16-byte copies, 231 registers instead of 96): the launcher makes it contiguous, so the embed backward runs
+    the forward's kernel."""
+    stats = compile_launchers_for_sm90(_TRANSPOSED_WEIGHT_LAUNCHES)
+    assert len(stats) == 2 and stats[0] == stats[1], stats
+
 # ----------------------------------------------------------------------------------------------- cuda (cuBLAS)
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("p", [1, 2])
