@@ -547,3 +547,26 @@ def test_tiny_host_overhead_times_each_route_of_each_op(tmp_path):
         assert rec["saved_by_call_op_us"] == pytest.approx(rec["dispatcher_us"] - rec["impl_us"])
     assert "host_overhead" in run.table(report)
 
+
+
+def test_ncu_targets_run_on_cpu_through_the_public_ops(monkeypatch):
+    import importlib
+
+    from benchmarks import ncu_targets
+
+    called = []
+    patch_embed_module = importlib.import_module("dcgen_kernels.ops.patch_embed")
+    launch = patch_embed_module._launch_embed_triton
+    monkeypatch.setattr(patch_embed_module, "_launch_embed_triton", lambda *a: called.append("embed") or launch(*a))
+    ncu_targets.run(torch.device("cpu"))
+    assert called == ["embed", "embed"]  # warm-up pass and measured pass, through the public op
+
+
+def test_profile_host_tiny_profiles_stock_then_patched():
+    from benchmarks import profile_host
+
+    result = profile_host.run(torch.device("cpu"), tiny=True, size="c8_8x8", steps=1, top=5)
+    assert result["stock"]["ms_per_step"] > 0 and result["patched"]["calls_per_step"] > 0
+    assert "dcgen_kernels" not in result["stock"]["listing"] and "dcgen_kernels" in result["patched"]["listing"]
+    with pytest.raises(ValueError, match="--size must be one of"):
+        profile_host.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1, top=5)
