@@ -570,3 +570,22 @@ def test_profile_host_tiny_profiles_stock_then_patched():
     assert "dcgen_kernels" not in result["stock"]["listing"] and "dcgen_kernels" in result["patched"]["listing"]
     with pytest.raises(ValueError, match="--size must be one of"):
         profile_host.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1, top=5)
+
+
+def test_compare_does_not_gate_step_ratios_the_profile_found_host_paced():
+    def report(eager, graph, stock_busy=0.97, patched_busy=0.95):
+        size = {"stock": {"ms": 50.0}, "patched": {"ms": 50.0 / eager, "speedup_vs_stock": eager},
+                "patched_graph": {"ms": 50.0 / graph, "speedup_vs_stock": graph},
+                "kernel_profile": {"stock": {"gpu_busy": stock_busy}, "patched": {"gpu_busy": patched_busy}}}
+        return {"sana_step": {"sizes": {"c128_64x64": size}}}
+
+    eager = "sana_step/sizes/c128_64x64/patched/speedup_vs_stock"
+    graph = "sana_step/sizes/c128_64x64/patched_graph/speedup_vs_stock"
+    assert compare.compare(report(1.2, 2.0), report(0.9, 1.5), 0.10)["regressions"] == [eager, graph]
+    # the patched step host-paced (in either run): its eager ratio is listed, not gated; the graph one stays gated
+    result = compare.compare(report(1.2, 2.0), report(0.9, 1.5, patched_busy=0.4), 0.10)
+    assert result["regressions"] == [graph]
+    assert {r["metric"] for r in result["rows"] if r["host_bound"]} == {eager}
+    assert compare.compare(report(1.2, 2.0, patched_busy=0.4), report(0.9, 1.5), 0.10)["regressions"] == [graph]
+    # a host-paced stock step makes every ratio of that size incomparable
+    assert compare.compare(report(1.2, 2.0), report(0.9, 1.5, stock_busy=0.6), 0.10)["regressions"] == []
