@@ -548,7 +548,6 @@ def test_tiny_host_overhead_times_each_route_of_each_op(tmp_path):
     assert "host_overhead" in run.table(report)
 
 
-
 def test_ncu_targets_run_on_cpu_through_the_public_ops(monkeypatch):
     import importlib
 

@@ -154,7 +154,6 @@ def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
     assert all(s["wgmma"] > 0 for s in stats[0:6:2] + stats[12:13]), stats
 
 
-
 _TRANSPOSED_WEIGHT_LAUNCHES = r"""
 pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
 E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
@@ -173,6 +172,7 @@ def test_triton_unembed_of_a_transposed_weight_compiles_as_the_forward():
     the forward's kernel."""
     stats = compile_launchers_for_sm90(_TRANSPOSED_WEIGHT_LAUNCHES)
     assert len(stats) == 2 and stats[0] == stats[1], stats
+
 
 # ----------------------------------------------------------------------------------------------- cuda (cuBLAS)
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])

@@ -277,6 +277,8 @@ def test_processors_give_diffusers_their_own_call_signature(monkeypatch):
     warning about unexpected arguments are unchanged."""
     import inspect
 
+    from diffusers.models import attention_processor
+
     from dcgen_kernels.patching.flux import DCGenFluxAttnProcessor
     from dcgen_kernels.patching.sana import (DCGenSanaCrossAttnProcessor, DCGenSanaLinearAttnProcessor,
                                              DCGenSanaMultiscaleAttnProcessor)
@@ -290,8 +292,6 @@ def test_processors_give_diffusers_their_own_call_signature(monkeypatch):
     x = torch.randn(1, 2 * 8, model.config.num_attention_heads * model.config.attention_head_dim)
     dcgen_kernels.patch(model)
     attn = model.transformer_blocks[0].attn1
-    from diffusers.models import attention_processor
-
     warned = []
     monkeypatch.setattr(attention_processor.logger, "warning", warned.append)
     out = attn(x, scale=2.0)  # not a parameter of the processor: diffusers warns and drops it

@@ -140,4 +140,3 @@ def precomputed_call_signature(cls):
     function turns that into a lookup (16 -> 5 us per call on the CI CPU, ~40 calls per SANA step)."""
     cls.__call__.__signature__ = inspect.signature(cls.__call__)
     return cls
-
