@@ -18,21 +18,24 @@ import triton.language as tl
 
 
 def _configs(block: str, tiles):
-    """(token tile, programs per SM: the grid) pairs to time per (N, H, D, token stride). The interpreter takes
-    one config with small tiles (PROGRAMS_PER_SM 0: two slices per (b, h), see the launcher), so the test shapes
-    cover several slices, several tiles per slice and partial tiles."""
+    """(token tile, programs per SM: the grid, warps) triples to time per (N, H, D, token stride). The interpreter
+    takes one config with small tiles (PROGRAMS_PER_SM 0: two slices per (b, h), see the launcher), so the test
+    shapes cover several slices, several tiles per slice and partial tiles."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({block: 16, "PROGRAMS_PER_SM": 0}, num_warps=4, num_stages=1)]
-    return [triton.Config({block: size, "PROGRAMS_PER_SM": per_sm}, num_warps=4, num_stages=3)
-            for size, per_sm in tiles]
+    return [triton.Config({block: size, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=3)
+            for size, per_sm, warps in tiles]
 
 
-# H100 run H (benchmarks/PERF_NOTES.md) tuned each pass over 8 pairs (tiles 32-128, 1-8 programs per SM); these
-# won at SANA's 16384 tokens (token-major) and DC-AE's 16384 and 65536 (channel-first); 4096 and 262144 tokens
-# picked others ((64, 8), (128, 4) / (64, 8)). Two per pass keep the first call's tuning short (each config is
-# one compile). The old fixed (64, 4) for both: 75% of the copy rate at SANA's 16384 tokens; tuned: 77-78%.
-KV_TILES = ((64, 2), (64, 4))
-OUT_TILES = ((64, 4), (128, 2))
+# H100 run H (benchmarks/PERF_NOTES.md) tuned each pass over 8 pairs (tiles 32-128, 1-8 programs per SM, 4 warps);
+# the first two of each list won at SANA's 16384 tokens (token-major) and DC-AE's 16384 and 65536 (channel-first);
+# 4096 and 262144 tokens picked others ((64, 8), (128, 4) / (64, 8)). The old fixed (64, 4) for both: 75% of the
+# copy rate at SANA's 16384 tokens; tuned: 77%. Run J's ncu of the winners: ~2 warps per scheduler, 0.4 of them
+# eligible per cycle, DRAM 68-72% busy: latency-bound with too few warps, and more programs (more, shorter slices)
+# did not help in run H; so the third config keeps the winner's grid with 8 warps per program (not yet timed).
+# Few configs per pass keep the first call's tuning short (each config is one compile).
+KV_TILES = ((64, 2, 4), (64, 4, 4), (64, 2, 8))
+OUT_TILES = ((64, 4, 4), (128, 2, 4), (128, 2, 8))
 
 
 @triton.jit
