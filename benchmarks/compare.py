@@ -22,8 +22,8 @@ HOST_BOUND_STEP_MS (in either run): such steps are paced by the host's kernel la
 moving by up to 47%); decodes, ops and steps of HOST_BOUND_STEP_MS or more stay gated. Likewise the model-step
 ratios of sana_step whose steps the run's own kernel profile found host-paced (GPU busy under GPU_BUSY_MIN, in either
 run): all of a size's ratios when its stock step was, its eager (non-graph) variants' when its patched step was
-(the 64x64 SANA step: stock 32-66% apart between H100 runs, patched eager 37.8-65.8 ms for ~22 ms of kernels,
-patched GPU busy 19-45% against 93-98% at 128x128). A tracked metric whose
+(the 64x64 SANA step across six H100 runs of 2026-11-27: stock 45.0-60.8 ms, patched eager 32.4-65.8 ms for ~22 ms
+of kernels, patched GPU busy 19-45% against 93-98% at 128x128). A tracked metric whose
 record failed its correctness check in the new run counts as a regression. Metrics present in only one file are
 listed, not gated (a section skipped for time is not a regression; the run's own `problems` list reports errors).
 Modelled numbers (the projection section) and anchor copies are not compared.

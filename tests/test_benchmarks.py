@@ -571,6 +571,15 @@ def test_profile_host_tiny_profiles_stock_then_patched():
         profile_host.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1, top=5)
 
 
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--top", "0"], ["--steps", "two"]])
+def test_profile_host_rejects_bad_arguments(argv, capsys):
+    from benchmarks import profile_host
+
+    with pytest.raises(SystemExit):
+        profile_host.main(argv)
+    assert "--steps" in capsys.readouterr().err
+
+
 def test_compare_does_not_gate_step_ratios_the_profile_found_host_paced():
     def report(eager, graph, stock_busy=0.97, patched_busy=0.95):
         size = {"stock": {"ms": 50.0}, "patched": {"ms": 50.0 / eager, "speedup_vs_stock": eager},
