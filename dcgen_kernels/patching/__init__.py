@@ -1,7 +1,9 @@
 """`patch(model)`: swap a diffusers model's hot modules for dcgen_kernels ops, per model family.
 
-Only instances are touched (processors are per module); parameters, buffers and state_dict stay as they were,
-unless `quant=` also quantizes the block linears (patching/quant.py), which replaces those nn.Linear modules.
+Only instances are touched (processors are per module); parameters, buffers and state_dict keep their objects,
+keys and values, unless `quant=` also quantizes the block linears (patching/quant.py), which replaces those nn.Linear
+modules. The Q/K/V projections of an attention are moved side by side into one buffer (each parameter a view of its
+rows) so that one GEMM serves them (patching/_fused_projections.py); `unpatch` gives them their own storage back.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modula
 from ..ops.flux_attention import flux_attention
 from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
+from ._fused_projections import place_side_by_side, project, separate
 from ._instance import backend_of, not_plain, precomputed_call_signature, replace_forward, restore_forward
 
 FAMILY = "flux"
@@ -79,15 +80,13 @@ class DCGenFluxAttnProcessor:
         if attn.fused_projections:
             q, k, v = _heads(attn.to_qkv(hidden_states), d).chunk(3, dim=-2)
         else:
-            q, k, v = _heads(attn.to_q(hidden_states), d), _heads(attn.to_k(hidden_states), d), \
-                _heads(attn.to_v(hidden_states), d)
+            q, k, v = (_heads(t, d) for t in project(hidden_states, _projection_groups(attn)[0]))
         text = {}
         if encoder_hidden_states is not None:
             if attn.fused_projections:
                 tq, tk, tv = _heads(attn.to_added_qkv(encoder_hidden_states), d).chunk(3, dim=-2)
             else:
-                tq, tk, tv = (_heads(proj(encoder_hidden_states), d)
-                              for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+                tq, tk, tv = (_heads(t, d) for t in project(encoder_hidden_states, _projection_groups(attn)[1]))
             text = dict(txt_q=tq, txt_k=tk, txt_v=tv, norm_txt_q_weight=attn.norm_added_q.weight,
                         norm_txt_k_weight=attn.norm_added_k.weight)
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
@@ -98,6 +97,23 @@ class DCGenFluxAttnProcessor:
         s_txt = encoder_hidden_states.shape[1]
         hidden_states = attn.to_out[1](attn.to_out[0](out[:, s_txt:]))
         return hidden_states, attn.to_add_out(out[:, :s_txt])
+
+
+def _projection_groups(attn) -> list:
+    """The image Q/K/V projections and, in joint blocks, the text ones: each group reads one input, one GEMM where
+    patch() placed it side by side (patching/_fused_projections.py; diffusers' own `fuse_qkv_projections` keeps
+    a second, joined copy of the weights instead)."""
+    groups = [{"to_q": attn.to_q, "to_k": attn.to_k, "to_v": attn.to_v}]
+    if attn.added_kv_proj_dim is not None:
+        groups.append({"add_q_proj": attn.add_q_proj, "add_k_proj": attn.add_k_proj, "add_v_proj": attn.add_v_proj})
+    return groups
+
+
+def _place_projections(attn) -> None:
+    if not attn.fused_projections:
+        for group in _projection_groups(attn):
+            if not_plain(group, torch.nn.Linear) is None:
+                place_side_by_side(list(group.values()))
 
 
 def _skip_reason(attn) -> Optional[str]:
@@ -384,12 +400,14 @@ def patch_module(module: torch.nn.Module, backend: str):
     processor = module.processor
     if isinstance(processor, DCGenFluxAttnProcessor):
         processor.backend = backend
+        _place_projections(module)
         return type(processor.original).__name__, None
     if type(processor) is not classes[1]:
         return type(processor).__name__, f"processor {type(processor).__name__} is not FluxAttnProcessor"
     reason = _skip_reason(module)
     if reason is None:
         module.set_processor(DCGenFluxAttnProcessor(processor, backend))
+        _place_projections(module)
     return type(processor).__name__, reason
 
 
@@ -398,6 +416,8 @@ def unpatch_module(module: torch.nn.Module) -> bool:
         return True
     processor = getattr(module, "processor", None)
     if isinstance(processor, DCGenFluxAttnProcessor):
+        for group in _projection_groups(module):
+            separate(list(group.values()))
         module.set_processor(processor.original)
         return True
     return False

@@ -36,6 +36,7 @@ from ..ops.glumbconv import depthwise_glu, glumbconv
 from ..ops.key_padding_attention import key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
+from ._fused_projections import place_side_by_side, project, project_concatenated, separate
 from ._instance import (autocast_dtype, backend_of, not_plain, precomputed_call_signature, replace_forward,
                         restore_forward, runs_own_forward, warn_unfused)
 from .quant import QuantizedPointwiseConv
@@ -74,6 +75,17 @@ def _clip_fp16(x: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- processors
+def _qkv(attn) -> dict:
+    """The self-attention projections that read the same input: one GEMM where patch() placed them side by side
+    (patching/_fused_projections.py)."""
+    return {"to_q": attn.to_q, "to_k": attn.to_k, "to_v": attn.to_v}
+
+
+def _kv(attn) -> dict:
+    """The cross-attention's key and value projections of the text (one GEMM, as _qkv)."""
+    return {"to_k": attn.to_k, "to_v": attn.to_v}
+
+
 @precomputed_call_signature
 class DCGenSanaLinearAttnProcessor:
     """SanaLinearAttnProcessor2_0 with the linear attention in one fused op."""
@@ -86,7 +98,7 @@ class DCGenSanaLinearAttnProcessor:
         if encoder_hidden_states is not None:
             return _fallback("linear attention was given encoder_hidden_states", self.original, attn,
                              hidden_states, encoder_hidden_states, attention_mask)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = project(hidden_states, _qkv(attn))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -114,7 +126,7 @@ class DCGenSanaCrossAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
         batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        key, value = project(encoder_hidden_states, _kv(attn))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -147,7 +159,7 @@ class DCGenSanaMultiscaleAttnProcessor:
             return self.original(attn, hidden_states)
         residual = hidden_states
         x = hidden_states.movedim(1, -1)
-        qkv = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=3).movedim(-1, 1)
+        qkv = project_concatenated(x, _qkv(attn)).movedim(-1, 1)
         qkv = torch.cat([qkv] + [block(qkv) for block in attn.to_qkv_multiscale], dim=1)
         query, key, value = qkv.reshape(batch, -1, 3 * attn.attention_head_dim, height * width).chunk(3, dim=2)
         out = sana_multiscale_linear_attention(query, key, value, eps=attn.eps, backend=self.backend)
@@ -384,13 +396,29 @@ def patch_module(module: torch.nn.Module, backend: str):
         processor = getattr(module, "processor", None)
         if isinstance(processor, _OURS):
             processor.backend = backend
+            _place_projections(module, processor)
             return type(processor.original).__name__, None
         ours = _PROCESSORS.get(type(processor).__name__)
         if ours is None or type(processor) is not classes[type(processor).__name__]:
             return None  # another model's attention: not ours to judge
         _set_processor(module, ours(processor, backend))
+        _place_projections(module, module.processor)
         return type(processor).__name__, None
     return None
+
+
+def _projection_groups(attn, processor) -> list:
+    if isinstance(processor, DCGenSanaCrossAttnProcessor):
+        return [_kv(attn)] if attn.is_cross_attention else []
+    return [_qkv(attn)]
+
+
+def _place_projections(attn, processor) -> None:
+    """Put each group of projections that read one input side by side in memory (patching/_fused_projections.py),
+    where they are plain nn.Linear (not adapters, no hooks)."""
+    for group in _projection_groups(attn, processor):
+        if not_plain(group, torch.nn.Linear) is None:
+            place_side_by_side(list(group.values()))
 
 
 def _set_processor(module, processor) -> None:
@@ -415,6 +443,8 @@ def unpatch_module(module: torch.nn.Module) -> bool:
         return True
     processor = getattr(module, "processor", None)
     if isinstance(processor, _OURS):
+        for group in _projection_groups(module, processor):
+            separate(list(group.values()))
         _set_processor(module, processor.original)
         return True
     return False
