@@ -1,3 +1,4 @@
+import warnings
 
 import pytest
 import torch
@@ -239,3 +240,22 @@ def test_patched_model_survives_torch_save_load_and_deepcopy(quant):
         dcgen_kernels.unpatch(twin)
         assert not any("forward" in vars(m) for m in twin.modules())
     assert torch.equal(run(model, inputs), expected)
+
+
+def test_float64_model_runs_diffusers_code_with_one_warning_per_module_kind():
+    model = tiny_flux().double()
+    inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in tiny_flux_inputs().items()}
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model)
+    dcgen_kernels._backend._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(model, inputs)
+    said = [str(w.message) for w in caught]
+    assert "dcgen_kernels: FluxTransformerBlock runs diffusers' code because its input is float64 (the fused ops " \
+           "take float32, bfloat16 and float16)" in said and len(said) == len(set(said)), said
+    assert out.dtype == torch.float64 and torch.equal(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        run(model, inputs)

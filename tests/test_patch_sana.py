@@ -285,7 +285,7 @@ def test_processors_give_diffusers_their_own_call_signature(monkeypatch):
 
     for cls in (DCGenSanaLinearAttnProcessor, DCGenSanaCrossAttnProcessor, DCGenSanaMultiscaleAttnProcessor,
                 DCGenFluxAttnProcessor):
-        code = cls.__call__.__code__
+        code = inspect.unwrap(cls.__call__).__code__
         assert list(inspect.signature(cls.__new__(cls).__call__).parameters) == \
             list(code.co_varnames[1:code.co_argcount]), cls
     model = tiny_sana()
@@ -297,3 +297,25 @@ def test_processors_give_diffusers_their_own_call_signature(monkeypatch):
     out = attn(x, scale=2.0)  # not a parameter of the processor: diffusers warns and drops it
     assert len(warned) == 1 and "['scale'] are not expected by DCGenSanaLinearAttnProcessor" in warned[0]
     assert torch.equal(out, attn(x))
+
+
+def test_float64_models_run_diffusers_code():
+    """The fused ops take fp32/bf16/fp16: a float64 model runs stock code (said per module kind), never an error."""
+    model = tiny_sana().double()
+    inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() and k != "encoder_attention_mask" else v
+              for k, v in tiny_sana_inputs().items()}
+    dcae, latent = tiny_dcae().double(), torch.randn(1, 8, 5, 6, dtype=torch.float64)
+    expected, expected_image = run_sana(model, inputs), decode(dcae, latent)
+    dcgen_kernels.patch(model)
+    dcgen_kernels.patch(dcae)
+    dcgen_kernels._backend._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, image = run_sana(model, inputs), decode(dcae, latent)
+    said = [str(w.message) for w in caught]
+    for kind in ("SanaLinearAttnProcessor2_0", "SanaTransformerBlock", "ResBlock"):
+        assert f"dcgen_kernels: {kind} runs diffusers' code because its input is float64 (the fused ops take " \
+               "float32, bfloat16 and float16)" in said, said
+    assert out.dtype == torch.float64 and rel_l2(out, expected) < 1e-12
+    assert image.dtype == torch.float64 and rel_l2(image, expected_image) < 1e-12
+

@@ -1,5 +1,5 @@
-"""One GEMM for the linears that read the same input (the Q, K and V projections of SANA's and DC-AE's linear
-attention), without a second copy of their weights.
+"""One GEMM for the linears that read the same input (the Q/K/V projections of FLUX's, SANA's and DC-AE's
+attentions, SANA's cross-attention K/V), without a second copy of their weights.
 
 patch() puts such a group's weights (and biases) side by side in one new buffer and rebinds each parameter's `.data`
 to a view of its rows: the parameter objects, their values and the state_dict keys stay as they were, and the views

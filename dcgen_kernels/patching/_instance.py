@@ -123,6 +123,41 @@ def _forward_hooks(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _unsupported_dtype(x) -> Optional[torch.dtype]:
+    return x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype not in FLOAT_DTYPES else None
+
+
+def _dtype_reason(dtype: torch.dtype) -> str:
+    return f"its input is {str(dtype).removeprefix('torch.')} (the fused ops take float32, bfloat16 and float16)"
+
+
+def stock_for_other_dtypes(forward):
+    """Decorator for a patched module forward: with activations (its first argument) in a float dtype the fused
+    ops do not take (float64), the class's own forward runs instead, with a one-time warning: slower, never an
+    error."""
+    @functools.wraps(forward)
+    def checked(self, *args, **kwargs):
+        dtype = _unsupported_dtype(args[0] if args else next(iter(kwargs.values()), None))
+        if dtype is not None:
+            warn_unfused(type(self).__name__, _dtype_reason(dtype))
+            return type(self).forward(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+    return checked
+
+
+def stock_processor_for_other_dtypes(call):
+    """stock_for_other_dtypes for an attention processor's __call__(attn, hidden_states, ...): the processor it
+    replaced (`self.original`) serves such calls."""
+    @functools.wraps(call)
+    def checked(self, attn, hidden_states, *args, **kwargs):
+        dtype = _unsupported_dtype(hidden_states)
+        if dtype is not None:
+            warn_unfused(type(self.original).__name__, _dtype_reason(dtype))
+            return self.original(attn, hidden_states, *args, **kwargs)
+        return call(self, attn, hidden_states, *args, **kwargs)
+    return checked
+
+
 def warn_unfused(where: str, reason: str) -> None:
     _backend.warn_once(f"unfused:{where}:{reason}", f"dcgen_kernels: {where} runs diffusers' code because {reason}")
 

@@ -11,7 +11,7 @@ import torch
 
 from .._backend import warn_once
 from ..ops.channel_rms_norm import channel_rms_norm, layout
-from ._instance import backend_of, replace_forward, restore_forward
+from ._instance import backend_of, replace_forward, restore_forward, stock_for_other_dtypes
 
 FAMILY = "dcae"
 SUPPORTED = "AutoencoderDC: ResBlock with rms_norm"
@@ -25,6 +25,7 @@ def _res_block_class():
     return ResBlock
 
 
+@stock_for_other_dtypes
 def _res_block_forward(self, hidden_states):
     x = self.conv2(self.nonlinearity(self.conv1(hidden_states)))
     reason = _fused_tail_error(x, hidden_states, self.norm)
