@@ -168,3 +168,24 @@ def test_place_side_by_side_refuses_mismatched_groups():
         storages = [p.untyped_storage().data_ptr() for linear in group for p in linear.parameters()]
         assert not _fused_projections.place_side_by_side(group)
         assert storages == [p.untyped_storage().data_ptr() for linear in group for p in linear.parameters()]
+
+
+@pytest.mark.gpu
+def test_moved_to_the_gpu_after_patch_then_captured_in_a_cuda_graph(monkeypatch):
+    from tests.helpers import TOLERANCE
+
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model)
+    model.to("cuda", torch.bfloat16)  # each parameter a new tensor: placed side by side again on the first call
+    inputs = {k: v if not torch.is_tensor(v) else v.cuda().to(torch.bfloat16)
+              if v.is_floating_point() and k != "encoder_attention_mask" else v.cuda() for k, v in inputs.items()}
+    weights = record_linear_weights(monkeypatch)
+    eager = run(model, inputs)
+    attn = model.transformer_blocks[0].attn1
+    assert attn.to_q.weight.is_cuda and side_by_side([attn.to_q, attn.to_k, attn.to_v])
+    assert joined(attn.to_q, attn.to_k, attn.to_v) in weights
+    dcgen_kernels.patch(model, cuda_graph=True)
+    captured, replayed = run(model, inputs), run(model, inputs)
+    for out in (eager, captured, replayed):
+        assert rel_l2(out.float().cpu(), expected) <= 2 * TOLERANCE[torch.bfloat16]
