@@ -13,7 +13,8 @@ Tiny mode: a 2-layer fp32 model on the CPU at toy shapes.
 stock path grown through the blocks), patched (backend auto, what users get), patched_triton, patched_graph
 (patch(cuda_graph=True): the step replayed as one CUDA graph) and patched_fp8_graph (also quant="fp8": the block
 linears in FP8). The check allows max(2e-2, twice the noise floor), for fp8 common.QUANT_STEP_TOL. Then one
-profiled step of stock and of patched (kernel_profile: GPU kernel ms by class, the costliest kernels).
+profiled step of stock and of patched (kernel_profile: GPU kernel ms by class, the costliest kernels, the costliest
+GEMMs by input shapes).
 `run_compile` (a later section, since it is slow: ~40 s of compilation per shape on an H100): rebuilds the same
 seeded model, runs torch.compile(model) (mode default, Inductor) and reports its first-call seconds (compilation
 plus one execution) apart from its steady-state ms. Tiny mode uses torch.compile(backend="eager") instead:
@@ -29,7 +30,7 @@ import torch
 
 from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory,
                      noise_floor_tolerance, STEP_VARIANTS, record_patched_variants, reference_noise_floor, rel_l2)
-from .timing import profile_kernels, time_ms, wall_s
+from .timing import profile_gemm_shapes, profile_kernels, time_ms, wall_s
 
 STEP_TOL = 2e-2
 # The bf16 GEMMs alone are 44.5 / 11.2 TFLOP per step (benchmarks/projection.py's counter): at an assumed
@@ -138,15 +139,18 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
 
 def kernel_profiles(model, step, device: torch.device) -> dict:
     """One profiled step each of stock and patch(model): GPU kernel ms by class and the costliest kernels, i.e. where
-    the patched step's time goes against its floor (README). Costs about four steps."""
+    the patched step's time goes against its floor (README), and the costliest GEMMs by shape (`gemm_by_shape`:
+    [op, input shapes, ms, calls] per step). Costs about eight steps."""
     import dcgen_kernels
 
     profiles = {}
     try:
         profiles["stock"] = profile_kernels(step, device, steps=1, top=8)
+        profiles["stock"]["gemm_by_shape"] = profile_gemm_shapes(step, device, top=8)
         dcgen_kernels.patch(model)
         try:
             profiles["patched"] = profile_kernels(step, device, steps=1, top=8)
+            profiles["patched"]["gemm_by_shape"] = profile_gemm_shapes(step, device, top=8)
         finally:
             dcgen_kernels.unpatch(model)
     except Exception as err:  # noqa: BLE001 - a diagnostic: the timed variants stay

@@ -204,3 +204,28 @@ def profile_kernels(step: Callable[[], object], device: torch.device, steps: int
         rec["wall_ms_per_step"] = statistics.median(walls)
         rec["gpu_busy"] = kernel_ms / rec["wall_ms_per_step"]
     return rec
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::_addmm_activation", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+
+
+def profile_gemm_shapes(step: Callable[[], object], device: torch.device, top: int) -> list:
+    """[[op, input shapes, ms per step, calls per step], ...] of the `top` costliest GEMM ops (GEMM_OPS) of one
+    step(), grouped by input shapes: which projection takes how long (CUDA: the GPU time of the kernels each op
+    launched; CPU: its CPU time). A run of its own after a warm-up, since recording shapes slows the host (and so
+    would move profile_kernels' wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in GEMM_OPS:
+            us = float(event.device_time_total if device.type == "cuda" else event.cpu_time_total)
+            rows.append([event.key, str(event.input_shapes), us / 1e3, event.count])
+    return sorted(rows, key=lambda row: -row[2])[:top]
+

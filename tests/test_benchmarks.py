@@ -532,6 +532,12 @@ def test_sana_step_kernel_profiles_leave_the_model_unpatched():
     assert set(profiles) == {"stock", "patched"}
     assert all(p["kernel_ms_per_step"] > 0 and len(p["top_kernels_ms"]) == 8 for p in profiles.values())
     assert not dcgen_kernels.is_patched(model)
+    # The patched step projects Q/K/V with one GEMM of 3 x the width (tiny SANA: 2 heads x 32), whose second
+    # operand is the (width, 3 * width) transposed weight.
+    width = cfg.model["num_attention_heads"] * cfg.model["attention_head_dim"]
+    shapes = {shape for _, shape, _, _ in profiles["patched"]["gemm_by_shape"]}
+    assert any(f"[{width}, {3 * width}]]" in shape for shape in shapes), shapes
+    assert all(ms > 0 and calls >= 1 for p in profiles.values() for _, _, ms, calls in p["gemm_by_shape"])
 
 
 def test_tiny_host_overhead_times_each_route_of_each_op(tmp_path):
