@@ -144,6 +144,50 @@ def test_torch_save_load_keeps_the_graphed_forward_without_its_graphs(fake_graph
     assert not any("forward" in vars(m) for m in loaded.modules())
 
 
+def test_sana_graphs_are_keyed_by_the_caption_masks_plan(fake_graphs, monkeypatch):
+    """One graph per key-padding plan of the caption mask (ops/key_padding_attention.graph_plan); while capturing,
+    the cross-attentions follow the plan made before the capture, never one from the mask on the host."""
+    import sys
+
+    kpa = sys.modules["dcgen_kernels.ops.key_padding_attention"]
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    mask = inputs["encoder_attention_mask"]  # the second caption is padded
+    other = mask.clone()
+    other[0, 2:] = 0  # another mask, the same plan: all keys, masked
+    full = torch.ones_like(mask)  # every key kept: no mask for SDPA, another graph
+    masks = (mask, other, full, other)
+    dcgen_kernels.patch(model, backend="reference")
+    expected = [_eager_out(model, dict(inputs, encoder_attention_mask=m)) for m in masks]
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    captured = []
+
+    def capture(run, device):  # FakeGraphs' contract, with the capture run seen as capturing
+        fake_graphs.captures += 1
+        warm = run()
+        host_plan, capturing, masked_call = kpa._plan, kpa._capturing, kpa.key_padding_attention_reference
+        kpa._plan = lambda m: pytest.fail("planned on the host while capturing")
+        kpa.key_padding_attention_reference = lambda *a: pytest.fail("the plan handed in was not used")
+        kpa._capturing = lambda t: True
+        try:
+            captured.append(run())
+        finally:
+            kpa._plan, kpa._capturing, kpa.key_padding_attention_reference = host_plan, capturing, masked_call
+
+        def replay():
+            fake_graphs.replays += 1
+            return run()
+        return warm, replay
+
+    monkeypatch.setattr(cuda_graph, "capture", capture)
+    outs = [_eager_out(model, dict(inputs, encoder_attention_mask=m)) for m in masks]
+    assert (fake_graphs.captures, fake_graphs.replays) == (2, 2)
+    assert sorted(key[-1] for key in cuda_graph.graphed(model).graphs) == [("keys", 5, False, 5), ("keys", 5, True, 5)]
+    for got, want in zip(outs, expected):
+        assert rel_l2(got, want) < 1e-6
+    for got, want in zip(captured, (expected[0], expected[2])):
+        assert rel_l2(got[0], want) < 1e-6
+
+
 def test_bad_cuda_graph_arguments():
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         dcgen_kernels.patch(tiny_flux(), cuda_graph="yes")

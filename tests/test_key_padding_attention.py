@@ -125,6 +125,58 @@ def test_capture_runs_the_masked_call_without_a_host_plan(monkeypatch):
     assert torch.equal(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask))
 
 
+GRAPH_CASES = {  # keep mask -> graph key, with GRAPH_KEY_BUCKET 4 over S_KV = 11 keys
+    "no_padding_b2": (prefix(S_KV, S_KV), ("keys", 11, False, 11)),
+    "same_prefix_on_a_bucket_b2": (prefix(8, 8), ("keys", 8, False, 11)),
+    "same_prefix_inside_a_bucket_b2": (prefix(7, 7), ("keys", 8, True, 11)),
+    "scattered_b1": (torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0]]).float(), ("keys", 8, True, 11)),
+    "different_lengths_b2": (prefix(6, 3), ("keys", 8, True, 11)),
+    "last_bucket_b2": (prefix(10, 3), ("keys", 11, True, 11)),
+    "one_fully_padded_b2": (prefix(7, 0), ("diffusers", 11)),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+def test_graph_plan_keys(monkeypatch, case):
+    monkeypatch.setattr(kpa_module, "GRAPH_KEY_BUCKET", 4)
+    keep, key = GRAPH_CASES[case]
+    assert kpa_module.graph_plan(sana_bias(keep))[0] == key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_captured_plan_is_exact_for_every_mask_of_its_key(monkeypatch, dtype):
+    """A graph replays its capture-time plan with each call's mask: every mask with the same key (the mask it was
+    made from included) must give the masked call's result, with no host plan while capturing."""
+    monkeypatch.setattr(kpa_module, "GRAPH_KEY_BUCKET", 4)
+    q, k, v = qkv(dtype=dtype)
+    masks = [sana_bias(keep, dtype) for keep, _ in GRAPH_CASES.values()]
+    planned = [kpa_module.graph_plan(mask) for mask in masks]
+    monkeypatch.setattr(kpa_module, "_capturing", lambda t: True)
+    monkeypatch.setattr(kpa_module, "_plan", lambda m: pytest.fail("planned on the host while capturing"))
+    checked = 0
+    for key, plan in planned:
+        for mask, (other_key, _) in zip(masks, planned):
+            if other_key != key:
+                continue
+            B = mask.shape[0]
+            with kpa_module.captured_with(plan, S_KV):
+                got = key_padding_attention(q[:B], k[:B], v[:B], mask)
+            want = key_padding_attention_reference(q[:B], k[:B], v[:B], mask)
+            assert rel_l2(got, want) <= (1e-6 if dtype == torch.float32 else TOLERANCE[dtype] / 10), key
+            checked += 1
+    assert checked > len(masks)  # some keys are shared
+
+
+def test_captured_plan_for_another_key_count_is_not_used(monkeypatch):
+    monkeypatch.setattr(kpa_module, "_capturing", lambda t: True)
+    q, k, v = qkv()
+    mask = sana_bias(prefix(7, 5))
+    _, plan = kpa_module.graph_plan(sana_bias(prefix(S_KV, S_KV)))  # no mask, all keys: wrong for this mask
+    with kpa_module.captured_with(plan, S_KV + 1):
+        got = key_padding_attention(q, k, v, mask)
+    assert torch.equal(got, key_padding_attention_reference(q, k, v, mask))
+
+
 def test_no_mask_is_plain_attention():
     q, k, v = qkv()
     scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5

@@ -12,13 +12,15 @@ mask that is not a padding mask (entries other than 0 and <= -1000), run diffuse
 The plan needs the mask's content on the host: one device sync per distinct mask. It is cached for the last
 mask object seen (unmodified), so the 20 SANA blocks of one step share it; not for a mask made under
 torch.inference_mode, which has no version counter to tell an in-place change (one sync per call there; diffusers'
-pipelines run under torch.no_grad). Under torch.compile tracing and
-during a CUDA graph capture the plan is skipped and diffusers' masked call runs instead: data-dependent shapes
-would break a compiled graph, and a captured graph replays with other masks than the one it was captured with.
+pipelines run under torch.no_grad). Under torch.compile tracing diffusers' masked call runs instead (data-dependent
+shapes would break a compiled graph). A captured CUDA graph replays with other masks than the one it was captured
+with: there the plan comes from `graph_plan`, made before the capture and exact for every mask of its key (the
+graph wrapper keeps one graph per key), else diffusers' masked call runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 from ._common import FLOAT_DTYPES, check_tensor
 
-__all__ = ["key_padding_attention", "key_padding_attention_reference", "PADDING_BIAS_MAX", "SANA_MASK_BIAS"]
+__all__ = ["captured_with", "graph_plan", "key_padding_attention", "key_padding_attention_reference",
+           "PADDING_BIAS_MAX", "SANA_MASK_BIAS"]
 
 SANA_MASK_BIAS = -10000.0  # SanaTransformer2DModel.forward: (1 - mask) * -10000.0
 # Bias entries at or below this count as padding: exp(-1000 + logit gap) is 0 in fp32 for any gap under ~900.
@@ -84,23 +87,34 @@ class _Plan:
     masked: bool
 
 
-def _plan(attn_mask: torch.Tensor) -> _Plan:
+def _keep(attn_mask: torch.Tensor) -> torch.Tensor:
     rows = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[-1])
-    keep = rows if rows.dtype == torch.bool else rows == 0
+    return rows if rows.dtype == torch.bool else rows == 0
+
+
+def _summary(attn_mask: torch.Tensor) -> list:
+    """[padding, same_keys, min_kept, max_end, all_prefix] of the mask, with one host sync: whether it is a padding
+    mask, every batch element keeps the same keys, the fewest keys one keeps, one past the last kept key, and
+    whether every element keeps a prefix."""
+    rows = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[-1])
+    keep = _keep(attn_mask)
     is_padding = (keep | (rows <= PADDING_BIAS_MAX)).all() if rows.dtype != torch.bool else keep.new_ones(())
-    S_kv = keep.shape[1]
-    positions = torch.arange(1, S_kv + 1, device=keep.device)
+    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
     kept = keep.sum(1)
     end = torch.where(keep, positions, 0).amax(1)  # one past the last kept key
-    summary = torch.stack([is_padding.long(), (keep == keep[:1]).all().long(), kept.min(), end.max(),
-                           (kept == end).all().long()]).tolist()  # the one host sync
-    padding, same_keys, min_kept, max_end, all_prefix = summary
+    return torch.stack([is_padding.long(), (keep == keep[:1]).all().long(), kept.min(), end.max(),
+                        (kept == end).all().long()]).tolist()
+
+
+def _plan(attn_mask: torch.Tensor) -> _Plan:
+    padding, same_keys, min_kept, max_end, all_prefix = _summary(attn_mask)
+    S_kv = attn_mask.shape[-1]
     if not padding or min_kept == 0:
         return _Plan(keys=None, masked=True)  # diffusers' call: exact, and any fully padded row stays as it is
     if same_keys:
         if all_prefix:
             return _Plan(keys=None if max_end == S_kv else max_end, masked=False)
-        return _Plan(keys=keep[0].nonzero().squeeze(1), masked=False)
+        return _Plan(keys=_keep(attn_mask)[0].nonzero().squeeze(1), masked=False)
     return _Plan(keys=None if max_end == S_kv else max_end, masked=True)
 
 
@@ -123,6 +137,41 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+# ----------------------------------------------------------------------------------------------- CUDA graphs
+# A captured graph replays with whatever mask its input buffer holds, so no plan may be made from the mask during
+# the capture. The graph wrapper (patching/cuda_graph.py) asks for `graph_plan` of each call's mask instead and
+# keeps one graph per key: the plan is exact for every mask with that key. The key range is rounded up to a
+# multiple of GRAPH_KEY_BUCKET (the keys past the last kept one stay masked) so that a few graphs serve all
+# captions: SANA's 300 text tokens give at most 3 ranges, each with and without the mask.
+GRAPH_KEY_BUCKET = 128
+_capture_plans: list = []  # [(plan, S_kv)] while a graph is captured under `captured_with`
+
+
+def graph_plan(attn_mask: torch.Tensor) -> tuple:
+    """(key, plan) for a graph that runs `key_padding_attention` with this mask or any other of the same key (one
+    host sync). The plan keeps the first `end` keys (`end` the last kept key rounded up to GRAPH_KEY_BUCKET, at most
+    S_kv) and the mask unless every batch element keeps exactly those keys; a mask that is not a padding mask, or
+    has a batch element without keys, gets diffusers' masked call."""
+    padding, same_keys, min_kept, max_end, all_prefix = _summary(attn_mask)
+    S_kv = attn_mask.shape[-1]
+    if not padding or min_kept == 0:
+        return ("diffusers", S_kv), _Plan(keys=None, masked=True)
+    end = min(S_kv, -(-max_end // GRAPH_KEY_BUCKET) * GRAPH_KEY_BUCKET)
+    masked = not (same_keys and all_prefix and max_end == end)
+    return ("keys", end, masked, S_kv), _Plan(keys=None if end == S_kv else end, masked=masked)
+
+
+@contextlib.contextmanager
+def captured_with(plan: _Plan, S_kv: int):
+    """Within: a key_padding_attention call being captured in a CUDA graph with a mask of S_kv keys follows `plan`
+    (from graph_plan of the mask the graph is captured for) instead of diffusers' masked call."""
+    _capture_plans.append((plan, S_kv))
+    try:
+        yield
+    finally:
+        _capture_plans.pop()
+
+
 # ----------------------------------------------------------------------------------------------- public API
 def key_padding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -136,9 +185,14 @@ def key_padding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _validate(q, k, v, attn_mask)
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v)
-    if torch.compiler.is_compiling() or _capturing(q):
+    if torch.compiler.is_compiling():
         return key_padding_attention_reference(q, k, v, attn_mask)
-    plan = _cached_plan(attn_mask)
+    if _capturing(q):
+        if not _capture_plans or _capture_plans[-1][1] != attn_mask.shape[-1]:
+            return key_padding_attention_reference(q, k, v, attn_mask)
+        plan = _capture_plans[-1][0]
+    else:
+        plan = _cached_plan(attn_mask)
     bias = _additive_bias(attn_mask, q.dtype) if plan.masked else None
     if isinstance(plan.keys, int):
         k, v = k[:, :, :plan.keys], v[:, :, :plan.keys]

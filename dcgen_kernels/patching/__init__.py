@@ -117,7 +117,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
                         nvfp4_activations=nvfp4_activations)
     report.quantization = _quant.quant_report(model)
     if cuda_graph:
-        _cuda_graph.enable(model)
+        _cuda_graph.enable(model, plan_inputs=sana.cuda_graph_plan_inputs(model))
     setattr(model, _REPORT_ATTR, report)
     logger.info("%s", report)
     return model

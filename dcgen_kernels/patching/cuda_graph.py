@@ -12,10 +12,12 @@ Rules:
   one-time warnings), then captures it with the call's tensors copied into static input buffers.
 - a known signature copies the tensors into its buffers, replays, and returns clones of the graph's outputs (the
   next replay overwrites them).
+- a model family may add a key made from the content of an input (`plan_inputs`): SANA's caption mask, whose
+  key-padding plan (which keys SDPA needs, whether it needs the mask) a graph bakes in; one graph per plan key,
+  exact for every mask with that key (ops/key_padding_attention.graph_plan).
 - eager, with a one-time warning naming why: gradients enabled (graphs here are for inference: run under
   torch.no_grad() or torch.inference_mode(), as diffusers pipelines do), a tensor off the GPU or on several GPUs,
-  a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures. (SANA's
-  key-padding cross-attention, which plans on the host from the mask, runs diffusers' masked call while capturing.)
+  a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures.
 - the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen; patch()
   called again or unpatch() drop the graphs, since modules may have been replaced. Each graph keeps its own
   memory pool (activations of one step) until then.
@@ -23,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -94,9 +97,11 @@ def capture(run: Callable[[], object], device: torch.device):
 class GraphedForward:
     """A model's forward, captured per signature (see the module docstring)."""
 
-    def __init__(self, forward: Callable, model_name: str):
+    def __init__(self, forward: Callable, model_name: str, plan_inputs: Optional[Callable] = None):
         self.forward = forward  # the forward it wraps (the class's, or one another patch family installed)
         self.model_name = model_name
+        # (args, kwargs) -> None or (key, context manager the capture runs in): see the module docstring
+        self.plan_inputs = plan_inputs
         self.graphs: dict = {}  # signature -> (static input tensors, replay), or None: that signature runs eagerly
 
     def __getstate__(self):  # torch.save of the model: graphs are per process, captured again after loading
@@ -114,10 +119,13 @@ class GraphedForward:
         if reason is not None:
             return self._eager(reason, args, kwargs)
         key = _signature(spec, leaves)
+        planned = None if self.plan_inputs is None else self.plan_inputs(args, kwargs)
+        if planned is not None:
+            key += (planned[0],)
         if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 return self._eager(f"more than {MAX_GRAPHS} input signatures (shapes, dtypes, arguments)", args, kwargs)
-            return self._capture(key, leaves, spec, tensors)
+            return self._capture(key, leaves, spec, tensors, contextlib.nullcontext() if planned is None else planned[1])
         if self.graphs[key] is None:
             return self.forward(*args, **kwargs)  # its capture failed (warned then)
         static_inputs, replay = self.graphs[key]
@@ -125,14 +133,15 @@ class GraphedForward:
             buffer.copy_(tensor)
         return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, replay())
 
-    def _capture(self, key: tuple, leaves: list, spec, tensors: list):
+    def _capture(self, key: tuple, leaves: list, spec, tensors: list, planned):
         """First call of a signature: returns the warm-up run's output (computed from copies of the inputs)."""
         static_inputs = [t.clone() for t in tensors]
         buffers = iter(static_inputs)
         static_args, static_kwargs = pytree.tree_unflatten(
             [next(buffers) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
         try:
-            out, replay = capture(lambda: self.forward(*static_args, **static_kwargs), tensors[0].device)
+            with planned:
+                out, replay = capture(lambda: self.forward(*static_args, **static_kwargs), tensors[0].device)
         except CaptureError as err:
             self.graphs[key] = None
             _backend.warn_once(f"cuda_graph:{self.model_name}:capture:{err}",
@@ -143,11 +152,13 @@ class GraphedForward:
         return out
 
 
-def enable(model: torch.nn.Module) -> None:
-    """Wrap `model.forward` (dropping graphs captured before); `disable` restores it."""
+def enable(model: torch.nn.Module, plan_inputs: Optional[Callable] = None) -> None:
+    """Wrap `model.forward` (dropping graphs captured before); `disable` restores it. plan_inputs: see
+    GraphedForward."""
     disable(model)
     own = model.__dict__.get("forward")  # a forward another family installed on the instance, if any
-    graphed = GraphedForward(own if own is not None else OwnForward(type(model).forward, model), type(model).__name__)
+    graphed = GraphedForward(own if own is not None else OwnForward(type(model).forward, model), type(model).__name__,
+                             plan_inputs)
     model.__dict__[_ATTR] = own
     model.forward = graphed
 

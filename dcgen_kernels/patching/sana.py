@@ -33,7 +33,7 @@ from .. import _backend
 from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
                                   gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8)
 from ..ops.glumbconv import depthwise_glu, glumbconv
-from ..ops.key_padding_attention import key_padding_attention
+from ..ops.key_padding_attention import SANA_MASK_BIAS, captured_with, graph_plan, key_padding_attention
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, project_concatenated, separate
@@ -381,6 +381,38 @@ def _glumbconv_skip_reason(module) -> Optional[str]:
     if module.norm_type not in (None, "rms_norm"):
         return f"norm_type {module.norm_type!r}"
     return None
+
+
+# ----------------------------------------------------------------------------------------------- CUDA graphs
+_caption_plan: dict = {}  # "last": (weakref to the mask, its version, activations' dtype, (key, plan, S_kv))
+
+
+def cuda_graph_plan_inputs(model):
+    """The `plan_inputs` of patch(cuda_graph=True) for a SanaTransformer2DModel (patching/cuda_graph.py), else None."""
+    try:
+        from diffusers import SanaTransformer2DModel
+    except ImportError:
+        return None
+    return _caption_mask_plan if isinstance(model, SanaTransformer2DModel) else None
+
+
+def _caption_mask_plan(args, kwargs):
+    """(key, capture context) of the call's caption mask: the key-padding plan of the bias SanaTransformer2DModel
+    builds from it ((1 - mask) * -10000 in the activations' dtype), which its cross-attentions follow while the
+    graph is captured (ops/key_padding_attention.graph_plan); None without a mask given by keyword. Cached for the
+    last mask object (pipelines pass the same one every step): one host sync per new or changed mask."""
+    mask = kwargs.get("encoder_attention_mask")
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not torch.is_tensor(mask) or not torch.is_tensor(hidden) or mask.dim() not in (2, 3):
+        return None
+    ref, version, dtype, planned = _caption_plan.get("last", (None, None, None, None))
+    if ref is None or ref() is not mask or version != mask._version or dtype != hidden.dtype or mask.is_inference():
+        bias = (1 - mask.to(hidden.dtype)) * SANA_MASK_BIAS if mask.dim() == 2 else mask
+        planned = (*graph_plan(bias), bias.shape[-1])
+        if not mask.is_inference():
+            _caption_plan["last"] = (weakref.ref(mask), mask._version, hidden.dtype, planned)
+    key, plan, keys = planned
+    return key, captured_with(plan, keys)
 
 
 # ----------------------------------------------------------------------------------------------- entry points
