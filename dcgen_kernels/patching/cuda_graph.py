@@ -125,7 +125,8 @@ class GraphedForward:
         if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 return self._eager(f"more than {MAX_GRAPHS} input signatures (shapes, dtypes, arguments)", args, kwargs)
-            return self._capture(key, leaves, spec, tensors, contextlib.nullcontext() if planned is None else planned[1])
+            context = contextlib.nullcontext() if planned is None else planned[1]
+            return self._capture(key, leaves, spec, tensors, context)
         if self.graphs[key] is None:
             return self.forward(*args, **kwargs)  # its capture failed (warned then)
         static_inputs, replay = self.graphs[key]
