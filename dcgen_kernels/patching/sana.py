@@ -411,8 +411,8 @@ def _caption_mask_plan(args, kwargs):
         planned = (*graph_plan(bias), bias.shape[-1])
         if not mask.is_inference():
             _caption_plan["last"] = (weakref.ref(mask), mask._version, hidden.dtype, planned)
-    key, plan, keys = planned
-    return key, captured_with(plan, keys)
+    key, plan, text_tokens = planned
+    return key, captured_with(plan, text_tokens)
 
 
 # ----------------------------------------------------------------------------------------------- entry points
