@@ -55,13 +55,16 @@ def _load_column(pre_ptr, lanes, ok, top, column, b, H, W, C2):
 
 
 @triton.jit
-def _load_taps(taps_ptr, lanes, lane_ok, C2):
-    """The nine depthwise weights of the [BLOCK_C] lanes, from fp32 (9, 2*HID) tap-major: loaded once per program."""
-    return (tl.load(taps_ptr + 0 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 1 * C2 + lanes, mask=lane_ok),
-            tl.load(taps_ptr + 2 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 3 * C2 + lanes, mask=lane_ok),
-            tl.load(taps_ptr + 4 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 5 * C2 + lanes, mask=lane_ok),
-            tl.load(taps_ptr + 6 * C2 + lanes, mask=lane_ok), tl.load(taps_ptr + 7 * C2 + lanes, mask=lane_ok),
-            tl.load(taps_ptr + 8 * C2 + lanes, mask=lane_ok))
+def _load_taps(weight_ptr, lanes, lane_ok):
+    """The nine depthwise weights of the [BLOCK_C] lanes as fp32, from the conv's own (2*HID, 1, 3, 3) weight (lane c's
+    tap t at c * 9 + t): loaded once per program, so their stride-9 gather costs nothing next to the activations
+    (and no per-call copy into another layout)."""
+    taps = weight_ptr + lanes * 9
+    return (tl.load(taps + 0, mask=lane_ok).to(tl.float32), tl.load(taps + 1, mask=lane_ok).to(tl.float32),
+            tl.load(taps + 2, mask=lane_ok).to(tl.float32), tl.load(taps + 3, mask=lane_ok).to(tl.float32),
+            tl.load(taps + 4, mask=lane_ok).to(tl.float32), tl.load(taps + 5, mask=lane_ok).to(tl.float32),
+            tl.load(taps + 6, mask=lane_ok).to(tl.float32), tl.load(taps + 7, mask=lane_ok).to(tl.float32),
+            tl.load(taps + 8, mask=lane_ok).to(tl.float32))
 
 
 @triton.jit
@@ -110,7 +113,7 @@ def _configs():
 
 @triton.autotune(configs=_configs(), key=["H", "W", "HID"])
 @triton.jit
-def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_C: tl.constexpr,
+def depthwise_glu_kernel(pre_ptr, weight_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_C: tl.constexpr,
                          TANH_SILU: tl.constexpr):
     """One program: BLOCK_C value channels and their gates x STRIP_ROWS output rows x the whole width.
 
@@ -119,8 +122,8 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     to the output columns right of, at and left of it.
     Rolling accumulators carry the partial outputs: before column j, done_t holds output (top+t, j-1) but for its
     right kernel column and pending_t holds the bias plus output (top+t, j)'s left kernel column, so column j
-    completes output column j-1. Every tap is one fused multiply-add into its accumulator. taps_ptr: the depthwise
-    weights as fp32 (9, 2*HID), tap-major, held in registers.
+    completes output column j-1. Every tap is one fused multiply-add into its accumulator. weight_ptr: the
+    contiguous (2*HID, 1, 3, 3) depthwise weight, held in fp32 registers.
     """
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     top = tl.program_id(1) * STRIP_ROWS
@@ -128,8 +131,8 @@ def depthwise_glu_kernel(pre_ptr, taps_ptr, bias_ptr, out_ptr, H, W, HID, BLOCK_
     C2 = 2 * HID
     channel_ok = channel < HID
     gate_lanes = channel + HID
-    vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22 = _load_taps(taps_ptr, channel, channel_ok, C2)
-    gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22 = _load_taps(taps_ptr, gate_lanes, channel_ok, C2)
+    vw00, vw01, vw02, vw10, vw11, vw12, vw20, vw21, vw22 = _load_taps(weight_ptr, channel, channel_ok)
+    gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22 = _load_taps(weight_ptr, gate_lanes, channel_ok)
     value_bias = tl.load(bias_ptr + channel, mask=channel_ok).to(tl.float32)
     gate_bias = tl.load(bias_ptr + gate_lanes, mask=channel_ok).to(tl.float32)
     value_done0 = tl.zeros([BLOCK_C], dtype=tl.float32)
