@@ -167,6 +167,16 @@ def test_a_captured_plan_is_exact_for_every_mask_of_its_key(monkeypatch, dtype):
     assert checked > len(masks)  # some keys are shared
 
 
+@pytest.mark.parametrize("mask,error,match", [
+    (torch.zeros(2, 3, 5), ValueError, "attn_mask must be a key-padding mask of shape"),
+    (torch.zeros(2, 0), ValueError, "S_kv >= 1"),
+    (torch.zeros(2, 5, dtype=torch.int64), TypeError, "attn_mask must have dtype"),
+])
+def test_graph_plan_rejects_what_is_not_a_key_padding_mask(mask, error, match):
+    with pytest.raises(error, match=match):
+        kpa_module.graph_plan(mask)
+
+
 def test_captured_plan_for_another_key_count_is_not_used(monkeypatch):
     monkeypatch.setattr(kpa_module, "_capturing", lambda t: True)
     q, k, v = qkv()

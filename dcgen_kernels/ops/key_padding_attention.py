@@ -152,6 +152,11 @@ def graph_plan(attn_mask: torch.Tensor) -> tuple:
     host sync). The plan keeps the first `end` keys (`end` the last kept key rounded up to GRAPH_KEY_BUCKET, at most
     S_kv) and the mask unless every batch element keeps exactly those keys; a mask that is not a padding mask, or
     has a batch element without keys, gets diffusers' masked call."""
+    check_tensor("attn_mask", attn_mask, dtypes=FLOAT_DTYPES + (torch.bool,))
+    if attn_mask.dim() not in (2, 3, 4) or attn_mask.shape[-1] == 0 or attn_mask.numel() != \
+            attn_mask.shape[0] * attn_mask.shape[-1]:
+        raise ValueError(f"attn_mask must be a key-padding mask of shape (B, S_kv), (B, 1, S_kv) or (B, 1, 1, S_kv) "
+                         f"with S_kv >= 1, got {tuple(attn_mask.shape)}")
     padding, same_keys, min_kept, max_end, all_prefix = _summary(attn_mask)
     S_kv = attn_mask.shape[-1]
     if not padding or min_kept == 0:
