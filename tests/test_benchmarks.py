@@ -577,6 +577,40 @@ def test_profile_host_tiny_profiles_stock_then_patched():
         profile_host.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1, top=5)
 
 
+def test_sustained_step_tiny_times_each_variant_alone_and_back_to_back():
+    from benchmarks import sustained_step
+
+    result = sustained_step.run(torch.device("cpu"), tiny=True, size="c8_8x8", steps=2, pause_s=0.0)
+    assert list(result["variants"]) == ["stock", "patched", "patched_graph"]
+    for rec in result["variants"].values():
+        assert len(rec["per_step_ms"]) == 2 and all(ms > 0 for ms in rec["per_step_ms"]) and rec["alone_ms"] > 0
+        assert rec["clocks_loop"] == {} and "_windows" not in rec  # no nvidia-smi on a CPU run
+    with pytest.raises(ValueError, match="--size must be one of"):
+        sustained_step.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1)
+
+
+def test_sustained_step_clock_sampler_summarises_a_window():
+    import datetime
+    import types
+
+    from benchmarks import sustained_step
+
+    sampler = sustained_step.ClockSampler(enabled=False)
+    sampler.fields = sustained_step._FIELDS
+    lines = ["2026/11/27 22:40:01.000, 1980, 650.5, 0x0000000000000000",
+             "2026/11/27 22:40:01.020, 1755, 699.8, 0x0000000000000004",
+             "2026/11/27 22:40:01.040, 1830, 700.1, 0x0000000000000004",
+             "garbled line", "2026/11/27 22:40:01.060, [N/A], 1.0, 0x0"]
+    sampler.process = types.SimpleNamespace(terminate=lambda: None, communicate=lambda timeout: ("\n".join(lines), ""))
+    sampler.stop()
+    assert len(sampler.rows) == 3  # the garbled and the [N/A] sample are dropped
+    t = lambda ms: datetime.datetime(2026, 11, 27, 22, 40, 1, ms * 1000)  # noqa: E731
+    summary = sampler.summary(t(10), t(50))
+    assert summary == {"samples": 2, "sm_mhz_median": 1792.5, "sm_mhz_min": 1755.0, "sm_mhz_max": 1830.0,
+                       "power_w_median": 699.95, "power_w_max": 700.1, "reasons": ["0x0000000000000004"]}
+    assert sampler.summary(t(100), t(200)) == {}
+
+
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--top", "0"], ["--steps", "two"]])
 def test_profile_host_rejects_bad_arguments(argv, capsys):
     from benchmarks import profile_host
