@@ -137,8 +137,9 @@ _CONFIG_LAUNCHES = r'''
 a = importlib.import_module("dcgen_kernels.ops.sana_linear_attention")
 kernels = importlib.import_module("dcgen_kernels.triton_kernels.sana_linear_attention")
 q, k, v, out = torch.empty(4, 1, 16384, 2240, dtype=torch.bfloat16).unflatten(-1, (70, 32)).transpose(2, 3)
-for pair in zip(kernels.linear_attention_kv_kernel.configs, kernels.linear_attention_out_kernel.configs):
-    a._launch_triton(q, k, v, 1e-15, out, pair)  # SANA-1.6B's self-attention at a 128x128 latent
+kv_configs, out_configs = kernels.linear_attention_kv_kernel.configs, kernels.linear_attention_out_kernel.configs
+for i in range(max(len(kv_configs), len(out_configs))):  # every config of both lists, at SANA-1.6B's 128x128
+    a._launch_triton(q, k, v, 1e-15, out, (kv_configs[i % len(kv_configs)], out_configs[i % len(out_configs)]))
 print(json.dumps(stats))
 '''
 
@@ -285,7 +286,8 @@ def test_gpu_every_pass_config():
     q, k, v = make_inputs(B=1, N=16384, H=70, D=32, device="cuda")
     expected = sana_linear_attention_reference(q, k, v, 70)
     kv_configs, out_configs = linear_attention_kv_kernel.configs, linear_attention_out_kernel.configs
-    for pair in zip(kv_configs, out_configs[1:] + out_configs[:1]):
+    for i in range(max(len(kv_configs), len(out_configs))):  # every config of both lists
+        pair = (kv_configs[i % len(kv_configs)], out_configs[(i + 1) % len(out_configs)])
         out = torch.full((1, 16384, 2240), float("nan"), dtype=torch.bfloat16, device="cuda")
         by_head = [t.unflatten(-1, (70, 32)).transpose(1, 2) for t in (q, k, v, out)]
         _launch_triton(*by_head[:3], 1e-15, by_head[3], pair)
