@@ -110,22 +110,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _has_pdl() -> bool:
-    """Programmatic dependent launch (the passes' `gdc_*` instructions and launch attribute): sm_90 and newer. Asks
-    Triton's driver, which launches on its current device (and is what an offline compile for sm_90a sets)."""
-    from triton.runtime import driver
-
-    return _target_has_pdl(driver.active.get_current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _target_has_pdl(device_index: int) -> bool:
-    from triton.runtime import driver
-
-    target = driver.active.get_current_target()
-    return target.backend == "cuda" and isinstance(target.arch, int) and target.arch >= 90
-
-
 def _slices(n_tokens: int, block: int, batch_heads: int, programs: int) -> int:
     """Programs per (b, h): about `programs` in all, each a whole number of token tiles, none empty (the kernels
     invert this as `_tokens_per_program`)."""
@@ -166,14 +150,12 @@ def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
     fp32_precision = "ieee" if interpret else _FP32_DOT_PRECISION
 
     kv_grid, out_grid = _grid(N, B * H, q.device, "BLOCK_N"), _grid(N, B * H, q.device, "BLOCK_M")
-    pdl = not interpret and _has_pdl()
-    launch = dict(PDL=pdl, launch_pdl=True) if pdl else dict(PDL=False)
     kv_configs = linear_attention_kv_kernel.configs if configs is None else configs[:1]
     most_slices = max(kv_grid(config.all_kwargs())[1] for config in kv_configs)
     kv_parts = torch.empty(B * H, most_slices, padded, padded, dtype=torch.float32, device=q.device)
     ksum_parts = torch.empty(B * H, most_slices, padded, dtype=torch.float32, device=q.device)
     kv_args = (k, v, kv_parts, ksum_parts, N, H, *k.stride(), *v.stride())
-    kv_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision, **launch)
+    kv_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision)
     if configs is None:
         linear_attention_kv_kernel[kv_grid](*kv_args, **kv_meta)
         kv_config = linear_attention_kv_kernel.best_config  # tuned on the first call per key, then cached
@@ -183,7 +165,7 @@ def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
     out_args = (q, kv_parts, ksum_parts, out, N, H, kv_grid(kv_config.all_kwargs())[1], eps,
                 *q.stride(), *out.stride())
     out_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, SPLIT_KV=half, SPLIT_Q=q.dtype == torch.float16,
-                    PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision, **launch)
+                    PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision)
     if configs is None:
         linear_attention_out_kernel[out_grid](*out_args, **out_meta)
     else:

@@ -9,19 +9,12 @@ channel-first (B, H, D, N) layout of DC-AE share them:
 The head dim is padded to a power of two (>= 16, the tl.dot minimum) with masks; padded lanes load as zeros.
 Each pass is autotuned on its first call per shape and layout over the token tile and the number of programs
 (the grid); the output pass reads how many partials the K pass wrote from its launch.
-
-PDL (Hopper and newer): both passes are launched as programmatic dependents of the kernel before them, so the
-output pass is resident and has loaded its first Q tile while the K pass finishes (its launch latency and the K
-pass's tail overlap). Each pass waits (`gdc_wait`) for the grid before it before touching what that grid may
-write, and lets its own dependent launch (`gdc_launch_dependents`) only after that wait: a dependent that starts
-then finds every kernel before the op complete, so the output pass may read Q before its own wait.
 """
 
 import os
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def _configs(block: str, tiles):
@@ -38,8 +31,9 @@ def _configs(block: str, tiles):
 # the first two of each list won at SANA's 16384 tokens (token-major) and DC-AE's 16384 and 65536 (channel-first);
 # 4096 and 262144 tokens picked others ((64, 8), (128, 4) / (64, 8)). The old fixed (64, 4) for both: 75% of the
 # copy rate at SANA's 16384 tokens; tuned: 77%. Run J's ncu of the winners: ~2 warps per scheduler, 0.4 of them
-# eligible per cycle, DRAM 68-72% busy: latency-bound with too few warps. Run L timed the winners' grids with 8 warps
-# per program: the output pass took it at 2 of 7 shapes (SANA's and DC-AE's 16384 tokens), the K pass at none.
+# eligible per cycle, DRAM 68-72% busy: latency-bound with too few warps, and more programs (more, shorter slices)
+# did not help in run H. Runs L and N timed the winners' grids with 8 warps per program: the output pass took it at
+# SANA's and DC-AE's 16384 tokens (run L) and DC-AE's 65536 (run N), the K pass nowhere (dropped).
 # Few configs per pass keep the first call's tuning short (each config is one compile).
 KV_TILES = ((64, 2, 4), (64, 4, 4))
 OUT_TILES = ((64, 4, 4), (128, 2, 4), (128, 2, 8))
@@ -84,7 +78,7 @@ def linear_attention_kv_kernel(
     k_stride_b, k_stride_h, k_stride_n, k_stride_d,
     v_stride_b, v_stride_h, v_stride_n, v_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
     """Grid (B*H, slices). Writes kv_part[bh, s] = ReLU(K_s)ᵀ V_s and ksum_part[bh, s] = Σ ReLU(K_s).
     PROGRAMS_PER_SM only shapes the grid (the launcher reads it from the config).
@@ -93,9 +87,6 @@ def linear_attention_kv_kernel(
     accumulator, so this equals the fp32 reference up to summation order) and float32 otherwise, with
     FP32_PRECISION "tf32x3" (three TF32 tensor-core products, ~fp32 accuracy) or "ieee" (FMA units).
     """
-    if PDL:
-        gdc_wait()  # K and V (and the workspace's previous readers) come from kernels before this one
-        gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -124,30 +115,6 @@ def linear_attention_kv_kernel(
     tl.store(ksum_part_ptr + part * PADDED_DIM + d, tl.sum(ksum_rows, axis=0))
 
 
-@triton.jit
-def _out_tile(q, n, end, d, kv, kv_hi, kv_lo, ksum, eps, o_base, o_stride_n, o_stride_d, HEAD_DIM: tl.constexpr,
-              PADDED_DIM: tl.constexpr, SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr,
-              FP32_PRECISION: tl.constexpr):
-    """Store the output rows n of one Q tile (raw, as loaded)."""
-    q = tl.maximum(q.to(tl.float32), 0.0)
-    denominator = tl.sum(q * ksum[None, :], axis=1) + eps
-    if SPLIT_KV:
-        if SPLIT_Q:
-            q_hi, q_lo = split_bf16(q, PART_DTYPE)
-            numerator = tl.dot(q_hi, kv_hi, input_precision="ieee")
-            numerator = tl.dot(q_hi, kv_lo, numerator, input_precision="ieee")
-            numerator = tl.dot(q_lo, kv_hi, numerator, input_precision="ieee")
-        else:
-            q_part = q.to(PART_DTYPE)  # a bf16 value: exact
-            numerator = tl.dot(q_part, kv_hi, input_precision="ieee")
-            numerator = tl.dot(q_part, kv_lo, numerator, input_precision="ieee")
-    else:
-        numerator = tl.dot(q, kv, input_precision=FP32_PRECISION)
-    out = numerator / denominator[:, None]
-    tl.store(o_base + _tile_offsets(n, d, o_stride_n, o_stride_d), out.to(o_base.dtype.element_ty),
-             mask=_tile_mask(n, end, d, HEAD_DIM, PADDED_DIM))
-
-
 @triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"])
 @triton.jit
 def linear_attention_out_kernel(
@@ -157,7 +124,7 @@ def linear_attention_out_kernel(
     o_stride_b, o_stride_h, o_stride_n, o_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr,
     SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
     """Grid (B*H, slices), its own slicing of the tokens. out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this
     program's slice, KV and ksum the sums of the K pass's n_kv_parts partials of (b, h).
@@ -171,19 +138,6 @@ def linear_attention_out_kernel(
     b = bh // H
     h = bh % H
     d = tl.arange(0, PADDED_DIM)
-    q_base = q_ptr + b.to(tl.int64) * q_stride_b + h.to(tl.int64) * q_stride_h
-    o_base = out_ptr + b.to(tl.int64) * o_stride_b + h.to(tl.int64) * o_stride_h
-    tokens_per_program = _tokens_per_program(N, BLOCK_M)
-    start = split * tokens_per_program
-    end = tl.minimum(start + tokens_per_program, N)
-    # The first Q tile is requested before waiting for the K pass (Q is complete: see the module docstring); the
-    # loop over the others stays software-pipelined.
-    n = start + tl.arange(0, BLOCK_M)
-    q_first = tl.load(q_base + _tile_offsets(n, d, q_stride_n, q_stride_d),
-                      mask=_tile_mask(n, end, d, HEAD_DIM, PADDED_DIM), other=0.0)
-    if PDL:
-        gdc_wait()  # the K pass's partials
-        gdc_launch_dependents()
 
     # Fixed summation order over the partials: deterministic.
     kv = tl.zeros([PADDED_DIM, PADDED_DIM], dtype=tl.float32)
@@ -192,16 +146,31 @@ def linear_attention_out_kernel(
         slot = bh.to(tl.int64) * n_kv_parts + part
         kv += tl.load(kv_part_ptr + slot * PADDED_DIM * PADDED_DIM + d[:, None] * PADDED_DIM + d[None, :])
         ksum += tl.load(ksum_part_ptr + slot * PADDED_DIM + d)
-    kv_hi = kv
-    kv_lo = kv
     if SPLIT_KV:
         kv_hi, kv_lo = split_bf16(kv, PART_DTYPE)
 
-    _out_tile(q_first, n, end, d, kv, kv_hi, kv_lo, ksum, eps, o_base, o_stride_n, o_stride_d, HEAD_DIM, PADDED_DIM,
-              SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION)
-    for m0 in range(start + BLOCK_M, end, BLOCK_M):
+    q_base = q_ptr + b.to(tl.int64) * q_stride_b + h.to(tl.int64) * q_stride_h
+    o_base = out_ptr + b.to(tl.int64) * o_stride_b + h.to(tl.int64) * o_stride_h
+    tokens_per_program = _tokens_per_program(N, BLOCK_M)
+    start = split * tokens_per_program
+    end = tl.minimum(start + tokens_per_program, N)
+    for m0 in range(start, end, BLOCK_M):
         n = m0 + tl.arange(0, BLOCK_M)
-        q = tl.load(q_base + _tile_offsets(n, d, q_stride_n, q_stride_d),
-                    mask=_tile_mask(n, end, d, HEAD_DIM, PADDED_DIM), other=0.0)
-        _out_tile(q, n, end, d, kv, kv_hi, kv_lo, ksum, eps, o_base, o_stride_n, o_stride_d, HEAD_DIM, PADDED_DIM,
-                  SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION)
+        mask = _tile_mask(n, end, d, HEAD_DIM, PADDED_DIM)
+        q = tl.load(q_base + _tile_offsets(n, d, q_stride_n, q_stride_d), mask=mask, other=0.0).to(tl.float32)
+        q = tl.maximum(q, 0.0)
+        denominator = tl.sum(q * ksum[None, :], axis=1) + eps
+        if SPLIT_KV:
+            if SPLIT_Q:
+                q_hi, q_lo = split_bf16(q, PART_DTYPE)
+                numerator = tl.dot(q_hi, kv_hi, input_precision="ieee")
+                numerator = tl.dot(q_hi, kv_lo, numerator, input_precision="ieee")
+                numerator = tl.dot(q_lo, kv_hi, numerator, input_precision="ieee")
+            else:
+                q_part = q.to(PART_DTYPE)  # a bf16 value: exact
+                numerator = tl.dot(q_part, kv_hi, input_precision="ieee")
+                numerator = tl.dot(q_part, kv_lo, numerator, input_precision="ieee")
+        else:
+            numerator = tl.dot(q, kv, input_precision=FP32_PRECISION)
+        out = numerator / denominator[:, None]
+        tl.store(o_base + _tile_offsets(n, d, o_stride_n, o_stride_d), out.to(out_ptr.dtype.element_ty), mask=mask)
