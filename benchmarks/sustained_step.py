@@ -32,7 +32,7 @@ _TIMESTAMP = "%Y/%m/%d %H:%M:%S.%f"
 
 
 class ClockSampler:
-    """nvidia-smi sampling the GPU every SAMPLE_MS in the background; `samples(start, end)` of a time window.
+    """nvidia-smi sampling the GPU every SAMPLE_MS in the background; `summary(start, end)` of a time window.
     Without nvidia-smi (or on a CPU run) it records nothing."""
 
     def __init__(self, enabled: bool):
