@@ -84,6 +84,15 @@ def build_model(cfg: Config, shape: Shape, device: torch.device):
     return build_module(lambda: SanaTransformer2DModel(**kwargs), device, cfg.dtype, seed=shape.in_channels)
 
 
+def model_and_inputs(device: torch.device, tiny: bool, size: str) -> tuple:
+    """(model, inputs) of the named shape of the tiny or the real config, for the diagnostics that run these steps."""
+    cfg = TINY if tiny else REAL
+    shapes = {shape.key: shape for shape in cfg.shapes}
+    if size not in shapes:
+        raise ValueError(f"--size must be one of {sorted(shapes)} in this mode, got {size!r}")
+    return build_model(cfg, shapes[size], device), make_inputs(cfg, shapes[size], device)
+
+
 def make_inputs(cfg: Config, shape: Shape, device: torch.device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(shape.grid)
     randn = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=cfg.dtype)  # noqa: E731

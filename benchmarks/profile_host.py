@@ -50,12 +50,7 @@ def _profile(model, inputs, device: torch.device, steps: int, top: int) -> dict:
 def run(device: torch.device, tiny: bool, size: str, steps: int, top: int) -> dict:
     import dcgen_kernels
 
-    cfg = bench_sana_step.TINY if tiny else bench_sana_step.REAL
-    shapes = {shape.key: shape for shape in cfg.shapes}
-    if size not in shapes:
-        raise ValueError(f"--size must be one of {sorted(shapes)} in this mode, got {size!r}")
-    model = bench_sana_step.build_model(cfg, shapes[size], device)
-    inputs = bench_sana_step.make_inputs(cfg, shapes[size], device)
+    model, inputs = bench_sana_step.model_and_inputs(device, tiny, size)
     result = {"size": size, "steps": steps, "stock": _profile(model, inputs, device, steps, top)}
     dcgen_kernels.patch(model)
     result["patched"] = _profile(model, inputs, device, steps, top)

@@ -24,6 +24,7 @@ import time
 import torch
 
 from . import bench_sana_step
+from .timing import time_samples
 
 PAUSE_S = 2.0
 SAMPLE_MS = 20
@@ -86,34 +87,14 @@ class ClockSampler:
                 "reasons": sorted({r["reasons"] for r in window if "reasons" in r})}
 
 
-def _timed_steps(step, device: torch.device, count: int) -> list:
-    """ms of each of `count` steps run back to back (CUDA: events, one synchronisation at the end)."""
-    if device.type != "cuda":
-        times = []
-        for _ in range(count):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
-    for start, end in events:
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
-
-
 def _measure(step, device: torch.device, steps: int, sampler: ClockSampler, pause_s: float) -> dict:
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    _timed_steps(step, device, 2)  # warm-up: autotuning, JIT, graph capture
-    sync()
+    time_samples(step, device, warmup=2, iters=0)  # warm-up (autotuning, JIT, graph capture), synchronised
     time.sleep(pause_s)
     alone_start = datetime.datetime.now()
-    alone_ms = _timed_steps(step, device, 1)[0]
+    alone_ms = time_samples(step, device, warmup=0, iters=1)[0]
     alone_end = datetime.datetime.now()
     loop_start = datetime.datetime.now()
-    per_step = _timed_steps(step, device, steps)
+    per_step = time_samples(step, device, warmup=0, iters=steps)
     loop_end = datetime.datetime.now()
     return {"alone_ms": alone_ms, "per_step_ms": per_step, "median_ms": statistics.median(per_step),
             "first_ms": per_step[0], "last_ms": per_step[-1], "_windows": ((alone_start, alone_end),
@@ -123,12 +104,7 @@ def _measure(step, device: torch.device, steps: int, sampler: ClockSampler, paus
 def run(device: torch.device, tiny: bool, size: str, steps: int, pause_s: float = PAUSE_S) -> dict:
     import dcgen_kernels
 
-    cfg = bench_sana_step.TINY if tiny else bench_sana_step.REAL
-    shapes = {shape.key: shape for shape in cfg.shapes}
-    if size not in shapes:
-        raise ValueError(f"--size must be one of {sorted(shapes)} in this mode, got {size!r}")
-    model = bench_sana_step.build_model(cfg, shapes[size], device)
-    inputs = bench_sana_step.make_inputs(cfg, shapes[size], device)
+    model, inputs = bench_sana_step.model_and_inputs(device, tiny, size)
     step = lambda: model(**inputs)[0]  # noqa: E731
     sampler = ClockSampler(enabled=device.type == "cuda")
     result = {"size": size, "steps": steps, "pause_s": pause_s, "clock_fields": sampler.fields, "variants": {}}

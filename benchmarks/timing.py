@@ -11,7 +11,12 @@ import torch
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of `fn()` over `iters` calls after `warmup` calls.
+    """Median milliseconds of `fn()` over `iters` calls after `warmup` calls (`time_samples`)."""
+    return statistics.median(time_samples(fn, device, warmup, iters))
+
+
+def time_samples(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list:
+    """Milliseconds of each of `iters` calls of `fn()`, run back to back after `warmup` calls.
 
     CUDA: one pair of events per call, synchronised once at the end, so the host may run ahead and launch
     gaps are only counted when the host cannot keep up (which is real eager overhead). CPU: perf_counter.
@@ -36,7 +41,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return samples
 
 
 # Upper bound of a GPU's SM clock for torch.cuda._sleep (cycles -> seconds); a slower clock only sleeps longer.
