@@ -589,6 +589,15 @@ def test_sustained_step_tiny_times_each_variant_alone_and_back_to_back():
         sustained_step.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1)
 
 
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "two"]])
+def test_sustained_step_rejects_bad_arguments(argv, capsys):
+    from benchmarks import sustained_step
+
+    with pytest.raises(SystemExit):
+        sustained_step.main(argv)
+    assert "--steps" in capsys.readouterr().err
+
+
 def test_sustained_step_clock_sampler_summarises_a_window():
     import datetime
     import types
