@@ -110,24 +110,25 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _slices(n_tokens: int, block: int, batch_heads: int, programs: int) -> int:
-    """Programs per (b, h): about `programs` in all, each a whole number of token tiles, none empty (the kernels
-    invert this as `_tokens_per_program`)."""
+def _slices(n_tokens: int, block: int, groups: int, programs: int) -> int:
+    """Programs per head group: about `programs` in all, each a whole number of token tiles, none empty (the
+    kernels invert this as `_tokens_per_program`)."""
     blocks = cdiv(n_tokens, block)
-    per_program = cdiv(blocks, min(blocks, max(1, cdiv(programs, batch_heads))))
+    per_program = cdiv(blocks, min(blocks, max(1, cdiv(programs, groups))))
     return cdiv(blocks, per_program)
 
 
-def _grid(n_tokens: int, batch_heads: int, device: torch.device, block: str):
-    """The autotuned passes' grid: (B*H, slices) for a config's tile and programs per SM; under the interpreter
-    (PROGRAMS_PER_SM 0) two slices per (b, h)."""
+def _grid(n_tokens: int, batch: int, heads: int, device: torch.device, block: str):
+    """The autotuned passes' grid: (B * head groups, slices) for a config's tile, programs per SM and heads per
+    program; under the interpreter (PROGRAMS_PER_SM 0) two slices per head group."""
     index = None if device.type != "cuda" else (device.index if device.index is not None
                                                  else torch.cuda.current_device())
 
     def grid(meta):
+        groups = batch * cdiv(heads, meta["HEADS_PER_PROGRAM"])
         per_sm = meta["PROGRAMS_PER_SM"]
-        programs = per_sm * _sm_count(index) if per_sm else 2 * batch_heads
-        return batch_heads, _slices(n_tokens, meta[block], batch_heads, programs)
+        programs = per_sm * _sm_count(index) if per_sm else 2 * groups
+        return groups, _slices(n_tokens, meta[block], groups, programs)
 
     return grid
 
@@ -149,7 +150,7 @@ def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
     part_dtype = tl.float32 if interpret else tl.bfloat16
     fp32_precision = "ieee" if interpret else _FP32_DOT_PRECISION
 
-    kv_grid, out_grid = _grid(N, B * H, q.device, "BLOCK_N"), _grid(N, B * H, q.device, "BLOCK_M")
+    kv_grid, out_grid = _grid(N, B, H, q.device, "BLOCK_N"), _grid(N, B, H, q.device, "BLOCK_M")
     kv_configs = linear_attention_kv_kernel.configs if configs is None else configs[:1]
     most_slices = max(kv_grid(config.all_kwargs())[1] for config in kv_configs)
     kv_parts = torch.empty(B * H, most_slices, padded, padded, dtype=torch.float32, device=q.device)

@@ -7,8 +7,11 @@ channel-first (B, H, D, N) layout of DC-AE share them:
 2. `linear_attention_out_kernel`: each program sums the partials of its (b, h) in a fixed order (so results are
    bitwise run-to-run deterministic, unlike atomics into one accumulator), then streams its slice of Q.
 The head dim is padded to a power of two (>= 16, the tl.dot minimum) with masks; padded lanes load as zeros.
-Each pass is autotuned on its first call per shape and layout over the token tile and the number of programs
-(the grid); the output pass reads how many partials the K pass wrote from its launch.
+A program may take HEADS_PER_PROGRAM adjacent heads as one tile of HEADS_PER_PROGRAM * PADDED_DIM columns (in
+SANA's token-major layout a 128-byte row segment instead of 64 at head dim 32): its dots then run over the whole
+tile and only the per-head diagonal blocks of KᵀV are kept (the K pass) or non-zero (the output pass).
+Each pass is autotuned on its first call per shape and layout over the token tile, the number of programs (the
+grid) and the heads per program; the output pass reads how many partials the K pass wrote from its launch.
 """
 
 import os
@@ -18,13 +21,27 @@ import triton.language as tl
 
 
 def _configs(block: str, tiles):
-    """(token tile, programs per SM: the grid, warps) triples to time per (N, H, D, token stride). The interpreter
-    takes one config with small tiles (PROGRAMS_PER_SM 0: two slices per (b, h), see the launcher), so the test
-    shapes cover several slices, several tiles per slice and partial tiles."""
+    """(token tile, programs per SM: the grid, warps, heads per program) to time per (N, H, D, token stride). The
+    interpreter takes one config with small tiles (PROGRAMS_PER_SM 0: two slices per head group, see the
+    launcher), so the test shapes cover several slices, several tiles per slice and partial tiles."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return [triton.Config({block: 16, "PROGRAMS_PER_SM": 0}, num_warps=4, num_stages=1)]
-    return [triton.Config({block: size, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=3)
-            for size, per_sm, warps in tiles]
+        return [triton.Config({block: 16, "PROGRAMS_PER_SM": 0, "HEADS_PER_PROGRAM": 1}, num_warps=4, num_stages=1)]
+    return [triton.Config({block: size, "PROGRAMS_PER_SM": per_sm, "HEADS_PER_PROGRAM": heads}, num_warps=warps,
+                          num_stages=3)
+            for size, per_sm, warps, heads in tiles]
+
+
+# Head groups wider than this many fp32 columns would hold a (group x group) dot accumulator of more than 32
+# registers per thread at 4 warps; the kernels are correct for any group, the autotuner just never times those.
+MAX_GROUP_COLUMNS = 64
+
+
+def prune_head_groups(configs, named_args, **kwargs):
+    """Autotune prune: drop the multi-head configs whose head group exceeds MAX_GROUP_COLUMNS or the head count."""
+    return [config for config in configs
+            if config.kwargs["HEADS_PER_PROGRAM"] == 1
+            or (config.kwargs["HEADS_PER_PROGRAM"] * kwargs["PADDED_DIM"] <= MAX_GROUP_COLUMNS
+                and config.kwargs["HEADS_PER_PROGRAM"] <= named_args["H"])]
 
 
 # H100 run H (benchmarks/PERF_NOTES.md) tuned each pass over 8 pairs (tiles 32-128, 1-8 programs per SM, 4 warps);
@@ -35,23 +52,44 @@ def _configs(block: str, tiles):
 # did not help in run H. Runs L and N timed the winners' grids with 8 warps per program: the output pass took it at
 # SANA's and DC-AE's 16384 tokens (run L) and DC-AE's 65536 (run N), the K pass nowhere (dropped).
 # Few configs per pass keep the first call's tuning short (each config is one compile).
-KV_TILES = ((64, 2, 4), (64, 4, 4))
-OUT_TILES = ((64, 4, 4), (128, 2, 4), (128, 2, 8))
+# Session 14 adds the two-head group (HEADS_PER_PROGRAM 2) of each pass's winners, untimed so far.
+KV_TILES = ((64, 2, 4, 1), (64, 4, 4, 1), (64, 2, 4, 2), (64, 4, 4, 2))
+OUT_TILES = ((64, 4, 4, 1), (128, 2, 4, 1), (128, 2, 8, 1), (64, 4, 4, 2), (128, 2, 8, 2))
 
 
 @triton.jit
-def _tile_offsets(n, d, stride_n, stride_d):
-    return n.to(tl.int64)[:, None] * stride_n + d[None, :] * stride_d
+def _group_columns(group, H, HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr):
+    """The tile's columns: head, dim within the head, and which of them exist (head < H, dim < HEAD_DIM)."""
+    c = tl.arange(0, HEADS_PER_PROGRAM * PADDED_DIM)
+    head = group * HEADS_PER_PROGRAM + c // PADDED_DIM
+    dim = c % PADDED_DIM
+    return head, dim, (head < H) & (dim < HEAD_DIM)
 
 
 @triton.jit
-def _tile_mask(n, end, d, HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr):
-    """Rows before `end`; the head-dim mask only when D is padded, so an unpadded tile keeps a mask that is
-    constant along D and its loads stay vectorised."""
+def _column_offsets(head, dim, stride_h, stride_d):
+    return (head.to(tl.int64) * stride_h + dim * stride_d)[None, :]
+
+
+@triton.jit
+def _tile_mask(n, end, column_ok, HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr,
+               HEADS_PER_PROGRAM: tl.constexpr):
+    """Rows before `end`; the column mask only where columns can be missing (a padded D or a head group), so a
+    one-head unpadded tile keeps a mask that is constant along D and its loads stay vectorised."""
     mask = (n < end)[:, None]
-    if HEAD_DIM < PADDED_DIM:
-        mask = mask & (d < HEAD_DIM)[None, :]
+    if HEAD_DIM < PADDED_DIM or HEADS_PER_PROGRAM > 1:
+        mask = mask & column_ok[None, :]
     return mask
+
+
+@triton.jit
+def _part_offsets(b, H, split, n_parts, head, dim, PADDED_DIM: tl.constexpr):
+    """Workspace offsets of the [group columns] x [group columns] KᵀV partial of one token slice: each head's
+    D x D block at its own (b, head, split) slot, rows and columns of other heads (off the diagonal) masked."""
+    slot = (b.to(tl.int64) * H + head) * n_parts + split
+    offsets = (slot * PADDED_DIM * PADDED_DIM + dim * PADDED_DIM)[:, None] + dim[None, :]
+    diagonal = (head[:, None] == head[None, :]) & (head < H)[:, None]
+    return offsets, diagonal
 
 
 @triton.jit
@@ -70,7 +108,8 @@ def _tokens_per_program(N, BLOCK: tl.constexpr):
     return tl.cdiv(tl.cdiv(N, BLOCK), tl.num_programs(1)) * BLOCK
 
 
-@triton.autotune(configs=_configs("BLOCK_N", KV_TILES), key=["N", "H", "HEAD_DIM", "k_stride_n"])
+@triton.autotune(configs=_configs("BLOCK_N", KV_TILES), key=["N", "H", "HEAD_DIM", "k_stride_n"],
+                 prune_configs_by={"early_config_prune": prune_head_groups})
 @triton.jit
 def linear_attention_kv_kernel(
     k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr,
@@ -78,44 +117,55 @@ def linear_attention_kv_kernel(
     k_stride_b, k_stride_h, k_stride_n, k_stride_d,
     v_stride_b, v_stride_h, v_stride_n, v_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """Grid (B*H, slices). Writes kv_part[bh, s] = ReLU(K_s)ᵀ V_s and ksum_part[bh, s] = Σ ReLU(K_s).
-    PROGRAMS_PER_SM only shapes the grid (the launcher reads it from the config).
+    """Grid (B * head groups, slices). Writes kv_part[b, h, s] = ReLU(K_s)ᵀ V_s and ksum_part[b, h, s] =
+    Σ ReLU(K_s) for each head h of the program's group. PROGRAMS_PER_SM only shapes the grid (the launcher reads
+    it from the config).
 
     DOT_DTYPE is the input dtype for bf16/fp16 (products of 16-bit floats are exact in the fp32 tensor-core
     accumulator, so this equals the fp32 reference up to summation order) and float32 otherwise, with
     FP32_PRECISION "tf32x3" (three TF32 tensor-core products, ~fp32 accuracy) or "ieee" (FMA units).
     """
-    bh = tl.program_id(0)
+    groups = tl.cdiv(H, HEADS_PER_PROGRAM)
+    b = tl.program_id(0) // groups
+    group = tl.program_id(0) % groups
     split = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    d = tl.arange(0, PADDED_DIM)
-    k_base = k_ptr + b.to(tl.int64) * k_stride_b + h.to(tl.int64) * k_stride_h
-    v_base = v_ptr + b.to(tl.int64) * v_stride_b + h.to(tl.int64) * v_stride_h
+    head, dim, column_ok = _group_columns(group, H, HEAD_DIM, PADDED_DIM, HEADS_PER_PROGRAM)
+    k_base = k_ptr + b.to(tl.int64) * k_stride_b
+    v_base = v_ptr + b.to(tl.int64) * v_stride_b
+    k_columns = _column_offsets(head, dim, k_stride_h, k_stride_d)
+    v_columns = _column_offsets(head, dim, v_stride_h, v_stride_d)
     tokens_per_program = _tokens_per_program(N, BLOCK_N)
     start = split * tokens_per_program
     end = tl.minimum(start + tokens_per_program, N)
 
-    kv = tl.zeros([PADDED_DIM, PADDED_DIM], dtype=tl.float32)
+    COLUMNS: tl.constexpr = HEADS_PER_PROGRAM * PADDED_DIM
+    kv = tl.zeros([COLUMNS, COLUMNS], dtype=tl.float32)
     # Summed row-wise once after the loop: cheaper than a cross-thread reduction per tile.
-    ksum_rows = tl.zeros([BLOCK_N, PADDED_DIM], dtype=tl.float32)
+    ksum_rows = tl.zeros([BLOCK_N, COLUMNS], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        mask = _tile_mask(n, end, d, HEAD_DIM, PADDED_DIM)
-        k = tl.load(k_base + _tile_offsets(n, d, k_stride_n, k_stride_d), mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_base + _tile_offsets(n, d, v_stride_n, v_stride_d), mask=mask, other=0.0).to(tl.float32)
+        mask = _tile_mask(n, end, column_ok, HEAD_DIM, PADDED_DIM, HEADS_PER_PROGRAM)
+        rows = n.to(tl.int64)[:, None]
+        k = tl.load(k_base + rows * k_stride_n + k_columns, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + rows * v_stride_n + v_columns, mask=mask, other=0.0).to(tl.float32)
         k = tl.maximum(k, 0.0)
         ksum_rows += k
         kv = tl.dot(tl.trans(k.to(DOT_DTYPE)), v.to(DOT_DTYPE), kv, input_precision=FP32_PRECISION)
 
-    part = bh.to(tl.int64) * tl.num_programs(1) + split
-    tl.store(kv_part_ptr + part * PADDED_DIM * PADDED_DIM + d[:, None] * PADDED_DIM + d[None, :], kv)
-    tl.store(ksum_part_ptr + part * PADDED_DIM + d, tl.sum(ksum_rows, axis=0))
+    n_parts = tl.num_programs(1)
+    offsets, diagonal = _part_offsets(b, H, split, n_parts, head, dim, PADDED_DIM)
+    if HEADS_PER_PROGRAM == 1:
+        tl.store(kv_part_ptr + offsets, kv)
+    else:
+        tl.store(kv_part_ptr + offsets, kv, mask=diagonal)
+    ksum_slot = (b.to(tl.int64) * H + head) * n_parts + split
+    tl.store(ksum_part_ptr + ksum_slot * PADDED_DIM + dim, tl.sum(ksum_rows, axis=0), mask=head < H)
 
 
-@triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"])
+@triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"],
+                 prune_configs_by={"early_config_prune": prune_head_groups})
 @triton.jit
 def linear_attention_out_kernel(
     q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr,
@@ -124,42 +174,56 @@ def linear_attention_out_kernel(
     o_stride_b, o_stride_h, o_stride_n, o_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr,
     SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """Grid (B*H, slices), its own slicing of the tokens. out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this
-    program's slice, KV and ksum the sums of the K pass's n_kv_parts partials of (b, h).
+    """Grid (B * head groups, slices), its own slicing of the tokens and grouping of the heads. out =
+    ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this program's slice, KV and ksum the sums of the K pass's n_kv_parts
+    partials of each head; a head group's KV is block-diagonal, so one dot serves all its heads.
 
     SPLIT_KV: run ReLU(Q)·KV on the tensor cores as ReLU(Q)·KV_hi + ReLU(Q)·KV_lo (bf16 parts, fp32
     accumulation), for bf16/fp16 inputs; else one fp32 dot with FP32_PRECISION (fp32 inputs).
     SPLIT_Q: Q is fp16, whose 11-bit significand needs two bf16 parts too (Q_lo·KV_lo, ~2^-20, is dropped).
     """
-    bh = tl.program_id(0)
+    groups = tl.cdiv(H, HEADS_PER_PROGRAM)
+    b = tl.program_id(0) // groups
+    group = tl.program_id(0) % groups
     split = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    d = tl.arange(0, PADDED_DIM)
+    head, dim, column_ok = _group_columns(group, H, HEAD_DIM, PADDED_DIM, HEADS_PER_PROGRAM)
 
     # Fixed summation order over the partials: deterministic.
-    kv = tl.zeros([PADDED_DIM, PADDED_DIM], dtype=tl.float32)
-    ksum = tl.zeros([PADDED_DIM], dtype=tl.float32)
+    COLUMNS: tl.constexpr = HEADS_PER_PROGRAM * PADDED_DIM
+    kv = tl.zeros([COLUMNS, COLUMNS], dtype=tl.float32)
+    ksum = tl.zeros([COLUMNS], dtype=tl.float32)
     for part in range(n_kv_parts):
-        slot = bh.to(tl.int64) * n_kv_parts + part
-        kv += tl.load(kv_part_ptr + slot * PADDED_DIM * PADDED_DIM + d[:, None] * PADDED_DIM + d[None, :])
-        ksum += tl.load(ksum_part_ptr + slot * PADDED_DIM + d)
+        offsets, diagonal = _part_offsets(b, H, part, n_kv_parts, head, dim, PADDED_DIM)
+        if HEADS_PER_PROGRAM == 1:
+            kv += tl.load(kv_part_ptr + offsets)
+        else:
+            kv += tl.load(kv_part_ptr + offsets, mask=diagonal, other=0.0)
+        ksum_slot = (b.to(tl.int64) * H + head) * n_kv_parts + part
+        ksum += tl.load(ksum_part_ptr + ksum_slot * PADDED_DIM + dim, mask=head < H, other=0.0)
     if SPLIT_KV:
         kv_hi, kv_lo = split_bf16(kv, PART_DTYPE)
 
-    q_base = q_ptr + b.to(tl.int64) * q_stride_b + h.to(tl.int64) * q_stride_h
-    o_base = out_ptr + b.to(tl.int64) * o_stride_b + h.to(tl.int64) * o_stride_h
+    q_base = q_ptr + b.to(tl.int64) * q_stride_b
+    o_base = out_ptr + b.to(tl.int64) * o_stride_b
+    q_columns = _column_offsets(head, dim, q_stride_h, q_stride_d)
+    o_columns = _column_offsets(head, dim, o_stride_h, o_stride_d)
     tokens_per_program = _tokens_per_program(N, BLOCK_M)
     start = split * tokens_per_program
     end = tl.minimum(start + tokens_per_program, N)
     for m0 in range(start, end, BLOCK_M):
         n = m0 + tl.arange(0, BLOCK_M)
-        mask = _tile_mask(n, end, d, HEAD_DIM, PADDED_DIM)
-        q = tl.load(q_base + _tile_offsets(n, d, q_stride_n, q_stride_d), mask=mask, other=0.0).to(tl.float32)
+        mask = _tile_mask(n, end, column_ok, HEAD_DIM, PADDED_DIM, HEADS_PER_PROGRAM)
+        rows = n.to(tl.int64)[:, None]
+        q = tl.load(q_base + rows * q_stride_n + q_columns, mask=mask, other=0.0).to(tl.float32)
         q = tl.maximum(q, 0.0)
-        denominator = tl.sum(q * ksum[None, :], axis=1) + eps
+        if HEADS_PER_PROGRAM == 1:
+            denominator = (tl.sum(q * ksum[None, :], axis=1) + eps)[:, None]
+        else:  # each head's own sum, broadcast back over its columns
+            per_head = tl.sum(tl.reshape(q * ksum[None, :], [BLOCK_M, HEADS_PER_PROGRAM, PADDED_DIM]), axis=2) + eps
+            denominator = tl.reshape(tl.broadcast_to(per_head[:, :, None], [BLOCK_M, HEADS_PER_PROGRAM, PADDED_DIM]),
+                                     [BLOCK_M, COLUMNS])
         if SPLIT_KV:
             if SPLIT_Q:
                 q_hi, q_lo = split_bf16(q, PART_DTYPE)
@@ -172,5 +236,5 @@ def linear_attention_out_kernel(
                 numerator = tl.dot(q_part, kv_lo, numerator, input_precision="ieee")
         else:
             numerator = tl.dot(q, kv, input_precision=FP32_PRECISION)
-        out = numerator / denominator[:, None]
-        tl.store(o_base + _tile_offsets(n, d, o_stride_n, o_stride_d), out.to(out_ptr.dtype.element_ty), mask=mask)
+        out = numerator / denominator
+        tl.store(o_base + rows * o_stride_n + o_columns, out.to(out_ptr.dtype.element_ty), mask=mask)
