@@ -811,16 +811,46 @@ AUTOTUNED_KERNELS = ("dcgen_kernels.triton_kernels.glumbconv:depthwise_glu_kerne
                      "dcgen_kernels.triton_kernels.sana_linear_attention:linear_attention_out_kernel")
 
 
-def autotuned_configs() -> dict:
-    """The config each autotuned Triton kernel picked per tuning key in this run (none before its first call)."""
+def _autotuned_kernel(path: str):
     import importlib
 
+    module, name = path.split(":")
+    return name, getattr(importlib.import_module(module), name)
+
+
+def autotuned_configs() -> dict:
+    """The config each autotuned Triton kernel picked per tuning key in this run (none before its first call)."""
     picked = {}
     for path in AUTOTUNED_KERNELS:
-        module, name = path.split(":")
-        kernel = getattr(importlib.import_module(module), name)
+        name, kernel = _autotuned_kernel(path)
         picked[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
     return picked
+
+
+class AutotuneTimings:
+    """Every config's median time (ms) in each tuning of the given autotuned kernels in this process, by kernel and
+    tuning key: how far the configs that lost were from the winner, which `autotuned_configs` does not say (an
+    autotune A/B otherwise reads as a bare yes or no). Wraps each kernel's `run`; a call that tunes leaves a new
+    `configs_timings` dict on the autotuner (triton 3.6 and 3.8), a call that does not (cached key, one config)
+    leaves the old one and records nothing."""
+
+    def __init__(self, kernels: dict):
+        self.timings = {}
+        for name, kernel in kernels.items():
+            kernel.run = self._recording(name, kernel, kernel.run)
+
+    def _recording(self, name, kernel, run):
+        def recorded(*args, **kwargs):
+            tuned, before = set(kernel.cache), getattr(kernel, "configs_timings", None)
+            result = run(*args, **kwargs)
+            timings = getattr(kernel, "configs_timings", None)
+            if timings is not before and timings:
+                for key in set(kernel.cache) - tuned:
+                    self.timings.setdefault(name, {})[str(key)] = {
+                        str(config): ms[0] if isinstance(ms, (list, tuple)) else ms for config, ms in timings.items()}
+            return result
+
+        return recorded
 
 
 def select_sections(suite: str, names: str | None) -> list:
@@ -892,6 +922,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print(f"{'--tiny' if args.tiny else 'no CUDA GPU'}: {TINY_NOTE}", flush=True)
     device = torch.device("cuda" if gpu else "cpu")
+    tuning = AutotuneTimings(dict(_autotuned_kernel(path) for path in AUTOTUNED_KERNELS))
     from benchmarks import bench_e2e
     try:  # a missing folder ends the run here, before the long sections
         text_encoders = bench_e2e.parse_text_encoder_dirs(args.text_encoders)
@@ -957,6 +988,7 @@ def main(argv=None) -> int:
             report["targets"] = [_target("evaluate the targets", False, f"{type(err).__name__}: {err}")]
         report["problems"] = problems(report)
         report["autotuned"] = autotuned_configs()
+        report["autotune_timings"] = tuning.timings
         save()
 
     for sec in selected:

@@ -300,6 +300,33 @@ def test_patch_embed_target_not_met_when_a_case_is_unmeasured():
         assert summary[mode]["unmeasured"] == ["a/unembed", "b/embed"]
 
 
+class _FakeAutotuner:
+    """Triton's Autotuner as AutotuneTimings sees it: `run` tunes an unseen key (a new `configs_timings` dict of
+    [median, p20, p80] per config, the winner in `cache`), or with one config takes it untimed."""
+
+    def __init__(self, configs):
+        self.configs, self.cache, self.configs_timings = configs, {}, {}
+
+    def run(self, key):
+        if key not in self.cache:
+            if len(self.configs) > 1:
+                self.configs_timings = {config: [ms, ms * 0.9, ms * 1.1] for config, ms in self.configs.items()}
+            self.cache[key] = min(self.configs, key=self.configs.get)
+        return key
+
+
+def test_autotune_timings_records_each_tuning_once_and_nothing_untimed():
+    tuned, single = _FakeAutotuner({"a": 2.0, "b": 1.5}), _FakeAutotuner({"only": 1.0})
+    single.configs_timings = {"left by another kernel's tuning": [9.0]}  # stale: not this call's
+    recorder = run.AutotuneTimings({"tuned": tuned, "single": single})
+    assert tuned.run((16, "bf16")) == (16, "bf16")  # the wrapped run passes the result through
+    tuned.run((16, "bf16"))  # cached: no new tuning
+    tuned.configs = {"a": 3.0, "b": 4.0}
+    tuned.run((32, "bf16"))
+    single.run((16, "bf16"))
+    assert recorder.timings == {"tuned": {"(16, 'bf16')": {"a": 2.0, "b": 1.5}, "(32, 'bf16')": {"a": 3.0, "b": 4.0}}}
+
+
 def test_w4a16_target_per_layer_needs_a_checked_result():
     from benchmarks import run
 

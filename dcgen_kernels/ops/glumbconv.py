@@ -99,17 +99,17 @@ def _launch_depthwise_glu(pre, height, width, depth_weight, depth_bias, out, con
     The block config is autotuned on the first call per shape and dtype (triton_kernels/glumbconv.py); `config`
     (a triton.Config of that list) runs one without tuning, for tests. 16-bit outputs take the kernel's tanh.approx
     SiLU (its error is under their rounding; fp32 keeps the exponential form)."""
-    from ..triton_kernels.glumbconv import depthwise_glu_kernel
+    from ..triton_kernels.glumbconv import STRIP_ROWS, depthwise_glu_kernel
 
     hidden = pre.shape[1] // 2
     batch = pre.shape[0] // (height * width)
     args = (pre, depth_weight.contiguous(), depth_bias.contiguous(), out, height, width, hidden)
     tanh_silu = out.dtype in (torch.bfloat16, torch.float16)
     if config is None:
-        grid = lambda meta: (cdiv(hidden, meta["BLOCK_C"]), cdiv(height, meta["STRIP_ROWS"]), batch)  # noqa: E731
+        grid = lambda meta: (cdiv(hidden, meta["BLOCK_C"]), cdiv(height, STRIP_ROWS.value), batch)  # noqa: E731
         depthwise_glu_kernel[grid](*args, TANH_SILU=tanh_silu)
     else:
-        grid = (cdiv(hidden, config.kwargs["BLOCK_C"]), cdiv(height, config.kwargs["STRIP_ROWS"]), batch)
+        grid = (cdiv(hidden, config.kwargs["BLOCK_C"]), cdiv(height, STRIP_ROWS.value), batch)
         depthwise_glu_kernel.fn[grid](*args, **config.kwargs, num_warps=config.num_warps, TANH_SILU=tanh_silu)
 
 

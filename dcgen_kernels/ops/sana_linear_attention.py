@@ -120,12 +120,12 @@ def _slices(n_tokens: int, block: int, groups: int, programs: int) -> int:
 
 def _grid(n_tokens: int, batch: int, heads: int, device: torch.device, block: str):
     """The autotuned passes' grid: (B * head groups, slices) for a config's tile, programs per SM and heads per
-    program; under the interpreter (PROGRAMS_PER_SM 0) two slices per head group."""
+    program (K pass; the output pass takes one); under the interpreter (PROGRAMS_PER_SM 0) two slices per group."""
     index = None if device.type != "cuda" else (device.index if device.index is not None
                                                  else torch.cuda.current_device())
 
     def grid(meta):
-        groups = batch * cdiv(heads, meta["HEADS_PER_PROGRAM"])
+        groups = batch * cdiv(heads, meta.get("HEADS_PER_PROGRAM", 1))
         per_sm = meta["PROGRAMS_PER_SM"]
         programs = per_sm * _sm_count(index) if per_sm else 2 * groups
         return groups, _slices(n_tokens, meta[block], groups, programs)
@@ -165,13 +165,19 @@ def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
         linear_attention_kv_kernel.fn[kv_grid(kv_config.all_kwargs())](*kv_args, **kv_meta, **_run_kwargs(kv_config))
     out_args = (q, kv_parts, ksum_parts, out, N, H, kv_grid(kv_config.all_kwargs())[1], eps,
                 *q.stride(), *out.stride())
-    out_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, SPLIT_KV=half, SPLIT_Q=q.dtype == torch.float16,
+    out_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, PART_STAGES=_part_stages(padded), SPLIT_KV=half, SPLIT_Q=q.dtype == torch.float16,
                     PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision)
     if configs is None:
         linear_attention_out_kernel[out_grid](*out_args, **out_meta)
     else:
         linear_attention_out_kernel.fn[out_grid(configs[1].all_kwargs())](*out_args, **out_meta,
                                                                           **_run_kwargs(configs[1]))
+
+
+def _part_stages(padded_dim: int) -> int:
+    """Pipeline depth of the output pass's loads of the KᵀV partials: up to 4 in flight within 16 KB of shared
+    memory (a D x D fp32 partial is 4 KB at D = 32, 64 KB at 128: none in flight there, as before)."""
+    return max(1, min(5, 1 + (16 << 10) // (4 * padded_dim * padded_dim)))
 
 
 def _run_kwargs(config) -> dict:

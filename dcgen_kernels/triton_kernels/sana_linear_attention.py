@@ -7,11 +7,12 @@ channel-first (B, H, D, N) layout of DC-AE share them:
 2. `linear_attention_out_kernel`: each program sums the partials of its (b, h) in a fixed order (so results are
    bitwise run-to-run deterministic, unlike atomics into one accumulator), then streams its slice of Q.
 The head dim is padded to a power of two (>= 16, the tl.dot minimum) with masks; padded lanes load as zeros.
-A program may take HEADS_PER_PROGRAM adjacent heads as one tile of HEADS_PER_PROGRAM * PADDED_DIM columns (in
-SANA's token-major layout a 128-byte row segment instead of 64 at head dim 32): its dots then run over the whole
-tile and only the per-head diagonal blocks of KᵀV are kept (the K pass) or non-zero (the output pass).
-Each pass is autotuned on its first call per shape and layout over the token tile, the number of programs (the
-grid) and the heads per program; the output pass reads how many partials the K pass wrote from its launch.
+A K-pass program may take HEADS_PER_PROGRAM adjacent heads as one tile of HEADS_PER_PROGRAM * PADDED_DIM columns
+(in SANA's token-major layout a 128-byte row segment instead of 64 at head dim 32): its dot then runs over the whole
+tile and only the per-head diagonal blocks of KᵀV are kept.
+Each pass is autotuned on its first call per shape and layout over the token tile and the number of programs (the
+grid), the K pass also over the heads per program; the output pass reads how many partials the K pass wrote from
+its launch.
 """
 
 import os
@@ -21,14 +22,17 @@ import triton.language as tl
 
 
 def _configs(block: str, tiles):
-    """(token tile, programs per SM: the grid, warps, heads per program) to time per (N, H, D, token stride). The
-    interpreter takes one config with small tiles (PROGRAMS_PER_SM 0: two slices per head group, see the
-    launcher), so the test shapes cover several slices, several tiles per slice and partial tiles."""
+    """(token tile, programs per SM: the grid, warps[, heads per program]) to time per (N, H, D, token stride). The
+    interpreter takes one config with small tiles (PROGRAMS_PER_SM 0: two slices per head group, see the launcher)
+    and one head per program, so the test shapes cover several slices, several tiles per slice and partial tiles."""
+    def meta(size, per_sm, *heads):
+        return {block: size, "PROGRAMS_PER_SM": per_sm, **({"HEADS_PER_PROGRAM": heads[0]} if heads else {})}
+
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return [triton.Config({block: 16, "PROGRAMS_PER_SM": 0, "HEADS_PER_PROGRAM": 1}, num_warps=4, num_stages=1)]
-    return [triton.Config({block: size, "PROGRAMS_PER_SM": per_sm, "HEADS_PER_PROGRAM": heads}, num_warps=warps,
-                          num_stages=3)
-            for size, per_sm, warps, heads in tiles]
+        _, _, _, *heads = tiles[0]
+        return [triton.Config(meta(16, 0, *heads), num_warps=4, num_stages=1)]
+    return [triton.Config(meta(size, per_sm, *heads), num_warps=warps, num_stages=3)
+            for size, per_sm, warps, *heads in tiles]
 
 
 # Head groups wider than this many fp32 columns would hold a (group x group) dot accumulator of more than 32
@@ -52,9 +56,11 @@ def prune_head_groups(configs, named_args, **kwargs):
 # did not help in run H. Runs L and N timed the winners' grids with 8 warps per program: the output pass took it at
 # SANA's and DC-AE's 16384 tokens (run L) and DC-AE's 65536 (run N), the K pass nowhere (dropped).
 # Few configs per pass keep the first call's tuning short (each config is one compile).
-# Session 14 adds the two-head group (HEADS_PER_PROGRAM 2) of each pass's winners, untimed so far.
+# Run O (session 14) added two-head groups of each pass's winners: the K pass took (64, 2, 4, 2) at every SANA and
+# DC-AE shape (SANA 16384 tokens 0.129 -> 0.127 ms, DC-AE 262144 0.884 -> 0.836 ms), the output pass never
+# (dropped); the one-head K configs stay for head dims above 32 and single heads, which the prune leaves them.
 KV_TILES = ((64, 2, 4, 1), (64, 4, 4, 1), (64, 2, 4, 2), (64, 4, 4, 2))
-OUT_TILES = ((64, 4, 4, 1), (128, 2, 4, 1), (128, 2, 8, 1), (64, 4, 4, 2), (128, 2, 8, 2))
+OUT_TILES = ((64, 4, 4), (128, 2, 4), (128, 2, 8))
 
 
 @triton.jit
@@ -164,44 +170,39 @@ def linear_attention_kv_kernel(
     tl.store(ksum_part_ptr + ksum_slot * PADDED_DIM + dim, tl.sum(ksum_rows, axis=0), mask=head < H)
 
 
-@triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"],
-                 prune_configs_by={"early_config_prune": prune_head_groups})
+@triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"])
 @triton.jit
 def linear_attention_out_kernel(
     q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr,
     N, H, n_kv_parts, eps,
     q_stride_b, q_stride_h, q_stride_n, q_stride_d,
     o_stride_b, o_stride_h, o_stride_n, o_stride_d,
-    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, PART_STAGES: tl.constexpr,
     SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
-    """Grid (B * head groups, slices), its own slicing of the tokens and grouping of the heads. out =
-    ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this program's slice, KV and ksum the sums of the K pass's n_kv_parts
-    partials of each head; a head group's KV is block-diagonal, so one dot serves all its heads.
+    """Grid (B*H, slices), its own slicing of the tokens. out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this
+    program's slice, KV and ksum the sums of the K pass's n_kv_parts partials of (b, h).
 
+    PART_STAGES: the partials' loads are pipelined PART_STAGES - 1 deep (the launcher sizes it to the shared
+    memory a partial takes): one after another, their L2 round trips held every program's first Q tile back.
     SPLIT_KV: run ReLU(Q)·KV on the tensor cores as ReLU(Q)·KV_hi + ReLU(Q)·KV_lo (bf16 parts, fp32
     accumulation), for bf16/fp16 inputs; else one fp32 dot with FP32_PRECISION (fp32 inputs).
     SPLIT_Q: Q is fp16, whose 11-bit significand needs two bf16 parts too (Q_lo·KV_lo, ~2^-20, is dropped).
     """
-    groups = tl.cdiv(H, HEADS_PER_PROGRAM)
-    b = tl.program_id(0) // groups
-    group = tl.program_id(0) % groups
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
     split = tl.program_id(1)
-    head, dim, column_ok = _group_columns(group, H, HEAD_DIM, PADDED_DIM, HEADS_PER_PROGRAM)
+    head, dim, column_ok = _group_columns(h, H, HEAD_DIM, PADDED_DIM, 1)
 
     # Fixed summation order over the partials: deterministic.
-    COLUMNS: tl.constexpr = HEADS_PER_PROGRAM * PADDED_DIM
-    kv = tl.zeros([COLUMNS, COLUMNS], dtype=tl.float32)
-    ksum = tl.zeros([COLUMNS], dtype=tl.float32)
-    for part in range(n_kv_parts):
-        offsets, diagonal = _part_offsets(b, H, part, n_kv_parts, head, dim, PADDED_DIM)
-        if HEADS_PER_PROGRAM == 1:
-            kv += tl.load(kv_part_ptr + offsets)
-        else:
-            kv += tl.load(kv_part_ptr + offsets, mask=diagonal, other=0.0)
-        ksum_slot = (b.to(tl.int64) * H + head) * n_kv_parts + part
-        ksum += tl.load(ksum_part_ptr + ksum_slot * PADDED_DIM + dim, mask=head < H, other=0.0)
+    kv = tl.zeros([PADDED_DIM, PADDED_DIM], dtype=tl.float32)
+    ksum = tl.zeros([PADDED_DIM], dtype=tl.float32)
+    for part in tl.range(0, n_kv_parts, num_stages=PART_STAGES):
+        offsets, _ = _part_offsets(b, H, part, n_kv_parts, head, dim, PADDED_DIM)
+        kv += tl.load(kv_part_ptr + offsets)
+        ksum += tl.load(ksum_part_ptr + (bh.to(tl.int64) * n_kv_parts + part) * PADDED_DIM + dim)
     if SPLIT_KV:
         kv_hi, kv_lo = split_bf16(kv, PART_DTYPE)
 
@@ -214,16 +215,11 @@ def linear_attention_out_kernel(
     end = tl.minimum(start + tokens_per_program, N)
     for m0 in range(start, end, BLOCK_M):
         n = m0 + tl.arange(0, BLOCK_M)
-        mask = _tile_mask(n, end, column_ok, HEAD_DIM, PADDED_DIM, HEADS_PER_PROGRAM)
+        mask = _tile_mask(n, end, column_ok, HEAD_DIM, PADDED_DIM, 1)
         rows = n.to(tl.int64)[:, None]
         q = tl.load(q_base + rows * q_stride_n + q_columns, mask=mask, other=0.0).to(tl.float32)
         q = tl.maximum(q, 0.0)
-        if HEADS_PER_PROGRAM == 1:
-            denominator = (tl.sum(q * ksum[None, :], axis=1) + eps)[:, None]
-        else:  # each head's own sum, broadcast back over its columns
-            per_head = tl.sum(tl.reshape(q * ksum[None, :], [BLOCK_M, HEADS_PER_PROGRAM, PADDED_DIM]), axis=2) + eps
-            denominator = tl.reshape(tl.broadcast_to(per_head[:, :, None], [BLOCK_M, HEADS_PER_PROGRAM, PADDED_DIM]),
-                                     [BLOCK_M, COLUMNS])
+        denominator = tl.sum(q * ksum[None, :], axis=1) + eps
         if SPLIT_KV:
             if SPLIT_Q:
                 q_hi, q_lo = split_bf16(q, PART_DTYPE)
@@ -236,5 +232,5 @@ def linear_attention_out_kernel(
                 numerator = tl.dot(q_part, kv_lo, numerator, input_precision="ieee")
         else:
             numerator = tl.dot(q, kv, input_precision=FP32_PRECISION)
-        out = numerator / denominator
+        out = numerator / denominator[:, None]
         tl.store(o_base + rows * o_stride_n + o_columns, out.to(out_ptr.dtype.element_ty), mask=mask)
