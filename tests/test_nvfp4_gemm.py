@@ -95,6 +95,45 @@ def test_w4a16_effective_weight_strategy_matches_reference(R):
     assert rel_l2(split, expected) < 1e-5
 
 
+@pytest.mark.parametrize("tma_store", [False, True], ids=["pointer-store", "tma-store"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_effective_weight_partial_tiles_and_store_paths(tma_store, dtype):
+    """Both store paths of the effective-weight pass at a shape off every tile (N = 40 of 32-row blocks, K = 80 of
+    32-column tiles, two tiles per program: the second program's second tile starts past K): every element of the
+    weight is written and nothing beside it (the weight is a column slice of a NaN-poisoned wider buffer)."""
+    import triton
+
+    _, wq, lora_down, lora_up, _ = operands(1, 80, 40, 8)
+    smooth = torch.rand(80) + 0.5
+    wide = torch.full((40, 96), float("nan"), dtype=dtype)
+    weight = wide[:, :80]  # row stride 96 elements: 16-byte aligned for TMA in fp32 and bf16
+    config = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_TILES": 2, "TMA_STORE": tma_store}, num_warps=4)
+    gemm_module._launch_effective_weight(*wq, smooth, lora_down, lora_up, weight, config)
+    manual = dequantize_nvfp4_reference(*wq, k=80) / smooth + (lora_down @ lora_up).t()
+    assert rel_l2(weight.float(), manual) < (1e-6 if dtype == torch.float32 else 4e-3)
+    assert wide[:, 80:].isnan().all()
+
+
+def test_effective_weight_tma_store_needs_an_addressable_output():
+    import triton
+
+    _, wq, lora_down, lora_up, _ = operands(1, 80, 40, 8)
+    weight = torch.empty(40, 81, dtype=torch.bfloat16)[:, :80]  # rows of 162 bytes: no TMA
+    assert gemm_module._tma_descriptor(weight) is None
+    config = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_TILES": 2, "TMA_STORE": True}, num_warps=4)
+    with pytest.raises(ValueError, match="TMA_STORE config needs an output TMA can address"):
+        gemm_module._launch_effective_weight(*wq, None, lora_down, lora_up, weight, config)
+
+
+def test_effective_weight_autotune_prunes_tma_store_without_a_descriptor():
+    from dcgen_kernels.triton_kernels.nvfp4_gemm import prune_tma_store
+    import triton
+
+    configs = [triton.Config({"TMA_STORE": tma}) for tma in (False, True)]
+    assert [c.kwargs["TMA_STORE"] for c in prune_tma_store(configs, {"out_desc": None})] == [False]
+    assert len(prune_tma_store(configs, {"out_desc": object()})) == 2
+
+
 def test_w4a16_effective_weight_strategy_takes_a_bias_of_another_dtype():
     x, wq, lora_down, lora_up, bias = operands(33, 80, 40, 8)
     expected = nvfp4_w4a16_gemm_reference(x.bfloat16(), *wq, lora_down=lora_down, lora_up=lora_up, bias=bias)

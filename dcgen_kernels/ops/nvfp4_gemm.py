@@ -161,10 +161,21 @@ def _launch_triton(a, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, lora_u
     )
 
 
+def _tma_descriptor(out: torch.Tensor):
+    """A host TensorDescriptor of the 2-D `out` (block set per config), or None where TMA cannot address it: a
+    base or row stride not a multiple of 16 bytes, or a last dim that is not contiguous."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    row_bytes = out.stride(0) * out.element_size()
+    if out.stride(1) != 1 or row_bytes % 16 or out.data_ptr() % 16:
+        return None
+    return TensorDescriptor.from_tensor(out, [1, 16 // out.element_size()])  # a valid block until a config sets it
+
+
 def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_up, out, config=None) -> None:
     """The tile config is autotuned on the first call per shape (triton_kernels/nvfp4_gemm.py); `config` (a
     triton.Config of that list) runs one without tuning, for tests."""
-    from ..triton_kernels.nvfp4_gemm import nvfp4_effective_weight_kernel
+    from ..triton_kernels.nvfp4_gemm import _set_out_block, nvfp4_effective_weight_kernel
 
     N, K = out.shape
     R = lora_down.shape[1] if lora_down is not None else 0
@@ -173,8 +184,9 @@ def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_u
     dot = _tl_dtype(torch.float32 if interp or not R or lora_up.dtype not in HALF_DTYPES else lora_up.dtype)
     down = lora_down.contiguous() if R else out
     up = lora_up.contiguous() if R else out
+    out_desc = _tma_descriptor(out)
     args = (w_packed, w_scales, w_gs, smooth.float().contiguous() if smooth is not None else out,
-            down, up, out, N, K, w_packed.shape[1] * 2, R, w_packed.stride(0), w_scales.stride(0),
+            down, up, out, out_desc, N, K, w_packed.shape[1] * 2, R, w_packed.stride(0), w_scales.stride(0),
             down.stride(0) if R else 0, up.stride(0) if R else 0, out.stride(0))
     meta = dict(HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0, DOT_DTYPE=dot,
                 BLOCK_R=max(16, 1 << max(0, R - 1).bit_length()))
@@ -182,6 +194,10 @@ def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_u
         grid = lambda m: (cdiv(N, m["BLOCK_N"]), cdiv(K, m["BLOCK_K"] * m["K_TILES"]))  # noqa: E731
         nvfp4_effective_weight_kernel[grid](*args, **meta)
     else:
+        if config.kwargs["TMA_STORE"]:
+            if out_desc is None:
+                raise ValueError("a TMA_STORE config needs an output TMA can address (16-byte aligned rows)")
+            _set_out_block({"out_desc": out_desc, **config.kwargs})
         grid = (cdiv(N, config.kwargs["BLOCK_N"]), cdiv(K, config.kwargs["BLOCK_K"] * config.kwargs["K_TILES"]))
         nvfp4_effective_weight_kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps)
 

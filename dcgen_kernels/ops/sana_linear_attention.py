@@ -165,8 +165,8 @@ def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
         linear_attention_kv_kernel.fn[kv_grid(kv_config.all_kwargs())](*kv_args, **kv_meta, **_run_kwargs(kv_config))
     out_args = (q, kv_parts, ksum_parts, out, N, H, kv_grid(kv_config.all_kwargs())[1], eps,
                 *q.stride(), *out.stride())
-    out_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, PART_STAGES=_part_stages(padded), SPLIT_KV=half, SPLIT_Q=q.dtype == torch.float16,
-                    PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision)
+    out_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, PART_STAGES=_part_stages(padded), SPLIT_KV=half,
+                    SPLIT_Q=q.dtype == torch.float16, PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision)
     if configs is None:
         linear_attention_out_kernel[out_grid](*out_args, **out_meta)
     else:

@@ -108,32 +108,49 @@ def nvfp4_gemm_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _set_out_block(nargs):
+    """Config pre-hook of the TMA-store configs: the output descriptor's block is the config's tile."""
+    nargs["out_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
 def _effective_weight_configs():
-    """(BLOCK_N, BLOCK_K, K_TILES, warps) to time on the first call per (N, K, R, dtypes). 64 x 128 with 4 warps, one
-    tile per program, was the hand-picked default (its pass ran at ~1.3-1.5 TB/s on an H100, 2026-11-27); larger
-    tiles re-read the low-rank factors less often; K_TILES > 1 streams several tiles per program with the next one's
-    bytes in flight (one-tile programs, at 96-204 registers per thread for sm_90a, leave few loads in flight per SM:
-    an estimate, not yet measured). Under the interpreter: small tiles, two per program, so the tests cover partial
-    blocks and the prefetch."""
+    """(BLOCK_N, BLOCK_K, K_TILES, warps, TMA_STORE) to time on the first call per (N, K, R, dtypes). 64 x 128 with 4
+    warps, one tile per program, was the hand-picked default (its pass ran at ~1.3-1.5 TB/s on an H100, 2026-11-27);
+    larger tiles re-read the low-rank factors less often; K_TILES > 1 streams several tiles per program with the next
+    one's bytes in flight. TMA_STORE (session 14, untimed): the winners of runs F-L again, storing each tile with one
+    TMA copy from shared memory instead of converting it back to a blocked register layout for global stores (run
+    L's ncu: the pass waits on shared memory, L1/TEX 67% busy, DRAM 13%). Under the interpreter: small tiles, two
+    per program, so the tests cover partial blocks and the prefetch."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_TILES": 2}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_TILES": 2, "TMA_STORE": False}, num_warps=4)]
     # Run L also timed the winner's tile (64 x 128) with 8 warps: picked at none of the five FLUX shapes, dropped.
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "K_TILES": t}, num_warps=w)
-            for n, k, t, w in ((64, 128, 1, 4), (128, 128, 1, 8), (64, 256, 1, 8), (128, 256, 1, 8), (32, 256, 1, 4),
-                               (128, 64, 1, 4), (64, 128, 4, 4), (32, 128, 8, 4), (128, 128, 4, 8))]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "K_TILES": t, "TMA_STORE": tma}, num_warps=w,
+                          pre_hook=_set_out_block if tma else None)
+            for n, k, t, w, tma in ((64, 128, 1, 4, False), (128, 128, 1, 8, False), (64, 256, 1, 8, False),
+                                    (128, 256, 1, 8, False), (32, 256, 1, 4, False), (128, 64, 1, 4, False),
+                                    (64, 128, 4, 4, False), (32, 128, 8, 4, False), (128, 128, 4, 8, False),
+                                    (64, 128, 1, 4, True), (32, 128, 8, 4, True))]
 
 
-@triton.autotune(configs=_effective_weight_configs(), key=["N", "K", "R"])
+def prune_tma_store(configs, named_args, **kwargs):
+    """Autotune prune: the TMA-store configs only where the launcher could describe the output (`out_desc`)."""
+    return [config for config in configs if not config.kwargs["TMA_STORE"] or named_args["out_desc"] is not None]
+
+
+@triton.autotune(configs=_effective_weight_configs(), key=["N", "K", "R"],
+                 prune_configs_by={"early_config_prune": prune_tma_store})
 @triton.jit
 def nvfp4_effective_weight_kernel(
-    w_ptr, w_scales_ptr, w_gscale_ptr, smooth_ptr, down_ptr, up_ptr, out_ptr,
+    w_ptr, w_scales_ptr, w_gscale_ptr, smooth_ptr, down_ptr, up_ptr, out_ptr, out_desc,
     N, K, K_PAD, R,
     stride_wn, stride_wsn, stride_dk, stride_ur, stride_on,
     HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
+    TMA_STORE: tl.constexpr,
 ):
     """out [N, K] = dequant(W) / smooth[k] + (down [K, R] @ up [R, N])^T: an SVDQuant layer's effective weight,
-    for a 16-bit GEMM (large-M W4A16). Grid (N blocks, K blocks of K_TILES tiles)."""
+    for a 16-bit GEMM (large-M W4A16). Grid (N blocks, K blocks of K_TILES tiles). TMA_STORE: tiles leave through
+    out_desc (a host TensorDescriptor of `out`, its block set to [BLOCK_N, BLOCK_K]; the copy clips at N and K)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -165,6 +182,9 @@ def nvfp4_effective_weight_kernel(
             down_t = tl.load(down_ptr + cols[None, :] * stride_dk + ranks[:, None],
                              mask=col_ok[None, :] & (ranks[:, None] < R), other=0.0)
             w = tl.dot(up_t.to(DOT_DTYPE), down_t.to(DOT_DTYPE), w, input_precision="ieee")
-        tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        w = w.to(out_ptr.dtype.element_ty)
+        if TMA_STORE:
+            out_desc.store([tl.program_id(0) * BLOCK_N, k0], w)
+        else:
+            tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], w, mask=row_ok[:, None] & col_ok[None, :])
         packed, sbytes = next_packed, next_sbytes

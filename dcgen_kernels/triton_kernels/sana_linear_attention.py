@@ -101,8 +101,8 @@ def _part_offsets(b, H, split, n_parts, head, dim, PADDED_DIM: tl.constexpr):
 @triton.jit
 def split_bf16(x, PART_DTYPE: tl.constexpr):
     """x (fp32) ≈ hi + lo with hi, lo bf16 values: 16 significant bits (~2^-17 relative), far below the
-    bf16/fp16 output rounding, at the cost of one more tensor-core dot. PART_DTYPE is bfloat16 on a GPU; under the interpreter (whose
-    bf16 dots are wrong) float32, holding the same bf16 values."""
+    bf16/fp16 output rounding, at the cost of one more tensor-core dot. PART_DTYPE is bfloat16 on a GPU; under the
+    interpreter (whose bf16 dots are wrong) float32, holding the same bf16 values."""
     hi = x.to(tl.bfloat16).to(tl.float32)
     lo = (x - hi).to(tl.bfloat16)
     return hi.to(PART_DTYPE), lo.to(PART_DTYPE)
