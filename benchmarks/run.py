@@ -808,7 +808,8 @@ DESCRIPTIVE = ("environment", "anchors", "gpu_check")  # records, not timed sect
 AUTOTUNED_KERNELS = ("dcgen_kernels.triton_kernels.glumbconv:depthwise_glu_kernel",
                      "dcgen_kernels.triton_kernels.nvfp4_gemm:nvfp4_effective_weight_kernel",
                      "dcgen_kernels.triton_kernels.sana_linear_attention:linear_attention_kv_kernel",
-                     "dcgen_kernels.triton_kernels.sana_linear_attention:linear_attention_out_kernel")
+                     "dcgen_kernels.triton_kernels.sana_linear_attention:linear_attention_out_kernel",
+                     "dcgen_kernels.triton_kernels.sana_linear_attention:linear_attention_fused_kernel")
 
 
 def _autotuned_kernel(path: str):
@@ -819,11 +820,16 @@ def _autotuned_kernel(path: str):
 
 
 def autotuned_configs() -> dict:
-    """The config each autotuned Triton kernel picked per tuning key in this run (none before its first call)."""
+    """The config each autotuned Triton kernel picked per tuning key in this run (none before its first call), and
+    the linear attention's form (two launches or one) per shape with both forms' times."""
+    import importlib
+
     picked = {}
     for path in AUTOTUNED_KERNELS:
         name, kernel = _autotuned_kernel(path)
         picked[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+    strategies = importlib.import_module("dcgen_kernels.ops.sana_linear_attention").STRATEGIES
+    picked["sana_linear_attention_strategy"] = {str(key): choice for key, choice in strategies.items()}
     return picked
 
 

@@ -167,6 +167,67 @@ def test_head_groups_match_reference_channel_first_and_padded(D):
     assert rel_l2(out, sana_multiscale_linear_attention_reference(q, k, v)) < 1e-6
 
 
+def _fused_config(heads_per_program: int):
+    import triton
+
+    return triton.Config({"BLOCK_N": 16, "KV_PROGRAMS_PER_SM": 0, "HEADS_PER_PROGRAM": heads_per_program,
+                          "BLOCK_M": 16, "OUT_PROGRAMS_PER_SM": 0}, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("heads_per_program", [None, 2], ids=["tuned", "2-head-K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_fused_matches_reference(heads_per_program, dtype):
+    """Both passes in one launch, token-major, into a strided NaN-poisoned output: 3 heads (the 2-head group short
+    of one), 37 tokens (partial tiles, two slices per group / head under the interpreter). Twice, as the counters
+    that order the launch's programs must start from zero on every call."""
+    q, k, v = make_inputs(B=2, N=37, H=3, D=32, dtype=dtype)
+    expected = sana_linear_attention_reference(q, k, v, 3)
+    config = _fused_config(heads_per_program) if heads_per_program else None
+    for _ in range(2):
+        wide = torch.full((2, 37, 2 * 96), float("nan"), dtype=dtype)
+        out = wide[..., :96]
+        _launch_triton(*(_by_head(x, 3) for x in (q, k, v)), 1e-15, _by_head(out, 3), config, strategy="fused")
+        assert rel_l2(out, expected) <= max(TOLERANCE[dtype], 1e-6)
+        assert wide[..., 96:].isnan().all()
+
+
+@pytest.mark.parametrize("D", [24, 32])
+def test_fused_matches_reference_channel_first_and_padded(D):
+    q, k, v = make_multiscale_inputs(B=1, heads=3, D=D, N=35, dtype=torch.float32)
+    out = torch.full(q.shape, float("nan"))
+    _launch_triton(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), 1e-15, out.transpose(2, 3),
+                   _fused_config(2), strategy="fused")
+    assert rel_l2(out, sana_multiscale_linear_attention_reference(q, k, v)) < 1e-6
+
+
+def test_unknown_strategy_raises():
+    q, k, v = torch.randn(3, 1, 2, 8, 16)
+    with pytest.raises(ValueError, match="strategy must be 'two_pass', 'fused' or None"):
+        _launch_triton(q, k, v, 1e-15, torch.empty_like(q), strategy="one_pass")
+
+
+def test_strategy_is_timed_once_per_shape_and_the_faster_kept(monkeypatch):
+    import importlib
+
+    import triton.testing
+
+    op = importlib.import_module("dcgen_kernels.ops.sana_linear_attention")  # the module, not the function
+    ran, times = [], {"two_pass": 0.13, "fused": 0.12}
+    monkeypatch.setattr(op, "_launch_two_pass", lambda *args: ran.append("two_pass"))
+    monkeypatch.setattr(op, "_launch_fused", lambda *args: ran.append("fused"))
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: (fn(), times[ran[-1]])[1])
+    monkeypatch.setattr(op, "STRATEGIES", {})
+    q, k, v = torch.randn(3, 1, 2, 8, 16)
+    out = torch.empty_like(q)
+    assert op._pick_strategy(q, k, v, 1e-15, out, {}) == "fused"
+    times["fused"] = 0.5  # cached: not timed again
+    assert op._pick_strategy(q, k, v, 1e-15, out, {}) == "fused" and ran == ["two_pass", "fused"]
+    assert op.STRATEGIES == {next(iter(op.STRATEGIES)): {"picked": "fused", "two_pass_ms": 0.13, "fused_ms": 0.12}}
+    v_other_layout = v.transpose(2, 3).contiguous().transpose(2, 3)  # another key: timed on its own, now slower
+    assert op._pick_strategy(q, k, v_other_layout, 1e-15, out, {}) == "two_pass"
+    assert len(op.STRATEGIES) == 2 and ran[-2:] == ["two_pass", "fused"]
+
+
 def test_autotune_prunes_head_groups_past_the_register_budget():
     from dcgen_kernels.triton_kernels.sana_linear_attention import prune_head_groups
 
@@ -188,6 +249,25 @@ for i in range(max(len(kv_configs), len(out_configs))):  # every config of both 
     a._launch_triton(q, k, v, 1e-15, out, (kv_configs[i % len(kv_configs)], out_configs[i % len(out_configs)]))
 print(json.dumps(stats))
 '''
+
+
+_FUSED_CONFIG_LAUNCHES = r'''
+a = importlib.import_module("dcgen_kernels.ops.sana_linear_attention")
+kernels = importlib.import_module("dcgen_kernels.triton_kernels.sana_linear_attention")
+q, k, v, out = torch.empty(4, 1, 16384, 2240, dtype=torch.bfloat16).unflatten(-1, (70, 32)).transpose(2, 3)
+for config in kernels.linear_attention_fused_kernel.configs:  # every fused config at SANA-1.6B's 128x128
+    a._launch_triton(q, k, v, 1e-15, out, config, strategy="fused")
+print(json.dumps(stats))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_fused_configs_compile_for_sm90_without_spills():
+    from tests.helpers import compile_launchers_for_sm90
+
+    stats = compile_launchers_for_sm90(_FUSED_CONFIG_LAUNCHES)
+    assert len(stats) > 1 and all(s["kernel"] == "linear_attention_fused_kernel" for s in stats), stats
+    assert all(s["spills"] == 0 for s in stats), stats
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
@@ -338,6 +418,30 @@ def test_gpu_every_pass_config():
         by_head = [t.unflatten(-1, (70, 32)).transpose(1, 2) for t in (q, k, v, out)]
         _launch_triton(*by_head[:3], 1e-15, by_head[3], pair)
         assert rel_l2(out, expected) <= TOLERANCE[torch.bfloat16] / 2, pair
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["sana", "dc_ae"])
+def test_gpu_fused_every_config_and_repeatable(layout):
+    """Every fused config, then 20 back-to-back launches of one: the programs of a launch order themselves through
+    counters and wait on each other's partials, so a missing ordering would show as a wrong or varying result."""
+    from dcgen_kernels.triton_kernels.sana_linear_attention import linear_attention_fused_kernel
+
+    if layout == "sana":
+        q, k, v = (t.unflatten(-1, (70, 32)).transpose(1, 2)
+                   for t in make_inputs(B=1, N=16384, H=70, D=32, device="cuda"))
+    else:
+        q, k, v = (t.transpose(2, 3) for t in make_multiscale_inputs(B=1, heads=64, D=32, N=16384, device="cuda"))
+    expected = relu_linear_attention_fp32(q, k, v, 1e-15)
+    out = torch.empty_like(q)
+    for config in linear_attention_fused_kernel.configs:
+        out.fill_(float("nan"))
+        _launch_triton(q, k, v, 1e-15, out, config, strategy="fused")
+        assert rel_l2(out, expected) <= TOLERANCE[torch.bfloat16] / 2, config
+    first = out.clone()
+    for _ in range(20):
+        _launch_triton(q, k, v, 1e-15, out, linear_attention_fused_kernel.configs[-1], strategy="fused")
+        assert torch.equal(out, first)
 
 
 @pytest.mark.gpu

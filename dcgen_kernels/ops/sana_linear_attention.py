@@ -12,11 +12,13 @@ eps = the module's `eps`). Two public entry points, one pair of kernels:
 Backends (auto order triton -> reference; there is no CUDA backend):
 - triton: reads Q, K and V once in their own dtype and layout and writes the output once; no fp32 copies,
   no padding with ones, no permutes. KᵀV and ΣK are reduced in fp32 per token slice into a small workspace and
-  summed in a fixed order by the output pass (deterministic; no atomics). fp32, bf16, fp16; head_dim <= 128.
+  summed in a fixed order by the output pass (deterministic: no atomic sums). fp32, bf16, fp16; head_dim <= 128.
   Memory-bound: at B=1, 70 heads × 32, 16384 tokens, bf16 it moves 4 × 73 MB; the target is >= 80% of the
-  copy rate (benchmarks/bench_sana_ops.py measures it). Each pass times its token tile and grid (programs per
-  SM) on its first call per shape and layout (about a second plus compilation): warm a model up before capturing
-  it in a CUDA graph (patch(cuda_graph=True) does).
+  copy rate (benchmarks/bench_sana_ops.py measures it). Two forms: two launches (K pass, output pass) or one
+  (`linear_attention_fused_kernel`, its programs ordered by atomic counters, no boundary between the passes).
+  On its first call per shape and layout each form tunes its tiles and grid, then the faster form is kept
+  (`STRATEGIES` holds the choice and both times; a few seconds with compilation): warm a model up before
+  capturing it in a CUDA graph (patch(cuda_graph=True) does).
 - reference: fp32 torch (always available; also the backward of both ops).
 """
 
@@ -110,53 +112,84 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _slices(n_tokens: int, block: int, groups: int, programs: int) -> int:
-    """Programs per head group: about `programs` in all, each a whole number of token tiles, none empty (the
-    kernels invert this as `_tokens_per_program`)."""
-    blocks = cdiv(n_tokens, block)
-    per_program = cdiv(blocks, min(blocks, max(1, cdiv(programs, groups))))
-    return cdiv(blocks, per_program)
+def _device_index(device: torch.device):
+    return None if device.type != "cuda" else (device.index if device.index is not None
+                                               else torch.cuda.current_device())
 
 
 def _grid(n_tokens: int, batch: int, heads: int, device: torch.device, block: str):
     """The autotuned passes' grid: (B * head groups, slices) for a config's tile, programs per SM and heads per
     program (K pass; the output pass takes one); under the interpreter (PROGRAMS_PER_SM 0) two slices per group."""
-    index = None if device.type != "cuda" else (device.index if device.index is not None
-                                                 else torch.cuda.current_device())
+    from ..triton_kernels.sana_linear_attention import token_slices
+
+    index = _device_index(device)
 
     def grid(meta):
         groups = batch * cdiv(heads, meta.get("HEADS_PER_PROGRAM", 1))
         per_sm = meta["PROGRAMS_PER_SM"]
         programs = per_sm * _sm_count(index) if per_sm else 2 * groups
-        return groups, _slices(n_tokens, meta[block], groups, programs)
+        return groups, token_slices(n_tokens, meta[block], groups, programs)
 
     return grid
 
 
-def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
-    """q, k, v, out: (B, H, N, D)-indexed views, any strides. configs: a (K pass, output pass) pair of
-    triton.Configs from the kernels' lists, run without tuning (for tests)."""
+# Per (shape, dtype, strides): which form ran faster on its first call, with both times (ms). Read by the benchmarks.
+STRATEGIES: dict = {}
+
+
+def _launch_triton(q, k, v, eps: float, out, configs=None, strategy: Optional[str] = None) -> None:
+    """q, k, v, out: (B, H, N, D)-indexed views, any strides. strategy: "two_pass" (a K-pass launch, then an
+    output-pass launch), "fused" (both in one launch) or None: on a GPU the faster of the two for this shape and
+    layout, timed once on its first call (each form autotuned first; like the autotuners, not inside a CUDA-graph
+    capture: warm up first), else two_pass. configs: for tests, the form's configs run without tuning: a (K pass,
+    output pass) pair of triton.Configs for two_pass, one Config for fused."""
     import triton.language as tl
 
-    from ..triton_kernels.sana_linear_attention import linear_attention_kv_kernel, linear_attention_out_kernel
-
-    B, H, N, D = q.shape
-    padded = _padded_dim(D)
-    half = q.dtype in (torch.bfloat16, torch.float16)
     interpret = _backend.triton_interpreter_enabled()
     # bf16 dots are wrong under the interpreter: there the same bf16-valued operands go through fp32 dots.
     dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(q.dtype, tl.float32)
-    dot_dtype = tl.float32 if interpret else dot_dtype
-    part_dtype = tl.float32 if interpret else tl.bfloat16
-    fp32_precision = "ieee" if interpret else _FP32_DOT_PRECISION
+    padded = _padded_dim(q.shape[-1])
+    meta = dict(HEAD_DIM=q.shape[-1], PADDED_DIM=padded, DOT_DTYPE=tl.float32 if interpret else dot_dtype,
+                FP32_PRECISION="ieee" if interpret else _FP32_DOT_PRECISION, PART_STAGES=_part_stages(padded),
+                SPLIT_KV=q.dtype in (torch.bfloat16, torch.float16), SPLIT_Q=q.dtype == torch.float16,
+                PART_DTYPE=tl.float32 if interpret else tl.bfloat16)
+    if strategy is None:
+        strategy = _pick_strategy(q, k, v, eps, out, meta) if q.device.type == "cuda" and not interpret else "two_pass"
+    if strategy == "two_pass":
+        _launch_two_pass(q, k, v, eps, out, meta, configs)
+    elif strategy == "fused":
+        _launch_fused(q, k, v, eps, out, meta, configs)
+    else:
+        raise ValueError(f"strategy must be 'two_pass', 'fused' or None, got {strategy!r}")
 
+
+def _pick_strategy(q, k, v, eps, out, meta) -> str:
+    from triton.testing import do_bench
+
+    key = (tuple(q.shape), str(q.dtype), q.stride(), k.stride(), v.stride(), out.stride())
+    if key not in STRATEGIES:
+        ms = {name: do_bench(lambda name=name: launch(q, k, v, eps, out, meta, None), return_mode="median")
+              for name, launch in (("two_pass", _launch_two_pass), ("fused", _launch_fused))}
+        STRATEGIES[key] = {"picked": min(ms, key=ms.get), **{f"{name}_ms": t for name, t in ms.items()}}
+    return STRATEGIES[key]["picked"]
+
+
+def _workspace(q, most_slices: int, padded: int):
+    B, H = q.shape[:2]
+    return (torch.empty(B * H, most_slices, padded, padded, dtype=torch.float32, device=q.device),
+            torch.empty(B * H, most_slices, padded, dtype=torch.float32, device=q.device))
+
+
+def _launch_two_pass(q, k, v, eps, out, meta, configs) -> None:
+    from ..triton_kernels.sana_linear_attention import linear_attention_kv_kernel, linear_attention_out_kernel
+
+    B, H, N, _ = q.shape
     kv_grid, out_grid = _grid(N, B, H, q.device, "BLOCK_N"), _grid(N, B, H, q.device, "BLOCK_M")
     kv_configs = linear_attention_kv_kernel.configs if configs is None else configs[:1]
-    most_slices = max(kv_grid(config.all_kwargs())[1] for config in kv_configs)
-    kv_parts = torch.empty(B * H, most_slices, padded, padded, dtype=torch.float32, device=q.device)
-    ksum_parts = torch.empty(B * H, most_slices, padded, dtype=torch.float32, device=q.device)
+    kv_parts, ksum_parts = _workspace(q, max(kv_grid(config.all_kwargs())[1] for config in kv_configs),
+                                      meta["PADDED_DIM"])
     kv_args = (k, v, kv_parts, ksum_parts, N, H, *k.stride(), *v.stride())
-    kv_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision)
+    kv_meta = {name: meta[name] for name in ("HEAD_DIM", "PADDED_DIM", "DOT_DTYPE", "FP32_PRECISION")}
     if configs is None:
         linear_attention_kv_kernel[kv_grid](*kv_args, **kv_meta)
         kv_config = linear_attention_kv_kernel.best_config  # tuned on the first call per key, then cached
@@ -165,13 +198,34 @@ def _launch_triton(q, k, v, eps: float, out, configs=None) -> None:
         linear_attention_kv_kernel.fn[kv_grid(kv_config.all_kwargs())](*kv_args, **kv_meta, **_run_kwargs(kv_config))
     out_args = (q, kv_parts, ksum_parts, out, N, H, kv_grid(kv_config.all_kwargs())[1], eps,
                 *q.stride(), *out.stride())
-    out_meta = dict(HEAD_DIM=D, PADDED_DIM=padded, PART_STAGES=_part_stages(padded), SPLIT_KV=half,
-                    SPLIT_Q=q.dtype == torch.float16, PART_DTYPE=part_dtype, FP32_PRECISION=fp32_precision)
+    out_meta = {name: value for name, value in meta.items() if name != "DOT_DTYPE"}
     if configs is None:
         linear_attention_out_kernel[out_grid](*out_args, **out_meta)
     else:
         linear_attention_out_kernel.fn[out_grid(configs[1].all_kwargs())](*out_args, **out_meta,
                                                                           **_run_kwargs(configs[1]))
+
+
+def _launch_fused(q, k, v, eps, out, meta, config) -> None:
+    from ..triton_kernels.sana_linear_attention import fused_kv_slices, linear_attention_fused_kernel
+
+    B, H, N, _ = q.shape
+    index = _device_index(q.device)
+    sm_count = _sm_count(index) if index is not None else 0
+    configs = linear_attention_fused_kernel.configs if config is None else [config]
+    most_slices = max(fused_kv_slices(dict(c.kwargs, B=B, H=H, N=N, sm_count=sm_count)) for c in configs)
+    kv_parts, ksum_parts = _workspace(q, most_slices, meta["PADDED_DIM"])
+    counters = torch.zeros(1 + B * H, dtype=torch.int32, device=q.device)
+    args = (q, k, v, out, kv_parts, ksum_parts, counters, B, N, H, eps, sm_count,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride())
+
+    def grid(kwargs):
+        return (B * cdiv(H, kwargs["HEADS_PER_PROGRAM"]) * kwargs["KV_SLICES"] + B * H * kwargs["OUT_SLICES"],)
+
+    if config is None:
+        linear_attention_fused_kernel[grid](*args, **meta)
+    else:
+        linear_attention_fused_kernel.fn[grid](*args, **meta, **_run_kwargs(config))
 
 
 def _part_stages(padded_dim: int) -> int:

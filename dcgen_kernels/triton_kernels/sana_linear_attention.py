@@ -12,7 +12,8 @@ A K-pass program may take HEADS_PER_PROGRAM adjacent heads as one tile of HEADS_
 tile and only the per-head diagonal blocks of KᵀV are kept.
 Each pass is autotuned on its first call per shape and layout over the token tile and the number of programs (the
 grid), the K pass also over the heads per program; the output pass reads how many partials the K pass wrote from
-its launch.
+its launch. `linear_attention_fused_kernel` runs the same two steps (`_kv_partial`, `_attend`) in one launch,
+ordered by atomic counters rather than by a kernel boundary; the partial sums stay atomic-free either way.
 """
 
 import os
@@ -33,6 +34,14 @@ def _configs(block: str, tiles):
         return [triton.Config(meta(16, 0, *heads), num_warps=4, num_stages=1)]
     return [triton.Config(meta(size, per_sm, *heads), num_warps=warps, num_stages=3)
             for size, per_sm, warps, *heads in tiles]
+
+
+def token_slices(n_tokens: int, block: int, groups: int, programs: int) -> int:
+    """Token slices per head group for a grid of about `programs` programs in all, each slice a whole number of
+    tiles, none empty (the kernels invert this in `_slice_bounds`)."""
+    blocks = triton.cdiv(n_tokens, block)
+    per_program = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, groups))))
+    return triton.cdiv(blocks, per_program)
 
 
 # Head groups wider than this many fp32 columns would hold a (group x group) dot accumulator of more than 32
@@ -109,42 +118,30 @@ def split_bf16(x, PART_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _tokens_per_program(N, BLOCK: tl.constexpr):
-    """Tokens per slice of the grid's dim 1, whole tiles: the inverse of the launcher's `_slices`."""
-    return tl.cdiv(tl.cdiv(N, BLOCK), tl.num_programs(1)) * BLOCK
+def _slice_bounds(N, split, slices, BLOCK: tl.constexpr):
+    """[start, end) of token slice `split` of `slices`, each a whole number of tiles: the inverse of the
+    launcher's `_slices`."""
+    tokens = tl.cdiv(tl.cdiv(N, BLOCK), slices) * BLOCK
+    start = split * tokens
+    return start, tl.minimum(start + tokens, N)
 
 
-@triton.autotune(configs=_configs("BLOCK_N", KV_TILES), key=["N", "H", "HEAD_DIM", "k_stride_n"],
-                 prune_configs_by={"early_config_prune": prune_head_groups})
 @triton.jit
-def linear_attention_kv_kernel(
-    k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr,
-    N, H,
+def _kv_partial(
+    k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr, b, group, split, n_parts, N, H,
     k_stride_b, k_stride_h, k_stride_n, k_stride_d,
     v_stride_b, v_stride_h, v_stride_n, v_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """Grid (B * head groups, slices). Writes kv_part[b, h, s] = ReLU(K_s)ᵀ V_s and ksum_part[b, h, s] =
-    Σ ReLU(K_s) for each head h of the program's group. PROGRAMS_PER_SM only shapes the grid (the launcher reads
-    it from the config).
-
-    DOT_DTYPE is the input dtype for bf16/fp16 (products of 16-bit floats are exact in the fp32 tensor-core
-    accumulator, so this equals the fp32 reference up to summation order) and float32 otherwise, with
-    FP32_PRECISION "tf32x3" (three TF32 tensor-core products, ~fp32 accuracy) or "ieee" (FMA units).
-    """
-    groups = tl.cdiv(H, HEADS_PER_PROGRAM)
-    b = tl.program_id(0) // groups
-    group = tl.program_id(0) % groups
-    split = tl.program_id(1)
+    """Writes kv_part[b, h, split] = ReLU(K_s)ᵀ V_s and ksum_part[b, h, split] = Σ ReLU(K_s) for each head h of
+    the group, K_s the tokens of slice `split` of n_parts."""
     head, dim, column_ok = _group_columns(group, H, HEAD_DIM, PADDED_DIM, HEADS_PER_PROGRAM)
     k_base = k_ptr + b.to(tl.int64) * k_stride_b
     v_base = v_ptr + b.to(tl.int64) * v_stride_b
     k_columns = _column_offsets(head, dim, k_stride_h, k_stride_d)
     v_columns = _column_offsets(head, dim, v_stride_h, v_stride_d)
-    tokens_per_program = _tokens_per_program(N, BLOCK_N)
-    start = split * tokens_per_program
-    end = tl.minimum(start + tokens_per_program, N)
+    start, end = _slice_bounds(N, split, n_parts, BLOCK_N)
 
     COLUMNS: tl.constexpr = HEADS_PER_PROGRAM * PADDED_DIM
     kv = tl.zeros([COLUMNS, COLUMNS], dtype=tl.float32)
@@ -160,7 +157,6 @@ def linear_attention_kv_kernel(
         ksum_rows += k
         kv = tl.dot(tl.trans(k.to(DOT_DTYPE)), v.to(DOT_DTYPE), kv, input_precision=FP32_PRECISION)
 
-    n_parts = tl.num_programs(1)
     offsets, diagonal = _part_offsets(b, H, split, n_parts, head, dim, PADDED_DIM)
     if HEADS_PER_PROGRAM == 1:
         tl.store(kv_part_ptr + offsets, kv)
@@ -170,39 +166,31 @@ def linear_attention_kv_kernel(
     tl.store(ksum_part_ptr + ksum_slot * PADDED_DIM + dim, tl.sum(ksum_rows, axis=0), mask=head < H)
 
 
-@triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"])
 @triton.jit
-def linear_attention_out_kernel(
-    q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr,
-    N, H, n_kv_parts, eps,
+def _attend(
+    q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr, b, h, split, slices, n_kv_parts, N, H, eps,
     q_stride_b, q_stride_h, q_stride_n, q_stride_d,
     o_stride_b, o_stride_h, o_stride_n, o_stride_d,
     HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, PART_STAGES: tl.constexpr,
     SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """Grid (B*H, slices), its own slicing of the tokens. out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for this
-    program's slice, KV and ksum the sums of the K pass's n_kv_parts partials of (b, h).
+    """out = ReLU(Q)·KV / (ReLU(Q)·ksum + eps) for token slice `split` of `slices` of head (b, h), KV and ksum
+    the sums of the head's n_kv_parts partials, in a fixed order (deterministic).
 
     PART_STAGES: the partials' loads are pipelined PART_STAGES - 1 deep (the launcher sizes it to the shared
     memory a partial takes): one after another, their L2 round trips held every program's first Q tile back.
     SPLIT_KV: run ReLU(Q)·KV on the tensor cores as ReLU(Q)·KV_hi + ReLU(Q)·KV_lo (bf16 parts, fp32
     accumulation), for bf16/fp16 inputs; else one fp32 dot with FP32_PRECISION (fp32 inputs).
-    SPLIT_Q: Q is fp16, whose 11-bit significand needs two bf16 parts too (Q_lo·KV_lo, ~2^-20, is dropped).
-    """
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    split = tl.program_id(1)
+    SPLIT_Q: Q is fp16, whose 11-bit significand needs two bf16 parts too (Q_lo·KV_lo, ~2^-20, is dropped)."""
     head, dim, column_ok = _group_columns(h, H, HEAD_DIM, PADDED_DIM, 1)
-
-    # Fixed summation order over the partials: deterministic.
+    bh = b.to(tl.int64) * H + h
     kv = tl.zeros([PADDED_DIM, PADDED_DIM], dtype=tl.float32)
     ksum = tl.zeros([PADDED_DIM], dtype=tl.float32)
     for part in tl.range(0, n_kv_parts, num_stages=PART_STAGES):
         offsets, _ = _part_offsets(b, H, part, n_kv_parts, head, dim, PADDED_DIM)
         kv += tl.load(kv_part_ptr + offsets)
-        ksum += tl.load(ksum_part_ptr + (bh.to(tl.int64) * n_kv_parts + part) * PADDED_DIM + dim)
+        ksum += tl.load(ksum_part_ptr + (bh * n_kv_parts + part) * PADDED_DIM + dim)
     if SPLIT_KV:
         kv_hi, kv_lo = split_bf16(kv, PART_DTYPE)
 
@@ -210,9 +198,7 @@ def linear_attention_out_kernel(
     o_base = out_ptr + b.to(tl.int64) * o_stride_b
     q_columns = _column_offsets(head, dim, q_stride_h, q_stride_d)
     o_columns = _column_offsets(head, dim, o_stride_h, o_stride_d)
-    tokens_per_program = _tokens_per_program(N, BLOCK_M)
-    start = split * tokens_per_program
-    end = tl.minimum(start + tokens_per_program, N)
+    start, end = _slice_bounds(N, split, slices, BLOCK_M)
     for m0 in range(start, end, BLOCK_M):
         n = m0 + tl.arange(0, BLOCK_M)
         mask = _tile_mask(n, end, column_ok, HEAD_DIM, PADDED_DIM, 1)
@@ -234,3 +220,127 @@ def linear_attention_out_kernel(
             numerator = tl.dot(q, kv, input_precision=FP32_PRECISION)
         out = numerator / denominator[:, None]
         tl.store(o_base + rows * o_stride_n + o_columns, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs("BLOCK_N", KV_TILES), key=["N", "H", "HEAD_DIM", "k_stride_n"],
+                 prune_configs_by={"early_config_prune": prune_head_groups})
+@triton.jit
+def linear_attention_kv_kernel(
+    k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr,
+    N, H,
+    k_stride_b, k_stride_h, k_stride_n, k_stride_d,
+    v_stride_b, v_stride_h, v_stride_n, v_stride_d,
+    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+):
+    """Grid (B * head groups, slices): the partials of one (b, head group, token slice) per program (`_kv_partial`).
+    PROGRAMS_PER_SM only shapes the grid (the launcher reads it from the config).
+
+    DOT_DTYPE is the input dtype for bf16/fp16 (products of 16-bit floats are exact in the fp32 tensor-core
+    accumulator, so this equals the fp32 reference up to summation order) and float32 otherwise, with
+    FP32_PRECISION "tf32x3" (three TF32 tensor-core products, ~fp32 accuracy) or "ieee" (FMA units).
+    """
+    groups = tl.cdiv(H, HEADS_PER_PROGRAM)
+    _kv_partial(k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr, tl.program_id(0) // groups, tl.program_id(0) % groups,
+                tl.program_id(1), tl.num_programs(1), N, H,
+                k_stride_b, k_stride_h, k_stride_n, k_stride_d, v_stride_b, v_stride_h, v_stride_n, v_stride_d,
+                HEAD_DIM, PADDED_DIM, DOT_DTYPE, FP32_PRECISION, BLOCK_N, HEADS_PER_PROGRAM)
+
+
+@triton.autotune(configs=_configs("BLOCK_M", OUT_TILES), key=["N", "H", "HEAD_DIM", "q_stride_n"])
+@triton.jit
+def linear_attention_out_kernel(
+    q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr,
+    N, H, n_kv_parts, eps,
+    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
+    o_stride_b, o_stride_h, o_stride_n, o_stride_d,
+    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, PART_STAGES: tl.constexpr,
+    SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):
+    """Grid (B*H, slices), its own slicing of the tokens: one (b, h, token slice) per program (`_attend`), from
+    the n_kv_parts partials the K pass wrote."""
+    _attend(q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr, tl.program_id(0) // H, tl.program_id(0) % H,
+            tl.program_id(1), tl.num_programs(1), n_kv_parts, N, H, eps,
+            q_stride_b, q_stride_h, q_stride_n, q_stride_d, o_stride_b, o_stride_h, o_stride_n, o_stride_d,
+            HEAD_DIM, PADDED_DIM, PART_STAGES, SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION, BLOCK_M)
+
+
+# The fused form's (K tile, K programs per SM, heads per K program, output tile, output programs per SM, warps),
+# session 14, untimed: run O's K-pass winner with output grids that fit beside it in one wave (the K path's 128
+# registers at two heads allow 4 programs per SM, and an output program started late would run alone at the end),
+# and the one-head K pass (72 registers for both paths: 7 per SM) with run O's output winner.
+FUSED_TILES = ((64, 2, 2, 128, 2, 4), (64, 2, 2, 64, 2, 4), (64, 2, 1, 64, 4, 4))
+
+
+def _fused_configs():
+    keys = ("BLOCK_N", "KV_PROGRAMS_PER_SM", "HEADS_PER_PROGRAM", "BLOCK_M", "OUT_PROGRAMS_PER_SM")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config(dict(zip(keys, (16, 0, 1, 16, 0))), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(zip(keys, tile[:5])), num_warps=tile[5], num_stages=3) for tile in FUSED_TILES]
+
+
+def _fused_slices(programs_per_sm: str, block: str, per_group: bool):
+    """Heuristic for the fused kernel's slice counts (constexprs): as the two-pass launcher's grids, with
+    `sm_count` programs per unit of PROGRAMS_PER_SM (0: two slices per group, the interpreter's)."""
+    def slices(args):
+        groups = args["B"] * (triton.cdiv(args["H"], args["HEADS_PER_PROGRAM"]) if per_group else args["H"])
+        per_sm = args[programs_per_sm]
+        programs = per_sm * args["sm_count"] if per_sm else 2 * groups
+        return token_slices(args["N"], args[block], groups, programs)
+    return slices
+
+
+fused_kv_slices = _fused_slices("KV_PROGRAMS_PER_SM", "BLOCK_N", per_group=True)
+fused_out_slices = _fused_slices("OUT_PROGRAMS_PER_SM", "BLOCK_M", per_group=False)
+
+
+@triton.autotune(configs=_fused_configs(), key=["N", "H", "HEAD_DIM", "q_stride_n", "k_stride_n"],
+                 prune_configs_by={"early_config_prune": prune_head_groups}, reset_to_zero=["counters_ptr"])
+@triton.heuristics({"KV_SLICES": fused_kv_slices, "OUT_SLICES": fused_out_slices})
+@triton.jit
+def linear_attention_fused_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, kv_part_ptr, ksum_part_ptr, counters_ptr,
+    B, N, H, eps, sm_count,
+    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
+    k_stride_b, k_stride_h, k_stride_n, k_stride_d,
+    v_stride_b, v_stride_h, v_stride_n, v_stride_d,
+    o_stride_b, o_stride_h, o_stride_n, o_stride_d,
+    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    PART_STAGES: tl.constexpr, SPLIT_KV: tl.constexpr, SPLIT_Q: tl.constexpr, PART_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_PROGRAMS_PER_SM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    BLOCK_M: tl.constexpr, OUT_PROGRAMS_PER_SM: tl.constexpr, KV_SLICES: tl.constexpr, OUT_SLICES: tl.constexpr,
+):
+    """Both passes in one launch: no boundary between them, and a head's output tiles start once that head's
+    partials are written rather than when the whole K pass has drained.
+
+    Grid: B * head groups * KV_SLICES K-pass programs plus B * H * OUT_SLICES output programs. Each program takes
+    the next ticket from counters[0] (so tickets follow the order programs start, not their ids): the first tickets
+    are K-pass work (`_kv_partial`), which, once its partials are stored (a CTA barrier, then a release increment),
+    counts itself into its group's counters[1 + b * groups + group]; later tickets are output work (`_attend`),
+    which first waits (acquire loads) until its head's group has all KV_SLICES partials. Only tickets handed out
+    earlier, to programs already running that never wait, are waited on: no deadlock whatever the residency.
+    `counters` must be zero at launch (B * groups + 1 int32; the launcher and the autotuner zero it).
+    """
+    groups = tl.cdiv(H, HEADS_PER_PROGRAM)
+    kv_programs = B * groups * KV_SLICES
+    ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed")
+    if ticket < kv_programs:
+        group_index = ticket % (B * groups)
+        _kv_partial(k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr, group_index // groups, group_index % groups,
+                    ticket // (B * groups), KV_SLICES, N, H,
+                    k_stride_b, k_stride_h, k_stride_n, k_stride_d, v_stride_b, v_stride_h, v_stride_n, v_stride_d,
+                    HEAD_DIM, PADDED_DIM, DOT_DTYPE, FP32_PRECISION, BLOCK_N, HEADS_PER_PROGRAM)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        tl.atomic_add(counters_ptr + 1 + group_index, 1, sem="release")
+    elif ticket < kv_programs + B * H * OUT_SLICES:
+        work = ticket - kv_programs
+        bh = work % (B * H)
+        b = bh // H
+        h = bh % H
+        ready = counters_ptr + 1 + b * groups + h // HEADS_PER_PROGRAM
+        while tl.atomic_add(ready, 0, sem="acquire") < KV_SLICES:
+            pass
+        _attend(q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr, b, h, work // (B * H), OUT_SLICES, KV_SLICES, N, H, eps,
+                q_stride_b, q_stride_h, q_stride_n, q_stride_d, o_stride_b, o_stride_h, o_stride_n, o_stride_d,
+                HEAD_DIM, PADDED_DIM, PART_STAGES, SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION, BLOCK_M)
