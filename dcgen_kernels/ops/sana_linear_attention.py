@@ -4,7 +4,7 @@ Per (batch, head), with N tokens of head dim D, all in fp32:
     out[n] = ReLU(Q[n]) · (ReLU(K)ᵀ V) / (ReLU(Q[n]) · Σ_m ReLU(K[m]) + eps)
 which is what diffusers computes by padding V with a row of ones: in `SanaLinearAttnProcessor2_0` (SANA
 transformer self-attention, eps 1e-15) and `SanaMultiscaleLinearAttention.apply_linear_attention` (DC-AE,
-eps = the module's `eps`). Two public entry points, one pair of kernels:
+eps = the module's `eps`). Two public entry points, one set of kernels:
 - `sana_linear_attention(q, k, v, heads)`: token-major (B, N, heads*D), as `attn.to_q(...)` etc. return them.
 - `sana_multiscale_linear_attention(q, k, v)`: channel-first (B, heads, D, N) views, as DC-AE's
   `reshape(B, -1, 3*D, H*W).chunk(3, dim=2)` leaves them.
@@ -123,12 +123,11 @@ def _grid(n_tokens: int, batch: int, heads: int, device: torch.device, block: st
     from ..triton_kernels.sana_linear_attention import token_slices
 
     index = _device_index(device)
+    sm_count = _sm_count(index) if index is not None else 0
 
     def grid(meta):
         groups = batch * cdiv(heads, meta.get("HEADS_PER_PROGRAM", 1))
-        per_sm = meta["PROGRAMS_PER_SM"]
-        programs = per_sm * _sm_count(index) if per_sm else 2 * groups
-        return groups, token_slices(n_tokens, meta[block], groups, programs)
+        return groups, token_slices(n_tokens, meta[block], groups, meta["PROGRAMS_PER_SM"], sm_count)
 
     return grid
 
@@ -142,7 +141,7 @@ def _launch_triton(q, k, v, eps: float, out, configs=None, strategy: Optional[st
     output-pass launch), "fused" (both in one launch) or None: on a GPU the faster of the two for this shape and
     layout, timed once on its first call (each form autotuned first; like the autotuners, not inside a CUDA-graph
     capture: warm up first), else two_pass. configs: for tests, the form's configs run without tuning: a (K pass,
-    output pass) pair of triton.Configs for two_pass, one Config for fused."""
+    output pass) pair of triton.Configs for two_pass (the default form with configs), one Config for fused."""
     import triton.language as tl
 
     interpret = _backend.triton_interpreter_enabled()
@@ -154,7 +153,8 @@ def _launch_triton(q, k, v, eps: float, out, configs=None, strategy: Optional[st
                 SPLIT_KV=q.dtype in (torch.bfloat16, torch.float16), SPLIT_Q=q.dtype == torch.float16,
                 PART_DTYPE=tl.float32 if interpret else tl.bfloat16)
     if strategy is None:
-        strategy = _pick_strategy(q, k, v, eps, out, meta) if q.device.type == "cuda" and not interpret else "two_pass"
+        timed = configs is None and q.device.type == "cuda" and not interpret
+        strategy = _pick_strategy(q, k, v, eps, out, meta) if timed else "two_pass"
     if strategy == "two_pass":
         _launch_two_pass(q, k, v, eps, out, meta, configs)
     elif strategy == "fused":

@@ -36,9 +36,11 @@ def _configs(block: str, tiles):
             for size, per_sm, warps, *heads in tiles]
 
 
-def token_slices(n_tokens: int, block: int, groups: int, programs: int) -> int:
-    """Token slices per head group for a grid of about `programs` programs in all, each slice a whole number of
-    tiles, none empty (the kernels invert this in `_slice_bounds`)."""
+def token_slices(n_tokens: int, block: int, groups: int, programs_per_sm: int, sm_count: int) -> int:
+    """Token slices per head group for a grid of about programs_per_sm * sm_count programs in all (0 programs per
+    SM: two slices per group, the interpreter's), each slice a whole number of tiles, none empty (the kernels
+    invert this in `_slice_bounds`)."""
+    programs = programs_per_sm * sm_count if programs_per_sm else 2 * groups
     blocks = triton.cdiv(n_tokens, block)
     per_program = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, groups))))
     return triton.cdiv(blocks, per_program)
@@ -281,13 +283,10 @@ def _fused_configs():
 
 
 def _fused_slices(programs_per_sm: str, block: str, per_group: bool):
-    """Heuristic for the fused kernel's slice counts (constexprs): as the two-pass launcher's grids, with
-    `sm_count` programs per unit of PROGRAMS_PER_SM (0: two slices per group, the interpreter's)."""
+    """Heuristic for the fused kernel's slice counts (constexprs), as the two-pass launcher sizes its grids."""
     def slices(args):
         groups = args["B"] * (triton.cdiv(args["H"], args["HEADS_PER_PROGRAM"]) if per_group else args["H"])
-        per_sm = args[programs_per_sm]
-        programs = per_sm * args["sm_count"] if per_sm else 2 * groups
-        return token_slices(args["N"], args[block], groups, programs)
+        return token_slices(args["N"], args[block], groups, args[programs_per_sm], args["sm_count"])
     return slices
 
 
