@@ -138,10 +138,11 @@ STRATEGIES: dict = {}
 
 def _launch_triton(q, k, v, eps: float, out, configs=None, strategy: Optional[str] = None) -> None:
     """q, k, v, out: (B, H, N, D)-indexed views, any strides. strategy: "two_pass" (a K-pass launch, then an
-    output-pass launch), "fused" (both in one launch) or None: on a GPU the faster of the two for this shape and
-    layout, timed once on its first call (each form autotuned first; like the autotuners, not inside a CUDA-graph
-    capture: warm up first), else two_pass. configs: for tests, the form's configs run without tuning: a (K pass,
-    output pass) pair of triton.Configs for two_pass (the default form with configs), one Config for fused."""
+    output-pass launch), "fused" (both in one launch) or None: on a GPU, up to a padded head dim of 64, the faster
+    of the two for this shape and layout, timed once on its first call (each form autotuned first; like the
+    autotuners, not inside a CUDA-graph capture: warm up first), else two_pass. configs: for tests, the form's
+    configs run without tuning: a (K pass, output pass) pair of triton.Configs for two_pass (the default form with
+    configs), one Config for fused."""
     import triton.language as tl
 
     interpret = _backend.triton_interpreter_enabled()
@@ -153,7 +154,9 @@ def _launch_triton(q, k, v, eps: float, out, configs=None, strategy: Optional[st
                 SPLIT_KV=q.dtype in (torch.bfloat16, torch.float16), SPLIT_Q=q.dtype == torch.float16,
                 PART_DTYPE=tl.float32 if interpret else tl.bfloat16)
     if strategy is None:
-        timed = configs is None and q.device.type == "cuda" and not interpret
+        from ..triton_kernels.sana_linear_attention import FUSED_MAX_PADDED_DIM
+
+        timed = configs is None and q.device.type == "cuda" and not interpret and padded <= FUSED_MAX_PADDED_DIM
         strategy = _pick_strategy(q, k, v, eps, out, meta) if timed else "two_pass"
     if strategy == "two_pass":
         _launch_two_pass(q, k, v, eps, out, meta, configs)

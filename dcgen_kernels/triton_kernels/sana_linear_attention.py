@@ -268,6 +268,10 @@ def linear_attention_out_kernel(
             HEAD_DIM, PADDED_DIM, PART_STAGES, SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION, BLOCK_M)
 
 
+# The fused form holds both passes' registers: at a padded head dim of 128 it spills (offline, triton 3.6 sm_90a:
+# 212-1008 bytes at D = 112 / 72), so the op times it only up to this one.
+FUSED_MAX_PADDED_DIM = 64
+
 # The fused form's (K tile, K programs per SM, heads per K program, output tile, output programs per SM, warps),
 # session 14, untimed: run O's K-pass winner with output grids that fit beside it in one wave (the K path's 128
 # registers at two heads allow 4 programs per SM, and an output program started late would run alone at the end),
