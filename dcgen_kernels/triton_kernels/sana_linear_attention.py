@@ -268,6 +268,17 @@ def linear_attention_out_kernel(
             HEAD_DIM, PADDED_DIM, PART_STAGES, SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION, BLOCK_M)
 
 
+# A waiting output program traps (an illegal-instruction error for the launch) after this many polls (~seconds)
+# rather than hang the GPU forever if the ordering were ever broken. The interpreter runs programs in ticket order
+# and never polls twice; it has no inline assembly.
+SPIN_LIMIT = tl.constexpr(0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1 << 22)
+
+
+@triton.jit
+def _trap(x):
+    return tl.inline_asm_elementwise("trap; mov.u32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
 # The fused form holds both passes' registers: at a padded head dim of 128 it spills (offline, triton 3.6 sm_90a:
 # 212-1008 bytes at D = 112 / 72), so the op times it only up to this one.
 FUSED_MAX_PADDED_DIM = 64
@@ -342,8 +353,12 @@ def linear_attention_fused_kernel(
         b = bh // H
         h = bh % H
         ready = counters_ptr + 1 + b * groups + h // HEADS_PER_PROGRAM
+        polls = 0
         while tl.atomic_add(ready, 0, sem="acquire") < KV_SLICES:
-            pass
+            polls += 1
+            if SPIN_LIMIT > 0:
+                if polls == SPIN_LIMIT:
+                    _trap(polls)
         _attend(q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr, b, h, work // (B * H), OUT_SLICES, KV_SLICES, N, H, eps,
                 q_stride_b, q_stride_h, q_stride_n, q_stride_d, o_stride_b, o_stride_h, o_stride_n, o_stride_d,
                 HEAD_DIM, PADDED_DIM, PART_STAGES, SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION, BLOCK_M)
