@@ -821,15 +821,16 @@ def _autotuned_kernel(path: str):
 
 def autotuned_configs() -> dict:
     """The config each autotuned Triton kernel picked per tuning key in this run (none before its first call), and
-    the linear attention's form (two launches or one) per shape with both forms' times."""
-    import importlib
+    per op the implementation its first call per key timed fastest, with every candidate's time (`timed_choices`:
+    the linear attention's one or two launches, the patch ops' cuBLAS or Triton)."""
+    from dcgen_kernels.ops._common import TIMED_CHOICES
 
     picked = {}
     for path in AUTOTUNED_KERNELS:
         name, kernel = _autotuned_kernel(path)
         picked[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
-    strategies = importlib.import_module("dcgen_kernels.ops.sana_linear_attention").STRATEGIES
-    picked["sana_linear_attention_strategy"] = {str(key): choice for key, choice in strategies.items()}
+    picked["timed_choices"] = {op: {str(key): choice for key, choice in choices.items()}
+                               for op, choices in TIMED_CHOICES.items()}
     return picked
 
 

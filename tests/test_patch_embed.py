@@ -311,24 +311,45 @@ def test_backend_env_override(monkeypatch):
 
 
 @pytest.mark.parametrize("p", [2, 1])
-def test_auto_routes_every_gemm_to_cublas(p, cublas_on_cpu, monkeypatch):
-    """auto with cuBLAS there: every GEMM of both ops, forward first, then the input gradient, on cuBLAS (the
-    Triton kernels beat it by more than 1 us in only 4 of 32 H100 cases, ops/patch_embed.py)."""
-    embed_runs, unembed_runs = ["embed_cublas", "unembed_cublas"], ["unembed_cublas", "embed_cublas"]
+def test_auto_times_cublas_and_triton_once_per_call_key(p, cublas_on_cpu, monkeypatch):
+    """auto with both backends there: each op's first call per key (the forward, then the input gradient, a call of
+    the other op with the weight transposed) runs both once under the timer and keeps the faster; later calls run
+    only the kept one, and the result is that backend's."""
+    import triton.testing
+
+    from dcgen_kernels.ops import _common
+
     runs = []
     for name in ("_launch_embed_triton", "_launch_unembed_triton", "_embed_cublas", "_unembed_cublas"):
         original = getattr(patch_embed_module, name)
         label = name.removeprefix("_launch_").removeprefix("_")
         monkeypatch.setattr(patch_embed_module, name,
                             lambda *a, _f=original, _l=label: (runs.append(_l), _f(*a))[1])
+    times = {"embed_cublas": 1.0, "embed_triton": 2.0, "unembed_cublas": 2.0, "unembed_triton": 1.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: (fn(), times[runs[-1]])[1])
+    monkeypatch.setattr(_common, "TIMED_CHOICES", {})
     B, C, h, w, D = 1, 4, 4, 6, 20
     latent, weight, bias = (t.requires_grad_() for t in embed_inputs(B, C, h, w, p, D))
-    torch.autograd.grad(patch_embed(latent, weight, bias, patch_size=p).sum(), [latent, weight])
-    assert runs == embed_runs
-    runs.clear()
-    tokens, weight, bias = (t.requires_grad_() for t in unembed_inputs(B, C, h, w, p, D))
-    torch.autograd.grad(patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w).sum(), [tokens, weight])
-    assert runs == unembed_runs
+    for first in (True, False):
+        runs.clear()
+        out = patch_embed(latent, weight, bias, patch_size=p)
+        d_latent, _ = torch.autograd.grad(out.sum(), [latent, weight])
+        timing = ["embed_cublas", "embed_triton"] if first else []
+        assert runs == timing + ["embed_cublas"] + (["unembed_cublas", "unembed_triton"] if first else []) + [
+            "unembed_triton"]
+        assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) < 1e-5
+    assert [choice["picked"] for op in ("patch_embed", "patch_unembed")
+            for choice in _common.TIMED_CHOICES[op].values()] == ["cuda", "triton"]
+
+
+def test_explicit_backend_is_not_timed(cublas_on_cpu, monkeypatch):
+    from dcgen_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "TIMED_CHOICES", {})
+    latent, weight, bias = embed_inputs(1, 4, 4, 6, 2, 20)
+    for backend in ("cuda", "triton"):
+        patch_embed(latent, weight, bias, patch_size=2, backend=backend)
+    assert _common.TIMED_CHOICES == {}
 
 
 # ----------------------------------------------------------------------------------------------- autograd

@@ -211,21 +211,24 @@ def test_strategy_is_timed_once_per_shape_and_the_faster_kept(monkeypatch):
 
     import triton.testing
 
+    from dcgen_kernels.ops import _common
+
     op = importlib.import_module("dcgen_kernels.ops.sana_linear_attention")  # the module, not the function
     ran, times = [], {"two_pass": 0.13, "fused": 0.12}
     monkeypatch.setattr(op, "_launch_two_pass", lambda *args: ran.append("two_pass"))
     monkeypatch.setattr(op, "_launch_fused", lambda *args: ran.append("fused"))
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: (fn(), times[ran[-1]])[1])
-    monkeypatch.setattr(op, "STRATEGIES", {})
+    monkeypatch.setattr(_common, "TIMED_CHOICES", {})
     q, k, v = torch.randn(3, 1, 2, 8, 16)
     out = torch.empty_like(q)
     assert op._pick_strategy(q, k, v, 1e-15, out, {}) == "fused"
     times["fused"] = 0.5  # cached: not timed again
     assert op._pick_strategy(q, k, v, 1e-15, out, {}) == "fused" and ran == ["two_pass", "fused"]
-    assert op.STRATEGIES == {next(iter(op.STRATEGIES)): {"picked": "fused", "two_pass_ms": 0.13, "fused_ms": 0.12}}
+    choices = _common.TIMED_CHOICES["sana_linear_attention"]
+    assert list(choices.values()) == [{"picked": "fused", "two_pass_ms": 0.13, "fused_ms": 0.12}]
     v_other_layout = v.transpose(2, 3).contiguous().transpose(2, 3)  # another key: timed on its own, now slower
     assert op._pick_strategy(q, k, v_other_layout, 1e-15, out, {}) == "two_pass"
-    assert len(op.STRATEGIES) == 2 and ran[-2:] == ["two_pass", "fused"]
+    assert len(choices) == 2 and ran[-2:] == ["two_pass", "fused"]
 
 
 def test_autotune_prunes_head_groups_past_the_register_budget():

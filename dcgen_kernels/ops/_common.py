@@ -3,7 +3,7 @@ fp32 reference."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -50,6 +50,26 @@ def tma_alignment_error(name: str, t: torch.Tensor) -> Optional[str]:
         if (stride * size) % 16:
             return f"{name} strides {t.stride()} are not multiples of 16 bytes"
     return None
+
+
+# Per op, per call key: the implementation `timed_choice` kept, with every candidate's time (ms). Read by the
+# benchmarks (their JSON's `autotuned`).
+TIMED_CHOICES: dict = {}
+
+
+def timed_choice(op: str, key: tuple, candidates: Dict[str, Callable[[], object]]) -> str:
+    """The faster of `candidates` (name -> a call that runs the whole op) for this call key, timed once on its
+    first call on a GPU (median of triton.testing.do_bench, each candidate run, and so tuned, first), then cached
+    in TIMED_CHOICES. Inside a CUDA-graph capture nothing can be timed: an untimed key takes the first candidate."""
+    choices = TIMED_CHOICES.setdefault(op, {})
+    if key not in choices:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return next(iter(candidates))
+        from triton.testing import do_bench
+
+        ms = {name: do_bench(run, return_mode="median") for name, run in candidates.items()}
+        choices[key] = {"picked": min(ms, key=ms.get), **{f"{name}_ms": t for name, t in ms.items()}}
+    return choices[key]["picked"]
 
 
 def custom_op(name: str):

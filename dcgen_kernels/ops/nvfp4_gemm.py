@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend, _cext
-from ._common import FLOAT_DTYPES, HALF_DTYPES, call_op, cdiv, check_tensor, custom_op
+from ._common import FLOAT_DTYPES, HALF_DTYPES, call_op, cdiv, check_tensor, custom_op, tma_alignment_error
 from .nvfp4_quantize import GROUP_SIZE, _as_global_scale, _check_packed, dequantize_nvfp4_reference
 
 __all__ = ["nvfp4_gemm", "nvfp4_gemm_reference", "nvfp4_w4a16_gemm", "nvfp4_w4a16_gemm_reference",
@@ -166,8 +166,7 @@ def _tma_descriptor(out: torch.Tensor):
     base or row stride not a multiple of 16 bytes, or a last dim that is not contiguous."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    row_bytes = out.stride(0) * out.element_size()
-    if out.stride(1) != 1 or row_bytes % 16 or out.data_ptr() % 16:
+    if out.stride(1) != 1 or tma_alignment_error("out", out):
         return None
     return TensorDescriptor.from_tensor(out, [1, 16 // out.element_size()])  # a valid block until a config sets it
 

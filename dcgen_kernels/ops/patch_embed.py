@@ -14,9 +14,11 @@ Backends:
   it, so no packed tensor exists (triton_kernels/patch_embed.py). The 16-bit embedding of latents of up to 128
   rows per token row (C * p: every FLUX / DC-AE layout) runs the narrow kernel, which gathers a token block once and
   streams its output tiles (added 2026-11-27 after the run quoted below, not yet timed on a GPU).
-`auto` tries cuda first: on an H100 the Triton kernels beat it by more than 1 us in only 4 of the 32 benchmarked
-cases (forward and forward+backward): the f8c16 unembed forward at 16384 tokens (43 vs 51 us) and three p = 1 embed
-cases by 2-3 us (benchmarks/results, 2026-11-27 11:45 run).
+`auto` on a GPU where both serve a call times both on its first call per shape, layout and dtype and keeps the
+faster (`_common.timed_choice`; the backward's input-gradient op is a call of its own): on an H100 (run L,
+2026-11-27) each won some of the 32 benchmarked cases, Triton the f8c16 embed forward at 4096 tokens (15.9 vs 18.3
+us), the f8c16 unembed forward at 16384 (42.4 vs 50.3 us) and the 4096-token p = 1 embed forwards (13.6 vs 17.2 us),
+cuBLAS most others.
 Backward: d(input) is the other op with the weight transposed and the same backend request (patch_unembed(grad,
 weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed); d(weight) and d(bias) are one cuBLAS
 GEMM over all B*N tokens and a column sum (fp32-accumulated), on the packed token matrices. On the reference
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import call_op, cdiv, check_tensor, custom_op
+from ._common import call_op, cdiv, check_tensor, custom_op, timed_choice
 
 __all__ = ["patch_embed", "patch_embed_reference", "patch_unembed", "patch_unembed_reference"]
 
@@ -346,13 +348,30 @@ def _patch_embed_op(
     chosen = select_backend("patch_embed", backend, latent, weight)
     if chosen == "reference":
         return patch_embed_reference(latent, weight, bias, patch_size)
-    if chosen == "cuda":
-        return _embed_cublas(latent, weight, bias, patch_size)
+    implementations = {"cuda": lambda: _embed_cublas(latent, weight, bias, patch_size),
+                       "triton": lambda: _embed_triton(latent, weight, bias, patch_size)}
+    if _both_timed(chosen, backend, latent, weight):
+        chosen = timed_choice("patch_embed", _call_key(latent, weight, bias, patch_size), implementations)
+    return implementations[chosen]()
+
+
+def _embed_triton(latent, weight, bias, patch_size: int) -> torch.Tensor:
     B, _, h, w = latent.shape
     out = torch.empty(B, (h // patch_size) * (w // patch_size), weight.shape[0], dtype=latent.dtype,
                       device=latent.device)
     _launch_embed_triton(latent, weight, bias, patch_size, out)
     return out
+
+
+def _both_timed(chosen: str, backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`auto` on a GPU where both cuBLAS and the Triton kernels can serve the call: the first call per key times
+    both and keeps the faster (`_common.timed_choice`)."""
+    return (chosen == "cuda" and _backend.requested(backend) == "auto"
+            and _backend.triton_device_error(x.device) is None and _triton_case_error(x, weight) is None)
+
+
+def _call_key(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *sizes: int) -> tuple:
+    return (tuple(x.shape), x.stride(), str(x.dtype), tuple(weight.shape), weight.stride(), bias is not None, *sizes)
 
 
 @_patch_embed_op.register_fake
@@ -431,8 +450,15 @@ def _patch_unembed_op(
     chosen = select_backend("patch_unembed", backend, tokens, weight)
     if chosen == "reference":
         return patch_unembed_reference(tokens, weight, bias, patch_size, height, width)
-    if chosen == "cuda":
-        return _unembed_cublas(tokens, weight, bias, patch_size, height, width)
+    implementations = {"cuda": lambda: _unembed_cublas(tokens, weight, bias, patch_size, height, width),
+                       "triton": lambda: _unembed_triton(tokens, weight, bias, patch_size, height, width)}
+    if _both_timed(chosen, backend, tokens, weight):
+        key = _call_key(tokens, weight, bias, patch_size, height, width)
+        chosen = timed_choice("patch_unembed", key, implementations)
+    return implementations[chosen]()
+
+
+def _unembed_triton(tokens, weight, bias, patch_size: int, height: int, width: int) -> torch.Tensor:
     out = _unembed_output(tokens, weight.shape[0] // (patch_size * patch_size), patch_size, height, width)
     _launch_unembed_triton(tokens, weight, bias, patch_size, out)
     return out

@@ -17,8 +17,8 @@ Backends (auto order triton -> reference; there is no CUDA backend):
   copy rate (benchmarks/bench_sana_ops.py measures it). Two forms: two launches (K pass, output pass) or one
   (`linear_attention_fused_kernel`, its programs ordered by atomic counters, no boundary between the passes).
   On its first call per shape and layout each form tunes its tiles and grid, then the faster form is kept
-  (`STRATEGIES` holds the choice and both times; a few seconds with compilation): warm a model up before
-  capturing it in a CUDA graph (patch(cuda_graph=True) does).
+  (`_common.TIMED_CHOICES` holds the choice and both times; a few seconds with compilation): warm a model up
+  before capturing it in a CUDA graph (patch(cuda_graph=True) does).
 - reference: fp32 torch (always available; also the backward of both ops).
 """
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
+from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd, timed_choice
 
 __all__ = [
     "sana_linear_attention", "sana_linear_attention_reference",
@@ -132,10 +132,6 @@ def _grid(n_tokens: int, batch: int, heads: int, device: torch.device, block: st
     return grid
 
 
-# Per (shape, dtype, strides): which form ran faster on its first call, with both times (ms). Read by the benchmarks.
-STRATEGIES: dict = {}
-
-
 def _launch_triton(q, k, v, eps: float, out, configs=None, strategy: Optional[str] = None) -> None:
     """q, k, v, out: (B, H, N, D)-indexed views, any strides. strategy: "two_pass" (a K-pass launch, then an
     output-pass launch), "fused" (both in one launch) or None: on a GPU, up to a padded head dim of 64, the faster
@@ -167,14 +163,10 @@ def _launch_triton(q, k, v, eps: float, out, configs=None, strategy: Optional[st
 
 
 def _pick_strategy(q, k, v, eps, out, meta) -> str:
-    from triton.testing import do_bench
-
     key = (tuple(q.shape), str(q.dtype), q.stride(), k.stride(), v.stride(), out.stride())
-    if key not in STRATEGIES:
-        ms = {name: do_bench(lambda name=name: launch(q, k, v, eps, out, meta, None), return_mode="median")
-              for name, launch in (("two_pass", _launch_two_pass), ("fused", _launch_fused))}
-        STRATEGIES[key] = {"picked": min(ms, key=ms.get), **{f"{name}_ms": t for name, t in ms.items()}}
-    return STRATEGIES[key]["picked"]
+    return timed_choice("sana_linear_attention", key,
+                        {"two_pass": lambda: _launch_two_pass(q, k, v, eps, out, meta, None),
+                         "fused": lambda: _launch_fused(q, k, v, eps, out, meta, None)})
 
 
 def _workspace(q, most_slices: int, padded: int):
