@@ -432,6 +432,10 @@ def table(report: dict) -> str:
             rec = report.get(name, {})
             lines.append(f"{name}: {_status(rec) or 'results in the JSON'} ({_fmt(rec.get('section_s'), '.0f', 0)} s)")
 
+    for op, choices in report.get("autotuned", {}).get("timed_choices", {}).items():
+        for key, choice in choices.items():
+            times = ", ".join(f"{name[:-3]} {ms * 1e3:.1f} us" for name, ms in choice.items() if name.endswith("_ms"))
+            lines.append(f"timed choice {op} {key}: {choice['picked']} ({times})")
     pytest_counts = report.get("gpu_check", {}).get("pytest")
     if pytest_counts:
         lines.append("pytest -m gpu: " + (pytest_counts.get("error") or ", ".join(

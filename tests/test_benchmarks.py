@@ -327,6 +327,13 @@ def test_autotune_timings_records_each_tuning_once_and_nothing_untimed():
     assert recorder.timings == {"tuned": {"(16, 'bf16')": {"a": 2.0, "b": 1.5}, "(32, 'bf16')": {"a": 3.0, "b": 4.0}}}
 
 
+def test_table_lists_each_timed_choice_with_its_candidates_times():
+    choice = {"picked": "fused", "two_pass_ms": 0.127, "fused_ms": 0.1215}
+    report = {"mode": "gpu", "sections": [],
+              "autotuned": {"timed_choices": {"sana_linear_attention": {"(1, 70)": choice}}}}
+    assert "timed choice sana_linear_attention (1, 70): fused (two_pass 127.0 us, fused 121.5 us)" in run.table(report)
+
+
 def test_w4a16_target_per_layer_needs_a_checked_result():
     from benchmarks import run
 
