@@ -185,8 +185,9 @@ def compile_offline(self, key, signature, device, constexprs, options, attrs, wa
     log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", "-o", os.devnull, f.name], capture_output=True, text=True)
     os.unlink(f.name)
     spill = re.search(r"(\d+) bytes spill stores", log.stdout + log.stderr)
+    registers = re.search(r"Used (\d+) registers", log.stdout + log.stderr)
     stats.append(dict(kernel=self.fn.__name__, warps=options.num_warps, shared=kernel.metadata.shared,
-                      spills=int(spill.group(1)) if spill else -1,
+                      spills=int(spill.group(1)) if spill else -1, registers=int(registers.group(1)),
                       wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
                       async_copies=kernel.asm["ptx"].count("cp.async.cg.shared.global"),
                       narrow_copies=kernel.asm["ptx"].count("cp.async.ca.shared.global"),
@@ -199,7 +200,7 @@ jit.JITFunction._do_compile = compile_offline
 def compile_launchers_for_sm90(launches: str) -> list:
     """Run `launches` (Python calling dcgen_kernels launchers on CPU tensors, then `print(json.dumps(stats))`) with
     every Triton JIT compile done offline for sm_90a; returns the per-kernel stats (kernel, warps, shared, spills,
-    wgmma, async_copies / narrow_copies: 16-byte cp.async.cg / 4-8-byte cp.async.ca global->shared copies,
+    registers, wgmma, async_copies / narrow_copies: 16-byte cp.async.cg / 4-8-byte cp.async.ca global->shared copies,
     scalar_stores: unvectorised global stores). Runs in a subprocess outside the interpreter."""
     import json
     import os

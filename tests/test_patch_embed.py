@@ -95,6 +95,66 @@ def test_triton_unembed_matches_reference(dtype, shape, with_bias):
     assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= max(TOLERANCE[dtype], 1e-6)
 
 
+class _RecordLaunches:
+    """Stands in for a Triton kernel object: records each launch's constexprs, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_triton_unembed_split_k_sums_slices_and_leaves_counters_zero(monkeypatch):
+    """Under the interpreter the test shapes take one and two token rows per program and one, two and three slices
+    of D; each matches the reference, is the same on a second call, and leaves the arrival counters at zero."""
+    import dcgen_kernels.triton_kernels.patch_embed as kernels
+    from dcgen_kernels.ops import _common
+
+    recorder = _RecordLaunches(kernels.patch_unembed_kernel)
+    monkeypatch.setattr(kernels, "patch_unembed_kernel", recorder)
+    for shape in SHAPES:
+        B, C, h, w, p, _ = shape
+        tokens, weight, bias = unembed_inputs(*shape, dtype=torch.bfloat16)
+        outs = [torch.full((B, C, h, w), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
+        for out in outs:
+            patch_unembed_into(tokens, weight, bias, p, out, "triton")
+        assert rel_l2(outs[0], patch_unembed_reference(tokens, weight, bias, p, h, w)) <= TOLERANCE[torch.bfloat16]
+        assert torch.equal(outs[0], outs[1])
+    forms = {(launch["TOKEN_ROWS"], launch["SPLIT_K"]) for launch in recorder.launches}
+    assert {(2, 2), (1, 3), (1, 1), (2, 1)} <= forms, forms
+    assert not _common._ARRIVAL_COUNTERS[("cpu", None)].any()
+
+
+@pytest.mark.parametrize("B,C,side,p,D,plan", [
+    (1, 16, 128, 2, 3072, (64, 2, 4)),  # FLUX 1024^2: 32 blocks of 2 x 64 tokens, D in 4 slices of 768
+    (2, 16, 128, 2, 3072, (64, 2, 2)),
+    (1, 128, 64, 1, 3072, (64, 1, 2)),  # DC-AE f64c128 at 2048^2: 64 x 128 accumulators per program
+    (1, 32, 64, 1, 2240, (64, 2, 4)),  # SANA width, f32c32 at 2048^2
+    (1, 16, 256, 2, 3072, None),  # FLUX 2048^2: 16384 tokens fill the GPU in one pass
+    (1, 16, 128, 2, 768, None),  # D too shallow to split
+])
+def test_unembed_split_plan(B, C, side, p, D, plan):
+    grid = side // p
+    block_r = min(128 // p, max(16, patch_embed_module._next_pow2(C * p)))
+    assert patch_embed_module._unembed_split_plan(B, grid, grid, C * p, D, block_r, p, sms=132) == plan
+
+
+def test_arrival_counters_are_kept_per_device_and_grown_zeroed():
+    from dcgen_kernels.ops._common import arrival_counters
+
+    first = arrival_counters(torch.device("cpu"), 8)
+    first[:3] = 0  # a kernel leaves them at zero
+    again = arrival_counters(torch.device("cpu"), 5)
+    assert again.data_ptr() == first.data_ptr() and again.dtype == torch.int32 and again.shape == (5,)
+    grown = arrival_counters(torch.device("cpu"), 100_000)
+    assert grown.shape == (100_000,) and not grown.any()
+    assert arrival_counters(torch.device("cpu"), 8).data_ptr() == grown.data_ptr()
+
+
 def test_triton_embed_shapes_cover_both_kernels(monkeypatch):
     """Under the interpreter latents of up to 16 rows per token row take the narrow kernel (128 on a GPU)."""
     narrow = []
@@ -152,6 +212,8 @@ def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
     assert all(s["spills"] == 0 and s["narrow_copies"] == 0 and s["async_copies"] > 0 for s in stats), stats
     assert all(s["scalar_stores"] == 0 for s in stats), stats
     assert all(s["wgmma"] > 0 for s in stats[0:6:2] + stats[12:13]), stats
+    # the bf16 unembeddings of 4096 tokens (FLUX, DC-AE-1.5) take the split-K form: 8 warps, 16384 (SANA) one pass
+    assert [s["warps"] for s in stats[1:6:2]] == [8, 8, 4], stats
 
 
 _TRANSPOSED_WEIGHT_LAUNCHES = r"""
@@ -586,3 +648,36 @@ def test_gpu_backward_at_dcgen_shapes(backend, dtype, shape, monkeypatch):
     got = torch.autograd.grad(patch_unembed(*leaves, patch_size=p, height=h, width=w, backend=backend), leaves, grad)
     expected = _fp32_reference_grads(patch_unembed_reference, inputs, (p, h, w), grad, [True] * 3)
     assert all(rel_l2(a, b) <= TOLERANCE[dtype] / 2 for a, b in zip(got, expected))
+
+
+@pytest.mark.gpu
+def test_gpu_unembed_split_k_repeatable_on_streams_and_in_graphs():
+    """The split-K unembedding (FLUX 1024^2): bitwise the same over back-to-back calls, on a side stream and in CUDA
+    graph replays (an ordering or counter-reset bug would show as a differing or wrong result), counters zero after."""
+    from dcgen_kernels.ops import _common
+
+    shape = (1, 16, 128, 128, 2, 3072)
+    B, C, h, w, p, D = shape
+    tokens, weight, bias = unembed_inputs(*shape, dtype=torch.bfloat16, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert patch_embed_module._unembed_split_plan(B, h // p, w // p, C * p, D, 32, p, sms) is not None
+    expected = patch_unembed_reference(tokens, weight, bias, p, h, w)
+    first = patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w, backend="triton")
+    assert rel_l2(first, expected) <= TOLERANCE[torch.bfloat16] / 2
+    outs = [patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w, backend="triton") for _ in range(20)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        outs += [patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w, backend="triton")
+                 for _ in range(3)]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = patch_unembed(tokens, weight, bias, patch_size=p, height=h, width=w, backend="triton")
+    for _ in range(3):
+        captured.fill_(float("nan"))
+        graph.replay()
+        outs.append(captured.clone())
+    torch.cuda.synchronize()
+    assert all(torch.equal(out, first) for out in outs)
+    assert not any(counters.any() for counters in _common._ARRIVAL_COUNTERS.values())

@@ -13,7 +13,9 @@ Backends:
 - triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
   it, so no packed tensor exists (triton_kernels/patch_embed.py). The 16-bit embedding of latents of up to 128
   rows per token row (C * p: every FLUX / DC-AE layout) runs the narrow kernel, which gathers a token block once and
-  streams its output tiles (added 2026-11-27 after the run quoted below, not yet timed on a GPU).
+  streams its output tiles. A 16-bit unembedding whose grid would have under half as many programs as SMs splits D
+  into up to 4 slices, the last program of each tile summing their fp32 partials (added 2026-11-28 after the run
+  quoted below, not yet timed on a GPU).
 `auto` on a GPU where both serve a call times both on its first call per shape, layout and dtype and keeps the
 faster (`_common.timed_choice`; the backward's input-gradient op is a call of its own): on an H100 (run L,
 2026-11-27) each won some of the 32 benchmarked cases, Triton the f8c16 embed forward at 4096 tokens (15.9 vs 18.3
@@ -32,7 +34,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import call_op, cdiv, check_tensor, custom_op, timed_choice
+from ._common import arrival_counters, call_op, cdiv, check_tensor, custom_op, timed_choice
 
 __all__ = ["patch_embed", "patch_embed_reference", "patch_unembed", "patch_unembed_reference"]
 
@@ -266,6 +268,28 @@ def _launch_embed_narrow_triton(latent, weight, bias, patch_size, out) -> None:
     )
 
 
+# The split-K form of the unembedding (16-bit tokens, grids of under half as many programs as SMs): tokens per
+# program such that p * BLOCK_R * tokens <= 8192 fp32 accumulators (64 registers per thread at 4 warps; 128 tokens
+# for FLUX's f8c16, 64 for f64c128), up to 4 slices of D, each at least 512 deep.
+_SPLIT_ACCUMULATORS = 8192
+_MAX_SPLIT_K = 4
+_MIN_SPLIT_DEPTH = 512
+
+
+def _unembed_split_plan(B, grid_h, grid_w, n_rows, dim, block_r, p, sms):
+    """(BLOCK_M, TOKEN_ROWS, SPLIT_K) of the split-K unembedding, or None where one-pass programs fill the GPU.
+
+    FLUX f8c16 at 4096 tokens: one-pass programs of 32 tokens (128 of them, one per SM) re-read the 0.4 MB weight
+    128 times, 50 MB of L2 reads beside the tokens' 25 MB (H100 run L: 20.6 us against cuBLAS's 11.5 us for the bare
+    GEMM). Blocks of 2 x 64 tokens in 4 slices of D: 128 programs again, the weight read 12.6 MB in all."""
+    tokens = min(128, _SPLIT_ACCUMULATORS // (p * block_r))
+    block_m = min(tokens, _next_pow2(grid_w))
+    token_rows = min(tokens // block_m, _next_pow2(grid_h))
+    programs = B * cdiv(grid_h, token_rows) * cdiv(grid_w, block_m) * cdiv(n_rows, block_r)
+    split = min(_MAX_SPLIT_K, sms // programs, dim // _MIN_SPLIT_DEPTH)
+    return (block_m, token_rows, split) if split >= 2 else None
+
+
 def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     from ..triton_kernels.patch_embed import patch_unembed_kernel
 
@@ -280,23 +304,45 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
     C, h, w = out.shape[1:]
     grid_h, grid_w, n_rows = h // p, w // p, C * p
     if _backend.triton_interpreter_enabled():
-        cfg = {k: v for k, v in _INTERPRETER_TILES.items() if k != "BLOCK_N"}
+        # Small tiles, and two token rows per program and slices of D where the test shapes have them: both forms.
+        cfg = dict(BLOCK_M=_INTERPRETER_TILES["BLOCK_M"], BLOCK_R=_INTERPRETER_TILES["BLOCK_R"],
+                   BLOCK_K=_INTERPRETER_TILES["BLOCK_K"], TOKEN_ROWS=2 if grid_h > 2 else 1,
+                   SPLIT_K=min(3, cdiv(dim, _INTERPRETER_TILES["BLOCK_K"])), num_warps=4, num_stages=1)
     else:
         block_r = min(128 // p, max(16, _next_pow2(n_rows)))
-        block_m = _token_block(grid_h, grid_w, B * cdiv(n_rows, block_r), tokens.device)
-        if tokens.dtype != torch.float32 and block_m <= 32:
-            # Few tokens per program (a small grid spread over the SMs, ~1 program each): a program alone must keep
-            # enough of its token stream in flight. 128-deep tiles, 4 ahead: 32 KB per SM instead of 12 KB (64-deep,
-            # 3 ahead). H100, 4096 tokens (runs D -> I): the p=1 layouts 10-18% faster (f64c128 22 -> 18 us), f8c16
-            # unchanged (19-20 us).
-            cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=128, num_warps=4, num_stages=5)
+        sms = torch.cuda.get_device_properties(tokens.device).multi_processor_count
+        plan = None if tokens.dtype == torch.float32 else _unembed_split_plan(B, grid_h, grid_w, n_rows, dim,
+                                                                                block_r, p, sms)
+        if plan is not None:
+            block_m, token_rows, split = plan
+            cfg = dict(BLOCK_M=block_m, TOKEN_ROWS=token_rows, BLOCK_R=block_r, BLOCK_K=64, SPLIT_K=split,
+                       num_warps=8 if block_m * token_rows * p * block_r >= _SPLIT_ACCUMULATORS else 4, num_stages=5)
         else:
-            cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=32 if tokens.dtype == torch.float32 else 64,
-                       num_warps=4, num_stages=4)
-    grid = (grid_h * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(n_rows, cfg["BLOCK_R"]), B)
+            block_m = _token_block(grid_h, grid_w, B * cdiv(n_rows, block_r), tokens.device)
+            if tokens.dtype != torch.float32 and block_m <= 32:
+                # Few tokens per program (a small grid spread over the SMs, ~1 program each): a program alone must
+                # keep enough of its token stream in flight. 128-deep tiles, 4 ahead: 32 KB per SM instead of 12 KB
+                # (64-deep, 3 ahead). H100, 4096 tokens (runs D -> I): the p=1 layouts 10-18% faster (f64c128 22 ->
+                # 18 us), f8c16 unchanged (19-20 us).
+                cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=128, num_warps=4, num_stages=5)
+            else:
+                cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=32 if tokens.dtype == torch.float32 else 64,
+                           num_warps=4, num_stages=4)
+            cfg.update(TOKEN_ROWS=1, SPLIT_K=1)
+    split = cfg["SPLIT_K"]
+    grid = (cdiv(grid_h, cfg["TOKEN_ROWS"]) * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(n_rows, cfg["BLOCK_R"]), B * split)
+    split_depth = cdiv(cdiv(dim, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    if split > 1:
+        tiles = grid[0] * grid[1] * B
+        partial = torch.empty(tiles * split * p * cfg["TOKEN_ROWS"] * cfg["BLOCK_M"] * cfg["BLOCK_R"],
+                              dtype=torch.float32, device=tokens.device)
+        arrivals = arrival_counters(tokens.device, tiles)
+    else:
+        partial = arrivals = out  # not read
     patch_unembed_kernel[grid](
         tokens, weight, bias.contiguous() if bias is not None else weight, out,  # the kernel reads bias with stride 1
-        grid_w, n_rows, dim,
+        partial, arrivals,
+        grid_h, grid_w, n_rows, dim, split_depth,
         *tokens.stride(),
         *weight.stride(),
         *out.stride(),

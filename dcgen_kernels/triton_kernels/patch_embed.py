@@ -1,12 +1,13 @@
 """Triton GEMMs that read or write NCHW latents through the FLUX patch layout, so no packed copy exists.
 
 Token t = ty * grid_w + tx covers latent pixels (ty*p + i, tx*p + j); its feature f = c*p*p + i*p + j (FLUX
-`_pack_latents` for p = 2, a plain channel index for p = 1). A program owns BLOCK_M tokens of one token row ty, so
-each latent row r = c*p + i it touches is one contiguous run of pixels x = tx*p + j: loads and stores are whole
-runs (vectorised, coalesced), and for p = 2 the run is split into its j = 0 / j = 1 halves in registers. Feature
-f = r*p + j, so the GEMM over f is one dot per j over the rows r. The embedding has two kernels: the general one
-(one output tile per program, any number of rows) and the narrow one (latents of up to 128 rows per token row,
-which gathers once and streams its output tiles).
+`_pack_latents` for p = 2, a plain channel index for p = 1). A program owns BLOCK_M tokens of a token row ty (of
+TOKEN_ROWS rows in the unembedding), so each latent row r = c*p + i it touches is one contiguous run of pixels
+x = tx*p + j per token row: loads and stores are whole runs (vectorised, coalesced), and for p = 2 the run is split
+into its j = 0 / j = 1 halves in registers. Feature f = r*p + j, so the GEMM over f is one dot per j over the rows r.
+The embedding has two kernels: the general one (one output tile per program, any number of rows) and the narrow one
+(latents of up to 128 rows per token row, which gathers once and streams its output tiles). The unembedding has one,
+with an optional split of its reduction over D (small grids).
 """
 
 import triton
@@ -118,34 +119,46 @@ def patch_embed_narrow_kernel(
 
 @triton.jit
 def patch_unembed_kernel(
-    tokens_ptr, weight_ptr, bias_ptr, out_ptr,
-    grid_w, n_rows, dim,
+    tokens_ptr, weight_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    grid_h, grid_w, n_rows, dim, split_depth,
     stride_tb, stride_tn, stride_td,
     stride_wf, stride_wd,
     stride_ob, stride_oc, stride_oy, stride_ox,
     PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """out[b, latent row r, pixel x] = sum_d tokens[b, t, d] * weight[r*PATCH + j, d] + bias[...], x = tx*PATCH + j.
 
-    grid (token rows * cdiv(grid_w, BLOCK_M), cdiv(n_rows, BLOCK_R), B): one accumulator per j, and the epilogue
-    interleaves them into whole pixel runs, so the unpack is the store's addressing.
+    grid (cdiv(grid_h, TOKEN_ROWS) * cdiv(grid_w, BLOCK_M), cdiv(n_rows, BLOCK_R), B * SPLIT_K): a program owns
+    BLOCK_M tokens of each of TOKEN_ROWS token rows, one accumulator per j, and the epilogue interleaves them into
+    whole pixel runs, so the unpack is the store's addressing. The GEMM is N = C*p*p <= 128 wide: the program count
+    is set by the tokens per program, and fewer tokens per program re-read the whole weight from L2 more often. So
+    small grids split D into SPLIT_K slices of split_depth (a BLOCK_K multiple) instead: each program writes its
+    fp32 partial to `partial`, then counts itself in at its tile's counter in `arrivals`; the last of the tile's
+    SPLIT_K programs sums the partials in slice order (bitwise the same result whatever the arrival order), stores
+    the latent and resets the counter to zero (`arrivals` must be zero at launch and is zero again after it).
     """
     row_blocks = tl.cdiv(grid_w, BLOCK_M)
-    ty = tl.program_id(0) // row_blocks
+    ty0 = (tl.program_id(0) // row_blocks) * TOKEN_ROWS
     tx0 = (tl.program_id(0) % row_blocks) * BLOCK_M
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = (tl.program_id(2) // SPLIT_K).to(tl.int64)
+    k_slice = tl.program_id(2) % SPLIT_K
     row_ok = rows < n_rows
-    tx = tx0 + tl.arange(0, BLOCK_M)
-    tx_ok = tx < grid_w
+    slot = tl.arange(0, TOKEN_ROWS * BLOCK_M)  # token (ty0 + slot // BLOCK_M, tx0 + slot % BLOCK_M)
+    ty = ty0 + slot // BLOCK_M
+    tx = tx0 + slot % BLOCK_M
+    token_ok = (ty < grid_h) & (tx < grid_w)
     token_rows = tokens_ptr + batch * stride_tb + (ty * grid_w + tx)[:, None].to(tl.int64) * stride_tn
-    acc0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, dim, BLOCK_K):
+    acc0 = tl.zeros([TOKEN_ROWS * BLOCK_M, BLOCK_R], dtype=tl.float32)
+    acc1 = tl.zeros([TOKEN_ROWS * BLOCK_M, BLOCK_R], dtype=tl.float32)
+    k_begin = k_slice * split_depth
+    for k0 in range(k_begin, tl.minimum(k_begin + split_depth, dim), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < dim
-        a = tl.load(token_rows + ks[None, :] * stride_td, mask=tx_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        a = tl.load(token_rows + ks[None, :] * stride_td, mask=token_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(DOT_DTYPE)
         w_mask = k_ok[:, None] & row_ok[None, :]
         w0 = tl.load(weight_ptr + ks[:, None] * stride_wd + (rows * PATCH)[None, :] * stride_wf, mask=w_mask,
                      other=0.0).to(DOT_DTYPE)
@@ -154,17 +167,54 @@ def patch_unembed_kernel(
             w1 = tl.load(weight_ptr + ks[:, None] * stride_wd + (rows * 2 + 1)[None, :] * stride_wf, mask=w_mask,
                          other=0.0).to(DOT_DTYPE)
             acc1 = tl.dot(a, w1, acc1, input_precision="ieee")
+    if SPLIT_K == 1:
+        _store_latent(out_ptr, bias_ptr, acc0, acc1, batch, rows, row_ok, ty0, tx0, grid_h, grid_w,
+                      stride_ob, stride_oc, stride_oy, stride_ox, PATCH, HAS_BIAS, BLOCK_M, TOKEN_ROWS, BLOCK_R)
+    else:
+        tile = ((tl.program_id(2) // SPLIT_K) * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) \
+            + tl.program_id(1)
+        tile_size: tl.constexpr = TOKEN_ROWS * BLOCK_M * BLOCK_R
+        elems = slot[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        parts = partial_ptr + tile.to(tl.int64) * (SPLIT_K * PATCH * tile_size) + elems  # [slice][j][slot][row]
+        tl.store(parts + (k_slice * PATCH) * tile_size, acc0)
+        if PATCH == 2:
+            tl.store(parts + (k_slice * 2 + 1) * tile_size, acc1)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        if tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc0 = tl.zeros([TOKEN_ROWS * BLOCK_M, BLOCK_R], dtype=tl.float32)
+            acc1 = tl.zeros([TOKEN_ROWS * BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # .cg: from L2, where the other SMs' partials are
+                acc0 += tl.load(parts + (s * PATCH) * tile_size, cache_modifier=".cg")
+                if PATCH == 2:
+                    acc1 += tl.load(parts + (s * 2 + 1) * tile_size, cache_modifier=".cg")
+            tl.atomic_xchg(arrivals_ptr + tile, 0)
+            _store_latent(out_ptr, bias_ptr, acc0, acc1, batch, rows, row_ok, ty0, tx0, grid_h, grid_w,
+                          stride_ob, stride_oc, stride_oy, stride_ox, PATCH, HAS_BIAS, BLOCK_M, TOKEN_ROWS, BLOCK_R)
+
+
+@triton.jit
+def _store_latent(out_ptr, bias_ptr, acc0, acc1, batch, rows, row_ok, ty0, tx0, grid_h, grid_w,
+                  stride_ob, stride_oc, stride_oy, stride_ox,
+                  PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, TOKEN_ROWS: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """patch_unembed_kernel's epilogue: bias, then the tile's tokens written as latent pixels."""
     if HAS_BIAS:
         acc0 += tl.load(bias_ptr + rows * PATCH, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         if PATCH == 2:
             acc1 += tl.load(bias_ptr + rows * 2 + 1, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    band = out_ptr + batch * stride_ob + ty * (PATCH * stride_oy)
     row_off = (rows // PATCH) * stride_oc + (rows % PATCH) * stride_oy
+    out = out_ptr + batch * stride_ob
     if PATCH == 1:
-        tl.store(band + tx[:, None] * stride_ox + row_off[None, :], acc0.to(out_ptr.dtype.element_ty),
-                 mask=tx_ok[:, None] & row_ok[None, :])
+        slot = tl.arange(0, TOKEN_ROWS * BLOCK_M)
+        ty = ty0 + slot // BLOCK_M
+        tx = tx0 + slot % BLOCK_M
+        tl.store(out + (ty * stride_oy + tx * stride_ox)[:, None] + row_off[None, :], acc0.to(out_ptr.dtype.element_ty),
+                 mask=((ty < grid_h) & (tx < grid_w))[:, None] & row_ok[None, :])
     else:
-        runs = tl.reshape(tl.join(tl.trans(acc0), tl.trans(acc1)), (BLOCK_R, 2 * BLOCK_M))  # x = tx*2 + j
-        px = tx0 * 2 + tl.arange(0, 2 * BLOCK_M)
-        tl.store(band + row_off[:, None] + px[None, :] * stride_ox, runs.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (px < 2 * grid_w)[None, :])
+        # (r, slot * 2 + j): per token row, x = tx*2 + j runs over 2 * BLOCK_M contiguous pixels
+        runs = tl.reshape(tl.join(tl.trans(acc0), tl.trans(acc1)), (BLOCK_R, 2 * TOKEN_ROWS * BLOCK_M))
+        q = tl.arange(0, 2 * TOKEN_ROWS * BLOCK_M)
+        ty = ty0 + q // (2 * BLOCK_M)
+        px = tx0 * 2 + q % (2 * BLOCK_M)
+        tl.store(out + row_off[:, None] + (ty * (2 * stride_oy) + px * stride_ox)[None, :],
+                 runs.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & ((ty < grid_h) & (px < 2 * grid_w))[None, :])
