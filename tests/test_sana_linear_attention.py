@@ -179,7 +179,9 @@ def _fused_config(heads_per_program: int):
 def test_fused_matches_reference(heads_per_program, dtype):
     """Both passes in one launch, token-major, into a strided NaN-poisoned output: 3 heads (the 2-head group short
     of one), 37 tokens (partial tiles, two slices per group / head under the interpreter). Twice, as the counters
-    that order the launch's programs must start from zero on every call."""
+    that order the launch's programs are kept between calls: each launch must leave them at zero."""
+    from dcgen_kernels.ops import _common
+
     q, k, v = make_inputs(B=2, N=37, H=3, D=32, dtype=dtype)
     expected = sana_linear_attention_reference(q, k, v, 3)
     config = _fused_config(heads_per_program) if heads_per_program else None
@@ -189,6 +191,7 @@ def test_fused_matches_reference(heads_per_program, dtype):
         _launch_triton(*(_by_head(x, 3) for x in (q, k, v)), 1e-15, _by_head(out, 3), config, strategy="fused")
         assert rel_l2(out, expected) <= max(TOLERANCE[dtype], 1e-6)
         assert wide[..., 96:].isnan().all()
+        assert not _common._ARRIVAL_COUNTERS[("cpu", None)].any()
 
 
 @pytest.mark.parametrize("D", [24, 32])
@@ -428,6 +431,7 @@ def test_gpu_every_pass_config():
 def test_gpu_fused_every_config_and_repeatable(layout):
     """Every fused config, then 20 back-to-back launches of one: the programs of a launch order themselves through
     counters and wait on each other's partials, so a missing ordering would show as a wrong or varying result."""
+    from dcgen_kernels.ops import _common
     from dcgen_kernels.triton_kernels.sana_linear_attention import linear_attention_fused_kernel
 
     if layout == "sana":
@@ -445,6 +449,8 @@ def test_gpu_fused_every_config_and_repeatable(layout):
     for _ in range(20):
         _launch_triton(q, k, v, 1e-15, out, linear_attention_fused_kernel.configs[-1], strategy="fused")
         assert torch.equal(out, first)
+    torch.cuda.synchronize()
+    assert not any(counters.any() for counters in _common._ARRIVAL_COUNTERS.values())  # each launch resets them
 
 
 @pytest.mark.gpu

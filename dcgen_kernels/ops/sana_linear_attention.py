@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd, timed_choice
+from ._common import (
+    arrival_counters, call_op, cdiv, check_tensor, custom_op, register_reference_autograd, timed_choice,
+)
 
 __all__ = [
     "sana_linear_attention", "sana_linear_attention_reference",
@@ -210,7 +212,7 @@ def _launch_fused(q, k, v, eps, out, meta, config) -> None:
     configs = linear_attention_fused_kernel.configs if config is None else [config]
     most_slices = max(fused_kv_slices(dict(c.kwargs, B=B, H=H, N=N, sm_count=sm_count)) for c in configs)
     kv_parts, ksum_parts = _workspace(q, most_slices, meta["PADDED_DIM"])
-    counters = torch.zeros(1 + B * H, dtype=torch.int32, device=q.device)
+    counters = arrival_counters(q.device, 1 + B * H)
     args = (q, k, v, out, kv_parts, ksum_parts, counters, B, N, H, eps, sm_count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride())
 

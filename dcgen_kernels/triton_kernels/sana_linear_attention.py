@@ -310,7 +310,7 @@ fused_out_slices = _fused_slices("OUT_PROGRAMS_PER_SM", "BLOCK_M", per_group=Fal
 
 
 @triton.autotune(configs=_fused_configs(), key=["N", "H", "HEAD_DIM", "q_stride_n", "k_stride_n"],
-                 prune_configs_by={"early_config_prune": prune_head_groups}, reset_to_zero=["counters_ptr"])
+                 prune_configs_by={"early_config_prune": prune_head_groups})
 @triton.heuristics({"KV_SLICES": fused_kv_slices, "OUT_SLICES": fused_out_slices})
 @triton.jit
 def linear_attention_fused_kernel(
@@ -334,11 +334,15 @@ def linear_attention_fused_kernel(
     counts itself into its group's counters[1 + b * groups + group]; later tickets are output work (`_attend`),
     which first waits (acquire loads) until its head's group has all KV_SLICES partials. Only tickets handed out
     earlier, to programs already running that never wait, are waited on: no deadlock whatever the residency.
-    `counters` must be zero at launch (B * groups + 1 int32; the launcher and the autotuner zero it).
+    `counters` (B * groups + 1 int32) must be zero at launch and are zero again after it, so the launcher keeps them
+    rather than zeroing them per call: the last ticket resets the ticket counter, and the last of a group's output
+    programs to pass its wait resets the group's counter (each output program counts itself in once past it).
     """
     groups = tl.cdiv(H, HEADS_PER_PROGRAM)
     kv_programs = B * groups * KV_SLICES
     ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed")
+    if ticket == kv_programs + B * H * OUT_SLICES - 1:  # the grid's last ticket: no program takes one again
+        tl.atomic_xchg(counters_ptr, 0, sem="relaxed")
     if ticket < kv_programs:
         group_index = ticket % (B * groups)
         _kv_partial(k_ptr, v_ptr, kv_part_ptr, ksum_part_ptr, group_index // groups, group_index % groups,
@@ -352,13 +356,17 @@ def linear_attention_fused_kernel(
         bh = work % (B * H)
         b = bh // H
         h = bh % H
-        ready = counters_ptr + 1 + b * groups + h // HEADS_PER_PROGRAM
+        group = h // HEADS_PER_PROGRAM
+        ready = counters_ptr + 1 + b * groups + group
         polls = 0
         while tl.atomic_add(ready, 0, sem="acquire") < KV_SLICES:
             polls += 1
             if SPIN_LIMIT > 0:
                 if polls == SPIN_LIMIT:
                     _trap(polls)
+        group_outputs = tl.minimum(HEADS_PER_PROGRAM, H - group * HEADS_PER_PROGRAM) * OUT_SLICES
+        if tl.atomic_add(ready, 1, sem="relaxed") == KV_SLICES + group_outputs - 1:
+            tl.atomic_xchg(ready, 0, sem="relaxed")
         _attend(q_ptr, kv_part_ptr, ksum_part_ptr, out_ptr, b, h, work // (B * H), OUT_SLICES, KV_SLICES, N, H, eps,
                 q_stride_b, q_stride_h, q_stride_n, q_stride_d, o_stride_b, o_stride_h, o_stride_n, o_stride_d,
                 HEAD_DIM, PADDED_DIM, PART_STAGES, SPLIT_KV, SPLIT_Q, PART_DTYPE, FP32_PRECISION, BLOCK_M)
