@@ -216,6 +216,25 @@ def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
     assert [s["warps"] for s in stats[1:6:2]] == [8, 8, 4], stats
 
 
+_PACK_LAUNCHES = r"""
+pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
+E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
+for C, p, side in ((16, 2, 128), (16, 2, 256), (32, 1, 64)):  # FLUX 1024^2 and 2048^2; an NCHW batch of DC-AE f32c32
+    B = 1 if p == 2 else 2
+    latent, packed = E(B, C, side, side), E(B * (side // p) ** 2, C * p * p)
+    pe._launch_pack(latent, packed, p, unpack=False)
+    pe._launch_pack(latent, packed, p, unpack=True)
+print(json.dumps(stats))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_triton_pack_kernels_compile_for_sm90_with_vector_stores():
+    stats = compile_launchers_for_sm90(_PACK_LAUNCHES)
+    assert [s["kernel"] for s in stats] == ["patch_pack_kernel", "patch_unpack_kernel"] * 3, stats
+    assert all(s["spills"] == 0 and s["scalar_stores"] == 0 for s in stats), stats
+
+
 _TRANSPOSED_WEIGHT_LAUNCHES = r"""
 pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
 E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
@@ -275,6 +294,55 @@ def test_cublas_p1_moves_no_data(cublas_on_cpu):
     out = patch_unembed(tokens, weight, bias, patch_size=1, height=4, width=6, backend="cuda")
     assert out.is_contiguous(memory_format=torch.channels_last) and out._base is not None
     assert out._base.shape == (2 * 24, 8) and out._base.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_triton_pack_and_unpack_kernels_match_diffusers_layout(dtype, shape, layout):
+    """The cuBLAS path's layout copies: latent -> token matrix -> latent, against _pack / _unpack, into poisoned
+    outputs, for any latent strides (partial token, row and pixel blocks under the interpreter's 16 x 16 tiles)."""
+    B, C, h, w, p, _ = shape
+    latent = torch.randn(B, C, h, 2 * w).to(dtype)
+    latent = latent[..., ::2] if layout == "sliced" else latent[..., :w]
+    if layout == "channels_last":
+        latent = latent.contiguous(memory_format=torch.channels_last)
+    N, F = (h // p) * (w // p), C * p * p
+    packed = torch.full((B * N, F), float("nan"), dtype=dtype)
+    patch_embed_module._launch_pack(latent, packed, p, unpack=False)
+    assert torch.equal(packed, patch_embed_module._pack(latent, p).reshape(B * N, F))
+    back = torch.full((B, C, h, w), float("nan"), dtype=dtype)
+    if layout == "channels_last":
+        back = back.contiguous(memory_format=torch.channels_last)
+    patch_embed_module._launch_pack(back, packed, p, unpack=True)
+    assert torch.equal(back, latent)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_cublas_path_with_triton_layout_copies(p, cublas_on_cpu, monkeypatch):
+    """Where Triton serves the device the cuBLAS path packs and unpacks with the Triton kernels: forward and
+    backward of both ops as the reference (p = 1 copies only for NCHW batches; views stay views)."""
+    monkeypatch.setattr(patch_embed_module, "_triton_packs", lambda x, span: x.numel() > 0)
+    copies = []
+    launch = patch_embed_module._launch_pack
+    monkeypatch.setattr(patch_embed_module, "_launch_pack",
+                        lambda *args, **kw: copies.append(kw) or launch(*args, **kw))
+    B, C, h, w, D = 2, 4, 6, 10, 24
+    inputs = [t.requires_grad_() for t in embed_inputs(B, C, h, w, p, D)]
+    grad = torch.randn(B, (h // p) * (w // p), D)
+    got = torch.autograd.grad(patch_embed(*inputs, patch_size=p, backend="cuda"), inputs, grad)
+    expected = _fp32_reference_grads(patch_embed_reference, [t.detach() for t in inputs], (p,), grad, [True] * 3)
+    assert all(rel_l2(a, b) <= 1e-6 for a, b in zip(got, expected))
+    inputs = [t.requires_grad_() for t in unembed_inputs(B, C, h, w, p, D)]
+    grad = torch.randn(B, C, h, w)
+    got = torch.autograd.grad(patch_unembed(*inputs, patch_size=p, height=h, width=w, backend="cuda"), inputs, grad)
+    expected = _fp32_reference_grads(patch_unembed_reference, [t.detach() for t in inputs], (p, h, w), grad,
+                                     [True] * 3)
+    assert all(rel_l2(a, b) <= 1e-6 for a, b in zip(got, expected))
+    # embed: pack the latent; backward: d(latent) unpacks (p = 2), d(weight) packs the latent. unembed: unpack (p = 2);
+    # backward: d(tokens) and d(weight) each pack the gradient. p = 1 copies only because the batch is NCHW.
+    packs, unpacks = [False] * 2, [True] * (p == 2)
+    assert [c["unpack"] for c in copies] == [packs[0], *unpacks, packs[1], *unpacks, *packs]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
@@ -681,3 +749,13 @@ def test_gpu_unembed_split_k_repeatable_on_streams_and_in_graphs():
     torch.cuda.synchronize()
     assert all(torch.equal(out, first) for out in outs)
     assert not any(counters.any() for counters in _common._ARRIVAL_COUNTERS.values())
+
+
+@pytest.mark.gpu
+def test_gpu_cublas_path_packs_with_triton():
+    latent = torch.randn(1, 16, 128, 128, device="cuda").to(torch.bfloat16)
+    assert patch_embed_module._triton_packs(latent, patch_embed_module._span(latent))
+    assert torch.equal(patch_embed_module._token_matrix(latent, 2), patch_embed_module._pack(latent, 2)[0])
+    tokens_2d = torch.randn(64 * 64, 64, device="cuda").to(torch.bfloat16)
+    assert torch.equal(patch_embed_module._latent_of(tokens_2d, 1, 2, 128, 128),
+                       patch_embed_module._unpack(tokens_2d[None], 2, 128, 128))

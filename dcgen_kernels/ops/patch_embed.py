@@ -9,7 +9,9 @@ Backends:
   matrix is a view (an NCHW latent with B = 1 is its transpose, a channels-last latent the matrix itself) and
   patch_unembed returns the GEMM output viewed as channels-last (B, C, h, w), as diffusers' 1x1 unpatchify does:
   nothing is copied. For p = 2 (and NCHW batches for p = 1) the latent side is packed or unpacked by one copy:
-  C*p*p <= 128 features against the tokens' D = 2240-3072, so under 6% of the GEMM's bytes.
+  C*p*p <= 128 features against the tokens' D = 2240-3072, so under 6% of the GEMM's bytes; on a GPU a Triton
+  kernel moving whole pixel runs and token rows (patch_pack_kernel / patch_unpack_kernel, added 2026-11-28 after
+  run L, not yet timed), elsewhere a torch copy.
 - triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
   it, so no packed tensor exists (triton_kernels/patch_embed.py). The 16-bit embedding of latents of up to 128
   rows per token row (C * p: every FLUX / DC-AE layout) runs the narrow kernel, which gathers a token block once and
@@ -47,8 +49,14 @@ def _pack(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, h, w) -> (B, (h/p)(w/p), C*p*p); diffusers' FluxPipeline._pack_latents for p = 2."""
     B, C, h, w = latent.shape
     p = patch_size
-    packed = latent.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return packed.reshape(B, (h // p) * (w // p), C * p * p)
+    return _patch_axes(latent, p).reshape(B, (h // p) * (w // p), C * p * p)
+
+
+def _patch_axes(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, h, w) -> the view (B, h/p, w/p, C, p, p) that _pack flattens."""
+    B, C, h, w = latent.shape
+    p = patch_size
+    return latent.view(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
 
 
 def _unpack(tokens: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
@@ -125,14 +133,67 @@ def _validate_unembed(tokens, weight, bias, patch_size, height, width) -> None:
 # ----------------------------------------------------------------------------------------------- cuBLAS
 def _token_matrix(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, h, w) -> its packed tokens as one (B*N, C*p*p) GEMM operand: a view where the strides allow it (p = 1
-    with B = 1 or channels-last: cuBLAS takes the transposed layout as is), else one copy of the narrow latent."""
-    return _pack(x, patch_size).flatten(0, 1)
+    with B = 1 or channels-last: cuBLAS takes the transposed layout as is), else one copy of the narrow latent (by
+    patch_pack_kernel where Triton serves the device)."""
+    B, C, h, w = x.shape
+    p = patch_size
+    shape = (B * (h // p) * (w // p), C * p * p)
+    axes = _patch_axes(x, p)
+    if _merges(axes.shape[:3], axes.stride()[:3]) and _merges(axes.shape[3:], axes.stride()[3:]):
+        return axes.view(shape)
+    if not _triton_packs(x, _span(x)):
+        return axes.reshape(shape)
+    packed = x.new_empty(shape)
+    _launch_pack(x, packed, p, unpack=False)
+    return packed
+
+
+def _merges(sizes, strides) -> bool:
+    """Whether these dims flatten into one strided dim (what view needs), size-1 dims aside."""
+    dims = [(size, stride) for size, stride in zip(sizes, strides) if size != 1]
+    return all(outer[1] == inner[1] * inner[0] for outer, inner in zip(dims, dims[1:]))
 
 
 def _latent_of(tokens_2d: torch.Tensor, batch: int, patch_size: int, height: int, width: int) -> torch.Tensor:
-    """(B*N, C*p*p) contiguous -> (B, C, h, w): for p = 1 a channels-last view (no copy), for p = 2 one copy."""
+    """(B*N, C*p*p) contiguous -> (B, C, h, w): for p = 1 a channels-last view (no copy), for p = 2 one copy (by
+    patch_unpack_kernel where Triton serves the device)."""
     tokens = (height // patch_size) * (width // patch_size)  # explicit: -1 is ambiguous for an empty batch
-    return _unpack(tokens_2d.view(batch, tokens, tokens_2d.shape[1]), patch_size, height, width)
+    channels = tokens_2d.shape[1] // (patch_size * patch_size)
+    if patch_size == 1 or not _triton_packs(tokens_2d, channels * height * width):
+        return _unpack(tokens_2d.view(batch, tokens, tokens_2d.shape[1]), patch_size, height, width)
+    latent = tokens_2d.new_empty(batch, channels, height, width)
+    _launch_pack(latent, tokens_2d, patch_size, unpack=True)
+    return latent
+
+
+def _triton_packs(x: torch.Tensor, latent_span: int) -> bool:
+    """The cuBLAS path's layout copies run as Triton kernels on GPUs where Triton runs (whole pixel runs and token
+    rows: a permuted torch copy reads 2-4 useful bytes per 32-byte sector; H100 run L: the pack / unpack of FLUX's
+    4096 / 16384 tokens took 4 / 6.5 and 4 / 8 us around the GEMM), else as torch copies. The kernels index within
+    a latent item in int32."""
+    return (x.is_cuda and _backend.triton_device_error(x.device) is None and x.numel() > 0
+            and latent_span < _INT32_LIMIT)
+
+
+def _launch_pack(latent: torch.Tensor, packed: torch.Tensor, patch_size: int, unpack: bool) -> None:
+    """patch_pack_kernel (latent -> packed) or, with unpack, patch_unpack_kernel (packed -> latent); packed is the
+    (B*N, C*p*p) token matrix, its last dim contiguous; latent any strides."""
+    from ..triton_kernels.patch_embed import patch_pack_kernel, patch_unpack_kernel
+
+    B, C, h, w = latent.shape
+    p = patch_size
+    grid_h, grid_w, n_rows = h // p, w // p, C * p
+    if _backend.triton_interpreter_enabled():
+        block_m, block_r = _INTERPRETER_TILES["BLOCK_M"], _INTERPRETER_TILES["BLOCK_R"]
+    else:  # 32 tokens x up to 64 feature rows: 4-8 KB per program, FLUX's 4096 tokens in 128 programs
+        block_m, block_r = min(32, _next_pow2(grid_w)), min(64 // p, _next_pow2(n_rows))
+    grid = (grid_h * cdiv(grid_w, block_m), cdiv(n_rows, block_r), B)
+    kernel = patch_unpack_kernel if unpack else patch_pack_kernel
+    latent_strides, packed_stride = latent.stride(), packed.stride(0)
+    strides = (packed_stride, *latent_strides) if unpack else (*latent_strides, packed_stride)
+    args = (packed, latent) if unpack else (latent, packed)
+    kernel[grid](*args, grid_w, n_rows, grid_h * grid_w, *strides, PATCH=p, BLOCK_M=block_m, BLOCK_R=block_r,
+                 num_warps=4)
 
 
 def _linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -218,3 +218,68 @@ def _store_latent(out_ptr, bias_ptr, acc0, acc1, batch, rows, row_ok, ty0, tx0, 
         px = tx0 * 2 + q % (2 * BLOCK_M)
         tl.store(out + row_off[:, None] + (ty * (2 * stride_oy) + px * stride_ox)[None, :],
                  runs.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & ((ty < grid_h) & (px < 2 * grid_w))[None, :])
+
+
+@triton.jit
+def patch_pack_kernel(
+    latent_ptr, packed_ptr,
+    grid_w, n_rows, n_tokens,
+    stride_lb, stride_lc, stride_ly, stride_lx,
+    stride_pn,
+    PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """packed[b * N + t, f] = latent[b, c, ty*PATCH + i, tx*PATCH + j], f = r*PATCH + j, r = c*PATCH + i: the token
+    matrix the cuBLAS path multiplies (FLUX `_pack_latents`), read as whole pixel runs and written as whole token
+    rows (a plain permuted copy reads 2-4 useful bytes per 32-byte sector).
+
+    grid (token rows * cdiv(grid_w, BLOCK_M), cdiv(n_rows, BLOCK_R), B).
+    """
+    row_blocks = tl.cdiv(grid_w, BLOCK_M)
+    ty = tl.program_id(0) // row_blocks
+    tx0 = (tl.program_id(0) % row_blocks) * BLOCK_M
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    batch = tl.program_id(2).to(tl.int64)
+    row_off = (rows // PATCH) * stride_lc + (rows % PATCH) * stride_ly
+    px = tx0 * PATCH + tl.arange(0, PATCH * BLOCK_M)
+    band = latent_ptr + batch * stride_lb + ty * (PATCH * stride_ly)
+    runs = tl.load(band + row_off[:, None] + px[None, :] * stride_lx,
+                   mask=(rows < n_rows)[:, None] & (px < PATCH * grid_w)[None, :])
+    if PATCH == 1:
+        tokens = tl.trans(runs)
+    else:
+        tokens = tl.reshape(tl.permute(tl.reshape(runs, (BLOCK_R, BLOCK_M, 2)), (1, 0, 2)), (BLOCK_M, 2 * BLOCK_R))
+    tx = tx0 + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(1) * (PATCH * BLOCK_R) + tl.arange(0, PATCH * BLOCK_R)
+    token_index = tl.program_id(2).to(tl.int64) * n_tokens + ty * grid_w + tx
+    tl.store(packed_ptr + token_index[:, None] * stride_pn + feats[None, :], tokens,
+             mask=(tx < grid_w)[:, None] & (feats < PATCH * n_rows)[None, :])
+
+
+@triton.jit
+def patch_unpack_kernel(
+    packed_ptr, latent_ptr,
+    grid_w, n_rows, n_tokens,
+    stride_pn,
+    stride_lb, stride_lc, stride_ly, stride_lx,
+    PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """patch_pack_kernel's inverse (FLUX `_unpack_latents`): whole token rows in, whole pixel runs out. Same grid."""
+    row_blocks = tl.cdiv(grid_w, BLOCK_M)
+    ty = tl.program_id(0) // row_blocks
+    tx0 = (tl.program_id(0) % row_blocks) * BLOCK_M
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tx = tx0 + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(1) * (PATCH * BLOCK_R) + tl.arange(0, PATCH * BLOCK_R)
+    token_index = tl.program_id(2).to(tl.int64) * n_tokens + ty * grid_w + tx
+    tokens = tl.load(packed_ptr + token_index[:, None] * stride_pn + feats[None, :],
+                     mask=(tx < grid_w)[:, None] & (feats < PATCH * n_rows)[None, :])
+    if PATCH == 1:
+        runs = tl.trans(tokens)
+    else:
+        runs = tl.reshape(tl.permute(tl.reshape(tokens, (BLOCK_M, BLOCK_R, 2)), (1, 0, 2)), (BLOCK_R, 2 * BLOCK_M))
+    row_off = (rows // PATCH) * stride_lc + (rows % PATCH) * stride_ly
+    px = tx0 * PATCH + tl.arange(0, PATCH * BLOCK_M)
+    batch = tl.program_id(2).to(tl.int64)
+    band = latent_ptr + batch * stride_lb + ty * (PATCH * stride_ly)
+    tl.store(band + row_off[:, None] + px[None, :] * stride_lx, runs,
+             mask=(rows < n_rows)[:, None] & (px < PATCH * grid_w)[None, :])
