@@ -340,9 +340,10 @@ def test_cublas_path_with_triton_layout_copies(p, cublas_on_cpu, monkeypatch):
                                      [True] * 3)
     assert all(rel_l2(a, b) <= 1e-6 for a, b in zip(got, expected))
     # embed: pack the latent; backward: d(latent) unpacks (p = 2), d(weight) packs the latent. unembed: unpack (p = 2);
-    # backward: d(tokens) and d(weight) each pack the gradient. p = 1 copies only because the batch is NCHW.
-    packs, unpacks = [False] * 2, [True] * (p == 2)
-    assert [c["unpack"] for c in copies] == [packs[0], *unpacks, packs[1], *unpacks, *packs]
+    # backward: the gradient packed once for d(weight) and, at p = 2, d(tokens) (p = 1 packs it again inside the
+    # op call for d(tokens), which may take Triton's gather instead). p = 1 copies only because the batch is NCHW.
+    unpacks = [True] * (p == 2)
+    assert [c["unpack"] for c in copies] == [False, *unpacks, False, *unpacks, False, *[False] * (p == 1)]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
@@ -358,6 +359,19 @@ def test_custom_ops_pass_opcheck(backend, p, cublas_on_cpu):
     assert out.is_contiguous(memory_format=torch.channels_last if p == 1 else torch.contiguous_format)
     torch.library.opcheck(patch_embed_module._patch_unembed_op,
                           (tokens, weight.requires_grad_(), bias, p, h, w, backend))
+
+
+@pytest.mark.parametrize("triton_copies", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_layout_copy_ops_pass_opcheck(p, triton_copies, monkeypatch):
+    """The cuBLAS path's pack / unpack custom ops (the backward calls them, so torch.compile must trace them)."""
+    monkeypatch.setattr(patch_embed_module, "_triton_packs", lambda x, span: triton_copies and x.numel() > 0)
+    latent = torch.randn(2, 4, 6, 10)
+    torch.library.opcheck(patch_embed_module._patch_pack_op, (latent, p))
+    packed = patch_embed_module._patch_pack_op(latent, p)
+    assert torch.equal(packed, patch_embed_module._pack(latent, p).reshape(packed.shape))
+    torch.library.opcheck(patch_embed_module._patch_unpack_op, (packed, 2, p, 6, 10))
+    assert torch.equal(patch_embed_module._patch_unpack_op(packed, 2, p, 6, 10), latent)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -626,10 +640,11 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(latent), roundtrip(latent))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_torch_compile_traces_the_fused_backward(backend, cublas_on_cpu):
+@pytest.mark.parametrize("backend,triton_copies", [("triton", False), ("cuda", False), ("cuda", True)])
+def test_torch_compile_traces_the_fused_backward(backend, triton_copies, cublas_on_cpu, monkeypatch):
     """The fused backward is built from custom ops and aten calls, so AOTAutograd traces it; gradients equal eager
-    ones."""
+    ones. With triton_copies the cuBLAS path's layout copies are the Triton kernels, as on a GPU."""
+    monkeypatch.setattr(patch_embed_module, "_triton_packs", lambda x, span: triton_copies and x.numel() > 0)
     _, _, h, w, p, _ = SHAPES[0]
     latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*SHAPES[0]))
     _, weight_out, _ = unembed_inputs(*SHAPES[0])
