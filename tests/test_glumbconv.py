@@ -125,7 +125,7 @@ def test_explicit_backend_falls_back_with_one_warning():
     with pytest.warns(RuntimeWarning, match="cuda backend cannot serve.*no cuda backend.*falling back to triton"):
         out = glumbconv(x, 3, 4, *weights, backend="cuda")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)  # triton 3.6's interpreter raises numpy deprecation warnings
         glumbconv(x, 3, 4, *weights, backend="cuda")  # second call: silent
     assert rel_l2(out, glumbconv_reference(x, 3, 4, *weights)) <= TOLERANCE[torch.float32]
 
