@@ -8,7 +8,8 @@
 The first pass tunes and warms up, the second runs in the range (so ncu profiles the tuned configs, not the
 autotuner's trials): SANA-1.6B's linear attention and depthwise + GLU at a 128x128 latent (16384 tokens, bf16), W4A16
 SVDQuant layers at M = 4608 (K x N = 3072 x 3072 and 15360 x 3072, rank 32; the effective-weight pass and its
-cuBLAS GEMM) and the Triton f8c16 patch embedding at 4096 tokens. On a CPU (TRITON_INTERPRET=1): tiny shapes, to
+cuBLAS GEMM), the Triton f8c16 patch embedding and unembedding at 4096 tokens (the latter split over D), and the
+cuBLAS unembedding's unpack kernel. On a CPU (TRITON_INTERPRET=1): tiny shapes, to
 check the program itself. Results of such runs: `benchmarks/results/ncu_targets-*.txt`, read in PERF_NOTES.md.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 def run(device: torch.device) -> None:
     from dcgen_kernels.ops.glumbconv import depthwise_glu
-    from dcgen_kernels.ops.patch_embed import patch_embed
+    from dcgen_kernels.ops.patch_embed import patch_embed, patch_unembed
     from dcgen_kernels.ops.sana_linear_attention import sana_linear_attention
     from dcgen_kernels.quant.svdquant import SVDQuantLinear
 
@@ -37,6 +38,8 @@ def run(device: torch.device) -> None:
                    torch.randn(m, k_in).to(dtype)) for k_in, n_out in layer_shapes]
         latent = torch.randn(1, 16, side, side).to(dtype)
         embed_weight, embed_bias = (torch.randn(width, 64) / 8).to(dtype), torch.randn(width).to(dtype)
+        image_tokens = torch.randn(1, (side // 2) ** 2, width).to(dtype)
+        unembed_weight = (torch.randn(64, width) / width ** 0.5).to(dtype)
 
     def ops():
         sana_linear_attention(q, k, v, heads)
@@ -44,6 +47,8 @@ def run(device: torch.device) -> None:
         for layer, x in layers:
             layer(x)
         patch_embed(latent, embed_weight, embed_bias, patch_size=2, backend="triton" if gpu else "auto")
+        for backend in ("triton", "cuda") if gpu else ("auto",):
+            patch_unembed(image_tokens, unembed_weight, None, patch_size=2, height=side, width=side, backend=backend)
 
     with torch.no_grad():
         ops()
