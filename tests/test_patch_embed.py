@@ -169,6 +169,30 @@ def test_triton_embed_shapes_cover_both_kernels(monkeypatch):
     assert 0 < len(expected) < len(SHAPES) and narrow == [s[:4] for s in expected]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tma_store", [False, True], ids=["pointer_store", "tma_store"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 32, 2, 72), (1, 8, 3, 32, 1, 40)])
+def test_triton_narrow_embed_stores_by_tma_or_pointer(shape, tma_store, dtype):
+    """Token rows of whole 16-token blocks (the interpreter's block): both stores of the narrow embedding, a partial
+    last feature tile (72 = 2 x 32 + 8) and two batch items, into NaN-poisoned outputs."""
+    B, C, h, w, p, D = shape
+    latent, weight, bias = embed_inputs(*shape, dtype=dtype)
+    out = torch.full((B, (h // p) * (w // p), D), float("nan"), dtype=dtype)
+    assert patch_embed_module._embed_tma_store_possible(out, w // p, patch_embed_module._INTERPRETER_TILES["BLOCK_M"])
+    patch_embed_module._launch_embed_narrow_triton(latent, weight, bias, p, out, tma_store=tma_store)
+    assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= max(TOLERANCE[dtype], 1e-6)
+
+
+def test_narrow_embed_tma_store_needs_whole_blocks_and_aligned_rows():
+    possible = patch_embed_module._embed_tma_store_possible
+    out = torch.empty(1, 64 * 64, 3072, dtype=torch.bfloat16)
+    assert possible(out, 64, 64) and possible(out[..., :3000], 64, 64)  # a narrower view keeps aligned rows
+    assert not possible(out, 48, 32)  # a 32-token block would cross into the next token row
+    assert not possible(out[..., 1:3001], 64, 64)  # base 2 bytes past alignment
+    assert not possible(torch.empty(1, 64 * 64, 3004, dtype=torch.bfloat16), 64, 64)  # 6008-byte rows
+    assert not possible(torch.empty(1, 3072, 64 * 64, dtype=torch.bfloat16).transpose(1, 2), 64, 64)  # strided D
+
+
 @pytest.mark.parametrize("p", [1, 2])
 def test_triton_strided_inputs(p):
     """channels_last latents, a sliced token tensor, a transposed weight view and strided biases are read right."""
@@ -214,6 +238,29 @@ def test_triton_launch_configs_compile_for_sm90_with_whole_runs():
     assert all(s["wgmma"] > 0 for s in stats[0:6:2] + stats[12:13]), stats
     # the bf16 unembeddings of 4096 tokens (FLUX, DC-AE-1.5) take the split-K form: 8 warps, 16384 (SANA) one pass
     assert [s["warps"] for s in stats[1:6:2]] == [8, 8, 4], stats
+
+
+_NARROW_STORE_LAUNCHES = r"""
+pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
+E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
+for side in (128, 256):  # FLUX 1024^2 and 2048^2
+    N = (side // 2) ** 2
+    for tma_store in (False, True):
+        pe._launch_embed_narrow_triton(E(1, 16, side, side), E(3072, 64), E(3072), 2, E(1, N, 3072),
+                                       tma_store=tma_store)
+print(json.dumps(stats))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
+def test_narrow_embed_store_forms_compile_for_sm90():
+    """Both stores of the narrow embedding at FLUX shapes, sm_90a: no spills; the TMA store needs fewer registers
+    (the tile leaves shared memory in one bulk copy), which at 16384 tokens (8 warps) lets two programs share an SM
+    (<= 128 registers) instead of one."""
+    pointer_4096, tma_4096, pointer_16384, tma_16384 = compile_launchers_for_sm90(_NARROW_STORE_LAUNCHES)
+    assert all(s["spills"] == 0 and s["wgmma"] > 0 for s in (pointer_4096, tma_4096, pointer_16384, tma_16384))
+    assert tma_4096["registers"] < pointer_4096["registers"]
+    assert tma_16384["warps"] == 8 and tma_16384["registers"] <= 128 < pointer_16384["registers"]
 
 
 _PACK_LAUNCHES = r"""
@@ -774,3 +821,20 @@ def test_gpu_cublas_path_packs_with_triton():
     tokens_2d = torch.randn(64 * 64, 64, device="cuda").to(torch.bfloat16)
     assert torch.equal(patch_embed_module._latent_of(tokens_2d, 1, 2, 128, 128),
                        patch_embed_module._unpack(tokens_2d[None], 2, 128, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", [128, 256])
+def test_gpu_narrow_embed_both_stores_and_timed_choice(side):
+    """FLUX f8c16 at 4096 / 16384 tokens: both stores of the narrow embedding equal the reference; the default
+    launch times them once per call key and records the pick."""
+    from dcgen_kernels.ops import _common
+
+    latent, weight, bias = embed_inputs(1, 16, side, side, 2, 3072, dtype=torch.bfloat16, device="cuda")
+    expected = patch_embed_reference(latent, weight, bias, 2)
+    for tma_store in (False, True, None):
+        out = torch.full((1, (side // 2) ** 2, 3072), float("nan"), dtype=torch.bfloat16, device="cuda")
+        patch_embed_module._launch_embed_narrow_triton(latent, weight, bias, 2, out, tma_store=tma_store)
+        assert rel_l2(out, expected) <= TOLERANCE[torch.bfloat16] / 2, tma_store
+    picks = _common.TIMED_CHOICES["patch_embed_narrow_store"].values()
+    assert any(set(pick) == {"picked", "pointer_store_ms", "tma_store_ms"} for pick in picks)

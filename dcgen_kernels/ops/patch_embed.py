@@ -36,7 +36,9 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import arrival_counters, call_op, cdiv, check_tensor, custom_op, timed_choice
+from ._common import (
+    arrival_counters, call_op, cdiv, check_tensor, custom_op, timed_choice, tma_alignment_error,
+)
 
 __all__ = ["patch_embed", "patch_embed_reference", "patch_unembed", "patch_unembed_reference"]
 
@@ -324,7 +326,9 @@ def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
     )
 
 
-def _launch_embed_narrow_triton(latent, weight, bias, patch_size, out) -> None:
+def _launch_embed_narrow_triton(latent, weight, bias, patch_size, out, tma_store: Optional[bool] = None) -> None:
+    """tma_store: store the output tiles by TMA (True) or per thread (False); None: TMA where it can address the
+    output, and on a GPU only if it is the faster on the call key's first call (`timed_choice`)."""
     from ..triton_kernels.patch_embed import patch_embed_narrow_kernel
 
     B, C, h, w = latent.shape
@@ -349,14 +353,39 @@ def _launch_embed_narrow_triton(latent, weight, bias, patch_size, out) -> None:
         cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, N_TILES=n_tiles, num_warps=8 if block_m * block_n >= 128 * 128
                    else 4, num_stages=3)
     grid = (grid_h * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(dim, cfg["N_TILES"] * cfg["BLOCK_N"]), B)
-    patch_embed_narrow_kernel[grid](
-        latent, weight, bias.contiguous() if bias is not None else weight, out,  # the kernel reads bias with stride 1
-        grid_w, C * p, dim,
-        *latent.stride(),
-        *weight.stride(),
-        out.stride(0), out.stride(1),
-        PATCH=p, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(latent.dtype), BLOCK_R=block_r, **cfg,
-    )
+
+    def launch(tma_store: bool) -> None:
+        out_desc = _embed_out_descriptor(out, cfg["BLOCK_M"], cfg["BLOCK_N"]) if tma_store else None
+        patch_embed_narrow_kernel[grid](
+            latent, weight, bias.contiguous() if bias is not None else weight,  # the kernel reads bias with stride 1
+            out, out_desc,
+            grid_w, C * p, dim,
+            *latent.stride(),
+            *weight.stride(),
+            out.stride(0), out.stride(1),
+            PATCH=p, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(latent.dtype), BLOCK_R=block_r,
+            TMA_STORE=tma_store, **cfg,
+        )
+
+    if tma_store is None:
+        tma_store = _embed_tma_store_possible(out, grid_w, cfg["BLOCK_M"])
+        if tma_store and latent.is_cuda:  # time both stores once per call key
+            candidates = {"pointer_store": lambda: launch(False), "tma_store": lambda: launch(True)}
+            key = (tuple(latent.shape), latent.stride(), tuple(out.shape), out.stride(), latent.dtype)
+            tma_store = timed_choice("patch_embed_narrow_store", key, candidates) == "tma_store"
+    launch(tma_store)
+
+
+def _embed_tma_store_possible(out: torch.Tensor, grid_w: int, block_m: int) -> bool:
+    """Whether the narrow embedding can store its tiles by TMA: whole token blocks per token row (the copy clips
+    at N, not at a row's end) and an output TMA can address (16-byte aligned base and strides, last dim dense)."""
+    return grid_w % block_m == 0 and out.stride(2) == 1 and tma_alignment_error("out", out) is None
+
+
+def _embed_out_descriptor(out: torch.Tensor, block_m: int, block_n: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(out, [1, block_m, block_n])
 
 
 # The split-K form of the unembedding (16-bit tokens, grids of under half as many programs as SMs): tokens per

@@ -69,18 +69,22 @@ def patch_embed_kernel(
 
 @triton.jit
 def patch_embed_narrow_kernel(
-    latent_ptr, weight_ptr, bias_ptr, out_ptr,
+    latent_ptr, weight_ptr, bias_ptr, out_ptr, out_desc,
     grid_w, n_rows, dim,
     stride_lb, stride_lc, stride_ly, stride_lx,
     stride_wd, stride_wf,
     stride_ob, stride_on,
     PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, N_TILES: tl.constexpr,
+    TMA_STORE: tl.constexpr,
 ):
     """patch_embed_kernel for latents whose C * PATCH rows fit one BLOCK_R (every FLUX / DC-AE layout): the program
     gathers its BLOCK_M tokens' whole feature vectors once, then streams N_TILES output tiles through them, the
     weight tiles pipelined under the stores. The GEMM is K = C*p^2 <= 128 deep, so writing the output is its cost;
     one-tile programs re-gathered and re-arranged the latent for every tile and stalled on each gather.
+    TMA_STORE: each tile leaves through out_desc, a (B, N, dim) descriptor of out with block [1, BLOCK_M, BLOCK_N]
+    (one bulk copy per tile instead of a round trip through shared memory into per-thread stores); it clips at N
+    and dim but not at a token row's end, so the launcher sets it only where BLOCK_M divides grid_w.
 
     grid (token rows * cdiv(grid_w, BLOCK_M), cdiv(dim, N_TILES * BLOCK_N), B).
     """
@@ -114,7 +118,12 @@ def patch_embed_narrow_kernel(
         acc = tl.dot(a, w, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tx_ok[:, None] & col_ok[None, :])
+        if TMA_STORE:
+            out_desc.store([tl.program_id(2), ty * grid_w + tx0, n0],
+                           tl.reshape(acc.to(out_desc.dtype), (1, BLOCK_M, BLOCK_N)))
+        else:
+            tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=tx_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
