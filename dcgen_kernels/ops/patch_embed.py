@@ -15,9 +15,10 @@ Backends:
 - triton: GEMMs that gather their operand straight from the NCHW latent, or scatter their result straight into
   it, so no packed tensor exists (triton_kernels/patch_embed.py). The 16-bit embedding of latents of up to 128
   rows per token row (C * p: every FLUX / DC-AE layout) runs the narrow kernel, which gathers a token block once and
-  streams its output tiles. A 16-bit unembedding whose grid would have under half as many programs as SMs splits D
-  into up to 4 slices, the last program of each tile summing their fp32 partials (added 2026-11-28 after the run
-  quoted below, not yet timed on a GPU).
+  streams its output tiles, by TMA where the output allows it and that is faster (timed per call key). A 16-bit
+  unembedding whose grid would have under half as many programs as SMs splits D into up to 4 slices, the last
+  program of each tile summing their fp32 partials (both added 2026-11-28 after the run quoted below, not yet timed
+  on a GPU).
 `auto` on a GPU where both serve a call times both on its first call per shape, layout and dtype and keeps the
 faster (`_common.timed_choice`; the backward's input-gradient op is a call of its own): on an H100 (run L,
 2026-11-27) each won some of the 32 benchmarked cases, Triton the f8c16 embed forward at 4096 tokens (15.9 vs 18.3
