@@ -390,8 +390,8 @@ def _embed_out_descriptor(out: torch.Tensor, block_m: int, block_n: int):
 
 
 # The split-K form of the unembedding (16-bit tokens, grids of under half as many programs as SMs): tokens per
-# program such that p * BLOCK_R * tokens <= 8192 fp32 accumulators (64 registers per thread at 4 warps; 128 tokens
-# for FLUX's f8c16, 64 for f64c128), up to 4 slices of D, each at least 512 deep.
+# program such that p * BLOCK_R * tokens <= 8192 fp32 accumulators (128 tokens for FLUX's f8c16, 64 for f64c128; a
+# full 8192 runs at 8 warps: at 4, sm_90a spilled), up to 4 slices of D, each at least 512 deep.
 _SPLIT_ACCUMULATORS = 8192
 _MAX_SPLIT_K = 4
 _MIN_SPLIT_DEPTH = 512
