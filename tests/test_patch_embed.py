@@ -143,16 +143,16 @@ def test_unembed_split_plan(B, C, side, p, D, plan):
     assert patch_embed_module._unembed_split_plan(B, grid, grid, C * p, D, block_r, p, sms=132) == plan
 
 
-def test_arrival_counters_are_kept_per_device_and_grown_zeroed():
-    from dcgen_kernels.ops._common import arrival_counters
+def test_arrival_counters_are_kept_per_device_and_grown_zeroed(monkeypatch):
+    from dcgen_kernels.ops import _common
 
-    first = arrival_counters(torch.device("cpu"), 8)
-    first[:3] = 0  # a kernel leaves them at zero
-    again = arrival_counters(torch.device("cpu"), 5)
-    assert again.data_ptr() == first.data_ptr() and again.dtype == torch.int32 and again.shape == (5,)
-    grown = arrival_counters(torch.device("cpu"), 100_000)
-    assert grown.shape == (100_000,) and not grown.any()
-    assert arrival_counters(torch.device("cpu"), 8).data_ptr() == grown.data_ptr()
+    monkeypatch.setattr(_common, "_ARRIVAL_COUNTERS", {})
+    first = _common.arrival_counters(torch.device("cpu"), 8)
+    assert first.dtype == torch.int32 and first.shape == (8,) and not first.any()
+    assert _common.arrival_counters(torch.device("cpu"), 5).data_ptr() == first.data_ptr()  # kept, not re-zeroed
+    grown = _common.arrival_counters(torch.device("cpu"), 100_000)
+    assert grown.shape == (100_000,) and not grown.any() and grown.data_ptr() != first.data_ptr()
+    assert _common.arrival_counters(torch.device("cpu"), 8).data_ptr() == grown.data_ptr()
 
 
 def test_triton_embed_shapes_cover_both_kernels(monkeypatch):
