@@ -183,6 +183,29 @@ def test_triton_narrow_embed_stores_by_tma_or_pointer(shape, tma_store, dtype):
     assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= max(TOLERANCE[dtype], 1e-6)
 
 
+def test_narrow_embed_grids_fill_one_wave_per_store_form(monkeypatch):
+    """GPU launch heuristics (132 SMs), FLUX 2048^2 (16384 tokens, 128 x 128 tiles, 8 warps): per-thread stores run
+    one program per SM, so 3 waves of 384 programs x 8 tiles; TMA stores two, so 256 programs x 12 tiles."""
+    from types import SimpleNamespace
+
+    import dcgen_kernels.triton_kernels.patch_embed as kernels
+
+    grids = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.append((grid, kwargs["N_TILES"], kwargs["num_warps"]))
+
+    monkeypatch.setattr(kernels, "patch_embed_narrow_kernel", Record())
+    monkeypatch.setattr(_backend, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    E = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)  # noqa: E731
+    for tma_store in (False, True):
+        patch_embed_module._launch_embed_narrow_triton(E(1, 16, 256, 256), E(3072, 64), E(3072), 2,
+                                                       E(1, 128 * 128, 3072), tma_store=tma_store)
+    assert grids == [((128, 3, 1), 8, 8), ((128, 2, 1), 12, 8)]
+
+
 def test_narrow_embed_tma_store_needs_whole_blocks_and_aligned_rows():
     possible = patch_embed_module._embed_tma_store_possible
     out = torch.empty(1, 64 * 64, 3072, dtype=torch.bfloat16)

@@ -337,26 +337,35 @@ def _launch_embed_narrow_triton(latent, weight, bias, patch_size, out, tma_store
     grid_h, grid_w, dim = h // p, w // p, weight.shape[0]
     block_r = max(16 // p, _next_pow2(C * p))  # the dot's K = p * block_r: at least 16
     if _backend.triton_interpreter_enabled():
-        cfg = dict(BLOCK_M=_INTERPRETER_TILES["BLOCK_M"], BLOCK_N=_INTERPRETER_TILES["BLOCK_N"], N_TILES=2,
-                   num_warps=4, num_stages=1)  # two tiles per program: the tests cover the stream and partial tiles
+        cfg = dict(BLOCK_M=_INTERPRETER_TILES["BLOCK_M"], BLOCK_N=_INTERPRETER_TILES["BLOCK_N"], num_warps=4,
+                   num_stages=1)
+        n_tiles = {False: 2, True: 2}  # two tiles per program: the tests cover the stream and partial tiles
     else:
         block_n = min(128, 8192 // (p * block_r), max(16, _next_pow2(dim)))  # 16 KB weight tiles, 3 in flight
         block_m = _token_block(grid_h, grid_w, B * cdiv(dim, block_n), latent.device)
-        # About 3 programs per SM (what the 4-warp config's ~140 registers and 64 KB of shared memory allow; 3 waves
-        # of the 8-warp one), each streaming an equal share of its token block's output tiles. Rounding the other
-        # way left a second, mostly idle wave (H100 run J: 512 programs for 396 slots at 4096 tokens, SMs active
-        # 61% of the kernel's time).
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=3)
         sms = torch.cuda.get_device_properties(latent.device).multi_processor_count
         row_tiles = cdiv(dim, block_n)
         tiles = grid_h * cdiv(grid_w, block_m) * row_tiles * B
-        n_tiles = max(1, min(8, cdiv(tiles, 3 * sms)))
-        n_tiles = cdiv(row_tiles, cdiv(row_tiles, n_tiles))
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, N_TILES=n_tiles, num_warps=8 if block_m * block_n >= 128 * 128
-                   else 4, num_stages=3)
-    grid = (grid_h * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(dim, cfg["N_TILES"] * cfg["BLOCK_N"]), B)
+
+        def tiles_per_program(programs_per_sm: int, most: int) -> int:
+            """An equal share of a token block's output tiles per program, for about programs_per_sm * SMs programs.
+            Rounding the other way left a second, mostly idle wave (H100 run J: 512 programs for 396 slots at 4096
+            tokens, SMs active 61% of the kernel's time)."""
+            n = max(1, min(most, cdiv(tiles, programs_per_sm * sms)))
+            return cdiv(row_tiles, cdiv(row_tiles, n))
+
+        # Per-thread stores: about 3 programs per SM (what the 4-warp config's ~140 registers and 64 KB of shared
+        # memory allow; 3 waves of the 8-warp one, 157 registers: one per SM). TMA stores at 8 warps: 120 registers,
+        # two per SM (sm_90a, triton 3.6), so one wave of them (FLUX's 16384 tokens: 256 programs of 12 tiles rather
+        # than 384 of 8, whose second wave would be under half full).
+        n_tiles = {False: tiles_per_program(3, 8),
+                   True: tiles_per_program(2, 16) if warps == 8 else tiles_per_program(3, 8)}
 
     def launch(tma_store: bool) -> None:
         out_desc = _embed_out_descriptor(out, cfg["BLOCK_M"], cfg["BLOCK_N"]) if tma_store else None
+        grid = (grid_h * cdiv(grid_w, cfg["BLOCK_M"]), cdiv(dim, n_tiles[tma_store] * cfg["BLOCK_N"]), B)
         patch_embed_narrow_kernel[grid](
             latent, weight, bias.contiguous() if bias is not None else weight,  # the kernel reads bias with stride 1
             out, out_desc,
@@ -365,7 +374,7 @@ def _launch_embed_narrow_triton(latent, weight, bias, patch_size, out, tma_store
             *weight.stride(),
             out.stride(0), out.stride(1),
             PATCH=p, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(latent.dtype), BLOCK_R=block_r,
-            TMA_STORE=tma_store, **cfg,
+            N_TILES=n_tiles[tma_store], TMA_STORE=tma_store, **cfg,
         )
 
     if tma_store is None:
