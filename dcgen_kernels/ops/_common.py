@@ -42,7 +42,10 @@ def check_tensor(
 
 
 def tma_alignment_error(name: str, t: torch.Tensor) -> Optional[str]:
-    """TMA descriptors need a 16-byte aligned base and 16-byte multiples for every stride but the last."""
+    """TMA descriptors need a contiguous last dim, a 16-byte aligned base and 16-byte multiples for the other
+    strides."""
+    if t.stride(-1) != 1:
+        return f"{name} is not contiguous in its last dimension (strides {t.stride()})"
     size = t.element_size()
     if t.data_ptr() % 16:
         return f"{name} data pointer is not 16-byte aligned"
