@@ -294,6 +294,8 @@ for C, p, side in ((16, 2, 128), (16, 2, 256), (32, 1, 64)):  # FLUX 1024^2 and 
     latent, packed = E(B, C, side, side), E(B * (side // p) ** 2, C * p * p)
     pe._launch_pack(latent, packed, p, unpack=False)
     pe._launch_pack(latent, packed, p, unpack=True)
+    width = pe._ones_column_width(C * p * p)  # patch_embed's backward: the packed latent with its ones column
+    pe._launch_pack(latent, E(B * (side // p) ** 2, width), p, unpack=False, tail_cols=width - C * p * p)
 print(json.dumps(stats))
 """
 
@@ -301,7 +303,7 @@ print(json.dumps(stats))
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels themselves (pytest -m gpu)")
 def test_triton_pack_kernels_compile_for_sm90_with_vector_stores():
     stats = compile_launchers_for_sm90(_PACK_LAUNCHES)
-    assert [s["kernel"] for s in stats] == ["patch_pack_kernel", "patch_unpack_kernel"] * 3, stats
+    assert [s["kernel"] for s in stats] == ["patch_pack_kernel", "patch_unpack_kernel", "patch_pack_kernel"] * 3, stats
     assert all(s["spills"] == 0 and s["scalar_stores"] == 0 for s in stats), stats
 
 
@@ -386,6 +388,12 @@ def test_triton_pack_and_unpack_kernels_match_diffusers_layout(dtype, shape, lay
         back = back.contiguous(memory_format=torch.channels_last)
     patch_embed_module._launch_pack(back, packed, p, unpack=True)
     assert torch.equal(back, latent)
+    width = patch_embed_module._ones_column_width(F)
+    with_ones = torch.full((B * N, width), float("nan"), dtype=dtype)
+    patch_embed_module._launch_pack(latent, with_ones, p, unpack=False, tail_cols=width - F)
+    tail = torch.zeros(B * N, width - F, dtype=dtype)
+    tail[:, 0] = 1
+    assert torch.equal(with_ones, torch.cat([packed, tail], dim=1))
 
 
 @pytest.mark.parametrize("p", [1, 2])
@@ -442,6 +450,12 @@ def test_layout_copy_ops_pass_opcheck(p, triton_copies, monkeypatch):
     assert torch.equal(packed, patch_embed_module._pack(latent, p).reshape(packed.shape))
     torch.library.opcheck(patch_embed_module._patch_unpack_op, (packed, 2, p, 6, 10))
     assert torch.equal(patch_embed_module._patch_unpack_op(packed, 2, p, 6, 10), latent)
+    torch.library.opcheck(patch_embed_module._patch_pack_op, (latent, p, True))
+    with_ones = patch_embed_module._patch_pack_op(latent, p, True)
+    features = packed.shape[1]
+    assert with_ones.shape == (packed.shape[0], 16 if p == 1 else 32)  # 4 / 16 features + 1, rounded up to 16
+    assert torch.equal(with_ones[:, :features], packed) and torch.equal(with_ones[:, features], torch.ones(len(packed)))
+    assert not with_ones[:, features + 1:].any()
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -650,6 +664,27 @@ def test_unembed_backward_matches_reference(backend, dtype, shape, with_bias, mo
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 6, 10, 2, 136), (1, 3, 5, 7, 1, 72)])
+@pytest.mark.parametrize("triton_copies", [False, True], ids=["torch", "triton"])
+def test_embed_bias_gradient_rides_in_the_weight_gradient_gemm(backend, dtype, shape, triton_copies, monkeypatch,
+                                                               cublas_on_cpu):
+    """Where the tokens are at least 4x wider than the packed latent with its ones column (K = 16 -> 32 columns for
+    D = 136; K = 3 -> 16 for D = 72), d(weight) and d(bias) come out of one GEMM (one buffer) and equal the
+    reference's; with triton_copies the ones column comes from the pack kernel, as on a GPU."""
+    _no_reference_vjp(monkeypatch)
+    monkeypatch.setattr(patch_embed_module, "_triton_packs", lambda x, span: triton_copies and x.numel() > 0)
+    B, _, h, w, p, D = shape
+    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*shape, dtype=dtype))
+    grad = torch.randn(B, (h // p) * (w // p), D).to(dtype)
+    got = torch.autograd.grad(patch_embed(latent, weight, bias, patch_size=p, backend=backend),
+                              [latent, weight, bias], grad)
+    expected = _fp32_reference_grads(patch_embed_reference, [latent, weight, bias], (p,), grad, [True] * 3)
+    assert all(rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6) for a, b in zip(got, expected))
+    assert got[1].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_backward_channels_last_latent_and_grad(backend, monkeypatch, cublas_on_cpu):
     """A channels-last batch (the token-matrix view of the cuda path) and, through out.square(), the channels-last
     gradient of p = 1's channels-last output."""
@@ -711,13 +746,15 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("backend,triton_copies", [("triton", False), ("cuda", False), ("cuda", True)])
-def test_torch_compile_traces_the_fused_backward(backend, triton_copies, cublas_on_cpu, monkeypatch):
+@pytest.mark.parametrize("shape", [SHAPES[0], (2, 4, 6, 10, 2, 136)], ids=["narrow", "bias_column"])
+def test_torch_compile_traces_the_fused_backward(backend, triton_copies, shape, cublas_on_cpu, monkeypatch):
     """The fused backward is built from custom ops and aten calls, so AOTAutograd traces it; gradients equal eager
-    ones. With triton_copies the cuBLAS path's layout copies are the Triton kernels, as on a GPU."""
+    ones. With triton_copies the cuBLAS path's layout copies are the Triton kernels, as on a GPU; bias_column's
+    tokens are wide enough for patch_embed's bias gradient to ride in the weight gradient's GEMM."""
     monkeypatch.setattr(patch_embed_module, "_triton_packs", lambda x, span: triton_copies and x.numel() > 0)
-    _, _, h, w, p, _ = SHAPES[0]
-    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*SHAPES[0]))
-    _, weight_out, _ = unembed_inputs(*SHAPES[0])
+    _, _, h, w, p, _ = shape
+    latent, weight, bias = (t.requires_grad_() for t in embed_inputs(*shape))
+    _, weight_out, _ = unembed_inputs(*shape)
     weight_out.requires_grad_()
 
     def loss(latent, weight, bias, weight_out):

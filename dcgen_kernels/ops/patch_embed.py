@@ -26,8 +26,9 @@ us), the f8c16 unembed forward at 16384 (42.4 vs 50.3 us) and the 4096-token p =
 cuBLAS most others.
 Backward: d(input) is the other op with the weight transposed and the same backend request (patch_unembed(grad,
 weight.T) for patch_embed, patch_embed(grad, weight.T) for patch_unembed); d(weight) and d(bias) are one cuBLAS
-GEMM over all B*N tokens and a column sum (fp32-accumulated), on the packed token matrices. On the reference
-backend it is the vjp of the fp32 reference, recomputed under autograd.
+GEMM over all B*N tokens and a column sum (fp32-accumulated), on the packed token matrices, or for patch_embed's
+wide tokens one GEMM for both (a ones column appended to the packed latent: the token gradient read once). On the
+reference backend it is the vjp of the fp32 reference, recomputed under autograd.
 """
 
 from __future__ import annotations
@@ -169,24 +170,38 @@ def _triton_packs(x: torch.Tensor, latent_span: int) -> bool:
             and latent_span < _INT32_LIMIT)
 
 
+def _ones_column_width(features: int) -> int:
+    """Row width of a token matrix of `features` columns followed by a ones column and zeros: a multiple of 16
+    elements, so its rows stay 16-byte aligned for cuBLAS and the pack kernel's vector stores."""
+    return cdiv(features + 1, 16) * 16
+
+
 @custom_op("dcgen::patch_pack")
-def _patch_pack_op(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
+def _patch_pack_op(latent: torch.Tensor, patch_size: int, ones_column: bool = False) -> torch.Tensor:
     """latent (B, C, h, w) -> its token matrix (B*N, C*p*p), contiguous: the cuBLAS path's copy where no view
-    exists. A custom op, so the backward, which packs too, still traces under torch.compile."""
+    exists. With ones_column each row continues with 1, 0, ..., 0 to `_ones_column_width(C*p*p)` columns. A custom
+    op, so the backward, which packs too, still traces under torch.compile."""
     B, C, h, w = latent.shape
     p = patch_size
-    packed = latent.new_empty(B * (h // p) * (w // p), C * p * p)
+    features = C * p * p
+    packed = latent.new_empty(B * (h // p) * (w // p), _ones_column_width(features) if ones_column else features)
+    tail_cols = packed.shape[1] - features
     if _triton_packs(latent, _span(latent)):
-        _launch_pack(latent, packed, p, unpack=False)
-    else:
-        packed.view(B, h // p, w // p, C, p, p).copy_(_patch_axes(latent, p))
+        _launch_pack(latent, packed, p, unpack=False, tail_cols=tail_cols)
+        return packed
+    packed[:, :features].view(B, h // p, w // p, C, p, p).copy_(_patch_axes(latent, p))
+    if ones_column:
+        packed[:, features:] = 0
+        packed[:, features] = 1
     return packed
 
 
 @_patch_pack_op.register_fake
-def _(latent, patch_size):
+def _(latent, patch_size, ones_column=False):
     B, C, h, w = latent.shape
-    return latent.new_empty(B * (h // patch_size) * (w // patch_size), C * patch_size * patch_size)
+    features = C * patch_size * patch_size
+    return latent.new_empty(B * (h // patch_size) * (w // patch_size),
+                            _ones_column_width(features) if ones_column else features)
 
 
 @custom_op("dcgen::patch_unpack")
@@ -208,9 +223,11 @@ def _(tokens_2d, batch, patch_size, height, width):
     return tokens_2d.new_empty(batch, tokens_2d.shape[1] // (patch_size * patch_size), height, width)
 
 
-def _launch_pack(latent: torch.Tensor, packed: torch.Tensor, patch_size: int, unpack: bool) -> None:
+def _launch_pack(latent: torch.Tensor, packed: torch.Tensor, patch_size: int, unpack: bool,
+                 tail_cols: int = 0) -> None:
     """patch_pack_kernel (latent -> packed) or, with unpack, patch_unpack_kernel (packed -> latent); packed is the
-    (B*N, C*p*p) token matrix, its last dim contiguous; latent any strides."""
+    (B*N, C*p*p) token matrix, its last dim contiguous; latent any strides. tail_cols (pack only): the rows go on
+    with that many columns 1, 0, ..., 0 (packed is that much wider)."""
     from ..triton_kernels.patch_embed import patch_pack_kernel, patch_unpack_kernel
 
     B, C, h, w = latent.shape
@@ -221,12 +238,13 @@ def _launch_pack(latent: torch.Tensor, packed: torch.Tensor, patch_size: int, un
     else:  # 32 tokens x up to 64 feature rows: 4-8 KB per program, FLUX's 4096 tokens in 128 programs
         block_m, block_r = min(32, _next_pow2(grid_w)), min(64 // p, _next_pow2(n_rows))
     grid = (grid_h * cdiv(grid_w, block_m), cdiv(n_rows, block_r), B)
-    kernel = patch_unpack_kernel if unpack else patch_pack_kernel
-    latent_strides, packed_stride = latent.stride(), packed.stride(0)
-    strides = (packed_stride, *latent_strides) if unpack else (*latent_strides, packed_stride)
-    args = (packed, latent) if unpack else (latent, packed)
-    kernel[grid](*args, grid_w, n_rows, grid_h * grid_w, *strides, PATCH=p, BLOCK_M=block_m, BLOCK_R=block_r,
-                 num_warps=4)
+    tiles = dict(PATCH=p, BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4)
+    if unpack:
+        patch_unpack_kernel[grid](packed, latent, grid_w, n_rows, grid_h * grid_w, packed.stride(0), *latent.stride(),
+                                  **tiles)
+    else:
+        patch_pack_kernel[grid](latent, packed, grid_w, n_rows, grid_h * grid_w, *latent.stride(), packed.stride(0),
+                                tail_cols, TAIL=_next_pow2(tail_cols) if tail_cols else 0, **tiles)
 
 
 def _linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -610,8 +628,16 @@ def _embed_backward(ctx, grad):
     if wanted[0]:  # unpack(grad . weight): patch_unembed with weight^T, no bias (a custom op: torch.compile traces it)
         d_latent = call_op(_patch_unembed_op, grad, weight.t(), None, patch_size, latent.shape[2], latent.shape[3],
                            backend)
+    grad_2d = grad.reshape(-1, grad.shape[2])
+    features = weight.shape[1]
+    if wanted[1] and wanted[2] and grad.shape[2] >= 4 * _ones_column_width(features):
+        # d(bias) = grad^T . ones rides in d(weight)'s GEMM as a ones column of the packed latent, so the wide grad
+        # (D = 2240-3072 per token) is read once instead of again by a column sum; the column's extra traffic (under
+        # 3 * its width per token, a pack where p = 1 had a view) stays below a quarter of what that saves
+        both = torch.mm(grad_2d.t(), call_op(_patch_pack_op, latent, patch_size, True))
+        return d_latent, both[:, :features], both[:, features], None, None
     packed = _token_matrix(latent, patch_size) if wanted[1] else None
-    d_weight, d_bias = _linear_param_grads(grad.reshape(-1, grad.shape[2]), packed, wanted)
+    d_weight, d_bias = _linear_param_grads(grad_2d, packed, wanted)
     return d_latent, d_weight, d_bias, None, None
 
 

@@ -234,12 +234,13 @@ def patch_pack_kernel(
     latent_ptr, packed_ptr,
     grid_w, n_rows, n_tokens,
     stride_lb, stride_lc, stride_ly, stride_lx,
-    stride_pn,
-    PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_pn, tail_cols,
+    PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, TAIL: tl.constexpr,
 ):
     """packed[b * N + t, f] = latent[b, c, ty*PATCH + i, tx*PATCH + j], f = r*PATCH + j, r = c*PATCH + i: the token
     matrix the cuBLAS path multiplies (FLUX `_pack_latents`), read as whole pixel runs and written as whole token
-    rows (a plain permuted copy reads 2-4 useful bytes per 32-byte sector).
+    rows (a plain permuted copy reads 2-4 useful bytes per 32-byte sector). With TAIL > 0 each row continues with
+    tail_cols <= TAIL columns 1, 0, ..., 0 (the ones column that carries the bias gradient in the weight's GEMM).
 
     grid (token rows * cdiv(grid_w, BLOCK_M), cdiv(n_rows, BLOCK_R), B).
     """
@@ -262,6 +263,13 @@ def patch_pack_kernel(
     token_index = tl.program_id(2).to(tl.int64) * n_tokens + ty * grid_w + tx
     tl.store(packed_ptr + token_index[:, None] * stride_pn + feats[None, :], tokens,
              mask=(tx < grid_w)[:, None] & (feats < PATCH * n_rows)[None, :])
+    if TAIL > 0:
+        if tl.program_id(1) == 0:
+            extra = tl.arange(0, TAIL)
+            ones = tl.broadcast_to(tl.where(extra == 0, 1.0, 0.0)[None, :], (BLOCK_M, TAIL))
+            tl.store(packed_ptr + token_index[:, None] * stride_pn + PATCH * n_rows + extra[None, :],
+                     ones.to(packed_ptr.dtype.element_ty),
+                     mask=(tx < grid_w)[:, None] & (extra < tail_cols)[None, :])
 
 
 @triton.jit
