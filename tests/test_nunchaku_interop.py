@@ -1,3 +1,5 @@
+import sys
+import types
 import warnings
 
 import pytest
@@ -9,6 +11,7 @@ from dcgen_kernels.quant.nunchaku import (
     to_nunchaku_module, unpack_nunchaku_lowrank, unpack_nunchaku_qweight, unpack_nunchaku_vector,
     unpack_nunchaku_wscales,
 )
+from dcgen_kernels.ops.nvfp4_quantize import dequantize_nvfp4_reference
 from dcgen_kernels.quant.svdquant import SVDQuantLinear
 from tests.helpers import rel_l2
 
@@ -114,7 +117,7 @@ def test_import_matches_nunchaku_math_written_by_hand():
                "proj_down": pack_nunchaku_lowrank(down.t(), True), "proj_up": pack_nunchaku_lowrank(up, False),
                "bias": pack_nunchaku_vector(bias)}
     layer = svdquant_linear_from_nunchaku(tensors, backend="reference")
-    from dcgen_kernels.ops.nvfp4_quantize import dequantize_nvfp4_reference, quantize_nvfp4_reference
+    from dcgen_kernels.ops.nvfp4_quantize import quantize_nvfp4_reference
 
     x = torch.randn(5, K).bfloat16()
     xq = quantize_nvfp4_reference(x.float() / smooth.float(), torch.tensor(1.0))
@@ -123,14 +126,28 @@ def test_import_matches_nunchaku_math_written_by_hand():
     assert rel_l2(layer(x), expected) < 1e-2
 
 
-def test_non_unit_wcscales_fold_with_a_warning():
+def test_non_unit_wcscales_fold_without_saturating():
+    # nunchaku's y = alpha * wcscales * (...): max(wcscales) goes into our tensor scale, wcscales / max into the group
+    # scales. The layer's group scales reach 448, so folding all of wcscales > 1 into them would saturate.
     _, layer, tensors = synthetic_checkpoint()
-    tensors["wcscales"] = torch.full((N,), 2.0).bfloat16()
+    assert layer.wscales.float().max() == 448 and layer.wscales.float().min() >= 2 ** -5
+
+    def fold(wcscales):
+        wcscales = wcscales.bfloat16()  # as nunchaku stores them
+        imported = svdquant_linear_from_nunchaku(dict(tensors, wcscales=pack_nunchaku_vector(wcscales)),
+                                                 backend="reference")
+        got = dequantize_nvfp4_reference(imported.qweight, imported.wscales, imported.wtscale)
+        exact = dequantize_nvfp4_reference(layer.qweight, layer.wscales, layer.wtscale) * wcscales.float()[:, None]
+        return got, exact
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        imported = svdquant_linear_from_nunchaku(tensors, backend="reference")
-    assert any("wcscales" in str(w.message) for w in caught)
-    assert torch.equal(imported.wscales.float(), (layer.wscales.float() * 2).clamp(max=448))
+        got, exact = fold(torch.randint(1, 3, (N,)).float())  # ratios 1 and 1/2 to the max: exact in E4M3
+    assert any("wcscales" in str(w.message) and "underflow" in str(w.message) for w in caught)
+    assert torch.equal(got, exact)
+    got, exact = fold(torch.rand(N) + 1)  # wcscales in [1, 2]: one E4M3 rounding per group scale, <= 1/16 relative
+    assert ((got - exact).abs() <= exact.abs() * (1 / 16 + 1e-6)).all()
+    assert rel_l2(got, exact) < 0.035  # measured 0.026 (saturating at 448 instead: 0.085)
 
 
 def test_bad_checkpoints_raise_clear_errors():
@@ -142,6 +159,11 @@ def test_bad_checkpoints_raise_clear_errors():
         svdquant_linear_from_nunchaku(bad)
     with pytest.raises(ValueError, match="in_features % 128"):
         unpack_nunchaku_qweight(torch.zeros(128, 40, dtype=torch.int8))
+    negative = torch.ones(N).bfloat16().index_fill(0, torch.tensor([5]), -1.0)
+    with pytest.raises(ValueError, match="wcscales must be finite and non-negative"):
+        svdquant_linear_from_nunchaku(dict(tensors, wcscales=pack_nunchaku_vector(negative)))
+    with pytest.raises(ValueError, match=r"wcscales must have shape \(128,\)"):
+        svdquant_linear_from_nunchaku(dict(tensors, wcscales=torch.ones(2 * N).bfloat16()))
 
 
 def test_nunchaku_backend_detection_without_a_gpu():
@@ -153,6 +175,71 @@ def test_nunchaku_backend_detection_without_a_gpu():
     with pytest.raises(RuntimeError, match="cannot use nunchaku's kernels"):
         svdquant_linear_from_nunchaku(tensors, nunchaku_kernels="require")
     assert svdquant_linear_from_nunchaku(tensors).external_kernel is None  # "auto" falls back quietly
+
+
+class FakeSVDQW4A4Linear(torch.nn.Module):
+    """nunchaku's NVFP4 SVDQW4A4Linear as far as loading goes: its tensors' names, shapes and dtypes, no kernels.
+    FLOAT_WTSCALE: wtscale a plain float (nunchaku since 092e01e, 2025-08-28) or, before, a Parameter [1]."""
+
+    FLOAT_WTSCALE = True
+
+    def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", torch_dtype=torch.bfloat16,
+                 device=None):
+        super().__init__()
+        assert precision == "nvfp4"
+
+        def param(*shape, dtype=torch_dtype, fill=0.0):
+            return torch.nn.Parameter(torch.full(shape, fill, device=device).to(dtype), requires_grad=False)
+
+        self.qweight = param(out_features, in_features // 2, dtype=torch.int8)
+        self.wscales = param(in_features // 16, out_features, dtype=torch.float8_e4m3fn)
+        self.smooth_factor, self.smooth_factor_orig = param(in_features), param(in_features)
+        self.proj_down, self.proj_up = param(in_features, rank), param(out_features, rank)
+        self.bias = param(out_features) if bias else None
+        self.wcscales = param(out_features, fill=1.0)
+        self.wtscale = 1.0 if self.FLOAT_WTSCALE else param(1, fill=1.0)
+
+
+@pytest.fixture
+def fake_nunchaku(monkeypatch):
+    """Installs a fake nunchaku whose SVDQW4A4Linear keeps wtscale as a float (True) or a Parameter (False), and
+    makes the backend check pass, as the real nunchaku on an sm_120 GPU would."""
+    from dcgen_kernels.quant import nunchaku
+
+    def install(float_wtscale: bool):
+        cls = type("SVDQW4A4Linear", (FakeSVDQW4A4Linear,), {"FLOAT_WTSCALE": float_wtscale})
+        linear = types.ModuleType("nunchaku.models.linear")
+        linear.SVDQW4A4Linear = cls
+        for name in ("nunchaku", "nunchaku.models"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "nunchaku.models.linear", linear)
+        monkeypatch.setattr(nunchaku, "nunchaku_backend_error", lambda device: None)
+        return cls
+
+    return install
+
+
+@pytest.mark.parametrize("float_wtscale", [True, False], ids=["wtscale-float", "wtscale-parameter"])
+def test_to_nunchaku_module_loads_either_kind_of_wtscale(fake_nunchaku, float_wtscale):
+    cls = fake_nunchaku(float_wtscale)
+    _, _, tensors = synthetic_checkpoint()
+    tensors["wtscale"] = torch.tensor([0.375]).bfloat16()
+    tensors["wcscales"] = pack_nunchaku_vector(torch.rand(N).add(0.5).bfloat16())
+    module = to_nunchaku_module(tensors)
+    assert type(module) is cls
+    for name in ("qweight", "wscales", "smooth_factor", "smooth_factor_orig", "proj_down", "proj_up", "bias",
+                 "wcscales"):
+        assert torch.equal(getattr(module, name).view(torch.uint8), tensors[name].view(torch.uint8)), name
+    if float_wtscale:
+        assert type(module.wtscale) is float and module.wtscale == 0.375
+    else:
+        assert isinstance(module.wtscale, torch.nn.Parameter) and module.wtscale.tolist() == [0.375]
+    defaults = to_nunchaku_module({k: v for k, v in tensors.items() if k not in ("wtscale", "wcscales")})
+    assert float(defaults.wtscale) == 1.0 and torch.equal(defaults.wcscales, torch.ones(N).bfloat16())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*wcscales")  # the fold's one-time warning
+        layer = svdquant_linear_from_nunchaku(tensors, backend="reference", nunchaku_kernels="require")
+    assert type(layer.external_kernel.module) is cls
 
 
 @pytest.mark.gpu

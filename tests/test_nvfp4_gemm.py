@@ -163,6 +163,24 @@ def test_strided_weight_scales_and_bias_views():
                                              out_dtype=torch.float32)) < 1e-5
 
 
+def test_scale_sign_bits_are_ignored_by_every_gemm_path():
+    # Unsigned E4M3 group scales: bytes with the sign bit set (an imported checkpoint's) read as their low 7 bits
+    # in the references as in the Triton kernels (and the sm_120 MMA's ue4m3), for weights and activations.
+    x, (wp, ws, wg), lora_down, lora_up, bias = operands(19, 64, 33, 4)
+    signed_ws = (ws.view(torch.uint8) | 0x80).view(torch.float8_e4m3fn)
+    kw = dict(lora_down=lora_down, lora_up=lora_up, bias=bias)
+    expected = nvfp4_w4a16_gemm_reference(x, wp, ws, wg, **kw)
+    assert torch.equal(nvfp4_w4a16_gemm_reference(x, wp, signed_ws, wg, **kw), expected)
+    assert rel_l2(nvfp4_w4a16_gemm(x, wp, signed_ws, wg, backend="triton", **kw), expected) < 1e-5
+    ap, asc, _ = quantize_nvfp4_activations(x, None, None, 1.0, backend="reference")
+    signed_asc = (asc.view(torch.uint8) | 0x80).view(torch.float8_e4m3fn)
+    expected = nvfp4_gemm_reference(ap, asc, torch.tensor(1.0), wp, ws, wg, out_dtype=torch.float32)
+    assert torch.equal(nvfp4_gemm_reference(ap, signed_asc, torch.tensor(1.0), wp, signed_ws, wg,
+                                            out_dtype=torch.float32), expected)
+    got = nvfp4_gemm(ap, signed_asc, 1.0, wp, signed_ws, wg, out_dtype=torch.float32, backend="triton")
+    assert rel_l2(got, expected) < 1e-5
+
+
 def test_custom_ops_trace_with_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -156,6 +156,35 @@ def test_global_scale_maps_amax_to_448():
     assert float(nvfp4_global_scale(torch.zeros(3, 16))) == 1.0
 
 
+def test_global_scale_that_underflows_falls_back_to_one():
+    x = torch.zeros(2, 32)
+    x[0, 0], x[1, 17] = 1e-42, -1e-43  # amax / 2688 rounds to 0.0 in fp32
+    assert float(nvfp4_global_scale(x)) == 1.0
+    assert float(nvfp4_global_scale(torch.full((1, 16), 1e-40))) == pytest.approx(1e-40 / 2688, rel=1e-3)
+    ref = quantize_nvfp4(x, backend="reference")
+    tri = quantize_nvfp4(x, backend="triton")
+    assert float(ref[2]) == float(tri[2]) == 1.0
+    assert_same_bytes(tri[0], ref[0])
+    assert_same_bytes(tri[1], ref[1])
+    for backend in BACKENDS:  # our own output dequantizes: to zeros, the sign kept
+        out = dequantize_nvfp4(*ref, backend=backend)
+        assert out.abs().max().item() == 0.0 and torch.signbit(out[1, 17])
+
+
+def test_scale_sign_bit_is_ignored_by_every_decoder():
+    # Group scales are unsigned E4M3: a byte with the sign bit set (never written by the quantizer, possible in an
+    # imported checkpoint) decodes as its low 7 bits in both backends.
+    packed = torch.full((4, 8), 0x22, dtype=torch.uint8)  # every element 1.0
+    scale_bytes = torch.tensor([[0xB8], [0x80], [0xC1], [0xFF]], dtype=torch.uint8)
+    scales = scale_bytes.view(torch.float8_e4m3fn)
+    expected = (scale_bytes & 0x7F).view(torch.float8_e4m3fn).float().expand(4, 16)
+    for backend in BACKENDS:
+        out = dequantize_nvfp4(packed, scales, 1.0, backend=backend)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+        assert not torch.signbit(out[:3]).any()
+    assert out[0, 0].item() == 1.0 and out[3].isnan().all()
+
+
 def test_scales_round_to_nearest_even_e4m3():
     # amax/6 = 1.0625 lies halfway between E4M3 1.0 and 1.125 -> even mantissa 1.0; 1.1875 -> 1.25 (even).
     x = torch.zeros(1, 32)

@@ -6,6 +6,7 @@ and 1.6-2.6% (SANA, attention + Mix-FFN, seeds 0-4), nvfp4 (rank 16) 0.75% (FLUX
 weights and activations err 14% (rank 0) / 10.5% (rank 16) per layer (svdquant_error_report), the whole fp32
 Mix-FFN 14% (fp8: 4.9%), diluted by the blocks' gates and residuals."""
 
+import copy
 import warnings
 
 import pytest
@@ -104,6 +105,42 @@ def test_keep_original_restores_onto_the_device_the_model_moved_to():
     model.to("meta")  # moves the quantized layers; the kept originals are off the module tree
     dcgen_kernels.unpatch(model)
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_keep_original_restores_in_the_dtype_the_model_was_cast_to(quant):
+    # The kept originals are off the module tree: model.to(torch.bfloat16) does not reach them, restore casts them.
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.transformer_blocks[0].attn.to_q.bias = None  # a layer without 16-bit tensors of its own once in FP8
+    stock = copy.deepcopy(model).to(torch.bfloat16)
+    dcgen_kernels.quantize(model, quant=quant, keep_original=True, backend="reference", rank=8)
+    model.to(torch.bfloat16)
+    dcgen_kernels.unpatch(model)
+    assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
+    restored, expected = model.state_dict(), stock.state_dict()
+    assert restored.keys() == expected.keys() and all(torch.equal(restored[k], expected[k]) for k in expected)
+    cast = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    assert torch.equal(_run(model, cast), _run(stock, cast))
+
+
+def test_requantizing_to_the_same_format_refuses_another_rank_or_keep_original():
+    model = tiny_flux()
+    dcgen_kernels.quantize(model, quant="nvfp4", rank=8, backend="reference")
+    layer = model.transformer_blocks[0].attn.to_q
+    with pytest.raises(ValueError, match=r"with rank=8; .* cannot apply rank=32\. To change rank, reload the model"):
+        dcgen_kernels.quantize(model, quant="nvfp4", rank=32, keep_original=True, backend="triton")
+    with pytest.raises(ValueError, match="cannot apply keep_original=True"):
+        dcgen_kernels.patch(model, quant="nvfp4", rank=8, keep_original=True)
+    assert layer.backend == "reference" and not dcgen_kernels.is_patched(model)  # refused before any change
+    dcgen_kernels.quantize(model, quant="nvfp4", rank=8, keep_original=False, backend="triton")  # the same: fine
+    dcgen_kernels.quantize(model, quant="nvfp4", backend="reference")  # not given: the model's
+    assert model.transformer_blocks[0].attn.to_q is layer and layer.backend == "reference" and layer.rank == 8
+    kept = tiny_flux()
+    dcgen_kernels.quantize(kept, quant="fp8", keep_original=True, backend="reference")
+    with pytest.raises(ValueError, match=r"keep_original=False\. To change keep_original, restore .*unpatch\(model\)"):
+        dcgen_kernels.quantize(kept, quant="fp8", keep_original=False)
+    dcgen_kernels.quantize(kept, quant="fp8", rank=64, keep_original=True)  # rank means nothing to fp8
+    assert quant_report(kept).keep_original
 
 
 def test_unpatch_without_originals_raises_and_leaves_model_patched():

@@ -29,8 +29,12 @@ def assert_decreasing(report, ratio=0.95):
     errs = [report[r]["with_lowrank"] for r in ranks]
     for (r_lo, e_lo), (r_hi, e_hi) in itertools.pairwise(zip(ranks, errs, strict=True)):
         assert e_hi < ratio * e_lo, f"rank {r_hi} error {e_hi:.4f} not below {ratio} x rank {r_lo} error {e_lo:.4f}"
-    for r in ranks:
-        assert report[r]["without_lowrank"] == report[0]["with_lowrank"]
+    # Dropping a rank-r layer's branch loses the top r directions of the smoothed weight: the more, the worse.
+    assert report[0]["without_lowrank"] == report[0]["with_lowrank"]  # no branch to drop
+    without = [report[r]["without_lowrank"] for r in ranks]
+    assert all(lo < hi for lo, hi in itertools.pairwise(without)), without
+    for r in ranks[1:]:
+        assert report[r]["with_lowrank"] < 0.5 * report[r]["without_lowrank"], (r, report[r])
 
 
 def test_error_decreases_with_rank_on_random_inputs():
@@ -49,6 +53,7 @@ def test_error_decreases_with_rank_on_outlier_inputs():
     assert_decreasing(report)
     # Smoothing moves the outliers into the weight, the low-rank branch takes them out of the quantized part.
     assert report[32]["with_lowrank"] < 0.7 * report[0]["with_lowrank"]
+    assert report[32]["with_lowrank"] < 0.1 * report[32]["without_lowrank"]  # measured 0.031 vs 0.98
 
 
 def test_smoothing_helps_on_outlier_channels():

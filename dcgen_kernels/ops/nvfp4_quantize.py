@@ -5,9 +5,11 @@ Format (as NVIDIA's NVFP4 and nunchaku's NVFP4 SVDQuant store it):
 - values: E2M1 (sign, 2 exponent bits, 1 mantissa bit): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives;
   two per byte along K, the even element in the low nibble (`byte = code[2i] | code[2i + 1] << 4`).
 - group scales: one unsigned E4M3 (`torch.float8_e4m3fn`) per 16 consecutive elements along K,
-  `scale = min(amax(group) / 6 / global_scale, 448)` rounded to nearest even.
+  `scale = min(amax(group) / 6 / global_scale, 448)` rounded to nearest even. Decoders ignore the sign bit
+  (never written here; an imported byte 0xB8 reads as 1.0 in every backend).
 - global (per-tensor) scale: fp32, `x ~= e2m1 * scale * global_scale`. `quantize_nvfp4` picks
-  `amax(|x|) / (6 * 448)` when not given (1.0 for an all-zero tensor), so the largest group scale is 448.
+  `amax(|x|) / (6 * 448)` when not given (1.0 for an all-zero tensor, or when that quotient underflows to 0),
+  so the largest group scale is 448.
 - element rounding: `x / (scale * global_scale)` to the nearest E2M1 value, ties to the even code, |v| > 6
   saturates to 6. Elements of a group whose scale rounds to 0 become (signed) zeros.
 
@@ -37,7 +39,7 @@ from ._common import FLOAT_DTYPES, call_op, cdiv, check_tensor, custom_op
 __all__ = [
     "quantize_nvfp4", "quantize_nvfp4_reference", "dequantize_nvfp4", "dequantize_nvfp4_reference",
     "quantize_nvfp4_activations", "quantize_nvfp4_activations_reference", "nvfp4_global_scale",
-    "E2M1_VALUES", "GROUP_SIZE",
+    "unsigned_e4m3_values", "E2M1_VALUES", "GROUP_SIZE",
 ]
 
 GROUP_SIZE = 16
@@ -57,11 +59,19 @@ def padded_k(k: int) -> int:
 
 # ----------------------------------------------------------------------------------------------- reference
 def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
-    """fp32 0-dim tensor amax(|x|) / (6 * 448) over the finite values of x; 1.0 if that amax is 0."""
+    """fp32 0-dim tensor amax(|x|) / (6 * 448) over the finite values of x; 1.0 if that is 0 (amax 0, or below
+    ~2e-42 so that the quotient underflows: such values quantize to zeros either way, and 0 is no valid scale)."""
     finite_abs = torch.where(torch.isfinite(x), x.abs(), 0).float()
     amax = finite_abs.amax() if x.numel() else finite_abs.new_zeros(())
     # amax / tensor: torch on CUDA turns a division by a Python number into a multiplication by its reciprocal.
-    return torch.where(amax > 0, amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    scale = amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def unsigned_e4m3_values(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 values of NVFP4 group scales: unsigned E4M3, so the sign bit of each byte is ignored, as by the Triton
+    and CUDA decoders and the MMA's ue4m3 (an imported checkpoint may set it); 0x7F / 0xFF are NaN."""
+    return (scales.view(torch.uint8) & 0x7F).view(torch.float8_e4m3fn).float()
 
 
 def _quantize_rows_fp32(x: torch.Tensor, global_scale: torch.Tensor):
@@ -98,7 +108,8 @@ def dequantize_nvfp4_reference(packed: torch.Tensor, scales: torch.Tensor, globa
     """fp32 [..., k] (k defaults to the padded length 2 * packed.shape[-1])."""
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).long()
     values = E2M1_VALUES.to(packed.device)[codes]
-    values = values * scales.float().repeat_interleave(GROUP_SIZE, dim=-1) * global_scale.float().reshape(())
+    scale_values = unsigned_e4m3_values(scales).repeat_interleave(GROUP_SIZE, dim=-1)
+    values = values * scale_values * global_scale.float().reshape(())
     return values if k is None else values[..., :k]
 
 

@@ -62,15 +62,18 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}{hint}")
 
 
-def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str] = None, keep_original: bool = False,
-          rank: int = 32, nvfp4_activations: str = "auto", cuda_graph: bool = False) -> torch.nn.Module:
+def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str] = None,
+          keep_original: Optional[bool] = None, rank: Optional[int] = None, nvfp4_activations: str = "auto",
+          cuda_graph: bool = False) -> torch.nn.Module:
     """Replace supported modules of `model` in place and return it. Idempotent; `unpatch` reverts it.
 
     backend: 'auto' (default), 'cuda', 'triton' or 'reference' for every replaced op.
     quant: None (leave the linears as they are), 'fp8' or 'nvfp4': also quantize the transformer blocks' linears
     (see `dcgen_kernels.quantize`); the patched FLUX / SANA blocks then feed FP8 linears activations quantized by
-    the kernels that produce them. keep_original: keep the 16-bit linears so `unpatch` can restore them; without
-    it `unpatch` of a quantized model raises. rank, nvfp4_activations: for 'nvfp4' (see `dcgen_kernels.quantize`).
+    the kernels that produce them. keep_original: keep the 16-bit linears so `unpatch` can restore them (default
+    False: then `unpatch` of a quantized model raises). rank (default 32), nvfp4_activations: for 'nvfp4' (see
+    `dcgen_kernels.quantize`). Re-patching a model already quantized to `quant` keeps its layers: a rank or
+    keep_original other than theirs raises ValueError.
     cuda_graph: run a FLUX / SANA transformer's forward as CUDA graphs, one per input signature (shapes, dtypes,
     arguments), captured on its first call and replayed after it; for inference (torch.no_grad) on one GPU, eager
     otherwise with a one-time warning (see patching/cuda_graph.py). Removes the host's launch overhead, which sets

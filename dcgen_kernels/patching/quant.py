@@ -217,19 +217,20 @@ def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: in
     return SVDQuantLinear.from_linear(linear, rank=rank, activations=activations, backend=backend)
 
 
-def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool = False, backend: str = "auto",
-             rank: int = 32, nvfp4_activations: str = "auto") -> torch.nn.Module:
+def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optional[bool] = None,
+             backend: str = "auto", rank: Optional[int] = None, nvfp4_activations: str = "auto") -> torch.nn.Module:
     """Replace the block linears (and SANA's 1x1 Mix-FFN convs) of a FLUX / SANA transformer by quantized ones, in
     place; returns the model.
 
     quant: "fp8" (FP8Linear: E4M3 weights per output channel, activations per token; fastest on Hopper) or
-    "nvfp4" (SVDQuantLinear: NVFP4 weights with a rank-`rank` low-rank branch; smallest). nvfp4_activations:
-    "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on sm_120 GPUs, where our native FP4 MMA kernel runs; else
-    W4A16); the weights are the same either way. keep_original: keep the 16-bit linears so `restore` /
-    `dcgen_kernels.unpatch` can undo it (costs their memory).
-    Quantizing an already quantized model to the same format only switches the backend; to another format it
-    needs the kept originals. Raises ValueError for an unknown format, a model without block linears or block
-    layers that carry peft adapters (merge them first).
+    "nvfp4" (SVDQuantLinear: NVFP4 weights with a rank-`rank` low-rank branch, default 32; smallest).
+    nvfp4_activations: "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on sm_120 GPUs, where our native FP4 MMA
+    kernel runs; else W4A16); the weights are the same either way. keep_original: keep the 16-bit linears so
+    `restore` / `dcgen_kernels.unpatch` can undo it (costs their memory; default False).
+    Quantizing an already quantized model to the same format only switches the backend (and nvfp4_activations);
+    a rank or keep_original given then must be the one it was quantized with (ValueError otherwise). To another
+    format it needs the kept originals. Raises ValueError for an unknown format, a model without block linears or
+    block layers that carry peft adapters (merge them first).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}")
@@ -237,12 +238,15 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
         raise ValueError(f"quant must be one of {QUANT_CHOICES}, got None (use unpatch/restore to undo quantization)")
     check_quant_name(quant)
     _backend.check_backend_name(backend)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    if keep_original is not None and not isinstance(keep_original, bool):
+        raise TypeError(f"keep_original must be a bool, got {keep_original!r}")
     activations = resolve_nvfp4_activations(nvfp4_activations, next(model.parameters()).device)
     existing = current_quant(model)
     if existing == quant:
         report = quant_report(model)
+        _check_requantize_settings(model, report, rank, keep_original)
         for name, *_ in report.layers:
             module = model.get_submodule(name)
             module = getattr(module, "linear", module)  # a 1x1 conv's quantized linear
@@ -253,8 +257,25 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: bool 
     check_no_adapters(model)
     if existing is not None:
         restore(model)  # raises when the originals were not kept
-    replace_block_linears(model, quant, keep_original, backend, rank, activations)
+    replace_block_linears(model, quant, bool(keep_original), backend, 32 if rank is None else rank, activations)
     return model
+
+
+def _check_requantize_settings(model: torch.nn.Module, report: QuantReport, rank: Optional[int],
+                               keep_original: Optional[bool]) -> None:
+    """Quantizing to the model's format again keeps its layers: refuse a rank / keep_original they do not have
+    rather than ignore it."""
+    if report.quant == "nvfp4" and rank is not None and rank != report.rank:
+        name, given, kept = "rank", rank, report.rank
+    elif keep_original is not None and keep_original != report.keep_original:
+        name, given, kept = "keep_original", keep_original, report.keep_original
+    else:
+        return
+    how = ("restore the 16-bit layers first (dcgen_kernels.unpatch(model)), then quantize again" if can_restore(model)
+           else "reload the model (its 16-bit weights are gone) and quantize it again")
+    raise ValueError(f"{type(model).__name__} is already quantized to {report.quant} with {name}={kept}; quantizing "
+                     f"it to {report.quant} again only switches the backend and cannot apply {name}={given}. "
+                     f"To change {name}, {how}")
 
 
 def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: bool, backend: str, rank: int,
@@ -298,8 +319,21 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     for name, linear in model.__dict__.pop(_ORIGINALS_ATTR).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        # The originals were kept off the module tree, so a model.to(device) since did not move them.
-        tensors = [*getattr(parent, attr).parameters(), *getattr(parent, attr).buffers()]
-        setattr(parent, attr, linear.to(tensors[0].device) if tensors else linear)
+        quantized = getattr(parent, attr)
+        # The originals were kept off the module tree, so a model.to(device) or .to(dtype) since did not reach them:
+        # follow the quantized layer's device, and the dtype its 16-bit tensors (or, without any, its block's) have.
+        tensors = [*quantized.parameters(), *quantized.buffers()]
+        dtype = _float_dtype(quantized) or _float_dtype(parent) or _float_dtype(model)
+        setattr(parent, attr, linear.to(device=tensors[0].device if tensors else None, dtype=dtype))
     del model.__dict__[_REPORT_ATTR]
     return model
+
+
+def _float_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the first floating-point parameter or buffer of `module` that follows model-wide dtype casts
+    (not the FP8 / NVFP4 codes and fp32 scales of quantized layers), or None."""
+    fixed = {id(t) for m in module.modules() for t in (getattr(m, n) for n in getattr(m, "QUANTIZED_STATE", ()))}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point() and id(t) not in fixed:
+            return t.dtype
+    return None

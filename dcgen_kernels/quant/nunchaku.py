@@ -35,11 +35,15 @@ layers: `import_nunchaku_state_dict` leaves them to the caller.
 Assumptions that remain: K and N multiples of 128 and R a multiple of 16, as nunchaku pads them (a padded
 checkpoint imports with its padded sizes); nunchaku quantizes activations with the reciprocal of the unrounded
 group scale where we use the rounded one (differences of one E2M1 step in rare elements); a non-unit
-`wcscales` is folded into the E4M3 group scales with one extra rounding (a one-time warning says so).
+`wcscales` is folded in, max(wcscales) into the fp32 tensor scale and wcscales / max (<= 1, so nothing saturates)
+into the E4M3 group scales, which costs one more E4M3 rounding per group scale and underflow for channels whose
+wcscales is far below the max (a one-time warning says so).
 
 `nunchaku_backend_error(device)` detects the real nunchaku (`nunchaku._C` importable, NVFP4 needs sm_120/121);
 `to_nunchaku_module(tensors)` then builds nunchaku's own `SVDQW4A4Linear` on its kernels, and the importer
-attaches it to the imported layer as its `external_kernel` (nunchaku_kernels="auto").
+attaches it to the imported layer as its `external_kernel` (nunchaku_kernels="auto"). Its `wtscale` was a
+Parameter until nunchaku 092e01e (2025-08-28) and is a plain float since (set by hand by nunchaku's own loader):
+both are handled.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from typing import Mapping, Optional
 import torch
 
 from .._backend import warn_once
-from ..ops.nvfp4_quantize import GROUP_SIZE
+from ..ops.nvfp4_quantize import GROUP_SIZE, unsigned_e4m3_values
 from .svdquant import SVDQuantLinear
 
 __all__ = [
@@ -223,23 +227,34 @@ def svdquant_linear_from_nunchaku(tensors: Mapping[str, torch.Tensor], prefix: s
     smooth, bias = _get(tensors, prefix, "smooth_factor"), _get(tensors, prefix, "bias", required=False)
     wtscale, wcscales = _get(tensors, prefix, "wtscale", False), _get(tensors, prefix, "wcscales", False)
     N, K, R = qweight.shape[0], qweight.shape[1] * 2, proj_down.shape[1]
-    expected = {"wscales": (K // GROUP_SIZE, N), "proj_down": (K, R), "proj_up": (N, R), "smooth_factor": (K,)}
-    for name, t in (("wscales", wscales), ("proj_down", proj_down), ("proj_up", proj_up), ("smooth_factor", smooth)):
-        if tuple(t.shape) != expected[name]:
+    expected = {"wscales": (K // GROUP_SIZE, N), "proj_down": (K, R), "proj_up": (N, R), "smooth_factor": (K,),
+                "wcscales": (N,)}
+    for name, t in (("wscales", wscales), ("proj_down", proj_down), ("proj_up", proj_up), ("smooth_factor", smooth),
+                    ("wcscales", wcscales)):
+        if t is not None and tuple(t.shape) != expected[name]:
             raise ValueError(f"{prefix}{name} must have shape {expected[name]} for qweight {tuple(qweight.shape)}, "
                              f"got {tuple(t.shape)}")
     dtype = dtype or proj_up.dtype
     layer = SVDQuantLinear(K, N, rank=R, bias=bias is not None, activations="nvfp4", dtype=dtype,
                            device=qweight.device, backend=backend)
     scales = unpack_nunchaku_wscales(wscales)
-    if wcscales is not None and wcscales.numel() and not torch.all(wcscales == 1):
-        warn_once("nunchaku:wcscales", f"{prefix}wcscales (per-channel weight scales) folded into the E4M3 group "
-                  "scales: one extra rounding per group")
-        scales = (scales.float() * unpack_nunchaku_vector(wcscales).float()[:, None]).clamp(max=448.0)
-        scales = scales.to(torch.float8_e4m3fn)
+    tensor_scale = wtscale.float().reshape(-1)[0] if wtscale is not None else torch.ones(())
+    if wcscales is not None and not torch.all(wcscales == 1):
+        channel = unpack_nunchaku_vector(wcscales).float()
+        peak = channel.max()
+        if not (torch.isfinite(channel).all() and channel.min() >= 0 and peak > 0):
+            raise ValueError(f"{prefix}wcscales must be finite and non-negative with a positive maximum, got values "
+                             f"in [{float(channel.min())}, {float(peak)}]")
+        warn_once("nunchaku:wcscales", f"{prefix}wcscales (per-channel weight scales) folded into the layer: their "
+                  "max into the fp32 tensor scale, wcscales / max into the E4M3 group scales, which are rounded to "
+                  "E4M3 once more (up to 1/16 relative error per group) and lose precision or underflow to 0 in "
+                  "channels whose wcscales is far below the max")
+        # Scaled by <= 1, no group scale saturates; the per-tensor factor is exact up to one fp32 rounding.
+        scales = (unsigned_e4m3_values(scales) * (channel / peak)[:, None]).to(torch.float8_e4m3fn)
+        tensor_scale = tensor_scale.to(peak.device) * peak
     layer.qweight.copy_(unpack_nunchaku_qweight(qweight))
     layer.wscales.copy_(scales)
-    layer.wtscale.fill_(float(wtscale.float().reshape(-1)[0]) if wtscale is not None else 1.0)
+    layer.wtscale.copy_(tensor_scale)
     layer.input_scale.fill_(1.0)
     layer.smooth.copy_(unpack_nunchaku_vector(smooth).float())
     layer.lora_down.copy_(unpack_nunchaku_lowrank(proj_down, down=True).t())
@@ -344,10 +359,16 @@ def to_nunchaku_module(tensors: Mapping[str, torch.Tensor], prefix: str = ""):
     state["smooth_factor_orig"] = _get(tensors, prefix, "smooth_factor_orig", required=False)
     if state["smooth_factor_orig"] is None:
         state["smooth_factor_orig"] = state["smooth_factor"]
-    for name in ("wtscale", "wcscales"):
-        value = _get(tensors, prefix, name, required=False)
-        state[name] = value if value is not None else getattr(module, name).detach().clone().fill_(1)
+    wtscale, wcscales = _get(tensors, prefix, "wtscale", False), _get(tensors, prefix, "wcscales", False)
+    state["wcscales"] = wcscales if wcscales is not None else torch.ones_like(module.wcscales)
+    # nunchaku before 092e01e (2025-08-28): wtscale is a Parameter [1]; since, a plain float outside the state dict
+    # (strict loading would reject the key), which its own loader sets by hand.
+    wtscale_is_tensor = isinstance(module.wtscale, torch.Tensor)
+    if wtscale_is_tensor:
+        state["wtscale"] = wtscale if wtscale is not None else torch.ones_like(module.wtscale)
     if bias is not None:
         state["bias"] = bias
     module.load_state_dict({k: v.to(getattr(module, k).dtype) for k, v in state.items()})
+    if not wtscale_is_tensor:
+        module.wtscale = float(wtscale.float().reshape(-1)[0]) if wtscale is not None else 1.0
     return module

@@ -208,20 +208,25 @@ def svdquant_error_report(linear: nn.Linear, x: torch.Tensor, ranks: Sequence[in
                           backend: str = "auto") -> dict:
     """Relative L2 error of SVDQuantLinear outputs on x against the fp32 linear, per rank.
 
-    Returns {rank: {"with_lowrank": err, "without_lowrank": err}}, where "with_lowrank" is the layer built with
-    that rank (residual quantized, branch in 16 bits) and "without_lowrank" the same smoothing with everything
-    quantized (rank 0). calibration defaults to x itself. Ranks above min(K, N) are skipped.
+    Returns {rank: {"with_lowrank": err, "without_lowrank": err}}: the layer built with that rank (residual
+    quantized, branch in 16 bits), and the same layer with its low-rank branch dropped (only Q(x / s) Q(residual)^T
+    + bias: what the branch contributes; equal at rank 0). calibration defaults to x itself. Ranks above
+    min(K, N) are skipped.
     """
     reference = torch.nn.functional.linear(x.float(), linear.weight.float(),
                                            None if linear.bias is None else linear.bias.float())
 
-    def error(rank: int) -> float:
-        layer = SVDQuantLinear.from_linear(linear, rank=rank, calibration=x if calibration is None else calibration,
-                                           activations=activations, backend=backend)
+    def error(layer: SVDQuantLinear) -> float:
         out = layer(x.to(linear.weight.dtype)).double()
         return ((out - reference.double()).norm() / reference.double().norm()).item()
 
-    baseline = error(0)
-    limit = min(linear.in_features, linear.out_features)
-    return {r: {"with_lowrank": baseline if r == 0 else error(r), "without_lowrank": baseline}
-            for r in ranks if r <= limit}
+    report = {}
+    for rank in ranks:
+        if rank > min(linear.in_features, linear.out_features):
+            continue
+        layer = SVDQuantLinear.from_linear(linear, rank=rank, calibration=x if calibration is None else calibration,
+                                           activations=activations, backend=backend)
+        with_lowrank = error(layer)
+        layer.lora_up.zero_()
+        report[rank] = {"with_lowrank": with_lowrank, "without_lowrank": error(layer)}
+    return report

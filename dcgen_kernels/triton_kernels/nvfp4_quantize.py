@@ -56,8 +56,9 @@ def e4m3_round(s):
 
 @triton.jit
 def e4m3_values(bits):
-    """fp32 values of unsigned E4M3 scale bytes: the 7 low bits shifted into an fp16 word give the value times
-    2**-8 exactly (E4M3 subnormals land on fp16 subnormals); 0x7F / 0xFF are NaN."""
+    """fp32 values of unsigned E4M3 scale bytes (sign bit ignored, as by the reference): the 7 low bits shifted
+    into an fp16 word give the value times 2**-8 exactly (E4M3 subnormals land on fp16 subnormals); 0x7F / 0xFF
+    are NaN."""
     half_bits = (bits.to(tl.int32) & 0x7F) << 7
     value = half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
     return tl.where((bits & 0x7F) == 0x7F, float("nan"), value)
