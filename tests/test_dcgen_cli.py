@@ -20,16 +20,18 @@ def _tiny_kl():
                          scaling_factor=0.3611, shift_factor=0.1159).eval()
 
 
-def _tiny_dc():
-    """AutoencoderDC, 5 ResBlock stages = 16x down, 8 latent channels: 64 px -> (8, 4, 4)."""
+def _tiny_dc(latent_channels=8, widths=(8, 8, 8, 16, 16)):
+    """AutoencoderDC, one ResBlock stage per width = 2**(len(widths) - 1)x down; by default 16x down with 8 latent
+    channels: 64 px -> (8, 4, 4)."""
     from diffusers import AutoencoderDC
 
-    blocks = ("ResBlock",) * 5
-    return AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types=blocks,
-                         decoder_block_types=blocks, encoder_block_out_channels=(8, 8, 8, 16, 16),
-                         decoder_block_out_channels=(8, 8, 8, 16, 16), encoder_layers_per_block=(1,) * 5,
-                         decoder_layers_per_block=(1,) * 5, encoder_qkv_multiscales=((),) * 5,
-                         decoder_qkv_multiscales=((),) * 5, scaling_factor=0.5).eval()
+    stages = len(widths)
+    blocks = ("ResBlock",) * stages
+    return AutoencoderDC(in_channels=3, latent_channels=latent_channels, attention_head_dim=8,
+                         encoder_block_types=blocks, decoder_block_types=blocks, encoder_block_out_channels=widths,
+                         decoder_block_out_channels=widths, encoder_layers_per_block=(1,) * stages,
+                         decoder_layers_per_block=(1,) * stages, encoder_qkv_multiscales=((),) * stages,
+                         decoder_qkv_multiscales=((),) * stages, scaling_factor=0.5).eval()
 
 
 def _tiny_base_flux():
@@ -322,3 +324,47 @@ def test_cli_fused_latent_io_trains_the_same(models, tmp_path, capsys):
     for name in ("proj_out.weight", "proj_out.bias", "x_embedder.weight", "x_embedder.bias"):
         a, b = outs[0].get_parameter(name), outs[1].get_parameter(name)
         assert (a - b).norm() <= 1e-5 * a.norm(), name
+
+
+def test_cli_seed_fixes_the_new_weights(models, tmp_path, capsys):
+    """convert (align-embedding) and add_lora (lora) draw new weights: --seed alone decides them, whatever torch's
+    global RNG state was before the run (as in a fresh process, or a resumed one)."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 8, 4, 4, generator=g))
+    runs = []
+
+    def run(command, transformer, seed, *extra):
+        out = str(tmp_path / f"run{len(runs)}")
+        torch.manual_seed(100 + len(runs))  # a different global RNG state before every run
+        code, _, err = _run([command, "--transformer", transformer, "--cache", cache, "--seed", str(seed), "--steps",
+                             "1", "--batch-size", "2", "--out", out, "--quiet", "--device", "cpu", *extra], capsys)
+        assert code == 0, err
+        runs.append(out)
+        return load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))
+
+    def assert_equal(a, b):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+    first = run("align-embedding", models["flux"], 0)
+    assert_equal(first, run("align-embedding", models["flux"], 0))
+    # proj_out is not trained by align-embedding: it is exactly what convert drew
+    assert not torch.equal(first["proj_out.weight"], run("align-embedding", models["flux"], 1)["proj_out.weight"])
+
+    stage1, lora = runs[0], ("--random-text", "--rank", "2", "--alpha", "2")
+
+    def adapter(seed):
+        model = run("lora", stage1, seed, *lora)
+        return model, load_file(os.path.join(runs[-1], "lora", "pytorch_lora_weights.safetensors"))
+
+    (model0, adapter0), (model1, adapter1) = adapter(0), adapter(0)
+    assert_equal(model0, model1)
+    assert_equal(adapter0, adapter1)
+    # lora_A gets no gradient in the first step (lora_B starts at zero): it differs only by its initialisation
+    other = adapter(1)[1]
+    a_names = [n for n in adapter0 if "lora_A" in n]
+    assert a_names and not any(torch.equal(adapter0[n], other[n]) for n in a_names)

@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from dcgen_kernels.dcgen import convert, latent_image_ids, pack_latents
+from dcgen_kernels.dcgen import convert, data, latent_image_ids, pack_latents
 from dcgen_kernels.dcgen import train as T
 
 from .helpers import rel_l2, tiny_sana, tiny_sana_patched_latents
+from .test_dcgen_cli import _tiny_dc, _tiny_kl
 
 
 def flux_p2(guidance=True, head_dim=32, heads=2):
@@ -46,60 +47,71 @@ def test_embedding_alignment_loss_hand_computed():
 
 
 # ----------------------------------------------------------------------------------------------- (a) alignment
-N_TRAIN, N_TEST = 64, 16
+@pytest.fixture(scope="module")
+def image_latents():
+    """Real images through tiny random-init autoencoders: 64 px crops (stride 32) of scikit-image's samples at
+    256 px, encoded by an AutoencoderKL (FLUX's layout: 8x down, 16 ch), an AutoencoderDC as SANA's base (8x down,
+    8 ch) and the deeper DC-AE both models are converted to (16x down, 32 ch: 4x the channels for 2x the
+    compression, as f32c32 -> f64c128; with 8 channels, random encoders share too little for a 5x fit on some
+    inits). Returns (latents by autoencoder, train mask, held-out mask): held out are all crops of the last image.
+    """
+    torch.manual_seed(0)
+    images = data.images_to_tensor(data.sample_images(), 256)
+    corners = range(0, 256 - 64 + 1, 32)
+    crops = torch.cat([images[:, :, i:i + 64, j:j + 64] for i in corners for j in corners])  # crop k: image k % N
+    held_out = torch.arange(crops.shape[0]) % images.shape[0] == images.shape[0] - 1
+    autoencoders = dict(kl=_tiny_kl(), dc_f8=_tiny_dc(8, (8, 8, 8, 16)), dc_f16=_tiny_dc(32, (16, 16, 32, 32, 32)))
+    latents = {name: data.encode_latents(crops, ae, 64) for name, ae in autoencoders.items()}
+    n = crops.shape[0]
+    assert {k: v.shape for k, v in latents.items()} == dict(kl=(n, 16, 8, 8), dc_f8=(n, 8, 8, 8),
+                                                             dc_f16=(n, 32, 4, 4))
+    return latents, ~held_out, held_out
 
 
-def alignment_latents(channels: int, pool: int, mix_scale: float):
-    """(base 8x8 latents with 2x2-smooth content, "DC-AE" latents: the base pooled pool x pool and mixed by a fixed
-    matrix to 32 channels), N_TRAIN + N_TEST of each."""
-    g = torch.Generator().manual_seed(0)
-    n = N_TRAIN + N_TEST
-    z = torch.randn(n, channels, 4, 4, generator=g)
-    base = z.repeat_interleave(2, 2).repeat_interleave(2, 3) + 0.02 * torch.randn(n, channels, 8, 8, generator=g)
-    mix = torch.randn(32, channels, generator=g) / mix_scale
-    return base, torch.einsum("oc,nchw->nohw", mix, torch.nn.functional.avg_pool2d(base, pool))
-
-
-def assert_alignment_learns(teacher, student, base, dcae, held_out, teacher_patch_size):
-    before = held_out()
-    out = T.align_embedding(teacher, student, base[:N_TRAIN], dcae[:N_TRAIN], teacher_patch_size=teacher_patch_size,
-                            student_patch_size=1, steps=100, lr=1e-2, batch_size=16, seed=0, progress=False)
-    after = held_out()
-    assert len(out["history"]) == 100
+def assert_alignment_learns(teacher, student, base, dcae, train, held_out_loss, teacher_patch_size):
+    before = held_out_loss()
+    out = T.align_embedding(teacher, student, base[train], dcae[train], teacher_patch_size=teacher_patch_size,
+                            student_patch_size=1, steps=300, lr=1e-2, batch_size=16, seed=0, progress=False)
+    after = held_out_loss()
+    assert len(out["history"]) == 300
     assert after <= before / 5, (before, after)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
-def test_align_embedding_learns_tiny_flux():
-    base, dcae = alignment_latents(16, pool=4, mix_scale=4)  # DC-AE latents (N, 32, 2, 2)
+def test_align_embedding_learns_tiny_flux(image_latents):
+    """FLUX on AutoencoderKL latents packed 2x2 -> DC-Gen-FLUX on 16x DC-AE latents (p = 1): both 4x4 tokens."""
+    latents, train, held_out = image_latents
+    base, dcae = latents["kl"], latents["dc_f16"]
     model = flux_p2()
     teacher = copy.deepcopy(model.x_embedder)
     convert(model, latent_channels=32, patch_size=1)
     student = model.x_embedder
 
-    def held_out():
+    def held_out_loss():
         with torch.no_grad():
-            t = teacher(pack_latents(base[N_TRAIN:], 2))
-            s = student(pack_latents(dcae[N_TRAIN:], 1))
-            return T.embedding_alignment_loss(s, t, (2, 2), (4, 4)).item()
+            t = teacher(pack_latents(base[held_out], 2))
+            s = student(pack_latents(dcae[held_out], 1))
+            return T.embedding_alignment_loss(s, t, (4, 4), (4, 4)).item()
 
-    assert_alignment_learns(teacher, student, base, dcae, held_out, teacher_patch_size=2)
+    assert_alignment_learns(teacher, student, base, dcae, train, held_out_loss, teacher_patch_size=2)
 
 
-def test_align_embedding_learns_tiny_sana():
-    """SANA on f32c32-like latents (8 ch, 8x8) -> DC-Gen-SANA on 4x more compressed ones (32 ch, 4x4)."""
-    base, dcae = alignment_latents(8, pool=2, mix_scale=3)
-
+def test_align_embedding_learns_tiny_sana(image_latents):
+    """SANA on 8x DC-AE latents (8x8 tokens) -> DC-Gen-SANA on the 16x DC-AE latents (4x4 tokens)."""
+    latents, train, held_out = image_latents
+    base, dcae = latents["dc_f8"], latents["dc_f16"]
+    torch.manual_seed(0)
     model = tiny_sana()
     teacher = copy.deepcopy(model.patch_embed)
     convert(model, latent_channels=32, patch_size=1)
     student = model.patch_embed
 
-    def held_out():
+    def held_out_loss():
         with torch.no_grad():
-            return T.embedding_alignment_loss(student(dcae[N_TRAIN:]), teacher(base[N_TRAIN:]), (4, 4), (8, 8)).item()
+            return T.embedding_alignment_loss(student(dcae[held_out]), teacher(base[held_out]), (4, 4),
+                                              (8, 8)).item()
 
-    assert_alignment_learns(teacher, student, base, dcae, held_out, teacher_patch_size=1)
+    assert_alignment_learns(teacher, student, base, dcae, train, held_out_loss, teacher_patch_size=1)
 
 
 def test_align_embedding_through_the_fused_patch_embed_equals_stock():
@@ -312,6 +324,46 @@ def test_drop_text_rate_and_rows():
     assert not d0.any() and torch.equal(t0, text[:5])
 
 
+@pytest.mark.parametrize("family", ["flux", "sana"])
+@pytest.mark.parametrize("p_drop", [0.0, 1.0])
+def test_align_head_drops_text_at_p_drop(family, p_drop):
+    """align_head hands p_drop to the text dropout: the conditioned forward sees only the null prompt (and, for
+    SANA, the null attention mask) at p_drop = 1 and only the samples' own prompts at p_drop = 0."""
+    n = 4
+    latents = torch.randn(n, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    if family == "flux":
+        model = flux_p2()
+        convert(model, latent_channels=8, patch_size=1)
+        text, cond, null_text, null_cond = text_data(n)  # cond: the pooled projections
+        args, kwargs, cond_key = (text, cond, null_text, null_cond), {}, "pooled_projections"
+    else:
+        torch.manual_seed(0)
+        model = tiny_sana()
+        text, cond, null_text = sana_text(n)  # cond: the attention mask, rows with and without padding
+        null_cond = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])  # unlike every sample's mask
+        args, cond_key = (text, None, null_text, None), "encoder_attention_mask"
+        kwargs = dict(encoder_attention_mask=cond, null_encoder_attention_mask=null_cond)
+    seen = []
+
+    def record(module, hook_args, hook_kwargs):
+        if torch.is_grad_enabled():  # FLUX's unguided pass (no grad) always takes the null prompt
+            seen.extend(zip(hook_kwargs["encoder_hidden_states"].clone(), hook_kwargs[cond_key].clone()))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    T.align_head(model, latents, *args, steps=2, lr=1e-3, batch_size=n, seed=0, p_drop=p_drop, progress=False,
+                 **kwargs)
+    hook.remove()
+    assert len(seen) == 2 * n
+
+    def is_one_of(row, texts, conds):
+        return any(torch.equal(row[0], t) and torch.equal(row[1], c) for t, c in zip(texts, conds))
+
+    if p_drop == 1.0:
+        assert all(is_one_of(row, [null_text], [null_cond]) for row in seen)
+    else:
+        assert all(is_one_of(row, text, cond) for row in seen)
+
+
 # ----------------------------------------------------------------------------------------------- (e) LoRA
 def test_lora_targets_and_merge_matches_unmerged():
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -407,6 +459,40 @@ def test_resume_align_head(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- (g) errors
+def _patch_embed(in_channels, patch_size=1):
+    from diffusers.models.embeddings import PatchEmbed
+
+    return PatchEmbed(height=8, width=8, patch_size=patch_size, in_channels=in_channels, embed_dim=8,
+                      pos_embed_type=None)
+
+
+@pytest.mark.parametrize("teacher, student, t_shape, s_shape, sp, message", [
+    pytest.param(lambda: torch.nn.Linear(64, 8), lambda: torch.nn.Linear(32, 8), (16, 8, 8), (16, 2, 2), 1,
+                 r"student_latents with 16 channels and patch size 1 give 16 features, student_embedder takes 32 "
+                 r"\(expected 32 channels\)", id="linear-student"),
+    pytest.param(lambda: torch.nn.Linear(64, 8), lambda: torch.nn.Linear(32, 8), (8, 8, 8), (32, 2, 2), 1,
+                 r"teacher_latents with 8 channels and patch size 2 give 32 features, teacher_embedder takes 64 "
+                 r"\(expected 16 channels\)", id="linear-teacher"),
+    pytest.param(lambda: torch.nn.Linear(64, 8), lambda: torch.nn.Linear(30, 8), (16, 8, 8), (8, 4, 4), 2,
+                 r"student_latents with 8 channels and patch size 2 give 32 features, student_embedder takes 30$",
+                 id="linear-no-channel-count-fits"),
+    pytest.param(lambda: _patch_embed(8), lambda: _patch_embed(32), (8, 8, 8), (16, 4, 4), 1,
+                 "student_latents have 16 channels, student_embedder takes 32", id="patch-embed-student"),
+    pytest.param(lambda: _patch_embed(8), lambda: _patch_embed(32), (4, 8, 8), (32, 4, 4), 1,
+                 "teacher_latents have 4 channels, teacher_embedder takes 8", id="patch-embed-teacher"),
+    pytest.param(lambda: _patch_embed(8), lambda: _patch_embed(32), (8, 8, 8), (32, 4, 4), 2,
+                 "student_embedder is a PatchEmbed with patch size 1, got student_patch_size 2",
+                 id="patch-embed-patch-size"),
+])
+def test_align_embedding_checks_latent_channels_up_front(teacher, student, t_shape, s_shape, sp, message):
+    teacher = teacher()
+    tp = 2 if isinstance(teacher, torch.nn.Linear) else 1
+    with pytest.raises(ValueError, match=message):
+        T.align_embedding(teacher, student(), torch.randn(2, *t_shape), torch.randn(2, *s_shape),
+                          teacher_patch_size=tp, student_patch_size=sp, steps=1, lr=1e-3, batch_size=2, seed=0,
+                          progress=False)
+
+
 def test_bad_arguments(tmp_path):
     s, t = torch.randn(1, 6, 4), torch.randn(1, 16, 4)
     with pytest.raises(ValueError, match="integer multiple"):

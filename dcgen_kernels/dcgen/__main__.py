@@ -249,6 +249,9 @@ def cmd_align_embedding(args) -> None:
     # only the base embedder is kept as the teacher (not a second copy of the whole model); the loaded model is
     # converted in place and becomes the student
     teacher_embedder = copy.deepcopy(_embedder(student))
+    # convert draws the new embedder / head from torch's global RNG: --seed makes them reproducible, and a run
+    # resumed in a new process gets the same untrained head back
+    torch.manual_seed(args.seed)
     convert(student, channels, args.patch_size)
     _maybe_fuse(args, student)
     result = align_embedding(teacher_embedder, _embedder(student), base_lat, dc_lat,
@@ -298,6 +301,7 @@ def _head_or_lora(args, lora: bool) -> None:
         text, pooled, null_text, null_pooled = _load_text(args, dc_lat.shape[0], transformer)
         masks = {}
     if lora:
+        torch.manual_seed(args.seed)  # peft draws LoRA A from torch's global RNG
         add_lora(transformer, rank=args.rank, alpha=args.alpha)
     _maybe_fuse(args, transformer)
     result = align_head(transformer, dc_lat, text, pooled, null_text, null_pooled, patch_size=p, steps=args.steps,
@@ -342,7 +346,8 @@ def _add_training(p, default_lr: float) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=default_lr)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the new weights (convert / LoRA), the training draws and --random-text")
     p.add_argument("--checkpoint-dir", default=None, help="periodic checkpoints; a rerun resumes from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (save_pretrained)")

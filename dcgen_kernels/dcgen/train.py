@@ -139,17 +139,29 @@ def _is_patch_embed(module: nn.Module) -> bool:
     return isinstance(module, PatchEmbed)
 
 
+def _check_latent_channels(latents: torch.Tensor, patch_size: int, embedder: nn.Module, latents_name: str,
+                           embedder_name: str) -> None:
+    """Raise a ValueError naming `latents_name` when the latents' channels do not fit the embedder: a PatchEmbed
+    takes its conv's in_channels, a Linear (FLUX x_embedder, patched, adapter-wrapped or not) ``channels *
+    patch_size**2`` features. Other modules are left to their own forward."""
+    c = latents.shape[1]
+    features = getattr(embedder, "in_features", None)
+    if _is_patch_embed(embedder):
+        if c != embedder.proj.in_channels:
+            raise ValueError(f"{latents_name} have {c} channels, {embedder_name} takes {embedder.proj.in_channels}")
+    elif isinstance(features, int) and c * patch_size ** 2 != features:
+        f, pp = features, patch_size ** 2
+        expected = f" (expected {f // pp} channels)" if f % pp == 0 else ""
+        raise ValueError(f"{latents_name} with {c} channels and patch size {patch_size} give {c * pp} features, "
+                         f"{embedder_name} takes {f}{expected}")
+
+
 def _embed(embedder: nn.Module, latents: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Tokens (B, N, D) of an embedder: SANA's PatchEmbed and a patched FLUX x_embedder take the (B, C, h, w)
     latents (the patched one gathers the packing in its GEMM), a plain Linear the packed latents."""
     from ..patching.latents import takes_unpacked_latents
 
-    if _is_patch_embed(embedder):
-        if embedder.patch_size != patch_size:
-            raise ValueError(f"the PatchEmbed embedder has patch size {embedder.patch_size}, got patch_size "
-                             f"{patch_size}")
-        return embedder(latents)
-    if takes_unpacked_latents(embedder):
+    if _is_patch_embed(embedder) or takes_unpacked_latents(embedder):
         return embedder(latents)
     return embedder(pack_latents(latents, patch_size))
 
@@ -164,10 +176,11 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
     ``teacher_latents`` (N, Ct, ht, wt) and ``student_latents`` (N, Cs, hs, ws) are encodings of the same N
     images by the base AE and the DC-AE. Tokens: ``embedder(pack_latents(latents, patch_size))`` for a FLUX
     ``x_embedder`` (a Linear on packed patches), ``embedder(latents)`` for SANA's ``patch_embed`` (a diffusers
-    PatchEmbed, whose patch size must equal the given one) and for an x_embedder patched by dcgen_kernels. Each
-    step draws `batch_size` image indices (with replacement) from a generator seeded with `seed`; AdamW with
-    learning rate `lr`. The teacher is frozen (requires_grad False, eval). Returns ``dict(history=[loss per
-    step])``; the student is trained in place.
+    PatchEmbed, whose patch size must equal the given one) and for an x_embedder patched by dcgen_kernels; the
+    latents' channels must fit their embedder (C * patch_size**2 = a Linear's in_features, C = a PatchEmbed's
+    in_channels), checked before training. Each step draws `batch_size` image indices (with replacement) from a
+    generator seeded with `seed`; AdamW with learning rate `lr`. The teacher is frozen (requires_grad False,
+    eval). Returns ``dict(history=[loss per step])``; the student is trained in place.
 
     Checkpoints (shared with `align_head`): with a ``checkpoint_dir``, every ``checkpoint_every`` steps and at
     the last step ``checkpoint_dir/step-XXXXXXXX/`` gets ``trainable.safetensors`` (the trained parameters) and
@@ -183,10 +196,15 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
                          f"{teacher_latents.shape[0]} and {student_latents.shape[0]}")
     tp = _check_positive_int("teacher_patch_size", teacher_patch_size)
     sp = _check_positive_int("student_patch_size", student_patch_size)
-    for name, lat, p in (("teacher", teacher_latents, tp), ("student", student_latents, sp)):
+    for name, embedder, lat, p in (("teacher", teacher_embedder, teacher_latents, tp),
+                                   ("student", student_embedder, student_latents, sp)):
         if lat.shape[2] % p or lat.shape[3] % p:
             raise ValueError(f"{name}_latents spatial size {tuple(lat.shape[2:])} must be a multiple of "
                              f"{name}_patch_size ({p})")
+        if _is_patch_embed(embedder) and embedder.patch_size != p:
+            raise ValueError(f"{name}_embedder is a PatchEmbed with patch size {embedder.patch_size}, got "
+                             f"{name}_patch_size {p}")
+        _check_latent_channels(lat, p, embedder, f"{name}_latents", f"{name}_embedder")
     teacher_grid = (teacher_latents.shape[2] // tp, teacher_latents.shape[3] // tp)
     student_grid = (student_latents.shape[2] // sp, student_latents.shape[3] // sp)
     if teacher_grid[0] % student_grid[0] or teacher_grid[1] % student_grid[1]:
@@ -437,14 +455,12 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
     _check_tensor("latents", latents, 4)
     _check_tensor("encoder_hidden_states", encoder_hidden_states, 3)
     _check_tensor("pooled_projections", pooled_projections, 2)
-    n, c, h, w_ = latents.shape
+    n, _, h, w_ = latents.shape
     if encoder_hidden_states.shape[0] != n or pooled_projections.shape[0] != n:
         raise ValueError(f"latents, encoder_hidden_states and pooled_projections must have the same number of "
                          f"samples, got {n}, {encoder_hidden_states.shape[0]}, {pooled_projections.shape[0]}")
     patch_size = _check_positive_int("patch_size", patch_size)
-    if c * patch_size * patch_size != transformer.x_embedder.in_features:
-        raise ValueError(f"latents with {c} channels and patch_size {patch_size} give {c * patch_size ** 2} "
-                         f"features, the model's x_embedder takes {transformer.x_embedder.in_features}")
+    _check_latent_channels(latents, patch_size, transformer.x_embedder, "latents", "the model's x_embedder")
     p_drop = _check_probability("p_drop", p_drop)
     low, high = guidance_range
     if not 0 < low < high:
@@ -491,12 +507,11 @@ def _align_head_sana(transformer, latents, encoder_hidden_states, pooled_project
         raise ValueError("guidance-embedded SANA (SANA-Sprint) is not supported by align_head")
     _check_tensor("latents", latents, 4)
     text = _check_tensor("encoder_hidden_states", encoder_hidden_states, 3)
-    n, c, h, w_ = latents.shape
+    n, _, h, w_ = latents.shape
     p = config.patch_size
     if patch_size is not None and patch_size != p:
         raise ValueError(f"patch_size {patch_size} differs from the model's config.patch_size {p}")
-    if c != config.in_channels:
-        raise ValueError(f"latents have {c} channels, the model's patch_embed takes {config.in_channels}")
+    _check_latent_channels(latents, p, transformer.patch_embed, "latents", "the model's patch_embed")
     if h % p or w_ % p:
         raise ValueError(f"latents spatial size {(h, w_)} must be a multiple of the patch size {p}")
     if text.shape[0] != n:
