@@ -1,4 +1,5 @@
 import sys
+import warnings
 
 import pytest
 import torch
@@ -66,14 +67,33 @@ def test_triton_reads_strided_weight_and_bias():
     assert rel_l2(channel_rms_norm(x, w2, b2, r, backend="triton"), expected) <= 1e-6
 
 
+@pytest.mark.parametrize("case", ["transposed_x", "channel_slice", "residual_channels_last"])
+def test_other_layouts_fall_back_to_the_reference_with_one_warning(case):
+    """The kernel takes contiguous NCHW / channels-last x with a residual of x's layout; other strides run the
+    reference (warned once), in a contiguous result where x has no such layout, matching the fake."""
+    x, w, b, r = make_inputs()
+    if case == "transposed_x":
+        x = x.transpose(2, 3)
+        r = r.transpose(2, 3).contiguous()
+    elif case == "channel_slice":
+        x, w, b, r = x[:, :20], w[:20], b[:20], r[:, :20].contiguous()
+    else:
+        r = r.contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = channel_rms_norm(x, w, b, r, backend="triton")
+        channel_rms_norm(x, w, b, r, backend="triton")
+    assert len([m for m in caught if "cannot serve this call" in str(m.message)]) == 1
+    assert torch.equal(out, channel_rms_norm_reference(x, w, b, r))
+    torch.library.opcheck(torch.ops.dcgen.channel_rms_norm.default, (x, w, b, r, 1e-5, "triton"),
+                          test_utils=("test_faketensor",))
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda x, w, b, r: channel_rms_norm(x[0], w, b, r), ValueError, "x must have 4 dimensions"),
-    (lambda x, w, b, r: channel_rms_norm(x.transpose(2, 3), w, b, None), ValueError, "contiguous NCHW"),
     (lambda x, w, b, r: channel_rms_norm(x, w[:-1], b, r), ValueError, r"weight must have shape \(43,\)"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b, r[:, :-1]), ValueError, "residual must have shape"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b, r.half()), TypeError, "residual must have dtype"),
-    (lambda x, w, b, r: channel_rms_norm(x, w, b, r.to(memory_format=torch.channels_last)), ValueError,
-     "residual must have x's layout"),
     (lambda x, w, b, r: channel_rms_norm(x.int(), None, None, None), TypeError, "x must have dtype"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b.to("meta"), r), ValueError, "bias must be on device"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b, r, eps=0.0), ValueError, "eps must be a positive float"),

@@ -87,6 +87,20 @@ def test_strided_tokens_from_nchw():
     assert rel_l2(out, glumbconv_reference(tokens.contiguous(), 7, 9, *weights)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("layout", ["tokens", "nchw_view"])
+def test_custom_ops_pass_opcheck_and_return_contiguous_tokens(backend, layout):
+    """The fakes say contiguous (B, N, C); every backend returns that, also for the token view of an NCHW map
+    (conv2d may keep the reference's result channels-first)."""
+    weights = make_weights()
+    pre_weights = make_weights(C=20, hidden=10)[2:4]  # depthwise + bias over 2 * 10 channels
+    x = make_tokens() if layout == "tokens" else torch.randn(2, 20, 7, 9).flatten(2).transpose(1, 2)
+    torch.library.opcheck(torch.ops.dcgen.glumbconv.default, (x, *weights, 7, 9, backend))
+    torch.library.opcheck(torch.ops.dcgen.depthwise_glu.default, (x, *pre_weights, 7, 9, backend))
+    assert glumbconv(x, 7, 9, *weights, backend=backend).is_contiguous()
+    assert depthwise_glu(x, 7, 9, *pre_weights, backend=backend).is_contiguous()
+
+
 def test_empty_batch():
     weights = make_weights(C_out=12)
     assert glumbconv(make_tokens(B=0), 7, 9, *weights).shape == (0, 63, 12)

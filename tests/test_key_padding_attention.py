@@ -187,6 +187,15 @@ def test_captured_plan_for_another_key_count_is_not_used(monkeypatch):
     assert torch.equal(got, key_padding_attention_reference(q, k, v, mask))
 
 
+@pytest.mark.parametrize("mask", [torch.ones(0, 5, dtype=torch.bool), torch.zeros(0, 1, 1, 5)], ids=["bool", "bias"])
+def test_empty_batch_returns_the_empty_result(mask):
+    from dcgen_kernels.ops.key_padding_attention import graph_plan
+
+    q, k, v = torch.randn(0, 2, 4, 16), torch.randn(0, 2, 5, 16), torch.randn(0, 2, 5, 8)
+    assert key_padding_attention(q, k, v, mask).shape == (0, 2, 4, 8)
+    assert graph_plan(mask)[0] == ("diffusers", 5)
+
+
 def test_no_mask_is_plain_attention():
     q, k, v = qkv()
     scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5

@@ -45,16 +45,12 @@ def layout(x: torch.Tensor) -> Optional[torch.memory_format]:
 
 def _validate(x, weight, bias, residual, eps) -> None:
     check_tensor("x", x, ndim=4)
-    if layout(x) is None:
-        raise ValueError(f"x must be a contiguous NCHW or channels-last tensor, got strides {x.stride()}")
     C = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t, shape=(C,), device=x.device)
     if residual is not None:
         check_tensor("residual", residual, shape=x.shape, dtypes=(x.dtype,), device=x.device)
-        if not residual.is_contiguous(memory_format=layout(x)):
-            raise ValueError(f"residual must have x's layout ({layout(x)}), got strides {residual.stride()}")
     if not isinstance(eps, float) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
 
@@ -82,12 +78,21 @@ def _launch_triton(x, weight, bias, residual, eps, out: Optional[torch.Tensor] =
     return out
 
 
+def _triton_layout_error(x: torch.Tensor, residual: Optional[torch.Tensor]) -> Optional[str]:
+    """The kernel addresses x, residual and its output with one set of canonical NCHW or channels-last strides."""
+    if layout(x) is None:
+        return f"x is neither contiguous NCHW nor channels-last (strides {x.stride()})"
+    if residual is not None and not residual.is_contiguous(memory_format=layout(x)):
+        return f"residual's strides {residual.stride()} are not x's layout ({layout(x)})"
+    return None
+
+
 @custom_op("dcgen::channel_rms_norm")
 def _channel_rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          residual: Optional[torch.Tensor], eps: float, backend: str) -> torch.Tensor:
     chosen = _backend.select("channel_rms_norm", backend,
                              platform_checks={"triton": lambda: _backend.triton_device_error(x.device)},
-                             case_checks={})
+                             case_checks={"triton": lambda: _triton_layout_error(x, residual)})
     if chosen == "triton":
         return _launch_triton(x, weight, bias, residual, eps)
     # in x's layout with canonical strides, like the kernel's output and the fake
@@ -112,9 +117,10 @@ def channel_rms_norm(
     eps: float = 1e-5,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """RMSNorm over channels of a contiguous NCHW or channels-last `x` (fp32 statistics), `* weight + bias` (each
-    (C,) or None), `+ residual` (same shape, dtype and layout as x, or None). Returns a tensor of x's layout and
-    dtype."""
+    """RMSNorm over channels of a (B, C, H, W) `x` (fp32 statistics), `* weight + bias` (each (C,) or None),
+    `+ residual` (x's shape and dtype, or None). Returns x's dtype, in x's layout where x is contiguous NCHW or
+    channels-last (else contiguous). The Triton kernel takes those two layouts, with a residual in x's; any other
+    strides run the reference with a one-time warning."""
     _backend.check_backend_name(backend)
     eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
     _validate(x, weight, bias, residual, eps)

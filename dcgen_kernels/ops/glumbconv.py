@@ -33,7 +33,8 @@ def glumbconv_reference(x, height: int, width: int, inverted_weight, inverted_bi
     h = F.conv2d(h, depth_weight.float(), depth_bias.float(), padding=1, groups=h.shape[1])
     value, gate = h.chunk(2, dim=1)
     h = F.conv2d(value * F.silu(gate), point_weight.float())
-    return h.flatten(2).transpose(1, 2).to(x.dtype)
+    # conv2d may keep a token view of an NCHW map channels-first: the result is contiguous (B, N, C) either way
+    return h.flatten(2).transpose(1, 2).to(x.dtype).contiguous()
 
 
 def depthwise_glu_reference(pre, height: int, width: int, depth_weight, depth_bias):
@@ -41,7 +42,7 @@ def depthwise_glu_reference(pre, height: int, width: int, depth_weight, depth_bi
     depthwise3x3(SiLU(pre)) + bias; returns (B, N, hid) in pre's dtype."""
     h = F.silu(pre.float().unflatten(1, (height, width)).permute(0, 3, 1, 2))
     value, gate = F.conv2d(h, depth_weight.float(), depth_bias.float(), padding=1, groups=h.shape[1]).chunk(2, dim=1)
-    return (value * F.silu(gate)).flatten(2).transpose(1, 2).to(pre.dtype)
+    return (value * F.silu(gate)).flatten(2).transpose(1, 2).to(pre.dtype).contiguous()
 
 
 def _depthwise_glu_reference_tensors_first(pre, depth_weight, depth_bias, height, width):

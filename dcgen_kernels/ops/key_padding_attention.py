@@ -97,6 +97,8 @@ def _summary(attn_mask: torch.Tensor) -> list:
     mask, every batch element keeps the same keys, the fewest keys one keeps, one past the last kept key, and
     whether every element keeps a prefix."""
     rows = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[-1])
+    if rows.shape[0] == 0:  # an empty batch: nothing to trim; diffusers' masked call returns the empty result
+        return [0, 1, 0, 0, 1]
     keep = _keep(attn_mask)
     is_padding = (keep | (rows <= PADDING_BIAS_MAX)).all() if rows.dtype != torch.bool else keep.new_ones(())
     positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
