@@ -693,17 +693,18 @@ def summarize(eager: dict, compiled: dict = None) -> dict:
                 continue
             rec = speedups[_key(name, res)] = {"base": base, "speedup_vs_base": {}}
             for variant, v in ours["variants"].items():
-                # Base and DC-Gen model in the same variant; the stock base is the paper's reference too.
-                if variant in theirs["variants"]:
-                    rec["speedup_vs_base"][variant] = theirs["variants"][variant]["s"] / v["s"]
+                base_v = theirs["variants"].get(variant)
+                # Base and DC-Gen model in the same variant, both checked; the stock base is the paper's reference.
+                if base_v is not None and "FAILED" not in (v.get("check"), base_v.get("check")):
+                    rec["speedup_vs_base"][variant] = base_v["s"] / v["s"]
             paper = PAPER_SPEEDUP.get(pcfg.get("paper", name), {}).get(res)
             if paper is not None:
                 rec["paper"] = paper
                 if "stock" in rec["speedup_vs_base"]:
                     rec["ours_stock_over_paper"] = rec["speedup_vs_base"]["stock"] / paper
-            if "stock" in theirs["variants"] and ours["variants"]:
-                rec["best_over_stock_base"] = max(theirs["variants"]["stock"]["s"] / v["s"]
-                                                  for v in ours["variants"].values())
+            checked = [v for v in ours["variants"].values() if v.get("check") != "FAILED"]
+            if "stock" in theirs["variants"] and checked:
+                rec["best_over_stock_base"] = max(theirs["variants"]["stock"]["s"] / v["s"] for v in checked)
     encoders_note = "; ".join(f"{family} {status}" for family, (_, status) in encoders.items())
     return {"images": images, "speedups": speedups,
             "text_encoders": {family: status for family, (_, status) in encoders.items()},

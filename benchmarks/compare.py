@@ -3,7 +3,8 @@
     python benchmarks/compare.py OLD.json NEW.json [--threshold 0.10]
 
 Prints every metric found in both files as old / new / change and exits 1 when a tracked metric dropped by more
-than the threshold (default 10%), 0 otherwise, 2 when a file cannot be read.
+than the threshold (default 10%), 0 otherwise, 2 when a file cannot be read or the two runs are not comparable
+(another GPU model, or a GPU run against a tiny CPU one).
 
 Tracked (gated) metrics are ratios measured within one run, so two runs on different days or machines of the same
 GPU model compare fairly; all are higher-is-better:
@@ -24,7 +25,8 @@ ratios of sana_step whose steps the run's own kernel profile found host-paced (G
 run): all of a size's ratios when its stock step was, its eager (non-graph) variants' when its patched step was
 (the 64x64 SANA step across six H100 runs of 2026-11-27: stock 45.0-60.8 ms, patched eager 32.4-65.8 ms for ~22 ms
 of kernels, patched GPU busy 19-45% against 93-98% at 128x128). A tracked metric whose
-record failed its correctness check in the new run counts as a regression. Metrics present in only one file are
+record failed its correctness check in the new run counts as a regression; one whose baseline record failed its
+check is shown, not gated (it is no reference). Metrics present in only one file are
 listed, not gated (a section skipped for time is not a regression; the run's own `problems` list reports errors).
 Modelled numbers (the projection section) and anchor copies are not compared.
 """
@@ -114,10 +116,10 @@ def compare(old: dict, new: dict, threshold: float) -> dict:
     host_bound = host_bound_paths(old) | host_bound_paths(new)
     rows, regressions = [], []
     for path in sorted(set(a) & set(b)):
-        (old_v, tracked_old, _), (new_v, tracked_new, failed) = a[path], b[path]
-        tracked = tracked_old and tracked_new and path not in host_bound
+        (old_v, tracked_old, failed_old), (new_v, tracked_new, failed) = a[path], b[path]
+        tracked = tracked_old and tracked_new and path not in host_bound and (failed or not failed_old)
         change = (new_v - old_v) / old_v if old_v else None
-        status = ""
+        status = "baseline check FAILED: not gated" if failed_old and not failed else ""
         if tracked:
             if failed:
                 status = "REGRESSION (check FAILED)"
@@ -192,6 +194,11 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as err:
             print(f"compare: cannot read {name}: {err}", file=sys.stderr)
             return 2
+    devices = [r.get("environment", {}).get("gpu") or r.get("mode") for r in reports]
+    if devices[0] != devices[1] or reports[0].get("mode") != reports[1].get("mode"):
+        print(f"compare: not comparable: {args.old} ran on {devices[0]!r}, {args.new} on {devices[1]!r} (within-run "
+              "ratios compare only on the same GPU model and mode)", file=sys.stderr)
+        return 2
     result = compare(*reports, args.threshold)
     print(render(result, *reports, args.threshold))
     return 1 if result["regressions"] else 0

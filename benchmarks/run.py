@@ -115,7 +115,6 @@ def environment(device) -> dict:
         diffusers_version = None
     cuda = device.type == "cuda"
     nvcc = _command_output("nvcc", "--version")
-    status = _command_output("git", "status", "--porcelain")
     return {
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
@@ -123,13 +122,39 @@ def environment(device) -> dict:
                      "diffusers": diffusers_version, "dcgen_kernels": dcgen_kernels.__version__,
                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
                      "nvcc": nvcc.splitlines()[-1] if nvcc else None},
-        # The GPU machine gets the work tree without .git: gpu_check's caller passes the commit in.
-        "git": {"commit": os.environ.get("DCGEN_GIT_COMMIT") or _command_output("git", "rev-parse", "HEAD"),
-                "dirty": None if status is None else bool(status)},
+        "git": _git_record(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
         "dcgen_kernels_info": dcgen_kernels.info(),
     }
+
+
+# What `tree_sha256` covers: the code that runs and is measured.
+_TREE_GLOBS = ("dcgen_kernels/**/*.py", "csrc/**/*", "benchmarks/*.py", "benchmarks/*.sh", "tests/*.py", "setup.py",
+               "CMakeLists.txt")
+
+
+def tree_digest(root: Path = REPO) -> str:
+    """sha256 over the paths and bytes of the files in _TREE_GLOBS: the same on the GPU machine's copy of the work
+    tree (which may carry another .git, or none) as on the developer's checkout of the commit it was made from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted({f for pattern in _TREE_GLOBS for f in root.glob(pattern) if f.is_file()})
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _git_record() -> dict:
+    """The commit measured: DCGEN_GIT_COMMIT where gpu_check's caller passes it in (the GPU machine's .git, if any,
+    is not the tree's: `dirty` is then unknown), else the local HEAD; `tree_sha256` identifies the tree either way."""
+    given = os.environ.get("DCGEN_GIT_COMMIT")
+    if given:
+        return {"commit": given, "commit_source": "DCGEN_GIT_COMMIT", "dirty": None, "tree_sha256": tree_digest()}
+    status = _command_output("git", "status", "--porcelain")
+    return {"commit": _command_output("git", "rev-parse", "HEAD"), "commit_source": "git HEAD",
+            "dirty": None if status is None else bool(status), "tree_sha256": tree_digest()}
 
 
 def load_anchors() -> dict:

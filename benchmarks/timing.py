@@ -22,7 +22,8 @@ def time_samples(fn: Callable[[], object], device: torch.device, warmup: int, it
     gaps are only counted when the host cannot keep up (which is real eager overhead). CPU: perf_counter.
     `fn` must recompute from its inputs every call; inputs are allocated once by the caller. No L2 flush: model
     steps move gigabytes (24 GB of FLUX weights), attention's Q/K/V are 85 MB at N=4608, above the H100's 50 MB
-    L2; benchmarks of smaller working sets say so where they report bandwidth.
+    L2; the smaller single ops (patch_embed at 4096 tokens, quant_linear's 3072 x 3072 layer) partly stay in it,
+    as the README's "Timing" paragraph says: their ratios are fair, their absolute rates warm-cache numbers.
     """
     for _ in range(warmup):
         fn()

@@ -103,6 +103,45 @@ def test_compare_unreadable_file_exits_2(h100, tmp_path):
     assert compare.main([_write(tmp_path, "old.json", h100), str(tmp_path / "missing.json")]) == 2
 
 
+def test_git_record_names_its_source_and_the_tree(monkeypatch, tmp_path):
+    (tmp_path / "dcgen_kernels").mkdir()
+    (tmp_path / "dcgen_kernels" / "op.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("not measured code\n")
+    digest = run.tree_digest(tmp_path)
+    (tmp_path / "README.md").write_text("changed\n")
+    assert run.tree_digest(tmp_path) == digest  # only the code that runs is hashed
+    (tmp_path / "dcgen_kernels" / "op.py").write_text("x = 2\n")
+    assert run.tree_digest(tmp_path) != digest
+    monkeypatch.setenv("DCGEN_GIT_COMMIT", "abc1234")
+    record = run._git_record()
+    assert record["commit"] == "abc1234" and record["commit_source"] == "DCGEN_GIT_COMMIT" and record["dirty"] is None
+    assert record["tree_sha256"] == run.tree_digest()
+
+
+@pytest.mark.parametrize("change", ["other_device", "other_mode"])  # ("gpu" as an id would mark it GPU-only)
+def test_compare_other_gpu_or_mode_exits_2(h100, tmp_path, capsys, change):
+    new = copy.deepcopy(h100)
+    if change == "other_device":
+        new["environment"]["gpu"] = "NVIDIA H200"
+    else:
+        new["mode"] = "tiny-cpu"
+    assert compare.main([_write(tmp_path, "old.json", h100), _write(tmp_path, "new.json", new)]) == 2
+    assert "not comparable" in capsys.readouterr().err
+
+
+def test_compare_does_not_gate_against_a_failed_baseline_record(h100):
+    old = copy.deepcopy(h100)
+    old["flux_step"]["sizes"]["16384"]["patched"]["check"] = "FAILED"
+    new = copy.deepcopy(h100)
+    path = ("flux_step", "sizes", "16384", "patched", "speedup_vs_stock")
+    _set(new, path, _get(h100, path) / 2)
+    rows = {r["metric"]: r for r in compare.compare(old, new, 0.10)["rows"]}
+    row = rows["flux_step/sizes/16384/patched/speedup_vs_stock"]
+    assert not row["tracked"] and row["status"] == "baseline check FAILED: not gated"
+    new["flux_step"]["sizes"]["16384"]["patched"]["check"] = "FAILED"  # failing in the new run stays a regression
+    assert "flux_step/sizes/16384/patched/speedup_vs_stock" in compare.compare(old, new, 0.10)["regressions"]
+
+
 def test_compare_ignores_anchors_and_projection(h100):
     new = copy.deepcopy(h100)
     new["projection"] = {"steps": {"x": {"speedup_vs_stock": 0.1}}}
