@@ -7,7 +7,9 @@ PYTHON ?= python3
 TORCH_PINS ?= torch==2.13.0 triton==3.8.0 numpy<2.4
 DEPS = diffusers==0.42.1 peft==0.21.2 scikit-image==0.26.0 matplotlib==3.11.2 cuda-python pybind11>=2.12 ninja \
 	pytest pytest-benchmark
-STAMP = .installed-$(shell $(PYTHON) -c "import sys; print('%d%d' % sys.version_info[:2])")
+# One stamp per Python and CUDA arch list: changing DCGEN_CUDA_ARCHS rebuilds _C.
+STAMP = .installed-$(shell $(PYTHON) -c "import sys; print('%d%d' % sys.version_info[:2])")$(subst ;,_,$(if \
+	$(DCGEN_CUDA_ARCHS),-$(DCGEN_CUDA_ARCHS)))
 
 .PHONY: install bench test gpu-wheels clean
 

@@ -1,8 +1,8 @@
 """Build for dcgen-kernels.
 
 The compiled module `dcgen_kernels._C` (pybind11 + CUDA runtime, no torch headers) is built with CMake + Ninja
-when nvcc is found (CUDA_HOME/bin, CUDA_PATH/bin, PATH, /usr/local/cuda/bin); otherwise the package installs as
-pure Python (Triton and torch paths only). Environment:
+when nvcc is found (CUDA_HOME/bin, CUDA_PATH/bin, PATH, /usr/local/cuda/bin); otherwise, or when that build fails
+(with a warning), the package installs as pure Python (Triton and torch paths only). Environment:
   DCGEN_BUILD_CUDA=0   never build _C          DCGEN_BUILD_CUDA=1   build _C or fail
   DCGEN_CUDA_ARCHS     CUDA archs, default "90a" (e.g. "90a;100a;120a")
 This file must not import torch: build isolation would bring a different torch into the build environment.
@@ -47,10 +47,11 @@ def build_request():
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name, nvcc):
+    def __init__(self, name, nvcc, required):
         # No sources for setuptools to compile; `depends` puts csrc/ and CMakeLists.txt into sdists.
         super().__init__(name, sources=[], depends=CSRC + ["CMakeLists.txt"])
         self.nvcc = nvcc
+        self.required = required  # DCGEN_BUILD_CUDA=1: a failed build fails the install
 
 
 class CMakeBuild(build_ext):
@@ -62,10 +63,14 @@ class CMakeBuild(build_ext):
         try:
             self._cmake_build(ext)
         except (OSError, subprocess.CalledProcessError) as exc:
-            raise RuntimeError(
-                f"dcgen-kernels: building {ext.name} with CMake failed ({exc}). Fix the CUDA toolchain, or set "
-                "DCGEN_BUILD_CUDA=0 to install without the CUDA extension."
-            ) from exc
+            if ext.required:
+                raise RuntimeError(f"dcgen-kernels: building {ext.name} with CMake failed ({exc}). Fix the CUDA "
+                                   "toolchain, or unset DCGEN_BUILD_CUDA to install without it.") from exc
+            # nvcc was found but the build failed: install the pure-Python package (Triton and torch paths), with
+            # no module left over from an earlier build that would not match these sources
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+            print(f"dcgen-kernels: WARNING: building {ext.name} with CMake failed ({exc}); installing without it "
+                  "(set DCGEN_BUILD_CUDA=1 to make this an error)", file=sys.stderr, flush=True)
 
     def _cmake_build(self, ext):
         cmake = shutil.which("cmake")
@@ -80,8 +85,8 @@ class CMakeBuild(build_ext):
         # A persistent tree per Python (incremental rebuilds; pip's build_temp is a fresh temp dir each time).
         build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         cache = build_dir / "CMakeCache.txt"
-        if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={ROOT}\n" not in cache.read_text(errors="replace"):
-            shutil.rmtree(build_dir)  # configured for another source dir (a copied tree): start over
+        if cache.exists() and _stale(cache.read_text(errors="replace")):
+            shutil.rmtree(build_dir)  # start over
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = [
             cmake, "-S", str(ROOT), "-B", str(build_dir),
@@ -115,6 +120,16 @@ class CMakeBuild(build_ext):
         os.chmod(dest, 0o755)
 
 
+def _stale(cache_text: str) -> bool:
+    """A CMake tree configured for another source dir (a copied tree), or with a make program that is gone (pip's
+    build isolation puts ninja in a temporary environment that it deletes after the install)."""
+    if f"CMAKE_HOME_DIRECTORY:INTERNAL={ROOT}\n" not in cache_text:
+        return True
+    make_program = next((line.split("=", 1)[1] for line in cache_text.splitlines()
+                         if line.startswith("CMAKE_MAKE_PROGRAM:")), "")
+    return bool(make_program) and not Path(make_program).exists()
+
+
 def extensions():
     request = build_request()
     if request == "off":
@@ -128,7 +143,7 @@ def extensions():
         print("dcgen-kernels: skipping the CUDA extension dcgen_kernels._C (nvcc not found; "
               "set CUDA_HOME or DCGEN_BUILD_CUDA=1 to require it)", flush=True)
         return []
-    return [CMakeExtension("dcgen_kernels._C", nvcc)]
+    return [CMakeExtension("dcgen_kernels._C", nvcc, required=request == "on")]
 
 
 readme = ROOT / "README.md"

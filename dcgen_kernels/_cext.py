@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from typing import Optional
 
@@ -13,7 +14,8 @@ try:
     C_IMPORT_ERROR: Optional[str] = None
 except ModuleNotFoundError:
     _C = None
-    C_IMPORT_ERROR = "no _C module: installed without nvcc or with DCGEN_BUILD_CUDA=0"
+    C_IMPORT_ERROR = ("no _C module for this Python: installed without nvcc, with DCGEN_BUILD_CUDA=0, after a failed "
+                      "CUDA build, or built for another Python version (reinstall with this one)")
 except ImportError as exc:  # built, but does not load (wrong Python/CUDA runtime)
     _C = None
     C_IMPORT_ERROR = f"_C does not load: {exc}"
@@ -25,12 +27,25 @@ def compiled_archs() -> list[str]:
     return list(_C.compiled_archs()) if _C is not None else []
 
 
+@functools.lru_cache(maxsize=None)
+def _runtime_error() -> Optional[str]:
+    """_C links its own CUDA runtime: with a driver older than that runtime it sees no device even where torch
+    (built against another CUDA) does, and every launch would fail."""
+    if _C.device_count() == 0:
+        version = _C.cuda_runtime_version()
+        return (f"_C's CUDA runtime {version // 1000}.{version % 1000 // 10} finds no usable GPU (driver older than "
+                f"that runtime?): rebuild _C with an nvcc the driver supports")
+    return None
+
+
 def cuda_device_error(device: torch.device) -> Optional[str]:
     """Why the `_C` kernels cannot run on `device`, or None."""
     if _C is None:
         return f"dcgen_kernels._C is not built ({C_IMPORT_ERROR})"
     if device.type != "cuda":
         return f"CUDA kernels need a CUDA tensor, got device {device}"
+    if _runtime_error():
+        return _runtime_error()
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     if not any(a.rstrip("af") == arch for a in compiled_archs()):

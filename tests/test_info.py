@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 import dcgen_kernels
 
@@ -28,3 +29,20 @@ def test_extension_is_built_where_required():
     from dcgen_kernels import _C
 
     assert _C.device_count() >= 0
+
+
+def test_cuda_backend_declines_a_runtime_that_sees_no_gpu(monkeypatch):
+    """_C links its own CUDA runtime: where that runtime finds no device (a driver older than it), the cuda backend
+    says so and is not chosen, whatever torch sees."""
+    import types
+
+    from dcgen_kernels import _cext
+
+    fake = types.SimpleNamespace(device_count=lambda: 0, cuda_runtime_version=lambda: 13000,
+                                 compiled_archs=lambda: ["90a"])
+    monkeypatch.setattr(_cext, "_C", fake)
+    _cext._runtime_error.cache_clear()
+    try:
+        assert "runtime 13.0 finds no usable GPU" in _cext.cuda_device_error(torch.device("cuda"))
+    finally:
+        _cext._runtime_error.cache_clear()

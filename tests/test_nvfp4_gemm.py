@@ -230,6 +230,15 @@ def run_sm120_host_emulation(C, a_packed, a_scales, a_gs, wq, lora_act, lora_up,
     return out
 
 
+def test_sm120_kernel_declines_more_rows_than_its_grid_holds():
+    """One block per 128 rows in the grid's y (<= 65535): larger M goes to another backend, not a failed launch."""
+    from dcgen_kernels.ops.nvfp4_gemm import _cuda_case_error
+
+    rows = lambda m: torch.empty(1, 32, dtype=torch.uint8).expand(m, 32)  # noqa: E731  (no memory behind it)
+    assert _cuda_case_error(rows(65535 * 128), None, None, torch.bfloat16) is None
+    assert "grid's y" in _cuda_case_error(rows(65535 * 128 + 1), None, None, torch.bfloat16)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_sm120_kernel_fragments_on_host_emulation(out_dtype):
     # The sm_120a kernel's own per-lane loads and epilogue, with the MMA emulated from the PTX fragment tables:

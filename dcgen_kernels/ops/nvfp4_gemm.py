@@ -221,12 +221,19 @@ def _cuda_sm120_error(device: torch.device) -> Optional[str]:
     return None
 
 
+# csrc/nvfp4_gemm_sm120.cu launches one block per 128 rows (kBlockM) in the grid's y, at most 65535 of them.
+_CUDA_BLOCK_M, _CUDA_GRID_Y_MAX = 128, 65535
+
+
 def _cuda_case_error(a_packed, lora_up, bias, out_dtype) -> Optional[str]:
     from .._cext import DTYPE_CODES
 
     K_pad = a_packed.shape[-1] * 2
     if K_pad % 64:
         return f"K_pad = {K_pad} is not a multiple of 64 (the MMA's K step)"
+    rows = a_packed.numel() // a_packed.shape[-1] if a_packed.shape[-1] else 0
+    if cdiv(rows, _CUDA_BLOCK_M) > _CUDA_GRID_Y_MAX:
+        return f"M = {rows} rows need more than {_CUDA_GRID_Y_MAX} blocks of {_CUDA_BLOCK_M} in the grid's y"
     if out_dtype not in DTYPE_CODES:
         return f"out_dtype {out_dtype} is not supported"
     for name, t in (("lora_up", lora_up), ("bias", bias)):
