@@ -4,6 +4,8 @@ The CPU has no CUDA graphs: `capture` is replaced by a stand-in with the same co
 replay that recomputes from the static input buffers into the SAME output tensors, as a graph overwrites its
 static outputs), so every rule of the wrapper is exercised; the real capture runs in the GPU test."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
@@ -33,8 +35,12 @@ class FakeGraphs:
 
         def replay():
             self.replays += 1
-            for buffer, fresh in zip(pytree.tree_leaves(static), pytree.tree_leaves(run())):
-                buffer.copy_(fresh)
+            # a real graph writes its outputs whatever mode they were made in (inference tensors after an
+            # inference_mode capture); the stand-in copies, which needs that mode
+            leaves = [t for t in pytree.tree_leaves(static) if isinstance(t, torch.Tensor)]
+            with torch.inference_mode() if any(t.is_inference() for t in leaves) else contextlib.nullcontext():
+                for buffer, fresh in zip(leaves, [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor)]):
+                    buffer.copy_(fresh)
             return static
         return warm, replay
 
@@ -226,3 +232,29 @@ def test_gpu_graphed_sana_step_with_padded_captions():
     got, got_padded = _eager_out(model, inputs), _eager_out(model, padded)
     assert next(iter(cuda_graph.graphed(model).graphs.values())) is not None  # captured, not eager
     assert rel_l2(got, expected) < 1e-2 and rel_l2(got_padded, expected_padded) < 1e-2
+
+
+def test_stale_graphs_are_dropped_and_capture_modes_mix(fake_graphs):
+    """A graph holds the parameters' addresses and the processors it ran: new weight storage (model.to, assign=True
+    loads, LoRA fuses) or a processor swap capture again, as does another autocast state. Buffers made under
+    inference_mode take a later no_grad call's inputs."""
+    import copy
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    with torch.inference_mode():
+        expected = model(**inputs)[0]
+    assert torch.equal(_eager_out(model, inputs), expected)  # replayed under no_grad
+    assert (fake_graphs.captures, fake_graphs.replays) == (1, 1)
+    for p in model.parameters():
+        p.data = p.data.clone()
+    _eager_out(model, inputs)
+    assert fake_graphs.captures == 2
+    attn = model.transformer_blocks[0].attn
+    attn.processor = copy.copy(attn.processor)
+    _eager_out(model, inputs)
+    _eager_out(model, inputs)
+    assert (fake_graphs.captures, fake_graphs.replays) == (3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _eager_out(model, inputs)
+    assert fake_graphs.captures == 4

@@ -106,6 +106,22 @@ def test_attention_mask_falls_back_to_diffusers_with_a_warning():
     assert all(torch.equal(a, b) for a, b in zip(out, expected))
 
 
+def test_context_parallelism_configured_after_patch_reaches_the_fallback():
+    """diffusers' enable_parallelism sets `_parallel_config` on every processor that has the attribute (0.42:
+    ModelMixin.enable_parallelism); set after patch() it reaches the kept processor and the fused op steps aside."""
+    model = dcgen_kernels.patch(tiny_flux())
+    config = object()
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):  # diffusers' own test
+            processor._parallel_config = config
+    attn = model.transformer_blocks[0].attn
+    assert isinstance(attn.processor, DCGenFluxAttnProcessor) and attn.processor.original._parallel_config is config
+    assert attn.processor._unsupported(attn, torch.randn(1, 3, 128), None) == "context parallelism is configured"
+    dcgen_kernels.unpatch(model)
+    assert model.transformer_blocks[0].attn.processor._parallel_config is config
+
+
 def test_model_without_supported_modules_is_rejected():
     with pytest.raises(ValueError, match="no supported module in Sequential.*FluxTransformer2DModel"):
         dcgen_kernels.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))

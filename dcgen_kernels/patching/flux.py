@@ -60,6 +60,25 @@ class DCGenFluxAttnProcessor:
         self.original = original
         self.backend = backend
 
+    # diffusers' enable_parallelism / set_attention_backend configure every processor that has these attributes:
+    # forwarded to the kept processor, so a context-parallel setup made after patch() reaches _unsupported (and the
+    # fallback call honours it) instead of the fused op attending over one rank's shard
+    @property
+    def _parallel_config(self):
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.original._parallel_config = value
+
+    @property
+    def _attention_backend(self):
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.original._attention_backend = value
+
     def _unsupported(self, attn, encoder_hidden_states, attention_mask) -> Optional[str]:
         if attention_mask is not None:
             return "an attention_mask was passed"
