@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    QUANT_STEP_TOL, check_record, dcgen_fallbacks, error_record, first_call, free_device_memory, rel_l2,
-    require_graph_captured, reset_dcgen_warnings,
+    QUANT_STEP_TOL, checked_first_calls, dcgen_fallbacks, error_record, free_device_memory, rel_l2,
 )
 from .timing import time_kernel_ms, time_ms
 
@@ -249,8 +248,8 @@ STEP_VARIANTS = (("patched_fp8", "fp8", False), ("patched_fp8_graph", "fp8", Tru
                  ("patched_nvfp4_graph", "nvfp4", True))
 # Seconds a step variant needs at least on an H100 (quantize or patch, Triton JIT, 8 steps); with less left of the
 # run's budget it is recorded as skipped rather than killed with the suite.
-STEP_VARIANT_MIN_S = {"stock": 30, "stock_graph": 15, "patched_fp8": 25, "patched_fp8_graph": 25, "patched": 20, "patched_graph": 20,
-                      "patched_nvfp4": 60, "patched_nvfp4_graph": 20}
+STEP_VARIANT_MIN_S = {"stock": 30, "stock_graph": 15, "patched_fp8": 25, "patched_fp8_graph": 25, "patched": 20,
+                      "patched_graph": 20, "patched_nvfp4": 60, "patched_nvfp4_graph": 20}
 
 
 def _stock_graph(model, step, stock_out, device, warmup: int, iters: int, stock_ms: float) -> dict:
@@ -260,17 +259,8 @@ def _stock_graph(model, step, stock_out, device, warmup: int, iters: int, stock_
 
     cuda_graph.enable(model)
     try:
-        reset_dcgen_warnings()
-        out, exc, messages = first_call(step)
-        if exc is not None:
-            raise exc
-        errors = {"rel_l2_first_call": rel_l2(out, stock_out)}
-        del out
-        if device.type == "cuda":
-            require_graph_captured(model, messages)
-            errors["rel_l2_replay"] = rel_l2(step(), stock_out)
-        entry = check_record(max(errors.values()), STEP_SANITY_TOL["patched"])
-        entry.update(errors, fallbacks=dcgen_fallbacks(messages), ms=time_ms(step, device, warmup, iters))
+        entry, messages = checked_first_calls(model, step, device, stock_out, STEP_SANITY_TOL["patched"], True)
+        entry.update(fallbacks=dcgen_fallbacks(messages), ms=time_ms(step, device, warmup, iters))
         entry["fraction_of_stock"] = entry["ms"] / stock_ms
         return entry
     except Exception as err:  # noqa: BLE001 - recorded; the patched variants still run
@@ -333,19 +323,8 @@ def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=
                     dcgen_kernels.patch(model, backend=backend, quant=quant, keep_original=quant is not None,
                                         cuda_graph=cuda_graph)
                     try:
-                        reset_dcgen_warnings()  # list this variant's fallbacks even if warned about before
-                        out, exc, messages = first_call(step)
-                        if exc is not None:
-                            raise exc
-                        errors = {"rel_l2_first_call": rel_l2(out, stock_out)}
-                        del out
-                        if cuda_graph and device.type == "cuda":
-                            # the capturing call returns its eager warm-up's output: check a replay too
-                            require_graph_captured(model, messages)
-                            errors["rel_l2_replay"] = rel_l2(step(), stock_out)
-                        entry = check_record(max(errors.values()), STEP_SANITY_TOL[name])
-                        if len(errors) > 1:
-                            entry.update(errors)
+                        entry, messages = checked_first_calls(model, step, device, stock_out,
+                                                              STEP_SANITY_TOL[name], cuda_graph)
                         entry["fallbacks"] = dcgen_fallbacks(messages)
                         entry["ms"] = time_ms(step, device, warmup, iters)
                         entry["weight_bytes"] = weight_bytes(model)

@@ -171,18 +171,7 @@ def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device,
         return {"unavailable": f"{type(err).__name__}: {err}"}
     try:
         report = dcgen_kernels.patch_report(model)
-        reset_dcgen_warnings()  # fallbacks warned about by an earlier variant or section are listed again
-        out, exc, messages = first_call(fn)
-        if exc is not None:
-            raise exc
-        errors = {"rel_l2_first_call": rel_l2(out, stock_out)}
-        del out
-        if cuda_graph and device.type == "cuda":
-            require_graph_captured(model, messages)
-            errors["rel_l2_replay"] = rel_l2(fn(), stock_out)
-        rec = check_record(max(errors.values()), tolerance)
-        if len(errors) > 1:
-            rec.update(errors)
+        rec, messages = checked_first_calls(model, fn, device, stock_out, tolerance, cuda_graph)
         rec["ms"] = time_ms(fn, device, warmup, iters)
         rec.update(modules_replaced=len(report.replaced), modules_skipped=len(report.skipped), report=str(report),
                    fallbacks=dcgen_fallbacks(messages))
@@ -191,14 +180,29 @@ def measure_patched(model, fn: Callable[[], torch.Tensor], device: torch.device,
         dcgen_kernels.unpatch(model)
 
 
-def require_graph_captured(model, messages: list) -> None:
-    """Raise unless patch(model, cuda_graph=True) captured a graph on its first call (it may run eagerly instead,
-    saying why in a fallback warning)."""
+def checked_first_calls(model, fn: Callable[[], torch.Tensor], device: torch.device, stock_out: torch.Tensor,
+                        tolerance: float, cuda_graph: bool):
+    """(check record, warning messages) of a variant's first call of fn and, with CUDA graphs on a GPU, of a replay
+    too: the capturing call returns its eager warm-up's output. Raises unless a graph was captured then (the model
+    may run eagerly instead, saying why in a fallback warning). The fallback warnings are reset first, so the
+    messages list this variant's even where an earlier variant or section warned."""
     from dcgen_kernels.patching.cuda_graph import graphed
 
-    wrapper = graphed(model)
-    if wrapper is None or not any(entry is not None for entry in wrapper.graphs.values()):
-        raise RuntimeError(f"no CUDA graph was captured (the step runs eagerly): {dcgen_fallbacks(messages)}")
+    reset_dcgen_warnings()
+    out, exc, messages = first_call(fn)
+    if exc is not None:
+        raise exc
+    errors = {"rel_l2_first_call": rel_l2(out, stock_out)}
+    del out
+    if cuda_graph and device.type == "cuda":
+        wrapper = graphed(model)
+        if wrapper is None or not any(entry is not None for entry in wrapper.graphs.values()):
+            raise RuntimeError(f"no CUDA graph was captured (the step runs eagerly): {dcgen_fallbacks(messages)}")
+        errors["rel_l2_replay"] = rel_l2(fn(), stock_out)
+    rec = check_record(max(errors.values()), tolerance)
+    if len(errors) > 1:
+        rec.update(errors)
+    return rec, messages
 
 
 PATCHED_VARIANTS = (("patched", "auto"), ("patched_triton", "triton"))  # what users get; Triton forced

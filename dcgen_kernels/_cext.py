@@ -44,8 +44,9 @@ def cuda_device_error(device: torch.device) -> Optional[str]:
         return f"dcgen_kernels._C is not built ({C_IMPORT_ERROR})"
     if device.type != "cuda":
         return f"CUDA kernels need a CUDA tensor, got device {device}"
-    if _runtime_error():
-        return _runtime_error()
+    runtime_error = _runtime_error()
+    if runtime_error:
+        return runtime_error
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     if not any(a.rstrip("af") == arch for a in compiled_archs()):

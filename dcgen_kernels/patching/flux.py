@@ -48,6 +48,11 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
+def _forwarded_to_original(name: str) -> property:
+    return property(lambda self: getattr(self.original, name, None),
+                    lambda self, value: setattr(self.original, name, value))
+
+
 @precomputed_call_signature
 class DCGenFluxAttnProcessor:
     """Drop-in for FluxAttnProcessor: projections, then one fused norm + RoPE + attention op.
@@ -63,21 +68,8 @@ class DCGenFluxAttnProcessor:
     # diffusers' enable_parallelism / set_attention_backend configure every processor that has these attributes:
     # forwarded to the kept processor, so a context-parallel setup made after patch() reaches _unsupported (and the
     # fallback call honours it) instead of the fused op attending over one rank's shard
-    @property
-    def _parallel_config(self):
-        return getattr(self.original, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value):
-        self.original._parallel_config = value
-
-    @property
-    def _attention_backend(self):
-        return getattr(self.original, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, value):
-        self.original._attention_backend = value
+    _parallel_config = _forwarded_to_original("_parallel_config")
+    _attention_backend = _forwarded_to_original("_attention_backend")
 
     def _unsupported(self, attn, encoder_hidden_states, attention_mask) -> Optional[str]:
         if attention_mask is not None:
