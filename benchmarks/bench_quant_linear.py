@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    QUANT_STEP_TOL, checked_first_calls, dcgen_fallbacks, error_record, free_device_memory, rel_l2,
+    QUANT_STEP_TOL, checked_first_calls, dcgen_fallbacks, error_record, free_device_memory, measure_stock_graph, rel_l2,
 )
 from .timing import time_kernel_ms, time_ms
 
@@ -252,23 +252,6 @@ STEP_VARIANT_MIN_S = {"stock": 30, "stock_graph": 15, "patched_fp8": 25, "patche
                       "patched_graph": 20, "patched_nvfp4": 60, "patched_nvfp4_graph": 20}
 
 
-def _stock_graph(model, step, stock_out, device, warmup: int, iters: int, stock_ms: float) -> dict:
-    """The unpatched step replayed as one CUDA graph: launch savings alone, so the patched graph variants' gain over
-    it is the kernels' own. A reference row, not a target (the issue's baseline is stock eager)."""
-    from dcgen_kernels.patching import cuda_graph
-
-    cuda_graph.enable(model)
-    try:
-        entry, messages = checked_first_calls(model, step, device, stock_out, STEP_SANITY_TOL["patched"], True)
-        entry.update(fallbacks=dcgen_fallbacks(messages), ms=time_ms(step, device, warmup, iters))
-        entry["fraction_of_stock"] = entry["ms"] / stock_ms
-        return entry
-    except Exception as err:  # noqa: BLE001 - recorded; the patched variants still run
-        return error_record(err)
-    finally:
-        cuda_graph.disable(model)
-
-
 def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=None, time_left=None) -> dict:
     """Fills `rec` (calling saved() after every variant); time_left(): seconds left of the run's budget or None."""
     import dcgen_kernels
@@ -307,8 +290,8 @@ def _bench_step(cfg: Config, device: torch.device, tiny: bool, rec: dict, saved=
             rec["stock"] = {"ms": time_ms(step, device, warmup, iters), "weight_bytes": weight_bytes(model)}
             if saved:
                 saved()
-            rec["stock_graph"] = short_of_time("stock_graph") or _stock_graph(model, step, stock_out, device, warmup,
-                                                                                  iters, rec["stock"]["ms"])
+            rec["stock_graph"] = short_of_time("stock_graph") or measure_stock_graph(
+                model, step, device, warmup, iters, stock_out, STEP_SANITY_TOL["patched"], rec["stock"]["ms"])
             for index, (name, quant, cuda_graph) in enumerate(STEP_VARIANTS):
                 # an NVFP4 model stays quantized for the next variant with the same quant (re-patching is cheap)
                 keep = quant == "nvfp4" and index + 1 < len(STEP_VARIANTS) and STEP_VARIANTS[index + 1][1] == quant

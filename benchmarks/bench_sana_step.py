@@ -10,7 +10,8 @@ encoder_attention_mask of ones (the stock path still hands SDPA the float bias b
 Tiny mode: a 2-layer fp32 model on the CPU at toy shapes.
 
 `run` (eager section): stock, the noise floor (patch(model, backend="reference") vs stock: bf16 noise of the
-stock path grown through the blocks), patched (backend auto, what users get), patched_triton, patched_graph
+stock path grown through the blocks), stock_graph (the unpatched step replayed as a CUDA graph: a reference row for
+what graphs alone save), patched (backend auto, what users get), patched_triton, patched_graph
 (patch(cuda_graph=True): the step replayed as one CUDA graph) and patched_fp8_graph (also quant="fp8": the block
 linears in FP8). The check allows max(2e-2, twice the noise floor), for fp8 common.QUANT_STEP_TOL. Then one
 profiled step of stock and of patched (kernel_profile: GPU kernel ms by class, the costliest kernels, the costliest
@@ -29,7 +30,8 @@ import torch
 
 
 from .common import (ANCHOR_LABEL, build_module, check_record, error_record, free_device_memory,
-                     noise_floor_tolerance, STEP_VARIANTS, record_patched_variants, reference_noise_floor, rel_l2)
+                     measure_stock_graph, noise_floor_tolerance, STEP_VARIANTS, record_patched_variants,
+                     reference_noise_floor, rel_l2)
 from .timing import profile_gemm_shapes, profile_kernels, time_ms, wall_s
 
 STEP_TOL = 2e-2
@@ -133,6 +135,8 @@ def run(device: torch.device, tiny: bool, anchors=None, progress=None) -> dict:
                     rec["stock"][ANCHOR_LABEL] = anchors[shape.anchor_key]
                 rec["noise_floor"] = reference_noise_floor(model, step, stock_out)
                 tolerance = noise_floor_tolerance(rec["noise_floor"], STEP_TOL)
+                rec["stock_graph"] = measure_stock_graph(model, step, device, shape.warmup, shape.iters, stock_out,
+                                                         tolerance, rec["stock"]["ms"])
                 record_patched_variants(rec, model, step, device, shape.warmup, shape.iters, stock_out, tolerance,
                                         SANA_STEP_VARIANTS)
                 rec["kernel_profile"] = kernel_profiles(model, step, device)

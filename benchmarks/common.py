@@ -205,6 +205,26 @@ def checked_first_calls(model, fn: Callable[[], torch.Tensor], device: torch.dev
     return rec, messages
 
 
+def measure_stock_graph(model, fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int,
+                        stock_out: torch.Tensor, tolerance: float, stock_ms: float) -> dict:
+    """The unpatched step replayed as one CUDA graph: launch savings alone, so the patched graph variants' gain over
+    it is the kernels' own. A reference row, not a target (the issues' baseline is stock eager)."""
+    from dcgen_kernels.patching import cuda_graph
+
+    from .timing import time_ms
+
+    cuda_graph.enable(model)
+    try:
+        rec, messages = checked_first_calls(model, fn, device, stock_out, tolerance, True)
+        rec.update(fallbacks=dcgen_fallbacks(messages), ms=time_ms(fn, device, warmup, iters))
+        rec["fraction_of_stock"] = rec["ms"] / stock_ms
+        return rec
+    except Exception as err:  # noqa: BLE001 - recorded; the patched variants still run
+        return error_record(err)
+    finally:
+        cuda_graph.disable(model)
+
+
 PATCHED_VARIANTS = (("patched", "auto"), ("patched_triton", "triton"))  # what users get; Triton forced
 # Model steps: also patch(model, cuda_graph=True), the step replayed as one CUDA graph
 STEP_VARIANTS = PATCHED_VARIANTS + (("patched_graph", "auto", True),)

@@ -549,8 +549,8 @@ def dcgen_tables(report: dict, ran: set) -> list:
         step = rec.get("flux_step", {})
         lines.append(f"  FLUX-12B step, {step.get('image_tokens')} image tokens ('_graph': patch(cuda_graph=True))\n"
                      f"    {'variant':<22}{'ms':>9}{'x stock':>9}{'weights GiB':>12}{'rel-L2':>9}{'check':>7}")
-        for name in ("stock", "patched", "patched_graph", "patched_fp8", "patched_fp8_graph", "patched_nvfp4",
-                     "patched_nvfp4_graph"):
+        for name in ("stock", "stock_graph", "patched", "patched_graph", "patched_fp8", "patched_fp8_graph",
+                     "patched_nvfp4", "patched_nvfp4_graph"):
             v = step.get(name)
             if isinstance(v, dict):
                 frac = v.get("fraction_of_stock")
@@ -632,7 +632,8 @@ def _step_row(key: str, name: str, rec: dict, width: int) -> str:
         return row + status
     anchor = rec.get(ANCHOR_LABEL)
     anchor_ms = anchor.get("ms") if isinstance(anchor, dict) else anchor
-    return (row + f"{_fmt(rec.get('ms'), '.2f', 9)}{_fmt(rec.get('speedup_vs_stock'), '.2f', 9)}"
+    speedup = rec.get("speedup_vs_stock") or (1 / rec["fraction_of_stock"] if rec.get("fraction_of_stock") else None)
+    return (row + f"{_fmt(rec.get('ms'), '.2f', 9)}{_fmt(speedup, '.2f', 9)}"
             f"{_fmt(rec.get('rel_l2_vs_stock'), '.1e', 9)}{rec.get('check', ''):>7}"
             f"{_fmt(rec.get('compile_s'), '.1f', 11)}{_fmt(anchor_ms, '.1f', 11)}")
 
@@ -727,7 +728,7 @@ def sana_step_table(report: dict) -> list:
         if "error" in size:
             lines.append(f"  {key:<14}{_status(size)}")
         floor = size.get("noise_floor", {}).get("rel_l2_reference_backend_vs_stock")
-        for name in ("stock", "patched", "patched_triton", "patched_graph", "patched_fp8_graph"):
+        for name in ("stock", "stock_graph", "patched", "patched_triton", "patched_graph", "patched_fp8_graph"):
             if name in size:
                 lines.append(_step_row(key, name, size[name], 14))
         if "torch_compile" in csize:

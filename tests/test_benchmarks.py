@@ -613,6 +613,27 @@ def test_sana_step_kernel_profiles_leave_the_model_unpatched():
     assert all(ms > 0 and calls >= 1 for p in profiles.values() for _, _, ms, calls in p["gemm_by_shape"])
 
 
+def test_stock_graph_row_checks_stock_and_restores_the_forward():
+    from benchmarks import bench_sana_step
+    from benchmarks.common import measure_stock_graph
+    from dcgen_kernels.patching import cuda_graph
+
+    cfg = bench_sana_step.TINY
+    model = bench_sana_step.build_model(cfg, cfg.shapes[0], torch.device("cpu"))
+    x = bench_sana_step.make_inputs(cfg, cfg.shapes[0], torch.device("cpu"))
+    step = lambda: model(**x)[0]  # noqa: E731
+    with torch.no_grad():
+        stock_out = step()
+        rec = measure_stock_graph(model, step, torch.device("cpu"), 0, 1, stock_out, 1e-5, 2.0)
+        assert rec["check"] == "ok" and rec["fraction_of_stock"] == pytest.approx(rec["ms"] / 2.0), rec
+        assert any("without CUDA graphs" in m for m in rec["fallbacks"]), rec  # on the CPU it runs eagerly
+        assert cuda_graph.graphed(model) is None and "forward" not in model.__dict__
+        wrong = measure_stock_graph(model, step, torch.device("cpu"), 0, 1, stock_out + 1, 1e-5, 2.0)
+    assert wrong["check"] == "FAILED", wrong
+    row = run.sana_step_table({"sana_step": {"sizes": {"s": {"stock": {"ms": 2.0}, "stock_graph": rec}}}})[-1]
+    assert row.split()[:2] == ["s", "stock_graph"] and float(row.split()[3]) == pytest.approx(2.0 / rec["ms"], 0.01)
+
+
 def test_tiny_host_overhead_times_each_route_of_each_op(tmp_path):
     out = tmp_path / "host.json"
     rc = run.main(["--tiny", "--sections", "host_overhead", "--out", str(out)])
