@@ -97,7 +97,7 @@ dcgen::QkNormRopeParams make_params(uintptr_t x_ptr, uintptr_t weight_ptr, uintp
 
   dcgen::QkNormRopeParams p;
   p.x = reinterpret_cast<const void*>(x_ptr);
-  p.weight = reinterpret_cast<const void*>(weight_ptr);
+  p.weight = reinterpret_cast<const float*>(weight_ptr);
   p.cos = reinterpret_cast<const float*>(cos_ptr);
   p.sin = reinterpret_cast<const float*>(sin_ptr);
   p.out = reinterpret_cast<void*>(out_ptr);
@@ -212,9 +212,9 @@ PYBIND11_MODULE(_C, m) {
         "dict(name, major, minor, multiprocessor_count, total_memory, l2_cache_bytes); RuntimeError on failure.");
 
   const char* kQkDoc =
-      "Per-head RMSNorm (fp32 math, optional weight in x's dtype) then FLUX RoPE (optional fp32 cos/sin "
+      "Per-head RMSNorm (fp32 math, optional fp32 weight [D]) then FLUX RoPE (optional fp32 cos/sin "
       "[rows, D], row rope_offset + s) on x[b, s, h, :D] -> out. Strides in elements, last dim contiguous. "
-      "dtype: 0 float32, 1 bfloat16, 2 float16 (x, weight, out). Pass 0 for an absent weight/cos/sin.";
+      "dtype: 0 float32, 1 bfloat16, 2 float16 (x, out). Pass 0 for an absent weight/cos/sin.";
   m.def("qk_norm_rope", &qk_norm_rope, py::arg("x_ptr"), py::arg("weight_ptr"), py::arg("cos_ptr"),
         py::arg("sin_ptr"), py::arg("out_ptr"), py::arg("B"), py::arg("S"), py::arg("H"), py::arg("D"),
         py::arg("xsb"), py::arg("xss"), py::arg("xsh"), py::arg("osb"), py::arg("oss"), py::arg("osh"),

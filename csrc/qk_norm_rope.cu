@@ -98,14 +98,11 @@ __host__ __device__ inline int chunk_len(int64_t D, int d0, int chunk) {
   return left <= 0 ? 0 : (left < chunk ? static_cast<int>(left) : chunk);
 }
 
-// Lane's weight chunk in fp32 (1.0 without affine: multiplying by 1 is exact).
-template <typename T, int CHUNK, bool VEC>
+// Lane's weight chunk (fp32, as the reference multiplies; 1.0 without affine: multiplying by 1 is exact).
+template <int CHUNK, bool VEC>
 __host__ __device__ inline void lane_weight(const QkNormRopeParams& p, int d0, int n, float (&w)[CHUNK]) {
   if (p.weight != nullptr) {
-    T raw[CHUNK];
-    load_chunk<T, CHUNK, VEC>(static_cast<const T*>(p.weight) + d0, n, raw);
-#pragma unroll
-    for (int i = 0; i < CHUNK; ++i) w[i] = to_float(raw[i]);
+    load_chunk<float, CHUNK, VEC>(p.weight + d0, n, w);
   } else {
 #pragma unroll
     for (int i = 0; i < CHUNK; ++i) w[i] = 1.0f;
@@ -170,7 +167,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock) qk_norm_rope_kerne
   const int d0 = lane * CHUNK;
   const int n = chunk_len(p.D, d0, CHUNK);
   float w[CHUNK];
-  lane_weight<T, CHUNK, VEC>(p, d0, n, w);  // row-independent: loaded once per warp
+  lane_weight<CHUNK, VEC>(p, d0, n, w);  // row-independent: loaded once per warp
 
   const int64_t groups = (p.H + kHeadsPerWarp - 1) / kHeadsPerWarp;
   const int64_t n_items = p.B * p.S * groups;
@@ -214,7 +211,7 @@ void host_rows(const QkNormRopeParams& p) {
   int n[kWarpSize];
   for (int lane = 0; lane < kWarpSize; ++lane) {
     n[lane] = chunk_len(p.D, lane * CHUNK, CHUNK);
-    lane_weight<T, CHUNK, false>(p, lane * CHUNK, n[lane], w[lane]);
+    lane_weight<CHUNK, false>(p, lane * CHUNK, n[lane], w[lane]);
   }
   float c[kWarpSize][CHUNK] = {}, sn[kWarpSize][CHUNK] = {};
   for (int64_t b = 0; b < p.B; ++b) {
@@ -255,7 +252,7 @@ bool can_vectorize(const QkNormRopeParams& p) {
   if (kBytes & (kBytes - 1)) return false;  // CHUNK 6: 12/24-byte chunks, scalar path
   const int64_t a = std::min<int64_t>(kBytes, 16), af = std::min<int64_t>(kFloatBytes, 16);
   const int64_t e = sizeof(T);
-  bool ok = aligned(p.x, a) && aligned(p.out, a) && (p.weight == nullptr || aligned(p.weight, a));
+  bool ok = aligned(p.x, a) && aligned(p.out, a) && (p.weight == nullptr || aligned(p.weight, af));
   for (int64_t st : {p.xsb, p.xss, p.xsh, p.osb, p.oss, p.osh}) ok = ok && (st * e) % a == 0;
   if (p.cos != nullptr) ok = ok && aligned(p.cos, af) && aligned(p.sin, af) && (p.D * 4) % af == 0;
   return ok;

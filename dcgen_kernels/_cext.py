@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 from typing import Optional
@@ -56,9 +55,3 @@ def cuda_device_error(device: torch.device) -> Optional[str]:
 
 def stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def on_device(device: torch.device):
-    """Make `device` current for a `_C` launch (the kernels go to the current device, the stream is `device`'s); a
-    no-op for the host entry points the CPU tests call."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -145,14 +145,14 @@ def test_misaligned_views_fall_back():
 
 @pytest.mark.skipif(_cext._C is None, reason="dcgen_kernels._C not built")
 def test_cuda_path_plumbing_with_host_kernel(monkeypatch):
-    """The cuda path's buffers, row offsets and SDPA call, on CPU: the CUDA launch is swapped for `_C`'s host
-    entry point, which runs the same row function on host memory."""
-    def host_launch(x, weight, cos, sin, eps, rope_offset, out):
-        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        _cext._C.qk_norm_rope_host(x.data_ptr(), ptr(weight), ptr(cos), ptr(sin), out.data_ptr(), *x.shape,
-                                   *x.stride()[:3], *out.stride()[:3], rope_offset, eps, _cext.DTYPE_CODES[x.dtype])
+    """The cuda path's buffers, row offsets and SDPA call, on CPU: `_C`'s CUDA launch is swapped for its host
+    entry point, which runs the same row function on host memory (the launcher's argument preparation runs)."""
+    def host_launch(*args):
+        *pointers_and_sizes, _stream = args
+        _cext._C.qk_norm_rope_host(*pointers_and_sizes)
 
-    monkeypatch.setattr(sys.modules["dcgen_kernels.ops.qk_norm_rope"], "_launch_cuda", host_launch)
+    monkeypatch.setattr(_cext._C, "qk_norm_rope", host_launch)
+    monkeypatch.setattr(_cext, "stream_handle", lambda device: 0)
     for S_txt in (7, 0):
         args = make_inputs(S_txt=S_txt, dtype=torch.float16)
         out = flux_attention_module._launch_cuda(**args)

@@ -230,13 +230,17 @@ def run_sm120_host_emulation(C, a_packed, a_scales, a_gs, wq, lora_act, lora_up,
     return out
 
 
-def test_sm120_kernel_declines_more_rows_than_its_grid_holds():
-    """One block per 128 rows in the grid's y (<= 65535): larger M goes to another backend, not a failed launch."""
+def test_sm120_kernel_declines_cases_its_binding_rejects():
+    """One block per 128 rows in the grid's y (<= 65535): larger M goes to another backend, not a failed launch;
+    likewise an empty K."""
     from dcgen_kernels.ops.nvfp4_gemm import _cuda_case_error
 
     rows = lambda m: torch.empty(1, 32, dtype=torch.uint8).expand(m, 32)  # noqa: E731  (no memory behind it)
     assert _cuda_case_error(rows(65535 * 128), None, None, torch.bfloat16) is None
     assert "grid's y" in _cuda_case_error(rows(65535 * 128 + 1), None, None, torch.bfloat16)
+    # the binding rejects K = 0: the op falls back instead of raising
+    assert "positive multiple of 64" in _cuda_case_error(torch.empty(4, 0, dtype=torch.uint8), None, None,
+                                                         torch.bfloat16)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])

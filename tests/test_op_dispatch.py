@@ -1,5 +1,9 @@
 """ops/_common.call_op: plain eager inference skips the custom-op dispatcher; everything else still goes through it."""
 
+import contextlib
+import importlib
+import pkgutil
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -88,3 +92,23 @@ def test_direct_and_dispatched_calls_agree_under_autocast(direct_calls):
             dispatched = gated_residual(residual, gate, x)
     assert len(direct_calls) == 1
     torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
+
+
+def test_ops_run_on_their_inputs_gpu(monkeypatch):
+    """Triton launches on the current device: an op whose inputs are on cuda:1 while cuda:0 is current makes cuda:1
+    current around its implementation (fake CUDA tensors stand in for a second GPU)."""
+    from dcgen_kernels.ops._common import on_inputs_device
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    run = on_inputs_device(lambda *args: "ran")
+    with FakeTensorMode():
+        on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    assert run(None, 3, on_1, on_0) == "ran" and entered == [torch.device("cuda:1")]
+    assert run(on_0, on_1) == "ran" and run(torch.empty(2), 3) == "ran" and len(entered) == 1
+    modules = [importlib.import_module(f"dcgen_kernels.ops.{info.name}")
+               for info in pkgutil.iter_modules(importlib.import_module("dcgen_kernels.ops").__path__)]
+    registered = {op._qualname: op for module in modules for op in vars(module).values() if hasattr(op, "eager_impl")}
+    assert len(registered) >= 20, sorted(registered)
+    assert all(getattr(op.eager_impl, "__wrapped__", None) for op in registered.values())

@@ -3,6 +3,7 @@ fp32 reference."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -98,10 +99,28 @@ def timed_choice(op: str, key: tuple, candidates: Dict[str, Callable[[], object]
     return choices[key]["picked"]
 
 
+def on_inputs_device(fn: Callable) -> Callable:
+    """fn run with its first CUDA tensor argument's GPU current: Triton launches on the current device and its
+    stream, whatever device the pointers are on (a model on cuda:1 while cuda:0 is current would fail or run out of
+    order with the work that made its inputs)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+        if device is None or device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def custom_op(name: str):
-    """Decorator: `torch.library.custom_op(name, mutates_args=())` that keeps the Python implementation for call_op."""
+    """Decorator: `torch.library.custom_op(name, mutates_args=())` that keeps the Python implementation for call_op;
+    both run on their inputs' GPU (on_inputs_device)."""
 
     def register(fn: Callable):
+        fn = on_inputs_device(fn)
         op = torch.library.custom_op(name, mutates_args=())(fn)
         op.eager_impl = fn
         return op

@@ -229,8 +229,8 @@ def _cuda_case_error(a_packed, lora_up, bias, out_dtype) -> Optional[str]:
     from .._cext import DTYPE_CODES
 
     K_pad = a_packed.shape[-1] * 2
-    if K_pad % 64:
-        return f"K_pad = {K_pad} is not a multiple of 64 (the MMA's K step)"
+    if K_pad == 0 or K_pad % 64:
+        return f"K_pad = {K_pad} is not a positive multiple of 64 (the MMA's K step)"
     rows = a_packed.numel() // a_packed.shape[-1] if a_packed.shape[-1] else 0
     if cdiv(rows, _CUDA_BLOCK_M) > _CUDA_GRID_Y_MAX:
         return f"M = {rows} rows need more than {_CUDA_GRID_Y_MAX} blocks of {_CUDA_BLOCK_M} in the grid's y"
@@ -243,7 +243,7 @@ def _cuda_case_error(a_packed, lora_up, bias, out_dtype) -> Optional[str]:
 
 
 def _launch_cuda(a_packed, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, lora_up, bias, out) -> None:
-    from .._cext import DTYPE_CODES, _C, on_device, stream_handle
+    from .._cext import DTYPE_CODES, _C, stream_handle
 
     # Every copy is bound to a name: a temporary freed before the launch could be reused by the next allocation.
     a2, as2 = _rows(a_packed).contiguous(), _rows(a_scales.view(torch.uint8)).contiguous()
@@ -254,11 +254,10 @@ def _launch_cuda(a_packed, a_scales, a_gs, w_packed, w_scales, w_gs, lora_act, l
     la = _rows(lora_act).float().contiguous() if R else None
     up = lora_up.contiguous() if R else None
     bias = bias.contiguous() if bias is not None else None
-    with on_device(out.device):
-        _C.nvfp4_gemm_sm120(
-            a2.data_ptr(), as2.data_ptr(), w2.data_ptr(), ws2.data_ptr(), a_gs.data_ptr(), w_gs.data_ptr(),
-            la.data_ptr() if R else 0, up.data_ptr() if R else 0, bias.data_ptr() if bias is not None else 0,
-            out2.data_ptr(), M, N, a2.shape[1] * 2, R, DTYPE_CODES[out.dtype], stream_handle(out.device))
+    _C.nvfp4_gemm_sm120(
+        a2.data_ptr(), as2.data_ptr(), w2.data_ptr(), ws2.data_ptr(), a_gs.data_ptr(), w_gs.data_ptr(),
+        la.data_ptr() if R else 0, up.data_ptr() if R else 0, bias.data_ptr() if bias is not None else 0,
+        out2.data_ptr(), M, N, a2.shape[1] * 2, R, DTYPE_CODES[out.dtype], stream_handle(out.device))
 
 
 # ----------------------------------------------------------------------------------------------- custom ops

@@ -104,19 +104,18 @@ def _launch_triton(x, weight, cos, sin, eps, rope_offset, out) -> None:
 
 def _launch_cuda(x, weight, cos, sin, eps, rope_offset, out) -> None:
     B, S, H, D = x.shape
-    if weight is not None:  # the kernel reads it with stride 1, in x's dtype
-        weight = weight.to(x.dtype).contiguous()
+    if weight is not None:  # the kernel reads it in fp32 (as the reference multiplies), with stride 1
+        weight = weight.float().contiguous()
     if cos is not None:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    with _cext.on_device(x.device):
-        _cext._C.qk_norm_rope(
-            x.data_ptr(), ptr(weight), ptr(cos), ptr(sin), out.data_ptr(),
-            B, S, H, D,
-            x.stride(0), x.stride(1), x.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            rope_offset, eps, _cext.DTYPE_CODES[x.dtype], _cext.stream_handle(x.device),
-        )
+    _cext._C.qk_norm_rope(
+        x.data_ptr(), ptr(weight), ptr(cos), ptr(sin), out.data_ptr(),
+        B, S, H, D,
+        x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        rope_offset, eps, _cext.DTYPE_CODES[x.dtype], _cext.stream_handle(x.device),
+    )
 
 
 
