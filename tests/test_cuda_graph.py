@@ -194,6 +194,44 @@ def test_sana_graphs_are_keyed_by_the_caption_masks_plan(fake_graphs, monkeypatc
         assert rel_l2(got[0], want) < 1e-6
 
 
+def test_capture_and_replay_run_on_the_models_gpu(monkeypatch):
+    """torch.cuda.graph and CUDAGraph.replay use the current device's streams: a model on cuda:1 while cuda:0 is
+    current is captured and replayed with cuda:1 current (torch.cuda's stream and graph calls are stood in for)."""
+    current = [torch.device("cuda:0")]
+    events = []
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(torch.device(d))
+        try:
+            yield
+        finally:
+            current.pop()
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            events.append(("replay", current[-1]))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    warm, replay = cuda_graph.capture(lambda: events.append(("run", current[-1])) or len(events),
+                                      torch.device("cuda:1"))
+    assert replay() == 2 and warm == 1
+    assert events == [("run", torch.device("cuda:1"))] * 2 + [("replay", torch.device("cuda:1"))]
+    assert current == [torch.device("cuda:0")]
+
+
 def test_bad_cuda_graph_arguments():
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         dcgen_kernels.patch(tiny_flux(), cuda_graph="yes")

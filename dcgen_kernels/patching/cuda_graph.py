@@ -90,21 +90,24 @@ class CaptureError(RuntimeError):
 def capture(run: Callable[[], object], device: torch.device):
     """(warm-up output, replay) for `run()`, which reads the static input buffers: one eager run on a side stream
     (lazy initialisations stay out of the graph, as torch.cuda.graph requires), then the capture. replay() ->
-    the graph's static outputs. Raises CaptureError carrying the warm-up output when the capture fails."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        warm = run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            static_out = run()
-    except Exception as err:  # noqa: BLE001 - e.g. an op that synchronises with the host
-        raise CaptureError(err, warm) from err
+    the graph's static outputs. Raises CaptureError carrying the warm-up output when the capture fails. Capture and
+    replays run with `device` current: both use the current device's streams, wherever the model lives."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            warm = run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_out = run()
+        except Exception as err:  # noqa: BLE001 - e.g. an op that synchronises with the host
+            raise CaptureError(err, warm) from err
 
     def replay():
-        graph.replay()
+        with torch.cuda.device(device):
+            graph.replay()
         return static_out
     return warm, replay
 
