@@ -26,9 +26,28 @@ _warned: set[str] = set()
 
 
 def warn_once(key: str, message: str) -> None:
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace warnings.warn (fullgraph=True would fail): warn while the call is traced instead.
+        from torch._dynamo.comptime import comptime
+
+        comptime(_warn_once_while_tracing)
+    else:
+        _warn_once(key, message)
+
+
+def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _warn_once_while_tracing(ctx) -> None:
+    """comptime callback: Dynamo runs it with warn_once's frame as the traced one."""
+    try:
+        key, message = (ctx.get_local(name).as_python_constant() for name in ("key", "message"))
+    except Exception:  # noqa: BLE001 - a message made of symbolic values: nothing to say at trace time
+        return
+    _warn_once(key, message)
 
 
 def triton_interpreter_enabled() -> bool:

@@ -104,6 +104,35 @@ def test_sana_patched_model_compiles_without_graph_breaks():
     assert rel_l2(run_sana(compiled, inputs), expected) < 1e-5
 
 
+def test_sana_fallback_compiles_fullgraph_and_warns_while_traced(monkeypatch):
+    """Dynamo cannot trace warnings.warn: a fallback (here a LoRA on the Mix-FFN's conv) warns at trace time."""
+    from dcgen_kernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    model, inputs = add_lora(tiny_sana(), ["conv_inverted"]), tiny_sana_inputs()
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert rel_l2(run_sana(compiled, inputs), expected) < 1e-5
+        run_sana(compiled, inputs)
+    messages = [str(w.message) for w in caught if "conv_inverted is peft" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+
+
+def test_patched_sana_and_dcae_run_on_the_meta_device():
+    """Shape inference on meta tensors, as with stock diffusers (meta has no autocast state to ask)."""
+    inputs = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in tiny_sana_inputs().items()}
+    stock = run_sana(tiny_sana().to("meta"), inputs)
+    patched = run_sana(dcgen_kernels.patch(tiny_sana(), backend="reference").to("meta"), inputs)
+    assert patched.is_meta and patched.shape == stock.shape
+    latent = torch.empty(1, 8, 5, 6, device="meta")
+    stock = decode(tiny_dcae().to("meta"), latent)
+    patched = decode(dcgen_kernels.patch(tiny_dcae(), backend="reference").to("meta"), latent)
+    assert patched.is_meta and patched.shape == stock.shape
+
+
 def test_sana_gradients_match_stock():
     assert_patch_keeps_gradients(tiny_sana(), tiny_sana_inputs())
 

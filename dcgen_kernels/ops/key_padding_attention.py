@@ -109,6 +109,8 @@ def _summary(attn_mask: torch.Tensor) -> list:
 
 
 def _plan(attn_mask: torch.Tensor) -> _Plan:
+    if attn_mask.is_meta:  # no values to plan with: diffusers' masked call (shapes only)
+        return _Plan(keys=None, masked=True)
     padding, same_keys, min_kept, max_end, all_prefix = _summary(attn_mask)
     S_kv = attn_mask.shape[-1]
     if not padding or min_kept == 0:
