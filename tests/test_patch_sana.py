@@ -300,6 +300,24 @@ def test_sana_successor_normalises_a_changed_input_itself(monkeypatch):
             assert rel_l2(got, stock(second, x, timestep=second_step, **args)) < 1e-5
 
 
+def test_forward_stopped_between_blocks_leaves_a_picklable_model():
+    """A block called alone (or a forward interrupted after it) leaves its hand-over unused: off the module state,
+    so torch.save and deepcopy still work and the successor's next call normalises its input itself."""
+    import copy
+    import io
+
+    model = dcgen_kernels.patch(tiny_sana(), backend="reference")
+    first, second = model.transformer_blocks
+    args = dict(encoder_hidden_states=torch.randn(2, 5, 64), timestep=torch.randn(2, 6 * 64), height=6, width=7)
+    with torch.no_grad():
+        first(torch.randn(2, 42, 64), **args)
+    torch.save(model, io.BytesIO())
+    copy.deepcopy(model)
+    x = torch.randn(2, 42, 64)
+    with torch.no_grad():
+        assert rel_l2(second(x, **args), type(second).forward(second, x, **args)) < 1e-5
+
+
 def test_processors_give_diffusers_their_own_call_signature(monkeypatch):
     """diffusers' attention modules filter keyword arguments by inspect.signature(processor.__call__) on every call;
     the signature the processors store is their method's own parameters (self dropped), so that filtering and its

@@ -285,7 +285,9 @@ def _norm1(block, hidden_states, scale, shift, backend):
 # ops), and not under torch.inference_mode (its tensors carry no version counter; diffusers' pipelines run under
 # torch.no_grad).
 _SUCCESSOR_ATTR = "_dcgen_successor"  # the next SanaTransformerBlock of the same ModuleList (a plain attribute)
-_HANDED_OVER_ATTR = "_dcgen_handed_over_norm1"
+# successor block -> what it was handed: kept off the module (a forward that stops between blocks would leave
+# weak references in its state, which torch.save cannot pickle)
+_handed_over: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _successor_taking_norm1(block, hidden_states, ff, timestep):
@@ -311,15 +313,16 @@ def _hand_over_norm1(successor, hidden_states, gate, ff, timestep, backend):
     else:
         total, norm = gated_residual_ada_layer_norm_modulate(hidden_states, gate, ff, scale, shift,
                                                              eps=successor.norm1.eps, backend=backend)
-    successor.__dict__[_HANDED_OVER_ATTR] = (weakref.ref(total), total._version, weakref.ref(timestep),
-                                             timestep._version, norm)
+    _handed_over[successor] = (weakref.ref(total), total._version, weakref.ref(timestep), timestep._version, norm)
     return total
 
 
 def _handed_over_norm1(block, hidden_states, timestep):
     """The norm1 rows the previous block left, if this call is on exactly the tensors they were made from."""
-    handed = block.__dict__.pop(_HANDED_OVER_ATTR, None)
-    if handed is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # never handed over then (nor traced by dynamo)
+        return None
+    handed = _handed_over.pop(block, None)
+    if handed is None:
         return None
     total, total_version, step, step_version, norm = handed
     if total() is hidden_states and hidden_states._version == total_version and step() is timestep \
@@ -339,7 +342,7 @@ def _link_blocks(blocks: torch.nn.ModuleList, block_class) -> None:
 def _unlink_blocks(blocks: torch.nn.ModuleList) -> None:
     for block in blocks:
         block.__dict__.pop(_SUCCESSOR_ATTR, None)
-        block.__dict__.pop(_HANDED_OVER_ATTR, None)
+        _handed_over.pop(block, None)
 
 
 @stock_for_other_dtypes
