@@ -144,3 +144,57 @@ def test_accelerate_and_diffusers_hooks_keep_wrapping_the_patched_forward(monkey
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], expected)
     assert accelerate_hook.calls == diffusers_hook.calls == 2
+
+
+def _hooked_run(model, inputs, register):
+    """(output, hook calls) of `model` with the hooks `register(model, calls)` adds."""
+    calls = []
+    register(model, calls)
+    with torch.no_grad():
+        return model(**inputs)[0], calls
+
+
+def _scale_output(calls, name):
+    return lambda module, args, out: calls.append(name) or out * 0.5
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_hooks_on_submodules_the_fused_code_computes_run(family):
+    """A patched block or processor computes some submodules itself (norms, FeedForward / GLUMBConv, FLUX's Q/K
+    RMSNorms): where one of them has hooks, diffusers' code runs that call, so the hooks run and change the output
+    exactly as in the stock model (warned once)."""
+    if family == "flux":
+        model, inputs = tiny_flux(), tiny_flux_inputs()
+
+        def register(m, calls):
+            m.transformer_blocks[0].ff.register_forward_hook(_scale_output(calls, "ff"))
+            m.transformer_blocks[0].attn.norm_q.register_forward_hook(_scale_output(calls, "norm_q"))
+            m.single_transformer_blocks[0].act_mlp.register_forward_hook(_scale_output(calls, "act_mlp"))
+    else:
+        model, inputs = tiny_sana(), tiny_sana_inputs()
+
+        def register(m, calls):
+            m.transformer_blocks[0].ff.register_forward_hook(_scale_output(calls, "ff"))
+            m.transformer_blocks[1].norm2.register_forward_hook(_scale_output(calls, "norm2"))
+
+    stock, stock_calls = _hooked_run(copy.deepcopy(model), inputs, register)
+    dcgen_kernels.patch(model, backend="reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patched, patched_calls = _hooked_run(model, inputs, register)
+    assert sorted(patched_calls) == sorted(stock_calls) and len(stock_calls) >= 2
+    assert rel_l2(patched, stock) < 1e-5
+    assert any("has torch forward hooks" in str(w.message) for w in caught)
+
+
+def test_diffusers_feed_forward_layer_skip_applies_to_patched_flux():
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    stock = copy.deepcopy(model)
+    dcgen_kernels.patch(model, backend="reference")
+    config = LayerSkipConfig(indices=[0], fqn="transformer_blocks", skip_ff=True, skip_attention=False)
+    for m in (model, stock):
+        apply_layer_skip(m, config)
+    with torch.no_grad():
+        assert rel_l2(model(**inputs)[0], stock(**inputs)[0]) < 1e-5

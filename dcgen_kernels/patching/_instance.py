@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -113,14 +113,40 @@ def adapter_hint(module: torch.nn.Module) -> str:
 
 
 def _forward_hooks(module: torch.nn.Module) -> Optional[str]:
-    registry = module.__dict__.get("_diffusers_hook")
+    state = module.__dict__
+    registry = state.get("_diffusers_hook")
     if getattr(registry, "hooks", None):
         return f"diffusers hooks ({', '.join(registry.hooks)})"
-    if "_hf_hook" in module.__dict__:
-        return f"an accelerate hook ({type(module.__dict__['_hf_hook']).__name__})"
-    if module._forward_pre_hooks or module._forward_hooks:
+    if "_hf_hook" in state:
+        return f"an accelerate hook ({type(state['_hf_hook']).__name__})"
+    if state.get("_forward_pre_hooks") or state.get("_forward_hooks"):
         return "torch forward hooks"
+    if state.get("_backward_pre_hooks") or state.get("_backward_hooks"):
+        return "torch backward hooks"
     return None
+
+
+def hooked_submodule(module: torch.nn.Module, calls: Sequence[str] = ()) -> Optional[str]:
+    """'name has ...' for a submodule of `module` with hooks (see _forward_hooks), else None; the children named in
+    `calls` (and what they hold) are left out: the patched forward calls those as modules, so their hooks run."""
+    # Runs on every patched call: the common case (no hook anywhere) is kept to a few dict reads per submodule
+    # (torch keeps all four hook dicts in every module's __dict__), the name only looked up for a hit.
+    stack = [child for name, child in module._modules.items() if name not in calls]
+    while stack:
+        child = stack.pop()
+        if child is None:
+            continue
+        state = child.__dict__
+        if (state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
+                or state["_backward_pre_hooks"] or not _HOOK_KEYS.isdisjoint(state)):
+            hooks = _forward_hooks(child)
+            if hooks is not None:
+                return f"{next(name for name, m in module.named_modules() if m is child)} has {hooks}"
+        stack.extend(state["_modules"].values())
+    return None
+
+
+_HOOK_KEYS = frozenset(("_diffusers_hook", "_hf_hook"))  # where diffusers and accelerate keep a module's hooks
 
 
 def _unsupported_dtype(x) -> Optional[torch.dtype]:
@@ -131,23 +157,28 @@ def _dtype_reason(dtype: torch.dtype) -> str:
     return f"its input is {str(dtype).removeprefix('torch.')} (the fused ops take float32, bfloat16 and float16)"
 
 
-def stock_for_other_dtypes(forward):
-    """Decorator for a patched module forward: with activations (its first argument) in a float dtype the fused
-    ops do not take (float64), the class's own forward runs instead, with a one-time warning: slower, never an
-    error."""
-    @functools.wraps(forward)
-    def checked(self, *args, **kwargs):
-        dtype = _unsupported_dtype(args[0] if args else next(iter(kwargs.values()), None))
-        if dtype is not None:
-            warn_unfused(type(self).__name__, _dtype_reason(dtype))
-            return type(self).forward(self, *args, **kwargs)
-        return forward(self, *args, **kwargs)
-    return checked
+def stock_when_unfusable(calls: Sequence[str] = ()):
+    """Decorator for a patched module forward: the class's own forward runs instead, with a one-time warning
+    (slower, never an error), where the fused code cannot stand in for it: activations (its first argument) in a
+    float dtype the fused ops do not take (float64), or hooks on a submodule the fused code computes itself instead
+    of calling (diffusers' layer skip of a FeedForward, group offloading, a user's capture hook) rather than one of
+    the children named in `calls`."""
+    def decorate(forward):
+        @functools.wraps(forward)
+        def checked(self, *args, **kwargs):
+            dtype = _unsupported_dtype(args[0] if args else next(iter(kwargs.values()), None))
+            reason = _dtype_reason(dtype) if dtype is not None else hooked_submodule(self, calls)
+            if reason is not None:
+                warn_unfused(type(self).__name__, reason)
+                return type(self).forward(self, *args, **kwargs)
+            return forward(self, *args, **kwargs)
+        return checked
+    return decorate
 
 
 def stock_processor_for_other_dtypes(call):
-    """stock_for_other_dtypes for an attention processor's __call__(attn, hidden_states, ...): the processor it
-    replaced (`self.original`) serves such calls."""
+    """stock_when_unfusable's dtype rule for an attention processor's __call__(attn, hidden_states, ...): the
+    processor it replaced (`self.original`) serves such calls."""
     @functools.wraps(call)
     def checked(self, attn, hidden_states, *args, **kwargs):
         dtype = _unsupported_dtype(hidden_states)

@@ -11,7 +11,7 @@ import torch
 
 from .._backend import warn_once
 from ..ops.channel_rms_norm import channel_rms_norm, layout
-from ._instance import backend_of, replace_forward, restore_forward, stock_for_other_dtypes
+from ._instance import backend_of, replace_forward, restore_forward, stock_when_unfusable
 
 FAMILY = "dcae"
 SUPPORTED = "AutoencoderDC: ResBlock with rms_norm"
@@ -25,7 +25,7 @@ def _res_block_class():
     return ResBlock
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("conv1", "conv2", "nonlinearity"))
 def _res_block_forward(self, hidden_states):
     x = self.conv2(self.nonlinearity(self.conv1(hidden_states)))
     reason = _fused_tail_error(x, hidden_states, self.norm)

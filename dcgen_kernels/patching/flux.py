@@ -24,8 +24,8 @@ from ..ops.flux_attention import flux_attention
 from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, separate
-from ._instance import (backend_of, not_plain, precomputed_call_signature, replace_forward, restore_forward,
-                        stock_for_other_dtypes, stock_processor_for_other_dtypes)
+from ._instance import (backend_of, hooked_submodule, not_plain, precomputed_call_signature, replace_forward,
+                        restore_forward, stock_processor_for_other_dtypes, stock_when_unfusable)
 
 FAMILY = "flux"
 SUPPORTED = ("FluxTransformer2DModel: FluxAttention with FluxAttnProcessor, AdaLayerNormZero/ZeroSingle/Continuous, "
@@ -53,6 +53,11 @@ def _forwarded_to_original(name: str) -> property:
                     lambda self, value: setattr(self.original, name, value))
 
 
+# attention children the processor calls as modules (the projections through `project`, which checks them)
+_CALLED_BY_PROCESSOR = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_qkv", "to_added_qkv",
+                        "to_out", "to_add_out")
+
+
 @precomputed_call_signature
 class DCGenFluxAttnProcessor:
     """Drop-in for FluxAttnProcessor: projections, then one fused norm + RoPE + attention op.
@@ -78,7 +83,7 @@ class DCGenFluxAttnProcessor:
             return "context parallelism is configured"
         if encoder_hidden_states is not None and attn.added_kv_proj_dim is None:
             return "encoder_hidden_states given to an attention without added KV projections"
-        return None
+        return hooked_submodule(attn, _CALLED_BY_PROCESSOR)  # its Q/K RMSNorms are computed in the fused op
 
     @stock_processor_for_other_dtypes
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
@@ -148,7 +153,7 @@ def _modulate(module, x, scale, shift):
     return ada_layer_norm_modulate(x, scale, shift, eps=module.norm.eps, backend=backend_of(module))
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("emb", "linear", "silu"))
 def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
     if self.emb is not None:
         emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
@@ -157,14 +162,14 @@ def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=No
     return _modulate(self, x, scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("linear", "silu"))
 def _ada_zero_single_forward(self, x, emb=None):
     emb = self.linear(self.silu(emb))
     shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
     return _modulate(self, x, scale_msa, shift_msa), gate_msa
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("linear", "silu"))
 def _ada_continuous_forward(self, x, conditioning_embedding):
     emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
     scale, shift = torch.chunk(emb, 2, dim=1)  # AdaLayerNormContinuous orders its chunks (scale, shift)
@@ -261,7 +266,7 @@ def _fp8_attention_inputs(block, *ada_norms) -> bool:
     return plain and isinstance(block.attn.processor, DCGenFluxAttnProcessor)
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("attn",))
 def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                         joint_attention_kwargs=None):
     if temb.dtype != hidden_states.dtype:  # stock promotes to temb's dtype: keep its exact semantics
@@ -332,7 +337,7 @@ def _joined(first, second):
     return torch.cat([first, second], dim=1)
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("attn",))
 def _flux_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                                joint_attention_kwargs=None):
     if temb.dtype != hidden_states.dtype:

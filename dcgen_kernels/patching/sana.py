@@ -38,7 +38,7 @@ from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_l
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, project_concatenated, separate
 from ._instance import (autocast_dtype, backend_of, not_plain, precomputed_call_signature, replace_forward,
-                        restore_forward, runs_own_forward, stock_for_other_dtypes, stock_processor_for_other_dtypes,
+                        restore_forward, runs_own_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
                         warn_unfused)
 from .quant import QuantizedPointwiseConv
 
@@ -224,7 +224,7 @@ def _fp8_self_attention_inputs(attn) -> bool:
             and all(isinstance(p, FP8Linear) for p in (attn.to_q, attn.to_k, attn.to_v)))
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("attn1", "attn2"))
 def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                         encoder_attention_mask=None, timestep=None, height=None, width=None):
     backend = backend_of(self)
@@ -345,7 +345,7 @@ def _unlink_blocks(blocks: torch.nn.ModuleList) -> None:
         _handed_over.pop(block, None)
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable()
 def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
     shift, scale = (scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)).chunk(2, dim=1)
     if scale.dtype != hidden_states.dtype:  # stock promotes to the modulation's dtype: keep its exact semantics
@@ -354,7 +354,7 @@ def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
                                    norm_bias=self.norm.bias, eps=self.norm.eps, backend=backend_of(self))
 
 
-@stock_for_other_dtypes
+@stock_when_unfusable(calls=("norm",))
 def _glumbconv_forward(self, hidden_states):
     """GLUMBConv on an NCHW map: tokens are its channels-last view (a copy unless already channels_last)."""
     reason = _mix_ffn_unfused_reason(self)
