@@ -137,6 +137,26 @@ def test_tied_weights_stay_tied():
     assert placed == [side_by_side([a.to_q, a.to_k, a.to_v]) for a in (first, second)]
 
 
+def test_weights_shared_with_another_model_stay_shared(monkeypatch):
+    """Parameters aliasing another model's storage (load_state_dict(..., assign=True)) are not moved into one buffer:
+    in-place updates of the other model still show in the patched one, as in stock (warned once)."""
+    from dcgen_kernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    source, inputs = tiny_sana(), tiny_sana_inputs()
+    model = tiny_sana()
+    model.load_state_dict(source.state_dict(), assign=True)
+    with pytest.warns(RuntimeWarning, match="share their storage"):
+        dcgen_kernels.patch(model, backend="reference")
+        run(model, inputs)
+    attn = model.transformer_blocks[0].attn1
+    assert not side_by_side([attn.to_q, attn.to_k, attn.to_v])
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert rel_l2(run(model, inputs), run(source, inputs)) < 1e-5
+
+
 def test_hooked_projection_runs_as_a_module():
     model, inputs = tiny_sana(), tiny_sana_inputs()
     expected = run(model, inputs)

@@ -10,7 +10,8 @@ x 2240 projections of SANA-1.6B at a 128x128 latent ran at ~690 TFLOP/s (run J's
 
 Something that gives a parameter its own tensor again (`module.to(...)`, assigning `.data`) is seen on the next call,
 which puts the group side by side again (one copy) where each weight and bias still owns its whole storage: weights
-tied to other modules or made views of other tensors are never moved. Until then, and with grad enabled, under
+tied to other modules, made views of other tensors or sharing their storage with other tensors (warned once) are
+never moved. Until then, and with grad enabled, under
 torch.compile or during a CUDA-graph capture, the linears run one by one as modules. `unpatch` gives each parameter
 its own storage back. On a GPU the storages a placement frees stay in torch's caching allocator (reused by later
 allocations, released to the device before an allocation would fail).
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
 from ._instance import not_plain
 
 __all__ = ["place_side_by_side", "project", "project_concatenated", "separate"]
@@ -37,6 +39,15 @@ def _owns_storage(t: torch.Tensor) -> bool:
         return False
     storage = t.untyped_storage()
     return t.data_ptr() == storage.data_ptr() and t.numel() * t.element_size() == storage.nbytes()
+
+
+def _shares_storage(t: torch.Tensor) -> bool:
+    """Whether another tensor holds t's storage too: a state_dict kept elsewhere, another model's parameter loaded
+    with assign=True. Moving t would cut it off from those (stock keeps the aliasing: in-place updates to one show
+    in the other)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    storage = t.untyped_storage()
+    return use_count is not None and use_count(storage._cdata) > 2  # t's tensor and `storage` itself
 
 
 def _parameter_groups(linears: Sequence[torch.nn.Linear]) -> Optional[list]:
@@ -93,6 +104,11 @@ def place_side_by_side(linears: Sequence[torch.nn.Linear]) -> bool:
     changed) unless each of them owns its whole storage and they match (see _parameter_groups)."""
     groups = _parameter_groups(linears)
     if groups is None or not all(_owns_storage(t) for group in groups for t in group):
+        return False
+    if any(_shares_storage(t) for group in groups for t in group):
+        _backend.warn_once("fused-projections:shared", "dcgen_kernels: Q/K/V projections whose weights share their "
+                           "storage with other tensors (a state_dict kept, another model's parameters loaded with "
+                           "assign=True) run as separate GEMMs: one GEMM would need them moved into one buffer")
         return False
     if len({t.untyped_storage().data_ptr() for group in groups for t in group}) != sum(map(len, groups)):
         return False  # one tensor twice (tied within the group)
