@@ -274,6 +274,21 @@ def test_modulate_fp8_triton_matches_reference(layout, affine):
     assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
 
 
+def test_modulate_fp8_triton_keeps_a_nan_row_nan():
+    """A NaN in a row (an fp16 overflow upstream) gives that row a NaN scale and NaN data, as the reference: not a
+    finite scale with plausible values (tl.max drops NaN)."""
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8, ada_layer_norm_modulate_fp8_reference
+
+    x = activations()
+    x[0, 3, 7] = float("nan")
+    shift, scale, _ = modulation("flux")
+    got = ada_layer_norm_modulate_fp8(x, scale, shift, backend="triton")
+    q, row_scale = ada_layer_norm_modulate_fp8_reference(x, scale, shift)
+    assert got.scale[0, 3].isnan() and row_scale[0, 3].isnan()
+    assert torch.equal(got.data.float().isnan(), q.float().isnan()) and q.float().isnan()[0, 3].all()
+    torch.testing.assert_close(got.scale, row_scale, rtol=1e-6, atol=0, equal_nan=True)
+
+
 def test_modulate_fp8_dequantizes_close_to_bf16_op():
     from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
 

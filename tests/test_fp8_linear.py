@@ -63,6 +63,20 @@ def test_quantize_triton_bit_exact_on_strided_rows(dtype, K):
     assert torch.equal(codes(got.data), codes(q))
 
 
+@pytest.mark.parametrize("K", [100, 300])
+def test_quantize_triton_keeps_non_finite_rows_non_finite(K):
+    """NaN / inf inputs (an fp16 overflow upstream) give the reference's NaN / inf scales and NaN data, never a
+    finite scale with plausible values (tl.max and clamp drop NaN unless told not to); other rows stay exact."""
+    x = torch.randn(4, K)
+    x[0, 3], x[1, 2], x[2, K - 1] = float("nan"), float("inf"), -float("inf")
+    got = quantize_fp8(x, backend="triton")
+    q, scale = quantize_fp8_reference(x)
+    assert scale[:3].isfinite().logical_not().all()
+    torch.testing.assert_close(got.scale, scale, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.data.float().isnan(), q.float().isnan())
+    assert torch.equal(codes(got.data)[3], codes(q)[3])
+
+
 def test_quantize_triton_subnormals_and_ties():
     x = torch.randn(3, 300) * torch.logspace(-9, 0, 300)  # most values land in E4M3's subnormal range
     x[:, 0] = 448.0  # amax 448: scale 1, every value quantized as is, including exact ties
@@ -234,6 +248,16 @@ def test_quantize_gpu_bit_exact():
     got = quantize_fp8(x, backend="triton")
     q, scale = quantize_fp8_reference(x)
     assert torch.equal(got.scale, scale) and torch.equal(codes(got.data), codes(q))
+
+
+@pytest.mark.gpu
+def test_quantize_gpu_non_finite_rows():
+    x = torch.randn(3, 999, 3072, device="cuda").bfloat16()
+    x[0, 1, 2], x[1, 3, 4] = float("nan"), float("inf")
+    got = quantize_fp8(x, backend="triton")
+    q, scale = quantize_fp8_reference(x)
+    torch.testing.assert_close(got.scale, scale, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.data.float().isnan(), q.float().isnan())
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ covers BLOCK_ROWS rows of one batch element, so it loads the modulation vectors 
 import triton
 import triton.language as tl
 
-from .fp8_linear import to_e4m3
+from .fp8_linear import clamp_e4m3, row_amax, to_e4m3
 
 
 @triton.jit
@@ -72,10 +72,10 @@ def ada_layer_norm_modulate_kernel(
 
     out_off = b * out_stride_b + rows64[:, None] * out_stride_n + cols[None, :]
     if QUANT_FP8:
-        amax = tl.maximum(tl.max(tl.where(tile_ok, tl.abs(y), 0.0), axis=1), 1e-12)
+        amax = row_amax(tl.where(tile_ok, y, 0.0), 1e-12)
         fp8_max = tl.full([BLOCK_ROWS], 448.0, tl.float32)
         tl.store(row_scale_ptr + b * N + rows64, tl.div_rn(amax, fp8_max), mask=row_ok)
-        y = to_e4m3(tl.clamp(y * tl.div_rn(fp8_max, amax)[:, None], -448.0, 448.0), NATIVE_CAST)
+        y = to_e4m3(clamp_e4m3(y * tl.div_rn(fp8_max, amax)[:, None]), NATIVE_CAST)
         tl.store(out_ptr + out_off, y, mask=tile_ok)
     else:
         tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=tile_ok)

@@ -42,13 +42,33 @@ def round_to_e4m3(v):
 
 @triton.jit
 def to_e4m3(v, NATIVE_CAST: tl.constexpr):
-    """fp32 v in [-448, 448] -> float8e4nv, rounded to nearest even. On the GPU the hardware cast (cvt.rn.satfinite,
+    """fp32 v in [-448, 448] or NaN -> float8e4nv, rounded to nearest even. On the GPU the hardware cast (cvt.rn.satfinite,
     one instruction per two values) instead of the ~15 integer ops of round_to_e4m3 per element: the GELU + quantize
     pass ran at 1.1 TB/s on an H100 (2026-11-27), by estimate compute-bound. NATIVE_CAST=False (the
     interpreter, whose cast is wrong at binade boundaries): round_to_e4m3 first, so the cast is exact."""
     if NATIVE_CAST:
-        return v.to(tl.float8e4nv)
-    return round_to_e4m3(v).to(tl.float8e4nv)
+        return v.to(tl.float8e4nv)  # NaN -> NaN
+    # the interpreter's cast turns NaN into a finite value: E4M3's NaN (0x7f) is written as bits
+    nan = tl.full(v.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return tl.where(v != v, nan, round_to_e4m3(v).to(tl.float8e4nv))
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def row_amax(v, floor):
+    """max(|v| over each row, floor), NaN where the row has one (tl.max and a plain maximum drop NaN: such a row
+    would get a finite scale and a plausible output), as the reference's amax."""
+    return tl.maximum(tl.reduce(tl.abs(v), 1, _max_keeping_nan), floor, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def clamp_e4m3(v):
+    """v clamped to the E4M3 range, NaN kept (the reference's NaN and inf / inf stay NaN)."""
+    return tl.clamp(v, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -88,13 +108,13 @@ def quantize_fp8_rows_kernel(
         for c0 in range(0, K1, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < K1)[None, :]
-            amax = tl.maximum(amax, tl.max(tl.abs(_load_rows(prefix_ptr, p_row, cols, ok, False)), axis=1))
+            amax = row_amax(_load_rows(prefix_ptr, p_row, cols, ok, False), amax)
     for c0 in range(0, K2, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < K2)[None, :]
-        amax = tl.maximum(amax, tl.max(tl.abs(_load_rows(x_ptr, x_row, cols, ok, GELU)), axis=1))
+        amax = row_amax(_load_rows(x_ptr, x_row, cols, ok, GELU), amax)
 
-    amax = tl.maximum(amax, AMAX_FLOOR)
+    amax = tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
     inv = tl.div_rn(tl.full([BLOCK_ROWS], FP8_MAX, tl.float32), amax)[:, None]
     tl.store(scale_ptr + rows64, tl.div_rn(amax, tl.full([BLOCK_ROWS], FP8_MAX, tl.float32)), mask=row_ok)
 
@@ -102,13 +122,12 @@ def quantize_fp8_rows_kernel(
         for c0 in range(0, K1, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < K1)[None, :]
-            v = to_e4m3(tl.clamp(_load_rows(prefix_ptr, p_row, cols, ok, False) * inv, -FP8_MAX, FP8_MAX),
-                        NATIVE_CAST)
+            v = to_e4m3(clamp_e4m3(_load_rows(prefix_ptr, p_row, cols, ok, False) * inv), NATIVE_CAST)
             tl.store(q_ptr + q_row[:, None] + cols[None, :], v, mask=ok)
     for c0 in range(0, K2, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < K2)[None, :]
-        v = to_e4m3(tl.clamp(_load_rows(x_ptr, x_row, cols, ok, GELU) * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST)
+        v = to_e4m3(clamp_e4m3(_load_rows(x_ptr, x_row, cols, ok, GELU) * inv), NATIVE_CAST)
         tl.store(q_ptr + q_row[:, None] + K1 + cols[None, :], v, mask=ok)
 
 
@@ -134,11 +153,11 @@ def quantize_fp8_rows_one_pass_kernel(
         in_prefix = (cols < K1)[None, :]
         v = tl.where(in_prefix, _load_rows(prefix_ptr, b * prefix_stride_b + n * prefix_stride_n, cols, in_prefix,
                                            False), v)
-    amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)
+    amax = row_amax(v, AMAX_FLOOR)
     inv = tl.div_rn(tl.full([1], FP8_MAX, tl.float32), amax)[:, None]
     tl.store(scale_ptr + rows64, tl.div_rn(amax, tl.full([1], FP8_MAX, tl.float32)))
     tl.store(q_ptr + rows64[:, None] * (K1 + K2) + cols[None, :],
-             to_e4m3(tl.clamp(v * inv, -FP8_MAX, FP8_MAX), NATIVE_CAST), mask=(cols < K1 + K2)[None, :])
+             to_e4m3(clamp_e4m3(v * inv), NATIVE_CAST), mask=(cols < K1 + K2)[None, :])
 
 
 @triton.jit
