@@ -42,10 +42,11 @@ def round_to_e4m3(v):
 
 @triton.jit
 def to_e4m3(v, NATIVE_CAST: tl.constexpr):
-    """fp32 v in [-448, 448] or NaN -> float8e4nv, rounded to nearest even. On the GPU the hardware cast (cvt.rn.satfinite,
-    one instruction per two values) instead of the ~15 integer ops of round_to_e4m3 per element: the GELU + quantize
-    pass ran at 1.1 TB/s on an H100 (2026-11-27), by estimate compute-bound. NATIVE_CAST=False (the
-    interpreter, whose cast is wrong at binade boundaries): round_to_e4m3 first, so the cast is exact."""
+    """fp32 v in [-448, 448] or NaN -> float8e4nv, rounded to nearest even. On the GPU the hardware cast
+    (cvt.rn.satfinite, NaN kept, one instruction per two values) instead of the ~15 integer ops of round_to_e4m3
+    per element: the GELU + quantize pass ran at 1.1 TB/s on an H100 (2026-11-27), by estimate compute-bound.
+    NATIVE_CAST=False (the interpreter, whose cast is wrong at binade boundaries and at NaN): round_to_e4m3 first,
+    so the cast is exact."""
     if NATIVE_CAST:
         return v.to(tl.float8e4nv)  # NaN -> NaN
     # the interpreter's cast turns NaN into a finite value: E4M3's NaN (0x7f) is written as bits
