@@ -71,6 +71,16 @@ def test_mask_shared_across_the_batch_slices_once():
     assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask)) < 1e-6
 
 
+def test_bias_that_requires_grad_gets_the_reference_gradient():
+    """A learned bias keeps its gradient (a plan would slice the keys and drop it from the graph)."""
+    q, k, v = qkv(B=3)
+    bias = sana_bias(prefix(5)).requires_grad_()
+    expected = bias.detach().clone().requires_grad_()
+    key_padding_attention(q, k, v, bias).square().sum().backward()
+    key_padding_attention_reference(q, k, v, expected).square().sum().backward()
+    assert bias.grad is not None and rel_l2(bias.grad, expected.grad) < 1e-6 and expected.grad.abs().sum() > 0
+
+
 def test_general_float_bias_runs_unchanged():
     q, k, v = qkv()
     mask = torch.randn(2, 1, S_KV)  # not a padding mask: nothing may be dropped

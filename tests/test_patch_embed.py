@@ -330,12 +330,15 @@ def test_triton_unembed_of_a_transposed_weight_compiles_as_the_forward():
 # ----------------------------------------------------------------------------------------------- cuda (cuBLAS)
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("p", [1, 2])
-def test_empty_batch_on_every_backend(backend, p, cublas_on_cpu):
+def test_empty_batch_and_no_features_on_every_backend(backend, p, cublas_on_cpu):
     latent, weight, bias = embed_inputs(0, 4, 6, 6, p, 32)
     assert patch_embed(latent, weight, bias, patch_size=p, backend=backend).shape == (0, (6 // p) ** 2, 32)
     tokens, weight_u, bias_u = unembed_inputs(0, 4, 6, 6, p, 32)
     out = patch_unembed(tokens, weight_u, bias_u, patch_size=p, height=6, width=6, backend=backend)
     assert out.shape == (0, 4, 6, 6)
+    tokens, weight_u, bias_u = unembed_inputs(1, 4, 6, 6, p, 0)  # no features: the bias alone
+    out = patch_unembed(tokens, weight_u, bias_u, patch_size=p, height=6, width=6, backend=backend)
+    assert torch.equal(out, patch_unembed_reference(tokens, weight_u, bias_u, p, 6, 6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -471,6 +474,7 @@ def _unembed(tokens, weight, bias, **kw):
     (lambda x, w, b: _embed(x[0], w, b), ValueError, "latent must have 4 dimensions"),
     (lambda x, w, b: _embed(x, w, b, patch_size=4), ValueError, r"patch_size must be one of \(1, 2\)"),
     (lambda x, w, b: _embed(x, w, b, patch_size=True), ValueError, "patch_size must be one of"),
+    (lambda x, w, b: _embed(x, w, b, patch_size=2.0), ValueError, r"patch_size must be one of \(1, 2\), got 2.0"),
     (lambda x, w, b: _embed(x[..., :5], w, b), ValueError, "divisible by patch_size=2, got 6x5"),
     (lambda x, w, b: _embed(x, w[:, :-1], b), ValueError, r"weight must have shape \(D, C\*patch_size\*\*2 = 64\)"),
     (lambda x, w, b: _embed(x, w[0], b), ValueError, "weight must have 2 dimensions"),

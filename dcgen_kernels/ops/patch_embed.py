@@ -92,7 +92,7 @@ def patch_unembed_reference(tokens, weight, bias, patch_size: int, height: int, 
 
 # ----------------------------------------------------------------------------------------------- validation
 def _check_patch_size(patch_size) -> None:
-    if isinstance(patch_size, bool) or patch_size not in PATCH_SIZES:
+    if type(patch_size) is not int or patch_size not in PATCH_SIZES:  # not 2.0, numpy ints or True
         raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size!r}")
 
 
@@ -258,7 +258,7 @@ def _embed_cublas(latent, weight, bias, patch_size: int) -> torch.Tensor:
 
 
 def _unembed_cublas(tokens, weight, bias, patch_size: int, height: int, width: int) -> torch.Tensor:
-    out = _linear_2d(tokens.reshape(-1, tokens.shape[2]), weight, bias)
+    out = _linear_2d(tokens.reshape(tokens.shape[0] * tokens.shape[1], tokens.shape[2]), weight, bias)
     return _latent_of(out, tokens.shape[0], patch_size, height, width)
 
 
@@ -455,7 +455,7 @@ def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
         # Small tiles, and two token rows per program and slices of D where the test shapes have them: both forms.
         cfg = dict(BLOCK_M=_INTERPRETER_TILES["BLOCK_M"], BLOCK_R=_INTERPRETER_TILES["BLOCK_R"],
                    BLOCK_K=_INTERPRETER_TILES["BLOCK_K"], TOKEN_ROWS=2 if grid_h > 2 else 1,
-                   SPLIT_K=min(3, cdiv(dim, _INTERPRETER_TILES["BLOCK_K"])), num_warps=4, num_stages=1)
+                   SPLIT_K=max(1, min(3, cdiv(dim, _INTERPRETER_TILES["BLOCK_K"]))), num_warps=4, num_stages=1)
     else:
         block_r = min(128 // p, max(16, _next_pow2(n_rows)))
         sms = torch.cuda.get_device_properties(tokens.device).multi_processor_count
