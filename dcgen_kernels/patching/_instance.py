@@ -89,13 +89,13 @@ def backend_of(module: torch.nn.Module) -> str:
 
 def not_plain(modules: dict, cls: type) -> Optional[str]:
     """Why fused code cannot read these modules' weights itself instead of calling them: the first of {name: module}
-    that is not exactly `cls` (a peft LoRA layer adds to what its weights give) or has forward hooks (diffusers'
+    that is not exactly `cls` (a peft LoRA layer adds to what its weights give) or has hooks (diffusers'
     layerwise casting and group offloading, accelerate's offloading: they ready the weights as the module is called;
     a user's hooks would not run), else None. Patched forwards check per call: both can come after patch()."""
     for name, module in modules.items():
         if type(module) is not cls:
             return f"{name} is {qualified_type(module)}, not a plain {cls.__qualname__}{adapter_hint(module)}"
-        hooks = _forward_hooks(module)
+        hooks = _hooks(module)
         if hooks is not None:
             return f"{name} has {hooks}"
     return None
@@ -112,7 +112,7 @@ def adapter_hint(module: torch.nn.Module) -> str:
     return " (merging the adapters into the weights, e.g. with dcgen_kernels.dcgen.merge_lora, fuses it again)"
 
 
-def _forward_hooks(module: torch.nn.Module) -> Optional[str]:
+def _hooks(module: torch.nn.Module) -> Optional[str]:
     state = module.__dict__
     registry = state.get("_diffusers_hook")
     if getattr(registry, "hooks", None):
@@ -127,7 +127,7 @@ def _forward_hooks(module: torch.nn.Module) -> Optional[str]:
 
 
 def hooked_submodule(module: torch.nn.Module, calls: Sequence[str] = ()) -> Optional[str]:
-    """'name has ...' for a submodule of `module` with hooks (see _forward_hooks), else None; the children named in
+    """'name has ...' for a submodule of `module` with hooks (see _hooks), else None; the children named in
     `calls` (and what they hold) are left out: the patched forward calls those as modules, so their hooks run."""
     # Runs on every patched call: the common case (no hook anywhere) is kept to a few dict reads per submodule
     # (torch keeps all four hook dicts in every module's __dict__), the name only looked up for a hit.
@@ -139,7 +139,7 @@ def hooked_submodule(module: torch.nn.Module, calls: Sequence[str] = ()) -> Opti
         state = child.__dict__
         if (state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
                 or state["_backward_pre_hooks"] or not _HOOK_KEYS.isdisjoint(state)):
-            hooks = _forward_hooks(child)
+            hooks = _hooks(child)
             if hooks is not None:
                 return f"{next(name for name, m in module.named_modules() if m is child)} has {hooks}"
         stack.extend(state["_modules"].values())
