@@ -12,7 +12,7 @@ constexpr int kQkNormRopeMaxHeadDim = 256;
 
 struct QkNormRopeParams {
   const void* x;       // [B, S, H, D], strides in elements, last dim contiguous
-  const float* weight;  // [D] fp32, or nullptr (no affine)
+  const float* weight; // [D] fp32, or nullptr (no affine)
   const float* cos;    // [rows, D] fp32 contiguous, or nullptr (no RoPE)
   const float* sin;    // same shape as cos
   void* out;           // [B, S, H, D], strides in elements, last dim contiguous
