@@ -393,10 +393,10 @@ def test_nvfp4_close_to_stock_and_reversible(make, make_inputs, n_layers, tol, a
 
 def test_nvfp4_activations_auto_is_w4a16_without_native_fp4_and_switchable():
     model = tiny_flux()
-    with pytest.raises(ValueError, match="nvfp4_activations must be one of"):
+    with pytest.raises(ValueError, match="nvfp4_activations must be None or one of"):
         dcgen_kernels.patch(model, quant="nvfp4", nvfp4_activations="fp4")
     assert not dcgen_kernels.is_patched(model)  # rejected before anything was replaced
-    with pytest.raises(ValueError, match="nvfp4_activations must be one of"):
+    with pytest.raises(ValueError, match="nvfp4_activations must be None or one of"):
         dcgen_kernels.quantize(model, "nvfp4", nvfp4_activations="int4")
     dcgen_kernels.patch(model, quant="nvfp4", backend="reference", rank=8)  # CPU: no native FP4 MMA
     layer = model.transformer_blocks[0].attn.to_q
@@ -415,6 +415,11 @@ def test_nvfp4_save_load_round_trip_bit_exact(tmp_path, activations):
     fresh = tiny_flux()
     dcgen_kernels.load_quantized(fresh, tmp_path / "flux-nvfp4.safetensors", backend="reference")
     assert fresh.transformer_blocks[0].attn.to_q.rank == 8
+    assert quant_report(fresh).activations == quant_report(model).activations
+    assert torch.equal(_run(fresh, inputs), expected)
+    # patching or quantizing again without nvfp4_activations keeps the file's mode (only the backend switches)
+    dcgen_kernels.patch(fresh, quant="nvfp4", backend="reference")
+    dcgen_kernels.quantize(fresh, "nvfp4", backend="reference")
     assert quant_report(fresh).activations == quant_report(model).activations
     assert torch.equal(_run(fresh, inputs), expected)
 

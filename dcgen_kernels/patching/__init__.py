@@ -63,7 +63,7 @@ def _check_model(model) -> None:
 
 
 def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str] = None,
-          keep_original: Optional[bool] = None, rank: Optional[int] = None, nvfp4_activations: str = "auto",
+          keep_original: Optional[bool] = None, rank: Optional[int] = None, nvfp4_activations: Optional[str] = None,
           cuda_graph: bool = False) -> torch.nn.Module:
     """Replace supported modules of `model` in place and return it. Idempotent; `unpatch` reverts it.
 
@@ -88,8 +88,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
     if cuda_graph and not hasattr(model, "transformer_blocks"):
         raise ValueError(f"cuda_graph=True captures a FLUX / SANA transformer's forward; {type(model).__name__} has "
                          f"no transformer blocks (an autoencoder's decode is not a forward call)")
-    if nvfp4_activations not in _quant.NVFP4_ACTIVATIONS:
-        raise ValueError(f"nvfp4_activations must be one of {_quant.NVFP4_ACTIVATIONS}, got {nvfp4_activations!r}")
+    _quant.check_nvfp4_activations(nvfp4_activations)
     if quant is not None and _quant.current_quant(model) != quant:
         if not _quant.block_linears(model) and _quant.current_quant(model) is None:
             raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "

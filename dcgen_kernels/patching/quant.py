@@ -179,16 +179,20 @@ def quant_report(model: torch.nn.Module) -> Optional[QuantReport]:
 NVFP4_ACTIVATIONS = ("auto", "nvfp4", "bf16")
 
 
-def resolve_nvfp4_activations(choice: str, device: torch.device) -> str:
-    """'auto': 4-bit activations (W4A4) only on sm_120 GPUs, where the native FP4 MMA kernel (csrc/) runs;
+def resolve_nvfp4_activations(choice: Optional[str], device: torch.device) -> str:
+    """None or 'auto': 4-bit activations (W4A4) only on sm_120 GPUs, where the native FP4 MMA kernel (csrc/) runs;
     elsewhere (Hopper, sm_100, CPU) W4A16, which a Hopper GPU runs near cuBLAS bf16 speed while the Triton W4A4
     kernel, dequantizing both operands in registers, ran 5-7x slower than cuBLAS bf16 on an H100 (2026-11-27)."""
-    if choice not in NVFP4_ACTIVATIONS:
-        raise ValueError(f"nvfp4_activations must be one of {NVFP4_ACTIVATIONS}, got {choice!r}")
-    if choice != "auto":
+    check_nvfp4_activations(choice)
+    if choice not in (None, "auto"):
         return choice
     native = device.type == "cuda" and torch.cuda.get_device_capability(device) == (12, 0)
     return "nvfp4" if native else "bf16"
+
+
+def check_nvfp4_activations(choice: Optional[str]) -> None:
+    if choice is not None and choice not in NVFP4_ACTIVATIONS:
+        raise ValueError(f"nvfp4_activations must be None or one of {NVFP4_ACTIVATIONS}, got {choice!r}")
 
 
 def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int, activations: str,
@@ -218,16 +222,19 @@ def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: in
 
 
 def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optional[bool] = None,
-             backend: str = "auto", rank: Optional[int] = None, nvfp4_activations: str = "auto") -> torch.nn.Module:
+             backend: str = "auto", rank: Optional[int] = None,
+             nvfp4_activations: Optional[str] = None) -> torch.nn.Module:
     """Replace the block linears (and SANA's 1x1 Mix-FFN convs) of a FLUX / SANA transformer by quantized ones, in
     place; returns the model.
 
     quant: "fp8" (FP8Linear: E4M3 weights per output channel, activations per token; fastest on Hopper) or
     "nvfp4" (SVDQuantLinear: NVFP4 weights with a rank-`rank` low-rank branch, default 32; smallest).
     nvfp4_activations: "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on sm_120 GPUs, where our native FP4 MMA
-    kernel runs; else W4A16); the weights are the same either way. keep_original: keep the 16-bit linears so
-    `restore` / `dcgen_kernels.unpatch` can undo it (costs their memory; default False).
-    Quantizing an already quantized model to the same format only switches the backend (and nvfp4_activations);
+    kernel runs; else W4A16); the weights are the same either way. None (default): "auto" for a new quantization,
+    the layers' own mode for a model already in NVFP4 (e.g. as load_quantized left it). keep_original: keep the
+    16-bit linears so `restore` / `dcgen_kernels.unpatch` can undo it (costs their memory; default False).
+    Quantizing an already quantized model to the same format only switches the backend (and nvfp4_activations
+    where given);
     a rank or keep_original given then must be the one it was quantized with (ValueError otherwise). To another
     format it needs the kept originals. Raises ValueError for an unknown format, a model without block linears or
     block layers that carry peft adapters (merge them first).
@@ -251,7 +258,7 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
             module = model.get_submodule(name)
             module = getattr(module, "linear", module)  # a 1x1 conv's quantized linear
             module.backend = backend
-            if quant == "nvfp4":
+            if quant == "nvfp4" and nvfp4_activations is not None:
                 module.activations = report.activations = activations
         return model
     check_no_adapters(model)
