@@ -204,11 +204,12 @@ def test_model_dtype_casts_leave_the_quantized_storage_alone(make, make_inputs, 
     layers = [model.get_submodule(name) for name, *_ in quant_report(model).layers]
     layer = next(layer for layer in (getattr(m, "linear", m) for m in layers) if layer.bias is not None)
     stored = {name: getattr(layer, name).clone() for name in layer.QUANTIZED_STATE}
-    model.to(torch.bfloat16)
-    for name, before in stored.items():
-        after = getattr(layer, name)
-        assert after.dtype == before.dtype and torch.equal(after.reshape(-1).view(torch.uint8),
-                                                           before.reshape(-1).view(torch.uint8)), name
+    for cast in (lambda m: m.type(torch.float16), lambda m: m.to(torch.bfloat16)):  # .type casts integers too
+        cast(model)
+        for name, before in stored.items():
+            after = getattr(layer, name)
+            assert after.dtype == before.dtype and after.shape == before.shape, name
+            assert torch.equal(after.reshape(-1).view(torch.uint8), before.reshape(-1).view(torch.uint8)), name
     assert layer.bias.dtype == torch.bfloat16
     cast_inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "encoder_attention_mask"
                    else v for k, v in inputs.items()}

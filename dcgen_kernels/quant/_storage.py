@@ -8,8 +8,9 @@ _INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int
 class KeepsQuantizedDtypes(torch.nn.Module):
     """`model.to(torch.bfloat16)`, `.half()`, `.float()` cast every floating tensor of a model: FP8 codes and fp32
     scales included, which would break the quantized layers (and round the scales). The buffers named in
-    QUANTIZED_STATE go through such conversions as integer views of their bytes, which dtype casts skip while device
-    moves, pinning and `to_empty` still apply; the rest (bias, low-rank branch) follows the model's dtype."""
+    QUANTIZED_STATE go through such conversions as integer views of their bytes, which dtype casts skip (a cast
+    that converts integers too, as `Module.type` does, is undone for them and for integer buffers) while device moves, pinning and `to_empty` still
+    apply; the rest (bias, low-rank branch) follows the model's dtype."""
 
     QUANTIZED_STATE: tuple = ()
 
@@ -17,8 +18,10 @@ class KeepsQuantizedDtypes(torch.nn.Module):
         quantized = {id(t) for t in (getattr(self, name) for name in self.QUANTIZED_STATE) if t is not None}
 
         def apply(t):
-            if id(t) not in quantized:
-                return fn(t)
-            return fn(t.view(_INTEGER_OF_SIZE[t.element_size()])).view(t.dtype)
+            bits = t.view(_INTEGER_OF_SIZE[t.element_size()]) if id(t) in quantized else t
+            out = fn(bits)
+            if out.dtype != bits.dtype and not bits.is_floating_point():
+                out = bits.to(out.device)  # Module.type(dtype) casts integer tensors (packed codes) too: keep them
+            return out.view(t.dtype) if bits is not t else out
 
         return super()._apply(apply, recurse)
