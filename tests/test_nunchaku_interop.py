@@ -164,6 +164,12 @@ def test_bad_checkpoints_raise_clear_errors():
         svdquant_linear_from_nunchaku(dict(tensors, wcscales=pack_nunchaku_vector(negative)))
     with pytest.raises(ValueError, match=r"wcscales must have shape \(128,\)"):
         svdquant_linear_from_nunchaku(dict(tensors, wcscales=torch.ones(2 * N).bfloat16()))
+    with pytest.raises(ValueError, match=r"bias must have shape \(128,\)"):
+        svdquant_linear_from_nunchaku(dict(tensors, bias=torch.zeros(2 * N).bfloat16()))
+    with pytest.raises(ValueError, match="wtscale must be one value"):
+        svdquant_linear_from_nunchaku(dict(tensors, wtscale=torch.rand(N).bfloat16()))
+    with pytest.raises(ValueError, match="qweight must be 2-D"):
+        svdquant_linear_from_nunchaku(dict(tensors, qweight=tensors["qweight"].reshape(-1)))
 
 
 def test_nunchaku_backend_detection_without_a_gpu():

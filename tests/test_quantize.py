@@ -273,6 +273,16 @@ def test_load_quantized_refuses_another_architecture_before_changing_the_model(t
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_load_quantized_refuses_a_meta_model_before_changing_it(tmp_path):
+    model = tiny_flux()
+    dcgen_kernels.quantize(model, quant="fp8", backend="reference")
+    dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
+    skeleton = tiny_flux(device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        dcgen_kernels.load_quantized(skeleton, tmp_path / "q.safetensors")
+    assert quant_report(skeleton) is None
+
+
 def test_load_quantized_allocates_the_layers_instead_of_quantizing_them(tmp_path, monkeypatch):
     from dcgen_kernels.quant import svdquant
 

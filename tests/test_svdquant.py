@@ -151,6 +151,10 @@ def test_bad_arguments_raise_clear_errors():
         SVDQuantLinear.from_linear(lin, activations="int4")
     with pytest.raises(ValueError, match="calibration must be"):
         SVDQuantLinear.from_linear(lin, calibration=torch.randn(3, 63))
+    for rank in (0, 4):  # at rank 0 no SVD would have failed: a layer returning NaN
+        with pytest.raises(ValueError, match="calibration contains non-finite values"):
+            SVDQuantLinear.from_linear(lin, rank=rank, calibration=torch.randn(3, 64).index_fill(1, torch.tensor([5]),
+                                                                                                  float("inf")))
     with pytest.raises(TypeError, match="linear must be"):
         SVDQuantLinear.from_linear(torch.nn.Conv1d(3, 3, 1))
     with pytest.raises(ValueError, match="x must have last dimension"):

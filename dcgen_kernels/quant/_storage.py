@@ -9,8 +9,8 @@ class KeepsQuantizedDtypes(torch.nn.Module):
     """`model.to(torch.bfloat16)`, `.half()`, `.float()` cast every floating tensor of a model: FP8 codes and fp32
     scales included, which would break the quantized layers (and round the scales). The buffers named in
     QUANTIZED_STATE go through such conversions as integer views of their bytes, which dtype casts skip (a cast
-    that converts integers too, as `Module.type` does, is undone for them and for integer buffers) while device moves, pinning and `to_empty` still
-    apply; the rest (bias, low-rank branch) follows the model's dtype."""
+    that converts integers too, as `Module.type` does, is undone for them and for integer buffers) while device
+    moves, pinning and `to_empty` still apply; the rest (bias, low-rank branch) follows the model's dtype."""
 
     QUANTIZED_STATE: tuple = ()
 

@@ -226,14 +226,20 @@ def svdquant_linear_from_nunchaku(tensors: Mapping[str, torch.Tensor], prefix: s
     proj_down, proj_up = _get(tensors, prefix, "proj_down"), _get(tensors, prefix, "proj_up")
     smooth, bias = _get(tensors, prefix, "smooth_factor"), _get(tensors, prefix, "bias", required=False)
     wtscale, wcscales = _get(tensors, prefix, "wtscale", False), _get(tensors, prefix, "wcscales", False)
+    for name, t in (("qweight", qweight), ("proj_down", proj_down)):
+        if t.dim() != 2:
+            raise ValueError(f"{prefix}{name} must be 2-D ([N, K/2] / [K, rank]), got shape {tuple(t.shape)}")
     N, K, R = qweight.shape[0], qweight.shape[1] * 2, proj_down.shape[1]
     expected = {"wscales": (K // GROUP_SIZE, N), "proj_down": (K, R), "proj_up": (N, R), "smooth_factor": (K,),
-                "wcscales": (N,)}
+                "wcscales": (N,), "bias": (N,)}
     for name, t in (("wscales", wscales), ("proj_down", proj_down), ("proj_up", proj_up), ("smooth_factor", smooth),
-                    ("wcscales", wcscales)):
+                    ("wcscales", wcscales), ("bias", bias)):
         if t is not None and tuple(t.shape) != expected[name]:
             raise ValueError(f"{prefix}{name} must have shape {expected[name]} for qweight {tuple(qweight.shape)}, "
                              f"got {tuple(t.shape)}")
+    if wtscale is not None and wtscale.numel() != 1:
+        raise ValueError(f"{prefix}wtscale must be one value (the per-tensor scale), got shape {tuple(wtscale.shape)}"
+                         f" (per-channel scales are wcscales)")
     dtype = dtype or proj_up.dtype
     layer = SVDQuantLinear(K, N, rank=R, bias=bias is not None, activations="nvfp4", dtype=dtype,
                            device=qweight.device, backend=backend)

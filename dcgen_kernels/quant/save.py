@@ -67,6 +67,9 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto") -> to
         raise ValueError(f"the checkpoint quantized {len(saved_layers)} layers, this {type(model).__name__} has "
                          f"{len(layers)} quantizable layers: not the same architecture")
     device = next(model.parameters()).device
+    if device.type == "meta":  # checked before any layer is replaced
+        raise ValueError(f"load_quantized needs a {type(model).__name__} with real weights, got one on the meta "
+                         f"device: build it on a device (its 16-bit block linears are replaced, the rest is kept)")
     quant, rank = metadata["quant"], int(metadata["rank"])
     # NVFP4's W4A4 / W4A16 mode as saved, not as the loading device would pick it (older files: the device's)
     activations = resolve_nvfp4_activations(metadata.get("activations", "auto"), device) if quant == "nvfp4" \

@@ -145,6 +145,8 @@ class SVDQuantLinear(KeepsQuantizedDtypes):
             if not isinstance(calibration, torch.Tensor) or calibration.shape[-1:] != (K,) or not calibration.numel():
                 raise ValueError(f"calibration must be a non-empty tensor [..., K={K}], got "
                                  f"{getattr(calibration, 'shape', type(calibration).__name__)}")
+            if not torch.isfinite(calibration).all():  # an fp16 overflow upstream: NaN smoothing factors
+                raise ValueError("calibration contains non-finite values (inf / NaN); pass finite sample inputs")
         layer = cls(K, N, rank, linear.bias is not None, activations, weight.dtype if weight.dtype in FLOAT_DTYPES
                     else torch.float32, weight.device, backend)
         layer._load_decomposition(weight, linear.bias, smoothing_factors(weight, calibration), calibration)
