@@ -273,14 +273,57 @@ def test_load_quantized_refuses_another_architecture_before_changing_the_model(t
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_load_quantized_refuses_a_meta_model_before_changing_it(tmp_path):
+@pytest.mark.parametrize("make,make_inputs,quant", [(tiny_flux, tiny_flux_inputs, "nvfp4"),
+                                                     (tiny_sana, tiny_sana_inputs, "fp8")])
+def test_load_quantized_fills_a_meta_skeleton_in_the_files_dtype(tmp_path, monkeypatch, make, make_inputs, quant):
+    from dcgen_kernels.quant import fp8, svdquant
+
+    model, inputs = make(dtype=torch.bfloat16), make_inputs(dtype=torch.bfloat16)
+    dcgen_kernels.quantize(model, quant=quant, rank=8 if quant == "nvfp4" else None, backend="reference")
+    dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
+    for name in ("svdquant_decompose", "quantize_nvfp4"):
+        monkeypatch.setattr(svdquant, name, lambda *a, **k: pytest.fail("load_quantized quantized a layer"))
+    monkeypatch.setattr(fp8, "quantize_weight_fp8", lambda *a, **k: pytest.fail("load_quantized quantized a layer"))
+
+    skeleton = make(device="meta")  # float32 as built: the file's bf16 comes with its tensors
+    assert dcgen_kernels.load_quantized(skeleton, tmp_path / "q.safetensors", device="cpu",
+                                        backend="reference") is skeleton
+    saved, loaded = model.state_dict(), skeleton.state_dict()
+    assert list(loaded) == list(saved)
+    for k in saved:
+        assert loaded[k].device.type == "cpu" and loaded[k].dtype == saved[k].dtype, k
+        assert torch.equal(loaded[k].reshape(-1).view(torch.uint8), saved[k].reshape(-1).view(torch.uint8)), k
+    assert all(t.device.type == "cpu" for t in [*skeleton.parameters(), *skeleton.buffers()])
+    assert str(quant_report(skeleton)) == str(quant_report(model))  # memory before in bf16, as the saved model's
+    assert torch.equal(_run(skeleton, inputs), _run(model, inputs))
+
+
+def test_load_quantized_device_errors_and_skeletons_a_file_cannot_fill(tmp_path):
     model = tiny_flux()
     dcgen_kernels.quantize(model, quant="fp8", backend="reference")
-    dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
-    skeleton = tiny_flux(device="meta")
-    with pytest.raises(ValueError, match="meta device"):
-        dcgen_kernels.load_quantized(skeleton, tmp_path / "q.safetensors")
-    assert quant_report(skeleton) is None
+    path = tmp_path / "q.safetensors"
+    dcgen_kernels.save_quantized(model, path)
+    for kwargs, match in (({}, "on the meta device: pass device="), ({"device": "meta"}, "real device"),
+                          ({"device": 3.5}, "device must be a torch.device or a device string")):
+        skeleton = tiny_flux(device="meta")
+        with pytest.raises(ValueError, match=match):
+            dcgen_kernels.load_quantized(skeleton, path, **kwargs)
+        assert quant_report(skeleton) is None
+    with pytest.raises(ValueError, match="differs from the model's device 'cpu'"):
+        dcgen_kernels.load_quantized(tiny_flux(), path, device=torch.device("cuda", 1))
+
+    with_buffer = tiny_flux(device="meta")
+    with_buffer.register_buffer("table", torch.zeros(3, device="meta"), persistent=False)
+    tied = tiny_flux(device="meta")
+    attn = tied.transformer_blocks[0].attn
+    attn.norm_k.weight = attn.norm_q.weight
+    for skeleton, match in ((with_buffer, "buffers outside its state_dict \\(table\\)"),
+                            (tied, "shared under several names \\(transformer_blocks.0.attn.norm_q.weight, "
+                                   "transformer_blocks.0.attn.norm_k.weight\\)")):
+        with pytest.raises(ValueError, match=match):
+            dcgen_kernels.load_quantized(skeleton, path, device="cpu")
+        assert quant_report(skeleton) is None
+        assert all(t.device.type == "meta" for t in [*skeleton.parameters(), *skeleton.buffers()])
 
 
 def test_load_quantized_allocates_the_layers_instead_of_quantizing_them(tmp_path, monkeypatch):

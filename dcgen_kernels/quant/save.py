@@ -3,6 +3,7 @@ saying how to rebuild the quantized module structure on a stock model before loa
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -34,12 +35,16 @@ def save_quantized(model: torch.nn.Module, path) -> None:
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
-def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto") -> torch.nn.Module:
+def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", device=None) -> torch.nn.Module:
     """Quantize a stock model of the same architecture the way the checkpoint says, then load its tensors (strict).
 
     `model` supplies the architecture (its current weights are overwritten); the result equals the saved model
     bit for bit. Returns the model. The quantized layers are allocated, not computed (no SVD), and a checkpoint of
     another architecture is refused before the model changes.
+
+    `model` may be a skeleton on the meta device (built under `torch.device("meta")`): then `device` (required)
+    says where the checkpoint's tensors go, and they become the model's tensors as stored (their dtypes too), so
+    the 16-bit block weights are never allocated. For a model with real weights `device` must be None or its own.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -66,18 +71,69 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto") -> to
     if layers != saved_layers:
         raise ValueError(f"the checkpoint quantized {len(saved_layers)} layers, this {type(model).__name__} has "
                          f"{len(layers)} quantizable layers: not the same architecture")
-    device = next(model.parameters()).device
-    if device.type == "meta":  # checked before any layer is replaced
-        raise ValueError(f"load_quantized needs a {type(model).__name__} with real weights, got one on the meta "
-                         f"device: build it on a device (its 16-bit block linears are replaced, the rest is kept)")
+    skeleton = next(model.parameters()).device.type == "meta"
+    device = _load_device(model, device, skeleton)
+    if skeleton:
+        _check_skeleton(model)
     quant, rank = metadata["quant"], int(metadata["rank"])
     # NVFP4's W4A4 / W4A16 mode as saved, not as the loading device would pick it (older files: the device's)
     activations = resolve_nvfp4_activations(metadata.get("activations", "auto"), device) if quant == "nvfp4" \
         else "fp8"
     _check_shapes(model, path, quant, rank, activations)
+    if skeleton:
+        _cast_skeleton_to_file_dtype(model, path)
     replace_block_linears(model, quant, False, backend, rank, activations, empty=True)
-    model.load_state_dict(load_file(path, device=str(device)), strict=True)
+    model.load_state_dict(load_file(path, device=str(device)), strict=True, assign=skeleton)
     return model
+
+
+def _load_device(model: torch.nn.Module, device, skeleton: bool) -> torch.device:
+    """Where the checkpoint's tensors go: `device` for a meta skeleton (required), else the model's own device."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device must be a torch.device or a device string such as 'cuda', got {device!r}") \
+                from error
+        if device.type == "meta":
+            raise ValueError("device must be a real device to load the checkpoint onto, got 'meta'")
+    if skeleton:
+        if device is None:
+            raise ValueError(f"this {type(model).__name__} is on the meta device: pass device= (e.g. 'cuda') to "
+                             f"load the checkpoint's tensors there")
+        return device
+    own = next(model.parameters()).device
+    if device is not None and (device.type, device.index or 0) != (own.type, own.index or 0):
+        raise ValueError(f"device={str(device)!r} differs from the model's device {str(own)!r}: device is for meta "
+                         f"skeletons; move the model first (model.to({str(device)!r})) or leave device=None")
+    return own
+
+
+def _check_skeleton(model: torch.nn.Module) -> None:
+    """A meta skeleton gets its tensors from the file alone: refuse, before it changes, tensors no file holds
+    (non-persistent buffers) or ties the file cannot restore (one tensor under two names)."""
+    persistent = model.state_dict(keep_vars=True)
+    missing = [name for name, _ in model.named_buffers() if name not in persistent]
+    names_per_tensor = collections.Counter(id(t) for t in persistent.values())
+    tied = [name for name, t in persistent.items() if names_per_tensor[id(t)] > 1]
+    if missing or tied:
+        what = f"buffers outside its state_dict ({', '.join(missing[:3])})" if missing \
+            else f"parameters shared under several names ({', '.join(tied[:3])})"
+        raise ValueError(f"load_quantized cannot fill this meta {type(model).__name__}: it has {what}, which a "
+                         f"checkpoint does not restore; build it on a device instead")
+
+
+def _cast_skeleton_to_file_dtype(model: torch.nn.Module, path: str) -> None:
+    """Give a meta skeleton (built in the default float32) the file's 16-bit dtype before its layers are replaced,
+    so the report's memory before quantization is the model's (free: nothing is allocated on meta)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        floats = {f.get_slice(key).get_dtype() for key in f.keys()} & {"BF16", "F16", "F32"}
+    named = {"BF16": torch.bfloat16, "F16": torch.float16}
+    sixteen_bit = [named[d] for d in floats if d in named]
+    if len(sixteen_bit) == 1:  # fp32 entries are the quantized layers' scales, or the model is fp32
+        torch.nn.Module.to(model, sixteen_bit[0])  # diffusers' .to() warns about fp32-kept modules it does not have
 
 
 def _check_shapes(model: torch.nn.Module, path: str, quant: str, rank: int, activations: str) -> None:
