@@ -10,6 +10,7 @@ An explicitly requested backend that cannot serve the call always warns once and
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Callable, Mapping, Optional
 
@@ -122,6 +123,7 @@ def select(
                     return name
         if not quiet:
             nxt = order[order.index(name) + 1]
-            warn_once(f"{op}:{name}:{reason}", f"dcgen_kernels.{op}: {name} backend cannot serve this call ({reason}); "
-                      f"falling back to {nxt}")
+            # once per kind of reason: shapes and strides (digits) in it would warn again at every resolution
+            warn_once(f"{op}:{name}:{re.sub(r'[0-9]+', '#', reason)}",
+                      f"dcgen_kernels.{op}: {name} backend cannot serve this call ({reason}); falling back to {nxt}")
     raise AssertionError("unreachable: reference always serves")

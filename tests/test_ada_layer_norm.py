@@ -157,6 +157,8 @@ def _mod_args():
     (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, norm_bias=torch.ones(200).long()), TypeError,
      "norm_bias must have dtype"),
     (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, eps=0.0), ValueError, "eps must be a positive float"),
+    (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, eps=float("inf")), ValueError, "eps must be a posit"),
+    (lambda x, sc, sh, g: gated_residual(x, g[0, 0, 0], x), ValueError, "gate must have shape"),
     (lambda x, sc, sh, g: ada_layer_norm_modulate(x, sc, sh, backend="gpu"), ValueError, "backend must be one of"),
     (lambda x, sc, sh, g: gated_residual(x, g, x[:, :-1]), ValueError, "x must have the same shape as residual"),
     (lambda x, sc, sh, g: gated_residual(x, g, x.to("meta")), ValueError, "x must be on device"),

@@ -67,22 +67,26 @@ def test_triton_reads_strided_weight_and_bias():
     assert rel_l2(channel_rms_norm(x, w2, b2, r, backend="triton"), expected) <= 1e-6
 
 
+def _unsupported_layout(case: str, H: int = 19, W: int = 17):
+    x, w, b, r = make_inputs(H=H, W=W)
+    if case == "transposed_x":
+        return x.transpose(2, 3), w, b, r.transpose(2, 3).contiguous()
+    if case == "channel_slice":
+        return x[:, :20], w[:20], b[:20], r[:, :20].contiguous()
+    return x, w, b, r.contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("case", ["transposed_x", "channel_slice", "residual_channels_last"])
 def test_other_layouts_fall_back_to_the_reference_with_one_warning(case):
     """The kernel takes contiguous NCHW / channels-last x with a residual of x's layout; other strides run the
-    reference (warned once), in a contiguous result where x has no such layout, matching the fake."""
-    x, w, b, r = make_inputs()
-    if case == "transposed_x":
-        x = x.transpose(2, 3)
-        r = r.transpose(2, 3).contiguous()
-    elif case == "channel_slice":
-        x, w, b, r = x[:, :20], w[:20], b[:20], r[:, :20].contiguous()
-    else:
-        r = r.contiguous(memory_format=torch.channels_last)
+    reference (warned once, also at another resolution: other strides, same reason), in a contiguous result where
+    x has no such layout, matching the fake."""
+    x, w, b, r = _unsupported_layout(case)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = channel_rms_norm(x, w, b, r, backend="triton")
         channel_rms_norm(x, w, b, r, backend="triton")
+        channel_rms_norm(*_unsupported_layout(case, H=9, W=12), backend="triton")
     assert len([m for m in caught if "cannot serve this call" in str(m.message)]) == 1
     assert torch.equal(out, channel_rms_norm_reference(x, w, b, r))
     torch.library.opcheck(torch.ops.dcgen.channel_rms_norm.default, (x, w, b, r, 1e-5, "triton"),
@@ -97,6 +101,7 @@ def test_other_layouts_fall_back_to_the_reference_with_one_warning(case):
     (lambda x, w, b, r: channel_rms_norm(x.int(), None, None, None), TypeError, "x must have dtype"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b.to("meta"), r), ValueError, "bias must be on device"),
     (lambda x, w, b, r: channel_rms_norm(x, w, b, r, eps=0.0), ValueError, "eps must be a positive float"),
+    (lambda x, w, b, r: channel_rms_norm(x, w, b, r, eps=float("inf")), ValueError, "eps must be a positive"),
 ])
 def test_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):

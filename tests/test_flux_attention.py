@@ -178,6 +178,7 @@ def test_cuda_path_plumbing_with_host_kernel(monkeypatch):
     (lambda a: a.pop("sin"), ValueError, "cos and sin must be given together"),
     (lambda a: a.update(cos=a["cos"].t().contiguous().t()), ValueError, "cos must be contiguous"),
     (lambda a: a.update(eps=0.0), ValueError, "eps must be a positive float"),
+    (lambda a: a.update(eps=float("nan")), ValueError, "eps must be a positive float"),
     (lambda a: a.update(backend="fast"), ValueError, "backend must be one of"),
 ])
 def test_bad_input_raises_clear_error(mutate, error, match):

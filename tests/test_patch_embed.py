@@ -330,9 +330,11 @@ def test_triton_unembed_of_a_transposed_weight_compiles_as_the_forward():
 # ----------------------------------------------------------------------------------------------- cuda (cuBLAS)
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("p", [1, 2])
-def test_empty_batch_and_no_features_on_every_backend(backend, p, cublas_on_cpu):
+def test_empty_batch_no_tokens_and_no_features_on_every_backend(backend, p, cublas_on_cpu):
     latent, weight, bias = embed_inputs(0, 4, 6, 6, p, 32)
     assert patch_embed(latent, weight, bias, patch_size=p, backend=backend).shape == (0, (6 // p) ** 2, 32)
+    latent, weight, bias = embed_inputs(1, 4, 6, 0, p, 32)  # a zero-width latent: no tokens
+    assert patch_embed(latent, weight, bias, patch_size=p, backend=backend).shape == (1, 0, 32)
     tokens, weight_u, bias_u = unembed_inputs(0, 4, 6, 6, p, 32)
     out = patch_unembed(tokens, weight_u, bias_u, patch_size=p, height=6, width=6, backend=backend)
     assert out.shape == (0, 4, 6, 6)

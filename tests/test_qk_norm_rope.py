@@ -81,6 +81,8 @@ def test_cuda_kernel_math_on_host(dtype, D, with_weight, with_rope):
     (lambda x, w, c, s: qk_norm_rope(x, w, c[:5], s[:5]), ValueError, "cos must have shape"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, rope_offset=-1), ValueError, "rope_offset"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, eps=-1.0), ValueError, "eps must be a positive float"),
+    (lambda x, w, c, s: qk_norm_rope(x, w, c, s, eps=float("nan")), ValueError, "eps must be a positive float"),
+    (lambda x, w, c, s: qk_norm_rope(x, w, c, s, rope_offset=True), ValueError, "rope_offset must be a non-neg"),
     (lambda x, w, c, s: qk_norm_rope(x.int(), None, c, s), TypeError, "x must have dtype"),
     (lambda x, w, c, s: qk_norm_rope(x, w.to("meta"), c, s), ValueError, "weight must be on device"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, backend="gpu"), ValueError, "backend must be one of"),

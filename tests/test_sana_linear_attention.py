@@ -294,6 +294,21 @@ def test_all_negative_query_row_gives_zeros():
     assert out[:, 3].eq(0).all() and rel_l2(out, sana_linear_attention_reference(q, k, v, 1)) < 1e-6
 
 
+@pytest.mark.parametrize("strategy", ["two_pass", "fused"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_in_q_or_k_stays_nan_as_in_the_reference(strategy, where):
+    """ReLU must keep NaN (torch.relu does): a NaN key spoils its head's whole output, a NaN query its row; a max
+    that drops NaN would hand back finite numbers for a diverged activation."""
+    q, k, v = (x.clone() for x in make_inputs(B=1, N=20, H=2, dtype=torch.float32))
+    (q if where == "q" else k)[0, 3, 5] = float("nan")
+    expected = sana_linear_attention_reference(q, k, v, 2)
+    out = torch.empty_like(expected)
+    _launch_triton(*(_by_head(x, 2) for x in (q, k, v)), 1e-15, _by_head(out, 2), strategy=strategy)
+    assert expected.isnan().any()
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert rel_l2(out.nan_to_num(), expected.nan_to_num()) < 1e-6
+
+
 # --------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("call,error,match", [
     (lambda q, k, v: sana_linear_attention(q[0], k, v, 3), ValueError, "q must have 3 dimensions"),

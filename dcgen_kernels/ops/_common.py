@@ -4,6 +4,7 @@ fp32 reference."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -37,9 +38,15 @@ def check_tensor(
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on device {device} like the first input, got {t.device}")
-    if last_dim_contiguous and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if last_dim_contiguous and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
     return t
+
+
+def check_positive_eps(eps: object) -> None:
+    """A norm's eps: NaN or inf would pass `eps <= 0` and turn every output NaN or zero."""
+    if not isinstance(eps, float) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive float (finite), got {eps!r}")
 
 
 def tma_alignment_error(name: str, t: torch.Tensor) -> Optional[str]:

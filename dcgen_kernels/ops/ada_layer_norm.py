@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
+from ._common import call_op, cdiv, check_positive_eps, check_tensor, custom_op, register_reference_autograd
 
 __all__ = [
     "ada_layer_norm_modulate", "ada_layer_norm_modulate_reference",
@@ -109,8 +109,7 @@ def _validate_modulate(x, scale, shift, norm_weight, norm_bias, eps, name: str =
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if t is not None:
             check_tensor(name, t, shape=(x.shape[-1],), device=x.device, last_dim_contiguous=True)
-    if not isinstance(eps, float) or eps <= 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_positive_eps(eps)
 
 
 def _validate_gated(residual, gate, x) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
+from ._common import call_op, cdiv, check_positive_eps, check_tensor, custom_op, register_reference_autograd
 
 __all__ = ["channel_rms_norm", "channel_rms_norm_reference"]
 
@@ -51,8 +51,7 @@ def _validate(x, weight, bias, residual, eps) -> None:
             check_tensor(name, t, shape=(C,), device=x.device)
     if residual is not None:
         check_tensor("residual", residual, shape=x.shape, dtypes=(x.dtype,), device=x.device)
-    if not isinstance(eps, float) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_positive_eps(eps)
 
 
 def _launch_triton(x, weight, bias, residual, eps, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _cext
-from ._common import (HALF_DTYPES, call_op, cdiv, check_tensor, custom_op, register_reference_autograd,
-                      tma_alignment_error)
+from ._common import (HALF_DTYPES, call_op, cdiv, check_positive_eps, check_tensor, custom_op,
+                      register_reference_autograd, tma_alignment_error)
 from .qk_norm_rope import CUDA_HEAD_DIMS, apply_rope_fp32, qk_norm_rope_into, rms_norm_fp32
 
 __all__ = ["flux_attention", "flux_attention_reference"]
@@ -87,8 +87,7 @@ def _validate(q, k, v, cos, sin, txt_q, txt_k, txt_v, norm_q_weight, norm_k_weig
             check_tensor(name, t, shape=(S_txt + S, D), device=q.device)
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    if not isinstance(eps, float) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_positive_eps(eps)
 
 
 # ----------------------------------------------------------------------------------------------- triton

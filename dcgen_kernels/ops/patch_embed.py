@@ -314,6 +314,8 @@ _INTERPRETER_NARROW_MAX_ROWS = 16
 
 
 def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
+    if not out.numel():  # e.g. a zero-width latent: no tokens to write (a TMA descriptor cannot have zero extents)
+        return
     B, C, h, w = latent.shape
     p = patch_size
     interpret = _backend.triton_interpreter_enabled()

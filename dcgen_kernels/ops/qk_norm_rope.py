@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _cext
-from ._common import call_op, cdiv, check_tensor, custom_op, register_reference_autograd
+from ._common import call_op, cdiv, check_positive_eps, check_tensor, custom_op, register_reference_autograd
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference", "rms_norm_fp32", "apply_rope_fp32"]
 
@@ -59,7 +59,7 @@ def _validate(x, weight, cos, sin, eps, rope_offset) -> None:
     if cos is not None:
         if D % 2:
             raise ValueError(f"RoPE rotates pairs: head_dim (x.shape[-1]) must be even, got {D}")
-        if not isinstance(rope_offset, int) or rope_offset < 0:
+        if isinstance(rope_offset, bool) or not isinstance(rope_offset, int) or rope_offset < 0:
             raise ValueError(f"rope_offset must be a non-negative int, got {rope_offset!r}")
         for name, t in (("cos", cos), ("sin", sin)):
             check_tensor(name, t, ndim=2, device=x.device, last_dim_contiguous=True)
@@ -68,8 +68,7 @@ def _validate(x, weight, cos, sin, eps, rope_offset) -> None:
                                  f"got {tuple(t.shape)}")
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    if not isinstance(eps, float) or eps <= 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_positive_eps(eps)
 
 
 # ----------------------------------------------------------------------------------------------- launchers

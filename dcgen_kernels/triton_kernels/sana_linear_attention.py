@@ -155,7 +155,7 @@ def _kv_partial(
         rows = n.to(tl.int64)[:, None]
         k = tl.load(k_base + rows * k_stride_n + k_columns, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_base + rows * v_stride_n + v_columns, mask=mask, other=0.0).to(tl.float32)
-        k = tl.maximum(k, 0.0)
+        k = tl.maximum(k, 0.0, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as torch.relu keeps it
         ksum_rows += k
         kv = tl.dot(tl.trans(k.to(DOT_DTYPE)), v.to(DOT_DTYPE), kv, input_precision=FP32_PRECISION)
 
@@ -206,7 +206,7 @@ def _attend(
         mask = _tile_mask(n, end, column_ok, HEAD_DIM, PADDED_DIM, 1)
         rows = n.to(tl.int64)[:, None]
         q = tl.load(q_base + rows * q_stride_n + q_columns, mask=mask, other=0.0).to(tl.float32)
-        q = tl.maximum(q, 0.0)
+        q = tl.maximum(q, 0.0, propagate_nan=tl.PropagateNan.ALL)
         denominator = tl.sum(q * ksum[None, :], axis=1) + eps
         if SPLIT_KV:
             if SPLIT_Q:
