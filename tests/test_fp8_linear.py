@@ -389,3 +389,15 @@ def test_fp8_linear_module_takes_any_leading_shape_like_nn_linear():
         out = layer(x)
         assert out.shape == shape[:-1] + (32,)
         assert rel_l2(out, linear(x).detach()) < QUANT_TOL
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((-1, 4), {}, ValueError, "in_features must be a positive int"),
+    ((4, 2.0), {}, ValueError, "out_features must be a positive int"),
+    ((4, 4), dict(dtype=torch.int32), TypeError, "dtype \\(of the bias\\) must be one of"),
+])
+def test_fp8_linear_module_bad_arguments_raise_clear_errors(args, kwargs, error, match):
+    from dcgen_kernels.quant import FP8Linear
+
+    with pytest.raises(error, match=match):
+        FP8Linear(*args, **kwargs)

@@ -154,6 +154,22 @@ def test_unpatch_without_originals_raises_and_leaves_model_patched():
     assert torch.equal(_run(model, inputs), before)
     with pytest.raises(ValueError, match="cannot be re-quantized"):
         dcgen_kernels.patch(model, quant="nvfp4")
+    with pytest.raises(ValueError, match="cannot be re-quantized"):
+        dcgen_kernels.quantize(model, quant="nvfp4")
+    assert isinstance(model.transformer_blocks[0].attn.to_q, FP8Linear)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(quant="fp8", rank=-3), ValueError, "rank must be a non-negative int"),
+    (dict(quant="nvfp4", keep_original="yes"), TypeError, "keep_original must be a bool"),
+    (dict(quant="nvfp4", nvfp4_activations="fp4"), ValueError, "nvfp4_activations must be None or one of")])
+def test_patch_checks_the_quantization_arguments_before_replacing_anything(kwargs, error, match):
+    model = tiny_flux()
+    processors = {name: type(p) for name, p in model.attn_processors.items()}
+    with pytest.raises(error, match=match):
+        dcgen_kernels.patch(model, **kwargs)
+    assert {name: type(p) for name, p in model.attn_processors.items()} == processors
+    assert not dcgen_kernels.is_patched(model) and quant_report(model) is None
 
 
 def test_repatch_same_quant_is_idempotent_and_switches_backend():
@@ -176,6 +192,8 @@ def test_bad_quant_name_and_unsupported_model():
     assert type(model.transformer_blocks[0].attn.to_q) is torch.nn.Linear
     with pytest.raises(ValueError, match="no transformer-block nn.Linear"):
         dcgen_kernels.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)), quant="fp8")
+    with pytest.raises(ValueError, match="no transformer-block nn.Linear"):
+        dcgen_kernels.quantize(torch.nn.Sequential(), quant="nvfp4")  # no parameters at all
 
 
 @pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
@@ -238,6 +256,10 @@ def test_fp8_save_load_round_trip_bit_exact(tmp_path):
 
 
 def test_save_load_errors(tmp_path):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        dcgen_kernels.save_quantized([1], tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        dcgen_kernels.load_quantized("model", tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="is not quantized"):
         dcgen_kernels.save_quantized(tiny_flux(), tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
@@ -247,6 +269,9 @@ def test_save_load_errors(tmp_path):
     dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
     with pytest.raises(ValueError, match="needs an unquantized"):
         dcgen_kernels.load_quantized(model, tmp_path / "q.safetensors")
+    for bad in (tmp_path, tmp_path / "missing" / "q.safetensors"):  # a directory; a file in a missing one
+        with pytest.raises(ValueError, match="must name a file in an existing directory"):
+            dcgen_kernels.save_quantized(model, bad)
 
 
 def _wider_embedder_flux():

@@ -89,14 +89,13 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         raise ValueError(f"cuda_graph=True captures a FLUX / SANA transformer's forward; {type(model).__name__} has "
                          f"no transformer blocks (an autoencoder's decode is not a forward call)")
     _quant.check_nvfp4_activations(nvfp4_activations)
+    if quant is not None:
+        _quant.check_quant_settings(model, quant, rank, keep_original)
     if quant is not None and _quant.current_quant(model) != quant:
         if not _quant.block_linears(model) and _quant.current_quant(model) is None:
             raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "
                              f"{type(model).__name__}; quantization supports FLUX and SANA transformers")
         _quant.check_no_adapters(model)
-        if not _quant.can_restore(model):
-            raise ValueError(f"{type(model).__name__} is already quantized to {_quant.current_quant(model)} without "
-                             f"keep_original=True; it cannot be re-quantized to {quant!r}. Reload the model.")
     _cuda_graph.disable(model)  # graphs captured before may launch modules replaced below
     report = PatchReport(model=type(model).__name__, backend=backend, cuda_graph=cuda_graph)
     for name, module in model.named_modules():

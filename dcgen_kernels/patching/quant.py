@@ -245,15 +245,14 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
         raise ValueError(f"quant must be one of {QUANT_CHOICES}, got None (use unpatch/restore to undo quantization)")
     check_quant_name(quant)
     _backend.check_backend_name(backend)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-        raise ValueError(f"rank must be a non-negative int, got {rank!r}")
-    if keep_original is not None and not isinstance(keep_original, bool):
-        raise TypeError(f"keep_original must be a bool, got {keep_original!r}")
+    check_quant_settings(model, quant, rank, keep_original)
+    if current_quant(model) is None and not block_linears(model):  # checked first: a model may have no parameters
+        raise ValueError(f"dcgen_kernels.quantize found no transformer-block nn.Linear in {type(model).__name__}; "
+                         f"supported: FluxTransformer2DModel and SanaTransformer2DModel blocks")
     activations = resolve_nvfp4_activations(nvfp4_activations, next(model.parameters()).device)
     existing = current_quant(model)
     if existing == quant:
         report = quant_report(model)
-        _check_requantize_settings(model, report, rank, keep_original)
         for name, *_ in report.layers:
             module = model.get_submodule(name)
             module = getattr(module, "linear", module)  # a 1x1 conv's quantized linear
@@ -266,6 +265,23 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
         restore(model)  # raises when the originals were not kept
     replace_block_linears(model, quant, bool(keep_original), backend, 32 if rank is None else rank, activations)
     return model
+
+
+def check_quant_settings(model: torch.nn.Module, quant: str, rank: Optional[int],
+                         keep_original: Optional[bool]) -> None:
+    """quantize()'s rank and keep_original, checked before anything changes (also by patch(), before it replaces
+    modules): their types; for a model already in `quant`, that they are the ones its layers have; for one in another
+    format, that its 16-bit originals were kept."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    if keep_original is not None and not isinstance(keep_original, bool):
+        raise TypeError(f"keep_original must be a bool, got {keep_original!r}")
+    current = current_quant(model)
+    if current == quant:
+        _check_requantize_settings(model, quant_report(model), rank, keep_original)
+    elif current is not None and not can_restore(model):
+        raise ValueError(f"{type(model).__name__} is already quantized to {current} without keep_original=True; it "
+                         f"cannot be re-quantized to {quant!r}. Reload the model.")
 
 
 def _check_requantize_settings(model: torch.nn.Module, report: QuantReport, rank: Optional[int],
@@ -287,12 +303,9 @@ def _check_requantize_settings(model: torch.nn.Module, report: QuantReport, rank
 
 def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: bool, backend: str, rank: int,
                           activations: str, empty: bool = False) -> None:
-    """quantize()'s replacement of the block linears of an unquantized model, its arguments checked;
+    """quantize()'s replacement of the block linears (at least one) of an unquantized model, its arguments checked;
     `empty`: allocate the quantized buffers without computing them (see _quantized_module)."""
     linears = block_linears(model)
-    if not linears:
-        raise ValueError(f"dcgen_kernels.quantize found no transformer-block nn.Linear in {type(model).__name__}; "
-                         f"supported: FluxTransformer2DModel and SanaTransformer2DModel blocks")
     report = QuantReport(quant=quant, keep_original=keep_original, rank=rank if quant == "nvfp4" else 0,
                          activations=activations if quant == "nvfp4" else "fp8",
                          weight_bytes_before=weight_bytes(model))

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
+from ..ops._common import FLOAT_DTYPES
 from ..ops.fp8_linear import FP8_DTYPE, FP8Activation, dequantize_fp8, fp8_linear, quantize_weight_fp8
 from ._storage import KeepsQuantizedDtypes
 
@@ -29,6 +30,11 @@ class FP8Linear(KeepsQuantizedDtypes):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.bfloat16,
                  device=None, backend: str = "auto"):
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype (of the bias) must be one of {FLOAT_DTYPES}, got {dtype}")
         _backend.check_backend_name(backend)
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device))

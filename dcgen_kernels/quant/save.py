@@ -20,6 +20,11 @@ def save_quantized(model: torch.nn.Module, path) -> None:
 
     from ..patching.quant import quant_report
 
+    _check_module(model)
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent):
+        raise ValueError(f"path {path!r} must name a file in an existing directory (a .safetensors file to write)")
     report = quant_report(model)
     if report is None:
         raise ValueError(f"{type(model).__name__} is not quantized: call dcgen_kernels.quantize(model, quant=...) "
@@ -32,7 +37,7 @@ def save_quantized(model: torch.nn.Module, path) -> None:
         seen.add(key)
     metadata = {"format": FORMAT, "quant": report.quant, "rank": str(report.rank), "model": type(model).__name__,
                 "activations": report.activations, "layers": json.dumps([name for name, *_ in report.layers])}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    save_file(tensors, path, metadata=metadata)
 
 
 def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", device=None) -> torch.nn.Module:
@@ -53,6 +58,7 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     from ..patching.quant import (block_linears, check_no_adapters, current_quant, replace_block_linears,
                                   resolve_nvfp4_activations)
 
+    _check_module(model)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path {path!r} is not a file (a .safetensors file written by save_quantized)")
@@ -85,6 +91,12 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     replace_block_linears(model, quant, False, backend, rank, activations, empty=True)
     model.load_state_dict(load_file(path, device=str(device)), strict=True, assign=skeleton)
     return model
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a diffusers FLUX / SANA transformer), got "
+                        f"{type(model).__name__}")
 
 
 def _load_device(model: torch.nn.Module, device, skeleton: bool) -> torch.device:
