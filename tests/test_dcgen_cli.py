@@ -213,6 +213,37 @@ def test_bad_arguments_exit_2(models, tmp_path, capsys):
         assert code == 2 and "no CUDA GPU" in err
 
 
+def test_outputs_and_values_that_would_fail_late_exit_2_before_any_work(models, tmp_path, capsys, monkeypatch):
+    """An --out that is a file (save_pretrained only logs and returns: the trained model was lost), a file as
+    --checkpoint-dir, no text tokens, a size the autoencoders cannot downsample, a transformer as --dc-ae, an
+    unsupported device, a seed torch cannot take: exit 2 with the flag named, before training or encoding."""
+    from dcgen_kernels import dcgen
+
+    monkeypatch.setattr(dcgen, "align_head", lambda *a, **k: pytest.fail("trained despite a bad argument"))
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4), dict(source="synthetic"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    head = ["align-head", "--transformer", models["flux"], "--cache", cache, "--random-text", "--steps", "1",
+            "--quiet", "--device", "cpu"]
+    encode = ["encode", "--sample-images", "--base-ae", models["kl"], "--dc-ae", models["dc"], "--device", "cpu"]
+    out_dir = ["--out", str(tmp_path / "out")]
+    for argv, message in (
+            (head + ["--out", str(a_file)], "--out"),
+            (head + out_dir + ["--checkpoint-dir", str(a_file)], "--checkpoint-dir"),
+            (head + out_dir + ["--random-text-tokens", "0"], "--random-text-tokens must be >= 1"),
+            (head + out_dir + ["--seed", "99999999999999999999"], "argument --seed: must be an int in [0, 2**63)"),
+            (["merge", "--transformer", models["flux"], "--out", str(a_file)], "--out"),
+            (encode + ["--size", "63", "--out", cache], "multiples of AutoencoderKL's downsampling factor 8"),
+            (encode + ["--size", "64", "--out", str(tmp_path)], "--out"),
+            (encode[:5] + [models["flux"], "--size", "64", "--out", cache],
+             "names autoencoder class 'FluxTransformer2DModel'"),
+            (encode[:-1] + ["meta", "--size", "64", "--out", cache], "--device must be cpu or cuda")):
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and message in err, (argv, err)
+    assert a_file.read_text() == ""
+
+
 def test_bad_text_embeddings_exit_2(models, tmp_path, capsys):
     from safetensors.torch import save_file
 

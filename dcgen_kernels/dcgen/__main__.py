@@ -77,6 +77,8 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise CLIError(f"--device: {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device must be cpu or cuda[:index], got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: no CUDA GPU is visible (use --device cpu)")
     return device
@@ -98,6 +100,22 @@ def _load_embeddings(path: str) -> dict:
         return load_file(path)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise CLIError(f"text embeddings file {path!r} is not a readable safetensors file: {err}") from None
+
+
+def _check_output_path(path: str, flag: str, directory: bool) -> None:
+    """Refuse, before any work, an output the run could not write at its end (training would be lost)."""
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is an existing file; give a directory (created if missing)")
+    if not directory and os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a directory; give a file name")
+
+
+def _check_training_args(args) -> None:
+    _check_output_path(args.out, "--out", directory=True)
+    if args.checkpoint_dir is not None:
+        _check_output_path(args.checkpoint_dir, "--checkpoint-dir", directory=True)
+    if getattr(args, "random_text_tokens", 1) < 1:
+        raise CLIError(f"--random-text-tokens must be >= 1, got {args.random_text_tokens}")
 
 
 def _null_like(path: str, name: str, null: torch.Tensor, shape) -> torch.Tensor:
@@ -207,6 +225,7 @@ def cmd_encode(args) -> None:
         sample_images,
     )
 
+    _check_output_path(args.out, "--out", directory=False)
     if args.sample_images:
         images = images_to_tensor(sample_images(), args.size)
         source = "scikit-image samples"
@@ -215,7 +234,7 @@ def cmd_encode(args) -> None:
         source = os.path.abspath(args.images)
     device = _device(args.device)
     base_ae = load_local_model(_autoencoder_cls(args.base_ae), args.base_ae).to(device)
-    dc_ae = load_local_model(AutoencoderDC, args.dc_ae).to(device)
+    dc_ae = load_local_model(_class_from_config(args.dc_ae, (AutoencoderDC,), "autoencoder"), args.dc_ae).to(device)
     base = encode_latents(images, base_ae, args.batch_size)
     dc = encode_latents(images, dc_ae, args.batch_size)
     from .data import save_latent_cache
@@ -233,6 +252,7 @@ def cmd_align_embedding(args) -> None:
     from . import align_embedding, convert
     from .data import load_latent_cache
 
+    _check_training_args(args)
     base_lat, dc_lat, _ = load_latent_cache(args.cache)
     channels = args.latent_channels if args.latent_channels is not None else dc_lat.shape[1]
     if channels != dc_lat.shape[1]:
@@ -281,6 +301,7 @@ def _head_or_lora(args, lora: bool) -> None:
     from . import add_lora, align_head
     from .data import load_latent_cache
 
+    _check_training_args(args)
     _, dc_lat, _ = load_latent_cache(args.cache)
     transformer = _load_transformer(args.transformer, _device(args.device))
     if _is_sana(transformer):
@@ -328,6 +349,7 @@ def cmd_lora(args) -> None:
 def cmd_merge(args) -> None:
     from . import merge_lora
 
+    _check_output_path(args.out, "--out", directory=True)
     adapter = os.path.join(args.transformer, LORA_SUBDIR)
     if not os.path.isfile(os.path.join(adapter, LORA_WEIGHTS)):
         raise FileNotFoundError(f"{args.transformer!r} has no {LORA_SUBDIR}/{LORA_WEIGHTS} adapter; pass the output "
@@ -346,7 +368,7 @@ def _add_training(p, default_lr: float) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=default_lr)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seeds the new weights (convert / LoRA), the training draws and --random-text")
     p.add_argument("--checkpoint-dir", default=None, help="periodic checkpoints; a rerun resumes from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0)
@@ -357,6 +379,16 @@ def _add_training(p, default_lr: float) -> None:
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                    help="backend of the fused ops with --fused-latent-io")
     _add_device(p)
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**63:  # torch.manual_seed's range
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**63), got {text!r}")
+    return seed
 
 
 def _add_device(p) -> None:

@@ -162,6 +162,10 @@ def encode_latents(images: torch.Tensor, autoencoder: torch.nn.Module, batch_siz
         raise TypeError(f"encode_latents supports diffusers AutoencoderKL and AutoencoderDC, got "
                         f"{type(autoencoder).__name__}")
     config = autoencoder.config
+    factor = 2 ** (len(config.block_out_channels) - 1) if kind == "kl" else autoencoder.spatial_compression_ratio
+    if images.shape[2] % factor or images.shape[3] % factor:
+        raise ValueError(f"images height and width must be multiples of {type(autoencoder).__name__}'s downsampling "
+                         f"factor {factor}, got {images.shape[2]}x{images.shape[3]}")
     scale = getattr(config, "scaling_factor", None)
     scale = 1.0 if scale is None else float(scale)
     shift = getattr(config, "shift_factor", None) if kind == "kl" else None
