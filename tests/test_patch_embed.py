@@ -619,7 +619,7 @@ def _no_reference_vjp(monkeypatch):
     """Make a silent fall back of the backward to the reference vjp fail the test."""
     def fail(*args, **kwargs):
         raise AssertionError("the backward ran the reference vjp, not the fused backward")
-    monkeypatch.setattr(patch_embed_module, "_reference_vjp", fail)
+    monkeypatch.setattr(patch_embed_module, "reference_vjp", fail)
 
 
 def _fp32_reference_grads(reference, tensors, args, grad, wanted):

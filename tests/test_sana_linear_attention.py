@@ -386,18 +386,21 @@ def test_multiscale_gradients_match_apply_linear_attention():
 
 
 # --------------------------------------------------------------------------------------------- compile
-def test_custom_ops_trace_in_torch_compile_without_graph_breaks():
-    q, k, v = make_inputs(N=19, dtype=torch.float32)
-    mq, mk, mv = make_multiscale_inputs(N=19, dtype=torch.float32)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_custom_ops_trace_in_torch_compile_without_graph_breaks(dynamic):
+    """dynamic=True traces the eps floats as symbols: the argument checks must only compare them."""
 
     def both(q, k, v, mq, mk, mv):
         return (sana_linear_attention(q, k, v, 3, backend="triton") * 2,
                 sana_multiscale_linear_attention(mq, mk, mv, backend="triton") + 1)
 
-    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
-    token_major, channel_first = compiled(q, k, v, mq, mk, mv)
-    assert rel_l2(token_major, 2 * sana_linear_attention_reference(q, k, v, 3)) < 1e-6
-    assert rel_l2(channel_first, 1 + sana_multiscale_linear_attention_reference(mq, mk, mv)) < 1e-6
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for N in (19, 23):
+        q, k, v = make_inputs(N=N, dtype=torch.float32)
+        mq, mk, mv = make_multiscale_inputs(N=N, dtype=torch.float32)
+        token_major, channel_first = compiled(q, k, v, mq, mk, mv)
+        assert rel_l2(token_major, 2 * sana_linear_attention_reference(q, k, v, 3)) < 1e-6
+        assert rel_l2(channel_first, 1 + sana_multiscale_linear_attention_reference(mq, mk, mv)) < 1e-6
 
 
 def test_fake_impl_shapes():

@@ -186,13 +186,24 @@ def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -
         saved = iter(ctx.saved_tensors)
         tensors = [next(saved) if present else None for present in ctx.present]
         wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(tensors)]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(tensors, wanted)]
-            out = reference(*leaves, *ctx.rest[:-1])  # the last non-tensor input is the backend name
-            used = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grad_outs) if g is not None]
-            grads = torch.autograd.grad([o for o, _ in used], [t for t, w in zip(leaves, wanted) if w],
-                                        [g for _, g in used], allow_unused=True)
-        grads = iter(grads)
-        return tuple(next(grads) if w else None for w in wanted) + (None,) * len(ctx.rest)
+        # the last non-tensor input is the backend name
+        grads = reference_vjp(reference, tensors, ctx.rest[:-1], grad_outs, wanted)
+        return tuple(grads) + (None,) * len(ctx.rest)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+def reference_vjp(reference: Callable, tensors: Sequence, args: Sequence, grad_outs: Sequence,
+                  wanted: Sequence[bool]) -> list:
+    """Gradients of `reference(*tensors, *args)` (one output or a tuple) for the tensors flagged in `wanted`,
+    recomputed under autograd. Under create_graph=True (grad mode on in the backward) the recomputation is
+    differentiated through the saved inputs themselves, so second-order gradients (gradient penalties) flow; else
+    through detached copies (no graph kept)."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = [t if t is None or create_graph else t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
+        out = reference(*leaves, *args)
+        used = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grad_outs) if g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in used], [t for t, w in zip(leaves, wanted) if w],
+                                         [g for _, g in used], allow_unused=True, create_graph=create_graph))
+    return [next(grads) if w else None for w in wanted]

@@ -39,7 +39,7 @@ import torch
 
 from .. import _backend
 from ._common import (
-    arrival_counters, call_op, cdiv, check_tensor, custom_op, timed_choice, tma_alignment_error,
+    arrival_counters, call_op, cdiv, check_tensor, custom_op, reference_vjp, timed_choice, tma_alignment_error,
 )
 
 __all__ = ["patch_embed", "patch_embed_reference", "patch_unembed", "patch_unembed_reference"]
@@ -576,15 +576,6 @@ def _(latent, weight, bias, patch_size, backend):
     return latent.new_empty(B, (h // patch_size) * (w // patch_size), weight.shape[0])
 
 
-def _reference_vjp(reference, tensors, args, grad_out, wanted):
-    """Gradients of `reference(*tensors, *args)` for the tensors flagged in `wanted`, recomputed under autograd."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(tensors, wanted)]
-        out = reference(*leaves, *args)
-        grads = iter(torch.autograd.grad(out, [t for t, w in zip(leaves, wanted) if w], grad_out, allow_unused=True))
-    return [next(grads) if w else None for w in wanted]
-
-
 def _save(ctx, tensors, rest) -> None:
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*[t for t in tensors if t is not None])
@@ -624,7 +615,7 @@ def _embed_backward(ctx, grad):
     patch_size, backend = ctx.rest
     grad = grad.to(latent.dtype)
     if _backward_on_reference("patch_embed", backend, latent, weight, grad):
-        grads = _reference_vjp(patch_embed_reference, (latent, weight, bias), (patch_size,), grad, wanted)
+        grads = reference_vjp(patch_embed_reference, (latent, weight, bias), (patch_size,), (grad,), wanted)
         return (*grads, None, None)
     d_latent = None
     if wanted[0]:  # unpack(grad . weight): patch_unembed with weight^T, no bias (a custom op: torch.compile traces it)
@@ -683,8 +674,8 @@ def _unembed_backward(ctx, grad):
     patch_size, height, width, backend = ctx.rest
     grad = grad.to(tokens.dtype)
     if _backward_on_reference("patch_unembed", backend, tokens, weight, grad):
-        grads = _reference_vjp(patch_unembed_reference, (tokens, weight, bias), (patch_size, height, width), grad,
-                               wanted)
+        grads = reference_vjp(patch_unembed_reference, (tokens, weight, bias), (patch_size, height, width), (grad,),
+                              wanted)
         return (*grads, None, None, None, None)
     d_tokens = None
     packed = _token_matrix(grad, patch_size) if wanted[1] or wanted[2] else None

@@ -85,7 +85,7 @@ def _validate_qkv(q, k, v, eps, ndim: int, layout: str, last_dim_contiguous: boo
     same = dict(shape=q.shape, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=last_dim_contiguous)
     check_tensor("k", k, **same)
     check_tensor("v", v, **same)
-    if not isinstance(eps, float) or not (eps >= 0 and math.isfinite(eps)):
+    if not isinstance(eps, float) or not 0 <= eps < math.inf:  # comparisons only: Dynamo traces SymFloats
         raise ValueError(f"eps must be a non-negative finite float, got {eps!r}")
 
 
