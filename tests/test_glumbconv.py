@@ -58,11 +58,13 @@ def test_reference_equals_diffusers_glumbconv(C, hidden, C_out):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("H,W,hidden", [(7, 9, 40), (5, 13, 72)])
-def test_depthwise_glu_kernel_matches_reference(dtype, H, W, hidden):
-    pre = torch.randn(H * W, 2 * hidden).to(dtype)
+@pytest.mark.parametrize("B,H,W,hidden", [(1, 7, 9, 40), (1, 5, 13, 72), (2, 8, 5, 40), (2, 4, 6, 24)])
+def test_depthwise_glu_kernel_matches_reference(dtype, B, H, W, hidden):
+    """Heights off and on the 4-row strips (SANA / DC-AE grids are multiples of 4: the last strip ends at the image's
+    bottom edge), two images (a strip must not read or write its neighbour's rows), NaN-poisoned output."""
+    pre = torch.randn(B * H * W, 2 * hidden).to(dtype)
     _, _, depth_weight, depth_bias, _ = make_weights(hidden=hidden, dtype=dtype)
-    out = torch.full((H * W, hidden), float("nan"), dtype=dtype)
+    out = torch.full((B * H * W, hidden), float("nan"), dtype=dtype)
     _launch_depthwise_glu(pre, H, W, depth_weight, depth_bias, out)
     expected = depthwise_glu_fp32(pre, H, W, depth_weight, depth_bias)
     assert rel_l2(out, expected) <= max(TOLERANCE[dtype] / 2, 1e-6)

@@ -275,3 +275,25 @@ def test_float64_model_runs_diffusers_code_with_one_warning_per_module_kind():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         run(model, inputs)
+
+
+class _ImagePromptProcessor:
+    """Like diffusers' FluxIPAdapterAttnProcessor: a third output the block adds to the image stream."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.inner = FluxAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        image, context = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return image, context, 0.5 * hidden_states.flip(-1)
+
+
+def test_double_block_adds_the_image_prompt_output_of_a_three_output_processor():
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.transformer_blocks[0].attn.set_processor(_ImagePromptProcessor())
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert isinstance(model.transformer_blocks[0].attn.processor, _ImagePromptProcessor)  # a user's: kept
+    assert rel_l2(run(model, inputs), expected) < 1e-5
