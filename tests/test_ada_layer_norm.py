@@ -491,3 +491,15 @@ def test_modulate_launches_compile_for_sm90_without_spills():
     stats = compile_launchers_for_sm90(_MODULATE_LAUNCHES)
     assert len(stats) == 6 and all(s["kernel"] == "ada_layer_norm_modulate_kernel" for s in stats), stats
     assert all(s["spills"] == 0 for s in stats), stats
+
+
+def test_triton_uses_the_given_eps():
+    """eps matters where the variance is of its order: activations ~1e-2 (variance 1e-4) with eps 1e-3."""
+    x = activations(dtype=torch.float32) * 1e-2
+    shift, scale, gate = modulation("flux", dtype=torch.float32)
+    out = ada_layer_norm_modulate(x, scale, shift, eps=1e-3, backend="triton")
+    assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift, eps=1e-3)) < 1e-5
+    assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift, eps=1e-6)) > 0.1
+    out = gated_residual_ada_layer_norm_modulate(x, gate, x, scale, shift, eps=1e-3, backend="triton")[1]
+    expected = gated_residual_ada_layer_norm_modulate_reference(x, gate, x, scale, shift, eps=1e-3)[1]
+    assert rel_l2(out, expected) < 1e-5

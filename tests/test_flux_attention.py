@@ -291,3 +291,13 @@ def test_reference_output_is_contiguous_like_the_fake():
     torch.library.opcheck(torch.ops.dcgen.flux_attention.default,  # single stream, no norm weights, no RoPE
                           (q, k, v, None, None, None, None, None, None, None, None, None, 1e-6, "reference"),
                           test_utils=("test_faketensor",))
+
+
+def test_triton_uses_the_given_eps():
+    """The Q/K RMSNorm's eps matters where the mean square is of its order: inputs ~1e-2 with eps 1e-3."""
+    args = make_inputs(S=20, S_txt=3)
+    for name in ("q", "k", "txt_q", "txt_k"):
+        args[name] = args[name] * 1e-2
+    out = flux_attention(**args, eps=1e-3, backend="triton")
+    assert rel_l2(out, flux_attention_reference(**args, eps=1e-3)) <= TOLERANCE[torch.bfloat16]
+    assert rel_l2(out, flux_attention_reference(**args, eps=1e-6)) > 0.1  # measured 0.76

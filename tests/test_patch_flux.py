@@ -297,3 +297,16 @@ def test_double_block_adds_the_image_prompt_output_of_a_three_output_processor()
     dcgen_kernels.patch(model, backend="reference")
     assert isinstance(model.transformer_blocks[0].attn.processor, _ImagePromptProcessor)  # a user's: kept
     assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
+@pytest.mark.parametrize("layer", ["single_transformer_blocks.0.proj_out", "transformer_blocks.0.ff_context.net.2"])
+def test_fp16_blocks_clip_to_the_fp16_range_as_diffusers(layer):
+    """diffusers clips fp16 block outputs to +-65504: a layer scaled to overflow must give stock's finite output."""
+    model, inputs = tiny_flux(dtype=torch.float16), tiny_flux_inputs(dtype=torch.float16)
+    with torch.no_grad():
+        model.get_submodule(layer).weight.mul_(1e5)
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    got = run(model, inputs)
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
+    assert rel_l2(got.float(), expected.float()) < 5e-3

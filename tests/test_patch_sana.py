@@ -366,3 +366,17 @@ def test_float64_models_run_diffusers_code():
     assert out.dtype == torch.float64 and rel_l2(out, expected) < 1e-12
     assert image.dtype == torch.float64 and rel_l2(image, expected_image) < 1e-12
 
+
+
+def test_fp16_self_attention_clips_to_the_fp16_range_as_diffusers():
+    """SanaLinearAttnProcessor2_0 clips its fp16 output to +-65504: an output projection scaled to overflow must give
+    stock's finite output."""
+    model, inputs = tiny_sana(dtype=torch.float16), tiny_sana_inputs(dtype=torch.float16)
+    with torch.no_grad():
+        model.transformer_blocks[0].attn1.to_out[0].weight.mul_(1e5)  # outputs up to ~5e4
+        model.transformer_blocks[0].attn1.to_out[0].bias.fill_(6e4)
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    got = run_sana(model, inputs)
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
+    assert rel_l2(got.float(), expected.float()) < 5e-3

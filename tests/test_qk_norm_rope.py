@@ -128,3 +128,12 @@ def test_unavailable_backend_warns_once_and_falls_back():
         outs = [qk_norm_rope(x, w, cos, sin, backend="cuda") for _ in range(2)]  # a CPU tensor
     assert len(caught) == 1  # one-time
     assert all(rel_l2(o, qk_norm_rope_reference(x, w, cos, sin)) <= 1e-6 for o in outs)
+
+
+def test_triton_uses_the_given_eps():
+    """eps matters where the mean square is of its order: inputs ~1e-2 (mean square 1e-4) with eps 1e-3."""
+    x, w, cos, sin = make_inputs(dtype=torch.float32)
+    x = x * 1e-2
+    out = qk_norm_rope(x, w, cos, sin, eps=1e-3, backend="triton")
+    assert rel_l2(out, qk_norm_rope_reference(x, w, cos, sin, eps=1e-3)) < 1e-5
+    assert rel_l2(out, qk_norm_rope_reference(x, w, cos, sin, eps=1e-6)) > 0.1
