@@ -150,3 +150,21 @@ def test_second_order_gradients_match_the_reference(name):
         results.append(torch.autograd.grad(penalty, leaves))
     for got, expected in zip(*results):
         assert (got - expected).norm() <= 1e-4 * expected.norm()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_forward_mode_ad_is_refused_instead_of_dropping_the_tangent(backend):
+    """The ops have no JVP rule: the kernels dropped tangents (None) and the dispatched op returned zero ones."""
+    import torch.autograd.forward_ad as forward_ad
+
+    residual, gate, x = inputs()
+    tangent = torch.randn_like(x)
+    with pytest.raises(NotImplementedError, match="dcgen::gated_residual has no forward-mode AD rule"):
+        torch.func.jvp(lambda x: gated_residual(residual, gate, x, backend=backend), (x,), (tangent,))
+    with forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
+            gated_residual(residual, gate, forward_ad.make_dual(x, tangent), backend=backend)
+        plain = gated_residual(residual, gate, x, backend=backend)  # no tangent among the inputs: fine
+    assert torch.equal(plain, gated_residual_reference(residual, gate, x))
+    batched = torch.func.vmap(lambda x: gated_residual(residual, gate, x, backend=backend))(torch.stack([x, -x]))
+    assert torch.equal(batched[1], gated_residual_reference(residual, gate, -x))  # other transforms still run

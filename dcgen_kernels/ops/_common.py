@@ -8,6 +8,7 @@ import math
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -163,9 +164,27 @@ def call_op(op, *args):
     CPU (torch 2.13), about as much as our validation, backend choice and launch together, and an eager step issues
     hundreds of op calls. Autograd, torch.compile, tracing, modes and subclasses still get the registered op.
     """
+    if not torch.compiler.is_compiling() and (forward_ad._current_level >= 0
+                                               or torch._C._are_functorch_transforms_active()):
+        _refuse_forward_ad(op, args)
     if _needs_dispatcher(args):
         return op(*args)
     return op.eager_impl(*args)
+
+
+def _refuse_forward_ad(op, args: Sequence[object]) -> None:
+    """The ops have no forward-mode derivative: a kernel would drop the tangents (and the dispatched op returns zero
+    ones), so a JVP through them would be silently wrong."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    dual = forward_ad._current_level >= 0 and any(
+        isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+    if dual or any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            f"{op._qualname} has no forward-mode AD rule (torch.func.jvp / torch.autograd.forward_ad): its tangent "
+            f"would be wrong. Compute JVPs with the unpatched model (dcgen_kernels.unpatch) or the ops' *_reference "
+            f"functions")
 
 
 def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -> None:
