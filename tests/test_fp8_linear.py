@@ -401,3 +401,11 @@ def test_fp8_linear_module_bad_arguments_raise_clear_errors(args, kwargs, error,
 
     with pytest.raises(error, match=match):
         FP8Linear(*args, **kwargs)
+
+
+@pytest.mark.parametrize("x", [torch.randn(3, 48), torch.tensor(1.0), "x"], ids=["other_K", "0-dim", "str"])
+def test_fp8_linear_module_names_its_input_width(x):
+    from dcgen_kernels.quant import FP8Linear
+
+    with pytest.raises(ValueError, match="x must have last dimension in_features=64"):
+        FP8Linear(64, 32)(x)

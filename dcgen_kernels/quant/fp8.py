@@ -61,6 +61,11 @@ class FP8Linear(KeepsQuantizedDtypes):
 
     def forward(self, x: Union[torch.Tensor, FP8Activation], *, activation: Optional[str] = None,
                 gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows = x if isinstance(x, torch.Tensor) else x.data if isinstance(x, FP8Activation) else None
+        width = rows.shape[-1] if rows is not None and rows.dim() else None
+        if width != self.in_features:
+            raise ValueError(f"x must have last dimension in_features={self.in_features} (a tensor or FP8Activation), "
+                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if isinstance(x, torch.Tensor) and x.dim() > 1 and x.stride(-1) != 1:
             x = x.contiguous()  # e.g. diffusers' transposed patch-embedding tokens: the quantizer needs stride 1
         if isinstance(x, torch.Tensor) and x.dim() not in (2, 3) and gate is None and residual is None:
