@@ -286,13 +286,70 @@ def test_stale_graphs_are_dropped_and_capture_modes_mix(fake_graphs):
     assert (fake_graphs.captures, fake_graphs.replays) == (1, 1)
     for p in model.parameters():
         p.data = p.data.clone()
+    _eager_out(model, inputs)  # its warm-up places the fused projections again: the graph holds their new addresses
     _eager_out(model, inputs)
-    assert fake_graphs.captures == 2
+    assert (fake_graphs.captures, fake_graphs.replays) == (2, 2)  # a replay, not a second capture
     attn = model.transformer_blocks[0].attn
     attn.processor = copy.copy(attn.processor)
     _eager_out(model, inputs)
     _eager_out(model, inputs)
-    assert (fake_graphs.captures, fake_graphs.replays) == (3, 2)
+    assert (fake_graphs.captures, fake_graphs.replays) == (3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _eager_out(model, inputs)
     assert fake_graphs.captures == 4
+
+
+def _eager_with_grad(model, inputs):
+    """The wrapper's eager path (the stand-in graphs decline grad mode), as the expected output."""
+    with pytest.warns(RuntimeWarning, match="gradients are enabled") if not _backend._warned else \
+            contextlib.nullcontext():
+        return model(**inputs)[0].detach()
+
+
+def test_a_swapped_submodule_captures_again(fake_graphs):
+    """A module replaced after capture (a LoRA layer injected unfused, a layer swapped by hand): its parameters are
+    not among those the graph recorded, so the swap itself must drop the graphs."""
+    import copy
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    _eager_out(model, inputs)
+    _eager_out(model, inputs)
+    assert (fake_graphs.captures, fake_graphs.replays) == (1, 1)
+    ff = model.transformer_blocks[0].ff
+    swapped = copy.deepcopy(ff.net[2])
+    with torch.no_grad():
+        swapped.weight.mul_(2)
+    ff.net[2] = swapped
+    got = _eager_out(model, inputs)
+    assert fake_graphs.captures == 2
+    assert torch.equal(got, _eager_with_grad(model, inputs))
+
+
+def test_call_values_and_input_dtypes_are_part_of_the_signature(fake_graphs):
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    inputs.pop("return_dict")
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    with torch.no_grad():
+        as_tuple = model(**inputs, return_dict=False)
+        as_output = model(**inputs, return_dict=True)
+        assert isinstance(as_tuple, tuple) and hasattr(as_output, "sample") and fake_graphs.captures == 2
+        model(**{**inputs, "timestep": inputs["timestep"].double()}, return_dict=False)  # same shape, other dtype
+        assert fake_graphs.captures == 3 and fake_graphs.replays == 0
+        assert torch.equal(model(**inputs, return_dict=True).sample, as_tuple[0]) and fake_graphs.replays == 1
+
+
+def test_dropping_the_graphs_restores_the_forward_they_wrapped(fake_graphs):
+    """patch() puts FLUX's latent-packing model forward on the instance; graphs wrap it, and dropping them (patch
+    without cuda_graph) must put that forward back, not the class's."""
+    from dcgen_kernels.patching.latents import _flux_model_forward
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference")
+    installed = model.__dict__["forward"]
+    assert installed.func is _flux_model_forward
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    assert cuda_graph.graphed(model).forward is installed
+    _eager_out(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert model.__dict__["forward"] is installed

@@ -179,6 +179,9 @@ class GraphedForward:
                                f"({err}); this input signature runs eagerly")
             return err.output
         self.graphs[key] = (static_inputs, replay)
+        state = _model_state(self.modules)
+        if state != self.state:  # the warm-up moved weights (fused projections placed after model.to): the graphs
+            self.graphs, self.state = {key: self.graphs[key]}, state  # before hold old addresses, this one the new
         return out
 
 
