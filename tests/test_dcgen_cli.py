@@ -179,6 +179,20 @@ def test_image_folder_and_sample_images(tmp_path):
     assert data.sample_images(["coffee"])[0].shape == (400, 600, 3)
 
 
+def test_images_are_center_cropped_and_resized_without_transposing():
+    """A non-square image with a gradient along each axis: the cache must hold the centre square, rows as rows."""
+    from PIL import Image
+
+    height, width = 40, 70
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    image = np.stack([rows * 6, cols * 3, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+    x = data.images_to_tensor([image], 20)
+    left = (width - height) // 2
+    expected = Image.fromarray(image).crop((left, 0, left + height, height)).resize((20, 20), Image.BICUBIC)
+    expected = torch.from_numpy(np.asarray(expected)).permute(2, 0, 1).float() / 127.5 - 1.0
+    assert x.shape == (1, 3, 20, 20) and torch.equal(x[0], expected)
+
+
 def test_encode_latents_scaling():
     torch.manual_seed(0)
     kl, dc = _tiny_kl(), _tiny_dc()

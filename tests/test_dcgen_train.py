@@ -437,6 +437,21 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
     saved = load_file(str(tmp_path / "b" / "step-00000006" / "trainable.safetensors"))
     assert torch.equal(saved["weight"], full.weight)
+    import shutil
+
+    shutil.copytree(tmp_path / "b" / "step-00000003", tmp_path / "b" / "step-00000001")  # an older one sorts first
+    assert T.latest_checkpoint(str(tmp_path / "b")).endswith("step-00000006")
+    again, hist_again = _embedding_run(str(tmp_path / "b"), 6, 3)  # a finished run again: its result, no training
+    assert hist_again == hist_full and torch.equal(again.weight, full.weight)
+
+
+def test_timesteps_are_logit_normal_or_uniform():
+    """sigmoid(N(0, 1)): 68.3% of t within sigmoid(+-1) = [0.269, 0.731] (uniform: 46.2%)."""
+    g = torch.Generator().manual_seed(0)
+    for sampling, share in (("logit_normal", 0.683), ("uniform", 0.462)):
+        t = T._sample_t(20000, g, sampling)
+        inside = ((t > 0.2689) & (t < 0.7311)).float().mean().item()
+        assert abs(inside - share) < 0.015 and 0 < t.min() and t.max() < 1, (sampling, inside)
 
 
 def test_resume_align_head(tmp_path):

@@ -88,6 +88,27 @@ def test_general_float_bias_runs_unchanged():
     assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask)) == 0
 
 
+@pytest.mark.parametrize("values", ["moderate", "zero_or_minus_100"])
+def test_float_bias_without_padding_sized_entries_is_applied_whole(values):
+    """Only entries at or below the padding bias may count as dropped keys: a bias of small or moderate negative
+    values (ALiBi-like, -100) is attention's input as it is."""
+    q, k, v = qkv()
+    mask = -0.9 * torch.rand(2, 1, S_KV) if values == "moderate" else \
+        torch.where(torch.rand(2, 1, S_KV) < 0.5, 0.0, -100.0)
+    assert kpa_module._plan(mask) == kpa_module._Plan(keys=None, masked=True)
+    assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask)) == 0
+
+
+def test_rows_keeping_as_many_keys_at_other_positions_are_not_one_key_set():
+    q, k, v = qkv()
+    alternating = (torch.arange(S_KV) % 2 == 0).float()
+    mask = sana_bias(torch.stack([alternating, 1 - alternating[:S_KV]]))
+    mask[1, 0, -1] = 0.0  # both rows keep 6 keys, at different positions
+    out = key_padding_attention(q, k, v, mask)
+    assert kpa_module._plan(mask).masked
+    assert rel_l2(out, key_padding_attention_reference(q, k, v, mask)) < 1e-6
+
+
 def test_fully_padded_row_attends_over_all_keys_like_diffusers():
     q, k, v = qkv(B=1)
     mask = sana_bias(prefix(0))
