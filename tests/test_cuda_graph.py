@@ -353,3 +353,14 @@ def test_dropping_the_graphs_restores_the_forward_they_wrapped(fake_graphs):
     _eager_out(model, inputs)
     dcgen_kernels.patch(model, backend="reference")
     assert model.__dict__["forward"] is installed
+
+
+def test_parameters_or_buffers_off_the_inputs_device_run_eagerly(fake_graphs):
+    """Offloaded weights (accelerate / group offloading move them per call) would be baked into a graph at the
+    addresses of one call: such a model runs eagerly, warned once."""
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    expected = _patched_output_then_graphed(model, inputs)
+    model.register_buffer("offloaded", torch.zeros(1, device="meta"))  # not on the inputs' device
+    with pytest.warns(RuntimeWarning, match="not on the inputs' GPU \\(offloaded\\?\\)"):
+        got = _eager_out(model, inputs)
+    assert torch.equal(got, expected) and fake_graphs.captures == 0

@@ -183,9 +183,13 @@ def test_place_side_by_side_refuses_mismatched_groups():
     wide = [torch.nn.Linear(8, 4), torch.nn.Linear(6, 4)]  # different input sizes
     mixed = [torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False)]
     half = [torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).half()]
+    fp32_bias = [torch.nn.Linear(8, 4, dtype=torch.bfloat16), torch.nn.Linear(8, 4, dtype=torch.bfloat16)]
+    fp32_bias[1].bias.data = fp32_bias[1].bias.data.float()  # weights agree, one bias in another dtype
     view = torch.nn.Linear(8, 4)
     view.weight.data = torch.randn(8, 8)[:4]  # a view of a bigger tensor: not ours to move
-    for group in (wide, mixed, half, [view, torch.nn.Linear(8, 4)]):
+    tied = [torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)]
+    tied[1].weight = tied[0].weight  # one tensor twice in the group
+    for group in (wide, mixed, half, fp32_bias, [view, torch.nn.Linear(8, 4)], tied):
         storages = [p.untyped_storage().data_ptr() for linear in group for p in linear.parameters()]
         assert not _fused_projections.place_side_by_side(group)
         assert storages == [p.untyped_storage().data_ptr() for linear in group for p in linear.parameters()]

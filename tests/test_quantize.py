@@ -356,6 +356,22 @@ def test_load_quantized_device_errors_and_skeletons_a_file_cannot_fill(tmp_path)
         assert all(t.device.type == "meta" for t in [*skeleton.parameters(), *skeleton.buffers()])
 
 
+def test_save_quantized_writes_tied_tensors_and_load_refuses_adapters(tmp_path):
+    """safetensors refuses two names for one tensor: a tie is saved as a copy, and loads back with the same values.
+    A model with LoRA adapters on its block layers is refused before it changes."""
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    attn = model.transformer_blocks[0].attn
+    attn.norm_k.weight = attn.norm_q.weight
+    dcgen_kernels.quantize(model, quant="fp8", backend="reference")
+    dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
+    fresh = dcgen_kernels.load_quantized(tiny_flux(), tmp_path / "q.safetensors", backend="reference")
+    assert torch.equal(_run(fresh, inputs), _run(model, inputs))
+    adapted = add_lora(tiny_flux(), ["to_q"])
+    with pytest.raises(ValueError, match="carry peft adapters"):
+        dcgen_kernels.load_quantized(adapted, tmp_path / "q.safetensors")
+    assert quant_report(adapted) is None
+
+
 def test_load_quantized_allocates_the_layers_instead_of_quantizing_them(tmp_path, monkeypatch):
     from dcgen_kernels.quant import svdquant
 
