@@ -136,6 +136,18 @@ def test_sana_convert_shapes_init_forward_roundtrip(tmp_path):
         assert torch.equal(loaded(**inputs)[0], pred)
 
 
+def test_sana_convert_keeps_a_bf16_models_dtype_for_its_new_embedder_and_pos_embed():
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=32, num_layers=1, num_cross_attention_heads=2,
+        cross_attention_head_dim=16, cross_attention_dim=64, caption_channels=24, sample_size=8, interpolation_scale=1,
+    ).to(torch.bfloat16).eval()
+    dcgen.convert(model, latent_channels=16, patch_size=2)
+    assert model.patch_embed.pos_embed.dtype == model.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert model.proj_out.weight.dtype == torch.bfloat16
+
+
 def test_sana_convert_patch2_with_sincos_pos_embed(tmp_path):
     """interpolation_scale set: PatchEmbed carries a non-persistent pos_embed that must match a fresh build."""
     from diffusers import SanaTransformer2DModel

@@ -281,3 +281,20 @@ def test_import_leaves_awq_w4a16_layers_to_the_caller():
                   "blocks.0.norm1.linear.wscales": torch.ones(2, 64).bfloat16(),
                   "blocks.0.norm1.linear.wzeros": torch.zeros(2, 64).bfloat16()})
     assert set(import_nunchaku_state_dict(state, backend="reference")) == {"blocks.0.attn.to_q"}
+
+
+def test_nunchaku_kernel_wrapper_takes_any_leading_shape():
+    """nunchaku's module takes (B, S, K): the wrapper flattens the leading dims in and restores them out."""
+    from dcgen_kernels.quant.nunchaku import _NunchakuKernel
+
+    seen = []
+
+    def module(x):
+        seen.append(tuple(x.shape))
+        return x[..., :3] * 2
+
+    wrapper = _NunchakuKernel(module)
+    for shape in ((5, 8), (2, 3, 8), (8,)):
+        x = torch.randn(*shape)
+        assert torch.equal(wrapper(x), x[..., :3] * 2)
+    assert seen == [(1, 5, 8), (1, 6, 8), (1, 1, 8)]
