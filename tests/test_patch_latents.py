@@ -305,3 +305,11 @@ def test_gpu_sana_bf16_close_to_stock():
         patch_latents_only(model, "auto")
         got = model(**inputs)[0]
     assert rel_l2(got, expected) < 2e-2
+
+
+def test_sana_model_skipped_whole_is_named_in_the_report():
+    """Embedder and head both unsupported (patch size 3): the model's own entry reads as the model, not a blank."""
+    model = tiny_sana_patched_latents(patch_size=3)
+    report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
+    assert any(name == "" and family == "latents" for name, family, _ in report.skipped)
+    assert "  skipped SanaTransformer2DModel (the model): patch_embed: " in str(report)

@@ -40,7 +40,7 @@ class PatchReport:
         for _, family, cls in self.replaced:
             counts[(family, cls)] = counts.get((family, cls), 0) + 1
         lines += [f"  replaced {n} x {cls} ({family})" for (family, cls), n in counts.items()]
-        lines += [f"  skipped {name}: {reason}" for name, _, reason in self.skipped]
+        lines += [f"  skipped {name or f'{self.model} (the model)'}: {reason}" for name, _, reason in self.skipped]
         if self.quantization is not None:
             lines.append(f"  {self.quantization}")
         if self.cuda_graph:
