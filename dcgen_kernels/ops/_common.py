@@ -142,14 +142,11 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _needs_dispatcher(args: Sequence[object]) -> bool:
-    """Whether the dispatcher would do more than call the implementation: autograd (a grad-requiring input with
-    grad mode on), torch.compile or TorchScript tracing, Python modes (fake tensors, functionalization, torch
-    function modes such as `with torch.device(...)`), functorch transforms (vmap, grad), tensor subclasses or meta
-    tensors (the fake implementation)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+    """Whether the dispatcher would do more than call the implementation, outside torch.compile / TorchScript
+    tracing and functorch transforms (call_op checks those): autograd (a grad-requiring input with grad mode on),
+    Python modes (fake tensors, functionalization, torch function modes such as `with torch.device(...)`), tensor
+    subclasses or meta tensors (the fake implementation)."""
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return True
     grad = torch.is_grad_enabled()
     return any(isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta
@@ -162,12 +159,15 @@ def call_op(op, *args):
 
     A custom op's dispatch (autograd wrapper, redispatch, dynamo-disable wrapper) costs ~12 us per call on the CI
     CPU (torch 2.13), about as much as our validation, backend choice and launch together, and an eager step issues
-    hundreds of op calls. Autograd, torch.compile, tracing, modes and subclasses still get the registered op.
+    hundreds of op calls. Autograd, torch.compile, tracing, modes, functorch transforms (vmap, grad) and subclasses
+    still get the registered op; forward-mode AD is refused (the ops have no JVP rule).
     """
-    if not torch.compiler.is_compiling() and (forward_ad._current_level >= 0
-                                               or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return op(*args)
+    transformed = torch._C._are_functorch_transforms_active()
+    if transformed or forward_ad._current_level >= 0:
         _refuse_forward_ad(op, args)
-    if _needs_dispatcher(args):
+    if transformed or _needs_dispatcher(args):
         return op(*args)
     return op.eager_impl(*args)
 
