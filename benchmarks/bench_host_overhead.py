@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
-from typing import Callable
 
 import torch
 

@@ -13,9 +13,9 @@ the gradients of every input, weight and bias), variants on the same inputs:
                 the unpack (permute + copy).
   stock_conv    (embed, SANA width only) diffusers' PatchEmbed math: conv2d with a p x p, stride-p kernel,
                 flatten, transpose.
-  dcgen         the op as patch() calls it (backend="auto"; `backend` records its choice for the forward: on a GPU
-                Triton for the p=2 embedding, cuBLAS otherwise; the backward's input gradient is the other op's
-                auto choice).
+  dcgen         the op as patch() calls it (backend="auto"; `backend` records what ran the forward: on a GPU where
+                both serve the call, the faster of cuBLAS and Triton, timed on the call's first run; the
+                backward's input gradient is the other op's auto choice).
   dcgen_triton  / dcgen_cuda: the op with that backend forced, forward and backward; skipped when it would fall
                 back (cuda = cuBLAS: no CPU).
 Metrics: ms (median GPU time per call after warm-up, with the host's launch overhead hidden: timing.time_kernel_ms;
@@ -76,10 +76,19 @@ SANA_WIDTH = 2240
 
 def _ops():
     from dcgen_kernels.ops.patch_embed import (_pack, _unpack, patch_embed, patch_embed_reference, patch_unembed,
-                                               patch_unembed_reference, select_backend)
+                                               patch_unembed_reference)
 
     return dict(pack=_pack, unpack=_unpack, embed=patch_embed, embed_reference=patch_embed_reference,
-                unembed=patch_unembed, unembed_reference=patch_unembed_reference, select_backend=select_backend)
+                unembed=patch_unembed, unembed_reference=patch_unembed_reference)
+
+
+def _auto_backend(op: str, x, weight, bias, *sizes: int) -> str:
+    """The backend `auto` ran for this call, read after it: its timed pick where it timed cuBLAS against Triton."""
+    from dcgen_kernels.ops._common import TIMED_CHOICES
+    from dcgen_kernels.ops.patch_embed import _call_key, select_backend
+
+    timed = TIMED_CHOICES.get(op, {}).get(_call_key(x, weight, bias, *sizes))
+    return timed["picked"] if timed else select_backend(op, "auto", x, weight)
 
 
 # ----------------------------------------------------------------------------------------------- variants
@@ -118,11 +127,11 @@ def _inputs(shape: Shape, direction: str, dtype, device, ops) -> dict:
         packed = ops["pack"](latent, p).contiguous()
         reference = lambda x, w, b: ops["embed_reference"](x, w, b, p)  # noqa: E731
         return dict(main=(latent, weight, bias), gemm=(packed, weight, bias), reference=reference,
-                    auto_backend=ops["select_backend"]("patch_embed", "auto", latent, weight))
+                    auto_backend=lambda: _auto_backend("patch_embed", latent, weight, bias, p))
     tokens, weight, bias = rand(1, shape.grid ** 2, shape.dim), rand(k, shape.dim, scale=shape.dim ** -0.5), rand(k)
     reference = lambda x, w, b: ops["unembed_reference"](x, w, b, p, h, h)  # noqa: E731
     return dict(main=(tokens, weight, bias), gemm=(tokens, weight, bias), reference=reference,
-                auto_backend=ops["select_backend"]("patch_unembed", "auto", tokens, weight))
+                auto_backend=lambda: _auto_backend("patch_unembed", tokens, weight, bias, p, h, h))
 
 
 def _fwd_bwd(fn: Callable, inputs, grad_for: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
@@ -184,7 +193,7 @@ def _bench_pass(shape, direction, pass_name, tensors, variants, cfg, device, ski
                 continue
             rec = _check(out, _packed_expected(expected, shape, direction) if name == "gemm" else expected, tol)
             if name == "dcgen":
-                rec["backend"] = tensors["auto_backend"]
+                rec["backend"] = tensors["auto_backend"]()
             del out
             with torch.no_grad() if pass_name == "fwd" else contextlib.nullcontext():
                 rec["ms"], rec["host_ms"] = time_kernel_ms(call, device, cfg.warmup, cfg.iters)

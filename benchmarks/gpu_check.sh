@@ -102,7 +102,8 @@ GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
 SLUG=$(printf '%s' "${GPU_NAME:-no-gpu}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
 [[ $DRY_RUN == 1 ]] && SLUG=dryrun-$SLUG
 RESULTS=$ROOT/benchmarks/results
-OUT_DIR=${OUT:-$RESULTS}
+# A dry run's files are no results: they go under the git-ignored build/ unless $OUT says otherwise.
+if [[ $DRY_RUN == 1 ]]; then OUT_DIR=${OUT:-$ROOT/build/gpu_check-dry-run}; else OUT_DIR=${OUT:-$RESULTS}; fi
 mkdir -p "$OUT_DIR" "$RESULTS"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 BASE=$OUT_DIR/gpu_check-$SLUG-$(date -u +%Y%m%d-%H%M%S)
@@ -180,6 +181,8 @@ main() {
     if ((PHASE_RC != 0)); then  # a _C left by an earlier build is not this commit's: run without one
       [[ $DRY_RUN == 1 ]] || rm -f dcgen_kernels/_C*.so  # (a dry run leaves the developer's own build alone)
       record install_extension "skipped (the build failed: no _C from this commit)" 0
+    elif [[ $DRY_RUN == 1 ]]; then  # the CPU never runs _C: the developer's own build (all archs) stays
+      echo "dry run: built $so, not installed"
     elif [[ -n $so ]]; then
       cp -f "$so" dcgen_kernels/ && echo "installed $so -> dcgen_kernels/"
     else
@@ -217,16 +220,9 @@ main() {
   suite_args+=(--budget-s $((left - 20)))
   phase suite "$left" -- "$PY" benchmarks/run.py "${suite_args[@]}"
 
-  # A baseline per GPU model, optionally per suite (baseline-<gpu>-<suite>.json first, then baseline-<gpu>.json);
-  # --sections compares with every baseline of the GPU model (metrics only in one file are shown, not gated).
-  local baselines=() baseline
-  if [[ -n $SECTIONS ]]; then
-    baselines=("$RESULTS"/baseline-"$SLUG".json "$RESULTS"/baseline-"$SLUG"-*.json)
-  else
-    baseline=$RESULTS/baseline-$SLUG-$SUITE.json
-    [[ -f $baseline ]] || baseline=$RESULTS/baseline-$SLUG.json
-    baselines=("$baseline")
-  fi
+  # Every baseline of the GPU model (baseline-<gpu>.json, baseline-<gpu>-<suite>.json): a section's reference may
+  # sit in another suite's baseline (the SANA sections' in -dcgen); metrics only in one file are shown, not gated.
+  local baselines=("$RESULTS"/baseline-"$SLUG".json "$RESULTS"/baseline-"$SLUG"-*.json) baseline
   local compared=0
   if [[ ! -f $BASE.json ]]; then
     record perf_regression_check "skipped (the suite wrote no JSON)" 0

@@ -6,7 +6,7 @@ proves the code paths work: its timings are not meaningful.
 How to read the numbers
 - Every time is a median (CUDA events per call after warm-up; perf_counter on the CPU) in milliseconds, and
   every comparison is within this run: "stock" is diffusers' eager path, timed in the same process. Single small
-  ops (patch_embed, quant_linear layers) are timed as GPU time with the host's launch overhead hidden
+  ops (patch_embed, sana_ops, quant_linear layers) are timed as GPU time with the host's launch overhead hidden
   (timing.time_kernel_ms; their host cost per call is recorded as host_ms); model steps and decodes include it.
 - Ceilings are measured in the same run (1 GiB device copy counting read + write bytes; bf16 8192³ GEMM) and
   shown beside the anchor values of an H100 measured on 2026-11-27 (benchmarks/anchors/). "%GEMM" is a
@@ -14,7 +14,8 @@ How to read the numbers
 - flux_attention: B1 H24 D128 bf16, 512 text + 4096 / 16384 image tokens. "stock" includes the q/k RMSNorms,
   the [text, image] concat, RoPE and layout copies; "sdpa_cudnn" / "sdpa_flash" are SDPA alone on prepared
   inputs (a bound for attention without that work); "dcgen_*" are the fused op on the raw projection views.
-  "x stock" = stock ms / variant ms. rel-L2 is against the stock output; above 1e-2 the check says FAILED.
+  "x stock" = stock ms / variant ms. rel-L2 is against an fp32 reference of the same inputs; above max(1e-2, 1.5x
+  stock's own rel-L2) the check says FAILED.
 - flux_step: one FluxTransformer2DModel forward, FLUX.1-dev 12B config, random bf16 weights (latency does not
   depend on them), stock vs dcgen_kernels.patch(model) on the same model. Its check allows max(1e-2, twice the
   deviation of the fp32 reference backend from stock), since bf16 noise grows through the 57 blocks.
@@ -23,7 +24,8 @@ How to read the numbers
   and the DC-AE multi-scale linear attention at the 4K decoder's stage shapes. "dcgen" is backend auto (what
   patch() uses), "dcgen_triton"/"dcgen_cuda" force a backend (skipped when it would fall back). GB/s counts
   inputs read once + output written once (memory-bound ops), "%copy" is that over this run's copy ceiling;
-  TFLOP/s for glumbconv (its GEMMs + depthwise conv) and the cross-attention. Checks at rel-L2 1e-2.
+  TFLOP/s for glumbconv (its GEMMs + depthwise conv) and the cross-attention. Checks against an fp32 reference at
+  rel-L2 max(1e-2, 1.5x stock's own).
 - host_overhead: host microseconds per call of five common ops at 64 tokens (bench_host_overhead.py): the public
   function, the custom op through torch's dispatcher, and the bare implementation.
 - sana_step: one SanaTransformer2DModel forward, SANA-1.6B config, random bf16 weights, 300 text tokens with a
@@ -187,11 +189,15 @@ def _target(name: str, passed, detail: str) -> dict:
     return {"target": name, "pass": passed, "detail": detail}
 
 
-def _best_dcgen(variants: dict):
-    """Fastest dcgen variant whose output passed the correctness check, as (name, record) or None."""
-    good = [(n, r) for n, r in variants.items()
-            if (n == "dcgen" or n.startswith("dcgen_")) and "ms" in r and r.get("check") == "ok"]
-    return min(good, key=lambda nr: nr[1]["ms"], default=None)
+def _patched_dcgen(variants: dict):
+    """The variant of what patch() runs (backend auto), as (name, record), or None when it did not pass its check:
+    `dcgen` where the section times auto, else the first forced backend in auto's order (cuda, triton) that ran.
+    Not the fastest of them: a target holds for what users get."""
+    for name in ("dcgen", "dcgen_cuda", "dcgen_triton"):
+        rec = variants.get(name, {})
+        if "ms" in rec:
+            return (name, rec) if rec.get("check") == "ok" else None
+    return None
 
 
 def targets(report: dict, tiny: bool) -> list:
@@ -214,11 +220,11 @@ def flux_targets(report: dict, ran: set) -> list:
     for image_tokens in att_cfg.image_tokens if "flux_attention" in ran else ():
         key = f"N={att_cfg.text_tokens + image_tokens}"
         variants = report.get("flux_attention", {}).get("sizes", {}).get(key, {}).get("variants", {})
-        best, stock_ms = _best_dcgen(variants), variants.get("stock", {}).get("ms")
+        ours, stock_ms = _patched_dcgen(variants), variants.get("stock", {}).get("ms")
         why = _why_not(variants.get("dcgen") or report.get("flux_attention"))
         speed = tflops = (False, f"no checked dcgen result or no stock time ({why})")
-        if best and stock_ms:
-            name, rec = best
+        if ours and stock_ms:
+            name, rec = ours
             speed = (rec["ms"] < stock_ms, f"{name} {rec['ms']:.3f} ms vs stock {stock_ms:.3f} ms")
             tflops = (rec["tflops"] >= ATTENTION_GOAL_TFLOPS, f"{name} {rec['tflops']:.0f} TFLOP/s")
         out += [_target(f"fused attention faster than stock at {key}", *speed),
@@ -368,10 +374,10 @@ def sana_targets(report: dict, ran: set) -> list:
         n = bench_sana_ops.REAL.grids[-1] ** 2
         variants = (report.get("sana_ops", {}).get("ops", {}).get("sana_linear_attention", {}).get("sizes", {})
                     .get(f"N={n}", {}).get("variants", {}))
-        best = _best_dcgen(variants)
+        ours = _patched_dcgen(variants)
         frac = (False, f"no checked dcgen result ({_why_not(variants.get('dcgen') or report.get('sana_ops'))})")
-        if best and best[1].get("frac_of_copy") is not None:
-            name, rec = best
+        if ours and ours[1].get("frac_of_copy") is not None:
+            name, rec = ours
             frac = (rec["frac_of_copy"] >= LINEAR_ATTENTION_MIN_FRACTION_OF_COPY,
                     f"{name} {rec['GBps']:.0f} GB/s = {rec['frac_of_copy'] * 100:.0f}% of copy")
         out.append(_target(f"sana_linear_attention >= {LINEAR_ATTENTION_MIN_FRACTION_OF_COPY * 100:.0f}% of the copy "
