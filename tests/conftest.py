@@ -20,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _short_timed_choices(monkeypatch):
+    """`auto`'s first-call timing of its implementations: short windows in tests, which check the choice works,
+    not which one wins."""
+    from dcgen_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "TIMED_CHOICE_BENCH", {"warmup": 1, "rep": 5})
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 

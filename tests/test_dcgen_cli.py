@@ -247,6 +247,8 @@ def test_outputs_and_values_that_would_fail_late_exit_2_before_any_work(models, 
             (head + out_dir + ["--checkpoint-dir", str(a_file)], "--checkpoint-dir"),
             (head + out_dir + ["--random-text-tokens", "0"], "--random-text-tokens must be >= 1"),
             (head + out_dir + ["--seed", "99999999999999999999"], "argument --seed: must be an int in [0, 2**63)"),
+            (head + out_dir + ["--t-shift", "0"], "argument --t-shift: must be 'auto' or a positive number"),
+            (head + out_dir + ["--t-shift", "inf"], "argument --t-shift: must be 'auto' or a positive number"),
             (["merge", "--transformer", models["flux"], "--out", str(a_file)], "--out"),
             (encode + ["--size", "63", "--out", cache], "multiples of AutoencoderKL's downsampling factor 8"),
             (encode + ["--size", "64", "--out", str(tmp_path)], "--out"),
@@ -256,6 +258,21 @@ def test_outputs_and_values_that_would_fail_late_exit_2_before_any_work(models, 
         code, _, err = _run(argv, capsys)
         assert code == 2 and message in err, (argv, err)
     assert a_file.read_text() == ""
+
+
+def test_t_shift_reaches_align_head(models, tmp_path, capsys, monkeypatch):
+    from dcgen_kernels import dcgen
+
+    seen = []
+    monkeypatch.setattr(dcgen, "align_head", lambda *a, **k: seen.append(k["t_shift"]) or {"history": [1.0]})
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4), dict(source="synthetic"))
+    head = ["align-head", "--transformer", models["flux"], "--cache", cache, "--random-text", "--steps", "1",
+            "--quiet", "--device", "cpu"]
+    for extra, out in (([], "a"), (["--t-shift", "2.5"], "b")):
+        code, _, err = _run(head + extra + ["--out", str(tmp_path / out)], capsys)
+        assert code == 0, err
+    assert seen == ["auto", 2.5]
 
 
 def test_bad_text_embeddings_exit_2(models, tmp_path, capsys):
@@ -330,6 +347,7 @@ def test_cli_sana_end_to_end(tmp_path, capsys):
                            "--alpha", "8", "--steps", "2", "--lr", "1e-2", "--batch-size", "2", "--out", stage3,
                            "--quiet"], capsys)
     assert code == 0, err
+    assert "has no null_encoder_attention_mask: every text token counts as real" in err  # the file lacks it
     merged_dir = str(tmp_path / "merged")
     code, out, err = _run(["merge", "--transformer", stage3, "--out", merged_dir], capsys)
     assert code == 0, err

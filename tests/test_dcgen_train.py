@@ -1,6 +1,8 @@
 """DC-Gen training stages (dcgen_kernels.dcgen.train): losses, alignment, guidance distillation, LoRA, resume."""
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -461,6 +463,87 @@ def test_timesteps_are_logit_normal_or_uniform():
         t = T._sample_t(20000, g, sampling)
         inside = ((t > 0.2689) & (t < 0.7311)).float().mean().item()
         assert abs(inside - share) < 0.015 and 0 < t.min() and t.max() < 1, (sampling, inside)
+
+
+def test_timestep_shift_is_the_flow_schedulers():
+    """shift_timesteps(t, exp(mu)) is FlowMatchEulerDiscreteScheduler's exponential time shift at sigma 1, and
+    flux_time_shift is FluxPipeline's calculate_shift with FLUX.1-dev's scheduler settings (the defaults)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    for tokens in (256, 1024, 4096, 16384):
+        shift = T.flux_time_shift(tokens)
+        torch.testing.assert_close(T.shift_timesteps(t, shift), scheduler.time_shift(math.log(shift), 1.0, t))
+    assert T.flux_time_shift(256) == pytest.approx(math.exp(0.5)) and T.flux_time_shift(4096) == pytest.approx(
+        math.exp(1.15))
+    assert T.shift_timesteps(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)  # SANA's flow shift 3
+    pytest.importorskip("transformers")  # FluxPipeline's module imports it
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    for tokens in (256, 1024, 4096, 16384):
+        assert T.flux_time_shift(tokens) == pytest.approx(math.exp(calculate_shift(tokens)))
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_align_head_trains_at_the_pipelines_shifted_timesteps(family):
+    """t_shift="auto": FLUX at FluxPipeline's shift for the latents' token count, SANA at 3; the same draws as
+    t_shift=1 otherwise."""
+    latents = torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+    if family == "flux":
+        model = flux_p2()
+        convert(model, latent_channels=8, patch_size=1)
+        args, kwargs, scale, auto = text_data(2), {}, 1.0, T.flux_time_shift(4 * 6)
+    else:
+        torch.manual_seed(0)
+        model = tiny_sana()
+        text, mask, null_text = sana_text(2)
+        args, scale, auto = (text, None, null_text, None), 1000.0, T.SANA_FLOW_SHIFT
+        kwargs = dict(encoder_attention_mask=mask, null_encoder_attention_mask=torch.ones(5))
+    seen = {}
+
+    def run(t_shift):
+        seen[t_shift] = []
+        hook = model.register_forward_pre_hook(
+            lambda m, a, kw: seen[t_shift].append(kw["timestep"].clone() / scale), with_kwargs=True)
+        T.align_head(model, latents, *args, steps=1, lr=1e-9, batch_size=2, seed=0, t_shift=t_shift,
+                     progress=False, **kwargs)
+        hook.remove()
+        return seen[t_shift][0]
+
+    plain, shifted, fixed = run(1.0), run("auto"), run(2.0)
+    assert auto > 1.5
+    torch.testing.assert_close(shifted, T.shift_timesteps(plain, auto))
+    torch.testing.assert_close(fixed, T.shift_timesteps(plain, 2.0))
+    for bad in (0, -1.0, float("nan"), float("inf"), "none", True):
+        with pytest.raises(ValueError, match="t_shift"):
+            T.align_head(model, latents, *args, steps=1, lr=1e-3, batch_size=2, seed=0, t_shift=bad,
+                         progress=False, **kwargs)
+
+
+def test_training_refuses_low_precision_parameters():
+    """AdamW on bf16 weights loses most updates to rounding (a third of a Xavier-initialised Linear never moves in
+    10 steps at lr 1e-4): refused, naming the parameters."""
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    model.proj_out.to(torch.bfloat16)
+    latents = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"float32.*torch.bfloat16.*proj_out"):
+        T.align_head(model, latents, *text_data(2), steps=1, lr=1e-3, batch_size=2, seed=0, progress=False)
+
+
+def test_align_head_sana_warns_when_masks_are_missing():
+    torch.manual_seed(0)
+    model = tiny_sana()
+    text, mask, null_text = sana_text(2)
+    latents = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    common = dict(steps=1, lr=1e-3, batch_size=2, seed=0, progress=False)
+    with pytest.warns(UserWarning, match="null_encoder_attention_mask: every text token counts as real"):
+        T.align_head(model, latents, text, None, null_text, None, encoder_attention_mask=mask, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.align_head(model, latents, text, None, null_text, None, encoder_attention_mask=mask,
+                     null_encoder_attention_mask=torch.ones(5), **common)
 
 
 def test_resume_align_head(tmp_path):

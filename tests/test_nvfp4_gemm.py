@@ -125,6 +125,24 @@ def test_effective_weight_tma_store_needs_an_addressable_output():
         gemm_module._launch_effective_weight(*wq, None, lora_down, lora_up, weight, config)
 
 
+def test_effective_weight_configs_each_set_the_output_block(monkeypatch):
+    """Every config's pre-hook sets the descriptor's block (a TMA config its tile, the others the launcher's
+    minimal one), so a non-TMA winner launched after tuning keeps the signature it was timed with."""
+    from dcgen_kernels.ops.nvfp4_gemm import _tma_descriptor
+    from dcgen_kernels.triton_kernels.nvfp4_gemm import _effective_weight_configs, _set_out_block
+
+    desc = _tma_descriptor(torch.empty(64, 256, dtype=torch.bfloat16))
+    minimal = list(desc.block_shape)
+    assert minimal == [1, 8]
+    _set_out_block({"out_desc": desc, "BLOCK_N": 32, "BLOCK_K": 128, "TMA_STORE": True})
+    assert list(desc.block_shape) == [32, 128]
+    _set_out_block({"out_desc": desc, "BLOCK_N": 64, "BLOCK_K": 128, "TMA_STORE": False})
+    assert list(desc.block_shape) == minimal
+    _set_out_block({"out_desc": None, "BLOCK_N": 64, "BLOCK_K": 128, "TMA_STORE": True})  # no descriptor: nothing
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's config list
+    assert all(config.pre_hook is _set_out_block for config in _effective_weight_configs())
+
+
 def test_effective_weight_autotune_prunes_tma_store_without_a_descriptor():
     from dcgen_kernels.triton_kernels.nvfp4_gemm import prune_tma_store
     import triton

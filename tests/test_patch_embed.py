@@ -560,7 +560,7 @@ def test_auto_times_cublas_and_triton_once_per_call_key(p, cublas_on_cpu, monkey
         monkeypatch.setattr(patch_embed_module, name,
                             lambda *a, _f=original, _l=label: (runs.append(_l), _f(*a))[1])
     times = {"embed_cublas": 1.0, "embed_triton": 2.0, "unembed_cublas": 2.0, "unembed_triton": 1.0}
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: (fn(), times[runs[-1]])[1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode, warmup, rep: (fn(), times[runs[-1]])[1])
     monkeypatch.setattr(_common, "TIMED_CHOICES", {})
     B, C, h, w, D = 1, 4, 4, 6, 20
     latent, weight, bias = (t.requires_grad_() for t in embed_inputs(B, C, h, w, p, D))

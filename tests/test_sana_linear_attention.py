@@ -220,7 +220,7 @@ def test_strategy_is_timed_once_per_shape_and_the_faster_kept(monkeypatch):
     ran, times = [], {"two_pass": 0.13, "fused": 0.12}
     monkeypatch.setattr(op, "_launch_two_pass", lambda *args: ran.append("two_pass"))
     monkeypatch.setattr(op, "_launch_fused", lambda *args: ran.append("fused"))
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: (fn(), times[ran[-1]])[1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode, warmup, rep: (fn(), times[ran[-1]])[1])
     monkeypatch.setattr(_common, "TIMED_CHOICES", {})
     q, k, v = torch.randn(3, 1, 2, 8, 16)
     out = torch.empty_like(q)

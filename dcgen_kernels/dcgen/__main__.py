@@ -13,10 +13,11 @@ align-head / lora comes from ``--text-embeds file.safetensors``, one row per cac
 FLUX needs ``encoder_hidden_states`` (N or 1, L, D), ``pooled_projections`` (N or 1, P),
 ``null_encoder_hidden_states`` (L, D) and ``null_pooled_projections`` (P,); SANA needs ``encoder_hidden_states``
 and ``null_encoder_hidden_states`` and takes ``encoder_attention_mask`` (N or 1, L) and
-``null_encoder_attention_mask`` (L,) (default: all tokens real). ``--random-text`` draws random embeddings
-instead, for smoke tests only. ``--fused-latent-io`` trains through dcgen_kernels' fused patch_embed /
-patch_unembed (embedder and head only; ``--backend`` picks their backend). Bad arguments, missing files and
-invalid inputs exit with code 2 and a message on stderr.
+``null_encoder_attention_mask`` (L,) (default, with a warning: all tokens real). The null embeddings are the text
+encoders' outputs for the empty prompt "" (padded to the same L; for FLUX also CLIP's pooled vector), not zeros.
+``--random-text`` draws random embeddings instead, for smoke tests only. ``--fused-latent-io`` trains through
+dcgen_kernels' fused patch_embed / patch_unembed (embedder and head only; ``--backend`` picks their backend). Bad
+arguments, missing files and invalid inputs exit with code 2 and a message on stderr.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ def _load_sana_text(args, n: int, transformer):
     if text.dim() != 3 or text.shape[2] != d:
         raise CLIError(f"{path}: encoder_hidden_states must be (N, L, {d}) (the model's caption_channels), got "
                        f"{tuple(text.shape)}")
+    absent = [k for k in ("encoder_attention_mask", "null_encoder_attention_mask") if k not in tensors]
+    if absent:
+        print(f"WARNING: {path} has no {' / '.join(absent)}: every text token counts as real, padding included "
+              "(SanaPipeline masks the padding of its prompts: save the tokenizer's attention masks too)",
+              file=sys.stderr)
     mask = tensors.get("encoder_attention_mask", torch.ones(text.shape[:2])).float()
     null_mask = tensors.get("null_encoder_attention_mask", torch.ones(text.shape[1])).float().reshape(-1)
     null_text = _null_like(path, "null_encoder_hidden_states", null_text, text.shape[1:])
@@ -327,7 +333,7 @@ def _head_or_lora(args, lora: bool) -> None:
     _maybe_fuse(args, transformer)
     result = align_head(transformer, dc_lat, text, pooled, null_text, null_pooled, patch_size=p, steps=args.steps,
                         lr=args.lr, batch_size=args.batch_size, seed=args.seed, p_drop=args.p_drop,
-                        train_head_only=not lora, checkpoint_dir=args.checkpoint_dir,
+                        t_shift=args.t_shift, train_head_only=not lora, checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, progress=not args.quiet, **masks)
     if lora:  # adapter in out/lora, base weights (with the trained embedder / head) in out; `merge` joins them
         transformer.save_lora_adapter(os.path.join(args.out, LORA_SUBDIR), weight_name=LORA_WEIGHTS)
@@ -391,6 +397,18 @@ def _seed(text: str) -> int:
     return seed
 
 
+def _t_shift(text: str):
+    if text == "auto":
+        return text
+    try:
+        shift = float(text)
+    except ValueError:
+        shift = math.nan
+    if not 0 < shift < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {text!r}")
+    return shift
+
+
 def _add_device(p) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the models run (default: cuda when a GPU is visible, else cpu; bf16 autocast on cuda)")
@@ -404,6 +422,9 @@ def _add_text(p) -> None:
     p.add_argument("--random-text-tokens", type=int, default=8)
     p.add_argument("--p-drop", type=float, default=0.1, help="probability of replacing a prompt by the null one")
     p.add_argument("--patch-size", type=int, default=None, help="checked against the model if given")
+    p.add_argument("--t-shift", type=_t_shift, default="auto",
+                   help="timestep shift of training (default auto: FLUX's for the latents' token count, SANA's 3.0; "
+                        "1 = none)")
 
 
 def build_parser() -> argparse.ArgumentParser:

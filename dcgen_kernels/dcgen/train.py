@@ -35,7 +35,8 @@ import math
 import os
 import re
 import shutil
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,11 @@ __all__ = [
 ]
 
 GUIDANCE_RANGE = (1.0, 14.0)
+# Timestep shift of training, matched to what the pipelines sample at inference. FLUX: FluxPipeline's resolution-
+# dependent shift exp(mu), mu linear in the image token count through (256, 0.5) and (4096, 1.15) (FLUX.1-dev's
+# scheduler config; extrapolated beyond, as the pipeline does). SANA: the fixed flow shift 3.0 of its scheduler.
+FLUX_SHIFT_POINTS = ((256, 0.5), (4096, 1.15))
+SANA_FLOW_SHIFT = 3.0
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -408,10 +414,31 @@ def sana_flow_matching_loss(transformer: nn.Module, x0: torch.Tensor, encoder_hi
     return F.mse_loss(v.float(), target.float())
 
 
-def _sample_t(batch: int, generator: torch.Generator, sampling: str) -> torch.Tensor:
+def flux_time_shift(image_tokens: int) -> float:
+    """FluxPipeline's shift at `image_tokens` tokens: exp(mu), mu on the line through FLUX_SHIFT_POINTS."""
+    (x1, y1), (x2, y2) = FLUX_SHIFT_POINTS
+    return math.exp(y1 + (image_tokens - x1) * (y2 - y1) / (x2 - x1))
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t' = s t / (1 + (s - 1) t): the flow-matching schedulers' shift, toward noise for s > 1 (s = 1: unchanged)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _resolve_t_shift(t_shift, default: float) -> float:
+    if t_shift == "auto":
+        return default
+    if isinstance(t_shift, bool) or not isinstance(t_shift, (int, float)) or not 0 < t_shift < math.inf:
+        raise ValueError(f"t_shift must be 'auto' or a positive finite number (1 = no shift), got {t_shift!r}")
+    return float(t_shift)
+
+
+def _sample_t(batch: int, generator: torch.Generator, sampling: str, shift: float = 1.0) -> torch.Tensor:
     if sampling == "uniform":
-        return torch.rand(batch, generator=generator)
-    return torch.sigmoid(torch.randn(batch, generator=generator))  # logit-normal(0, 1), as SD3 / FLUX training
+        t = torch.rand(batch, generator=generator)
+    else:
+        t = torch.sigmoid(torch.randn(batch, generator=generator))  # logit-normal(0, 1), as SD3 / FLUX training
+    return shift_timesteps(t, shift)
 
 
 def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -419,6 +446,7 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
                null_pooled_projections: Optional[torch.Tensor], *, patch_size: Optional[int] = None, steps: int,
                lr: float, batch_size: int, seed: int, p_drop: float = 0.1,
                guidance_range: Tuple[float, float] = GUIDANCE_RANGE, t_sampling: str = "logit_normal",
+               t_shift: Union[str, float] = "auto",
                train_head_only: bool = True, encoder_attention_mask: Optional[torch.Tensor] = None,
                null_encoder_attention_mask: Optional[torch.Tensor] = None, checkpoint_dir: Optional[str] = None,
                checkpoint_every: int = 0, resume: bool = True, progress: bool = True) -> dict:
@@ -426,13 +454,16 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
 
     ``latents`` (N, C, h, w) are DC-AE latents (already scaled), ``encoder_hidden_states`` (N, L, D) their
     prompts' embeddings, the null ones those of the empty prompt. Each step draws `batch_size` samples (with
-    replacement), t (logit-normal or uniform), noise, and drops text with probability `p_drop`, all from a
-    generator seeded with `seed`.
+    replacement), t (logit-normal or uniform, then shifted by ``t_shift``), noise, and drops text with probability
+    `p_drop`, all from a generator seeded with `seed`. ``t_shift="auto"`` trains where the pipeline samples: FLUX at
+    FluxPipeline's shift for the latents' token count (`flux_time_shift`), SANA at its flow shift 3.0; a number
+    fixes the shift (1 = none).
 
     FLUX: the guidance-distilled `align_head_loss`; ``pooled_projections`` (N, P) and ``null_pooled_projections``
     (P,) are required, w ~ U[guidance_range]; ``patch_size`` (default 1) packs the latents. SANA: the plain
     `sana_flow_matching_loss`; pooled projections must be None, ``encoder_attention_mask`` (N, L) and
-    ``null_encoder_attention_mask`` (L,) default to all ones, ``patch_size`` must be None or the model's.
+    ``null_encoder_attention_mask`` (L,) default to all ones (with a warning: SanaPipeline masks
+    padding), ``patch_size`` must be None or the model's.
 
     ``train_head_only=True`` freezes every parameter except the embedder (``x_embedder`` / ``patch_embed``) and
     ``proj_out``; ``False`` trains whatever currently has requires_grad (e.g. after `add_lora`). Returns
@@ -442,7 +473,7 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
         return _align_head_sana(
             transformer, latents, encoder_hidden_states, pooled_projections, null_encoder_hidden_states,
             null_pooled_projections, patch_size=patch_size, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-            p_drop=p_drop, t_sampling=t_sampling, train_head_only=train_head_only,
+            p_drop=p_drop, t_sampling=t_sampling, t_shift=t_shift, train_head_only=train_head_only,
             encoder_attention_mask=encoder_attention_mask, null_encoder_attention_mask=null_encoder_attention_mask,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     from ..patching.latents import takes_unpacked_latents
@@ -467,6 +498,7 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
         raise ValueError(f"guidance_range must be (low, high) with 0 < low < high, got {guidance_range!r}")
     if t_sampling not in ("logit_normal", "uniform"):
         raise ValueError(f"t_sampling must be 'logit_normal' or 'uniform', got {t_sampling!r}")
+    t_shift = _resolve_t_shift(t_shift, flux_time_shift((h // patch_size) * (w_ // patch_size)))
     params = _head_training_params(transformer, transformer.x_embedder, train_head_only)
     device = next(iter(params.values())).device
     img_ids = latent_image_ids(h, w_, patch_size, device=device)
@@ -480,7 +512,7 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
         noise = torch.randn(x0.shape, generator=generator)
         if unpacked:  # the same draws, unpacked: patched and stock runs see the same samples
             x0, noise = latents[idx].float(), unpack_latents(noise, h, w_, patch_size)
-        t = _sample_t(batch_size, generator, t_sampling)
+        t = _sample_t(batch_size, generator, t_sampling, t_shift)
         w = sample_guidance(batch_size, generator, low, high)
         text, pooled, _ = drop_text(encoder_hidden_states[idx], pooled_projections[idx],
                                     null_encoder_hidden_states, null_pooled_projections, p_drop, generator)
@@ -488,7 +520,8 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
                                t.to(device), noise.to(device), w.to(device), null_encoder_hidden_states.to(device),
                                null_pooled_projections.to(device))
 
-    meta = dict(stage="align_head", p_drop=p_drop, t_sampling=t_sampling, guidance_range=[float(low), float(high)],
+    meta = dict(stage="align_head", p_drop=p_drop, t_sampling=t_sampling, t_shift=t_shift,
+                guidance_range=[float(low), float(high)],
                 patch_size=patch_size, data=data_fingerprint(latents, encoder_hidden_states, pooled_projections,
                                                              null_encoder_hidden_states, null_pooled_projections))
     return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
@@ -498,7 +531,7 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
 
 def _align_head_sana(transformer, latents, encoder_hidden_states, pooled_projections, null_encoder_hidden_states,
                      null_pooled_projections, *, patch_size, steps, lr, batch_size, seed, p_drop, t_sampling,
-                     train_head_only, encoder_attention_mask, null_encoder_attention_mask, checkpoint_dir,
+                     t_shift, train_head_only, encoder_attention_mask, null_encoder_attention_mask, checkpoint_dir,
                      checkpoint_every, resume, progress) -> dict:
     config = transformer.config
     if pooled_projections is not None or null_pooled_projections is not None:
@@ -517,6 +550,12 @@ def _align_head_sana(transformer, latents, encoder_hidden_states, pooled_project
     if text.shape[0] != n:
         raise ValueError(f"latents and encoder_hidden_states must have the same number of samples, got {n} and "
                          f"{text.shape[0]}")
+    absent = [name for name, m in (("encoder_attention_mask", encoder_attention_mask),
+                                   ("null_encoder_attention_mask", null_encoder_attention_mask)) if m is None]
+    if absent:
+        warnings.warn(f"align_head: no {' / '.join(absent)}: every text token counts as real, padding included "
+                      "(SanaPipeline masks the padding of its prompts: pass the tokenizer's attention masks)",
+                      UserWarning, stacklevel=3)
     mask = torch.ones(text.shape[:2]) if encoder_attention_mask is None else encoder_attention_mask.float()
     if tuple(mask.shape) != tuple(text.shape[:2]):
         raise ValueError(f"encoder_attention_mask must have shape {tuple(text.shape[:2])}, got {tuple(mask.shape)}")
@@ -526,6 +565,7 @@ def _align_head_sana(transformer, latents, encoder_hidden_states, pooled_project
     p_drop = _check_probability("p_drop", p_drop)
     if t_sampling not in ("logit_normal", "uniform"):
         raise ValueError(f"t_sampling must be 'logit_normal' or 'uniform', got {t_sampling!r}")
+    t_shift = _resolve_t_shift(t_shift, SANA_FLOW_SHIFT)
     params = _head_training_params(transformer, transformer.patch_embed, train_head_only)
     device = next(iter(params.values())).device
 
@@ -533,13 +573,13 @@ def _align_head_sana(transformer, latents, encoder_hidden_states, pooled_project
         idx = torch.randint(n, (batch_size,), generator=generator)
         x0 = latents[idx].float()
         noise = torch.randn(x0.shape, generator=generator)
-        t = _sample_t(batch_size, generator, t_sampling)
+        t = _sample_t(batch_size, generator, t_sampling, t_shift)
         # the attention mask rides along as the per-sample 2-D conditioning: a dropped prompt takes the null mask
         cond, cond_mask, _ = drop_text(text[idx], mask[idx], null_text, null_mask, p_drop, generator)
         return sana_flow_matching_loss(transformer, x0.to(device), cond.to(device), t.to(device), noise.to(device),
                                        cond_mask.to(device))
 
-    meta = dict(stage="align_head", objective="flow_matching", p_drop=p_drop, t_sampling=t_sampling,
+    meta = dict(stage="align_head", objective="flow_matching", p_drop=p_drop, t_sampling=t_sampling, t_shift=t_shift,
                 data=data_fingerprint(latents, text, mask, null_text, null_mask))
     return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
@@ -639,6 +679,11 @@ def _train(params: Dict[str, nn.Parameter], loss_fn: Callable[[torch.Generator],
     checkpoint_every = _check_non_negative_int("checkpoint_every", checkpoint_every)
     if checkpoint_every and not checkpoint_dir:
         raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
+    low_precision = [n for n, p in params.items() if p.dtype != torch.float32]
+    if low_precision:  # AdamW would lose most updates to the weights' rounding: a third of a bf16 Linear never moves
+        raise ValueError(f"{desc}: the trained parameters must be float32 (bf16 autocast runs the math on a GPU), "
+                         f"got {params[low_precision[0]].dtype} for {low_precision[:3]}: cast the trained modules "
+                         "with .float() first")
     meta = dict(meta, lr=lr, batch_size=batch_size, seed=seed, params=sorted(params))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr)

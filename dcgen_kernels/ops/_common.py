@@ -90,6 +90,9 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
 # Per op, per call key: the implementation `timed_choice` kept, with every candidate's time (ms). Read by the
 # benchmarks (their JSON's `autotuned`).
 TIMED_CHOICES: dict = {}
+# triton.testing.do_bench's warm-up and measuring windows (ms) per candidate: its defaults; the GPU tests shorten
+# them (tests/conftest.py), whose dozens of call keys would otherwise spend minutes timing.
+TIMED_CHOICE_BENCH = {"warmup": 25, "rep": 100}
 
 
 def timed_choice(op: str, key: tuple, candidates: Dict[str, Callable[[], object]]) -> str:
@@ -102,7 +105,7 @@ def timed_choice(op: str, key: tuple, candidates: Dict[str, Callable[[], object]
             return next(iter(candidates))
         from triton.testing import do_bench
 
-        ms = {name: do_bench(run, return_mode="median") for name, run in candidates.items()}
+        ms = {name: do_bench(run, return_mode="median", **TIMED_CHOICE_BENCH) for name, run in candidates.items()}
         choices[key] = {"picked": min(ms, key=ms.get), **{f"{name}_ms": t for name, t in ms.items()}}
     return choices[key]["picked"]
 

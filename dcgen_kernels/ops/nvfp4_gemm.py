@@ -168,7 +168,7 @@ def _tma_descriptor(out: torch.Tensor):
 
     if tma_alignment_error("out", out):
         return None
-    return TensorDescriptor.from_tensor(out, [1, 16 // out.element_size()])  # a valid block until a config sets it
+    return TensorDescriptor.from_tensor(out, [1, 16 // out.element_size()])  # _set_out_block's non-TMA block
 
 
 def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_up, out, config=None) -> None:
@@ -193,10 +193,9 @@ def _launch_effective_weight(w_packed, w_scales, w_gs, smooth, lora_down, lora_u
         grid = lambda m: (cdiv(N, m["BLOCK_N"]), cdiv(K, m["BLOCK_K"] * m["K_TILES"]))  # noqa: E731
         nvfp4_effective_weight_kernel[grid](*args, **meta)
     else:
-        if config.kwargs["TMA_STORE"]:
-            if out_desc is None:
-                raise ValueError("a TMA_STORE config needs an output TMA can address (16-byte aligned rows)")
-            _set_out_block({"out_desc": out_desc, **config.kwargs})
+        if config.kwargs["TMA_STORE"] and out_desc is None:
+            raise ValueError("a TMA_STORE config needs an output TMA can address (16-byte aligned rows)")
+        _set_out_block({"out_desc": out_desc, **config.kwargs})
         grid = (cdiv(N, config.kwargs["BLOCK_N"]), cdiv(K, config.kwargs["BLOCK_K"] * config.kwargs["K_TILES"]))
         nvfp4_effective_weight_kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps)
 

@@ -109,8 +109,13 @@ def nvfp4_gemm_kernel(
 
 
 def _set_out_block(nargs):
-    """Config pre-hook of the TMA-store configs: the output descriptor's block is the config's tile."""
-    nargs["out_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    """Config pre-hook: the output descriptor's block is a TMA-store config's tile, else the launcher's minimal
+    block. Every config sets it: a non-TMA winner launched after the tuning would otherwise carry the last TMA
+    config's block, a signature of its own, and compile once more."""
+    desc = nargs["out_desc"]
+    if desc is not None:
+        desc.block_shape = ([nargs["BLOCK_N"], nargs["BLOCK_K"]] if nargs["TMA_STORE"]
+                            else [1, 16 // desc.base.element_size()])
 
 
 def _effective_weight_configs():
@@ -125,7 +130,7 @@ def _effective_weight_configs():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_TILES": 2, "TMA_STORE": False}, num_warps=4)]
     # Run L also timed the winner's tile (64 x 128) with 8 warps: picked at none of the five FLUX shapes, dropped.
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "K_TILES": t, "TMA_STORE": tma}, num_warps=w,
-                          pre_hook=_set_out_block if tma else None)
+                          pre_hook=_set_out_block)
             for n, k, t, w, tma in ((64, 128, 1, 4, False), (128, 128, 1, 8, False), (64, 256, 1, 8, False),
                                     (128, 256, 1, 8, False), (32, 256, 1, 4, False), (128, 64, 1, 4, False),
                                     (64, 128, 4, 4, False), (32, 128, 8, 4, False), (128, 128, 4, 8, False),
