@@ -423,8 +423,8 @@ def _add_text(p) -> None:
     p.add_argument("--p-drop", type=float, default=0.1, help="probability of replacing a prompt by the null one")
     p.add_argument("--patch-size", type=int, default=None, help="checked against the model if given")
     p.add_argument("--t-shift", type=_t_shift, default="auto",
-                   help="timestep shift of training (default auto: FLUX's for the latents' token count, SANA's 3.0; "
-                        "1 = none)")
+                   help="timestep shift of training (default auto: guidance-distilled FLUX's for the latents' token "
+                        "count, none for schnell-like FLUX, SANA's 3.0; 1 = none)")
 
 
 def build_parser() -> argparse.ArgumentParser:

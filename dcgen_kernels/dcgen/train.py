@@ -51,9 +51,10 @@ __all__ = [
 ]
 
 GUIDANCE_RANGE = (1.0, 14.0)
-# Timestep shift of training, matched to what the pipelines sample at inference. FLUX: FluxPipeline's resolution-
-# dependent shift exp(mu), mu linear in the image token count through (256, 0.5) and (4096, 1.15) (FLUX.1-dev's
-# scheduler config; extrapolated beyond, as the pipeline does). SANA: the fixed flow shift 3.0 of its scheduler.
+# Timestep shift of training, matched to what the pipelines sample at inference. Guidance-distilled FLUX (dev, Krea):
+# FluxPipeline's resolution-dependent shift exp(mu), mu linear in the image token count through (256, 0.5) and
+# (4096, 1.15) (FLUX.1-dev's scheduler config; extrapolated beyond, as the pipeline does); FLUX without a guidance
+# embedding (schnell, whose scheduler does not shift): none. SANA: the fixed flow shift 3.0 of its scheduler.
 FLUX_SHIFT_POINTS = ((256, 0.5), (4096, 1.15))
 SANA_FLOW_SHIFT = 3.0
 
@@ -455,9 +456,9 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
     ``latents`` (N, C, h, w) are DC-AE latents (already scaled), ``encoder_hidden_states`` (N, L, D) their
     prompts' embeddings, the null ones those of the empty prompt. Each step draws `batch_size` samples (with
     replacement), t (logit-normal or uniform, then shifted by ``t_shift``), noise, and drops text with probability
-    `p_drop`, all from a generator seeded with `seed`. ``t_shift="auto"`` trains where the pipeline samples: FLUX at
-    FluxPipeline's shift for the latents' token count (`flux_time_shift`), SANA at its flow shift 3.0; a number
-    fixes the shift (1 = none).
+    `p_drop`, all from a generator seeded with `seed`. ``t_shift="auto"`` trains where the pipeline samples:
+    guidance-distilled FLUX at FluxPipeline's shift for the latents' token count (`flux_time_shift`), schnell-like
+    FLUX unshifted, SANA at its flow shift 3.0; a number fixes the shift (1 = none).
 
     FLUX: the guidance-distilled `align_head_loss`; ``pooled_projections`` (N, P) and ``null_pooled_projections``
     (P,) are required, w ~ U[guidance_range]; ``patch_size`` (default 1) packs the latents. SANA: the plain
@@ -498,7 +499,8 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
         raise ValueError(f"guidance_range must be (low, high) with 0 < low < high, got {guidance_range!r}")
     if t_sampling not in ("logit_normal", "uniform"):
         raise ValueError(f"t_sampling must be 'logit_normal' or 'uniform', got {t_sampling!r}")
-    t_shift = _resolve_t_shift(t_shift, flux_time_shift((h // patch_size) * (w_ // patch_size)))
+    distilled = bool(getattr(transformer.config, "guidance_embeds", False))
+    t_shift = _resolve_t_shift(t_shift, flux_time_shift((h // patch_size) * (w_ // patch_size)) if distilled else 1.0)
     params = _head_training_params(transformer, transformer.x_embedder, train_head_only)
     device = next(iter(params.values())).device
     img_ids = latent_image_ids(h, w_, patch_size, device=device)
