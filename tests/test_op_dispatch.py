@@ -137,19 +137,35 @@ def _second_order_cases():
 @pytest.mark.parametrize("name", list(_second_order_cases()))
 def test_second_order_gradients_match_the_reference(name):
     """create_graph=True (gradient penalties): the reference-recomputed backward must itself be differentiable, with
-    respect to every input (a detached recomputation dropped these terms silently)."""
+    respect to every input (a detached recomputation dropped these terms silently), and give the partial
+    derivatives where one input depends on another (as a block's gated branch on its residual: differentiating the
+    recomputation through the saved inputs themselves counted that path twice)."""
     torch.manual_seed(0)
     op, reference, tensors, kwargs = _second_order_cases()[name]
     results = []
     for fn, extra in ((op, kwargs), (reference, {})):
         leaves = [t.clone().requires_grad_() for t in tensors]
-        out = fn(*leaves, **extra)
+        inputs = [leaves[0]] + [t + 0.5 * leaves[0].mean() for t in leaves[1:]]  # every input depends on the first
+        out = fn(*inputs, **extra)
         first = torch.autograd.grad(out.pow(2).sum(), leaves, create_graph=True)
         assert all(g.requires_grad for g in first)
         penalty = sum(g.pow(2).sum() for g in first)
-        results.append(torch.autograd.grad(penalty, leaves))
-    for got, expected in zip(*results):
+        results.append((first, torch.autograd.grad(penalty, leaves)))
+    (first, second), (first_expected, second_expected) = results
+    for got, expected in zip(first + second, first_expected + second_expected):
         assert (got - expected).norm() <= 1e-4 * expected.norm()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_func_grad_transforms_are_refused_by_name(backend):
+    """torch.func.grad / vjp / jacrev cannot run a custom op's registered autograd (torch's own error spoke of
+    autograd.Function's setup_context): the op says what to use instead."""
+    residual, gate, x = inputs()
+    op = lambda x: gated_residual(residual, gate, x, backend=backend)  # noqa: E731
+    for transform in (lambda: torch.func.grad(lambda x: op(x).sum())(x), lambda: torch.func.vjp(op, x),
+                      lambda: torch.func.jacrev(lambda x: op(x).sum())(x)):
+        with pytest.raises(NotImplementedError, match="dcgen::gated_residual cannot be differentiated by torch.func"):
+            transform()
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -163,31 +163,38 @@ def call_op(op, *args):
     A custom op's dispatch (autograd wrapper, redispatch, dynamo-disable wrapper) costs ~12 us per call on the CI
     CPU (torch 2.13), about as much as our validation, backend choice and launch together, and an eager step issues
     hundreds of op calls. Autograd, torch.compile, tracing, modes, functorch transforms (vmap, grad) and subclasses
-    still get the registered op; forward-mode AD is refused (the ops have no JVP rule).
+    still get the registered op (vmap works); forward-mode AD and torch.func's grad transforms are refused.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return op(*args)
     transformed = torch._C._are_functorch_transforms_active()
     if transformed or forward_ad._current_level >= 0:
-        _refuse_forward_ad(op, args)
+        _refuse_unsupported_autodiff(op, args)
     if transformed or _needs_dispatcher(args):
         return op(*args)
     return op.eager_impl(*args)
 
 
-def _refuse_forward_ad(op, args: Sequence[object]) -> None:
+def _refuse_unsupported_autodiff(op, args: Sequence[object]) -> None:
     """The ops have no forward-mode derivative: a kernel would drop the tangents (and the dispatched op returns zero
-    ones), so a JVP through them would be silently wrong."""
+    ones), so a JVP through them would be silently wrong. torch.func's grad / vjp / jacrev cannot run a custom op's
+    registered autograd at all (torch raises an error about autograd.Function's setup_context): named here."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+    transforms = {i.key() for i in retrieve_all_functorch_interpreters()}
     dual = forward_ad._current_level >= 0 and any(
         isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
-    if dual or any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+    if dual or TransformType.Jvp in transforms:
         raise NotImplementedError(
             f"{op._qualname} has no forward-mode AD rule (torch.func.jvp / torch.autograd.forward_ad): its tangent "
             f"would be wrong. Compute JVPs with the unpatched model (dcgen_kernels.unpatch) or the ops' *_reference "
             f"functions")
+    if TransformType.Grad in transforms:
+        raise NotImplementedError(
+            f"{op._qualname} cannot be differentiated by torch.func.grad / vjp / jacrev (torch runs no custom op's "
+            f"autograd under them). Use torch.autograd.grad or .backward() (supported, with create_graph=True too), "
+            f"or the unpatched model (dcgen_kernels.unpatch)")
 
 
 def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -> None:
@@ -218,12 +225,14 @@ def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -
 def reference_vjp(reference: Callable, tensors: Sequence, args: Sequence, grad_outs: Sequence,
                   wanted: Sequence[bool]) -> list:
     """Gradients of `reference(*tensors, *args)` (one output or a tuple) for the tensors flagged in `wanted`,
-    recomputed under autograd. Under create_graph=True (grad mode on in the backward) the recomputation is
-    differentiated through the saved inputs themselves, so second-order gradients (gradient penalties) flow; else
-    through detached copies (no graph kept)."""
+    recomputed under autograd. Under create_graph=True (grad mode on in the backward) the recomputation runs on
+    views of the saved inputs: differentiable back to them, so second-order gradients (gradient penalties) flow,
+    while the gradients are partial ones (the saved inputs themselves would give total derivatives wherever one
+    input depends on another, as a block's gated branch on its residual); else on detached copies (no graph kept)."""
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [t if t is None or create_graph else t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
+        leaves = [t if t is None else t.view_as(t) if create_graph else t.detach().requires_grad_(w)
+                  for t, w in zip(tensors, wanted)]
         out = reference(*leaves, *args)
         used = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grad_outs) if g is not None]
         grads = iter(torch.autograd.grad([o for o, _ in used], [t for t, w in zip(leaves, wanted) if w],
