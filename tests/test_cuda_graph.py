@@ -326,6 +326,30 @@ def test_a_swapped_submodule_captures_again(fake_graphs):
     assert torch.equal(got, _eager_with_grad(model, inputs))
 
 
+def test_adapter_selection_and_new_hooks_capture_again(fake_graphs):
+    """peft's adapter selection, disabled flag and scalings are Python attributes a replay would bake in (the
+    stand-in replays re-run, so captures are counted), and a replay runs no forward hook."""
+    from peft import LoraConfig
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    for name in ("a", "b"):
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "proj_mlp"], init_lora_weights=False),
+                          adapter_name=name)
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    _eager_out(model, inputs)
+    _eager_out(model, inputs)
+    assert (fake_graphs.captures, fake_graphs.replays) == (1, 1)
+    captures = 1
+    for change in (lambda: model.set_adapters(["a", "b"], [0.2, 1.5]), lambda: model.set_adapters("a"),
+                   model.disable_adapters,
+                   lambda: model.transformer_blocks[0].register_forward_hook(lambda *args: None)):
+        change()
+        _eager_out(model, inputs)
+        _eager_out(model, inputs)
+        captures += 1
+        assert fake_graphs.captures == captures
+
+
 def test_call_values_and_input_dtypes_are_part_of_the_signature(fake_graphs):
     model, inputs = tiny_flux(), tiny_flux_inputs()
     inputs.pop("return_dict")

@@ -20,8 +20,9 @@ Rules:
   a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures.
 - the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen. What else a
   graph bakes in is checked on every call (`_model_state`: each parameter's and buffer's storage, dtype and
-  device, and the attention processors): after `model.to(...)`, `load_state_dict(assign=True)`, a LoRA fuse or a
-  processor swap the graphs are dropped and captured again; parameters off the inputs' GPU (CPU offloading) run
+  device, the attention processors, peft adapters' selection and scaling, forward hooks): after `model.to(...)`,
+  `load_state_dict(assign=True)`, a LoRA fuse, a processor swap, `set_adapters` / `disable_adapters` or a new hook
+  the graphs are dropped and captured again; parameters off the inputs' GPU (CPU offloading) run
   eagerly. Autocast's state is part of the signature. patch() called again or unpatch() drop the graphs, since
   modules may have been replaced. Each graph keeps its own memory pool (activations of one step) until then.
 """
@@ -73,10 +74,26 @@ def _tensors(modules: list):
 
 def _model_state(modules: list) -> tuple:
     """What a captured graph holds besides its inputs: the address of every parameter and buffer, the submodules and
-    the attention processors (diffusers keeps them in a module's __dict__). model.to(...), load_state_dict(assign=
-    True), a LoRA fuse, a module or processor swap each change it. ~0.6 ms per call for FLUX-12B on a slow CPU."""
+    the attention processors (diffusers keeps them in a module's __dict__), and `_python_state`. model.to(...),
+    load_state_dict(assign=True), a LoRA fuse, a module or processor swap, set_adapters / disable_adapters and a new
+    forward hook each change it. ~1.0 ms per call for FLUX-12B's 1275 modules on the CI CPU (0.26 ms of it
+    `_python_state`), while the previous step's graph still runs on the GPU."""
     return (tuple(t.data_ptr() for t in _tensors(modules)), tuple(id(c) for m in modules for c in m._modules.values()),
-            tuple(id(m.__dict__.get("processor")) for m in modules))
+            tuple(id(m.__dict__.get("processor")) for m in modules), _python_state(modules))
+
+
+def _python_state(modules: list) -> tuple:
+    """Plain Python state a capture bakes in that no tensor shows: a peft layer's active adapters, its disabled flag,
+    merged adapters and scalings (set_adapters with weights), and each module's forward hooks (a replay runs none)."""
+    state = []
+    for m in modules:
+        attrs = m.__dict__
+        if "_active_adapter" in attrs:  # peft's BaseTunerLayer
+            state.append(repr((attrs["_active_adapter"], attrs.get("_disable_adapters"), attrs.get("merged_adapters"),
+                               attrs.get("scaling"))))
+        if m._forward_hooks or m._forward_pre_hooks:
+            state.append(tuple(map(id, (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))))
+    return tuple(state)
 
 
 class CaptureError(RuntimeError):
