@@ -34,6 +34,17 @@ def test_reference_equals_diffusers_rms_norm_with_residual():
     assert rel_l2(channel_rms_norm_reference(x, w, b, r), diffusers_norm_residual(x, w, b, r)) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_uses_the_given_eps(backend):
+    """patch() hands a model's own RMSNorm eps to the op: at activations ~1e-2 an eps of 1e-3 moves the output by
+    ~5%, so an op that kept the default 1e-5 would be far off diffusers' RMSNorm(eps=1e-3)."""
+    x, w, b, r = make_inputs()
+    x = x * 1e-2
+    got = channel_rms_norm(x, w, b, r, eps=1e-3, backend=backend)
+    assert rel_l2(got, diffusers_norm_residual(x, w, b, r, eps=1e-3)) < 1e-5
+    assert rel_l2(got, diffusers_norm_residual(x, w, b, r, eps=1e-5)) > 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_affine,with_residual", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

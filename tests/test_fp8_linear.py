@@ -101,6 +101,30 @@ def test_quantize_triton_gelu_with_prefix(K1):
     assert torch.equal(codes(got.data[..., :K1]), codes(q[..., :K1]))  # the prefix has no GELU: exact
 
 
+@pytest.mark.parametrize("K", [100, 300])
+def test_quantize_triton_zero_and_tiny_rows_bit_exact(K):
+    """An all-zero row (padding tokens) keeps a finite scale and zero codes (a zero amax would give 448 / 0 and NaN
+    codes), and a row of amax ~1e-6 its own scale: both kernels, bit for bit with the reference."""
+    x = torch.randn(4, K)
+    x[1] = 0
+    x[2] *= 1e-6
+    got = quantize_fp8(x, backend="triton")
+    q, scale = quantize_fp8_reference(x)
+    assert torch.equal(got.scale, scale) and torch.equal(codes(got.data), codes(q))
+    assert torch.isfinite(got.scale).all() and not got.data[1].float().any()
+
+
+@pytest.mark.parametrize("K1", [20, 70])
+def test_quantize_triton_prefix_sets_the_row_amax(K1):
+    """FLUX single blocks: the attention half of [attention | GELU(mlp)] can hold the row's largest values; the
+    scale must cover it (else it would be clamped at 448)."""
+    x, prefix = strided_rows() * 0.1, torch.randn(2, 37, K1) * 10
+    got = quantize_fp8(x, prefix=prefix, gelu=True, backend="triton")
+    q, scale = quantize_fp8_reference(x, prefix, gelu=True)
+    torch.testing.assert_close(got.scale, scale, rtol=1e-6, atol=0)
+    assert torch.equal(codes(got.data[..., :K1]), codes(q[..., :K1]))
+
+
 # --------------------------------------------------------------------------------------------- GEMM kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_linear_triton_matches_reference(dtype):
@@ -205,6 +229,10 @@ def test_bad_inputs_name_the_argument():
         fp8_linear(x, wq, ws, gate=torch.randn(2, 15))
     with pytest.raises(ValueError, match="gate needs"):
         fp8_linear(torch.randn(3, 32), wq, ws, gate=torch.randn(1, 16))
+    with pytest.raises(ValueError, match="residual must have shape"):  # the kernel would read out of bounds
+        fp8_linear(x, wq, ws, residual=torch.randn(2, 3, 15))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fp8_linear(x, wq, ws, bias=torch.randn(15))
     with pytest.raises(ValueError, match="activation must be one of"):
         fp8_linear(x, wq, ws, activation="relu")
     with pytest.raises(ValueError, match="prefix must have"):

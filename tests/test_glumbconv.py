@@ -103,6 +103,19 @@ def test_custom_ops_pass_opcheck_and_return_contiguous_tokens(backend, layout):
     assert depthwise_glu(x, 7, 9, *pre_weights, backend=backend).is_contiguous()
 
 
+def test_depthwise_glu_reads_strided_inputs_as_their_values():
+    """pre as a channel slice of a wider buffer (row stride > 2 * hidden: the kernel assumes its own width) and
+    depthwise weights as strided views give the contiguous copies' result."""
+    pre_weights = make_weights(C=20, hidden=10)[2:4]
+    wide = torch.randn(2, 63, 28)
+    pre = wide[..., :20]
+    depth_weight = torch.cat([pre_weights[0], pre_weights[0]], 1)[:, :1]  # (20, 1, 3, 3), channel stride 18
+    depth_bias = torch.stack([pre_weights[1], pre_weights[1]], -1)[..., 0]  # stride 2
+    got = depthwise_glu(pre, 7, 9, depth_weight, depth_bias, backend="triton")
+    expected = depthwise_glu_reference(pre.contiguous(), 7, 9, *pre_weights)
+    assert rel_l2(got, expected) < 1e-5
+
+
 def test_empty_batch():
     weights = make_weights(C_out=12)
     assert glumbconv(make_tokens(B=0), 7, 9, *weights).shape == (0, 63, 12)
@@ -128,6 +141,8 @@ def _swap(weights, index, value):
     (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 4, w[4][:, :-1])), ValueError, r"point_weight must have shape"),
     (lambda x, w: glumbconv(x, 7, 9, *_swap(w, 4, w[4][..., 0])), ValueError, "point_weight must have 4 dim"),
     (lambda x, w: glumbconv(x, 7, 9, *w, backend="gpu"), ValueError, "backend must be one of"),
+    (lambda x, w: depthwise_glu(x[..., :15], 7, 9, torch.ones(15, 1, 3, 3), torch.ones(15)), ValueError,
+     "pre must have an even channel count"),
 ])
 def test_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):

@@ -181,6 +181,25 @@ def test_strided_weight_scales_and_bias_views():
                                              out_dtype=torch.float32)) < 1e-5
 
 
+def test_transposed_low_rank_factors():
+    """lora_down [K, R] and lora_up [R, N] given as transposed views (column-major, as nunchaku's proj_up [N, R]
+    transposed is): every Triton path reads their values, not their memory order."""
+    x, (wp, ws, wg), lora_down, lora_up, bias = operands(19, 64, 33, 4)
+    column_major = lambda t: t.t().contiguous().t()  # noqa: E731 - same values, strides (1, rows)
+    down, up = column_major(lora_down), column_major(lora_up)
+    expected = nvfp4_w4a16_gemm_reference(x, wp, ws, wg, lora_down=lora_down, lora_up=lora_up, bias=bias)
+    got = nvfp4_w4a16_gemm(x, wp, ws, wg, lora_down=down, lora_up=up, bias=bias, backend="triton")
+    assert rel_l2(got, expected) < 1e-5
+    split = gemm_module._w4a16_effective_weight_cublas(x, wp, ws, wg, None, down, up, bias)
+    assert rel_l2(split, expected) < 1e-5
+    ap, asc, _ = quantize_nvfp4_activations(x, None, None, 1.0, backend="reference")
+    lora_act = x @ lora_down
+    got = nvfp4_gemm(ap, asc, 1.0, wp, ws, wg, lora_act=lora_act, lora_up=up, bias=bias, out_dtype=torch.float32,
+                     backend="triton")
+    assert rel_l2(got, nvfp4_gemm_reference(ap, asc, torch.tensor(1.0), wp, ws, wg, lora_act=lora_act,
+                                             lora_up=lora_up, bias=bias, out_dtype=torch.float32)) < 1e-5
+
+
 def test_scale_sign_bits_are_ignored_by_every_gemm_path():
     # Unsigned E4M3 group scales: bytes with the sign bit set (an imported checkpoint's) read as their low 7 bits
     # in the references as in the Triton kernels (and the sm_120 MMA's ue4m3), for weights and activations.

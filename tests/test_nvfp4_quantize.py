@@ -217,6 +217,23 @@ def test_fused_activation_quantizer_matches_reference(rank, dtype):
     assert_same_bytes(ref[0], direct[0])
 
 
+def test_triton_quantizers_read_strided_inputs_as_their_values():
+    """A transposed x (last-dim stride != 1, as a caller may hand SVDQuantLinear) and a strided smooth give the bytes
+    of their contiguous copies."""
+    x = torch.randn(40, 37).t()  # (37, 40), column-major
+    smooth_buffer = torch.rand(80) + 0.5
+    smooth = smooth_buffer[::2]  # (40,), stride 2
+    gs = torch.tensor(0.02)
+    for got, expected in ((quantize_nvfp4(x, gs, backend="triton"), quantize_nvfp4(x.contiguous(), gs,
+                                                                                   backend="triton")),
+                          (quantize_nvfp4_activations(x, smooth, None, gs, backend="triton"),
+                           quantize_nvfp4_activations(x.contiguous(), smooth.contiguous(), None, gs,
+                                                      backend="triton"))):
+        assert_same_bytes(got[0], expected[0])
+        assert_same_bytes(got[1], expected[1])
+    assert_same_bytes(quantize_nvfp4(x, gs, backend="triton")[0], quantize_nvfp4_reference(x.contiguous(), gs)[0])
+
+
 def test_fused_quantizer_without_smooth_or_lora_equals_quantize():
     x = torch.randn(2, 3, 40)
     packed, scales, lora = quantize_nvfp4_activations(x, None, None, 0.02, backend="triton")
@@ -264,8 +281,9 @@ def test_bad_inputs_raise_clear_errors():
         dequantize_nvfp4(packed, scales[:, :1], gs)
     with pytest.raises(TypeError, match="packed must have dtype"):
         dequantize_nvfp4(packed.to(torch.int8), scales, gs)
-    with pytest.raises(ValueError, match="k must be"):
-        dequantize_nvfp4(packed, scales, gs, k=33)
+    for k in (33, 16):  # past the padded width / a whole group short of it (it would drop real values)
+        with pytest.raises(ValueError, match="k must be"):
+            dequantize_nvfp4(packed, scales, gs, k=k)
     with pytest.raises(ValueError, match="smooth must have shape"):
         quantize_nvfp4_activations(x, torch.ones(31), None)
     with pytest.raises(ValueError, match="lora_down must have shape"):

@@ -80,6 +80,9 @@ def test_cuda_kernel_math_on_host(dtype, D, with_weight, with_rope):
     (lambda x, w, c, s: qk_norm_rope(x, w, c, None), ValueError, "cos and sin must be given together"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c[:5], s[:5]), ValueError, "cos must have shape"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, rope_offset=-1), ValueError, "rope_offset"),
+    # 19 table rows for S = 19 from offset 1: the last token would read past the table
+    (lambda x, w, c, s: qk_norm_rope(x, w, c, s, rope_offset=1), ValueError, r"cos must have shape \(>= rope_offset"),
+    (lambda x, w, c, s: qk_norm_rope(x, w, torch.cat([c, c], 1)[:, :64], s), ValueError, "cos must be contiguous"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, eps=-1.0), ValueError, "eps must be a positive float"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, eps=float("nan")), ValueError, "eps must be a positive float"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, rope_offset=True), ValueError, "rope_offset must be a non-neg"),
