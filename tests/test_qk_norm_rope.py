@@ -35,6 +35,19 @@ def test_triton_matches_reference(dtype, D):
     assert rel_l2(out, qk_norm_rope_reference(x, w, cos, sin, 1e-6, 11)) <= max(TOLERANCE[dtype], 1e-6)
 
 
+def test_triton_applies_any_table_as_diffusers_does():
+    """Tables whose pair entries differ (not FLUX's, whose cos / sin repeat per pair): each element takes its own
+    cos and sin, as diffusers' apply_rotary_emb does; a kernel that swapped them within a pair would pass on
+    pair-equal tables only."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    x, w, _, _ = make_inputs(dtype=torch.float32)
+    cos, sin = torch.randn(19, 64), torch.randn(19, 64)
+    expected = apply_rotary_emb(torch.nn.functional.rms_norm(x, (64,), w, 1e-6), (cos, sin), sequence_dim=1)
+    assert rel_l2(qk_norm_rope_reference(x, w, cos, sin, 1e-6), expected) < 1e-6
+    assert rel_l2(qk_norm_rope(x, w, cos, sin, backend="triton"), expected) < 1e-6
+
+
 def test_triton_without_weight_or_rope():
     x, _, _, _ = make_inputs()
     assert rel_l2(qk_norm_rope(x, backend="triton"), qk_norm_rope_reference(x)) <= TOLERANCE[torch.bfloat16]
