@@ -64,6 +64,16 @@ def test_bool_mask_equals_float_bias(shape):
     assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, sana_bias(keep))) < 1e-6
 
 
+def test_vmap_over_a_batch_of_masks_runs_the_masked_call():
+    """Under torch.func.vmap the key plan cannot read the mask's values (.tolist() of a batched tensor failed):
+    diffusers' masked call instead, per slice equal to the unbatched op."""
+    q, k, v = qkv()
+    masks = sana_bias(prefix(7, 3))  # (2, 1, S_kv): one mask per vmapped slice
+    got = torch.func.vmap(lambda m: key_padding_attention(q, k, v, m))(masks[:, None])
+    for i in range(2):
+        assert rel_l2(got[i], key_padding_attention(q, k, v, masks[i:i + 1])) < 1e-6
+
+
 def test_mask_shared_across_the_batch_slices_once():
     q, k, v = qkv(B=3)
     mask = sana_bias(prefix(5))

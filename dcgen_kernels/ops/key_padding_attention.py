@@ -194,8 +194,10 @@ def key_padding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _validate(q, k, v, attn_mask)
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v)
-    if torch.compiler.is_compiling() or (attn_mask.requires_grad and torch.is_grad_enabled()):
-        return key_padding_attention_reference(q, k, v, attn_mask)  # a learned bias keeps its gradient
+    # traced or vmapped (the key plan reads the mask's values), or a learned bias that keeps its gradient
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or (attn_mask.requires_grad and torch.is_grad_enabled())):
+        return key_padding_attention_reference(q, k, v, attn_mask)
     if _capturing(q):
         if not _capture_plans or _capture_plans[-1][1] != attn_mask.shape[-1]:
             return key_padding_attention_reference(q, k, v, attn_mask)
