@@ -130,7 +130,15 @@ def _second_order_cases():
                                   (r(1, 9, 64).abs(), r(1, 9, 64).abs(), r(1, 9, 64)), {}),
         "patch_embed": (lambda a, b, c, **k: ops.patch_embed(a, b, c, patch_size=2, **k),
                         lambda a, b, c: ops.patch_embed_reference(a, b, c, 2), (r(1, 4, 6, 4), r(16, 16), r(16)),
-                        {"backend": "reference"}),  # its Triton / cuBLAS backward is built from differentiable ops
+                        {"backend": "reference"}),
+        # the Triton backend, whose first-order backward is fused (it packs through ops without autograd: the width
+        # 128 takes the bias gradient's ones-column pack, two images a packing copy)
+        "patch_embed_triton": (lambda a, b, c, **k: ops.patch_embed(a, b, c, patch_size=2, **k),
+                               lambda a, b, c: ops.patch_embed_reference(a, b, c, 2),
+                               (r(2, 4, 6, 4), r(128, 16) * 0.1, r(128)), {"backend": "triton"}),
+        "patch_unembed_triton": (lambda a, b, c, **k: ops.patch_unembed(a, b, c, patch_size=2, height=6, width=4, **k),
+                                 lambda a, b, c: ops.patch_unembed_reference(a, b, c, 2, 6, 4),
+                                 (r(2, 6, 128), r(16, 128) * 0.1, r(16)), {"backend": "triton"}),
     }
 
 

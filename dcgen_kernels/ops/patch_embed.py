@@ -589,8 +589,11 @@ def _saved(ctx):
 
 
 def _backward_on_reference(op: str, backend: str, x, weight, grad) -> bool:
-    """Whether this backward is the reference vjp: the forward's backend was the reference, or Triton would be
-    asked for a gradient too large for its int32 indexing where cuBLAS is not there to take it."""
+    """Whether this backward is the reference vjp: the forward's backend was the reference, Triton would be asked
+    for a gradient too large for its int32 indexing where cuBLAS is not there to take it, or the backward must
+    itself be differentiable (create_graph=True: the fused one packs through ops without autograd)."""
+    if torch.is_grad_enabled():
+        return True
     chosen = select_backend(op, backend, x, weight)
     return chosen == "reference" or (chosen == "triton" and _triton_case_error(grad) is not None
                                      and _cublas_device_error(grad.device) is not None)
