@@ -93,8 +93,8 @@ def _host_paced_step_paths(report: dict) -> set:
 
 
 def host_bound_paths(report: dict) -> set:
-    """Metric paths of e2e ratios involving an eager transformer step faster than HOST_BOUND_STEP_MS, and of model-step
-    ratios whose steps the run's profile found host-paced."""
+    """Metric paths of e2e and quantized FLUX-step ratios involving an eager step faster than HOST_BOUND_STEP_MS, and
+    of model-step ratios whose steps the run's profile found host-paced."""
     steps = report.get("e2e", {}).get("steps", {})
     fast = {key for key, rec in steps.items()
             if any(isinstance(v, dict) and v.get("ms", HOST_BOUND_STEP_MS) < HOST_BOUND_STEP_MS
@@ -113,6 +113,10 @@ def host_bound_paths(report: dict) -> set:
             base = speedups.get(key, {}).get("base")
             if key in fast or (base and f"{base}/{parts[3]}" in fast):
                 paths.add(path)
+    quant_steps = report.get("quant_linear", {}).get("flux_step", {})
+    if quant_steps.get("stock", {}).get("ms", HOST_BOUND_STEP_MS) < HOST_BOUND_STEP_MS:  # its ratios' numerator
+        paths |= {f"quant_linear/flux_step/{name}/speedup_vs_stock" for name, rec in quant_steps.items()
+                  if isinstance(rec, dict) and "speedup_vs_stock" in rec}
     return paths | _host_paced_step_paths(report)
 
 

@@ -62,9 +62,9 @@ PAPER_5090_NOTE = "paper: DC-Gen-FLUX 4K in 3.5 s on one RTX 5090 with NVFP4 SVD
 
 
 def spec_for(gpu_name):
-    """The datasheet of an SXM part by its nvidia-smi name; None for others (the PCIe and NVL boards of the same
-    chips run at lower clocks and power, so the SXM peaks would overstate them)."""
-    if not gpu_name or any(board in gpu_name for board in ("PCIe", "NVL")):
+    """The datasheet of an SXM part by its nvidia-smi name; None for others (the PCIe, NVL and Grace Hopper boards of
+    the same chips run at other clocks, power and bandwidth, so the SXM figures would misstate them)."""
+    if not gpu_name or any(board in gpu_name.lower() for board in ("pcie", "nvl", "gh200", "gb200")):
         return None
     return next((spec for key, spec in KNOWN_SPECS if key in gpu_name), None)
 

@@ -189,7 +189,8 @@ def test_count_depthwise_conv_is_memory_bound():
 def test_spec_for_knows_only_the_sxm_boards():
     assert projection.spec_for("NVIDIA H100 80GB HBM3") is projection.H100_SXM
     assert projection.spec_for("NVIDIA H200") is projection.H200
-    for name in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB", None):
+    for name in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA GH200 480GB", "NVIDIA H100 PCIE",
+                 "NVIDIA A100-SXM4-80GB", None):
         assert projection.spec_for(name) is None
 
 
@@ -503,6 +504,14 @@ def test_compare_does_not_gate_e2e_ratios_of_host_paced_steps():
     def compiled(speedup, stock_ms):
         return {"e2e_compile": {"steps": {"DC-Gen-FLUX/4K": {"torch_compile": {
             "ms": stock_ms / speedup, "stock_ms": stock_ms, "speedup_vs_stock": speedup, "check": "ok"}}}}}
+
+    def quantized(speedup, stock_ms):
+        return {"quant_linear": {"flux_step": {"stock": {"ms": stock_ms}, "patched_fp8_graph": {
+            "ms": stock_ms / speedup, "speedup_vs_stock": speedup, "check": "ok"}}}}
+
+    assert compare.compare(quantized(2.0, 180.0), quantized(1.5, 180.0), 0.10)["regressions"] == []
+    assert compare.compare(quantized(2.0, 400.0), quantized(1.5, 400.0), 0.10)["regressions"] == [
+        "quant_linear/flux_step/patched_fp8_graph/speedup_vs_stock"]
 
     path = "e2e_compile/steps/DC-Gen-FLUX/4K/torch_compile/speedup_vs_stock"
     for stock_ms in (180.0, 900.0):  # torch.compile of stock is a baseline: shown, never gated

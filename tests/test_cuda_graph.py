@@ -326,9 +326,10 @@ def test_a_swapped_submodule_captures_again(fake_graphs):
     assert torch.equal(got, _eager_with_grad(model, inputs))
 
 
-def test_adapter_selection_and_new_hooks_capture_again(fake_graphs):
+def test_adapter_selection_captures_again_and_hooked_submodules_run_eagerly(fake_graphs):
     """peft's adapter selection, disabled flag and scalings are Python attributes a replay would bake in (the
-    stand-in replays re-run, so captures are counted), and a replay runs no forward hook."""
+    stand-in replays re-run, so captures are counted); a replay runs no forward hook of a submodule, so a model
+    with one runs eagerly (the model's own hooks run around the graphed forward)."""
     from peft import LoraConfig
 
     model, inputs = tiny_flux(), tiny_flux_inputs()
@@ -341,13 +342,26 @@ def test_adapter_selection_and_new_hooks_capture_again(fake_graphs):
     assert (fake_graphs.captures, fake_graphs.replays) == (1, 1)
     captures = 1
     for change in (lambda: model.set_adapters(["a", "b"], [0.2, 1.5]), lambda: model.set_adapters("a"),
-                   model.disable_adapters,
-                   lambda: model.transformer_blocks[0].register_forward_hook(lambda *args: None)):
+                   model.disable_adapters):
         change()
         _eager_out(model, inputs)
         _eager_out(model, inputs)
         captures += 1
         assert fake_graphs.captures == captures
+    calls = []
+    root_hook = model.register_forward_hook(lambda *args: calls.append("model"))
+    _eager_out(model, inputs)
+    assert fake_graphs.captures == captures and calls == ["model"]  # replayed, the model's hook around it
+    hook = model.transformer_blocks[0].register_forward_hook(lambda *args: calls.append("block"))
+    with pytest.warns(RuntimeWarning, match="a submodule has forward hooks"):
+        _eager_out(model, inputs)
+    _eager_out(model, inputs)
+    assert fake_graphs.captures == captures and calls == ["model", "block", "model", "block", "model"]
+    hook.remove()
+    root_hook.remove()
+    _eager_out(model, inputs)
+    _eager_out(model, inputs)
+    assert fake_graphs.captures == captures + 1 and fake_graphs.replays >= 2
 
 
 def test_call_values_and_input_dtypes_are_part_of_the_signature(fake_graphs):

@@ -567,6 +567,23 @@ def test_resume_align_head(tmp_path):
     assert torch.equal(full.x_embedder.weight, resumed.x_embedder.weight)
 
 
+def test_checkpoints_from_before_the_timestep_shift_resume_as_unshifted(tmp_path):
+    """A checkpoint written before `t_shift` existed (no key in its settings) trained unshifted: t_shift=1 resumes
+    it, the new default (a shift) refuses it as other settings."""
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    latents = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    common = dict(steps=2, lr=1e-3, batch_size=2, seed=0, checkpoint_dir=str(tmp_path), progress=False)
+    T.align_head(model, latents, *text_data(2), t_shift=1.0, **{**common, "steps": 1})
+    state_path = tmp_path / "step-00000001" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["meta"]["t_shift"]
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match="different settings"):
+        T.align_head(model, latents, *text_data(2), **common)
+    assert len(T.align_head(model, latents, *text_data(2), t_shift=1.0, **common)["history"]) == 2
+
+
 # ----------------------------------------------------------------------------------------------- (g) errors
 def _patch_embed(in_channels, patch_size=1):
     from diffusers.models.embeddings import PatchEmbed

@@ -174,6 +174,10 @@ def test_torch_func_grad_transforms_are_refused_by_name(backend):
                       lambda: torch.func.jacrev(lambda x: op(x).sum())(x)):
         with pytest.raises(NotImplementedError, match="dcgen::gated_residual cannot be differentiated by torch.func"):
             transform()
+    # the op on constants inside a grad transform (a frozen teacher, a text branch) runs as usual
+    scale = torch.randn_like(x)
+    got = torch.func.grad(lambda s: (op(x) * s).sum())(scale)
+    assert torch.equal(got, gated_residual_reference(residual, gate, x))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -648,6 +648,8 @@ def _load_checkpoint(path: str, params: Dict[str, nn.Parameter], optimizer, gene
     from safetensors.torch import load_file
 
     state = torch.load(os.path.join(path, _STATE), weights_only=True, map_location="cpu")  # GPU-written, too
+    if "t_shift" in meta:  # runs from before the timestep shift trained unshifted
+        state["meta"].setdefault("t_shift", 1.0)
     if state["meta"] != meta:
         raise ValueError(f"checkpoint {path} was written by a run with different settings: {state['meta']} vs "
                          f"{meta}; use another checkpoint_dir or resume=False")

@@ -178,7 +178,8 @@ def call_op(op, *args):
 def _refuse_unsupported_autodiff(op, args: Sequence[object]) -> None:
     """The ops have no forward-mode derivative: a kernel would drop the tangents (and the dispatched op returns zero
     ones), so a JVP through them would be silently wrong. torch.func's grad / vjp / jacrev cannot run a custom op's
-    registered autograd at all (torch raises an error about autograd.Function's setup_context): named here."""
+    registered autograd on the tensors they track (torch raises an error about autograd.Function's setup_context):
+    named here; constants inside such a transform run as usual."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
@@ -190,7 +191,8 @@ def _refuse_unsupported_autodiff(op, args: Sequence[object]) -> None:
             f"{op._qualname} has no forward-mode AD rule (torch.func.jvp / torch.autograd.forward_ad): its tangent "
             f"would be wrong. Compute JVPs with the unpatched model (dcgen_kernels.unpatch) or the ops' *_reference "
             f"functions")
-    if TransformType.Grad in transforms:
+    if TransformType.Grad in transforms and any(
+            isinstance(a, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(a) for a in args):
         raise NotImplementedError(
             f"{op._qualname} cannot be differentiated by torch.func.grad / vjp / jacrev (torch runs no custom op's "
             f"autograd under them). Use torch.autograd.grad or .backward() (supported, with create_graph=True too), "
