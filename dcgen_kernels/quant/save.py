@@ -113,6 +113,9 @@ def _load_device(model: torch.nn.Module, device, skeleton: bool) -> torch.device
         if device is None:
             raise ValueError(f"this {type(model).__name__} is on the meta device: pass device= (e.g. 'cuda') to "
                              f"load the checkpoint's tensors there")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but this machine has no CUDA GPU: pass device='cpu' or load "
+                             "where the GPU is")
         return device
     own = next(model.parameters()).device
     if device is not None and (device.type, device.index or 0) != (own.type, own.index or 0):
