@@ -1,5 +1,5 @@
 """Low-precision linears: FP8 W8A8 (`FP8Linear`, Hopper) and NVFP4 SVDQuant (`SVDQuantLinear`, quant/svdquant.py),
-whole-model quantization (`quantize`) and safetensors checkpoints of quantized models (`save_quantized` /
+whole-model quantization (`dcgen_kernels.quantize`, patching/quant.py) and safetensors checkpoints of quantized models (`save_quantized` /
 `load_quantized`)."""
 
 from .fp8 import FP8Activation, FP8Linear
