@@ -19,13 +19,14 @@ Rules:
   torch.no_grad() or torch.inference_mode(), as diffusers pipelines do), a tensor off the GPU or on several GPUs,
   a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures, forward hooks on
   a submodule.
-- the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen. What else a
-  graph bakes in is checked on every call (`_model_state`: each parameter's and buffer's storage, dtype and
-  device, the attention processors, peft adapters' selection and scaling): after `model.to(...)`,
-  `load_state_dict(assign=True)`, a LoRA fuse, a processor swap or `set_adapters` / `disable_adapters` the graphs
-  are dropped and captured again; a submodule with forward hooks (which a replay would not run) runs eagerly; parameters off the inputs' GPU (CPU offloading) run
-  eagerly. Autocast's state is part of the signature. patch() called again or unpatch() drop the graphs, since
-  modules may have been replaced. Each graph keeps its own memory pool (activations of one step) until then.
+- the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen. What else a graph
+  bakes in is checked on every call (`_model_state`: each parameter's and buffer's storage, dtype and device, the
+  attention processors, peft adapters' selection and scaling): after `model.to(...)`, `load_state_dict(assign=True)`, a
+  LoRA fuse, a processor swap or `set_adapters` / `disable_adapters` the graphs are dropped and captured again; a
+  submodule with forward hooks (which a replay would not run) runs eagerly; parameters off the inputs' GPU (CPU
+  offloading) run eagerly. Autocast's state is part of the signature. patch() called again or unpatch() drop the
+  graphs, since modules may have been replaced. Each graph keeps its own memory pool (activations of one step) until
+  then.
 """
 
 from __future__ import annotations
