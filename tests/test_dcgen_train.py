@@ -478,6 +478,12 @@ def test_timestep_shift_is_the_flow_schedulers():
     assert T.flux_time_shift(256) == pytest.approx(math.exp(0.5)) and T.flux_time_shift(4096) == pytest.approx(
         math.exp(1.15))
     assert T.shift_timesteps(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)  # SANA's flow shift 3
+    for bad in (0, -1.5, float("nan"), "3"):
+        with pytest.raises(ValueError, match="shift must be a positive finite number"):
+            T.shift_timesteps(t, bad)
+    for bad in (0, 2.5, True):
+        with pytest.raises((ValueError, TypeError), match="image_tokens"):
+            T.flux_time_shift(bad)
     pytest.importorskip("transformers")  # FluxPipeline's module imports it
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 

@@ -417,21 +417,19 @@ def sana_flow_matching_loss(transformer: nn.Module, x0: torch.Tensor, encoder_hi
 
 def flux_time_shift(image_tokens: int) -> float:
     """FluxPipeline's shift at `image_tokens` tokens: exp(mu), mu on the line through FLUX_SHIFT_POINTS."""
+    image_tokens = _check_positive_int("image_tokens", image_tokens)
     (x1, y1), (x2, y2) = FLUX_SHIFT_POINTS
     return math.exp(y1 + (image_tokens - x1) * (y2 - y1) / (x2 - x1))
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """t' = s t / (1 + (s - 1) t): the flow-matching schedulers' shift, toward noise for s > 1 (s = 1: unchanged)."""
+    shift = _check_positive_float("shift", shift)
     return shift * t / (1 + (shift - 1) * t)
 
 
 def _resolve_t_shift(t_shift, default: float) -> float:
-    if t_shift == "auto":
-        return default
-    if isinstance(t_shift, bool) or not isinstance(t_shift, (int, float)) or not 0 < t_shift < math.inf:
-        raise ValueError(f"t_shift must be 'auto' or a positive finite number (1 = no shift), got {t_shift!r}")
-    return float(t_shift)
+    return default if isinstance(t_shift, str) and t_shift == "auto" else _check_positive_float("t_shift", t_shift)
 
 
 def _sample_t(batch: int, generator: torch.Generator, sampling: str, shift: float = 1.0) -> torch.Tensor:
