@@ -9,7 +9,8 @@ The first pass tunes and warms up, the second runs in the range (so ncu profiles
 autotuner's trials): SANA-1.6B's linear attention and depthwise + GLU at a 128x128 latent (16384 tokens, bf16), W4A16
 SVDQuant layers at M = 4608 (K x N = 3072 x 3072 and 15360 x 3072, rank 32; the effective-weight pass and its
 cuBLAS GEMM), the Triton f8c16 patch embedding and unembedding at 4096 tokens (the latter split over D), and the
-cuBLAS unembedding's unpack kernel. On a CPU (TRITON_INTERPRET=1): tiny shapes, to
+cuBLAS unembedding's unpack kernel, and FP8's GELU + quantize pass over the FFN's 4608 x 12288 hidden rows (the
+down-projection's producer, the open FP8 per-layer target). On a CPU (TRITON_INTERPRET=1): tiny shapes, to
 check the program itself. Results of such runs: `benchmarks/results/ncu_targets-*.txt`, read in PERF_NOTES.md.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 
 def run(device: torch.device) -> None:
+    from dcgen_kernels.ops.fp8_linear import quantize_fp8
     from dcgen_kernels.ops.glumbconv import depthwise_glu
     from dcgen_kernels.ops.patch_embed import patch_embed, patch_unembed
     from dcgen_kernels.ops.sana_linear_attention import sana_linear_attention
@@ -29,6 +31,7 @@ def run(device: torch.device) -> None:
     tokens, heads, hidden, grid, m, side = (16384, 70, 5600, 128, 4608, 128) if gpu else (64, 2, 64, 8, 32, 8)
     layer_shapes = ((3072, 3072), (15360, 3072)) if gpu else ((64, 48),)
     width = 3072 if gpu else 96
+    ffn_width = 12288 if gpu else 200
     torch.manual_seed(0)
     with torch.device(device):
         q, k, v = (torch.randn(1, tokens, heads * 32).to(dtype) for _ in range(3))
@@ -40,6 +43,7 @@ def run(device: torch.device) -> None:
         embed_weight, embed_bias = (torch.randn(width, 64) / 8).to(dtype), torch.randn(width).to(dtype)
         image_tokens = torch.randn(1, (side // 2) ** 2, width).to(dtype)
         unembed_weight = (torch.randn(64, width) / width ** 0.5).to(dtype)
+        ffn_hidden = (2 * torch.randn(m, ffn_width)).to(dtype)  # the up-projection's output, before GELU
 
     def ops():
         sana_linear_attention(q, k, v, heads)
@@ -49,6 +53,7 @@ def run(device: torch.device) -> None:
         patch_embed(latent, embed_weight, embed_bias, patch_size=2, backend="triton" if gpu else "auto")
         for backend in ("triton", "cuda") if gpu else ("auto",):
             patch_unembed(image_tokens, unembed_weight, None, patch_size=2, height=side, width=side, backend=backend)
+        quantize_fp8(ffn_hidden, gelu=True)
 
     with torch.no_grad():
         ops()

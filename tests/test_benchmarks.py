@@ -724,8 +724,13 @@ def test_ncu_targets_run_on_cpu_through_the_public_ops(monkeypatch):
     patch_embed_module = importlib.import_module("dcgen_kernels.ops.patch_embed")
     launch = patch_embed_module._launch_embed_triton
     monkeypatch.setattr(patch_embed_module, "_launch_embed_triton", lambda *a: called.append("embed") or launch(*a))
+    fp8_module = importlib.import_module("dcgen_kernels.ops.fp8_linear")
+    quantize = fp8_module._launch_quantize
+    monkeypatch.setattr(fp8_module, "_launch_quantize",
+                        lambda x, p, gelu, *a: called.append(f"quantize gelu={gelu}") or quantize(x, p, gelu, *a))
     ncu_targets.run(torch.device("cpu"))
-    assert called == ["embed", "embed"]  # warm-up pass and measured pass, through the public op
+    # warm-up pass and measured pass, through the public ops
+    assert called == ["embed", "quantize gelu=True"] * 2
 
 
 def test_profile_host_tiny_profiles_stock_then_patched():
@@ -741,10 +746,10 @@ def test_profile_host_tiny_profiles_stock_then_patched():
 def test_sustained_step_tiny_times_each_variant_alone_and_back_to_back():
     from benchmarks import sustained_step
 
-    result = sustained_step.run(torch.device("cpu"), tiny=True, size="c8_8x8", steps=2, pause_s=0.0)
+    result = sustained_step.run(torch.device("cpu"), tiny=True, size="c8_8x8", steps=1, pause_s=0.0)
     assert list(result["variants"]) == ["stock", "patched", "patched_graph"]
     for rec in result["variants"].values():
-        assert len(rec["per_step_ms"]) == 2 and all(ms > 0 for ms in rec["per_step_ms"]) and rec["alone_ms"] > 0
+        assert len(rec["per_step_ms"]) == 1 and all(ms > 0 for ms in rec["per_step_ms"]) and rec["alone_ms"] > 0
         assert rec["clocks_loop"] == {} and "_windows" not in rec  # no nvidia-smi on a CPU run
     with pytest.raises(ValueError, match="--size must be one of"):
         sustained_step.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1)

@@ -63,6 +63,20 @@ def test_quantize_triton_bit_exact_on_strided_rows(dtype, K):
     assert torch.equal(codes(got.data), codes(q))
 
 
+@pytest.mark.parametrize("K1,K2,n_chunks", [(0, 1, 1), (0, 2, 2), (1, 2, 3), (5, 19, 3), (0, 72, 3), (30, 98, 4)])
+def test_quantize_triton_one_pass_chunks_write_every_column(K1, K2, n_chunks):
+    """The one-pass kernel holds a row as 1-4 power-of-two chunks: every column of every chunk count is written
+    (into poisoned NaN codes) and bit-exact, the chunk boundaries falling inside the prefix, x and the tail."""
+    assert fp8_module._one_pass_config(K1 + K2)["N_CHUNKS"] == n_chunks
+    x = strided_rows(K=K2) * 3
+    prefix = torch.randn(2, 37, K1) * 3 if K1 else None
+    q = torch.full((2, 37, K1 + K2), 0x7F, dtype=torch.uint8).view(FP8_DTYPE)
+    scale = torch.full((2, 37), float("nan"))
+    fp8_module._launch_quantize(x, prefix, False, q, scale)
+    ref_q, ref_scale = quantize_fp8_reference(x, prefix)
+    assert torch.equal(scale, ref_scale) and torch.equal(codes(q), codes(ref_q))
+
+
 @pytest.mark.parametrize("K", [100, 300])
 def test_quantize_triton_keeps_non_finite_rows_non_finite(K):
     """NaN / inf inputs (an fp16 overflow upstream) give the reference's NaN / inf scales and NaN data, never a
@@ -99,6 +113,28 @@ def test_quantize_triton_gelu_with_prefix(K1):
     assert differ.float().mean() < 5e-3  # GELU ulps flip a rounding now and then, never further than one step
     assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
     assert torch.equal(codes(got.data[..., :K1]), codes(q[..., :K1]))  # the prefix has no GELU: exact
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's -inf / inf
+@pytest.mark.parametrize("K", [100, 300])
+def test_quantize_triton_gelu_tails(K):
+    """GELU far from zero: x below ~ -10 (2^w saturates to inf as on the GPU) gives the reference's -0 codes, -inf
+    its NaN (0.5 x (1 + tanh(u)) = -inf * 0), large x itself; a row of such values alone falls to the amax floor."""
+    x = torch.randn(3, K) * 4
+    tails = torch.tensor([-1e4, -30.0, -10.5, -9.5, -6.0, -0.0, 1e-3, 9.5, 30.0, 300.0])
+    x[0, :10], x[1, :10] = tails, tails
+    x[1, 10] = -float("inf")
+    x[2] = -torch.linspace(10.5, 50.0, K)
+    got = quantize_fp8(x, gelu=True, backend="triton")
+    q, scale = quantize_fp8_reference(x, gelu=True)
+    assert scale[1].isnan() and got.scale[1].isnan()
+    torch.testing.assert_close(got.scale[[0, 2]], scale[[0, 2]], rtol=1e-6, atol=0)
+    assert torch.equal(codes(got.data[0, :10]), codes(q[0, :10]))
+    assert torch.equal(codes(got.data[2]), codes(q[2])) and (codes(q[2]) == 0x80).all()  # -0 everywhere
+    assert got.data[1, 10].float().isnan()
+    differ = codes(got.data[0]) != codes(q[0])
+    assert differ.float().mean() < 0.02 and ((got.data[0].float() - q[0].float()).abs() <= q[0].float().abs() / 8
+                                              + 2.0**-9).all()
 
 
 @pytest.mark.parametrize("K", [100, 300])
@@ -299,6 +335,25 @@ def test_quantize_gpu_single_block_cat_and_gelu():
     assert (codes(got.data) != codes(q)).float().mean() < 2e-3
 
 
+@pytest.mark.gpu
+def test_quantize_gpu_gelu_tails():
+    """The GPU's approximate 2^w and division (ex2.approx.ftz, __fdividef) keep the reference's tails: -0 below
+    x ~ -10, NaN for -inf, x for large x; elsewhere codes one rounding step apart at most, rarely."""
+    x = (torch.randn(3, 999, 12288, device="cuda") * 6).bfloat16()
+    x[0, :, :9] = torch.tensor([-1e4, -30.0, -10.5, -9.5, -6.0, -0.0, 9.5, 30.0, 300.0]).bfloat16().cuda()
+    x[1, 0, 10] = -float("inf")
+    x[2, 5] = -torch.linspace(10.5, 50.0, 12288, device="cuda").bfloat16()
+    got = quantize_fp8(x, gelu=True, backend="triton")
+    q, scale = quantize_fp8_reference(x, gelu=True)
+    torch.testing.assert_close(got.scale, scale, rtol=1e-5, atol=0, equal_nan=True)
+    assert scale[1, 0].isnan() and got.data[1, 0, 10].float().isnan()
+    assert (codes(got.data[2, 5]) == 0x80).all() and torch.equal(codes(got.data[0, :, :9]), codes(q[0, :, :9]))
+    finite = torch.ones_like(scale, dtype=torch.bool)
+    finite[1, 0] = False
+    assert (codes(got.data[finite]) != codes(q[finite])).float().mean() < 2e-3
+    assert ((got.data[finite].float() - q[finite].float()).abs() <= q[finite].float().abs() / 8 + 2.0**-9).all()
+
+
 def test_torch_compile_fullgraph_through_producer_and_fp8linear():
     """FP8Activation is a plain dataclass: dynamo carries it between the custom ops without graph breaks."""
     from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
@@ -352,7 +407,9 @@ norm = compile_sm90(ada_layer_norm_modulate_kernel,
 cvt = "cvt.rn.satfinite.e4m3x2.f32"
 print(json.dumps({"wgmma": ttgir.count("warp_group_dot"), "async_copies": ttgir.count("async_copy_global_to_local"),
                   "shared": gemm.metadata.shared, "quantize_cvt": quant.asm["ptx"].count(cvt),
-                  "adaln_cvt": norm.asm["ptx"].count(cvt)}))
+                  "adaln_cvt": norm.asm["ptx"].count(cvt),
+                  "gelu_ops": {op: quant.asm["ptx"].count(op) + gemm.asm["ptx"].count(op)
+                               for op in ("ex2.approx.ftz.f32", "div.approx", "div.full", "ex2.approx.f32")}}))
 '''
 
 
@@ -375,6 +432,10 @@ def test_kernels_compile_for_sm90_offline():
     assert stats["wgmma"] >= 1 and stats["async_copies"] >= 2 * 3  # A and B tiles over >= 3 pipeline stages
     assert stats["shared"] >= 3 * 2 * 128 * 128  # >= 3 stages of two 128x128 fp8 tiles
     assert stats["quantize_cvt"] > 0 and stats["adaln_cvt"] > 0  # the producers use the hardware fp8 cast
+    # GELU's power and division are single MUFU operations, without tl.exp's and `/`'s range fixups
+    gelu = stats["gelu_ops"]
+    assert gelu["ex2.approx.ftz.f32"] > 0 and gelu["div.approx"] > 0, gelu
+    assert gelu["div.full"] == 0 and gelu["ex2.approx.f32"] == 0, gelu
 
 
 _FP8_QUANTIZE_LAUNCHES = r'''

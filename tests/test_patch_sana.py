@@ -259,7 +259,9 @@ def _counting_norm1(monkeypatch):
 def test_sana_blocks_hand_norm1_to_their_successor(monkeypatch, dtype, backend):
     """In inference each block computes its successor's norm1 with its Mix-FFN residual in one pass: only the first
     block normalises its own input, and the output is bit-equal to the blocks run apart (the fused op rounds
-    exactly as the two ops, in the interpreter and in the reference)."""
+    exactly as the two ops, in the interpreter and in the reference). The hand-over's bookkeeping (unpatch,
+    re-patch, grad and inference modes) does not depend on the backend: checked on the reference only (each bf16
+    run in the interpreter takes ~5 s)."""
     from dcgen_kernels.patching import sana
 
     calls = _counting_norm1(monkeypatch)
@@ -270,6 +272,8 @@ def test_sana_blocks_hand_norm1_to_their_successor(monkeypatch, dtype, backend):
     sana._unlink_blocks(model.transformer_blocks)
     apart = run_sana(model, inputs)
     assert len(calls) == 1 + len(model.transformer_blocks) and torch.equal(handed, apart)
+    if backend != "reference":
+        return
     dcgen_kernels.unpatch(model)
     assert not any(sana._SUCCESSOR_ATTR in vars(block) for block in model.transformer_blocks)
     dcgen_kernels.patch(model, backend=backend)  # re-patching links the blocks again

@@ -7,13 +7,14 @@ row-wise scales of torch's FP8 GEMM (`torch._scaled_mm` with (M, 1) and (1, N) s
 steps): on an H100 (2026-11-27) 1.76-1.89x cuBLAS bf16 at the FLUX shapes (M = 4608, K up to 15360) against
 1.37-1.46x without, at the same rel-L2 against the fp32 linear (3.7e-2: the E4M3 rounding of both operands
 dominates the accumulation error). Block
-scales (1x128) would let a GEMM epilogue quantize its own output tile, but need a block-scaled GEMM core that
-torch does not document for sm_90; row-wise scales need the whole row's amax, so quantization lives in the
-kernels that see whole rows:
-- `quantize_fp8`: one read of (B, S, K) rows (strided views read in place; rows wider than 4096 + 16384 are read
-  twice: amax, then quantize), optionally with tanh-GELU applied
-  on the fly (the FFN's second linear: GELU and quantization in the pass stock spends on GELU alone) and
-  optionally preceded by a prefix tensor (FLUX single blocks' cat([attention, GELU(mlp)]) without the cat);
+scales (1x128) would let a GEMM epilogue quantize its own output tile, but that epilogue would have to be our
+Triton GEMM (cuBLAS has no such epilogue; torch's 1x128 `_scaled_mm` on sm_90 only consumes block scales), which
+ran at ~1030 TFLOP/s against cuBLAS's ~1440 at these shapes: slower by about what the separate pass costs.
+Row-wise scales need the whole row's amax, so quantization lives in the kernels that see whole rows:
+- `quantize_fp8`: one read of (B, S, K) rows (strided views read in place; rows wider than 16384 are read twice:
+  amax, then quantize), optionally with tanh-GELU applied on the fly (the FFN's second linear: GELU and
+  quantization in the pass stock spends on GELU alone) and optionally preceded by a prefix tensor (FLUX single
+  blocks' cat([attention, GELU(mlp)]) without the cat);
 - `ada_layer_norm_modulate_fp8` (ops/ada_layer_norm.py): adaLN-modulate emitting fp8 rows + scales, so Q/K/V
   (and the single blocks' MLP) share one quantized input.
 The attention output is quantized by `quantize_fp8` (a row spans all heads, which separate attention programs
@@ -175,10 +176,14 @@ def _next_pow2(n: int) -> int:
 def _one_pass_config(width: int) -> Optional[dict]:
     if width > (ONE_PASS_MAX_WIDTH_INTERPRETER if _backend.triton_interpreter_enabled() else ONE_PASS_MAX_WIDTH):
         return None
-    block = _next_pow2(width)
-    # ~32 values per thread: a 3072-wide row takes 4 warps, the 12288-wide FFN row and FLUX's 15360-wide
-    # [attention | GELU(MLP)] row 16
-    return dict(BLOCK=block, num_warps=max(4, min(16, block // 1024)))
+    # Up to 4 power-of-two chunks: 12288 = 3 x 4096 lanes, FLUX's 15360-wide [attention | GELU(MLP)] row 4 x 4096,
+    # 3072 = 3 x 1024 (one block would be 16384 / 16384 / 4096 lanes). ~24-32 values per thread: 4 warps up to
+    # 4096 lanes, 16 for the FFN rows.
+    # The interpreter runs 16 rows per program (its cost is per program); a GPU one (tens of KB in flight per SM).
+    chunk = _next_pow2(cdiv(width, 4))
+    n_chunks = cdiv(width, chunk)
+    return dict(BLOCK_ROWS=16 if _backend.triton_interpreter_enabled() else 1, CHUNK=chunk, N_CHUNKS=n_chunks,
+                num_warps=max(4, min(16, _next_pow2(chunk * n_chunks) // 1024)))
 
 
 def _quantize_config(width: int) -> dict:
@@ -203,9 +208,9 @@ def _launch_quantize(x, prefix, gelu, q, scale) -> None:
     k1 = q.shape[-1] - x.shape[-1]
     one_pass = _one_pass_config(q.shape[-1])
     if one_pass is not None:
-        quantize_fp8_rows_one_pass_kernel[(n_rows,)](
+        quantize_fp8_rows_one_pass_kernel[(cdiv(n_rows, one_pass["BLOCK_ROWS"]),)](
             prefix if prefix is not None else x, x, q, scale,
-            max(rows_per_batch, 1), k1, x.shape[-1],
+            n_rows, max(rows_per_batch, 1), k1, x.shape[-1],
             p_sb, p_sn, x_sb, x_sn,
             HAS_PREFIX=prefix is not None, GELU=gelu, NATIVE_CAST=not _backend.triton_interpreter_enabled(),
             **one_pass,
