@@ -118,8 +118,9 @@ def test_quantize_triton_gelu_with_prefix(K1):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's -inf / inf
 @pytest.mark.parametrize("K", [100, 300])
 def test_quantize_triton_gelu_tails(K):
-    """GELU far from zero: x below ~ -10 (2^w saturates to inf as on the GPU) gives the reference's -0 codes, -inf
-    its NaN (0.5 x (1 + tanh(u)) = -inf * 0), large x itself; a row of such values alone falls to the amax floor."""
+    """GELU far from zero: x below ~ -10 (2^w taken as inf, a +-0 result as on the GPU) gives the reference's -0
+    codes, -inf its NaN (0.5 x (1 + tanh(u)) = -inf * 0), large x itself; a row of such values alone falls to the
+    amax floor."""
     x = torch.randn(3, K) * 4
     tails = torch.tensor([-1e4, -30.0, -10.5, -9.5, -6.0, -0.0, 1e-3, 9.5, 30.0, 300.0])
     x[0, :10], x[1, :10] = tails, tails
@@ -135,6 +136,28 @@ def test_quantize_triton_gelu_tails(K):
     differ = codes(got.data[0]) != codes(q[0])
     assert differ.float().mean() < 0.02 and ((got.data[0].float() - q[0].float()).abs() <= q[0].float().abs() / 8
                                               + 2.0**-9).all()
+
+
+def test_reference_gelu_keeps_the_negative_tail():
+    """The float64 reference GELU is accurate where F.gelu's 1 + tanh(u) cancels even in float64 (x < ~ -6):
+    values from 50-digit arithmetic (mpmath)."""
+    got = fp8_module._gelu_tanh_reference(torch.tensor([-6.2, -7.2, -8.0, -9.0], dtype=torch.float64))
+    expected = torch.tensor([-1.288354868057013e-11, -1.9994304684870026e-16, -3.1077829375011112e-21,
+                             -1.3364595947348725e-28])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("K", [100, 300])
+def test_quantize_triton_gelu_of_a_far_negative_row(K):
+    """A row whose GELU values are all tiny (x in [-7.5, -6.3]: amax ~1e-11) is scaled by its own amax, so the
+    tail's accuracy shows in every code: kernel and reference agree as anywhere else (the scale within fp32's
+    rounding of the kernel's exponent, |w| ~ 40 here: ~|w| 2^-24 relative)."""
+    x = -torch.linspace(6.3, 7.5, K)[None, :].repeat(3, 1)
+    got = quantize_fp8(x, gelu=True, backend="triton")
+    q, scale = quantize_fp8_reference(x, gelu=True)
+    torch.testing.assert_close(got.scale, scale, rtol=1e-5, atol=0)
+    assert (codes(got.data) != codes(q)).float().mean() < 0.02
+    assert ((got.data.float() - q.float()).abs() <= q.float().abs() / 8 + 2.0**-9).all()
 
 
 @pytest.mark.parametrize("K", [100, 300])

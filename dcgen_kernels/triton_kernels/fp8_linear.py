@@ -30,7 +30,8 @@ def gelu_tanh(x):
     few fp32 ulp, far below the E4M3 or 16-bit rounding that follows), 7 sm_90a instructions per element where
     `tl.exp` / `/` and an overflow-free select took 20 with their range fixups: the GELU + quantize pass was
     issue-bound (H100: 0.097 ms for the FFN's 4608 x 12288 rows, 0.061 ms without GELU). The interpreter evaluates
-    the same formula exactly, saturating 2^w to inf where the GPU's does, without numpy's overflow warning."""
+    the same formula exactly, 2^w taken as inf past w = 126 (without numpy's overflow warning): there the GPU's
+    result is +-0 too (ex2 overflows at w >= 128, and __fdividef returns 0 for divisors past 2^126)."""
     w = x * (x * x * GELU_CUBIC + GELU_LINEAR)
     if FAST_MATH:
         power = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [w], dtype=tl.float32,
