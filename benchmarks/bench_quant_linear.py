@@ -12,6 +12,9 @@ FFN down, (15360, 3072) single-block proj_out. Variants on the same inputs and w
   scaled_mm_core[_fast_accum]  diagnostic (GPU only): torch._scaled_mm alone on the same operands, without / with
                          use_fast_accum (fp8_linear uses the latter).
   quantize_only          quantize_fp8 alone (for the record), checked by dequantizing against x.
+  fp8_producer_only      the FP8 producer below alone (adaLN-modulate / GELU / cat + GELU emitting FP8 rows), checked
+                         by dequantizing against the bf16 producer's output; with quantize_only, GB/s of the bytes
+                         read and written (a pass the FP8 target pays; the GEMM's share is fp8_prequantized).
   bf16_with_producer / fp8_fused_producer  the layer together with the kernel that produces its input in a FLUX
                          block, bf16 (what patch(model) runs in bf16) vs FP8 (the producer emits the quantized rows):
                          K = 3072 adaLN-modulate (to_q/k/v, the fused QKV, the FFN up), K = 12288 tanh-GELU (FFN
@@ -59,6 +62,9 @@ from .timing import time_kernel_ms, time_ms
 
 FP8_LAYER_TOL = 0.06  # E4M3 operands, ~2.5% each (tests/test_fp8_linear.py)
 BF16_LAYER_TOL = 1e-2
+# Variants that are a producer pass alone (FP8 rows out): name -> the key of their rel-L2, dequantized against the
+# pass's input (quantize_only) or the bf16 producer's output.
+PASS_VARIANTS = {"quantize_only": "rel_l2_dequantized_vs_x", "fp8_producer_only": "rel_l2_dequantized_vs_bf16"}
 STEP_SANITY_TOL = {"patched": 1e-2, "patched_graph": 1e-2, "patched_fp8": QUANT_STEP_TOL["fp8"],
                    "patched_fp8_graph": QUANT_STEP_TOL["fp8"], "patched_nvfp4": QUANT_STEP_TOL["nvfp4"],
                    "patched_nvfp4_graph": QUANT_STEP_TOL["nvfp4"]}
@@ -127,15 +133,18 @@ def _producer_variants(x: torch.Tensor, linear: torch.nn.Linear, producer: str, 
         mlp_gelu = F.gelu(mlp, approximate="tanh")
         produce_bf16 = lambda: torch.cat([attn, mlp_gelu], dim=-1)  # noqa: E731
         produce_fp8 = lambda: quantize_fp8(mlp, prefix=attn, gelu=True)  # noqa: E731
+        inputs = (attn, mlp)
     elif producer == "gelu":
         pre = rand(M, K)
         pre_gelu = F.gelu(pre, approximate="tanh")
         produce_bf16 = lambda: pre_gelu  # noqa: E731
         produce_fp8 = lambda: quantize_fp8(pre, gelu=True)  # noqa: E731
+        inputs = (pre,)
     else:
         hidden, scale, shift = rand(1, M, K), rand(1, K) * 0.1, rand(1, K) * 0.1
         produce_bf16 = lambda: ada_layer_norm_modulate(hidden, scale, shift)  # noqa: E731
         produce_fp8 = lambda: ada_layer_norm_modulate_fp8(hidden, scale, shift)  # noqa: E731
+        inputs = (hidden, scale, shift)
 
     def expected():
         return F.linear(produce_bf16().float(), linear.weight.float(), linear.bias.float())
@@ -147,7 +156,15 @@ def _producer_variants(x: torch.Tensor, linear: torch.nn.Linear, producer: str, 
     def fp8():
         layer = FP8Linear.from_linear(linear)
         return (lambda: layer(produce_fp8())), _module_bytes(layer), (expected(), FP8_LAYER_TOL)
-    return {"bf16_with_producer": bf16, "fp8_fused_producer": fp8}
+
+    def producer_only():
+        return produce_fp8, _tensor_bytes(*inputs) + _fp8_rows_bytes(M, K), (produce_bf16(), FP8_LAYER_TOL)
+    return {"bf16_with_producer": bf16, "fp8_fused_producer": fp8, "fp8_producer_only": producer_only}
+
+
+def _fp8_rows_bytes(M: int, K: int) -> int:
+    """What a producer writes for (M, K) FP8 rows: the E4M3 data and one fp32 scale per row."""
+    return M * K + 4 * M
 
 
 def _layer_variants(cfg: Config, device: torch.device, x: torch.Tensor, linear: torch.nn.Linear,
@@ -175,7 +192,8 @@ def _layer_variants(cfg: Config, device: torch.device, x: torch.Tensor, linear: 
         variants["fp8_prequantized_triton"] = fp8(True, "triton")
         for fast in (False, True):
             variants[f"scaled_mm_core{'_fast_accum' if fast else ''}"] = _scaled_mm_core(x, linear, fast)
-    variants["quantize_only"] = lambda: ((lambda: quantize_fp8(x)), 0, FP8_LAYER_TOL)
+    variants["quantize_only"] = lambda: ((lambda: quantize_fp8(x)), _tensor_bytes(x) + _fp8_rows_bytes(*x.shape),
+                                         (x, FP8_LAYER_TOL))
 
     def svdquant(activations: str, backend: str):
         def build():
@@ -209,9 +227,9 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, producer: st
             with torch.no_grad():
                 fn, weight_bytes, check = build()
                 out = fn()
-                if name == "quantize_only":
-                    entry = {"rel_l2_dequantized_vs_x": rel_l2(out.dequantize(), x), "tolerance": check}
-                    err = entry["rel_l2_dequantized_vs_x"]
+                if name in PASS_VARIANTS:  # FP8 rows: checked dequantized; the bytes read and written
+                    err = rel_l2(out.dequantize(), check[0])
+                    entry = {PASS_VARIANTS[name]: err, "tolerance": check[1], "bytes": weight_bytes}
                 elif isinstance(check, tuple):  # (its own fp32 expectation, tolerance): the producer variants
                     entry = {"rel_l2_vs_fp32": rel_l2(out, check[0]), "tolerance": check[1],
                              "weight_bytes": weight_bytes}
@@ -226,7 +244,9 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, producer: st
                 entry["check"] = "ok" if err <= entry["tolerance"] else "FAILED"  # NaN fails too
                 del out, check
                 entry["ms"], entry["host_ms"] = time_kernel_ms(fn, device, cfg.warmup, cfg.iters)
-            if name != "quantize_only":
+            if name in PASS_VARIANTS:
+                entry["GBps"] = entry["bytes"] / entry["ms"] / 1e6
+            else:
                 entry["tflops"] = flop / entry["ms"] / 1e9
                 ceiling = fp8_tflops if name.startswith(("fp8", "scaled_mm")) else gemm_tflops  # FP8 operands
                 if ceiling:
@@ -238,7 +258,7 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, producer: st
     base = rec.get("bf16_cublas", {}).get("ms")
     for name, entry in rec.items():
         if (isinstance(entry, dict) and base and "ms" in entry
-                and name not in ("bf16_cublas", "quantize_only", "bf16_with_producer", "fp8_fused_producer")):
+                and name not in ("bf16_cublas", "bf16_with_producer", "fp8_fused_producer", *PASS_VARIANTS)):
             entry["speedup_vs_bf16"] = base / entry["ms"]
     with_producer = rec.get("bf16_with_producer", {}).get("ms")
     if with_producer and "ms" in rec.get("fp8_fused_producer", {}):

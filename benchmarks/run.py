@@ -322,7 +322,8 @@ def e2e_targets(report: dict) -> list:
 
 def _checked_rel_l2(rec: dict):
     """The rel-L2 a quant_linear variant's check was made on."""
-    for key in ("rel_l2_vs_reference_backend", "rel_l2_dequantized_vs_x", "rel_l2_vs_fp32_linear", "rel_l2_vs_fp32"):
+    for key in ("rel_l2_vs_reference_backend", "rel_l2_dequantized_vs_x", "rel_l2_dequantized_vs_bf16",
+                "rel_l2_vs_fp32_linear", "rel_l2_vs_fp32"):
         if key in rec:
             return rec[key]
     return None
@@ -540,7 +541,8 @@ def dcgen_tables(report: dict, ran: set) -> list:
         rec = report.get("quant_linear", {})
         lines.append(f"quant_linear (per layer: 'x bf16' = cuBLAS bf16 ms / variant ms, for fp8_fused_producer "
                      f"bf16_with_producer ms / its ms; rel-L2 vs the fp32 linear, NVFP4 vs the same layer on the "
-                     f"reference backend, quantize_only dequantized vs x)\n  {'layer':<24}"
+                     f"reference backend, quantize_only / fp8_producer_only dequantized vs their bf16 input / "
+                     f"output)\n  {'layer':<24}"
                      f"{'variant':<20}{'ms':>9}{'TFLOP/s':>9}{'x bf16':>8}{'rel-L2':>9}{'check':>7}")
         if _status(rec):
             lines.append(f"  {_status(rec)}")

@@ -469,6 +469,23 @@ def test_tiny_dcgen_suite_checks_every_timed_variant(tmp_path):
     assert report["patch_embed"]["cases"]["c4_p2_D32_N16"]["unembed"]["fwd"]["variants"]["gemm"]["check"] == "ok"
 
 
+@pytest.mark.parametrize("producer,input_elements", [("adaln", 8 * 64 + 2 * 64), ("gelu", 8 * 64),
+                                                      ("concat_gelu", 8 * 64)])
+def test_quant_linear_producer_only_is_the_fp8_pass_alone(producer, input_elements):
+    """fp8_producer_only times the producer emitting FP8 rows by itself, counts the bytes it reads and writes, and is
+    checked dequantized against the bf16 producer's output."""
+    from benchmarks import bench_quant_linear
+    from tests.helpers import rel_l2
+
+    x, linear = torch.randn(8, 64), torch.nn.Linear(64, 16)
+    build = bench_quant_linear._producer_variants(x, linear, producer, 32)["fp8_producer_only"]
+    fn, moved, (reference, tolerance) = build()
+    out = fn()
+    assert out.data.dtype == torch.float8_e4m3fn and out.shape == reference.shape and out.shape[-2:] == (8, 64)
+    assert moved == 4 * input_elements + 8 * 64 + 4 * 8  # fp32 inputs; E4M3 rows and their fp32 scales
+    assert rel_l2(out.dequantize(), reference) < tolerance
+
+
 def test_compare_gates_dcgen_ratios():
     def report(vs_gemm, speedup):
         return {"patch_embed": {"cases": {"s": {"embed": {"fwd": {"variants": {"dcgen_triton": {
