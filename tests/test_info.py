@@ -46,3 +46,20 @@ def test_cuda_backend_declines_a_runtime_that_sees_no_gpu(monkeypatch):
         assert "runtime 13.0 finds no usable GPU" in _cext.cuda_device_error(torch.device("cuda"))
     finally:
         _cext._runtime_error.cache_clear()
+
+
+def test_info_reports_the_interpreter_switch_and_the_backend_variable(monkeypatch):
+    """Without TRITON_INTERPRET=1 a CPU machine has no Triton backend (info says so, `auto` picks the reference),
+    and DCGEN_BACKEND is reported as the default the ops will take."""
+    from dcgen_kernels import _backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("DCGEN_BACKEND", "reference")
+    report = dcgen_kernels.info()
+    assert report["default_backend_env"] == "reference"
+    if not torch.cuda.is_available():
+        assert report["backends"]["triton"]["available"] is False and report["backends"]["triton"]["reason"]
+        assert _backend.triton_device_error(torch.device("cpu")) is not None
+    monkeypatch.delenv("DCGEN_BACKEND")
+    assert _backend.select("op", "auto", {"triton": lambda: _backend.triton_device_error(torch.device("cpu"))},
+                           {}) == "reference"

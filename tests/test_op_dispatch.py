@@ -196,3 +196,16 @@ def test_forward_mode_ad_is_refused_instead_of_dropping_the_tangent(backend):
     assert torch.equal(plain, gated_residual_reference(residual, gate, x))
     batched = torch.func.vmap(lambda x: gated_residual(residual, gate, x, backend=backend))(torch.stack([x, -x]))
     assert torch.equal(batched[1], gated_residual_reference(residual, gate, -x))  # other transforms still run
+
+
+def test_fallback_warnings_are_once_per_op_and_reason(monkeypatch):
+    """Two ops failing for the same reason each say so once: the one-time key includes the op."""
+    from dcgen_kernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    checks = {"cuda": lambda: "no GPU here"}
+    with pytest.warns(RuntimeWarning) as caught:
+        for _ in range(2):
+            assert _backend.select("first_op", "cuda", checks, {}) == "reference"
+            assert _backend.select("second_op", "cuda", checks, {}) == "reference"
+    assert sorted(str(w.message).split(":")[0] for w in caught) == ["dcgen_kernels.first_op", "dcgen_kernels.second_op"]

@@ -146,6 +146,66 @@ def test_accelerate_and_diffusers_hooks_keep_wrapping_the_patched_forward(monkey
     assert accelerate_hook.calls == diffusers_hook.calls == 2
 
 
+def test_two_diffusers_hooks_registered_before_patch_both_keep_running(monkeypatch):
+    """Hooks stack: the patched forward replaces the innermost (diffusers' own forward), so both hooks still run,
+    the patched block with them, and unpatch() restores the stock forward beneath both."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+    registry = HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0])
+    first, second = Counting(), Counting()
+    registry.register_hook(first, "first")
+    registry.register_hook(second, "second")
+    dcgen_kernels.patch(model, backend="reference")
+    calls = count_block_calls(monkeypatch)
+    with torch.no_grad():
+        assert rel_l2(model(**inputs)[0], expected) < 1e-5
+    assert calls and first.calls == second.calls == 1
+    dcgen_kernels.unpatch(model)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], expected)
+    assert not calls and first.calls == second.calls == 2
+
+
+@pytest.mark.parametrize("kind", ["backward", "accelerate"])
+def test_backward_and_accelerate_hooks_on_submodules_the_fused_code_computes_run(kind):
+    """A backward hook or an accelerate hook on a submodule a patched FLUX block computes itself (its FeedForwards):
+    diffusers' code runs there (warned), so the hook runs as in the stock model. One kind per model: either sends
+    the whole block to diffusers' code, which would run the other's submodule too."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference")
+    block, backward_calls, accelerate_hook = model.transformer_blocks[0], [], Counting()
+    if kind == "backward":
+        block.ff.register_full_backward_hook(lambda module, grad_in, grad_out: backward_calls.append(1))
+    else:
+        add_hook_to_module(block.ff_context, accelerate_hook)
+    hidden = inputs["hidden_states"].clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**{**inputs, "hidden_states": hidden})[0].sum().backward()
+    assert (backward_calls, accelerate_hook.calls) == (([1], 0) if kind == "backward" else ([], 1))
+    assert any("runs diffusers' code" in str(w.message) for w in caught)
+
+
 def _hooked_run(model, inputs, register):
     """(output, hook calls) of `model` with the hooks `register(model, calls)` adds."""
     calls = []

@@ -124,6 +124,32 @@ def test_flux_embedder_under_autocast_and_fp64_fallback():
     assert torch.equal(got, stock(model.x_embedder, inputs["hidden_states"].double()))
 
 
+def flux_non_square_case(dtype=torch.float32, h=8, w=12, p=2):
+    """tiny FLUX on an h x w latent (h != w) with its RoPE ids, model and inputs in `dtype`."""
+    model = tiny_flux().to(dtype)
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in tiny_flux_inputs(grid=1).items()}
+    latent = torch.randn(1, 16 // (p * p), h, w, dtype=dtype)
+    inputs["img_ids"] = latent_image_ids(h, w, p, dtype=dtype)
+    return model, inputs, latent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fp64: the stock path's unpack of the output
+def test_flux_non_square_latent_and_a_packed_call_after_it(dtype):
+    """An h x w latent comes back h x w (not w x h), on the fused path and on the stock fallback; the call's grid
+    does not outlive it: a packed call afterwards gets stock's packed output."""
+    model, inputs, latent = flux_non_square_case(dtype)
+    packed = pack_latents(latent, 2)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fp64: the stock path, warned once
+        expected = flux_forward(model, inputs, packed)
+        patch_latents_only(model, "reference")
+        got = flux_forward(model, inputs, latent)
+        assert got.shape == latent.shape and rel_l2(got, unpack_latents(expected, 8, 12, 2)) < 1e-5
+        again = flux_forward(model, inputs, packed)
+    assert again.shape == expected.shape and rel_l2(again, expected) < 1e-5
+
+
 def test_patch_latent_io_alone_and_unpatch():
     model, inputs, latent = flux_case(2)
     assert latents.patch_latent_io(model, "reference") == ["", "x_embedder", "proj_out"]
@@ -209,6 +235,26 @@ def test_sana_patched_equals_stock(p, scale, h, w, backend):
             got = model(**inputs)[0]
     assert got.shape == expected.shape == inputs["hidden_states"].shape
     assert rel_l2(got, expected) < 1e-5
+
+
+def test_sana_ragged_latent_and_bf16_pos_embed_equal_stock():
+    """A latent not divisible by the patch size runs diffusers' own embedder (as stock: it crops), and in bf16 the
+    added sin-cos position embedding keeps the tokens bf16 (an fp32 table would promote them)."""
+    model = tiny_sana_patched_latents(patch_size=2)
+    inputs = tiny_sana_inputs(height=6, width=9)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        patch_latents_only(model, "reference")
+        assert rel_l2(model(**inputs)[0], expected) < 1e-5
+    model = tiny_sana_patched_latents(patch_size=2, interpolation_scale=1, dtype=torch.bfloat16)
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in tiny_sana_inputs(height=6, width=10).items()}
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        patch_latents_only(model, "reference")
+        assert model.patch_embed(inputs["hidden_states"]).dtype == torch.bfloat16
+        got = model(**inputs)[0]
+    assert got.dtype == torch.bfloat16 and rel_l2(got.float(), expected.float()) < 2e-2
 
 
 def test_sana_gradients_flow_and_equal_stock():
