@@ -100,6 +100,17 @@ def test_layerwise_casting_keeps_the_mix_ffn_correct(family, hooks_first):
     assert rel_l2(run(dcgen_kernels.unpatch(model), inputs), expected) < 1e-5
 
 
+def counting(base):
+    """An accelerate or diffusers ModelHook (base) that counts its pre_forward calls."""
+    class Counting(base):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+    return Counting()
+
+
 @pytest.mark.parametrize("order", ["accelerate, diffusers, patch", "diffusers, patch, accelerate",
                                    "patch, accelerate, diffusers"])
 def test_accelerate_and_diffusers_hooks_keep_wrapping_the_patched_forward(monkeypatch, order):
@@ -107,15 +118,6 @@ def test_accelerate_and_diffusers_hooks_keep_wrapping_the_patched_forward(monkey
     # patched forward ends up innermost, runs without a fallback, and unpatch() swaps only it
     from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
     from diffusers.hooks import HookRegistry, ModelHook as DiffusersHook
-
-    def counting(base):
-        class Counting(base):
-            calls = 0
-
-            def pre_forward(self, module, *args, **kwargs):
-                self.calls += 1
-                return args, kwargs
-        return Counting()
 
     model, inputs = tiny_flux(), tiny_flux_inputs()
     with torch.no_grad():
@@ -151,18 +153,11 @@ def test_two_diffusers_hooks_registered_before_patch_both_keep_running(monkeypat
     the patched block with them, and unpatch() restores the stock forward beneath both."""
     from diffusers.hooks import HookRegistry, ModelHook
 
-    class Counting(ModelHook):
-        calls = 0
-
-        def pre_forward(self, module, *args, **kwargs):
-            self.calls += 1
-            return args, kwargs
-
     model, inputs = tiny_flux(), tiny_flux_inputs()
     with torch.no_grad():
         expected = model(**inputs)[0]
     registry = HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0])
-    first, second = Counting(), Counting()
+    first, second = counting(ModelHook), counting(ModelHook)
     registry.register_hook(first, "first")
     registry.register_hook(second, "second")
     dcgen_kernels.patch(model, backend="reference")
@@ -184,16 +179,9 @@ def test_backward_and_accelerate_hooks_on_submodules_the_fused_code_computes_run
     the whole block to diffusers' code, which would run the other's submodule too."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    class Counting(ModelHook):
-        calls = 0
-
-        def pre_forward(self, module, *args, **kwargs):
-            self.calls += 1
-            return args, kwargs
-
     model, inputs = tiny_flux(), tiny_flux_inputs()
     dcgen_kernels.patch(model, backend="reference")
-    block, backward_calls, accelerate_hook = model.transformer_blocks[0], [], Counting()
+    block, backward_calls, accelerate_hook = model.transformer_blocks[0], [], counting(ModelHook)
     if kind == "backward":
         block.ff.register_full_backward_hook(lambda module, grad_in, grad_out: backward_calls.append(1))
     else:
