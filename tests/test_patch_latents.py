@@ -254,7 +254,7 @@ def test_sana_ragged_latent_and_bf16_pos_embed_equal_stock():
         patch_latents_only(model, "reference")
         assert model.patch_embed(inputs["hidden_states"]).dtype == torch.bfloat16
         got = model(**inputs)[0]
-    assert got.dtype == torch.bfloat16 and rel_l2(got.float(), expected.float()) < 2e-2
+    assert got.dtype == torch.bfloat16 and rel_l2(got.float(), expected.float()) < 1e-2  # bf16 budget
 
 
 def test_sana_gradients_flow_and_equal_stock():
