@@ -167,6 +167,30 @@ def test_hooked_projection_runs_as_a_module():
     assert calls == [1]
 
 
+class _DoubledLinear(torch.nn.Linear):
+    """A Linear whose forward is not F.linear of its weights (as an adapter wrapper's is not)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_linear_subclass_with_its_own_forward_runs_as_a_module(family):
+    """A projection of a subclass is called, never read as weights by the group's GEMM. It is to_v: FLUX's Q/K
+    RMSNorms and SANA's ReLU linear attention cancel a scaled K (and Q), so only V shows a bypass."""
+    make_model, make_inputs = CASES[family]
+    model, inputs = make_model(), make_inputs()
+    attn = model.transformer_blocks[0].attn if family == "flux" else model.transformer_blocks[0].attn1
+    doubled = _DoubledLinear(attn.to_v.in_features, attn.to_v.out_features, bias=attn.to_v.bias is not None)
+    doubled.load_state_dict(attn.to_v.state_dict())
+    undoubled = run(model, inputs)
+    attn.to_v = doubled
+    expected = run(model, inputs)
+    assert rel_l2(expected, undoubled) > 1e-3
+    dcgen_kernels.patch(model, backend="reference")
+    assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
 def test_dcae_multiscale_projections_side_by_side():
     model = tiny_dcae()
     latent = torch.randn(1, 8, 5, 6)

@@ -63,3 +63,35 @@ def test_info_reports_the_interpreter_switch_and_the_backend_variable(monkeypatc
     monkeypatch.delenv("DCGEN_BACKEND")
     assert _backend.select("op", "auto", {"triton": lambda: _backend.triton_device_error(torch.device("cpu"))},
                            {}) == "reference"
+
+
+def test_info_without_the_extension(monkeypatch):
+    from dcgen_kernels import _cext
+
+    monkeypatch.setattr(_cext, "_C", None)
+    monkeypatch.setattr(_cext, "C_IMPORT_ERROR", "no _C module for this Python")
+    report = dcgen_kernels.info()
+    assert report["extension"] == {"built": False, "archs": [], "error": "no _C module for this Python"}
+    cuda = report["backends"]["cuda"]
+    assert cuda["available"] is False and "_C is not built (no _C module for this Python)" in cuda["reason"]
+
+
+def _fake_cuda_runtime(count_error: bool):
+    import types
+
+    success, failure = types.SimpleNamespace(name="cudaSuccess"), types.SimpleNamespace(name="cudaErrorNoDevice")
+    props = types.SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\x00\x00", major=9, minor=0)
+    return types.SimpleNamespace(
+        cudaError_t=types.SimpleNamespace(cudaSuccess=success),
+        cudaGetDeviceCount=lambda: (failure, 0) if count_error else (success, 1),
+        cudaGetDeviceProperties=lambda index: (success, props))
+
+
+@pytest.mark.parametrize("count_error", [False, True], ids=["device", "no_device"])
+def test_info_reads_the_gpu_through_cuda_python_when_torch_has_no_cuda(monkeypatch, count_error):
+    bindings = pytest.importorskip("cuda.bindings")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bindings, "runtime", _fake_cuda_runtime(count_error), raising=False)
+    expected = ({"name": None, "capability": None, "source": "cuda-python (cudaErrorNoDevice)"} if count_error else
+                {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "source": "cuda-python"})
+    assert dcgen_kernels.info()["gpu"] == expected

@@ -87,6 +87,8 @@ def test_flux_bad_unpacked_input_raises_clear_error():
         flux_forward(model, {**inputs, "img_ids": latent_image_ids(8, 8, 1)}, latent)
     with pytest.raises(ValueError, match="hidden_states has 3 channels, but x_embedder takes 16 features"):
         flux_forward(model, inputs, latent[:, :3])
+    with pytest.raises(ValueError, match="height and width must be multiples of patch_size 2, got 7x8"):
+        flux_forward(model, inputs, latent[:, :, :7])
     assert dcgen_kernels.patch_report(model).backend == "reference"
 
 
@@ -114,7 +116,9 @@ def test_flux_embedder_under_autocast_and_fp64_fallback():
     model, inputs, latent = flux_case(2)
     stock = torch.nn.Linear.forward
     patch_latents_only(model, "triton")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    _backend._warned.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused op takes the cast operands: no stock-path warning
         got, expected = model.x_embedder(latent), stock(model.x_embedder, inputs["hidden_states"])
     assert got.dtype == expected.dtype == torch.bfloat16 and rel_l2(got, expected) < 1e-2
     model = model.double()
