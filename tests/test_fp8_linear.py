@@ -501,11 +501,18 @@ def test_fp8_linear_module_takes_any_leading_shape_like_nn_linear():
         out = layer(x)
         assert out.shape == shape[:-1] + (32,)
         assert rel_l2(out, linear(x).detach()) < QUANT_TOL
+    x = torch.randn(2, 3, 4, 64)  # the activation applies whatever the leading shape; a residual is never dropped
+    torch.testing.assert_close(layer(x, activation="gelu_tanh"),
+                               layer(x.reshape(-1, 64), activation="gelu_tanh").reshape(2, 3, 4, 32))
+    with pytest.raises(ValueError, match="x must be .M, K. or .B, S, K."):
+        layer(x, residual=torch.randn(2, 3, 4, 32))
 
 
 @pytest.mark.parametrize("args,kwargs,error,match", [
     ((-1, 4), {}, ValueError, "in_features must be a positive int"),
     ((4, 2.0), {}, ValueError, "out_features must be a positive int"),
+    ((0, 4), {}, ValueError, "in_features must be a positive int"),
+    ((True, 4), {}, ValueError, "in_features must be a positive int"),
     ((4, 4), dict(dtype=torch.int32), TypeError, "dtype \\(of the bias\\) must be one of"),
 ])
 def test_fp8_linear_module_bad_arguments_raise_clear_errors(args, kwargs, error, match):

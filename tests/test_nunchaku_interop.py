@@ -159,6 +159,8 @@ def test_bad_checkpoints_raise_clear_errors():
         svdquant_linear_from_nunchaku(bad)
     with pytest.raises(ValueError, match="in_features % 128"):
         unpack_nunchaku_qweight(torch.zeros(128, 40, dtype=torch.int8))
+    with pytest.raises(ValueError, match="in_features % 128"):  # K = 64: a multiple of 64 is not enough
+        unpack_nunchaku_qweight(torch.zeros(128, 32, dtype=torch.int8))
     negative = torch.ones(N).bfloat16().index_fill(0, torch.tensor([5]), -1.0)
     with pytest.raises(ValueError, match="wcscales must be finite and non-negative"):
         svdquant_linear_from_nunchaku(dict(tensors, wcscales=pack_nunchaku_vector(negative)))
@@ -240,8 +242,10 @@ def test_to_nunchaku_module_loads_either_kind_of_wtscale(fake_nunchaku, float_wt
         assert type(module.wtscale) is float and module.wtscale == 0.375
     else:
         assert isinstance(module.wtscale, torch.nn.Parameter) and module.wtscale.tolist() == [0.375]
-    defaults = to_nunchaku_module({k: v for k, v in tensors.items() if k not in ("wtscale", "wcscales")})
+    defaults = to_nunchaku_module({k: v for k, v in tensors.items()
+                                   if k not in ("wtscale", "wcscales", "smooth_factor_orig")})
     assert float(defaults.wtscale) == 1.0 and torch.equal(defaults.wcscales, torch.ones(N).bfloat16())
+    assert torch.equal(defaults.smooth_factor_orig, tensors["smooth_factor"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*wcscales")  # the fold's one-time warning
         layer = svdquant_linear_from_nunchaku(tensors, backend="reference", nunchaku_kernels="require")

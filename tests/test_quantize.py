@@ -226,7 +226,8 @@ def test_model_dtype_casts_leave_the_quantized_storage_alone(make, make_inputs, 
     expected = _run(model, inputs)
     layers = [model.get_submodule(name) for name, *_ in quant_report(model).layers]
     layer = next(layer for layer in (getattr(m, "linear", m) for m in layers) if layer.bias is not None)
-    stored = {name: getattr(layer, name).clone() for name in layer.QUANTIZED_STATE}
+    kept = {"fp8": ("weight", "weight_scale"), "nvfp4": ("qweight", "wscales", "wtscale", "input_scale", "smooth")}
+    stored = {name: getattr(layer, name).clone() for name in kept[quant]}
     for cast in (lambda m: m.type(torch.float16), lambda m: m.to(torch.bfloat16)):  # .type casts integers too
         cast(model)
         for name, before in stored.items():
@@ -277,6 +278,11 @@ def test_save_load_errors(tmp_path):
     for bad in (tmp_path, tmp_path / "missing" / "q.safetensors"):  # a directory; a file in a missing one
         with pytest.raises(ValueError, match="must name a file in an existing directory"):
             dcgen_kernels.save_quantized(model, bad)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(1)}, tmp_path / "other.safetensors")  # a safetensors file, but not ours
+    with pytest.raises(ValueError, match="was not written by dcgen_kernels.save_quantized"):
+        dcgen_kernels.load_quantized(tiny_flux(), tmp_path / "other.safetensors")
 
 
 def _wider_embedder_flux():
@@ -495,6 +501,47 @@ def test_nvfp4_close_to_stock_and_reversible(make, make_inputs, n_layers, tol, a
     assert dcgen_kernels.patch_report(model).quantization.quant == "fp8"
     dcgen_kernels.unpatch(model)
     assert torch.equal(_run(model, inputs), stock)
+
+
+def test_nvfp4_rank_default_cap_and_zero():
+    """rank defaults to 32, is capped per layer at min(K, N) (reported as asked), and 0 (no branch) runs; fp8 layers
+    report none."""
+    from dcgen_kernels.quant.svdquant import SVDQuantLinear
+
+    def ranks(model):
+        return {(m.in_features, m.out_features, m.lora_down.shape[1])
+                for m in model.modules() if isinstance(m, SVDQuantLinear)}
+
+    inputs = tiny_flux_inputs()
+    default = dcgen_kernels.quantize(tiny_flux(), "nvfp4", backend="reference")
+    assert quant_report(default).rank == 32 and {r for *_, r in ranks(default)} == {32}
+    full = dcgen_kernels.quantize(tiny_flux(), "nvfp4", rank=4096, backend="reference")
+    assert quant_report(full).rank == 4096 and all(r == min(k, n) for k, n, r in ranks(full))
+    none = dcgen_kernels.quantize(tiny_flux(), "nvfp4", rank=0, backend="reference")
+    assert {r for *_, r in ranks(none)} == {0} and torch.isfinite(_run(none, inputs)).all()
+    assert quant_report(dcgen_kernels.quantize(tiny_flux(), "fp8", backend="reference")).rank == 0
+
+
+@pytest.mark.parametrize("capability,expected", [((12, 0), "nvfp4"), ((12, 1), "bf16"), ((10, 0), "bf16"),
+                                                 ((9, 0), "bf16")])
+def test_nvfp4_activations_auto_picks_w4a4_only_where_the_native_kernel_is_built(monkeypatch, capability,
+                                                                                 expected):
+    """The native FP4 MMA kernel is compiled for sm_120a alone (csrc/), so only that GPU gets 4-bit activations."""
+    from dcgen_kernels.patching.quant import resolve_nvfp4_activations
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_nvfp4_activations(None, torch.device("cuda")) == expected
+    assert resolve_nvfp4_activations("bf16", torch.device("cuda")) == "bf16"
+
+
+def test_weight_bytes_counts_shared_tensors_once_and_strided_convs_stay_16_bit():
+    from dcgen_kernels.patching.quant import _is_pointwise_conv, weight_bytes
+
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = torch.nn.Parameter(tied[0].weight.data)  # two parameters, one tensor (as assign-loads make)
+    assert weight_bytes(tied) == 4 * (16 + 4 + 4)
+    assert _is_pointwise_conv(torch.nn.Conv2d(4, 4, 1))
+    assert not _is_pointwise_conv(torch.nn.Conv2d(4, 4, 1, stride=2))  # a 1x1 conv that subsamples: not a linear
 
 
 def test_nvfp4_activations_auto_is_w4a16_without_native_fp4_and_switchable():

@@ -100,7 +100,8 @@ def test_randomized_svd_for_large_weights_matches_exact(monkeypatch):
     state = torch.get_rng_state()
     approx = svdquant.svdquant_decompose(weight, 16, smooth)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
-    assert torch.equal(svdquant.svdquant_decompose(weight, 16, smooth)[2], approx[2])  # reproducible
+    torch.manual_seed(1)  # reproducible whatever the caller's seed
+    assert torch.equal(svdquant.svdquant_decompose(weight, 16, smooth)[2], approx[2])
     assert approx[2].norm() < 1.02 * exact[2].norm()  # residual as small as the exact one's, within 2 %
     assert rel_l2(approx[0] @ approx[1], exact[0] @ exact[1]) < 1e-2
 
@@ -156,6 +157,19 @@ def test_buffers_state_dict_round_trip_and_repr():
     assert rank0.bias is None and rank0.lora_down.shape == (64, 0) and rank0(x).shape == (7, 48)
 
 
+def test_full_rank_and_a_dead_input_channel():
+    """rank = min(K, N) is allowed (and reported); an all-zero weight column gets a bounded smoothing factor."""
+    lin = linear(64, 48)
+    layer = SVDQuantLinear.from_linear(lin, rank=48, backend="reference")
+    assert layer.lora_down.shape == (64, 48)
+    x = torch.randn(5, 64)
+    assert set(svdquant_error_report(lin, x, ranks=(48, 49), backend="reference")) == {48}
+    with torch.no_grad():  # unclamped, the dead channel's factor would be ~9e4 beside weights of ~100
+        lin.weight.mul_(1000)[:, 7] = 0
+    factors = smoothing_factors(lin.weight)
+    assert torch.isfinite(factors).all() and factors.max() <= 1e4 and factors.min() >= 1e-4
+
+
 def test_bad_arguments_raise_clear_errors():
     lin = linear(64, 48)
     with pytest.raises(ValueError, match="rank must be"):
@@ -164,6 +178,8 @@ def test_bad_arguments_raise_clear_errors():
         SVDQuantLinear.from_linear(lin, activations="int4")
     with pytest.raises(ValueError, match="calibration must be"):
         SVDQuantLinear.from_linear(lin, calibration=torch.randn(3, 63))
+    with pytest.raises(ValueError, match="calibration must be"):
+        SVDQuantLinear.from_linear(lin, calibration=torch.empty(0, 64))
     for rank in (0, 4):  # at rank 0 no SVD would have failed: a layer returning NaN
         with pytest.raises(ValueError, match="calibration contains non-finite values"):
             SVDQuantLinear.from_linear(lin, rank=rank, calibration=torch.randn(3, 64).index_fill(1, torch.tensor([5]),
