@@ -273,6 +273,7 @@ def test_convert_rejects_wrapped_embedder():
 def test_sana_patch_larger_than_sample_size():
     with pytest.raises(ValueError, match="patch_size .16. must not exceed.*sample_size .8."):
         dcgen.convert(tiny_sana(), 32, patch_size=16)
+    assert dcgen.convert(tiny_sana(), 4, patch_size=8).config.patch_size == 8  # equal to the sample size: fine
 
 
 def test_pack_helpers_reject_bad_inputs():
@@ -292,8 +293,11 @@ def test_pack_helpers_reject_bad_inputs():
         dcgen.unpack_latents(tokens[..., :15], 6, 6, 2)
     with pytest.raises(ValueError, match="tokens must have 3 dimensions"):
         dcgen.unpack_latents(x, 6, 6, 2)
-    with pytest.raises(ValueError, match="multiples of patch_size .2."):
-        dcgen.latent_image_ids(5, 4, 2)
+    for height, width in ((5, 4), (4, 5)):
+        with pytest.raises(ValueError, match="multiples of patch_size .2."):
+            dcgen.latent_image_ids(height, width, 2)
+        with pytest.raises(ValueError, match="multiples of patch_size .2."):
+            dcgen.pack_latents(torch.zeros(1, 1, height, width), 2)
     with pytest.raises(TypeError, match="height must be a positive int"):
         dcgen.latent_image_ids(4.0, 4, 2)
 

@@ -1,7 +1,9 @@
 """DC-Gen training stages (dcgen_kernels.dcgen.train): losses, alignment, guidance distillation, LoRA, resume."""
 
 import copy
+import inspect
 import math
+import os
 import warnings
 
 import pytest
@@ -214,8 +216,10 @@ def test_align_head_trains_only_embedder_and_head():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     text, pooled, null_text, null_pooled = text_data(4)
     latents = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    model.train()  # the frozen backbone trains as inference runs it (no dropout)
     out = T.align_head(model, latents, text, pooled, null_text, null_pooled, steps=2, lr=1e-3, batch_size=2,
                        seed=0, progress=False)
+    assert not any(m.training for m in model.modules())
     assert len(out["history"]) == 2 and all(torch.isfinite(torch.tensor(out["history"])))
     for n, p in model.named_parameters():
         changed = not torch.equal(p, before[n])
@@ -333,6 +337,9 @@ def test_drop_text_rate_and_rows():
     assert torch.equal(out_text[~dropped], text[~dropped]) and torch.equal(out_pooled[~dropped], pooled[~dropped])
     t0, _, d0 = T.drop_text(text[:5], pooled[:5], null_text[None], null_pooled[None], p=0.0)
     assert not d0.any() and torch.equal(t0, text[:5])
+    _, _, by_default = T.drop_text(text, pooled, null_text, null_pooled, generator=torch.Generator().manual_seed(1))
+    assert abs(by_default.float().mean().item() - 0.1) <= 4 * (0.1 * 0.9 / n) ** 0.5  # the paper's 10%
+    assert inspect.signature(T.align_head).parameters["p_drop"].default == 0.1
 
 
 @pytest.mark.parametrize("family", ["flux", "sana"])
@@ -382,6 +389,11 @@ def test_lora_targets_and_merge_matches_unmerged():
     model = flux_p2()
     convert(model, latent_channels=8, patch_size=1)
     T.add_lora(model, rank=4, alpha=8)
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert model.single_transformer_blocks[0].proj_mlp.lora_A["default"].weight.shape[0] == 4
+    defaults = inspect.signature(T.add_lora).parameters
+    assert (defaults["rank"].default, defaults["alpha"].default) == (256, 256)  # the paper's rank and alpha
     lora = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
     assert "proj_out" not in lora and "x_embedder" not in lora
     assert {"single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.proj_mlp",
@@ -425,15 +437,30 @@ def test_lora_sana_targets():
 
 
 # ----------------------------------------------------------------------------------------------- (f) resume
-def _embedding_run(tmp, steps, every, start_model=None):
+def _embedding_run(tmp, steps, every, seed=7, base_fill=None):
     torch.manual_seed(0)
     teacher, student = torch.nn.Linear(64, 24), torch.nn.Linear(32, 24)
     g = torch.Generator().manual_seed(5)
     base, dc = torch.randn(10, 16, 8, 8, generator=g), torch.randn(10, 32, 2, 2, generator=g)
+    if base_fill is not None:
+        base.fill_(base_fill)
     out = T.align_embedding(teacher, student, base, dc, teacher_patch_size=2, student_patch_size=1, steps=steps,
-                            lr=1e-2, batch_size=3, seed=7, checkpoint_dir=tmp, checkpoint_every=every,
+                            lr=1e-2, batch_size=3, seed=seed, checkpoint_dir=tmp, checkpoint_every=every,
                             progress=False)
     return student, out["history"]
+
+
+def test_seed_checkpoint_schedule_incomplete_checkpoints_and_a_nan_loss(tmp_path):
+    assert _embedding_run(None, 3, 0, seed=0)[1] != _embedding_run(None, 3, 0, seed=1)[1]  # the seed draws batches
+    _embedding_run(str(tmp_path / "a"), 5, 2)
+    assert sorted(os.listdir(tmp_path / "a")) == ["step-00000002", "step-00000004", "step-00000005"]  # and the end
+    (tmp_path / "a" / "step-00000009").mkdir()  # interrupted while writing: its weights only
+    (tmp_path / "a" / "step-00000009" / "trainable.safetensors").write_bytes(b"")
+    assert T.latest_checkpoint(str(tmp_path / "a")).endswith("step-00000005")
+    with pytest.raises(ValueError, match="different settings"):  # another seed does not resume this run
+        _embedding_run(str(tmp_path / "a"), 6, 2, seed=8)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        _embedding_run(None, 2, 0, base_fill=float("nan"))
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
@@ -491,17 +518,19 @@ def test_timestep_shift_is_the_flow_schedulers():
         assert T.flux_time_shift(tokens) == pytest.approx(math.exp(calculate_shift(tokens)))
 
 
-@pytest.mark.parametrize("family", ["flux", "flux_schnell", "sana"])
+@pytest.mark.parametrize("family", ["flux", "flux_patch2", "flux_schnell", "sana"])
 def test_align_head_trains_at_the_pipelines_shifted_timesteps(family):
-    """t_shift="auto": guidance-distilled FLUX at FluxPipeline's shift for the latents' token count, schnell-like
-    FLUX (whose scheduler does not shift) at 1, SANA at 3; the same draws as t_shift=1 otherwise."""
-    latents = torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+    """t_shift="auto": guidance-distilled FLUX at FluxPipeline's shift for the latents' token count (patches, not
+    latent pixels), schnell-like FLUX (whose scheduler does not shift) at 1, SANA at 3; the same draws as t_shift=1
+    otherwise."""
+    patch = 2 if family == "flux_patch2" else 1
+    latents = torch.randn(2, 8 // patch**2, 4, 6, generator=torch.Generator().manual_seed(0))
     if family.startswith("flux"):
-        distilled = family == "flux"
+        distilled = family != "flux_schnell"
         model = flux_p2(guidance=distilled)
-        convert(model, latent_channels=8, patch_size=1)
-        args, kwargs, scale = text_data(2), {}, 1.0
-        auto = T.flux_time_shift(4 * 6) if distilled else 1.0
+        convert(model, latent_channels=8 // patch**2, patch_size=patch)
+        args, kwargs, scale = text_data(2), dict(patch_size=patch), 1.0
+        auto = T.flux_time_shift(4 // patch * 6 // patch) if distilled else 1.0
     else:
         torch.manual_seed(0)
         model = tiny_sana()
