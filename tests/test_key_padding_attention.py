@@ -109,6 +109,18 @@ def test_float_bias_without_padding_sized_entries_is_applied_whole(values):
     assert rel_l2(key_padding_attention(q, k, v, mask), key_padding_attention_reference(q, k, v, mask)) == 0
 
 
+def test_positive_bias_entries_are_not_kept_keys_and_the_padding_threshold_is_inclusive():
+    """A key is kept where its bias is exactly 0: a positive entry (a boost) needs the bias applied; an entry at
+    exactly the padding threshold is padding."""
+    q, k, v = qkv()
+    boosted = sana_bias(prefix(7, 7))
+    boosted[:, 0, 0] = 5.0
+    assert kpa_module._plan(boosted) == kpa_module._Plan(keys=None, masked=True)
+    assert rel_l2(key_padding_attention(q, k, v, boosted), key_padding_attention_reference(q, k, v, boosted)) == 0
+    at_threshold = torch.where(prefix(7, 7).bool(), 0.0, kpa_module.PADDING_BIAS_MAX).unsqueeze(1)
+    assert kpa_module._plan(at_threshold) == kpa_module._Plan(keys=7, masked=False)
+
+
 def test_rows_keeping_as_many_keys_at_other_positions_are_not_one_key_set():
     q, k, v = qkv()
     alternating = (torch.arange(S_KV) % 2 == 0).float()

@@ -233,6 +233,15 @@ def test_triton_strided_inputs(p):
                       patch_unembed_reference(tokens, weight_t, b_, p, h, w)) <= TOLERANCE[torch.float16]
 
 
+
+def test_triton_general_embed_kernel_reads_a_strided_bias():
+    """K = 64 takes the general embed kernel (the strided-bias case above, K <= 32, the narrow one)."""
+    latent, weight, bias = embed_inputs(2, 16, 6, 10, 2, 40)
+    bias = torch.stack([bias, -bias], -1)[..., 0]
+    assert rel_l2(patch_embed(latent, weight, bias, patch_size=2, backend="triton"),
+                  patch_embed_reference(latent, weight, bias, 2)) < 1e-5
+
+
 _PATCH_LAUNCHES = r'''
 pe = importlib.import_module("dcgen_kernels.ops.patch_embed")
 E = lambda *shape, dtype: torch.empty(*shape, dtype=dtype)
@@ -371,6 +380,13 @@ def test_cublas_p1_moves_no_data(cublas_on_cpu):
     out = patch_unembed(tokens, weight, bias, patch_size=1, height=4, width=6, backend="cuda")
     assert out.is_contiguous(memory_format=torch.channels_last) and out._base is not None
     assert out._base.shape == (2 * 24, 8) and out._base.data_ptr() == out.data_ptr()
+
+
+def test_cublas_single_token_row_is_packed_not_viewed(cublas_on_cpu):
+    """One row of 2x2 patches (h = p): the patch axes merge over the rows but not over the patch's own pixels."""
+    latent, weight, bias = embed_inputs(1, 4, 2, 6, 2, 24)
+    assert rel_l2(patch_embed(latent, weight, bias, patch_size=2, backend="cuda"),
+                  patch_embed_reference(latent, weight, bias, 2)) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -688,6 +704,21 @@ def test_embed_bias_gradient_rides_in_the_weight_gradient_gemm(backend, dtype, s
     expected = _fp32_reference_grads(patch_embed_reference, [latent, weight, bias], (p,), grad, [True] * 3)
     assert all(rel_l2(a, b) <= max(TOLERANCE[dtype], 1e-6) for a, b in zip(got, expected))
     assert got[1].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_second_order_gradients_through_the_reference_vjp(backend, cublas_on_cpu):
+    """create_graph=True: the backward must itself be differentiable (the fused one packs through ops without
+    autograd formulas), so it is the reference vjp; a gradient of the weight gradient reaches the latent."""
+    latent, weight, bias = embed_inputs(2, 4, 4, 6, 2, 24)
+
+    def second_order(embed):
+        leaves = [t.detach().clone().requires_grad_() for t in (latent, weight, bias)]
+        (grad_weight,) = torch.autograd.grad(embed(*leaves).square().sum(), leaves[1], create_graph=True)
+        return torch.autograd.grad(grad_weight.square().sum(), leaves[0])[0]
+
+    got = second_order(lambda x, w, b: patch_embed(x, w, b, patch_size=2, backend=backend))
+    assert rel_l2(got, second_order(lambda x, w, b: patch_embed_reference(x, w, b, 2))) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

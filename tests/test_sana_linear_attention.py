@@ -309,6 +309,25 @@ def test_nan_in_q_or_k_stays_nan_as_in_the_reference(strategy, where):
     assert rel_l2(out.nan_to_num(), expected.nan_to_num()) < 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # eps 0: the interpreter's masked rows
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eps_default_and_given(backend):
+    """diffusers' eps 1e-15 by default (queries of ~1e-12 make it visible: with 1e-6 the output would shrink ~1000x),
+    and a given eps, 0 included, reaches the kernels."""
+    q, k, v = make_inputs(N=20, H=2, dtype=torch.float32)
+    tiny_q = q.abs() * 1e-12
+    assert rel_l2(sana_linear_attention(tiny_q, k, v, 2, backend=backend),
+                  sana_linear_attention_reference(tiny_q, k, v, 2, eps=1e-15)) < 1e-5
+    for eps in (0.0, 10.0):
+        assert rel_l2(sana_linear_attention(q.abs(), k, v, 2, eps=eps, backend=backend),
+                      sana_linear_attention_reference(q.abs(), k, v, 2, eps=eps)) < 1e-5
+    mq, mk, mv = make_multiscale_inputs(N=20, dtype=torch.float32)
+    tiny_mq = mq.abs() * 1e-12
+    out = sana_multiscale_linear_attention(tiny_mq, mk, mv, backend=backend)
+    assert out.is_contiguous()  # as the fake promises, also where no cast copies
+    assert rel_l2(out, sana_multiscale_linear_attention_reference(tiny_mq, mk, mv, eps=1e-15)) < 1e-5
+
+
 # --------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("call,error,match", [
     (lambda q, k, v: sana_linear_attention(q[0], k, v, 3), ValueError, "q must have 3 dimensions"),
@@ -322,6 +341,8 @@ def test_nan_in_q_or_k_stays_nan_as_in_the_reference(strategy, where):
     (lambda q, k, v: sana_linear_attention(q, k, v, 5), ValueError, "heads must be a positive divisor"),
     (lambda q, k, v: sana_linear_attention(q, k, v, 0), ValueError, "heads must be a positive divisor"),
     (lambda q, k, v: sana_linear_attention(q, k, v, 3.0), TypeError, "heads must be an int"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, True), TypeError, "heads must be an int"),
+    (lambda q, k, v: sana_linear_attention(q, k, v, 3, eps=True), ValueError, "eps must be a non-negative"),
     (lambda q, k, v: sana_linear_attention(q, k, v, 3, eps=-1e-15), ValueError, "eps must be a non-negative"),
     (lambda q, k, v: sana_linear_attention(q, k, v, 3, eps=float("inf")), ValueError, "eps must be a non-neg"),
     (lambda q, k, v: sana_linear_attention(q, k, v, 3, backend="gpu"), ValueError, "backend must be one of"),
