@@ -32,7 +32,7 @@ _REPORT_ATTR = "_dcgen_quant_report"
 class QuantReport:
     quant: str
     keep_original: bool
-    rank: int = 0  # SVDQuant low-rank branch ("nvfp4"); unused by "fp8"
+    rank: int = 0  # SVDQuant low-rank branch ("nvfp4") as asked, each layer capped at min(in, out); "fp8": 0
     activations: str = "fp8"  # what the GEMMs multiply the weights by: "fp8", "nvfp4" (W4A4) or "bf16" (W4A16)
     # (module name, in_features, out_features, class name of the quantized linear); 1x1 convs included
     layers: list = dataclasses.field(default_factory=list)
