@@ -503,3 +503,71 @@ def test_triton_uses_the_given_eps():
     out = gated_residual_ada_layer_norm_modulate(x, gate, x, scale, shift, eps=1e-3, backend="triton")[1]
     expected = gated_residual_ada_layer_norm_modulate_reference(x, gate, x, scale, shift, eps=1e-3)[1]
     assert rel_l2(out, expected) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- from a mutation review
+def test_scale_and_shift_of_different_batch_layouts():
+    """scale broadcast over the batch (stride 0) beside a per-batch shift, and the other way round."""
+    x = torch.randn(2, 5, 24)
+    scale, shift = torch.randn(1, 24) / 4, torch.randn(2, 1, 24) / 4
+    for s, t in ((scale, shift), (shift, scale)):
+        out = ada_layer_norm_modulate(x, s, t, backend="triton")
+        assert rel_l2(out, ada_layer_norm_modulate_reference(x, s, t)) < 1e-6
+
+
+def test_weight_only_and_bias_only_norms():
+    x = torch.randn(2, 5, 24)
+    scale, shift = torch.randn(2, 24) / 4, torch.randn(2, 24) / 4
+    weight, bias = torch.rand(24) + 0.5, torch.randn(24)
+    for affine in (dict(norm_weight=weight), dict(norm_bias=bias)):
+        out = ada_layer_norm_modulate(x, scale, shift, backend="triton", **affine)
+        expected = ada_layer_norm_modulate_reference(x, scale, shift, affine.get("norm_weight"),
+                                                     affine.get("norm_bias"))
+        assert rel_l2(out, expected) < 1e-6
+
+
+def test_fp8_row_that_modulates_to_zero_gets_the_floor_scale():
+    """scale = -1, shift = 0: every modulated row is 0; its scale is the amax floor's, finite, as the reference."""
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8, ada_layer_norm_modulate_fp8_reference
+
+    x = torch.randn(1, 3, 32)
+    scale, shift = -torch.ones(1, 32), torch.zeros(1, 32)
+    act = ada_layer_norm_modulate_fp8(x, scale, shift, backend="triton")
+    codes, row_scale = ada_layer_norm_modulate_fp8_reference(x, scale, shift)
+    assert torch.isfinite(act.scale).all() and torch.equal(act.scale, row_scale)
+    assert torch.equal(act.data.float(), codes.float())
+
+
+def test_fake_outputs_shapes_and_dtypes():
+    """What torch.compile traces: the FP8 producer's (B, N) fp32 row scales, and a gated residual (and the FP8
+    activation after it) in the residual's dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dcgen_kernels.ops.ada_layer_norm import ada_layer_norm_modulate_fp8
+
+    with FakeTensorMode():
+        act = ada_layer_norm_modulate_fp8(torch.randn(2, 7, 32, dtype=torch.bfloat16), torch.zeros(2, 32),
+                                          torch.zeros(2, 32))
+        summed = gated_residual(torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 5, 8).bfloat16())
+    assert act.data.shape == (2, 7, 32) and act.scale.shape == (2, 7) and act.scale.dtype == torch.float32
+    assert summed.dtype == torch.float32
+    residual, x = torch.randn(2, 5, 32), torch.randn(2, 5, 32).bfloat16()
+    total, act = gated_residual_ada_layer_norm_modulate_fp8(residual, torch.randn(2, 32), x, torch.zeros(2, 32),
+                                                            torch.zeros(2, 32), backend="triton")
+    assert total.dtype == torch.float32 and act.dtype == torch.float32
+
+
+def test_channel_limit_eps_types_and_one_warning_per_reason(monkeypatch):
+    from dcgen_kernels.ops.ada_layer_norm import select_modulate_backend
+
+    assert select_modulate_backend(torch.empty(1, 1, TRITON_MAX_CHANNELS), "auto") == "triton"
+    x = torch.randn(1, 3, 8)
+    ada_layer_norm_modulate(x, torch.zeros(1, 8), torch.zeros(1, 8), eps=1)  # an int eps is a number
+    with pytest.raises(ValueError, match="eps must be a positive float"):
+        ada_layer_norm_modulate(x, torch.zeros(1, 8), torch.zeros(1, 8), eps=True)
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning):
+        select_modulate_backend(torch.empty(1, 1, TRITON_MAX_CHANNELS + 1), "triton")
+    with warnings.catch_warnings():  # the same reason at another width: no second warning
+        warnings.simplefilter("error")
+        select_modulate_backend(torch.empty(1, 1, TRITON_MAX_CHANNELS + 808), "triton")

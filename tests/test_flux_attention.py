@@ -301,3 +301,30 @@ def test_triton_uses_the_given_eps():
     out = flux_attention(**args, eps=1e-3, backend="triton")
     assert rel_l2(out, flux_attention_reference(**args, eps=1e-3)) <= TOLERANCE[torch.bfloat16]
     assert rel_l2(out, flux_attention_reference(**args, eps=1e-6)) > 0.1  # measured 0.76
+
+
+# --------------------------------------------------------------------------------------------- from a mutation review
+def test_text_stream_errors_and_head_dim_256():
+    inputs = make_inputs(S=9, S_txt=2)
+    with pytest.raises(ValueError, match="txt_k must have shape"):
+        flux_attention(**{**inputs, "txt_k": inputs["txt_k"][:, :1]})
+    plain = make_inputs(S=9, S_txt=2, rope=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        flux_attention(**{**plain, **{name: plain[name][:, :0] for name in ("q", "k", "v")}})
+    with pytest.raises(ValueError, match="S_txt>0"):
+        flux_attention(**{**plain, **{name: plain[name][:, :0] for name in ("txt_q", "txt_k", "txt_v")}})
+    wide = make_inputs(S=9, S_txt=2, D=256)
+    assert flux_attention_module.select_backend(wide["q"], wide["v"], wide["txt_q"], wide["txt_v"], "auto") == "triton"
+
+
+def test_misaligned_text_values_fall_back_and_image_only_norm_weights():
+    inputs = make_inputs(S=9, S_txt=3, D=64)
+    inputs["txt_v"] = torch.randn(2, 3, 2, 68).to(torch.bfloat16)[..., 1:65]  # rows not 16-byte aligned
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="16-byte"):
+        out = flux_attention(**inputs, backend="triton")
+    assert rel_l2(out, flux_attention_reference(**inputs)) <= TOLERANCE[torch.bfloat16]
+    inputs = make_inputs(S=20, S_txt=3)
+    inputs["norm_txt_q_weight"] = inputs["norm_txt_k_weight"] = None  # the text stream unnormalised-weighted
+    assert rel_l2(flux_attention(**inputs, backend="triton"), flux_attention_reference(**inputs)) <= \
+        TOLERANCE[torch.bfloat16]

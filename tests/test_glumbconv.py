@@ -255,3 +255,32 @@ def test_depthwise_glu_traces_and_rejects_bad_input():
         depthwise_glu(pre, H + 1, W, depth_weight, depth_bias)
     with pytest.raises(ValueError, match="depth_weight"):
         depthwise_glu(pre, H, W, depth_weight[:-1], depth_bias)
+
+
+# --------------------------------------------------------------------------------------------- from a mutation review
+def _mix_ffn_args(dtype=torch.float32, tokens=12, C=8, hidden=12, C_out=5):
+    """glumbconv's arguments for a 3 x 4 map with C_out != C."""
+    return [torch.randn(1, tokens, C, dtype=dtype), 3, 4, torch.randn(2 * hidden, C, 1, 1, dtype=dtype),
+            torch.randn(2 * hidden, dtype=dtype), torch.randn(2 * hidden, 1, 3, 3, dtype=dtype),
+            torch.randn(2 * hidden, dtype=dtype), torch.randn(C_out, hidden, 1, 1, dtype=dtype)]
+
+
+def test_fake_output_has_the_point_convs_channels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = glumbconv(*_mix_ffn_args())
+    assert out.shape == (1, 12, 5)
+
+
+def test_bad_token_count_and_point_weight_raise():
+    with pytest.raises(ValueError, match="height \\* width"):
+        glumbconv(*_mix_ffn_args(tokens=13))
+    args = _mix_ffn_args()
+    args[7] = torch.randn(5, 12, 3, 3)
+    with pytest.raises(ValueError, match="point_weight must have shape"):
+        glumbconv(*args)
+    args = _mix_ffn_args(dtype=torch.bfloat16)
+    args[7] = args[7].float()
+    with pytest.raises(TypeError, match="point_weight must have dtype"):
+        glumbconv(*args)

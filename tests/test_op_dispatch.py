@@ -209,3 +209,17 @@ def test_fallback_warnings_are_once_per_op_and_reason(monkeypatch):
             assert _backend.select("first_op", "cuda", checks, {}) == "reference"
             assert _backend.select("second_op", "cuda", checks, {}) == "reference"
     assert sorted(str(w.message).split(":")[0] for w in caught) == ["dcgen_kernels.first_op", "dcgen_kernels.second_op"]
+
+
+def test_tma_alignment_checks_every_stride():
+    from dcgen_kernels.ops._common import tma_alignment_error
+
+    t = torch.zeros(2 * 1176, dtype=torch.bfloat16).as_strided((2, 9, 2, 64), (1176, 130, 65, 1))  # inner stride
+    assert "16 bytes" in tma_alignment_error("q", t)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_custom_op():
+    residual, gate, x = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 5, 8)
+    traced = torch.jit.trace(lambda x: gated_residual(residual, gate, x, backend="reference"), (x,), check_trace=False)
+    assert "dcgen::gated_residual" in str(traced.graph)
