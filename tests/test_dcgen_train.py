@@ -530,7 +530,7 @@ def test_align_head_trains_at_the_pipelines_shifted_timesteps(family):
         model = flux_p2(guidance=distilled)
         convert(model, latent_channels=8 // patch**2, patch_size=patch)
         args, kwargs, scale = text_data(2), dict(patch_size=patch), 1.0
-        auto = T.flux_time_shift(4 // patch * 6 // patch) if distilled else 1.0
+        auto = T.flux_time_shift((4 // patch) * (6 // patch)) if distilled else 1.0
     else:
         torch.manual_seed(0)
         model = tiny_sana()
