@@ -188,6 +188,22 @@ def test_linear_subclass_with_its_own_forward_runs_as_a_module(family):
     expected = run(model, inputs)
     assert rel_l2(expected, undoubled) > 1e-3
     dcgen_kernels.patch(model, backend="reference")
+    assert owns_storage(attn.to_v) and not side_by_side([attn.to_q, attn.to_k, attn.to_v])  # its group left as is
+    assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
+def test_self_attention_with_the_sdpa_processor_keeps_its_own_storage():
+    """Our SDPA processor projects only a cross-attention's K/V as one group; for a self-attention it calls
+    diffusers' processor, so its projections are not moved."""
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    attn = model.transformer_blocks[0].attn1
+    attn.set_processor(SanaAttnProcessor2_0())
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert type(attn.processor).__name__ == "DCGenSanaCrossAttnProcessor"
+    assert all(owns_storage(linear) for linear in (attn.to_q, attn.to_k, attn.to_v))
     assert rel_l2(run(model, inputs), expected) < 1e-5
 
 

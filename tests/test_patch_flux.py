@@ -229,6 +229,7 @@ def test_single_blocks_join_their_inputs_without_a_copy():
     base = torch.randn(2, 8, 8)
     assert torch.equal(_joined(base[:, :3], base[:, 3:]), base)
     assert torch.equal(_joined(base[:, :3], base[:, 4:]), torch.cat([base[:, :3], base[:, 4:]], dim=1))  # a gap
+    assert torch.equal(_joined(base[:, 3:], base[:, :3]), torch.cat([base[:, 3:], base[:, :3]], dim=1))  # swapped
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():  # fake and meta tensors have no storage to compare: concatenated as stock does
@@ -310,3 +311,195 @@ def test_fp16_blocks_clip_to_the_fp16_range_as_diffusers(layer):
     got = run(model, inputs)
     assert torch.isfinite(expected).all() and torch.isfinite(got).all()
     assert rel_l2(got.float(), expected.float()) < 5e-3
+
+
+@pytest.mark.parametrize("layer,gates", [
+    ("single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.norm"),
+    ("transformer_blocks.0.ff_context.net.2", "transformer_blocks.0.norm1_context")])
+def test_fp16_fp8_blocks_clip_to_the_fp16_range(layer, gates):
+    """The same with FP8 linears, whose epilogue adds the gated residual in fp32: the gates are scaled too, so that
+    the sum overflows. Finite, but not stock's values: stock's fp16 product overflows to inf before the gate and
+    saturates elements the fp32 epilogue does not."""
+    model, inputs = tiny_flux(dtype=torch.float16), tiny_flux_inputs(dtype=torch.float16)
+    with torch.no_grad():
+        model.get_submodule(layer).weight.mul_(1e5)
+        model.get_submodule(gates).linear.weight.mul_(100)
+    expected, got = _quantized_stock_and_patched(model, inputs)
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("norm_class", ["AdaLayerNormZero", "AdaLayerNormZeroSingle"])
+def test_ada_zero_norms_promote_to_the_modulation_dtype_as_stock(norm_class):
+    """Under autocast the adaLN linear gives bf16 scale / shift for a float32 input; stock's result is float32 with
+    `1 + scale` rounded in bf16: the patched norm computes exactly that."""
+    from diffusers.models import normalization
+
+    norm = getattr(normalization, norm_class)(32).eval()
+    x, emb = torch.randn(2, 7, 32), torch.randn(2, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = norm(x, emb=emb)
+        dcgen_kernels.patch(norm, backend="reference")
+        got = norm(x, emb=emb)
+    assert got[0].dtype == expected[0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_text_given_to_an_attention_without_text_projections_gets_diffusers_error():
+    attn = tiny_flux().single_transformer_blocks[0].attn
+    hidden, text = torch.randn(1, 10, 128), torch.randn(1, 3, 128)
+    with pytest.raises(AttributeError) as stock_error:
+        attn(hidden, text)
+    dcgen_kernels.patch(attn, backend="reference")
+    dcgen_kernels._backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="without added KV projections"), \
+            pytest.raises(AttributeError, match=str(stock_error.value)):
+        attn(hidden, text)
+
+
+def _layer_norm_q(attn):
+    attn.norm_q = torch.nn.LayerNorm(attn.head_dim, eps=1e-6)
+
+
+def _other_eps_k(attn):
+    attn.norm_k.eps = 1.0
+
+
+@pytest.mark.parametrize("change,reason", [(_layer_norm_q, "its q/k norms are not torch.nn.RMSNorm"),
+                                           (_other_eps_k, "its q/k norms use different eps")],
+                         ids=["layer_norm_q", "other_eps_k"])
+def test_attention_with_norms_the_fused_op_does_not_compute_is_skipped(change, reason):
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    change(model.transformer_blocks[0].attn)
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    report = dcgen_kernels.patch_report(model)
+    assert report.skipped == [("transformer_blocks.0.attn", "flux", reason)]
+    assert "transformer_blocks.0.attn" not in [name for name, *_ in report.replaced]
+    assert type(model.transformer_blocks[0].attn.processor).__name__ == "FluxAttnProcessor"
+    assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
+def test_odd_head_dim_attention_is_skipped_and_named_in_the_error():
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTransformerBlock
+
+    block = FluxTransformerBlock(dim=30, num_attention_heads=2, attention_head_dim=15).eval()
+    hidden, text, temb = torch.randn(1, 6, 30), torch.randn(1, 3, 30), torch.randn(1, 30)
+    with torch.no_grad():
+        expected = block(hidden, text, temb)
+        dcgen_kernels.patch(block, backend="reference")
+        got = block(hidden, text, temb)
+    odd = "odd head_dim 15 (RoPE rotates pairs)"
+    assert dcgen_kernels.patch_report(block).skipped == [("attn", "flux", odd)]
+    assert all(rel_l2(a, b) < 1e-5 for a, b in zip(got, expected))
+    with pytest.raises(ValueError, match=r"no supported module in FluxAttention \(skipped: FluxAttention \(the "
+                                         r"model\): odd head_dim 15"):
+        dcgen_kernels.patch(FluxAttention(query_dim=30, heads=2, dim_head=15, added_kv_proj_dim=30, out_dim=30))
+
+
+def test_training_blocks_apply_the_feed_forward_dropout_as_stock():
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.train()
+    for ff in (model.transformer_blocks[0].ff, model.transformer_blocks[0].ff_context):
+        ff.net[1].p = 0.5
+    torch.manual_seed(0)
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    torch.manual_seed(0)
+    assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
+def _affine_layer_norm() -> torch.nn.LayerNorm:
+    norm = torch.nn.LayerNorm(128, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return norm
+
+
+@pytest.mark.parametrize("where,skipped", [
+    ("transformer_blocks.0.norm2", ("transformer_blocks.0", "norm2 is not a LayerNorm without affine")),
+    ("transformer_blocks.0.norm1.norm", ("transformer_blocks.0.norm1", "its LayerNorm has an affine weight"))])
+def test_layer_norms_with_affine_weights_are_skipped_and_stay_stock(where, skipped):
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    parent, _, child = where.rpartition(".")
+    setattr(model.get_submodule(parent), child, _affine_layer_norm())
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    report = dcgen_kernels.patch_report(model)
+    assert report.skipped == [(skipped[0], "flux", skipped[1])]
+    assert skipped[0] not in [name for name, *_ in report.replaced]
+    assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
+def test_report_names_a_skipped_root_module_as_the_model():
+    block = tiny_flux().transformer_blocks[0]
+    block.norm2 = _affine_layer_norm()
+    dcgen_kernels.patch(block, backend="reference")
+    assert "skipped FluxTransformerBlock (the model): norm2 is not a LayerNorm without affine" in \
+        str(dcgen_kernels.patch_report(block))
+
+
+def test_continuous_norm_applies_its_affine_weights():
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    norm = AdaLayerNormContinuous(32, 16, elementwise_affine=True, eps=1e-6).eval()
+    with torch.no_grad():
+        norm.norm.weight.uniform_(0.5, 1.5)
+        norm.norm.bias.normal_()
+    x, condition = torch.randn(2, 7, 32), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = norm(x, condition)
+        dcgen_kernels.patch(norm, backend="reference")
+        assert dcgen_kernels.patch_report(norm).replaced == [("", "flux", "AdaLayerNormContinuous")]
+        assert rel_l2(norm(x, condition), expected) < 1e-5
+
+
+def _quantized_stock_and_patched(model, inputs):
+    """(diffusers' blocks around FP8 linears, patch(quant="fp8")'s fused blocks) on the same layers."""
+    dcgen_kernels.quantize(model, quant="fp8", backend="reference", keep_original=True)
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, quant="fp8", backend="reference", keep_original=True)
+    return expected, run(model, inputs)
+
+
+def test_fp8_blocks_hand_16_bit_activations_to_a_users_processor():
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.transformer_blocks[0].attn.set_processor(_ImagePromptProcessor())  # reads hidden_states itself
+    expected, got = _quantized_stock_and_patched(model, inputs)
+    assert rel_l2(got, expected) < 1e-5
+
+
+def test_fp8_blocks_apply_an_affine_ada_norm():
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.transformer_blocks[0].norm1.norm = _affine_layer_norm()
+    expected, got = _quantized_stock_and_patched(model, inputs)
+    assert rel_l2(got, expected) < 1e-5
+
+
+def test_fp8_blocks_do_not_ignore_an_ada_norm_with_its_own_embedding():
+    """An AdaLayerNormZero with its own timestep embedding cannot run inside a FLUX block (it has no timestep):
+    the patched FP8 block fails as stock does rather than skip the embedding."""
+    from diffusers.models.normalization import AdaLayerNormZero
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.transformer_blocks[0].norm1 = AdaLayerNormZero(128, num_embeddings=10)
+    dcgen_kernels.quantize(model, quant="fp8", backend="reference", keep_original=True)
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'shape'"):
+        run(model, inputs)
+    dcgen_kernels.patch(model, quant="fp8", backend="reference", keep_original=True)
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'shape'"):
+        run(model, inputs)
+
+
+@pytest.mark.parametrize("block", ["transformer_blocks.0", "single_transformer_blocks.0"])
+def test_blocks_given_a_temb_of_another_dtype_run_stock_code(block):
+    """Under autocast the time embedding is bf16 while a caller's hidden states may be float32: stock's ops promote
+    and the patched blocks keep exactly that."""
+    model = tiny_flux()
+    hidden, text, temb = torch.randn(1, 10, 128), torch.randn(1, 3, 128), torch.randn(1, 128, dtype=torch.bfloat16)
+    block = model.get_submodule(block)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = block(hidden, text, temb)
+        dcgen_kernels.patch(model, backend="reference")
+        got = block(hidden, text, temb)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, expected))

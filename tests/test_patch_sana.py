@@ -42,13 +42,20 @@ def test_sana_cross_attention_keeps_rescale_output_factor():
 def test_sana_and_dcae_patched_under_autocast_match_stock():
     # fp32 weights under bf16 autocast: projections give bf16, the fp32-weight qk RMSNorms fp32 (SANA 1.5's
     # qk_norm), DC-AE's convs bf16 next to an fp32 residual. Stock promotes; the patched forwards must too.
+    # The fp32 gates (scale_shift_table) make the residual stream fp32 from the first block on, after the bf16 patch
+    # embedding: the patched blocks return what stock's do.
     model, inputs, dcae = tiny_sana(qk_norm="rms_norm_across_heads"), tiny_sana_inputs(), tiny_dcae()
     latent = torch.randn(1, 8, 4, 4)
+    block_dtypes = []
+    for block in model.transformer_blocks:
+        block.register_forward_hook(lambda module, args, out: block_dtypes.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, expected_image = run_sana(model, inputs), decode(dcae, latent)
+        assert block_dtypes == [torch.float32, torch.float32]
         dcgen_kernels.patch(model, backend="reference")
         dcgen_kernels.patch(dcae, backend="reference")
         out = run_sana(model, inputs)
+        assert block_dtypes[2:] == [torch.float32, torch.float32]
         dcgen_kernels._backend._warned.clear()
         with pytest.warns(RuntimeWarning, match="ResBlock runs diffusers' norm \\+ residual .* different dtypes"):
             image = decode(dcae, latent)  # the fused tail would round the fp32 result: stock's runs, said once
@@ -384,3 +391,112 @@ def test_fp16_self_attention_clips_to_the_fp16_range_as_diffusers():
     got = run_sana(model, inputs)
     assert torch.isfinite(expected).all() and torch.isfinite(got).all()
     assert rel_l2(got.float(), expected.float()) < 5e-3
+
+
+def _affine_layer_norm(channels: int) -> torch.nn.LayerNorm:
+    norm = torch.nn.LayerNorm(channels, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return norm
+
+
+def _affine_norm1(block):
+    block.norm1 = _affine_layer_norm(64)
+
+
+def _mix_ffn_residual(block):
+    block.ff.residual_connection = True
+
+
+@pytest.mark.parametrize("change,reason", [
+    (_affine_norm1, "norm1 is not a LayerNorm without affine"),
+    (_mix_ffn_residual, "its GLUMBConv has a norm or residual (SANA blocks have neither)")],
+    ids=["affine_norm1", "mix_ffn_residual"])
+def test_sana_blocks_the_fused_forward_does_not_compute_are_skipped(change, reason):
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    change(model.transformer_blocks[0])
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    report = dcgen_kernels.patch_report(model)
+    assert report.skipped == [("transformer_blocks.0", "sana", reason)]
+    assert "transformer_blocks.0" not in [name for name, *_ in report.replaced]
+    assert rel_l2(run_sana(model, inputs), expected) < 1e-5
+
+
+def test_cross_attention_output_of_a_wider_dtype_promotes_the_residual_as_stock():
+    """A hook that returns the cross-attention's output in float32 from a bf16 model: stock's add promotes the
+    residual stream to float32, and so do the patched blocks."""
+    model, inputs = tiny_sana(dtype=torch.bfloat16), to_dtype(tiny_sana_inputs(), torch.bfloat16)
+    model.transformer_blocks[0].attn2.register_forward_hook(lambda module, args, out: out.float())
+    block_dtypes = []
+    model.transformer_blocks[0].register_forward_hook(lambda module, args, out: block_dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # stock's Mix-FFN convs then take the float32 norm
+        expected = run_sana(model, inputs)
+        dcgen_kernels.patch(model, backend="reference")
+        got = run_sana(model, inputs)
+    assert block_dtypes == [torch.float32, torch.float32]
+    assert got.dtype == expected.dtype and rel_l2(got, expected) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("residual_connection", [False, True])
+def test_multiscale_attention_with_and_without_its_residual_matches_stock(residual_connection):
+    from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
+
+    attn = SanaMultiscaleLinearAttention(16, 16, attention_head_dim=8, norm_type="rms_norm", kernel_sizes=(5,),
+                                         residual_connection=residual_connection).eval()
+    x = torch.randn(2, 16, 5, 7)
+    with torch.no_grad():
+        expected = attn(x)
+        dcgen_kernels.patch(attn, backend="reference")
+        assert rel_l2(attn(x), expected) < 1e-5
+
+
+def _res_block(dtype=torch.float32):
+    from diffusers.models.autoencoders.autoencoder_dc import ResBlock
+
+    block = ResBlock(16, 16, norm_type="rms_norm", act_fn="silu").eval()
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)
+        block.norm.bias.normal_()
+    return block.to(dtype)
+
+
+def test_res_block_with_a_residual_in_another_layout_runs_the_stock_tail():
+    block = _res_block()
+    x = torch.randn(2, 16, 7, 5).transpose(2, 3)  # the conv output is contiguous NCHW, the residual is not
+    with torch.no_grad():
+        expected = block(x)
+        dcgen_kernels.patch(block, backend="triton")
+        dcgen_kernels._backend._warned.clear()
+        with pytest.warns(RuntimeWarning, match="ResBlock runs diffusers' norm \\+ residual because its conv output "
+                                                "and residual are not both contiguous NCHW or both channels-last"):
+            got = block(x)
+    assert torch.equal(got, expected)
+
+
+def test_res_block_with_float32_norm_weights_in_a_bf16_block_promotes_as_stock():
+    block = _res_block(torch.bfloat16)
+    block.norm.float()  # kept in float32, as diffusers' _keep_in_fp32_modules does
+    x = torch.randn(2, 16, 5, 7, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = block(x)
+        dcgen_kernels.patch(block, backend="reference")
+        dcgen_kernels._backend._warned.clear()
+        with pytest.warns(RuntimeWarning, match="different dtypes"):
+            got = block(x)
+    assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_res_block_with_another_norm_class_is_skipped():
+    model = tiny_dcae()
+    block = model.get_submodule("encoder.down_blocks.0.0")
+    block.norm = torch.nn.RMSNorm(block.conv1.in_channels, eps=1e-5)
+    x = torch.randn(1, block.conv1.in_channels, 6, 5)
+    with torch.no_grad():
+        expected = block(x)
+        dcgen_kernels.patch(model, backend="reference")
+        got = block(x)
+    reason = "its norm is torch.nn.modules.normalization.RMSNorm, not diffusers' RMSNorm"
+    assert ("encoder.down_blocks.0.0", "dcae", reason) in dcgen_kernels.patch_report(model).skipped
+    assert torch.equal(got, expected)

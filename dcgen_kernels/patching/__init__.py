@@ -33,6 +33,9 @@ class PatchReport:
     quantization: Optional[QuantReport] = None  # which linears were quantized, weight memory before/after
     cuda_graph: bool = False  # forward captured in CUDA graphs (patching/cuda_graph.py)
 
+    def module_label(self, name: str) -> str:
+        return name or f"{self.model} (the model)"
+
     def __str__(self) -> str:
         lines = [f"dcgen_kernels.patch({self.model}, backend={self.backend!r}): "
                  f"{len(self.replaced)} replaced, {len(self.skipped)} skipped"]
@@ -40,7 +43,7 @@ class PatchReport:
         for _, family, cls in self.replaced:
             counts[(family, cls)] = counts.get((family, cls), 0) + 1
         lines += [f"  replaced {n} x {cls} ({family})" for (family, cls), n in counts.items()]
-        lines += [f"  skipped {name or f'{self.model} (the model)'}: {reason}" for name, _, reason in self.skipped]
+        lines += [f"  skipped {self.module_label(name)}: {reason}" for name, _, reason in self.skipped]
         if self.quantization is not None:
             lines.append(f"  {self.quantization}")
         if self.cuda_graph:
@@ -110,7 +113,8 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
                 report.skipped.append((name, family.FAMILY, reason))
             break
     if not report.replaced:
-        detail = f" (skipped: {'; '.join(f'{n}: {r}' for n, _, r in report.skipped)})" if report.skipped else ""
+        skipped = "; ".join(f"{report.module_label(name)}: {reason}" for name, _, reason in report.skipped)
+        detail = f" (skipped: {skipped})" if skipped else ""
         raise ValueError(f"dcgen_kernels.patch found no supported module in {type(model).__name__}{detail}. "
                          f"Supported: {_supported_text()}")
     if quant is not None:

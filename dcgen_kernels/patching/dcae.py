@@ -11,7 +11,7 @@ import torch
 
 from .._backend import warn_once
 from ..ops.channel_rms_norm import channel_rms_norm, layout
-from ._instance import backend_of, replace_forward, restore_forward, stock_when_unfusable
+from ._instance import backend_of, qualified_type, replace_forward, restore_forward, stock_when_unfusable
 
 FAMILY = "dcae"
 SUPPORTED = "AutoencoderDC: ResBlock with rms_norm"
@@ -51,8 +51,10 @@ def _fused_tail_error(x: torch.Tensor, residual: torch.Tensor, norm) -> Optional
 def _skip_reason(block) -> Optional[str]:
     from diffusers.models.normalization import RMSNorm
 
-    if block.norm_type != "rms_norm" or type(block.norm) is not RMSNorm:
+    if block.norm_type != "rms_norm":
         return f"norm_type {block.norm_type!r} (only rms_norm is fused)"
+    if type(block.norm) is not RMSNorm:
+        return f"its norm is {qualified_type(block.norm)}, not diffusers' RMSNorm"
     return None
 
 

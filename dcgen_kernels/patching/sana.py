@@ -237,7 +237,9 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     norm = _handed_over_norm1(self, hidden_states, timestep)
     if norm is None:
         norm = _norm1(self, hidden_states, scale_msa, shift_msa, backend)
-    hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm), backend=backend)
+    attn_output = self.attn1(norm)
+    hidden_states = gated_residual(_as_stock_sum_dtype(hidden_states, gate_msa, attn_output), gate_msa, attn_output,
+                                   backend=backend)
     unfused_ff = _mix_ffn_unfused_reason(self.ff)
     fp8_ff = unfused_ff is None and _fp8_mix_ffn(self.ff)
     norm_backend = _quantize_backend(backend) if fp8_ff else backend
@@ -265,6 +267,14 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     if successor is None:
         return gated_residual(hidden_states, gate_mlp, ff, backend=backend)
     return _hand_over_norm1(successor, hidden_states, gate_mlp, ff, timestep, backend)
+
+
+def _as_stock_sum_dtype(residual, gate, x):
+    """residual in the dtype of stock's `residual + gate * x`, which promotes, where the fused ops return residual's
+    dtype: under autocast an fp32 SANA's gates (fp32 scale_shift_table) make the residual stream fp32 from the
+    first block on, after a bf16 patch embedding."""
+    dtype = torch.promote_types(residual.dtype, torch.promote_types(gate.dtype, x.dtype))
+    return residual if dtype == residual.dtype else residual.to(dtype)
 
 
 def _norm1(block, hidden_states, scale, shift, backend):
