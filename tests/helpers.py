@@ -31,6 +31,40 @@ def assert_patch_keeps_gradients(model, inputs) -> None:
         assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-7, n
 
 
+def assert_patched_modules_return_stock_dtypes(model, call) -> None:
+    """Under the caller's autocast / dtypes: every submodule that `call(model)` runs both before and after patch()
+    returns the dtypes it returned stock. Recorded with a global forward hook, which the patched forwards do not see
+    (a hook on a submodule would send them to diffusers' code)."""
+    import dcgen_kernels
+
+    names = {id(module): name for name, module in model.named_modules() if name}
+    record: dict = {}
+
+    def dtypes(out):
+        if isinstance(out, (tuple, list)):
+            return tuple(dtypes(x) for x in out)
+        return out.dtype if torch.is_tensor(out) else type(out).__name__
+
+    def hook(module, args, out):
+        if id(module) in names:
+            record.setdefault(names[id(module)], []).append(dtypes(out))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            call(model)
+            stock = dict(record)
+            record.clear()
+            dcgen_kernels.patch(model, backend="reference")
+            call(model)
+    finally:
+        handle.remove()
+    compared = [name for name in stock if name in record]
+    assert compared and dcgen_kernels.patch_report(model).replaced
+    differing = {name: (stock[name], record[name]) for name in compared if record[name] != stock[name]}
+    assert not differing, f"(stock, patched) output dtypes: {differing}"
+
+
 def rope_tables(seq_len: int, head_dim: int, device="cpu"):
     """FLUX RoPE tables for a (txt zeros + square image grid) sequence, as FluxPosEmbed builds them."""
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed

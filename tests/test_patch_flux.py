@@ -5,7 +5,8 @@ import torch
 
 import dcgen_kernels
 from dcgen_kernels.patching.flux import DCGenFluxAttnProcessor
-from tests.helpers import TOLERANCE, assert_patch_keeps_gradients, rel_l2, tiny_flux, tiny_flux_inputs
+from tests.helpers import (TOLERANCE, assert_patch_keeps_gradients, assert_patched_modules_return_stock_dtypes, rel_l2,
+                           tiny_flux, tiny_flux_inputs)
 
 
 def run(model, inputs):
@@ -39,6 +40,12 @@ def test_patched_triton_bf16_matches_fp32_stock(fused):
     patched_error = rel_l2(run(model, bf16_inputs), expected)
     # The fused op runs its norm/RoPE in fp32, so it is no less accurate than stock bf16 diffusers.
     assert patched_error <= max(1.5 * stock_error, TOLERANCE[torch.bfloat16]), (patched_error, stock_error)
+
+
+def test_patched_modules_return_stock_dtypes_under_autocast():
+    inputs = tiny_flux_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_patched_modules_return_stock_dtypes(tiny_flux(), lambda model: model(**inputs))
 
 
 def test_patch_replaces_every_flux_attention_and_reports_it():
