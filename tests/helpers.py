@@ -37,7 +37,7 @@ def assert_patched_modules_return_stock_dtypes(model, call) -> None:
     (a hook on a submodule would send them to diffusers' code)."""
     import dcgen_kernels
 
-    names = {id(module): name for name, module in model.named_modules() if name}
+    names = {id(module): name or "(the model)" for name, module in model.named_modules()}
     record: dict = {}
 
     def dtypes(out):
