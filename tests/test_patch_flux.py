@@ -157,8 +157,17 @@ def test_patched_model_compiles_without_graph_breaks_and_matches():
     assert rel_l2(run(compiled, inputs), expected) < 1e-5
 
 
-def test_patched_model_gradients_match_stock():
-    assert_patch_keeps_gradients(tiny_flux(), tiny_flux_inputs())
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_patched_model_gradients_match_stock(checkpointing):
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    checkpointed = []
+    if checkpointing:  # diffusers' gradient checkpointing: the blocks run again in the backward pass
+        model.enable_gradient_checkpointing()
+        checkpoint = model._gradient_checkpointing_func
+        model._gradient_checkpointing_func = lambda block, *args: (checkpointed.append(block),
+                                                                   checkpoint(block, *args))[1]
+    assert_patch_keeps_gradients(model, inputs)
+    assert len(checkpointed) == (4 if checkpointing else 0)  # two blocks, stock and patched
 
 
 @pytest.mark.gpu
