@@ -31,11 +31,16 @@ def assert_patch_keeps_gradients(model, inputs) -> None:
         assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-7, n
 
 
-def assert_patched_modules_return_stock_dtypes(model, call) -> None:
+def assert_patched_modules_return_stock_dtypes(model, call, quant=None, fused_epilogues=()) -> None:
     """Under the caller's autocast / dtypes: every submodule that `call(model)` runs both before and after patch()
     returns the dtypes it returned stock. Recorded with a global forward hook, which the patched forwards do not see
-    (a hook on a submodule would send them to diffusers' code)."""
+    (a hook on a submodule would send them to diffusers' code). quant: the stock run is on the quantized layers
+    (`quantize`), except the linears whose names end with one of `fused_epilogues`: patched, they return the block's
+    `residual + gate * y`."""
     import dcgen_kernels
+
+    if quant is not None:
+        dcgen_kernels.quantize(model, quant=quant, backend="reference", keep_original=True)
 
     names = {id(module): name or "(the model)" for name, module in model.named_modules()}
     record: dict = {}
@@ -55,11 +60,11 @@ def assert_patched_modules_return_stock_dtypes(model, call) -> None:
             call(model)
             stock = dict(record)
             record.clear()
-            dcgen_kernels.patch(model, backend="reference")
+            dcgen_kernels.patch(model, backend="reference", **({"quant": quant, "keep_original": True} if quant else {}))
             call(model)
     finally:
         handle.remove()
-    compared = [name for name in stock if name in record]
+    compared = [name for name in stock if name in record and not name.endswith(tuple(fused_epilogues))]
     assert compared and dcgen_kernels.patch_report(model).replaced
     differing = {name: (stock[name], record[name]) for name in compared if record[name] != stock[name]}
     assert not differing, f"(stock, patched) output dtypes: {differing}"

@@ -528,3 +528,28 @@ def test_fp8_linear_module_names_its_input_width(x):
 
     with pytest.raises(ValueError, match="x must have last dimension in_features=64"):
         FP8Linear(64, 32)(x)
+
+
+def test_fp8_linear_module_follows_autocast_and_promotes_its_epilogue_as_stock():
+    """As nn.Linear under autocast: the input cast, the output in the autocast dtype, an already quantized input
+    standing for it. With a gate and residual, the dtype of stock's `residual + gate * linear(x)`."""
+    from dcgen_kernels.quant import FP8Linear
+
+    linear = torch.nn.Linear(64, 32)
+    layer = FP8Linear.from_linear(linear, backend="reference")
+    x = torch.randn(2, 5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x).dtype == torch.bfloat16
+        out = layer(x)
+        quantized = layer(quantize_fp8(x, backend="reference"))  # produced from float32 rows
+    assert out.dtype == quantized.dtype == torch.bfloat16
+    assert torch.equal(out, layer(x.to(torch.bfloat16)))
+    exact = linear(x).detach()
+    assert rel_l2(out.float(), exact) < QUANT_TOL and rel_l2(quantized.float(), exact) < QUANT_TOL
+    gate, residual = torch.randn(2, 32), torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x, gate=gate, residual=residual)
+        expected = residual + gate[:, None] * layer(x)
+    assert fused.dtype == expected.dtype == torch.float32
+    assert rel_l2(fused, expected) < 1e-2  # y rounded to bf16 in `expected` only
+    assert layer(x.to(torch.bfloat16), residual=residual).dtype == torch.float32  # without autocast too

@@ -223,3 +223,16 @@ def test_jit_trace_records_the_custom_op():
     residual, gate, x = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 5, 8)
     traced = torch.jit.trace(lambda x: gated_residual(residual, gate, x, backend="reference"), (x,), check_trace=False)
     assert "dcgen::gated_residual" in str(traced.graph)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["direct", "dispatcher"])
+def test_ops_keep_their_own_precision_under_autocast(requires_grad):
+    """Autocast is off inside an op: the reference's fp32 matmuls are not run in bf16 (the Triton and CUDA kernels
+    set their precision whatever the autocast state)."""
+    from dcgen_kernels.ops.sana_linear_attention import sana_linear_attention
+
+    q, k, v = (torch.randn(2, 40, 64, requires_grad=requires_grad) for _ in range(3))
+    expected = sana_linear_attention(q, k, v, 2, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sana_linear_attention(q, k, v, 2, backend="reference")
+    assert got.dtype == torch.float32 and torch.equal(got, expected)

@@ -63,15 +63,17 @@ def test_sana_and_dcae_patched_under_autocast_match_stock():
     assert image.dtype == expected_image.dtype and rel_l2(image, expected_image) < TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("model", ["sana", "dcae_decode", "dcae_encode"])
-def test_patched_modules_return_stock_dtypes_under_autocast(model):
+@pytest.mark.parametrize("model,quant", [("sana", None), ("sana", "fp8"), ("sana", "nvfp4"), ("dcae_decode", None),
+                                         ("dcae_encode", None)])
+def test_patched_modules_return_stock_dtypes_under_autocast(model, quant):
     calls = {"sana": (lambda: tiny_sana(qk_norm="rms_norm_across_heads"), lambda m: m(**tiny_sana_inputs())),
              "dcae_decode": (tiny_dcae, lambda m: m.decode(torch.randn(1, 8, 4, 4))),
              "dcae_encode": (tiny_dcae, lambda m: m.encode(torch.randn(1, 3, 16, 16)))}
     make, call = calls[model]
+    fused_epilogues = ("ff.conv_point.linear",) if quant == "fp8" else ()
     with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DC-AE's fallback for its mixed-dtype tail, tested above
-        assert_patched_modules_return_stock_dtypes(make(), call)
+        assert_patched_modules_return_stock_dtypes(make(), call, quant, fused_epilogues)
 
 
 def test_sana_patched_triton_bf16_close_to_fp32_stock():

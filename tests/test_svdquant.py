@@ -197,3 +197,14 @@ def test_layer_traces_with_torch_compile_fullgraph(activations):
     x = torch.randn(3, 64)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)  # custom ops + fake impls: no graph break
     assert torch.equal(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("activations", ["nvfp4", "bf16"])
+def test_layer_follows_autocast_as_nn_linear(activations):
+    lin = linear(64, 40)
+    x = torch.randn(2, 9, 64)
+    layer = SVDQuantLinear.from_linear(lin, rank=16, calibration=x, activations=activations, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, layer(x.to(torch.bfloat16)))  # autocast off in the ops

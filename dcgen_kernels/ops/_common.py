@@ -14,6 +14,14 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype autocast would run a Linear or conv on x (a tensor, or anything with its dtype and device) in, or
+    None outside autocast (float64 is left alone)."""
+    if x.dtype in FLOAT_DTYPES and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -126,12 +134,26 @@ def on_inputs_device(fn: Callable) -> Callable:
     return run
 
 
+def without_autocast(fn: Callable) -> Callable:
+    """fn run with autocast off: an op sets its own precision (fp32 math rounded once, the reference included, whose
+    matmuls autocast would run in 16 bits), as the Triton and CUDA kernels do whatever the autocast state."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def custom_op(name: str):
     """Decorator: `torch.library.custom_op(name, mutates_args=())` that keeps the Python implementation for call_op;
-    both run on their inputs' GPU (on_inputs_device)."""
+    both run on their inputs' GPU (on_inputs_device) with autocast off (without_autocast)."""
 
     def register(fn: Callable):
-        fn = on_inputs_device(fn)
+        fn = without_autocast(on_inputs_device(fn))
         op = torch.library.custom_op(name, mutates_args=())(fn)
         op.eager_impl = fn
         return op

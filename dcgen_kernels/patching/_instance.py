@@ -193,12 +193,6 @@ def warn_unfused(where: str, reason: str) -> None:
     _backend.warn_once(f"unfused:{where}:{reason}", f"dcgen_kernels: {where} runs diffusers' code because {reason}")
 
 
-def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast would run a Linear or conv on x in, or None outside autocast (float64 is left alone)."""
-    if x.dtype in FLOAT_DTYPES and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
 
 def precomputed_call_signature(cls):
     """Class decorator for attention processors. diffusers' attention modules call

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from ..ops._common import autocast_dtype
 from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
                                   gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8)
 from ..ops.glumbconv import depthwise_glu, glumbconv
@@ -37,7 +38,7 @@ from ..ops.key_padding_attention import SANA_MASK_BIAS, captured_with, graph_pla
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, project_concatenated, separate
-from ._instance import (autocast_dtype, backend_of, not_plain, precomputed_call_signature, replace_forward,
+from ._instance import (backend_of, not_plain, precomputed_call_signature, replace_forward,
                         restore_forward, runs_own_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
                         warn_unfused)
 from .quant import QuantizedPointwiseConv

@@ -8,12 +8,13 @@ scales and bias are buffers, so `state_dict` / safetensors round-trip them; the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
 
 from .. import _backend
-from ..ops._common import FLOAT_DTYPES
+from ..ops._common import FLOAT_DTYPES, autocast_dtype
 from ..ops.fp8_linear import FP8_DTYPE, FP8Activation, dequantize_fp8, fp8_linear, quantize_weight_fp8
 from ._storage import KeepsQuantizedDtypes
 
@@ -66,6 +67,14 @@ class FP8Linear(KeepsQuantizedDtypes):
         if width != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features} (a tensor or FP8Activation), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        # The output dtype stock's code would get: nn.Linear's (the autocast dtype under autocast), promoted by
+        # `residual + gate * y`. fp8_linear returns x's dtype: x is cast, or relabelled when already quantized.
+        out_dtype = autocast_dtype(x) or x.dtype
+        for extra in (gate, residual):
+            if extra is not None:
+                out_dtype = torch.promote_types(out_dtype, extra.dtype)
+        if out_dtype != x.dtype:
+            x = x.to(out_dtype) if isinstance(x, torch.Tensor) else dataclasses.replace(x, dtype=out_dtype)
         if isinstance(x, torch.Tensor) and x.dim() > 1 and x.stride(-1) != 1:
             x = x.contiguous()  # e.g. diffusers' transposed patch-embedding tokens: the quantizer needs stride 1
         if isinstance(x, torch.Tensor) and x.dim() not in (2, 3) and gate is None and residual is None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..ops._common import FLOAT_DTYPES
+from ..ops._common import FLOAT_DTYPES, autocast_dtype
 from ..ops.nvfp4_gemm import nvfp4_gemm, nvfp4_w4a16_gemm
 from ..ops.nvfp4_quantize import E2M1_MAX, E4M3_MAX, GROUP_SIZE, quantize_nvfp4, quantize_nvfp4_activations
 from ._storage import KeepsQuantizedDtypes
@@ -173,6 +173,9 @@ class SVDQuantLinear(KeepsQuantizedDtypes):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
+        cast = autocast_dtype(x)
+        if cast is not None and cast != x.dtype:  # as nn.Linear under autocast: in and out in the autocast dtype
+            x = x.to(cast)
         if self.external_kernel is not None and x.is_cuda and _backend.requested(self.backend) in ("auto", "cuda"):
             return self.external_kernel(x)
         dtype = x.dtype
