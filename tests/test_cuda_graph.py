@@ -5,6 +5,7 @@ replay that recomputes from the static input buffers into the SAME output tensor
 static outputs), so every rule of the wrapper is exercised; the real capture runs in the GPU test."""
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -402,3 +403,268 @@ def test_parameters_or_buffers_off_the_inputs_device_run_eagerly(fake_graphs):
     with pytest.warns(RuntimeWarning, match="not on the inputs' GPU \\(offloaded\\?\\)"):
         got = _eager_out(model, inputs)
     assert torch.equal(got, expected) and fake_graphs.captures == 0
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x, n=1, cfg=(), a=None, b=None):
+        out = x * n + sum(cfg)
+        if a is not None:
+            out = out + a
+        if b is not None:
+            out = out + 10 * b
+        return out
+
+
+def _toy():
+    model = Toy().eval()
+    cuda_graph.enable(model)
+    return model
+
+
+def test_strides_and_batch_size_are_part_of_the_signature(fake_graphs):  # M04, M06
+    model = _toy()
+    with torch.no_grad():
+        model(torch.randn(4, 3))
+        transposed = torch.randn(3, 4).t()  # same shape, other strides
+        assert torch.equal(model(transposed), transposed)
+        assert fake_graphs.captures == 2
+        model(torch.randn(1, 4, 3))
+        batch2 = torch.randn(2, 4, 3)  # same strides, other batch size
+        assert torch.equal(model(batch2), batch2) and fake_graphs.captures == 4
+
+
+def test_a_value_equal_to_the_captured_one_but_of_another_type_captures_again(fake_graphs):  # M09
+    model, x = _toy(), torch.arange(4)
+    with torch.no_grad():
+        assert model(x, 2).dtype == torch.int64
+        out = model(x, 2.0)
+    assert out.dtype == torch.float32 and fake_graphs.captures == 2
+
+
+def test_unhashable_values_are_keyed_by_their_repr(fake_graphs):  # M10
+    model, x = _toy(), torch.zeros(2)
+    with torch.no_grad():
+        model(x, cfg={1})
+        assert torch.equal(model(x, cfg={1, 2}), torch.full((2,), 3.0)) and fake_graphs.captures == 2
+        model(x, cfg={1})
+    assert fake_graphs.replays == 1
+
+
+def test_argument_structure_is_part_of_the_signature(fake_graphs):  # M11
+    model, x, t = _toy(), torch.zeros(2), torch.ones(2)
+    with torch.no_grad():
+        assert torch.equal(model(x, a=t), t)
+        assert torch.equal(model(x, b=t), 10 * t)  # same leaves, other keyword
+    assert fake_graphs.captures == 2
+
+
+def test_autocast_dtype_is_part_of_the_signature(fake_graphs):  # M02
+    model = Toy().eval()
+    model.forward = types.MethodType(lambda self, x: self.lin(x), model)
+    cuda_graph.enable(model)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert model(x).dtype == torch.float16
+    assert fake_graphs.captures == 2
+
+
+def test_a_warm_up_that_moves_weights_drops_the_graphs_captured_before(fake_graphs):  # M45
+    """The first call of a shape re-places the weight (as fused projections are placed after model.to): the graph
+    captured earlier for another shape holds the old address and must be captured again."""
+    model = Toy().eval()
+    seen = set()
+
+    def forward(self, x):
+        if x.shape not in seen:
+            seen.add(x.shape)
+            self.lin.weight.data = self.lin.weight.data.clone()
+        return self.lin(x)
+
+    model.forward = types.MethodType(forward, model)
+    cuda_graph.enable(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3))
+        model(torch.randn(4, 3))
+        assert fake_graphs.captures == 2
+        model(torch.randn(2, 3))
+    assert fake_graphs.captures == 3 and len(cuda_graph.graphed(model).graphs) == 2
+
+
+def test_each_eager_reason_warns_once(fake_graphs):  # M53
+    model, x = _toy(), torch.randn(2, 3)
+    with pytest.warns(RuntimeWarning, match="gradients are enabled"):
+        model(x)
+    model.lin.register_forward_hook(lambda *args: None)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="a submodule has forward hooks"):
+        model(x)
+
+
+def test_each_capture_failure_cause_warns(monkeypatch):  # M59
+    causes = iter(["first cause", "second cause"])
+
+    def capture(run, device):
+        raise cuda_graph.CaptureError(RuntimeError(next(causes)), run())
+
+    monkeypatch.setattr(cuda_graph, "capture", capture)
+    monkeypatch.setattr(cuda_graph, "graph_unsupported_reason", lambda tensors: None)
+    model = _toy()
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="first cause"):
+            model(torch.randn(2, 3))
+        with pytest.warns(RuntimeWarning, match="second cause"):
+            model(torch.randn(4, 3))
+
+
+def test_forward_pre_hooks_on_a_submodule_run_eagerly(fake_graphs):  # M27
+    model, x = _toy(), torch.randn(2, 3)
+    model.lin.register_forward_pre_hook(lambda *args: None)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="a submodule has forward hooks"):
+        model(x)
+    assert fake_graphs.captures == 0
+
+
+def test_graph_unsupported_reason_device_rules():  # M13, M14, M15
+    on = lambda *devices: [types.SimpleNamespace(device=torch.device(d)) for d in devices]  # noqa: E731
+    with torch.no_grad():
+        assert "no device" in cuda_graph.graph_unsupported_reason([])
+        assert "not one CUDA device" in cuda_graph.graph_unsupported_reason(on("cuda:0", "cpu"))
+        assert "several devices" in cuda_graph.graph_unsupported_reason(on("cuda:0", "cuda:1"))
+        assert cuda_graph.graph_unsupported_reason(on("cuda:1", "cuda:1")) is None
+
+
+def _fake_torch_cuda(monkeypatch, events, fail=False):
+    class Stream:
+        def __init__(self, *args):
+            self.name = "side" if args else "current"
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    @contextlib.contextmanager
+    def stream(s):
+        events.append(f"enter {s.name}")
+        yield
+        events.append(f"exit {s.name}")
+
+    @contextlib.contextmanager
+    def graph(g):
+        events.append("capture")
+        yield
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+def test_capture_warms_up_on_a_side_stream_then_captures(monkeypatch):  # M49, M50
+    events = []
+    _fake_torch_cuda(monkeypatch, events)
+    warm, replay = cuda_graph.capture(lambda: events.append("run") or len(events), torch.device("cuda:0"))
+    assert events == ["side waits current", "enter side", "run", "exit side", "current waits side", "capture", "run"]
+    assert warm == 3 and replay() == 7
+
+
+def test_a_failing_real_capture_raises_capture_error_with_the_warm_up_output(monkeypatch):  # M47
+    _fake_torch_cuda(monkeypatch, [], fail=True)
+    outs = iter(["warm", "captured"])
+    with pytest.raises(cuda_graph.CaptureError, match="operation not permitted") as err:
+        cuda_graph.capture(lambda: next(outs), torch.device("cuda:0"))
+    assert err.value.output == "warm"
+
+
+def test_enable_twice_wraps_the_forward_once(fake_graphs):  # M54
+    model = Toy()
+    cuda_graph.enable(model)
+    cuda_graph.enable(model)
+    assert not isinstance(cuda_graph.graphed(model).forward, cuda_graph.GraphedForward)
+    assert cuda_graph.disable(model) and "forward" not in model.__dict__
+
+
+def _flux_with_adapters():
+    from peft import LoraConfig
+
+    model = tiny_flux()
+    for name in ("a", "b"):
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "proj_mlp"], init_lora_weights=False),
+                          adapter_name=name)
+    return model, tiny_flux_inputs()
+
+
+def test_switching_to_another_adapter_of_the_same_scaling_captures_again(fake_graphs):  # M21
+    model, inputs = _flux_with_adapters()
+    model.set_adapters("a")
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    _eager_out(model, inputs)
+    model.set_adapters("b")
+    _eager_out(model, inputs)
+    assert fake_graphs.captures == 2
+
+
+def test_changing_only_adapter_weights_captures_again(fake_graphs):  # M24, M25
+    model, inputs = _flux_with_adapters()
+    model.set_adapters(["a", "b"], [0.2, 1.5])
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    _eager_out(model, inputs)
+    model.set_adapters(["a", "b"], [0.3, 1.5])
+    _eager_out(model, inputs)
+    assert fake_graphs.captures == 2
+
+
+def test_merging_adapters_in_place_captures_again(fake_graphs):  # M23
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model, inputs = _flux_with_adapters()
+    model.set_adapters("a")
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    _eager_out(model, inputs)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    assert ptrs == [p.data_ptr() for p in model.parameters()]  # in place: only merged_adapters shows it
+    _eager_out(model, inputs)
+    assert fake_graphs.captures == 2
+
+
+def test_device_is_part_of_the_signature():  # M07
+    leaves, spec = [torch.zeros(2)], None
+    cpu = cuda_graph._signature(spec, leaves, torch.device("cpu"))
+    assert cpu != cuda_graph._signature(spec, [torch.zeros(2, device="meta")], torch.device("cpu"))
+
+
+def test_train_and_eval_capture_again(fake_graphs):
+    """A graph bakes in dropout's and batch norm's mode: train() / eval() drop it."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5)).eval()
+    cuda_graph.enable(model)
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        model(x)
+        model.train()
+        model(x)
+        model.eval()
+        model(x)
+    assert fake_graphs.captures == 3 and fake_graphs.replays == 0
+
+
+def test_global_module_hooks_run_eagerly(fake_graphs):
+    model, calls = _toy(), []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(module))
+    try:
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="global module forward hooks"):
+            model(torch.randn(2, 3))
+            model(torch.randn(2, 3))
+    finally:
+        handle.remove()
+    assert fake_graphs.captures == 0 and calls.count(model) == 2

@@ -18,15 +18,15 @@ Rules:
 - eager, with a one-time warning naming why: gradients enabled (graphs here are for inference: run under
   torch.no_grad() or torch.inference_mode(), as diffusers pipelines do), a tensor off the GPU or on several GPUs,
   a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures, forward hooks on
-  a submodule.
+  a submodule or global module hooks.
 - the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen. What else a graph
   bakes in is checked on every call (`_model_state`: each parameter's and buffer's storage, dtype and device, the
-  attention processors, peft adapters' selection and scaling): after `model.to(...)`, `load_state_dict(assign=True)`, a
-  LoRA fuse, a processor swap or `set_adapters` / `disable_adapters` the graphs are dropped and captured again; a
-  submodule with forward hooks (which a replay would not run) runs eagerly; parameters off the inputs' GPU (CPU
-  offloading) run eagerly. Autocast's state is part of the signature. patch() called again or unpatch() drop the
-  graphs, since modules may have been replaced. Each graph keeps its own memory pool (activations of one step) until
-  then.
+  attention processors, peft adapters' selection and scaling, train / eval modes): after `model.to(...)`,
+  `load_state_dict(assign=True)`, a LoRA fuse, a processor swap, `set_adapters` / `disable_adapters` or
+  `train()` / `eval()` the graphs are dropped and captured again; a submodule with forward hooks (which a replay
+  would not run) runs eagerly; parameters off the inputs' GPU (CPU offloading) run eagerly. Autocast's state is part
+  of the signature. patch() called again or unpatch() drop the graphs, since modules may have been replaced. Each
+  graph keeps its own memory pool (activations of one step) until then.
 """
 
 from __future__ import annotations
@@ -77,19 +77,22 @@ def _tensors(modules: list):
 def _model_state(modules: list) -> tuple:
     """What a captured graph holds besides its inputs: the address of every parameter and buffer, the submodules and
     the attention processors (diffusers keeps them in a module's __dict__), and `_python_state`. model.to(...),
-    load_state_dict(assign=True), a LoRA fuse, a module or processor swap, set_adapters / disable_adapters and forward
-    hooks on a submodule each change it. ~1.0 ms per call for FLUX-12B's 1275 modules on the CI CPU (0.26 ms of it
-    `_python_state`), while the previous step's graph still runs on the GPU."""
+    load_state_dict(assign=True), a LoRA fuse, a module or processor swap, set_adapters / disable_adapters, train() /
+    eval() and forward hooks on a submodule each change it. ~1.0 ms per call for FLUX-12B's 1275 modules on the CI
+    CPU (0.26 ms of it `_python_state`, before it read the training flags), while the previous step's graph still
+    runs on the GPU."""
     return (tuple(t.data_ptr() for t in _tensors(modules)), tuple(id(c) for m in modules for c in m._modules.values()),
             tuple(id(m.__dict__.get("processor")) for m in modules), _python_state(modules))
 
 
 def _python_state(modules: list) -> tuple:
-    """(peft state, hooked): Python state a capture bakes in that no tensor shows, a peft layer's active adapters,
-    disabled flag, merged adapters and scalings (set_adapters with weights); and whether a submodule (modules[0] is
-    the model, whose hooks run around the graphed forward) has forward hooks, which a replay would not run."""
-    peft, hooked = [], False
+    """(peft state, hooked, train/eval modes): Python state a capture bakes in that no tensor shows, a peft layer's
+    active adapters, disabled flag, merged adapters and scalings (set_adapters with weights); whether a submodule
+    (modules[0] is the model, whose hooks run around the graphed forward) has forward hooks, which a replay would not
+    run; and each module's training flag (dropout, batch norm)."""
+    peft, hooked, modes = [], False, []
     for m in modules:
+        modes.append(m.training)
         attrs = m.__dict__
         if "_active_adapter" in attrs:  # peft's BaseTunerLayer
             scaling = attrs.get("scaling") or {}
@@ -97,7 +100,13 @@ def _python_state(modules: list) -> tuple:
                          tuple(attrs.get("merged_adapters", ())),
                          tuple((k, v if isinstance(v, (int, float)) else id(v)) for k, v in scaling.items())))
         hooked = hooked or (m is not modules[0] and bool(m._forward_hooks or m._forward_pre_hooks))
-    return tuple(peft), hooked
+    return tuple(peft), hooked, tuple(modes)
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 class CaptureError(RuntimeError):
@@ -168,6 +177,9 @@ class GraphedForward:
             self.modules, self.state = modules, _model_state(modules)
         if self.state[-1][1]:
             return self._eager("a submodule has forward hooks, which a graph replay would not run", args, kwargs)
+        if _global_module_hooks():
+            return self._eager("global module forward hooks are registered (torch.nn.modules.module."
+                               "register_module_forward_hook), which a graph replay would not run", args, kwargs)
         key = _signature(spec, leaves, tensors[0].device)
         planned = None if self.plan_inputs is None else self.plan_inputs(args, kwargs)
         if planned is not None:
