@@ -14,9 +14,17 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def assert_patch_keeps_gradients(model, inputs) -> None:
-    """DC-Gen fine-tunes through patched models: every parameter gradient must equal the stock one."""
+def assert_patch_keeps_gradients(model, inputs, checkpointing: bool = False) -> None:
+    """DC-Gen fine-tunes through patched models: every parameter gradient must equal the stock one. checkpointing:
+    with diffusers' gradient checkpointing, whose blocks run again in the backward pass (checked to be used)."""
     import dcgen_kernels
+
+    checkpointed = []
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+        checkpoint = model._gradient_checkpointing_func
+        model._gradient_checkpointing_func = lambda block, *args: (checkpointed.append(block),
+                                                                   checkpoint(block, *args))[1]
 
     def grads():
         model.zero_grad()
@@ -29,6 +37,7 @@ def assert_patch_keeps_gradients(model, inputs) -> None:
     assert got.keys() == expected.keys()
     for n in expected:  # some gradients are exactly zero in theory (e.g. a key bias under softmax): absolute floor
         assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-7, n
+    assert bool(checkpointed) == checkpointing
 
 
 def assert_patched_modules_return_stock_dtypes(model, call, quant=None, fused_epilogues=()) -> None:
@@ -60,7 +69,8 @@ def assert_patched_modules_return_stock_dtypes(model, call, quant=None, fused_ep
             call(model)
             stock = dict(record)
             record.clear()
-            dcgen_kernels.patch(model, backend="reference", **({"quant": quant, "keep_original": True} if quant else {}))
+            quantized = {"quant": quant, "keep_original": True} if quant else {}
+            dcgen_kernels.patch(model, backend="reference", **quantized)
             call(model)
     finally:
         handle.remove()
