@@ -193,7 +193,6 @@ def warn_unfused(where: str, reason: str) -> None:
     _backend.warn_once(f"unfused:{where}:{reason}", f"dcgen_kernels: {where} runs diffusers' code because {reason}")
 
 
-
 def precomputed_call_signature(cls):
     """Class decorator for attention processors. diffusers' attention modules call
     `inspect.signature(processor.__call__)` on every forward (to filter keyword arguments); a signature stored on the

@@ -30,8 +30,7 @@ from .. import _backend
 from ..ops._common import FLOAT_DTYPES, autocast_dtype
 from ..ops.patch_embed import PATCH_SIZES, patch_embed, patch_unembed
 from . import cuda_graph
-from ._instance import (adapter_hint, not_plain, qualified_type, reset_own_forward,
-                        set_own_forward, warn_unfused)
+from ._instance import adapter_hint, not_plain, qualified_type, reset_own_forward, set_own_forward, warn_unfused
 
 FAMILY = "latents"
 SUPPORTED = ("FluxTransformer2DModel (unpacked (B, C, h, w) latents) / SanaTransformer2DModel: x_embedder|"
