@@ -445,13 +445,77 @@ def test_a_value_equal_to_the_captured_one_but_of_another_type_captures_again(fa
     assert out.dtype == torch.float32 and fake_graphs.captures == 2
 
 
-def test_unhashable_values_are_keyed_by_their_repr(fake_graphs):  # M10
-    model, x = _toy(), torch.zeros(2)
+class Bag:
+    """An argument hashed by identity whose content changes between calls."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+@pytest.mark.parametrize("make_cfg, changed", [(lambda: {1}, lambda cfg: cfg.add(2)),
+                                               (lambda: Bag([1]), lambda cfg: cfg.items.append(2))],
+                         ids=["unhashable", "hashed_by_identity"])
+def test_values_a_signature_cannot_compare_run_eagerly(fake_graphs, make_cfg, changed):
+    """A set's repr or an object's identity says nothing of what it holds at the next call: such a call runs
+    eagerly, warned once, and sees the argument's current content."""
+    model, x, cfg = _toy(), torch.zeros(2), make_cfg()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=f"type {type(cfg).__name__} is neither a tensor nor a "
+                                                             "value hashed by its content"):
+        assert torch.equal(model(x, cfg=cfg), torch.ones(2))
+    changed(cfg)
     with torch.no_grad():
-        model(x, cfg={1})
-        assert torch.equal(model(x, cfg={1, 2}), torch.full((2,), 3.0)) and fake_graphs.captures == 2
-        model(x, cfg={1})
-    assert fake_graphs.replays == 1
+        assert torch.equal(model(x, cfg=cfg), torch.full((2,), 3.0))
+    assert fake_graphs.captures == 0
+
+
+def test_float_values_are_keyed_by_their_bits(fake_graphs):
+    """NaN != NaN: keyed by value, a NaN argument would capture again on every call; -0.0 == 0.0, yet 1 / -0.0 is
+    -inf."""
+    model = Toy().eval()
+    model.forward = types.MethodType(lambda self, x, n=1.0, a=None: x / n, model)
+    cuda_graph.enable(model)
+    x = torch.ones(2)
+    with torch.no_grad():
+        model(x, float("nan"))
+        assert model(x, float("nan")).isnan().all()
+        assert (fake_graphs.captures, fake_graphs.replays) == (1, 1)
+        assert torch.equal(model(x, 0.0), torch.full((2,), float("inf")))
+        assert torch.equal(model(x, -0.0), torch.full((2,), -float("inf"))) and fake_graphs.captures == 3
+        model(x, a=None)  # None is hashed by identity, and keyed as it is
+        model(x, a=None)
+    assert (fake_graphs.captures, fake_graphs.replays) == (4, 2)
+
+
+class Processor:
+    pass
+
+
+def test_storage_reinterpreted_in_place_or_a_processor_at_a_freed_ones_address_captures_again(fake_graphs):
+    """Kernels a graph captured bake in their weights' dtypes and shapes besides the addresses, which a view keeps;
+    and a new processor (or peft scaling object) may be allocated where a freed one lived, so the state must not
+    compare ids alone."""
+    model, x = _toy(), torch.randn(2, 3)
+    model.processor = Processor()
+    model.register_buffer("table", torch.zeros(3, 3))
+    with torch.no_grad():
+        model(x)
+        model.table.data = model.table.data.view(torch.int32)
+        model(x)
+        model.table.data = model.table.data.view(9)
+        model(x)
+        assert fake_graphs.captures == 3
+        model.processor = None
+        model.processor = Processor()
+        model(x)
+        model.lin.__dict__.update(_active_adapter="default", scaling={"default": Processor()})  # peft's layer state
+        model(x)
+        model.lin.scaling["default"] = None
+        model.lin.scaling["default"] = Processor()
+        model(x)
+    assert (fake_graphs.captures, fake_graphs.replays) == (6, 0)
 
 
 def test_argument_structure_is_part_of_the_signature(fake_graphs):  # M11
@@ -640,8 +704,8 @@ def test_merging_adapters_in_place_captures_again(fake_graphs):  # M23
 
 def test_device_is_part_of_the_signature():  # M07
     leaves, spec = [torch.zeros(2)], None
-    cpu = cuda_graph._signature(spec, leaves, torch.device("cpu"))
-    assert cpu != cuda_graph._signature(spec, [torch.zeros(2, device="meta")], torch.device("cpu"))
+    cpu, _ = cuda_graph._signature(spec, leaves, torch.device("cpu"))
+    assert cpu != cuda_graph._signature(spec, [torch.zeros(2, device="meta")], torch.device("cpu"))[0]
 
 
 def test_train_and_eval_capture_again(fake_graphs):

@@ -7,8 +7,8 @@ wall time, and the FP8 step at 4096 tokens 98 ms of kernels in ~259 ms: the host
 replayed graph issues all of a step's launches at once.
 
 Rules:
-- signature = the call's structure (args/kwargs pytree), every non-tensor value, and each tensor's shape, dtype,
-  device and strides. A new signature runs the forward eagerly once (warm-up: Triton JIT, library handles,
+- signature = the call's structure (args/kwargs pytree), every non-tensor value (`_value_key`), and each tensor's
+  shape, dtype, device and strides. A new signature runs the forward eagerly once (warm-up: Triton JIT, library handles,
   one-time warnings), then captures it with the call's tensors copied into static input buffers.
 - a known signature copies the tensors into its buffers, replays, and returns clones of the graph's outputs (the
   next replay overwrites them).
@@ -17,10 +17,10 @@ Rules:
   exact for every mask with that key (ops/key_padding_attention.graph_plan).
 - eager, with a one-time warning naming why: gradients enabled (graphs here are for inference: run under
   torch.no_grad() or torch.inference_mode(), as diffusers pipelines do), a tensor off the GPU or on several GPUs,
-  a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures, forward hooks on
-  a submodule or global module hooks.
+  a capture that fails (an op that synchronises with the host), more than MAX_GRAPHS signatures, an argument no
+  signature can hold (an object hashed by identity, a set), forward hooks on a submodule or global module hooks.
 - the graphs read the parameters where they live: in-place weight updates (load_state_dict) are seen. What else a graph
-  bakes in is checked on every call (`_model_state`: each parameter's and buffer's storage, dtype and device, the
+  bakes in is checked on every call (`_model_state`: each parameter's and buffer's address, dtype and shape, the
   attention processors, peft adapters' selection and scaling, train / eval modes): after `model.to(...)`,
   `load_state_dict(assign=True)`, a LoRA fuse, a processor swap, `set_adapters` / `disable_adapters` or
   `train()` / `eval()` the graphs are dropped and captured again; a submodule with forward hooks (which a replay
@@ -44,18 +44,36 @@ MAX_GRAPHS = 8  # signatures per model (e.g. resolutions x batch sizes); each ho
 _ATTR = "_dcgen_cuda_graph"
 
 
-def _signature(spec, leaves, device: torch.device) -> tuple:
+# Values hashed by identity that cannot change: keyed as they are. Any other value hashed by identity (an object whose
+# attributes a later call may have changed) or not hashable at all (a set, an array whose repr summarises it) is
+# nothing a key can compare, so its call runs eagerly.
+_IMMUTABLE_SINGLETONS = (type(None), type(Ellipsis), torch.dtype, torch.layout, torch.memory_format)
+
+
+def _value_key(value) -> Optional[tuple]:
+    """A non-tensor argument's part of the signature, or None when it has none (see _IMMUTABLE_SINGLETONS). Floats
+    by their bits: NaN equals itself (a NaN key would never be found again), -0.0 differs from 0.0."""
+    if isinstance(value, float):
+        return (type(value), value.hex())
+    hash_of = type(value).__hash__
+    if isinstance(value, _IMMUTABLE_SINGLETONS) or hash_of not in (None, object.__hash__):
+        return (type(value), value)
+    return None
+
+
+def _signature(spec, leaves, device: torch.device):
+    """(signature, None), or (None, why the call has none)."""
     parts = [str(spec), ("autocast", torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             parts.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride()))
-        else:
-            try:
-                hash(leaf)
-                parts.append(("value", type(leaf).__name__, leaf))
-            except TypeError:
-                parts.append(("value", type(leaf).__name__, repr(leaf)))
-    return tuple(parts)
+            continue
+        key = _value_key(leaf)
+        if key is None:
+            return None, (f"an argument of type {type(leaf).__name__} is neither a tensor nor a value hashed by its "
+                          "content, so a graph could not tell whether a later call passes the same")
+        parts.append(key)
+    return tuple(parts), None
 
 
 def graph_unsupported_reason(tensors: list) -> Optional[str]:
@@ -75,14 +93,16 @@ def _tensors(modules: list):
 
 
 def _model_state(modules: list) -> tuple:
-    """What a captured graph holds besides its inputs: the address of every parameter and buffer, the submodules and
-    the attention processors (diffusers keeps them in a module's __dict__), and `_python_state`. model.to(...),
+    """What a captured graph holds besides its inputs: the address, dtype and shape of every parameter and buffer, the
+    submodules and the attention processors (diffusers keeps them in a module's __dict__; the state holds the
+    objects, not their ids, which a new object may take once the old one is freed), and `_python_state`. model.to(...),
     load_state_dict(assign=True), a LoRA fuse, a module or processor swap, set_adapters / disable_adapters, train() /
-    eval() and forward hooks on a submodule each change it. ~1.0 ms per call for FLUX-12B's 1275 modules on the CI
-    CPU (0.26 ms of it `_python_state`, before it read the training flags), while the previous step's graph still
-    runs on the GPU."""
-    return (tuple(t.data_ptr() for t in _tensors(modules)), tuple(id(c) for m in modules for c in m._modules.values()),
-            tuple(id(m.__dict__.get("processor")) for m in modules), _python_state(modules))
+    eval() and forward hooks on a submodule each change it. ~1.26 ms per call for FLUX-12B's 1279 modules on the CI
+    CPU (0.23 ms of it `_python_state`; 1.10 ms before dtypes and shapes joined the addresses), while the previous
+    step's graph still runs on the GPU."""
+    return (tuple((t.data_ptr(), t.dtype, t.shape) for t in _tensors(modules)),
+            tuple(c for m in modules for c in m._modules.values()),
+            tuple(m.__dict__.get("processor") for m in modules), _python_state(modules))
 
 
 def _python_state(modules: list) -> tuple:
@@ -98,7 +118,7 @@ def _python_state(modules: list) -> tuple:
             scaling = attrs.get("scaling") or {}
             peft.append((str(attrs["_active_adapter"]), attrs.get("_disable_adapters"),
                          tuple(attrs.get("merged_adapters", ())),
-                         tuple((k, v if isinstance(v, (int, float)) else id(v)) for k, v in scaling.items())))
+                         tuple((k, v if isinstance(v, (int, float)) else (id(v), v)) for k, v in scaling.items())))
         hooked = hooked or (m is not modules[0] and bool(m._forward_hooks or m._forward_pre_hooks))
     return tuple(peft), hooked, tuple(modes)
 
@@ -180,7 +200,9 @@ class GraphedForward:
         if _global_module_hooks():
             return self._eager("global module forward hooks are registered (torch.nn.modules.module."
                                "register_module_forward_hook), which a graph replay would not run", args, kwargs)
-        key = _signature(spec, leaves, tensors[0].device)
+        key, reason = _signature(spec, leaves, tensors[0].device)
+        if reason is not None:
+            return self._eager(reason, args, kwargs)
         planned = None if self.plan_inputs is None else self.plan_inputs(args, kwargs)
         if planned is not None:
             key += (planned[0],)
