@@ -159,10 +159,10 @@ CLASSES = (
     ("conv", re.compile(r"conv|depthwise|fprop_implicit", re.I)),  # SANA's GLUMBConv and DC-AE (cuDNN or ours)
     ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|cudnn", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|wgmma|matmul|_mm_|linear_kernel|nvfp4_gemm|fp8_linear|"
-                        r"aten::(addmm|mm|bmm)$", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy|cat|fill", re.I)),
+                        r"patch_(un)?embed|aten::(addmm|mm|bmm)$", re.I)),  # patch (un)embedding: a GEMM, packing fused
+    ("copy", re.compile(r"memcpy|memset|copy|cat|fill|patch_(un)?pack", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|reduce|norm|gelu|silu|softmax|rope|modulate|residual|"
-                               r"quantize|triton", re.I)),
+                               r"quantize|effective_weight|triton", re.I)),  # effective_weight: W4A16's dequant
 )
 
 

@@ -314,6 +314,75 @@ def test_dcgen_suite_selection():
     assert [s.name for s in run.select_sections("dcgen", None)] == ["ceilings", "patch_embed", "quant_linear"]
 
 
+def test_time_samples_warm_up_then_time_each_call(monkeypatch):
+    from benchmarks import timing
+
+    clock, calls = iter([0.0, 0.001, 0.001, 0.004, 0.004, 0.010]), []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    samples = timing.time_samples(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=3)
+    assert len(calls) == 5 and samples == pytest.approx([1.0, 3.0, 6.0])
+    clock = iter([0.0, 0.001, 0.001, 0.004, 0.004, 0.010])
+    assert timing.time_ms(lambda: None, torch.device("cpu"), warmup=0, iters=3) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("name, label", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv"),  # cuDNN conv, before "gemm"
+    ("depthwise_glu_kernel", "conv"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("linear_attention_fused_kernel", "attention"),  # before "linear_kernel"
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT", "gemm"),
+    ("fp8_linear_kernel", "gemm"),
+    ("nvfp4_gemm_sm120_kernel", "gemm"),
+    ("patch_embed_narrow_kernel", "gemm"),
+    ("patch_unembed_kernel", "gemm"),
+    ("aten::addmm", "gemm"),
+    ("aten::mm_backward", "other"),  # CPU ops: only the GEMM itself
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("patch_unpack_kernel", "copy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
+    ("ada_layer_norm_modulate_kernel", "elementwise"),
+    ("nvfp4_effective_weight_kernel", "elementwise"),
+    ("quantize_fp8_rows_one_pass_kernel", "elementwise"),
+    ("aten::linear", "other"),
+])
+def test_kernel_classes(name, label):
+    from benchmarks.timing import classify
+
+    assert classify(name) == label
+
+
+def test_profile_kernels_and_gemm_shapes_on_cpu():
+    from benchmarks.timing import profile_gemm_shapes, profile_kernels
+
+    a, b, c = torch.randn(64, 32), torch.randn(32, 48), torch.randn(16, 32)
+    calls = []
+
+    def step():
+        calls.append(1)
+        return torch.mm(a, b), torch.mm(c, b), torch.mm(c, b), torch.relu(a)
+
+    rec = profile_kernels(step, torch.device("cpu"), steps=3, top=2)
+    assert len(calls) == 4  # a warm-up, then the profiled steps
+    assert len(rec["top_kernels_ms"]) == 2 and rec["top_kernels_ms"][0][1] >= rec["top_kernels_ms"][1][1]
+    assert rec["by_class_ms"]["gemm"] > 0 and sum(rec["by_class_ms"].values()) == pytest.approx(rec["kernel_ms_per_step"])
+    assert "wall_ms_per_step" not in rec
+    rows = profile_gemm_shapes(step, torch.device("cpu"), top=5)
+    assert len(calls) == 6
+    shapes = {row[1]: row[3] for row in rows if row[0] == "aten::mm"}
+    assert shapes == {"[[64, 32], [32, 48]]": 1, "[[16, 32], [32, 48]]": 2}
+    assert all(row[2] > 0 for row in rows) and [row[2] for row in rows] == sorted((row[2] for row in rows), reverse=True)
+
+
+def test_cpu_ceilings_are_labelled_stand_ins():
+    from benchmarks.timing import measure_ceilings
+
+    rec = measure_ceilings(torch.device("cpu"))
+    assert rec["gemm_n"] == 512 and rec["gemm_dtype"] == "float32" and rec["fp8_gemm_tflops"] is None
+    assert rec["copy_GBps"] == pytest.approx(2 * rec["copy_bytes"] / rec["copy_ms"] / 1e6)
+    assert rec["gemm_tflops"] == pytest.approx(2 * 512**3 / rec["gemm_ms"] / 1e9)
+    assert rec["attention_shape"].startswith("B1 H2 N256 D128 float32")
+
+
 def test_time_kernel_ms_on_cpu_is_time_ms_without_host_split():
     from benchmarks.timing import time_kernel_ms
 
