@@ -766,15 +766,21 @@ def test_sana_step_kernel_profiles_leave_the_model_unpatched():
     assert all(ms > 0 and calls >= 1 for p in profiles.values() for _, _, ms, calls in p["gemm_by_shape"])
 
 
-def test_stock_graph_row_checks_stock_and_restores_the_forward():
+def tiny_sana_step():
+    """(model, step) of bench_sana_step's tiny CPU configuration: step() runs the model on fixed inputs."""
     from benchmarks import bench_sana_step
-    from benchmarks.common import measure_stock_graph
-    from dcgen_kernels.patching import cuda_graph
 
     cfg = bench_sana_step.TINY
     model = bench_sana_step.build_model(cfg, cfg.shapes[0], torch.device("cpu"))
     x = bench_sana_step.make_inputs(cfg, cfg.shapes[0], torch.device("cpu"))
-    step = lambda: model(**x)[0]  # noqa: E731
+    return model, lambda: model(**x)[0]
+
+
+def test_stock_graph_row_checks_stock_and_restores_the_forward():
+    from benchmarks.common import measure_stock_graph
+    from dcgen_kernels.patching import cuda_graph
+
+    model, step = tiny_sana_step()
     with torch.no_grad():
         stock_out = step()
         rec = measure_stock_graph(model, step, torch.device("cpu"), 0, 1, stock_out, 1e-5, 2.0)

@@ -1,5 +1,5 @@
-"""The regression gate (benchmarks/compare.py) and the shared benchmark helpers (benchmarks/common.py) on cases the
-review found untested: which e2e ratios count as host-paced, failed checks of enclosing records, the CLI's
+"""The regression gate (benchmarks/compare.py) and the shared benchmark helpers (benchmarks/common.py) on cases a
+mutation review found untested: which e2e ratios count as host-paced, failed checks of enclosing records, the CLI's
 threshold and input handling, and the helpers' numbers (rel-L2, checks, tolerances, speed-ups). CPU only, no timing."""
 
 import copy
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import common, compare
-from tests.test_benchmarks import H100_RESULT, REPO, _get, _set, _write, h100  # noqa: F401 - h100 is a fixture
+from tests.test_benchmarks import REPO, _get, _set, _write, h100, tiny_sana_step  # noqa: F401 - h100 is a fixture
 
 DCGEN_RESULT = REPO / "benchmarks" / "results" / "baseline-nvidia-h100-80gb-hbm3-dcgen.json"
 
@@ -357,12 +357,8 @@ def test_record_patched_variants_speedups_tolerances_and_errors(monkeypatch):
 
 def test_reference_noise_floor_checks_and_unpatches():
     import dcgen_kernels
-    from benchmarks import bench_sana_step
 
-    cfg = bench_sana_step.TINY
-    model = bench_sana_step.build_model(cfg, cfg.shapes[0], torch.device("cpu"))
-    x = bench_sana_step.make_inputs(cfg, cfg.shapes[0], torch.device("cpu"))
-    step = lambda: model(**x)[0]  # noqa: E731
+    model, step = tiny_sana_step()
     with torch.no_grad():
         stock_out = step()
         floor = common.reference_noise_floor(model, step, stock_out)
