@@ -26,8 +26,9 @@ ratios of sana_step whose steps the run's own kernel profile found host-paced (G
 run): all of a size's ratios when its stock step was, its eager (non-graph) variants' when its patched step was
 (the 64x64 SANA step across six H100 runs of 2026-11-27: stock 45.0-60.8 ms, patched eager 32.4-65.8 ms for ~22 ms
 of kernels, patched GPU busy 19-45% against 93-98% at 128x128). A tracked metric whose
-record failed its correctness check in the new run counts as a regression; one whose baseline record failed its
-check is shown, not gated (it is no reference). Metrics present in only one file are
+record failed its correctness check in the new run, or whose new value is not finite (NaN, inf), counts as a
+regression, host-paced or not; one whose baseline record failed its check or is not finite is shown, not gated (it is
+no reference). Metrics present in only one file are
 listed, not gated (a section skipped for time is not a regression; the run's own `problems` list reports errors).
 Modelled numbers (the projection section) and anchor copies are not compared.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -127,12 +129,20 @@ def compare(old: dict, new: dict, threshold: float) -> dict:
     rows, regressions = [], []
     for path in sorted(set(a) & set(b)):
         (old_v, tracked_old, failed_old), (new_v, tracked_new, failed) = a[path], b[path]
-        tracked = tracked_old and tracked_new and path not in host_bound and (failed or not failed_old)
-        change = (new_v - old_v) / old_v if old_v else None
-        status = "baseline check FAILED: not gated" if failed_old and not failed else ""
+        comparable = tracked_old and tracked_new
+        # A failed check or a non-finite value says the result is wrong, not slow: gated even where host-paced.
+        broken = failed or not math.isfinite(new_v)
+        baseline_ok = not failed_old and math.isfinite(old_v)
+        tracked = comparable and (broken or (baseline_ok and path not in host_bound))
+        change = (new_v - old_v) / old_v if old_v and math.isfinite(old_v) and math.isfinite(new_v) else None
+        status = ""
+        if comparable and not broken and not baseline_ok:
+            status = "baseline check FAILED: not gated" if failed_old else "baseline not finite: not gated"
         if tracked:
             if failed:
                 status = "REGRESSION (check FAILED)"
+            elif broken:
+                status = "REGRESSION (not finite)"
             elif change is not None and change < -threshold:
                 status = "REGRESSION"
             elif change is not None and change > threshold:
@@ -142,7 +152,7 @@ def compare(old: dict, new: dict, threshold: float) -> dict:
             if status.startswith("REGRESSION"):
                 regressions.append(path)
         rows.append({"metric": path, "old": old_v, "new": new_v, "change": change, "tracked": tracked,
-                     "host_bound": path in host_bound and tracked_old and tracked_new, "status": status})
+                     "host_bound": path in host_bound and comparable and not tracked, "status": status})
     only_old = sorted(p for p in a if p not in b and a[p][1])
     only_new = sorted(p for p in b if p not in a and b[p][1])
     return {"rows": rows, "regressions": regressions, "only_old": only_old, "only_new": only_new}

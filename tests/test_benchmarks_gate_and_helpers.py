@@ -136,6 +136,47 @@ def test_compare_speedup_vs_base_is_host_paced_when_the_base_step_is():
         r["metric"] for r in result["rows"] if r["host_bound"]}
 
 
+def test_compare_failed_check_on_a_host_paced_path_is_a_regression():
+    # host pacing exempts a ratio from the drop test only: a wrong result is wrong however the step was paced
+    def e2e(check):
+        step = _step(100.0, patched=80.0)
+        step["patched"]["check"] = check
+        return _e2e({"DC-Gen-FLUX/1K": step})
+
+    path = "e2e/steps/DC-Gen-FLUX/1K/patched/speedup_vs_stock"
+    result = compare.compare(e2e("ok"), e2e("FAILED"), 0.10)
+    assert result["regressions"] == [path]
+    row = next(r for r in result["rows"] if r["metric"] == path)
+    assert row["tracked"] and not row["host_bound"] and row["status"] == "REGRESSION (check FAILED)"
+    assert compare.compare(e2e("ok"), e2e("ok"), 0.10)["regressions"] == []
+    # the same for a sana_step size the profile found host-paced
+    busy = {"stock": {"gpu_busy": 0.3}, "patched": {"gpu_busy": 0.3}}
+    old, new = _sana_step(1.2, 2.0, busy), _sana_step(1.2, 2.0, busy)
+    new["sana_step"]["sizes"]["c128_64x64"]["patched_graph"]["check"] = "FAILED"
+    assert compare.compare(old, new, 0.10)["regressions"] == [
+        "sana_step/sizes/c128_64x64/patched_graph/speedup_vs_stock"]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_compare_non_finite_new_ratio_is_a_regression(value):
+    def report(ratio, stock_ms=400.0):
+        return _e2e({"FLUX.1-Krea/4K": {"stock": {"ms": stock_ms},
+                                        "patched": {"ms": 300.0, "speedup_vs_stock": ratio, "check": "ok"}}})
+
+    path = "e2e/steps/FLUX.1-Krea/4K/patched/speedup_vs_stock"
+    for stock_ms in (400.0, 100.0):  # gated and host-paced
+        result = compare.compare(report(1.3, stock_ms), report(value, stock_ms), 0.10)
+        assert result["regressions"] == [path]
+        row = next(r for r in result["rows"] if r["metric"] == path)
+        assert row["status"] == "REGRESSION (not finite)" and row["change"] is None
+    # a non-finite baseline is no reference: shown, not gated
+    result = compare.compare(report(value), report(1.3), 0.10)
+    assert result["regressions"] == []
+    row = next(r for r in result["rows"] if r["metric"] == path)
+    assert not row["tracked"] and row["status"] == "baseline not finite: not gated"
+    assert "verdict: OK" in compare.render(result, report(value), report(1.3), 0.10)
+
+
 # ------------------------------------------------------------------------------------------------ compare: verdict
 def test_compare_drop_of_exactly_the_threshold_is_not_a_regression():
     def report(ratio):
