@@ -35,7 +35,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .common import dcgen_fallbacks, error_record, first_call, free_device_memory, rel_l2, reset_dcgen_warnings
+from .common import (dcgen_fallbacks, error_record, first_call, free_device_memory, rel_l2, reset_dcgen_warnings,
+                     worst_error)
 from .timing import time_kernel_ms
 
 TARGET_VS_GEMM = 0.9
@@ -148,7 +149,7 @@ def _check(out, expected, tol) -> dict:
         err, rec = rel_l2(out.reshape(expected.shape), expected), {}
     else:
         errors = [rel_l2(a, b) for a, b in zip(out, expected)]
-        err, rec = max(errors), {"rel_l2_per_grad": errors}
+        err, rec = worst_error(errors), {"rel_l2_per_grad": errors}
     return {"rel_l2_vs_reference": err, "tolerance": tol, "check": "ok" if err <= tol else "FAILED", **rec}
 
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (accepts_backend, dcgen_fallbacks, error_record, first_call,
-                     free_device_memory, load_op, rel_l2, reset_dcgen_warnings)
+                     free_device_memory, load_op, rel_l2, reset_dcgen_warnings, worst_error)
 from .timing import profile_kernels, time_kernel_ms
 
 DCGEN_VARIANTS = {"dcgen": "auto", "dcgen_triton": "triton", "dcgen_cuda": "cuda"}
@@ -306,7 +306,7 @@ def _unavailable_op(*_args, **_kwargs):
 def _worst_rel_l2(out, truth) -> float:
     """rel-L2 of an op's output, or the largest over the tensors of a tuple output."""
     if isinstance(out, tuple):
-        return max(rel_l2(o, t) for o, t in zip(out, truth))
+        return worst_error(rel_l2(o, t) for o, t in zip(out, truth))
     return rel_l2(out, truth)
 
 

@@ -349,6 +349,9 @@ def test_checked_first_calls_checks_the_graph_replay_too(monkeypatch):
     rec, _ = common.checked_first_calls(None, fn, cuda, stock, 1e-3, cuda_graph=True)
     assert rec["check"] == "FAILED" and rec["rel_l2_vs_stock"] == pytest.approx(0.5)
     assert rec["rel_l2_first_call"] == 0.0 and rec["rel_l2_replay"] == pytest.approx(0.5)
+    outputs[:] = [stock.clone(), stock * math.nan]  # a replay reading garbage: NaN fails however the errors are ordered
+    rec, _ = common.checked_first_calls(None, fn, cuda, stock, 1e-3, cuda_graph=True)
+    assert rec["check"] == "FAILED" and math.isnan(rec["rel_l2_vs_stock"])
 
     outputs[:] = [stock.clone()]
     rec, _ = common.checked_first_calls(None, fn, torch.device("cpu"), stock, 1e-3, cuda_graph=True)
@@ -358,6 +361,23 @@ def test_checked_first_calls_checks_the_graph_replay_too(monkeypatch):
     outputs[:] = [stock.clone()]
     with pytest.raises(RuntimeError, match="no CUDA graph was captured"):
         common.checked_first_calls(None, fn, cuda, stock, 1e-3, cuda_graph=True)
+
+
+@pytest.mark.parametrize("errors", [[0.0, math.nan], [math.nan, 0.0], [0.1, 0.3, math.nan, 0.2]])
+def test_worst_error_is_nan_wherever_a_nan_is(errors):
+    assert math.isnan(common.worst_error(errors)) and math.isnan(common.worst_error(iter(errors)))
+    assert common.worst_error([0.1, 0.3, 0.2]) == 0.3
+
+
+def test_op_checks_fail_a_nan_in_any_gradient_or_output():
+    from benchmarks import bench_patch_embed, bench_sana_ops
+
+    truth = (torch.ones(4), torch.ones(4))
+    bad = (torch.ones(4), torch.full((4,), math.nan))  # the first tensor right, a later one NaN
+    assert bench_patch_embed._check(bad, truth, 1e-2)["check"] == "FAILED"
+    assert bench_patch_embed._check(truth, truth, 1e-2)["check"] == "ok"
+    assert math.isnan(bench_sana_ops._worst_rel_l2(bad, truth))
+    assert bench_sana_ops._worst_rel_l2(truth, truth) == 0.0
 
 
 def test_checked_first_calls_raises_the_first_calls_error():
