@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import compare, projection, run
+from benchmarks import bench_e2e, compare, projection, run
 
 REPO = Path(__file__).resolve().parents[1]
 H100_RESULT = REPO / "benchmarks" / "results" / "baseline-nvidia-h100-80gb-hbm3.json"
@@ -272,14 +272,41 @@ def test_tiny_e2e_run_writes_json_table_and_chart(tiny_e2e):
     assert [t["pass"] for t in report["targets"]] == [None] * len(report["targets"])  # tiny: not evaluated
 
 
+def test_e2e_summary_compile_speedup_uses_its_own_stock_step(tiny_e2e):
+    _, _, report = tiny_e2e
+    v = report["e2e_summary"]["images"]["DC-Gen-FLUX/4K"]["variants"]["torch_compile"]
+    step = report["e2e_compile"]["steps"]["DC-Gen-FLUX/4K"]["torch_compile"]
+    assert v["decode_variant"] == "stock" and "text_encoder_ms" not in v
+    assert v["speedup_vs_stock"] == pytest.approx((20 * step["stock_ms"] + v["decode_ms"]) / 1e3 / v["s"])
+    eager = copy.deepcopy(report["e2e"])
+    eager["steps"]["DC-Gen-FLUX/4K"]["stock"]["ms"] *= 3  # the eager section's stock step does not enter it
+    again = bench_e2e.summarize(eager, report["e2e_compile"])["images"]["DC-Gen-FLUX/4K"]["variants"]
+    assert again["torch_compile"]["speedup_vs_stock"] == pytest.approx(v["speedup_vs_stock"])
+
+
+def test_e2e_summary_patched_decode_that_raised_is_not_replaced_by_stock(tiny_e2e):
+    _, _, report = tiny_e2e
+    eager = copy.deepcopy(report["e2e"])
+    ae_key = eager["config"]["pipelines"]["DC-Gen-SANA"]["autoencoder"]["1K"]
+    assert "ms" in eager["decodes"][f"{ae_key}/1K"]["patched"]  # a decoder patch() supports
+    eager["decodes"][f"{ae_key}/1K"]["patched"] = {"error": "RuntimeError: boom", "traceback": ""}
+    summary = bench_e2e.summarize(eager)
+    rec = summary["images"]["DC-Gen-SANA/1K"]
+    assert set(rec["variants"]) == {"stock"} and rec["patched_decode_error"] == "RuntimeError: boom"
+    row = next(line for line in bench_e2e.markdown(summary, eager, "cpu").splitlines()
+               if line.startswith("| DC-Gen-SANA | 1K |"))
+    assert " / error |" in row
+    # a decoder patch() does not support (AutoencoderKL) still decodes stock in the patched pipeline
+    krea = summary["images"]["FLUX.1-Krea/1K"]["variants"]["patched"]
+    assert krea["decode_variant"] == "stock"
+
+
 def test_tiny_e2e_compile_runs_without_the_eager_section(tmp_path):
     # One GPU call may run e2e_compile alone: it then takes the whole compile plan and times stock itself.
     out = tmp_path / "results.json"
     assert run.main(["--tiny", "--sections", "e2e_compile", "--out", str(out)]) == 0
     steps = json.loads(out.read_text())["e2e_compile"]["steps"]
     assert set(steps) == {"DC-Gen-FLUX/4K", "DC-Gen-SANA/4K"}
-    from benchmarks import bench_e2e  # an e2e section skipped for time: the same plan
-
     skipped = bench_e2e.run_compile(torch.device("cpu"), True, {"skipped": "10 s left"})
     assert set(skipped["steps"]) == set(steps)
     for key, rec in steps.items():
@@ -629,7 +656,6 @@ def _tiny_text_encoder_folder(root: Path, family: str) -> Path:
     tokenizers built in code (no download), in the sub-folders bench_e2e.TEXT_ENCODERS names."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    from benchmarks import bench_e2e
 
     words = ["<pad>", "<unk>", "<s>", "</s>"] + bench_e2e.PROMPT.replace(",", " ").split()
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
@@ -698,8 +724,6 @@ def test_tiny_e2e_with_text_encoders_adds_their_measured_time(tmp_path):
 
 
 def test_text_encoders_missing_files_are_a_clear_error(tmp_path, capsys, monkeypatch):
-    from benchmarks import bench_e2e
-
     with pytest.raises(SystemExit) as exc:
         run.main(["--tiny", "--sections", "e2e", "--text-encoders", f"flux={tmp_path / 'nowhere'}"])
     assert exc.value.code == 2
