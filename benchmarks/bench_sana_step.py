@@ -18,7 +18,8 @@ profiled step of stock and of patched (kernel_profile: GPU kernel ms by class, t
 GEMMs by input shapes).
 `run_compile` (a later section, since it is slow: ~40 s of compilation per shape on an H100): rebuilds the same
 seeded model, runs torch.compile(model) (mode default, Inductor) and reports its first-call seconds (compilation
-plus one execution) apart from its steady-state ms. Tiny mode uses torch.compile(backend="eager") instead:
+plus one execution) apart from its steady-state ms, and its speed-up over the stock step timed beside it (same model
+and inputs). Tiny mode uses torch.compile(backend="eager") instead:
 Dynamo traces the model (the same capture path) without Inductor code generation.
 """
 
@@ -176,8 +177,8 @@ COMPILE_MIN_S_PER_SHAPE = 60  # H100: ~40 s of Inductor compilation + build and 
 
 def run_compile(device: torch.device, tiny: bool, eager: dict = None, anchors=None, progress=None,
                 time_left=None) -> dict:
-    """torch.compile of the stock model, per shape. eager: the `run` section's result, for the stock ms and the
-    tolerance; anchors: the anchor file's "sana1600m_step_ms_second_run" block (or None); time_left(): seconds
+    """torch.compile of the stock model, per shape, against the stock step timed here. eager: the `run` section's
+    result, for the tolerance; anchors: the anchor file's "sana1600m_step_ms_second_run" block (or None); time_left(): seconds
     left of the run's budget or None (a shape that would not fit is skipped)."""
     cfg = TINY if tiny else REAL
     result = {"config": {"backend": cfg.compile_backend, "mode": "default", "dtype": str(cfg.dtype),
@@ -210,9 +211,8 @@ def run_compile(device: torch.device, tiny: bool, eager: dict = None, anchors=No
                 rec["torch_compile"] = {"compile_s": seconds, **check_record(rel_l2(out, stock_out), tolerance)}
                 del out, stock_out
                 rec["torch_compile"]["ms"] = time_ms(lambda: compiled(**x)[0], device, shape.warmup, shape.iters)
-            stock_ms = eager_size.get("stock", {}).get("ms")
-            if stock_ms:
-                rec["torch_compile"]["speedup_vs_stock"] = stock_ms / rec["torch_compile"]["ms"]
+                rec["torch_compile"]["stock_ms"] = time_ms(lambda: model(**x)[0], device, shape.warmup, shape.iters)
+            rec["torch_compile"]["speedup_vs_stock"] = rec["torch_compile"]["stock_ms"] / rec["torch_compile"]["ms"]
             anchor = (anchors or {}).get(shape.compile_anchor_key)
             if anchor:
                 rec["torch_compile"][ANCHOR_LABEL] = {"ms": anchor.get("torch_compile"),

@@ -32,7 +32,8 @@ How to read the numbers
   mask of ones, at c32_128x128 (SANA 4K) and c128_64x64 (DC-Gen-SANA 4K): stock eager vs patch(model); checks
   allow max(2e-2, twice the fp32-reference-backend deviation); one profiled step of stock and patched gives the
   kernel time by class (profile_step.py's classes). sana_step_compile: torch.compile of the stock
-  model (Inductor, mode default) at the same shapes, run last; "compile s" is its first call in wall seconds.
+  model (Inductor, mode default) at the same shapes, run last; "compile s" is its first call in wall seconds; its
+  "x stock" is over a stock step timed in that section.
 - dcae_decode: AutoencoderDC.decode of a 1x32x128x128 latent (a 4096^2 image), stock vs patched, for the SANA 1.0
   f32c32 decoder (EfficientViT stages) and for AutoencoderDC()'s defaults (all ResBlocks, the anchor's config).
 - targets: fused attention faster than stock at both N; fused attention ≥ 650 TFLOP/s (a goal); the patched

@@ -537,6 +537,18 @@ def test_sana_compile_targets_only_when_compiled_in_the_same_run():
     assert with_compile and all(t["pass"] is False for t in with_compile)  # requested but no compiled result
 
 
+def test_sana_compile_speedup_is_over_the_stock_step_timed_beside_it():
+    from benchmarks import bench_sana_step
+
+    # the eager section's stock time (another build, minutes earlier) does not enter the ratio
+    eager = {"sizes": {shape.key: {"stock": {"ms": 1e6}} for shape in bench_sana_step.TINY.shapes}}
+    result = bench_sana_step.run_compile(torch.device("cpu"), True, eager)
+    for key, rec in result["sizes"].items():
+        rec = rec["torch_compile"]
+        assert rec["check"] == "ok" and rec["stock_ms"] > 0, key
+        assert rec["speedup_vs_stock"] == pytest.approx(rec["stock_ms"] / rec["ms"])
+
+
 def test_noise_floor_is_capped_and_checked():
     from benchmarks import common
 
