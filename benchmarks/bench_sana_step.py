@@ -178,8 +178,8 @@ COMPILE_MIN_S_PER_SHAPE = 60  # H100: ~40 s of Inductor compilation + build and 
 def run_compile(device: torch.device, tiny: bool, eager: dict = None, anchors=None, progress=None,
                 time_left=None) -> dict:
     """torch.compile of the stock model, per shape, against the stock step timed here. eager: the `run` section's
-    result, for the tolerance; anchors: the anchor file's "sana1600m_step_ms_second_run" block (or None); time_left(): seconds
-    left of the run's budget or None (a shape that would not fit is skipped)."""
+    result, for the tolerance; anchors: the anchor file's "sana1600m_step_ms_second_run" block (or None);
+    time_left(): seconds left of the run's budget or None (a shape that would not fit is skipped)."""
     cfg = TINY if tiny else REAL
     result = {"config": {"backend": cfg.compile_backend, "mode": "default", "dtype": str(cfg.dtype),
                          "note": "compile_s = wall seconds of the first call (compilation + one execution); "
