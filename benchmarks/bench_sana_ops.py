@@ -37,10 +37,10 @@ fraction of this run's device-copy ceiling; TFLOP/s for glumbconv (2·N·C·2h +
 key_padding_attention (4·B·H·N·S_valid·D: the useful work over the valid text tokens, which stock computes over
 all 300); `kernels` beside the dcgen variant: its kernels' GPU ms per call from torch.profiler (kernel_ms_per_call
 against ms shows the gaps between an op's launches); rel-L2 vs the fp32 reference (the stock math on fp32 copies of
-the inputs), for stock too: a dcgen variant's check fails above max(DTYPE_TOL (bf16 1e-2), 1.5x stock's own error);
-rel-L2 vs stock beside it. No L2 flush between calls: at N = 4096 the adaLN and residual working sets (37-55 MB) are
-about the H100's 50 MB L2, so their GB/s may exceed DRAM bandwidth; the N = 16384 rows
-(4x larger) measure it.
+the inputs), for stock too: a dcgen variant's check fails above max(DTYPE_TOL (bf16 1e-2), 1.5x stock's own error
+up to 3e-2); rel-L2 vs stock beside it. No L2 flush between calls: at N = 4096 the adaLN and residual working sets
+(37-55 MB) are about the H100's 50 MB L2, so their GB/s may exceed DRAM bandwidth; the N = 16384 rows (4x larger)
+measure it.
 """
 
 from __future__ import annotations
@@ -54,14 +54,13 @@ import torch
 import torch.nn.functional as F
 
 from .common import (accepts_backend, dcgen_fallbacks, error_record, first_call,
-                     free_device_memory, load_op, rel_l2, reset_dcgen_warnings, worst_error)
+                     free_device_memory, load_op, rel_l2, reset_dcgen_warnings, stock_error_tolerance, worst_error)
 from .timing import profile_kernels, time_kernel_ms
 
 DCGEN_VARIANTS = {"dcgen": "auto", "dcgen_triton": "triton", "dcgen_cuda": "cuda"}
-# rel-L2 against the fp32 reference allowed per dtype, or more where stock's own error is larger: a fused op may be
-# up to STOCK_ERROR_MARGIN x as far from fp32 as the stock bf16 path it replaces.
+# rel-L2 against the fp32 reference allowed per dtype, or more where stock's own error is larger
+# (common.stock_error_tolerance).
 DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-STOCK_ERROR_MARGIN = 1.5
 LINEAR_ATTENTION_EPS = 1e-15
 NORM_EPS = 1e-6
 
@@ -337,7 +336,7 @@ def _bench_case(case: Case, variants: dict, device, cfg, copy_gbps, skip: dict, 
             stock_ms, stock_host_ms = time_kernel_ms(case.stock, device, cfg.warmup, cfg.iters)
             stock_err = _worst_rel_l2(expected, truth)
             records["stock"] = {"ms": stock_ms, "host_ms": stock_host_ms, "rel_l2_vs_fp32": stock_err}
-            tolerance = max(tolerance, STOCK_ERROR_MARGIN * stock_err)
+            tolerance = stock_error_tolerance(tolerance, stock_err)
         except Exception as err:  # noqa: BLE001 - the dcgen variants still run, checked against fp32
             records["stock"] = error_record(err)
         calls = {name: (case.dcgen if backend is None else functools.partial(case.dcgen, backend=backend),

@@ -287,6 +287,16 @@ def noise_floor_tolerance(floor: dict, minimum: float) -> float:
     return max(minimum, 2 * min(floor.get("rel_l2_reference_backend_vs_stock", 0.0), NOISE_FLOOR_MAX))
 
 
+# An op's fused variant may be this many times as far from fp32 as the stock bf16 path it replaces.
+STOCK_ERROR_MARGIN = 1.5
+
+
+def stock_error_tolerance(minimum: float, stock_err: float) -> float:
+    """An op check's tolerance: `minimum`, or STOCK_ERROR_MARGIN x stock's own rel-L2 to fp32 where larger, up to
+    NOISE_FLOOR_MAX (a stock path far from fp32 does not loosen the check further; NaN leaves `minimum`)."""
+    return max(minimum, min(STOCK_ERROR_MARGIN * stock_err, NOISE_FLOOR_MAX))
+
+
 class ProgressBar:
     """tqdm on a terminal's stderr when it is installed (it comes with diffusers' huggingface_hub), else one plain
     stderr line per finished item."""

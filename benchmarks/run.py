@@ -15,7 +15,7 @@ How to read the numbers
   the [text, image] concat, RoPE and layout copies; "sdpa_cudnn" / "sdpa_flash" are SDPA alone on prepared
   inputs (a bound for attention without that work); "dcgen_*" are the fused op on the raw projection views.
   "x stock" = stock ms / variant ms. rel-L2 is against an fp32 reference of the same inputs; above max(1e-2, 1.5x
-  stock's own rel-L2) the check says FAILED.
+  stock's own rel-L2 up to 3e-2) the check says FAILED.
 - flux_step: one FluxTransformer2DModel forward, FLUX.1-dev 12B config, random bf16 weights (latency does not
   depend on them), stock vs dcgen_kernels.patch(model) on the same model. Its check allows max(1e-2, twice the
   deviation of the fp32 reference backend from stock), since bf16 noise grows through the 57 blocks.
@@ -25,7 +25,7 @@ How to read the numbers
   patch() uses), "dcgen_triton"/"dcgen_cuda" force a backend (skipped when it would fall back). GB/s counts
   inputs read once + output written once (memory-bound ops), "%copy" is that over this run's copy ceiling;
   TFLOP/s for glumbconv (its GEMMs + depthwise conv) and the cross-attention. Checks against an fp32 reference at
-  rel-L2 max(1e-2, 1.5x stock's own).
+  rel-L2 max(1e-2, 1.5x stock's own up to 3e-2).
 - host_overhead: host microseconds per call of five common ops at 64 tokens (bench_host_overhead.py): the public
   function, the custom op through torch's dispatcher, and the bare implementation.
 - sana_step: one SanaTransformer2DModel forward, SANA-1.6B config, random bf16 weights, 300 text tokens with a
@@ -323,7 +323,7 @@ def e2e_targets(report: dict) -> list:
 
 def _checked_rel_l2(rec: dict):
     """The rel-L2 a quant_linear variant's check was made on."""
-    for key in ("rel_l2_vs_reference_backend", "rel_l2_dequantized_vs_x", "rel_l2_dequantized_vs_bf16",
+    for key in ("rel_l2_vs_reference_backend", "rel_l2_dequantized_vs_x", "rel_l2_dequantized_vs_fp32",
                 "rel_l2_vs_fp32_linear", "rel_l2_vs_fp32"):
         if key in rec:
             return rec[key]
@@ -826,8 +826,7 @@ SECTIONS = (
     Section("patch_embed", ("dcgen",), lambda ctx, progress: _bench("bench_patch_embed").run(
         ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"), progress), min_s=30),
     Section("quant_linear", ("dcgen",), lambda ctx, progress: _bench("bench_quant_linear").run(
-        ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"),
-        _ceiling(ctx, "fp8_gemm_tflops") or ctx.anchors.get("ceilings", {}).get("fp8_gemm_tflops"), progress,
+        ctx.device, ctx.tiny, _ceiling(ctx, "gemm_tflops"), _ceiling(ctx, "fp8_gemm_tflops"), progress,
         ctx.time_left), min_s=45),
     Section("e2e", ("e2e",), lambda ctx, progress: _bench("bench_e2e").run(
         ctx.device, ctx.tiny, ctx.quick, progress, ctx.time_left, text_encoders=ctx.text_encoders), min_s=120),

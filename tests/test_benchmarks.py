@@ -579,11 +579,28 @@ def test_tiny_dcgen_suite_checks_every_timed_variant(tmp_path):
     assert report["patch_embed"]["cases"]["c4_p2_D32_N16"]["unembed"]["fwd"]["variants"]["gemm"]["check"] == "ok"
 
 
+def test_tiny_quant_linear_layers_check_every_timed_variant_and_use_only_measured_ceilings(tmp_path, monkeypatch):
+    from benchmarks import bench_quant_linear
+
+    monkeypatch.setattr(bench_quant_linear, "_bench_step", lambda cfg, device, tiny, rec, *args, **kwargs: rec)
+    out = tmp_path / "quant.json"
+    rc = run.main(["--tiny", "--sections", "quant_linear", "--out", str(out)])  # no ceilings section: none measured
+    report = json.loads(out.read_text())
+    assert rc == 0, report["problems"]
+    layers = report["quant_linear"]["layers"]
+    assert len(layers) == len(bench_quant_linear.TINY.shapes)
+    for key, rec in layers.items():
+        variants = {name: v for name, v in rec.items() if isinstance(v, dict)}
+        assert {"bf16_cublas", "fp8_fused_producer", "w4a16", "w4a4_triton"} <= set(variants), key
+        for name, v in variants.items():
+            assert v["check"] == "ok" and v["ms"] > 0 and "fraction_of_ceiling" not in v, (key, name, v)
+
+
 @pytest.mark.parametrize("producer,input_elements", [("adaln", 8 * 64 + 2 * 64), ("gelu", 8 * 64),
                                                       ("concat_gelu", 8 * 64)])
 def test_quant_linear_producer_only_is_the_fp8_pass_alone(producer, input_elements):
     """fp8_producer_only times the producer emitting FP8 rows by itself, counts the bytes it reads and writes, and is
-    checked dequantized against the bf16 producer's output."""
+    checked dequantized against stock fp32 math of the producer."""
     from benchmarks import bench_quant_linear
     from tests.helpers import rel_l2
 
@@ -594,6 +611,83 @@ def test_quant_linear_producer_only_is_the_fp8_pass_alone(producer, input_elemen
     assert out.data.dtype == torch.float8_e4m3fn and out.shape == reference.shape and out.shape[-2:] == (8, 64)
     assert moved == 4 * input_elements + 8 * 64 + 4 * 8  # fp32 inputs; E4M3 rows and their fp32 scales
     assert rel_l2(out.dequantize(), reference) < tolerance
+
+
+def test_quant_linear_producer_checks_do_not_trust_the_shared_adaln_kernel(monkeypatch):
+    """bf16_with_producer, fp8_fused_producer and fp8_producer_only at K = 3072 all run our adaLN-modulate kernel: a
+    bug it shares between its bf16 and FP8 forms fails all three checks (they compare with stock fp32 math)."""
+    from benchmarks import bench_quant_linear
+    from dcgen_kernels.ops import ada_layer_norm
+    from tests.helpers import rel_l2
+
+    for name in ("ada_layer_norm_modulate", "ada_layer_norm_modulate_fp8"):
+        op = getattr(ada_layer_norm, name)
+        monkeypatch.setattr(ada_layer_norm, name, lambda hidden, scale, shift, _op=op: _op(hidden, scale, -shift))
+    torch.manual_seed(0)
+    x, linear = torch.randn(8, 64), torch.nn.Linear(64, 16)
+    for name, build in bench_quant_linear._producer_variants(x, linear, "adaln", 32).items():
+        fn, _, (expected, tolerance) = build()
+        out = fn()
+        out = out.dequantize() if name == "fp8_producer_only" else out
+        assert rel_l2(out.reshape(expected.shape), expected) > tolerance, name
+
+
+def test_quant_linear_nvfp4_layers_are_skipped_where_their_kernels_cannot_run(monkeypatch):
+    from benchmarks import bench_quant_linear
+    from dcgen_kernels import _backend
+
+    monkeypatch.setattr(_backend, "triton_device_error", lambda device: "Triton unavailable (test)")
+    rec = bench_quant_linear._bench_layer(bench_quant_linear.TINY, torch.device("cpu"), 64, 64, "adaln", None, None)
+    # the NVFP4 layers are checked against the reference backend: not timed as that backend
+    for name in ("w4a16", "w4a4_triton"):
+        assert set(rec[name]) == {"skipped"} and "Triton unavailable (test)" in rec[name]["skipped"], name
+    assert rec["fp8_with_quantize"]["check"] == "ok" and "speedup_vs_bf16" in rec["fp8_with_quantize"]
+
+
+@pytest.mark.allow_fallback
+@pytest.mark.filterwarnings("ignore:dcgen_kernels.fp8_linear.*\\(test\\)")  # the stand-in's timed calls warn again
+def test_quant_linear_variant_that_falls_back_is_skipped_when_forced_else_labelled(monkeypatch):
+    import warnings
+
+    from benchmarks import bench_quant_linear
+
+    real = bench_quant_linear._layer_variants
+
+    def with_fallbacks(cfg, device, x, linear, producer):
+        def falling_back():
+            warnings.warn("dcgen_kernels.fp8_linear: triton backend cannot serve this call (test); falling back to "
+                          "reference", RuntimeWarning)
+            return torch.nn.functional.linear(x, linear.weight, linear.bias)
+
+        build = lambda: (falling_back, 0, bench_quant_linear.BF16_LAYER_TOL)  # noqa: E731
+        return {"bf16_cublas": real(cfg, device, x, linear, producer)["bf16_cublas"], "fp8_prequantized_triton": build,
+                "fp8_prequantized": build}
+
+    monkeypatch.setattr(bench_quant_linear, "_layer_variants", with_fallbacks)
+    rec = bench_quant_linear._bench_layer(bench_quant_linear.TINY, torch.device("cpu"), 64, 64, "adaln", None, None)
+    assert set(rec["fp8_prequantized_triton"]) == {"skipped"} and "(test)" in rec["fp8_prequantized_triton"]["skipped"]
+    assert rec["fp8_prequantized"]["check"] == "ok" and "(test)" in rec["fp8_prequantized"]["fallbacks"][0]
+
+
+def test_quant_linear_speedups_need_a_checked_baseline(monkeypatch):
+    from benchmarks import bench_quant_linear
+
+    real = bench_quant_linear._producer_variants
+
+    def broken_bf16(*args):
+        variants = real(*args)
+        build = variants["bf16_with_producer"]
+
+        def wrong():
+            fn, weight_bytes, (expected, tolerance) = build()
+            return (lambda: fn() * 2), weight_bytes, (expected, tolerance)
+        variants["bf16_with_producer"] = wrong
+        return variants
+
+    monkeypatch.setattr(bench_quant_linear, "_producer_variants", broken_bf16)
+    rec = bench_quant_linear._bench_layer(bench_quant_linear.TINY, torch.device("cpu"), 64, 64, "adaln", None, None)
+    assert rec["bf16_with_producer"]["check"] == "FAILED" and rec["fp8_fused_producer"]["check"] == "ok"
+    assert "speedup_vs_bf16_with_producer" not in rec["fp8_fused_producer"]
 
 
 def test_compare_gates_dcgen_ratios():

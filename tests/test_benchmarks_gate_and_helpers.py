@@ -380,6 +380,21 @@ def test_op_checks_fail_a_nan_in_any_gradient_or_output():
     assert bench_sana_ops._worst_rel_l2(truth, truth) == 0.0
 
 
+def test_op_checks_widen_with_stock_error_only_up_to_the_cap():
+    from benchmarks import bench_sana_ops
+
+    assert common.stock_error_tolerance(1e-2, 4e-3) == 1e-2
+    assert common.stock_error_tolerance(1e-2, 1e-2) == pytest.approx(1.5e-2)
+    assert common.stock_error_tolerance(1e-2, 0.5) == common.NOISE_FLOOR_MAX
+    assert common.stock_error_tolerance(1e-2, math.nan) == 1e-2
+    # a stock path far from fp32 does not let a variant as far off pass
+    truth = torch.ones(64)
+    case = bench_sana_ops.Case("k", stock=lambda: truth * 2, dcgen=lambda: truth * 1.5, reference=lambda: truth)
+    rec = bench_sana_ops._bench_case(case, {"dcgen": None}, torch.device("cpu"), bench_sana_ops.TINY, None, {}, None)
+    assert rec["variants"]["dcgen"]["tolerance"] == common.NOISE_FLOOR_MAX
+    assert rec["variants"]["dcgen"]["check"] == "FAILED"
+
+
 def test_checked_first_calls_raises_the_first_calls_error():
     def broken():
         raise RuntimeError("kernel failed")
