@@ -2,12 +2,15 @@
 # One command for a fresh H100/H200 (no network), from the repository root or anywhere:
 #     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|dcgen|e2e|all | --sections a,b,...] [--quick]
 #                                  [--budget-s N]
-# Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> pytest -m gpu (dcgen: the
+# Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> torch sees a GPU (else that
+# phase fails and neither the tests nor the suite run; not in a dry run) -> pytest -m gpu (dcgen: the
 # GPU tests of the ops it measures; kernels: the others; all: every one; e2e: none) -> benchmark suite
-# (benchmarks/run.py --suite ...) -> perf-regression check against benchmarks/results/baseline-<gpu>-<suite>.json,
-# else baseline-<gpu>.json (benchmarks/compare.py; skipped with a note when this GPU model has no baseline). Writes
+# (benchmarks/run.py --suite ...) -> perf-regression check against each baseline of this GPU model in
+# benchmarks/results/ (baseline-<gpu>.json, baseline-<gpu>-<suite>.json; benchmarks/compare.py; skipped with a
+# note when there is none). Writes
 # ${OUT:-benchmarks/results}/gpu_check-<gpu>-<date>.json and .log (plus -e2e.md and -e2e.png for the e2e suite),
-# copied to benchmarks/results/ too when $OUT is set (not in a dry run).
+# copied to benchmarks/results/ too when $OUT is set (not in a dry run); the JSON holds the phases even when the
+# suite wrote nothing.
 # Whole run aimed at 8 min (--budget-s): every phase has a timeout, the suite is told what is left and records a
 # section that would not fit as skipped. Two floors can push the call past the budget when install and build are
 # slow: the GPU tests get at least 150 s and the suite 120 s (worst case: budget + ~5 min; the phases' timeouts sum
@@ -193,9 +196,19 @@ main() {
     record cmake_build "skipped (no CMakeLists.txt)" 0
   fi
 
+  # A torch that sees no GPU would skip every GPU test and run the suite in tiny CPU mode, both "ok": stop here.
+  local no_gpu=
+  if [[ $DRY_RUN != 1 ]]; then
+    phase cuda_visible 60 -- "$PY" -c 'import sys, torch; n = torch.cuda.device_count()
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees {n} GPU(s)"); sys.exit(0 if n else 1)'
+    ((PHASE_RC == 0)) || no_gpu="skipped (torch sees no GPU: the tests would skip, the suite would run tiny on the CPU)"
+  fi
+
   local left suite_args=(--out "$BASE.json" --phases "$PHASES")
   if [[ -n $SECTIONS ]]; then suite_args+=(--sections "$SECTIONS"); else suite_args+=(--suite "$SUITE"); fi
-  if [[ -z $SECTIONS && $SUITE == e2e ]]; then
+  if [[ -n $no_gpu ]]; then
+    record pytest_gpu "$no_gpu" 0
+  elif [[ -z $SECTIONS && $SUITE == e2e ]]; then
     record pytest_gpu "skipped (suite e2e: the benchmark gets the whole call)" 0
   else
     local reserve=$SUITE_RESERVE_S tests=(tests) t parallel=()
@@ -218,11 +231,16 @@ main() {
   left=$((left > 120 ? left : 120))
   # The suite's own budget stops 20 s short of the phase timeout: room to write the table and JSON.
   suite_args+=(--budget-s $((left - 20)))
-  phase suite "$left" -- "$PY" benchmarks/run.py "${suite_args[@]}"
+  if [[ -n $no_gpu ]]; then
+    record suite "$no_gpu" 0
+  else
+    phase suite "$left" -- "$PY" benchmarks/run.py "${suite_args[@]}"
+  fi
 
   # Every baseline of the GPU model (baseline-<gpu>.json, baseline-<gpu>-<suite>.json): a section's reference may
   # sit in another suite's baseline (the SANA sections' in -dcgen); metrics only in one file are shown, not gated.
-  local baselines=("$RESULTS"/baseline-"$SLUG".json "$RESULTS"/baseline-"$SLUG"-*.json) baseline
+  # The suites are named: a glob would take another board's (baseline-nvidia-h200-nvl.json for nvidia-h200).
+  local baselines=("$RESULTS"/baseline-"$SLUG".json "$RESULTS"/baseline-"$SLUG"-{kernels,dcgen,e2e,all}.json) baseline
   local compared=0
   if [[ ! -f $BASE.json ]]; then
     record perf_regression_check "skipped (the suite wrote no JSON)" 0
@@ -238,17 +256,24 @@ main() {
     record perf_regression_check "skipped (no baseline for '$SLUG': copy a reviewed result JSON to ${baselines[0]})" 0
   fi
 
-  if [[ -f $BASE.json ]]; then  # the suite recorded the phases before it: add its own and the comparisons'
-    "$PY" - "$BASE.json" "$PHASES" "${FAILED[@]}" <<'PYEOF' || echo "gpu_check: could not add the phases to $BASE.json"
+  # The suite recorded the phases before it: add its own and the comparisons'. Without its JSON (it did not run, or
+  # died before its first save) write one with the phases and the GPU tests' counts, so they are not lost.
+  "$PY" - "$BASE.json" "$PHASES" "$JUNIT" "$GPU_NAME" "${FAILED[@]}" <<'PYEOF' \
+    || echo "gpu_check: could not write the phases to $BASE.json"
 import json, sys
 from pathlib import Path
 from benchmarks.run import gpu_check_record
-path, phases, failed = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-report = json.loads(path.read_text())
-report.setdefault("gpu_check", {}).update(gpu_check_record(None, phases), failed_phases=failed)
+path, phases, junit, gpu, failed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+if path.exists():
+    report = json.loads(path.read_text())
+    report.setdefault("gpu_check", {}).update(gpu_check_record(None, phases), failed_phases=failed)
+else:
+    record = gpu_check_record(junit if Path(junit).exists() else None, phases)
+    report = {"mode": "no benchmark results", "environment": {"gpu": gpu or None},
+              "gpu_check": {**record, "failed_phases": failed},
+              "problems": ["the benchmark suite wrote no results (see gpu_check.phases)"]}
 path.write_text(json.dumps(report, indent=1, default=str) + "\n")
 PYEOF
-  fi
   echo "gpu_check: total $((EPOCHSECONDS - START))s; results $BASE.json; log $BASE.log"
   if ((${#FAILED[@]})); then
     echo "gpu_check: FAILED phases: ${FAILED[*]}"

@@ -5,6 +5,7 @@ No timing is asserted."""
 import copy
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -299,6 +300,28 @@ def test_e2e_summary_patched_decode_that_raised_is_not_replaced_by_stock(tiny_e2
     # a decoder patch() does not support (AutoencoderKL) still decodes stock in the patched pipeline
     krea = summary["images"]["FLUX.1-Krea/1K"]["variants"]["patched"]
     assert krea["decode_variant"] == "stock"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_gpu_check_where_torch_sees_no_gpu_fails_and_keeps_its_phases(tmp_path):
+    """A lent machine whose torch sees no GPU would skip every GPU test and run the suite tiny, all "ok": gpu_check
+    fails instead, runs neither, and still writes its phases to the results JSON."""
+    import shutil
+    import subprocess
+
+    tree = tmp_path / "tree"  # the scripts alone: no CMakeLists.txt, no .whl/ (nothing to build or install)
+    shutil.copytree(REPO / "benchmarks", tree / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh"), "--suite", "dcgen", "--budget-s", "60"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED phases: cuda_visible" in proc.stdout
+    [result] = (tmp_path / "out").glob("gpu_check-*.json")
+    report = json.loads(result.read_text())
+    phases = {p["phase"]: p["status"] for p in report["gpu_check"]["phases"]}
+    assert phases["cuda_visible"].startswith("failed")
+    assert phases["pytest_gpu"].startswith("skipped (torch sees no GPU") and phases["suite"] == phases["pytest_gpu"]
+    assert report["gpu_check"]["failed_phases"] == ["cuda_visible"] and report["problems"]
 
 
 def test_tiny_e2e_compile_runs_without_the_eager_section(tmp_path):
