@@ -12,10 +12,14 @@ How it is made
                   bytes of its tensor inputs and outputs (views are free). This is the eager, unfused traffic.
 2. Time of a class on a device = work / (datasheet peak x efficiency); a GEMM takes the larger of its compute and
    memory time. Efficiencies are what this run measured on its GPU against that GPU's datasheet (bf16 GEMM
-   TFLOP/s, attention TFLOP/s, device-copy GB/s, FP8 GEMM TFLOP/s for the 4-bit GEMMs), or the H100 anchors
-   when the run has no such measurement (CPU tiny mode, or an unknown GPU).
-3. "calibrated" multiplies the 5090 model by measured / modelled of the same configuration on the GPU of this
+   TFLOP/s, attention TFLOP/s of SDPA's default backend at B1 H24 N4608 D128, device-copy GB/s, FP8 GEMM TFLOP/s
+   for the 4-bit GEMMs), each from the H100 anchors over the H100 datasheet where the run has no such measurement
+   (CPU tiny mode, an unknown GPU, a ceiling that failed); `efficiency.source.from` says which. Assumed, not
+   measured: fp32 GEMMs run at the non-tensor FP32 peak x the bf16 GEMM efficiency.
+3. "calibrated" multiplies the 5090 model by measured / modelled of the stock bf16 configuration on the GPU of this
    run (what the roofline misses: launch gaps, small kernels, host overhead), when the e2e section measured it.
+   The NVFP4 projection takes the bf16 stock step's calibration (nothing here runs NVFP4): it assumes the same
+   unmodelled share.
 NVFP4: the transformer's Linear GEMMs (addmm / mm) run at the FP4 peak on 4.5-bit operands (E2M1 + an E4M3 scale
 per 16), plus SVDQuant's rank-32 bf16 low-rank branch and one activation-quantization pass (read bf16, write
 4.5 bits); attention, decoder and everything else stay bf16. Not modelled: memory capacity (FLUX.1-Krea's bf16
@@ -226,26 +230,37 @@ def model_seconds(counts: Counts, spec: DeviceSpec, eff: Efficiency, nvfp4: bool
 
 
 def efficiencies(report: dict, anchors: dict) -> Efficiency:
-    """From this run's ceilings on a GPU whose datasheet is known, else from the H100 anchors."""
+    """Per ceiling, from this run on a GPU whose datasheet is known, else from the H100 anchors; each divided by the
+    datasheet of the GPU it was measured on. source["from"] says which, per ceiling."""
     env, ceil = report.get("environment", {}), report.get("ceilings", {})
     spec = spec_for(env.get("gpu")) if report.get("mode") == "gpu" else None
     anchor_ceil = (anchors or {}).get("ceilings") or {}
-    anchor_att = ((anchors or {}).get("attention_B1_H24_D128_bf16") or {}).get("N=16896", {}).get("cudnn", {})
-    if spec is not None and ceil.get("gemm_tflops"):
-        src_spec, where = spec, f"this run on {env.get('gpu')}"
-        gemm, copy = ceil["gemm_tflops"], ceil.get("copy_GBps")
-        att, fp8 = ceil.get("attention_tflops"), ceil.get("fp8_gemm_tflops")
-    else:
-        src_spec, where = H100_SXM, f"H100 anchors ({(anchors or {}).get('date')})"
-        gemm, copy, att, fp8 = None, None, None, None
-    gemm = gemm or anchor_ceil.get("bf16_gemm_tflops")
-    copy = copy or (anchor_ceil.get("copy_TBps") or 0) * 1e3
-    att = att or anchor_att.get("tflops")
-    fp8 = fp8 or anchor_ceil.get("fp8_gemm_tflops")
-    return Efficiency(gemm=gemm / src_spec.bf16_tflops, attention=att / src_spec.bf16_tflops,
-                      bandwidth=copy / src_spec.bandwidth_GBps, fp8=fp8 / src_spec.fp8_tflops,
-                      source={"measured_on": where, "datasheet": src_spec.name, "bf16_gemm_tflops": gemm,
-                              "attention_tflops": att, "copy_GBps": copy, "fp8_gemm_tflops": fp8})
+    # the shape and backend timing.measure_ceilings times: SDPA's default backend at FLUX's 1K shape
+    anchor_att = ((anchors or {}).get("attention_B1_H24_D128_bf16") or {}).get("N=4608", {}).get("default", {})
+    here = ceil if spec is not None and ceil.get("gemm_tflops") else {}
+    measured = {"bf16_gemm_tflops": here.get("gemm_tflops"), "attention_tflops": here.get("attention_tflops"),
+                "copy_GBps": here.get("copy_GBps"), "fp8_gemm_tflops": here.get("fp8_gemm_tflops")}
+    anchored = {"bf16_gemm_tflops": anchor_ceil.get("bf16_gemm_tflops"), "attention_tflops": anchor_att.get("tflops"),
+                "copy_GBps": (anchor_ceil.get("copy_TBps") or 0) * 1e3 or None,
+                "fp8_gemm_tflops": anchor_ceil.get("fp8_gemm_tflops")}
+
+    def peaks(device: DeviceSpec) -> dict:
+        return {"bf16_gemm_tflops": device.bf16_tflops, "attention_tflops": device.bf16_tflops,
+                "copy_GBps": device.bandwidth_GBps, "fp8_gemm_tflops": device.fp8_tflops}
+
+    values, fractions, origin = {}, {}, {}
+    for key, anchor_value in anchored.items():
+        if measured[key]:
+            values[key], device, origin[key] = measured[key], spec, f"this run on {env.get('gpu')}"
+        else:
+            values[key], device = anchor_value, H100_SXM
+            origin[key] = f"H100 anchors ({(anchors or {}).get('date')})"
+        fractions[key] = values[key] / peaks(device)[key]
+        origin[key] += f", over the {device.name} datasheet"
+    return Efficiency(gemm=fractions["bf16_gemm_tflops"], attention=fractions["attention_tflops"],
+                      bandwidth=fractions["copy_GBps"], fp8=fractions["fp8_gemm_tflops"],
+                      source={**values, "from": origin,
+                              "attention_measured_as": "SDPA default backend, B1 H24 N4608 D128 bf16"})
 
 
 # ------------------------------------------------------------------------------------------------ configurations
@@ -299,9 +314,10 @@ def run(report: dict, tiny: bool, anchors: dict, device=None) -> dict:
     def project(counts, measured, nvfp4=False):
         parts = model_seconds(counts, RTX_5090, eff, nvfp4)
         rec = {"rtx5090_ms": parts["total"] * 1e3, "rtx5090_parts_ms": {k: v * 1e3 for k, v in parts.items()}}
-        if here is not None and measured:
+        if here is not None and measured:  # the stock bf16 configuration, for the NVFP4 projection too
             modelled = model_seconds(counts, here, eff)["total"] * 1e3
-            rec.update(modelled_here_ms=modelled, measured_here_ms=measured, calibration=measured / modelled)
+            rec.update(stock_bf16_modelled_here_ms=modelled, stock_bf16_measured_here_ms=measured,
+                       calibration=measured / modelled)
             rec["rtx5090_calibrated_ms"] = rec["rtx5090_ms"] * rec["calibration"]
         return rec
 
@@ -340,8 +356,9 @@ def table_lines(proj: dict) -> list:
     if not proj or "images" not in proj:
         return []
     eff = proj["efficiency"]
+    origins = sorted(set(eff["source"]["from"].values()))
     lines = [f"RTX 5090 PROJECTION (not a measurement): {proj['datasheet']['source']}; efficiencies from "
-             f"{eff['source']['measured_on']}: GEMM {eff['gemm']:.2f}, attention {eff['attention']:.2f}, "
+             f"{' and '.join(origins)}: GEMM {eff['gemm']:.2f}, attention {eff['attention']:.2f}, "
              f"bandwidth {eff['bandwidth']:.2f}, 4-bit GEMM = FP8 {eff['fp8']:.2f}",
              f"  {'config':<24}{'steps':>6}{'bf16 s':>9}{'calib.':>9}{'nvfp4 s':>9}{'calib.':>9}"]
     for key, rec in proj["images"].items():

@@ -220,10 +220,23 @@ def test_efficiencies_from_run_or_anchors(h100):
     anchors = json.loads((REPO / "benchmarks" / "anchors" / "h100-2026-11-27.json").read_text())
     measured = projection.efficiencies(h100, anchors)  # this H100 run's ceilings, anchors where it has none
     assert measured.gemm == pytest.approx(h100["ceilings"]["gemm_tflops"] / projection.H100_SXM.bf16_tflops)
-    assert measured.source["measured_on"].startswith("this run")
+    origins = {key: origin.split(" on ")[0].split(" (")[0] for key, origin in measured.source["from"].items()}
+    assert origins == {"bf16_gemm_tflops": "this run", "copy_GBps": "this run", "attention_tflops": "H100 anchors",
+                       "fp8_gemm_tflops": "H100 anchors"}  # that run measured no attention or FP8 ceiling
     fallback = projection.efficiencies({"mode": "tiny-cpu"}, anchors)
     assert fallback.gemm == pytest.approx(anchors["ceilings"]["bf16_gemm_tflops"] / projection.H100_SXM.bf16_tflops)
     assert 0 < fallback.attention < 1 and 0 < fallback.bandwidth < 1
+    # the anchors' attention is the shape and backend a run's ceilings time (SDPA default at N = 4608)
+    default_4608 = anchors["attention_B1_H24_D128_bf16"]["N=4608"]["default"]["tflops"]
+    assert fallback.attention == pytest.approx(default_4608 / projection.H100_SXM.bf16_tflops)
+    # an H200 run without an FP8 ceiling: that one comes from the anchors, over the H100's datasheet, and says so
+    h200 = copy.deepcopy(h100)
+    h200["environment"]["gpu"], h200["ceilings"]["fp8_gemm_tflops"] = "NVIDIA H200", None
+    mixed = projection.efficiencies(h200, anchors)
+    assert mixed.bandwidth == pytest.approx(h100["ceilings"]["copy_GBps"] / projection.H200.bandwidth_GBps)
+    assert mixed.fp8 == pytest.approx(anchors["ceilings"]["fp8_gemm_tflops"] / projection.H100_SXM.fp8_tflops)
+    assert mixed.source["from"]["fp8_gemm_tflops"].startswith("H100 anchors")
+    assert mixed.source["from"]["copy_GBps"] == "this run on NVIDIA H200, over the NVIDIA H200 datasheet"
 
 
 # ------------------------------------------------------------------------------------------------ suite
