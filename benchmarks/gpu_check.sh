@@ -129,7 +129,7 @@ record() {  # record NAME STATUS SECONDS
 
 xdist_works() {  # the plugin loads with this pytest and starts workers (a probe outside the repository, ~2 s)
   printf 'def test_probe():\n    pass\n' >"$WORK/test_xdist_probe.py"
-  "$PY" -m pytest -q -p no:cacheprovider -n 2 "$WORK/test_xdist_probe.py" >/dev/null 2>&1
+  timeout -k 5 60 "$PY" -m pytest -q -p no:cacheprovider -n 2 "$WORK/test_xdist_probe.py" >/dev/null 2>&1
 }
 
 FAILED=()
