@@ -220,9 +220,9 @@ def test_efficiencies_from_run_or_anchors(h100):
     anchors = json.loads((REPO / "benchmarks" / "anchors" / "h100-2026-11-27.json").read_text())
     measured = projection.efficiencies(h100, anchors)  # this H100 run's ceilings, anchors where it has none
     assert measured.gemm == pytest.approx(h100["ceilings"]["gemm_tflops"] / projection.H100_SXM.bf16_tflops)
-    origins = {key: origin.split(" on ")[0].split(" (")[0] for key, origin in measured.source["from"].items()}
-    assert origins == {"bf16_gemm_tflops": "this run", "copy_GBps": "this run", "attention_tflops": "H100 anchors",
-                       "fp8_gemm_tflops": "H100 anchors"}  # that run measured no attention or FP8 ceiling
+    from_this_run = {key: origin.startswith("this run") for key, origin in measured.source["from"].items()}
+    assert from_this_run == {"bf16_gemm_tflops": True, "copy_GBps": True, "attention_tflops": False,
+                             "fp8_gemm_tflops": False}  # that run measured no attention or FP8 ceiling
     fallback = projection.efficiencies({"mode": "tiny-cpu"}, anchors)
     assert fallback.gemm == pytest.approx(anchors["ceilings"]["bf16_gemm_tflops"] / projection.H100_SXM.bf16_tflops)
     assert 0 < fallback.attention < 1 and 0 < fallback.bandwidth < 1
