@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    QUANT_STEP_TOL, checked_first_calls, dcgen_fallbacks, error_record, first_call, free_device_memory,
+    QUANT_STEP_TOL, checked_first_calls, checked_ms, dcgen_fallbacks, error_record, first_call, free_device_memory,
     measure_stock_graph, rel_l2, reset_dcgen_warnings,
 )
 from .timing import time_kernel_ms, time_ms
@@ -285,16 +285,12 @@ def _bench_layer(cfg: Config, device: torch.device, K: int, N: int, producer: st
             rec[name] = error_record(err)
         free_device_memory(device)
 
-    def checked_ms(name):
-        entry = rec.get(name, {})
-        return entry.get("ms") if entry.get("check") == "ok" else None
-
-    base = checked_ms("bf16_cublas")
+    base = checked_ms(rec.get("bf16_cublas"))
     for name, entry in rec.items():
         if (isinstance(entry, dict) and base and "ms" in entry
                 and name not in ("bf16_cublas", "bf16_with_producer", "fp8_fused_producer", *PASS_VARIANTS)):
             entry["speedup_vs_bf16"] = base / entry["ms"]
-    with_producer = checked_ms("bf16_with_producer")
+    with_producer = checked_ms(rec.get("bf16_with_producer"))
     if with_producer and "ms" in rec.get("fp8_fused_producer", {}):
         rec["fp8_fused_producer"]["speedup_vs_bf16_with_producer"] = with_producer / rec["fp8_fused_producer"]["ms"]
     return rec

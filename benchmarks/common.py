@@ -30,6 +30,11 @@ def worst_error(errors) -> float:
     return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
+def checked_ms(rec) -> float | None:
+    """A variant's ms when its correctness check passed, else None."""
+    return rec.get("ms") if isinstance(rec, dict) and rec.get("check") == "ok" else None
+
+
 def check_record(err: float, tol: float) -> dict:
     """`check` is "FAILED" for NaN as well, since NaN <= tol is false."""
     return {"rel_l2_vs_stock": err, "tolerance": tol, "check": "ok" if err <= tol else "FAILED"}

@@ -331,8 +331,9 @@ def _checked_rel_l2(rec: dict):
 
 
 def _checked_ms(rec: dict):
-    """A variant's ms when its correctness check passed, else None."""
-    return rec.get("ms") if isinstance(rec, dict) and rec.get("check") == "ok" else None
+    from benchmarks.common import checked_ms  # late, like every benchmarks import here: they import torch
+
+    return checked_ms(rec)
 
 
 def _why_not(rec) -> str:
