@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a fresh H100/H200 (no network), from the repository root or anywhere:
 #     bash benchmarks/gpu_check.sh [--dry-run] [--suite kernels|dcgen|e2e|all | --sections a,b,...] [--quick]
-#                                  [--budget-s N]
+#                                  [--budget-s N] [--hard-limit-s N]
 # Phases: install the carried diffusers wheel (.whl/) -> build _C for the local arch -> torch sees a GPU (else that
 # phase fails and neither the tests nor the suite run; not in a dry run) -> pytest -m gpu (dcgen: the
 # GPU tests of the ops it measures; kernels: the others; all: every one; e2e: none) -> benchmark suite
@@ -12,9 +12,11 @@
 # copied to benchmarks/results/ too when $OUT is set (not in a dry run); the JSON holds the phases even when the
 # suite wrote nothing.
 # Whole run aimed at 8 min (--budget-s): every phase has a timeout, the suite is told what is left and records a
-# section that would not fit as skipped. Two floors can push the call past the budget when install and build are
-# slow: the GPU tests get at least 150 s and the suite 120 s (worst case: budget + ~5 min; the phases' timeouts sum
-# to install 120 + configure 90 + build 180 + tests >= 150 + suite >= 120 + 60 per baseline compared). The JSON
+# section that would not fit as skipped. Two floors may push the call past the budget when install and build are
+# slow (the GPU tests get at least 150 s, the suite 120 s; the phases' timeouts sum to install 120 + configure 90 +
+# build 180 + tests >= 150 + suite >= 120 + 60 per baseline compared), but never past --hard-limit-s (default: the
+# budget + 90 s, 570 s for the default budget, inside a 600 s device call): each phase's timeout is cut to what is
+# left before it, 15 s kept for the JSON, and a phase with under 10 s left is skipped and counts as failed. The JSON
 # (and the e2e table and chart) is rewritten after every section, so a suite killed at its timeout keeps what it
 # measured, and gets every phase's status at the end (`gpu_check.phases`, `gpu_check.failed_phases`). A failing
 # phase is recorded and the next one still runs; the exit status is non-zero if any phase failed (a tracked metric
@@ -39,6 +41,7 @@
 # pytest runs on 4 workers (pytest-xdist, one file per worker: the tests are bound by Triton's JIT on the CPU)
 # when pytest-xdist works here (the carried wheels; probed first); else serially.
 # --budget-s N: the whole run's seconds instead of 480 (two suites in one device call: e.g. dcgen 290 + e2e 240).
+# --hard-limit-s N: the seconds no phase may run past (default budget + 90; leave room for what the call runs after).
 # --quick: e2e at 1K only. --dry-run (or DCGEN_DRY_RUN=1): the same phases, with the suite in tiny CPU mode;
 # works without a GPU.
 set -euo pipefail
@@ -53,9 +56,11 @@ DRY_RUN=${DCGEN_DRY_RUN:-0}
 SUITE=kernels
 QUICK=0
 BUDGET_S=480
+HARD_LIMIT_S=
 SECTIONS=
 usage() {
-  echo "usage: $0 [--dry-run] [--suite kernels|dcgen|e2e|all | --sections a,b,...] [--quick] [--budget-s N]" >&2
+  echo "usage: $0 [--dry-run] [--suite kernels|dcgen|e2e|all | --sections a,b,...] [--quick] [--budget-s N]" \
+    "[--hard-limit-s N]" >&2
   exit 2
 }
 while (($#)); do
@@ -76,12 +81,18 @@ while (($#)); do
       (($# >= 2)) || usage
       BUDGET_S=$2
       shift ;;
+    --hard-limit-s)
+      (($# >= 2)) || usage
+      HARD_LIMIT_S=$2
+      shift ;;
     *) usage ;;
   esac
   shift
 done
 case $SUITE in kernels|dcgen|e2e|all) ;; *) usage ;; esac
 [[ $BUDGET_S =~ ^[0-9]+$ ]] || { echo "--budget-s: expected whole seconds, got '$BUDGET_S'" >&2; exit 2; }
+HARD_LIMIT_S=${HARD_LIMIT_S:-$((BUDGET_S + 90))}
+[[ $HARD_LIMIT_S =~ ^[0-9]+$ ]] || { echo "--hard-limit-s: expected whole seconds, got '$HARD_LIMIT_S'" >&2; exit 2; }
 
 PY=${PYTHON:-python3}
 if [[ -n $SECTIONS ]]; then  # a misspelt name fails here, not after the tests
@@ -98,6 +109,7 @@ DCGEN_SUITE_RESERVE_S=150
 # A killed test phase reports nothing, while the suite skips what does not fit: the GPU tests get at least this
 # (all of them took 78 s on 4 xdist workers on an H100, 2026-11-27; 60 s cut them off at 58% that day).
 PYTEST_MIN_S=150
+HARD_LIMIT_MARGIN_S=15   # kept after the last phase: the comparisons' skips and the JSON with the phases
 DCGEN_TESTS=(tests/test_cuda_graph.py tests/test_fp8_linear.py tests/test_nvfp4_quantize.py tests/test_nvfp4_gemm.py
              tests/test_quantize.py tests/test_nunchaku_interop.py tests/test_patch_latents.py tests/test_patch_embed.py)
 START=$EPOCHSECONDS
@@ -134,8 +146,16 @@ xdist_works() {  # the plugin loads with this pytest and starts workers (a probe
 
 FAILED=()
 phase() {  # phase NAME TIMEOUT_S -- CMD...: run with a timeout, time and record it; never fatal; PHASE_RC = its rc
-  local name=$1 limit=$2
+  local name=$1 limit=$2 before_hard_limit
   shift 3
+  before_hard_limit=$((HARD_LIMIT_S - (EPOCHSECONDS - START) - HARD_LIMIT_MARGIN_S))
+  if ((before_hard_limit < 10)); then
+    record "$name" "skipped (${before_hard_limit}s left before --hard-limit-s ${HARD_LIMIT_S})" 0
+    FAILED+=("$name")
+    PHASE_RC=124
+    return
+  fi
+  ((limit <= before_hard_limit)) || limit=$before_hard_limit
   echo "=== [$name] (timeout ${limit}s) $*"
   local t0=$EPOCHREALTIME rc=0
   timeout -k 10 "$limit" "$@" || rc=$?
@@ -204,7 +224,7 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees {n} GPU(s)");
     ((PHASE_RC == 0)) || no_gpu="skipped (torch sees no GPU: the tests would skip, the suite would run tiny on the CPU)"
   fi
 
-  local left suite_args=(--out "$BASE.json" --phases "$PHASES")
+  local left hard_left suite_args=(--out "$BASE.json" --phases "$PHASES")
   if [[ -n $SECTIONS ]]; then suite_args+=(--sections "$SECTIONS"); else suite_args+=(--suite "$SUITE"); fi
   if [[ -n $no_gpu ]]; then
     record pytest_gpu "$no_gpu" 0
@@ -229,8 +249,10 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees {n} GPU(s)");
   if [[ $QUICK == 1 ]]; then suite_args+=(--quick); fi
   left=$((BUDGET_S - (EPOCHSECONDS - START) - 15))
   left=$((left > 120 ? left : 120))
+  hard_left=$((HARD_LIMIT_S - (EPOCHSECONDS - START) - HARD_LIMIT_MARGIN_S))
+  ((left <= hard_left)) || left=$hard_left  # as phase() will cut it
   # The suite's own budget stops 20 s short of the phase timeout: room to write the table and JSON.
-  suite_args+=(--budget-s $((left - 20)))
+  suite_args+=(--budget-s $((left > 20 ? left - 20 : 0)))
   if [[ -n $no_gpu ]]; then
     record suite "$no_gpu" 0
   else

@@ -337,6 +337,37 @@ def test_gpu_check_where_torch_sees_no_gpu_fails_and_keeps_its_phases(tmp_path):
     assert report["gpu_check"]["failed_phases"] == ["cuda_visible"] and report["problems"]
 
 
+def test_gpu_check_hard_limit_cuts_the_phase_floors(tmp_path):
+    """The GPU tests' 150 s floor would run past a device call's end when install and build were slow: no phase runs
+    past --hard-limit-s (15 s kept for the JSON), and one with no time left is skipped and fails the call."""
+    import shutil
+    import stat
+    import subprocess
+    import time
+
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "benchmarks", tree / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    python = tmp_path / "python_whose_gpu_tests_hang"
+    python.write_text(f'#!/usr/bin/env bash\n[[ " $* " == *" -m gpu "* ]] && exec sleep 300\nexec {sys.executable} "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python)}
+    hard_limit = 35
+    started = time.monotonic()
+    proc = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh"), "--dry-run", "--suite", "dcgen",
+                           "--budget-s", "0", "--hard-limit-s", str(hard_limit)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert elapsed < hard_limit, proc.stdout
+    [result] = (tmp_path / "out").glob("gpu_check-*.json")
+    report = json.loads(result.read_text())
+    phases = {p["phase"]: p["status"] for p in report["gpu_check"]["phases"]}
+    pytest_limit = int(phases["pytest_gpu"].removeprefix("timeout after ").split("s")[0])
+    assert pytest_limit <= hard_limit - 15, phases  # not the 150 s floor
+    assert phases["suite"].startswith("skipped (") and "left before --hard-limit-s 35" in phases["suite"]
+    assert report["gpu_check"]["failed_phases"] == ["pytest_gpu", "suite"]
+
+
 def test_tiny_e2e_compile_runs_without_the_eager_section(tmp_path):
     # One GPU call may run e2e_compile alone: it then takes the whole compile plan and times stock itself.
     out = tmp_path / "results.json"
