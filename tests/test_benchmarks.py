@@ -348,7 +348,8 @@ def test_gpu_check_hard_limit_cuts_the_phase_floors(tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(REPO / "benchmarks", tree / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
     python = tmp_path / "python_whose_gpu_tests_hang"
-    python.write_text(f'#!/usr/bin/env bash\n[[ " $* " == *" -m gpu "* ]] && exec sleep 300\nexec {sys.executable} "$@"\n')
+    python.write_text('#!/usr/bin/env bash\n[[ " $* " == *" -m gpu "* ]] && exec sleep 300\n'
+                      f'exec {sys.executable} "$@"\n')
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python)}
     hard_limit = 35
