@@ -118,7 +118,8 @@ def test_keep_original_restores_in_the_dtype_the_model_was_cast_to(quant):
     model, inputs = tiny_flux(), tiny_flux_inputs()
     model.transformer_blocks[0].attn.to_q.bias = None  # a layer without 16-bit tensors of its own once in FP8
     stock = copy.deepcopy(model).to(torch.bfloat16)
-    dcgen_kernels.quantize(model, quant=quant, keep_original=True, backend="reference", rank=8)
+    dcgen_kernels.quantize(model, quant=quant, keep_original=True, backend="reference",
+                           rank=8 if quant == "nvfp4" else None)
     model.to(torch.bfloat16)
     dcgen_kernels.unpatch(model)
     assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
@@ -144,8 +145,43 @@ def test_requantizing_to_the_same_format_refuses_another_rank_or_keep_original()
     dcgen_kernels.quantize(kept, quant="fp8", keep_original=True, backend="reference")
     with pytest.raises(ValueError, match=r"keep_original=False\. To change keep_original, restore .*unpatch\(model\)"):
         dcgen_kernels.quantize(kept, quant="fp8", keep_original=False)
-    dcgen_kernels.quantize(kept, quant="fp8", rank=64, keep_original=True)  # rank means nothing to fp8
+    with pytest.raises(ValueError, match=r"rank applies to quant='nvfp4' only, got rank=64 with quant='fp8'"):
+        dcgen_kernels.quantize(kept, quant="fp8", rank=64, keep_original=True)
     assert quant_report(kept).keep_original
+
+
+@pytest.mark.parametrize("first,second", [("nvfp4", "fp8"), ("fp8", "nvfp4")])
+def test_switching_format_keeps_the_originals_unless_told_otherwise(first, second):
+    """A model quantized with keep_original=True stays reversible through a format switch that does not repeat the
+    flag (it lost its originals there, so unpatch and any further switch raised); keep_original=False drops them."""
+    model = tiny_flux()
+    stock = copy.deepcopy(model.state_dict())
+    dcgen_kernels.patch(model, quant=first, keep_original=True, backend="reference")
+    dcgen_kernels.patch(model, quant=second, backend="reference")
+    assert quant_report(model).quant == second and quant_report(model).keep_original
+    dcgen_kernels.quantize(model, first, backend="reference")  # a second switch: the originals are still there
+    dcgen_kernels.unpatch(model)
+    restored = model.state_dict()
+    assert restored.keys() == stock.keys() and all(torch.equal(restored[k], stock[k]) for k in stock)
+    dcgen_kernels.quantize(model, first, keep_original=True, backend="reference")
+    dcgen_kernels.quantize(model, second, keep_original=False, backend="reference")
+    assert not quant_report(model).keep_original
+    with pytest.raises(RuntimeError, match="without keep_original=True"):
+        dcgen_kernels.unpatch(model)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=8), dict(nvfp4_activations="bf16"), dict(quant="fp8", rank=8),
+                                    dict(quant="fp8", nvfp4_activations="nvfp4")])
+def test_nvfp4_settings_with_another_quant_are_refused_not_ignored(kwargs):
+    model = tiny_flux()
+    name = "rank" if "rank" in kwargs else "nvfp4_activations"
+    with pytest.raises(ValueError, match=f"{name} applies to quant='nvfp4' only"):
+        dcgen_kernels.patch(model, **kwargs)
+    assert not dcgen_kernels.is_patched(model)
+    if "quant" in kwargs:
+        with pytest.raises(ValueError, match=f"{name} applies to quant='nvfp4' only"):
+            dcgen_kernels.quantize(model, **kwargs)
+        assert quant_report(model) is None
 
 
 def test_unpatch_without_originals_raises_and_leaves_model_patched():
@@ -165,7 +201,7 @@ def test_unpatch_without_originals_raises_and_leaves_model_patched():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(quant="fp8", rank=-3), ValueError, "rank must be a non-negative int"),
+    (dict(quant="nvfp4", rank=-3), ValueError, "rank must be a non-negative int"),
     (dict(quant="nvfp4", keep_original="yes"), TypeError, "keep_original must be a bool"),
     (dict(quant="nvfp4", nvfp4_activations="fp4"), ValueError, "nvfp4_activations must be None or one of")])
 def test_patch_checks_the_quantization_arguments_before_replacing_anything(kwargs, error, match):
@@ -331,7 +367,14 @@ def test_load_quantized_fills_a_meta_skeleton_in_the_files_dtype(tmp_path, monke
         assert torch.equal(loaded[k].reshape(-1).view(torch.uint8), saved[k].reshape(-1).view(torch.uint8)), k
     assert all(t.device.type == "cpu" for t in [*skeleton.parameters(), *skeleton.buffers()])
     assert str(quant_report(skeleton)) == str(quant_report(model))  # memory before in bf16, as the saved model's
-    assert torch.equal(_run(skeleton, inputs), _run(model, inputs))
+    expected = _run(model, inputs)
+    assert torch.equal(_run(skeleton, inputs), expected)
+    # the loaded tensors own their memory: not the file's mapped pages (some were not 16-byte aligned)
+    assert all(t.data_ptr() % 16 == 0 for t in skeleton.state_dict().values() if t.numel())
+    path = tmp_path / "q.safetensors"
+    with open(path, "r+b") as f:
+        f.write(b"\0" * path.stat().st_size)
+    assert torch.equal(_run(skeleton, inputs), expected)
 
 
 def test_load_quantized_device_errors_and_skeletons_a_file_cannot_fill(tmp_path):
@@ -447,7 +490,7 @@ def test_sana_quantized_mix_ffn_backends_agree_and_close_to_fp32(quant):
     x = torch.randn(2, 6 * 7, 64)
     expected = glumbconv_reference(x, 6, 7, ff.conv_inverted.weight, ff.conv_inverted.bias, ff.conv_depth.weight,
                                    ff.conv_depth.bias, ff.conv_point.weight)
-    dcgen_kernels.quantize(model, quant=quant, backend="reference", rank=16)
+    dcgen_kernels.quantize(model, quant=quant, backend="reference", rank=16 if quant == "nvfp4" else None)
     assert isinstance(ff.conv_inverted, QuantizedPointwiseConv) and isinstance(ff.conv_point, QuantizedPointwiseConv)
     fallback = _glumbconv_tokens(ff, x, 6, 7, "reference")
     fused = _glumbconv_tokens(ff, x, 6, 7, "triton")
@@ -461,7 +504,7 @@ def test_sana_quantize_alone_stock_forward_and_save_load_bit_exact(quant, tmp_pa
     """quantize() without patch: diffusers' own GLUMBConv forward feeds the quantized 1x1 convs NCHW maps."""
     model, inputs = tiny_sana(), tiny_sana_inputs()
     stock = _run(model, inputs)
-    dcgen_kernels.quantize(model, quant=quant, backend="reference", rank=16)
+    dcgen_kernels.quantize(model, quant=quant, backend="reference", rank=16 if quant == "nvfp4" else None)
     expected = _run(model, inputs)
     assert 0 < rel_l2(expected, stock) < (MODEL_TOL if quant == "fp8" else SANA_NVFP4_TOL)
     path = tmp_path / f"sana-{quant}.safetensors"
@@ -587,7 +630,7 @@ def test_bf16_gpu_quantized_close_to_stock(family, quant):
     model = build(dtype=torch.bfloat16, device="cuda")
     inputs = make_inputs(dtype=torch.bfloat16, device="cuda")
     stock = _run(model, inputs)
-    dcgen_kernels.patch(model, quant=quant, keep_original=True, rank=16)
+    dcgen_kernels.patch(model, quant=quant, keep_original=True, rank=16 if quant == "nvfp4" else None)
     if family == "sana":
         assert dcgen_kernels.patch_report(model).quantization.pointwise_convs == 4
     err = rel_l2(_run(model, inputs), stock)

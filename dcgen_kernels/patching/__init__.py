@@ -74,9 +74,10 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
     quant: None (leave the linears as they are), 'fp8' or 'nvfp4': also quantize the transformer blocks' linears
     (see `dcgen_kernels.quantize`); the patched FLUX / SANA blocks then feed FP8 linears activations quantized by
     the kernels that produce them. keep_original: keep the 16-bit linears so `unpatch` can restore them (default
-    False: then `unpatch` of a quantized model raises). rank (default 32), nvfp4_activations: for 'nvfp4' (see
-    `dcgen_kernels.quantize`). Re-patching a model already quantized to `quant` keeps its layers: a rank or
-    keep_original other than theirs raises ValueError.
+    False: then `unpatch` of a quantized model raises). rank (default 32), nvfp4_activations: for 'nvfp4' only (see
+    `dcgen_kernels.quantize`; ValueError otherwise). Re-patching a model already quantized to `quant` keeps its
+    layers: a rank or keep_original other than theirs raises ValueError. Re-patching applies this call's arguments:
+    cuda_graph is off unless given again.
     cuda_graph: run a FLUX / SANA transformer's forward as CUDA graphs, one per input signature (shapes, dtypes,
     arguments), captured on its first call and replayed after it; for inference (torch.no_grad) on one GPU, eager
     otherwise with a one-time warning (see patching/cuda_graph.py). Removes the host's launch overhead, which sets
@@ -92,6 +93,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         raise ValueError(f"cuda_graph=True captures a FLUX / SANA transformer's forward; {type(model).__name__} has "
                          f"no transformer blocks (an autoencoder's decode is not a forward call)")
     _quant.check_nvfp4_activations(nvfp4_activations)
+    _quant.check_nvfp4_only_settings(quant, rank, nvfp4_activations)
     if quant is not None:
         _quant.check_quant_settings(model, quant, rank, keep_original)
     if quant is not None and _quant.current_quant(model) != quant:

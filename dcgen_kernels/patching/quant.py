@@ -195,6 +195,13 @@ def check_nvfp4_activations(choice: Optional[str]) -> None:
         raise ValueError(f"nvfp4_activations must be None or one of {NVFP4_ACTIVATIONS}, got {choice!r}")
 
 
+def check_nvfp4_only_settings(quant: Optional[str], rank: Optional[int], nvfp4_activations: Optional[str]) -> None:
+    """rank and nvfp4_activations shape NVFP4 layers: refused with another quant (or none) rather than ignored."""
+    for name, value in (("rank", rank), ("nvfp4_activations", nvfp4_activations)):
+        if value is not None and quant != "nvfp4":
+            raise ValueError(f"{name} applies to quant='nvfp4' only, got {name}={value!r} with quant={quant!r}")
+
+
 def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int, activations: str,
                       empty: bool = False):
     """The quantized stand-in for an nn.Linear or 1x1 conv; `empty`: its buffers allocated, not computed (for
@@ -231,13 +238,15 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
     "nvfp4" (SVDQuantLinear: NVFP4 weights with a rank-`rank` low-rank branch, default 32; smallest).
     nvfp4_activations: "nvfp4" (W4A4), "bf16" (W4A16) or "auto" (W4A4 on sm_120 GPUs, where our native FP4 MMA
     kernel runs; else W4A16); the weights are the same either way. None (default): "auto" for a new quantization,
-    the layers' own mode for a model already in NVFP4 (e.g. as load_quantized left it). keep_original: keep the
-    16-bit linears so `restore` / `dcgen_kernels.unpatch` can undo it (costs their memory; default False).
+    the layers' own mode for a model already in NVFP4 (e.g. as load_quantized left it). rank and nvfp4_activations
+    apply to "nvfp4" only (ValueError with "fp8"). keep_original: keep the 16-bit linears so `restore` /
+    `dcgen_kernels.unpatch` can undo it (costs their memory; default False).
     Quantizing an already quantized model to the same format only switches the backend (and nvfp4_activations
     where given);
     a rank or keep_original given then must be the one it was quantized with (ValueError otherwise). To another
-    format it needs the kept originals. Raises ValueError for an unknown format, a model without block linears or
-    block layers that carry peft adapters (merge them first).
+    format it needs the kept originals, and keeps them again unless keep_original=False is given. Raises ValueError
+    for an unknown format, a model without block linears or block layers that carry peft adapters (merge them
+    first).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}")
@@ -245,6 +254,8 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
         raise ValueError(f"quant must be one of {QUANT_CHOICES}, got None (use unpatch/restore to undo quantization)")
     check_quant_name(quant)
     _backend.check_backend_name(backend)
+    check_nvfp4_activations(nvfp4_activations)
+    check_nvfp4_only_settings(quant, rank, nvfp4_activations)
     check_quant_settings(model, quant, rank, keep_original)
     if current_quant(model) is None and not block_linears(model):  # checked first: a model may have no parameters
         raise ValueError(f"dcgen_kernels.quantize found no transformer-block nn.Linear in {type(model).__name__}; "
@@ -262,6 +273,8 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
         return model
     check_no_adapters(model)
     if existing is not None:
+        if keep_original is None:  # the originals were kept (checked above): a format switch keeps them again
+            keep_original = quant_report(model).keep_original
         restore(model)  # raises when the originals were not kept
     replace_block_linears(model, quant, bool(keep_original), backend, 32 if rank is None else rank, activations)
     return model
