@@ -89,7 +89,12 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     if skeleton:
         _cast_skeleton_to_file_dtype(model, path)
     replace_block_linears(model, quant, False, backend, rank, activations, empty=True)
-    model.load_state_dict(load_file(path, device=str(device)), strict=True, assign=skeleton)
+    state = load_file(path, device=str(device))
+    if skeleton and device.type == "cpu":
+        # The file's CPU tensors map its pages: assigned as they are, a later write to the file would change the
+        # model, and some would not be 16-byte aligned (CPU kernels then round differently). Owned copies instead.
+        state = {name: tensor.clone() for name, tensor in state.items()}
+    model.load_state_dict(state, strict=True, assign=skeleton)
     return model
 
 
