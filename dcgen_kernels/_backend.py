@@ -108,9 +108,10 @@ def select(
     choice = requested(backend)
     explicit = choice != "auto"
     order = BACKENDS[BACKENDS.index(choice):] if explicit else BACKENDS
+    declined = []  # (backend, reason) to warn about, naming the backend that serves the call
     for name in order:
         if name == "reference":
-            return name
+            break
         if name not in platform_checks:
             reason = f"{op} has no {name} backend"
             quiet = not (explicit and name == choice)
@@ -120,10 +121,12 @@ def select(
             if reason is None:
                 reason = case_checks[name]() if name in case_checks else None
                 if reason is None:
-                    return name
+                    break
         if not quiet:
-            nxt = order[order.index(name) + 1]
-            # once per kind of reason: shapes and strides (digits) in it would warn again at every resolution
-            warn_once(f"{op}:{name}:{re.sub(r'[0-9]+', '#', reason)}",
-                      f"dcgen_kernels.{op}: {name} backend cannot serve this call ({reason}); falling back to {nxt}")
-    raise AssertionError("unreachable: reference always serves")
+            declined.append((name, reason))
+    for declined_name, reason in declined:
+        # once per kind of reason: shapes and strides (digits) in it would warn again at every resolution
+        warn_once(f"{op}:{declined_name}:{re.sub(r'[0-9]+', '#', reason)}",
+                  f"dcgen_kernels.{op}: {declined_name} backend cannot serve this call ({reason}); falling back to "
+                  f"{name}")
+    return name

@@ -211,6 +211,21 @@ def test_fallback_warnings_are_once_per_op_and_reason(monkeypatch):
     assert sorted(str(w.message).split(":")[0] for w in caught) == ["dcgen_kernels.first_op", "dcgen_kernels.second_op"]
 
 
+@pytest.mark.parametrize("triton_reason", [None, "Triton needs a CUDA tensor"])
+def test_fallback_warning_names_the_backend_that_serves_the_call(monkeypatch, triton_reason):
+    """backend="cuda" where _C cannot run: the warning names the backend the call gets, which is the reference where
+    Triton cannot run either (it said "falling back to triton" there)."""
+    from dcgen_kernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    checks = {"cuda": lambda: "no _C here", "triton": lambda: triton_reason}
+    served = "triton" if triton_reason is None else "reference"
+    with pytest.warns(RuntimeWarning) as caught:
+        assert _backend.select("an_op", "cuda", checks, {}) == served
+    [warning] = caught
+    assert str(warning.message).endswith(f"(no _C here); falling back to {served}")
+
+
 def test_tma_alignment_checks_every_stride():
     from dcgen_kernels.ops._common import tma_alignment_error
 
