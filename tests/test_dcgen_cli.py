@@ -149,6 +149,8 @@ def test_missing_local_model_names_path(models, tmp_path, capsys):
     assert code == 2 and missing in err and "save_pretrained" in err
     with pytest.raises(FileNotFoundError, match="no-such-vae"):
         data.load_local_model(type(_tiny_kl()), missing)
+    code, _, err = _run(["merge", "--transformer", missing, "--out", str(tmp_path / "merged")], capsys)
+    assert code == 2 and f"--transformer: directory {missing!r} does not exist" in err
 
 
 def test_empty_or_bad_image_folder(models, tmp_path, capsys):

@@ -457,7 +457,8 @@ def test_seed_checkpoint_schedule_incomplete_checkpoints_and_a_nan_loss(tmp_path
     (tmp_path / "a" / "step-00000009").mkdir()  # interrupted while writing: its weights only
     (tmp_path / "a" / "step-00000009" / "trainable.safetensors").write_bytes(b"")
     assert T.latest_checkpoint(str(tmp_path / "a")).endswith("step-00000005")
-    with pytest.raises(ValueError, match="different settings"):  # another seed does not resume this run
+    with pytest.raises(ValueError, match=r"other settings \(seed: 7 there, 8 here\): rerun with those, or use "
+                                         r"another checkpoint directory \(--checkpoint-dir"):  # names what differs
         _embedding_run(str(tmp_path / "a"), 6, 2, seed=8)
     with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
         _embedding_run(None, 2, 0, base_fill=float("nan"))
@@ -614,7 +615,7 @@ def test_checkpoints_from_before_the_timestep_shift_resume_as_unshifted(tmp_path
     state = torch.load(state_path, weights_only=True)
     del state["meta"]["t_shift"]
     torch.save(state, state_path)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="other settings"):
         T.align_head(model, latents, *text_data(2), **common)
     assert len(T.align_head(model, latents, *text_data(2), t_shift=1.0, **common)["history"]) == 2
 
@@ -678,9 +679,9 @@ def test_bad_arguments(tmp_path):
     d = str(tmp_path)
     data = torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2)
     T.align_embedding(*lin, *data, steps=2, checkpoint_dir=d, **kw)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0\.001 there, 0\.01 here\)"):
         T.align_embedding(*lin, *data, steps=3, checkpoint_dir=d, **dict(kw, lr=1e-2))
-    with pytest.raises(ValueError, match="different settings"):  # another latent cache
+    with pytest.raises(ValueError, match="other settings"):  # another latent cache
         T.align_embedding(*lin, data[0], data[1] + 1, steps=3, checkpoint_dir=d, **kw)
     with pytest.raises(ValueError, match="past steps"):
         T.align_embedding(*lin, *data, steps=1, checkpoint_dir=d, **kw)

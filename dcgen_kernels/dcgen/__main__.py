@@ -356,6 +356,9 @@ def cmd_merge(args) -> None:
     from . import merge_lora
 
     _check_output_path(args.out, "--out", directory=True)
+    if not os.path.isdir(args.transformer):
+        raise FileNotFoundError(f"--transformer: directory {args.transformer!r} does not exist; pass the output "
+                                f"directory of the `lora` command")
     adapter = os.path.join(args.transformer, LORA_SUBDIR)
     if not os.path.isfile(os.path.join(adapter, LORA_WEIGHTS)):
         raise FileNotFoundError(f"{args.transformer!r} has no {LORA_SUBDIR}/{LORA_WEIGHTS} adapter; pass the output "

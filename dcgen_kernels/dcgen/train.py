@@ -649,8 +649,12 @@ def _load_checkpoint(path: str, params: Dict[str, nn.Parameter], optimizer, gene
     if "t_shift" in meta:  # runs from before the timestep shift trained unshifted
         state["meta"].setdefault("t_shift", 1.0)
     if state["meta"] != meta:
-        raise ValueError(f"checkpoint {path} was written by a run with different settings: {state['meta']} vs "
-                         f"{meta}; use another checkpoint_dir or resume=False")
+        differing = "; ".join(f"{key}: {state['meta'].get(key)!r} there, {meta.get(key)!r} here"
+                              for key in sorted(set(state["meta"]) | set(meta), key=str)
+                              if state["meta"].get(key) != meta.get(key))
+        raise ValueError(f"checkpoint {path} was written by a run with other settings ({differing}): rerun with "
+                         f"those, or use another checkpoint directory (--checkpoint-dir; in Python checkpoint_dir, "
+                         f"or resume=False)")
     weights = load_file(os.path.join(path, _WEIGHTS))
     if set(weights) != set(params):
         raise ValueError(f"checkpoint {path} holds parameters {sorted(set(weights) ^ set(params))[:5]} that do not "
