@@ -126,7 +126,8 @@ _cache: dict = {}
 
 
 def _cached_plan(attn_mask: torch.Tensor) -> _Plan:
-    """The plan of the last mask seen, while that very tensor is alive and unmodified."""
+    """The plan of the last mask seen, while that very tensor is alive and its version counter unchanged (so one
+    host sync per step, not per block). Writes that bypass the counter (`.data`, NumPy, DLPack) are not seen."""
     if attn_mask.is_inference():  # no version counter: an in-place change could not be seen
         return _plan(attn_mask)
     ref, version, plan = _cache.get("last", (None, None, None))
