@@ -328,6 +328,9 @@ def test_gpu_triton_quantizers_bit_exact_at_flux_width():
     assert_same_bytes(fused[0], ref[0])
     assert_same_bytes(fused[1], ref[1])
     assert rel_l2(fused[2], ref[2]) < 1e-5
+    down = torch.randn(K, 32, device="cuda") / K ** 0.5  # fp32 beside bf16 x: a bf16 dot would round it (~2e-3)
+    ref = quantize_nvfp4_activations_reference(x, smooth, down, tri[2])
+    assert rel_l2(quantize_nvfp4_activations(x, smooth, down, tri[2], backend="triton")[2], ref[2]) < 1e-5
     for dtype in (torch.bfloat16, torch.float16):  # the dequantize kernel's cast rounds like torch's
         out = dequantize_nvfp4(*tri, k=K, dtype=dtype, backend="triton")
         assert torch.equal(out, dequantize_nvfp4(*tri, k=K, backend="reference").to(dtype))

@@ -184,7 +184,9 @@ def _launch_quantize(x, smooth, lora_down, global_scale, packed, scales, lora_ac
         packed.view(M, -1), scales.view(torch.uint8).view(M, -1), lora_act.view(M, -1) if R else packed,
         M, K, padded_k(K), R,
         x2.stride(0), packed.shape[-1], scales.shape[-1], down.stride(0) if R else 0, R,
-        HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0, DOT_DTYPE=_dot_dtype(x.dtype),
+        # the dot in the wider of the two dtypes: a 16-bit one would round an fp32 lora_down (the reference's is fp32)
+        HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0,
+        DOT_DTYPE=_dot_dtype(torch.promote_types(x.dtype, lora_down.dtype) if R else x.dtype),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=num_warps,
     )
 
