@@ -231,6 +231,9 @@ def test_tma_alignment_checks_every_stride():
 
     t = torch.zeros(2 * 1176, dtype=torch.bfloat16).as_strided((2, 9, 2, 64), (1176, 130, 65, 1))  # inner stride
     assert "16 bytes" in tma_alignment_error("q", t)
+    row = torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16)
+    assert "zero stride" in tma_alignment_error("q", row.expand(2, 9, 2, 64))  # a broadcast view
+    assert tma_alignment_error("q", row) is None and tma_alignment_error("q", row.expand(1, 1, 2, 64)) is None
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")

@@ -59,16 +59,18 @@ def check_positive_eps(eps: object) -> None:
 
 
 def tma_alignment_error(name: str, t: torch.Tensor) -> Optional[str]:
-    """TMA descriptors need a contiguous last dim, a 16-byte aligned base and 16-byte multiples for the other
-    strides."""
+    """TMA descriptors need a contiguous last dim, a 16-byte aligned base and positive 16-byte multiples for the
+    other strides."""
     if t.stride(-1) != 1:
         return f"{name} is not contiguous in its last dimension (strides {t.stride()})"
     size = t.element_size()
     if t.data_ptr() % 16:
         return f"{name} data pointer is not 16-byte aligned"
-    for stride in t.stride()[:-1]:
+    for stride, extent in zip(t.stride()[:-1], t.shape[:-1]):
         if (stride * size) % 16:
             return f"{name} strides {t.stride()} are not multiples of 16 bytes"
+        if stride == 0 and extent > 1:  # a descriptor's strides are positive: no broadcast (expanded) dimension
+            return f"{name} has a zero stride (an expanded view; strides {t.stride()})"
     return None
 
 
