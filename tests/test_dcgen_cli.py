@@ -232,7 +232,8 @@ def test_bad_arguments_exit_2(models, tmp_path, capsys):
 def test_outputs_and_values_that_would_fail_late_exit_2_before_any_work(models, tmp_path, capsys, monkeypatch):
     """An --out that is a file (save_pretrained only logs and returns: the trained model was lost), a file as
     --checkpoint-dir, no text tokens, a size the autoencoders cannot downsample, a transformer as --dc-ae, an
-    unsupported device, a seed torch cannot take: exit 2 with the flag named, before training or encoding."""
+    unsupported device, a seed torch cannot take, a patch size the latent grid cannot take: exit 2 with the flag
+    named, before training or encoding."""
     from dcgen_kernels import dcgen
 
     monkeypatch.setattr(dcgen, "align_head", lambda *a, **k: pytest.fail("trained despite a bad argument"))
@@ -256,7 +257,10 @@ def test_outputs_and_values_that_would_fail_late_exit_2_before_any_work(models, 
             (encode + ["--size", "64", "--out", str(tmp_path)], "--out"),
             (encode[:5] + [models["flux"], "--size", "64", "--out", cache],
              "names autoencoder class 'FluxTransformer2DModel'"),
-            (encode[:-1] + ["meta", "--size", "64", "--out", cache], "--device must be cpu or cuda")):
+            (encode[:-1] + ["meta", "--size", "64", "--out", cache], "--device must be cpu or cuda"),
+            (["align-embedding", "--transformer", models["flux"], "--cache", cache, "--patch-size", "3", "--steps",
+              "1", "--quiet", "--device", "cpu"] + out_dir,
+             "--patch-size 3: must be >= 1 and divide the cache's DC latent grid 4x4")):
         code, _, err = _run(argv, capsys)
         assert code == 2 and message in err, (argv, err)
     assert a_file.read_text() == ""

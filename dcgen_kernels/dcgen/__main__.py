@@ -264,6 +264,9 @@ def cmd_align_embedding(args) -> None:
     if channels != dc_lat.shape[1]:
         raise CLIError(f"--latent-channels {channels} does not match the cache's DC latents ({dc_lat.shape[1]} "
                        f"channels)")
+    if args.patch_size < 1 or dc_lat.shape[2] % args.patch_size or dc_lat.shape[3] % args.patch_size:
+        raise CLIError(f"--patch-size {args.patch_size}: must be >= 1 and divide the cache's DC latent grid "
+                       f"{dc_lat.shape[2]}x{dc_lat.shape[3]}")
     student = _load_transformer(args.transformer, _device(args.device))
     if _is_sana(student):
         if base_lat.shape[1] != student.config.in_channels:
