@@ -353,6 +353,34 @@ def test_ada_zero_norms_promote_to_the_modulation_dtype_as_stock(norm_class):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def _one_prompt_two_images():
+    """FluxPipeline hands given prompt_embeds over unrepeated for num_images_per_prompt > 1: text batch 1, image
+    batch 2, which stock broadcasts in the first block."""
+    inputs = tiny_flux_inputs()
+    inputs.update(hidden_states=torch.randn(2, *inputs["hidden_states"].shape[1:]),
+                  pooled_projections=torch.randn(2, 16), timestep=torch.tensor([0.5, 0.25]))
+    return inputs
+
+
+# triton: the attention takes 16 bits (fp32 falls back, warned); the adaLN and residual kernels run
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.allow_fallback)])
+def test_one_prompt_for_a_batch_of_images_broadcasts_as_stock(backend):
+    model, inputs = tiny_flux(), _one_prompt_two_images()
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend=backend)  # it raised on the modulation's batch
+    assert expected.shape[0] == 2 and rel_l2(run(model, inputs), expected) < 1e-5
+    norm = model.transformer_blocks[0].norm1_context
+    x = torch.randn(1, 7, norm.linear.in_features)
+    emb = torch.randn(2, norm.linear.in_features)
+    got, want = norm(x, emb=emb), type(norm).forward(norm, x, emb=emb)  # a patched norm called alone
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_one_prompt_for_a_batch_of_images_in_fp8_blocks():
+    expected, got = _quantized_stock_and_patched(tiny_flux(), _one_prompt_two_images())
+    assert expected.shape[0] == 2 and rel_l2(got, expected) < 1e-5
+
+
 def test_text_given_to_an_attention_without_text_projections_gets_diffusers_error():
     attn = tiny_flux().single_transformer_blocks[0].attn
     hidden, text = torch.randn(1, 10, 128), torch.randn(1, 3, 128)

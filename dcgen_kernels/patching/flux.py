@@ -148,7 +148,9 @@ def _skip_reason(attn) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------- adaLN norms
 def _modulate(module, x, scale, shift):
     """norm(x) * (1 + scale) + shift with (B, C) modulation, in one pass."""
-    if scale.dtype != x.dtype:  # stock promotes the result to the modulation's dtype: keep its exact semantics
+    # Stock promotes the result to the modulation's dtype and broadcasts a batch-1 x against a larger modulation
+    # (FluxPipeline's prompt_embeds with num_images_per_prompt > 1): keep its exact semantics.
+    if scale.dtype != x.dtype or x.shape[0] != scale.shape[0]:
         return module.norm(x) * (1 + scale[:, None]) + shift[:, None]
     return ada_layer_norm_modulate(x, scale, shift, eps=module.norm.eps, backend=backend_of(module))
 
@@ -272,6 +274,10 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
     if temb.dtype != hidden_states.dtype:  # stock promotes to temb's dtype: keep its exact semantics
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
+    if encoder_hidden_states.shape[0] == 1 < hidden_states.shape[0]:
+        # FluxPipeline hands given prompt_embeds over unrepeated for num_images_per_prompt > 1; stock broadcasts
+        # them in the first block's norm and residual, whose outputs then have the image batch: the same values
+        encoder_hidden_states = encoder_hidden_states.expand(hidden_states.shape[0], -1, -1)
     backend = backend_of(self)
     if _fp8_attention_inputs(self, self.norm1, self.norm1_context) and _fp8(*_qkv(self.attn, False),
                                                                             *_qkv(self.attn, True)):
