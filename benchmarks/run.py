@@ -1,4 +1,5 @@
-"""dcgen_kernels benchmark suite: `python -m benchmarks.run [--tiny] [--suite kernels|e2e|all] [--out results.json]`.
+"""dcgen_kernels benchmark suite: `python -m benchmarks.run [--tiny] [--suite kernels|dcgen|e2e|all |
+--sections a,b,...] [--out results.json]`.
 
 With a CUDA GPU it runs at real sizes; without one (or with --tiny) it runs a tiny CPU configuration that only
 proves the code paths work: its timings are not meaningful.

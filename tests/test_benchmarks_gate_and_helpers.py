@@ -219,16 +219,20 @@ def test_compare_cli_malformed_json_exits_2(h100, tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_compare_render_warns_on_other_gpu_and_counts_tracked_metrics(h100):
-    other = copy.deepcopy(h100)
-    other["environment"]["gpu"] = "NVIDIA H200"
-    result = compare.compare(h100, other, 0.10)
-    text = compare.render(result, h100, other, 0.10)
-    assert "WARNING: different GPU or mode" in text
+def test_compare_render_counts_tracked_metrics(h100):
+    result = compare.compare(h100, h100, 0.10)
+    text = compare.render(result, h100, h100, 0.10)
     tracked = sum(r["tracked"] for r in result["rows"])
     assert 0 < tracked < len(result["rows"])
     assert f"({tracked} compared)" in text.splitlines()[-1]
-    assert "different GPU" not in compare.render(compare.compare(h100, h100, 0.10), h100, h100, 0.10)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"environment": []}'])
+def test_compare_refuses_json_that_is_no_results_file(tmp_path, capsys, h100, content):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert compare.main([_write(tmp_path, "old.json", h100), str(bad)]) == 2  # not 1, the regression status
+    assert "is not a benchmarks/run.py results JSON" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ common
