@@ -7,16 +7,19 @@ PYTHON ?= python3
 TORCH_PINS ?= torch==2.13.0 triton==3.8.0 numpy<2.4
 DEPS = diffusers==0.42.1 peft==0.21.2 scikit-image==0.26.0 matplotlib==3.11.2 cuda-python pybind11>=2.12 ninja \
 	pytest pytest-benchmark
-# One stamp per Python and CUDA arch list: changing DCGEN_CUDA_ARCHS rebuilds _C.
-STAMP = .installed-$(shell $(PYTHON) -c "import sys; print('%d%d' % sys.version_info[:2])")$(subst ;,_,$(if \
-	$(DCGEN_CUDA_ARCHS),-$(DCGEN_CUDA_ARCHS)))
+# The install re-runs when its build inputs or its settings (Python, DCGEN_CUDA_ARCHS, DCGEN_BUILD_CUDA) change:
+# .installed-config holds the settings of the last install and is rewritten only when they differ.
+STAMP = .installed
+SETTINGS := $(shell $(PYTHON) -c "import sys; print(sys.executable, '%d.%d' % sys.version_info[:2])") \
+	archs=$(DCGEN_CUDA_ARCHS) build_cuda=$(DCGEN_BUILD_CUDA)
+$(shell printf '%s\n' '$(SETTINGS)' | cmp -s - .installed-config || printf '%s\n' '$(SETTINGS)' > .installed-config)
 
 .PHONY: install bench test gpu-wheels clean
 
 install: $(STAMP)
 
 # Re-run the install only when the build inputs change (a plain `make test` then costs nothing extra).
-$(STAMP): Makefile setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+$(STAMP): .installed-config Makefile setup.py pyproject.toml MANIFEST.in CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m pip install -q $(foreach p,$(TORCH_PINS) $(DEPS),"$(p)")
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
@@ -35,4 +38,4 @@ gpu-wheels:
 		diffusers==0.42.1 importlib_metadata pytest-xdist==3.8.0 execnet==2.1.2
 
 clean:
-	rm -rf build build-* .installed-* dcgen_kernels/_C*.so *.egg-info
+	rm -rf build build-* .installed .installed-config dcgen_kernels/_C*.so *.egg-info

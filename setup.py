@@ -2,9 +2,11 @@
 
 The compiled module `dcgen_kernels._C` (pybind11 + CUDA runtime, no torch headers) is built with CMake + Ninja
 when nvcc is found (CUDA_HOME/bin, CUDA_PATH/bin, PATH, /usr/local/cuda/bin); otherwise, or when that build fails
-(with a warning), the package installs as pure Python (Triton and torch paths only). Environment:
+(with a warning, and no earlier in-tree _C left behind), the package installs as pure Python (Triton and torch paths
+only). Environment:
   DCGEN_BUILD_CUDA=0   never build _C          DCGEN_BUILD_CUDA=1   build _C or fail
-  DCGEN_CUDA_ARCHS     CUDA archs, default "90a" (e.g. "90a;100a;120a")
+  DCGEN_CUDA_ARCHS     CUDA archs, default "90a" (e.g. "90a;100a;120a"); archs given here are a request: a failed
+                       build then fails the install (pip hides a fallback's warning unless run with -v)
 This file must not import torch: build isolation would bring a different torch into the build environment.
 """
 
@@ -18,7 +20,6 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-CSRC = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*") if p.is_file())
 
 
 def find_nvcc():
@@ -48,10 +49,11 @@ def build_request():
 
 class CMakeExtension(Extension):
     def __init__(self, name, nvcc, required):
-        # No sources for setuptools to compile; `depends` puts csrc/ and CMakeLists.txt into sdists.
-        super().__init__(name, sources=[], depends=CSRC + ["CMakeLists.txt"])
+        # No sources for setuptools to compile (MANIFEST.in puts csrc/ and CMakeLists.txt into sdists). Optional:
+        # an editable install then copies no module into the tree when the build failed, instead of failing.
+        super().__init__(name, sources=[], optional=not required)
         self.nvcc = nvcc
-        self.required = required  # DCGEN_BUILD_CUDA=1: a failed build fails the install
+        self.required = required  # DCGEN_BUILD_CUDA=1 or DCGEN_CUDA_ARCHS given: a failed build fails the install
 
 
 class CMakeBuild(build_ext):
@@ -65,10 +67,15 @@ class CMakeBuild(build_ext):
         except (OSError, subprocess.CalledProcessError) as exc:
             if ext.required:
                 raise RuntimeError(f"dcgen-kernels: building {ext.name} with CMake failed ({exc}). Fix the CUDA "
-                                   "toolchain, or unset DCGEN_BUILD_CUDA to install without it.") from exc
+                                   "toolchain or DCGEN_CUDA_ARCHS (explicit archs such as '90a;120a'), or set "
+                                   "DCGEN_BUILD_CUDA=0 to install without it.") from exc
             # nvcc was found but the build failed: install the pure-Python package (Triton and torch paths), with
-            # no module left over from an earlier build that would not match these sources
-            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+            # no module left over from an earlier build that would not match these sources (in the build tree, and
+            # in the source tree, where an editable install imports it from)
+            stale = [Path(self.get_ext_fullpath(ext.name))]
+            stale += [*(ROOT / "dcgen_kernels").glob("_C*.so"), *(ROOT / "dcgen_kernels").glob("_C*.pyd")]
+            for module in stale:
+                module.unlink(missing_ok=True)
             print(f"dcgen-kernels: WARNING: building {ext.name} with CMake failed ({exc}); installing without it "
                   "(set DCGEN_BUILD_CUDA=1 to make this an error)", file=sys.stderr, flush=True)
 
@@ -143,7 +150,8 @@ def extensions():
         print("dcgen-kernels: skipping the CUDA extension dcgen_kernels._C (nvcc not found; "
               "set CUDA_HOME or DCGEN_BUILD_CUDA=1 to require it)", flush=True)
         return []
-    return [CMakeExtension("dcgen_kernels._C", nvcc, required=request == "on")]
+    requested_archs = bool(os.environ.get("DCGEN_CUDA_ARCHS", "").strip())
+    return [CMakeExtension("dcgen_kernels._C", nvcc, required=request == "on" or requested_archs)]
 
 
 readme = ROOT / "README.md"
