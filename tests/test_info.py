@@ -95,3 +95,29 @@ def test_info_reads_the_gpu_through_cuda_python_when_torch_has_no_cuda(monkeypat
     expected = ({"name": None, "capability": None, "source": "cuda-python (cudaErrorNoDevice)"} if count_error else
                 {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "source": "cuda-python"})
     assert dcgen_kernels.info()["gpu"] == expected
+
+
+def test_sdist_holds_the_cuda_sources_where_nothing_builds_them(tmp_path):
+    """The sdist must let a GPU machine build _C even when it was made where _C is not built (no nvcc,
+    DCGEN_BUILD_CUDA=0): csrc/ and CMakeLists.txt came in only with the extension before MANIFEST.in."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "Makefile", "CMakeLists.txt"):
+        shutil.copy(repo / name, tree / name)
+    for name in ("csrc", "dcgen_kernels"):
+        shutil.copytree(repo / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {**os.environ, "DCGEN_BUILD_CUDA": "0"}
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=tree,
+                   env=env, check=True, capture_output=True)
+    [sdist] = (tmp_path / "dist").glob("*.tar.gz")
+    names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tarfile.open(sdist).getnames()
+             if len(Path(n).parts) > 1}
+    expected = {"CMakeLists.txt", *(f"csrc/{p.name}" for p in (repo / "csrc").iterdir())}
+    assert expected <= names, expected - names
