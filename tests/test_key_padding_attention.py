@@ -1,3 +1,4 @@
+import copy
 import sys
 
 import pytest
@@ -51,9 +52,14 @@ def test_equals_sana_cross_attention_processor(case, dtype):
     assert (plan.keys.tolist() if torch.is_tensor(plan.keys) else plan.keys) == keys and plan.masked == masked
     with torch.no_grad():
         expected = attn(hidden, encoder_hidden_states=enc, attention_mask=mask)
+        exact = copy.deepcopy(attn).float()(hidden.float(), encoder_hidden_states=enc.float(),
+                                            attention_mask=mask.float())
         attn.set_processor(DCGenSanaCrossAttnProcessor(attn.processor, "auto"))
         ours = attn(hidden, encoder_hidden_states=enc, attention_mask=mask)
-    assert rel_l2(ours, expected) <= (1e-6 if dtype == torch.float32 else TOLERANCE[dtype] / 10)
+    if dtype == torch.float32:
+        assert rel_l2(ours, expected) <= 1e-6
+    else:  # other SDPA kernels (masked vs trimmed; AVX2 vs AVX-512 CPUs) round 16-bit math differently
+        assert rel_l2(ours, exact) <= max(1.2 * rel_l2(expected, exact), TOLERANCE[dtype] / 10)  # ~1.0x seen
 
 
 @pytest.mark.parametrize("shape", ["b_s", "b_1_s", "b_1_1_s"])
