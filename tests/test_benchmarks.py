@@ -944,8 +944,10 @@ def test_profile_step_tiny_sana_runs_each_variant():
         assert "error" not in rec and rec["kernel_ms_per_step"] > 0 and len(rec["top_kernels_ms"]) == 3, rec
 
 
-def test_sana_step_kernel_profiles_leave_the_model_unpatched():
+def test_sana_step_kernel_profiles_leave_the_model_unpatched(monkeypatch):
     import dcgen_kernels
+
+    monkeypatch.setenv("DCGEN_BACKEND", "reference")  # the harness: interpreted Triton takes ~13 s per patched step
     from benchmarks import bench_sana_step
 
     cfg = bench_sana_step.TINY
@@ -1025,8 +1027,10 @@ def test_ncu_targets_run_on_cpu_through_the_public_ops(monkeypatch):
     assert called == ["embed", "quantize gelu=True"] * 2
 
 
-def test_profile_host_tiny_profiles_stock_then_patched():
+def test_profile_host_tiny_profiles_stock_then_patched(monkeypatch):
     from benchmarks import profile_host
+
+    monkeypatch.setenv("DCGEN_BACKEND", "reference")  # the harness: interpreted Triton takes ~13 s per patched step
 
     result = profile_host.run(torch.device("cpu"), tiny=True, size="c8_8x8", steps=1, top=5)
     assert result["stock"]["ms_per_step"] > 0 and result["patched"]["calls_per_step"] > 0
@@ -1035,8 +1039,10 @@ def test_profile_host_tiny_profiles_stock_then_patched():
         profile_host.run(torch.device("cpu"), tiny=True, size="c32_128x128", steps=1, top=5)
 
 
-def test_sustained_step_tiny_times_each_variant_alone_and_back_to_back():
+def test_sustained_step_tiny_times_each_variant_alone_and_back_to_back(monkeypatch):
     from benchmarks import sustained_step
+
+    monkeypatch.setenv("DCGEN_BACKEND", "reference")  # the harness: interpreted Triton takes ~13 s per patched step
 
     result = sustained_step.run(torch.device("cpu"), tiny=True, size="c8_8x8", steps=1, pause_s=0.0)
     assert list(result["variants"]) == ["stock", "patched", "patched_graph"]
