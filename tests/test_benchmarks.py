@@ -367,6 +367,9 @@ def test_gpu_check_hard_limit_cuts_the_phase_floors(tmp_path):
     assert pytest_limit <= hard_limit - 15, phases  # not the 150 s floor
     assert phases["suite"].startswith("skipped (") and "left before --hard-limit-s 35" in phases["suite"]
     assert report["gpu_check"]["failed_phases"] == ["pytest_gpu", "suite"]
+    bad = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh"), "--dry-run", "--hard-limit-s", "soon"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--hard-limit-s: expected whole seconds, got 'soon'" in bad.stderr
 
 
 def test_tiny_e2e_compile_runs_without_the_eager_section(tmp_path):
