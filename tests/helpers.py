@@ -263,3 +263,53 @@ def compile_launchers_for_sm90(launches: str) -> list:
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_TINY_WORDS = ("a", "cat", "dog", "on", "the", "mat", "red", "photo", "of", "small")
+
+
+def _tiny_word_tokenizer(specials, bos=None, eos=None, pad=None, model_max_length=None):
+    """A whitespace word-level tokenizer over _TINY_WORDS (others -> <unk>) appending bos / eos as the real
+    CLIP / T5 / Gemma tokenizers do: built offline, as the real ones would need a download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(tuple(specials) + _TINY_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = " ".join(([bos] if bos else []) + ["$A"] + ([eos] if eos else []))
+    tok.post_processor = processors.TemplateProcessing(single=template,
+                                                       special_tokens=[(s, vocab[s]) for s in (bos, eos) if s])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   unk_token="<unk>", model_max_length=model_max_length)
+
+
+def tiny_text_pipeline(kind: str, path: str):
+    """A FluxPipeline (CLIP + T5, matching tiny FLUX's pooled 16 / joint 32 dims) or SanaPipeline (Gemma 2,
+    matching tiny_sana's caption_channels 24) with random tiny text encoders and no transformer / VAE, saved to
+    `path`; returns the pipeline."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, SanaPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, Gemma2Config, Gemma2Model, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    if kind == "flux":
+        clip_tok = _tiny_word_tokenizer(["<unk>", "<|startoftext|>", "<|endoftext|>"], bos="<|startoftext|>",
+                                        eos="<|endoftext|>", pad="<|endoftext|>", model_max_length=12)
+        t5_tok = _tiny_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", model_max_length=512)
+        vocab = 3 + len(_TINY_WORDS)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=2))
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_ff=32, d_kv=8, num_layers=1, num_heads=2))
+        pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=clip.eval(),
+                                tokenizer=clip_tok, text_encoder_2=t5.eval(), tokenizer_2=t5_tok, transformer=None)
+    else:
+        tok = _tiny_word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], bos="<bos>", eos="<eos>", pad="<pad>",
+                                   model_max_length=4096)
+        gemma = Gemma2Model(Gemma2Config(vocab_size=4 + len(_TINY_WORDS), hidden_size=24, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=12, pad_token_id=0))
+        pipeline = SanaPipeline(tokenizer=tok, text_encoder=gemma.eval(), vae=None, transformer=None,
+                                scheduler=DPMSolverMultistepScheduler())
+    pipeline.save_pretrained(path)
+    return pipeline

@@ -1,6 +1,7 @@
 """DC-Gen command line: ``python -m dcgen_kernels.dcgen <command> ...`` (FLUX or SANA), a thin layer over the library.
 
     encode           images (folder or scikit-image samples) -> base-AE and DC-AE latents in one safetensors cache
+    encode-text      prompts -> the --text-embeds file, by a local FluxPipeline / SanaPipeline's text encoders
     align-embedding  stage 1: convert a copy of a base model, align its new embedder to the base one, save it
     align-head       stage 2: train embedder + output head of a converted model (flow matching; guidance
                      distilled for FLUX)
@@ -15,9 +16,10 @@ FLUX needs ``encoder_hidden_states`` (N or 1, L, D), ``pooled_projections`` (N o
 and ``null_encoder_hidden_states`` and takes ``encoder_attention_mask`` (N or 1, L) and
 ``null_encoder_attention_mask`` (L,) (default, with a warning: all tokens real). The null embeddings are the text
 encoders' outputs for the empty prompt "" (padded to the same L; for FLUX also CLIP's pooled vector), not zeros.
-``--random-text`` draws random embeddings instead, for smoke tests only. ``--fused-latent-io`` trains through
-dcgen_kernels' fused patch_embed / patch_unembed (embedder and head only; ``--backend`` picks their backend). Bad
-arguments, missing files and invalid inputs exit with code 2 and a message on stderr.
+``encode-text`` writes such a file. ``--random-text`` draws random embeddings instead, for smoke tests only.
+``--fused-latent-io`` trains through dcgen_kernels' fused patch_embed / patch_unembed (embedder and head only;
+``--backend`` picks their backend). Bad arguments, missing files and invalid inputs exit with code 2 and a message on
+stderr.
 """
 
 from __future__ import annotations
@@ -252,6 +254,31 @@ def cmd_encode(args) -> None:
           f"DC latents {tuple(dc.shape)}; saved to {args.out}")
 
 
+def cmd_encode_text(args) -> None:
+    from .text import encode_prompts, load_text_pipeline, read_prompts, save_text_embeddings
+
+    _check_output_path(args.out, "--out", directory=False)
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        raise CLIError(f"--max-sequence-length must be >= 1, got {args.max_sequence_length}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    device = _device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    pipeline = load_text_pipeline(args.pipeline, device, dtype)
+    tensors = encode_prompts(pipeline, prompts, max_sequence_length=args.max_sequence_length,
+                             complex_human_instruction=not args.no_complex_human_instruction,
+                             batch_size=args.batch_size)
+    meta = dict(pipeline=os.path.abspath(args.pipeline), pipeline_class=type(pipeline).__name__,
+                count=len(prompts), tokens=int(tensors["encoder_hidden_states"].shape[1]), dtype=str(dtype))
+    if type(pipeline).__name__ == "SanaPipeline":
+        meta["complex_human_instruction"] = not args.no_complex_human_instruction
+    save_text_embeddings(args.out, tensors, meta)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+    print(f"encode-text: {len(prompts)} prompt(s) by {type(pipeline).__name__} -> {shapes}; saved to {args.out}")
+
+
 def cmd_align_embedding(args) -> None:
     import copy
 
@@ -422,8 +449,9 @@ def _add_device(p) -> None:
 
 def _add_text(p) -> None:
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--text-embeds", help="safetensors with encoder_hidden_states, pooled_projections, "
-                                         "null_encoder_hidden_states, null_pooled_projections")
+    g.add_argument("--text-embeds", help="safetensors written by encode-text (FLUX: encoder_hidden_states, "
+                                         "pooled_projections and their null_ versions; SANA: encoder_hidden_states, "
+                                         "encoder_attention_mask and their null_ versions)")
     g.add_argument("--random-text", action="store_true", help="random text embeddings (SMOKE TESTS ONLY)")
     p.add_argument("--random-text-tokens", type=int, default=8)
     p.add_argument("--p-drop", type=float, default=0.1, help="probability of replacing a prompt by the null one")
@@ -449,6 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache file (.safetensors)")
     _add_device(p)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("encode-text", help="encode prompts with a local FLUX / SANA pipeline's text encoders into "
+                                           "a --text-embeds file")
+    p.add_argument("--pipeline", required=True, help="local FluxPipeline or SanaPipeline directory (model_index.json "
+                                                     "+ text encoders and tokenizers; transformer and vae not loaded)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="UTF-8 text file, one prompt per line, in the cache's image order (a folder "
+                                       "is encoded in file-name order)")
+    src.add_argument("--prompt", help="one prompt for every image")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="text tokens (default: the pipeline's, FLUX 512 / SANA 300; 256 for FLUX schnell)")
+    p.add_argument("--no-complex-human-instruction", action="store_true",
+                   help="SANA: encode the bare prompts, without the instruction SanaPipeline prepends by default")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="text encoders' dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="text embeddings file (.safetensors)")
+    _add_device(p)
+    p.set_defaults(func=cmd_encode_text)
 
     p = sub.add_parser("align-embedding", help="stage 1: convert a base FLUX / SANA and align the new embedder")
     p.add_argument("--transformer", required=True, help="local base FluxTransformer2DModel or "

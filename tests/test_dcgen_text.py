@@ -1,0 +1,153 @@
+"""`encode-text`: prompts -> the --text-embeds file, by tiny random FLUX / SANA pipelines' text encoders (CPU)."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dcgen_kernels.dcgen import data, text
+from dcgen_kernels.dcgen.__main__ import main
+
+from .helpers import tiny_sana, tiny_text_pipeline
+from .test_dcgen_cli import _tiny_base_flux
+
+PROMPTS = ["a red cat on the mat", "a photo of a small dog", "the cat " * 6]  # the last one outruns 8 tokens
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: (str(root / kind), tiny_text_pipeline(kind, str(root / kind))) for kind in ("flux", "sana")}
+
+
+def _prompts_file(tmp_path, prompts):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_flux_embeddings_are_the_text_encoders_outputs_and_train(pipelines, tmp_path, capsys):
+    path, pipe = pipelines["flux"]
+    out = str(tmp_path / "text.safetensors")
+    code, stdout, err = _run(["encode-text", "--pipeline", path, "--prompts", _prompts_file(tmp_path, PROMPTS),
+                              "--max-sequence-length", "8", "--batch-size", "2", "--out", out, "--device", "cpu"],
+                             capsys)
+    assert code == 0, err
+    assert "encode-text: 3 prompt(s) by FluxPipeline" in stdout
+    saved = load_file(out)
+    assert set(saved) == {"encoder_hidden_states", "pooled_projections", "null_encoder_hidden_states",
+                          "null_pooled_projections"}
+
+    def expected(prompts):  # T5 tokens padded / truncated to 8, CLIP's pooled vector over its 12 positions
+        t5_ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=8, truncation=True,
+                                  return_tensors="pt").input_ids
+        clip_ids = pipe.tokenizer(prompts, padding="max_length", max_length=12, truncation=True,
+                                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder_2(t5_ids).last_hidden_state, pipe.text_encoder(clip_ids).pooler_output
+
+    tokens, pooled = expected(PROMPTS)
+    null_tokens, null_pooled = expected([""])
+    torch.testing.assert_close(saved["encoder_hidden_states"], tokens, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(saved["pooled_projections"], pooled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(saved["null_encoder_hidden_states"], null_tokens[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(saved["null_pooled_projections"], null_pooled[0], rtol=1e-5, atol=1e-6)
+    with safe_open(out, framework="pt") as f:
+        meta = json.loads(f.metadata()["dcgen"])
+    assert meta["pipeline_class"] == "FluxPipeline" and meta["count"] == 3 and meta["tokens"] == 8
+
+    # align-head reads the file: one row per cached image
+    torch.manual_seed(0)
+    flux_dir = str(tmp_path / "flux")
+    _tiny_base_flux().save_pretrained(flux_dir)
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(3, 16, 8, 8), torch.randn(3, 16, 4, 4), dict(source="synthetic"))
+    code, stdout, err = _run(["align-head", "--transformer", flux_dir, "--cache", cache, "--text-embeds", out,
+                              "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "stage2"), "--quiet",
+                              "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "align-head: 1 steps" in stdout
+
+
+def test_sana_embeddings_follow_the_pipeline_instruction_and_masks(pipelines, tmp_path, capsys):
+    path, pipe = pipelines["sana"]
+    bare, instructed = str(tmp_path / "bare.safetensors"), str(tmp_path / "instructed.safetensors")
+    prompts = _prompts_file(tmp_path, PROMPTS[:2])
+    common = ["encode-text", "--pipeline", path, "--prompts", prompts, "--max-sequence-length", "10",
+              "--device", "cpu"]
+    code, _, err = _run(common + ["--out", bare, "--no-complex-human-instruction"], capsys)
+    assert code == 0, err
+    code, _, err = _run(common + ["--out", instructed], capsys)
+    assert code == 0, err
+
+    def gemma(prompts):  # Gemma's tokens over the padded (right) prompt, with the attention mask
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=10, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return pipe.text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.attention_mask
+
+    saved = load_file(bare)
+    tokens, mask = gemma(PROMPTS[:2])
+    null_tokens, null_mask = gemma([""])
+    torch.testing.assert_close(saved["encoder_hidden_states"], tokens, rtol=1e-5, atol=1e-6)
+    assert torch.equal(saved["encoder_attention_mask"], mask) and mask[:, -1].eq(0).all()  # padding is masked
+    torch.testing.assert_close(saved["null_encoder_hidden_states"], null_tokens[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(saved["null_encoder_attention_mask"], null_mask[0])
+
+    # by default the prompts get the instruction SanaPipeline prepends when called; the null prompt never does
+    with_instruction = load_file(instructed)
+    assert with_instruction["encoder_hidden_states"].shape == tokens.shape
+    assert not torch.allclose(with_instruction["encoder_hidden_states"], tokens)
+    torch.testing.assert_close(with_instruction["null_encoder_hidden_states"], null_tokens[0], rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    sana_dir = str(tmp_path / "sana")
+    tiny_sana().save_pretrained(sana_dir)
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(2, 8, 8, 8), torch.randn(2, 8, 8, 8), dict(source="synthetic"))
+    code, stdout, err = _run(["align-head", "--transformer", sana_dir, "--cache", cache, "--text-embeds",
+                              instructed, "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "stage2"),
+                              "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "every text token counts" not in err  # the masks are in the file
+
+
+def test_one_prompt_for_all_images_and_batching_agree(pipelines, tmp_path):
+    _, pipe = pipelines["flux"]
+    together = text.encode_prompts(pipe, PROMPTS, max_sequence_length=8, batch_size=8)
+    one_by_one = text.encode_prompts(pipe, PROMPTS, max_sequence_length=8, batch_size=1)
+    for key in together:
+        torch.testing.assert_close(together[key], one_by_one[key], rtol=1e-5, atol=1e-6)
+    single = text.encode_prompts(pipe, PROMPTS[:1], max_sequence_length=8)
+    assert single["encoder_hidden_states"].shape == (1, 8, 32)
+    torch.testing.assert_close(single["encoder_hidden_states"][0], together["encoder_hidden_states"][0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_exit_2_naming_the_problem(pipelines, tmp_path, capsys):
+    flux = pipelines["flux"][0]
+    out = str(tmp_path / "text.safetensors")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    cases = [
+        (["--pipeline", str(tmp_path), "--prompt", "a cat"], "no model_index.json"),
+        (["--pipeline", str(other), "--prompt", "a cat"], "supported: FluxPipeline, SanaPipeline"),
+        (["--pipeline", flux, "--prompts", _prompts_file(tmp_path, ["a cat", " ", "a dog"])], "line(s) [2] are empty"),
+        (["--pipeline", flux, "--prompts", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--pipeline", flux, "--prompt", "a cat", "--max-sequence-length", "0"], "--max-sequence-length must be"),
+    ]
+    for argv, message in cases:
+        code, _, err = _run(["encode-text", *argv, "--out", out, "--device", "cpu"], capsys)
+        assert code == 2 and message in err, (argv, err)
+    code, _, err = _run(["encode-text", "--pipeline", flux, "--prompt", "a cat", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in err
+    with pytest.raises(TypeError, match="non-empty sequence of str"):
+        text.encode_prompts(pipelines["flux"][1], "a cat")
