@@ -76,7 +76,9 @@ def triton_device_error(device: torch.device) -> Optional[str]:
 
 
 def check_backend_name(backend: str) -> None:
-    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be one of {BACKEND_CHOICES} (a str), got {type(backend).__name__} {backend!r}")
+    if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
 
 

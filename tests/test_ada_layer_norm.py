@@ -164,7 +164,7 @@ def _mod_args():
     (lambda x, sc, sh, g: gated_residual(x, g, x.to("meta")), ValueError, "x must be on device"),
     (lambda x, sc, sh, g: gated_residual(x.half().int(), g, x), TypeError, "residual must have dtype"),
     (lambda x, sc, sh, g: gated_residual(x, g[:, :, :5], x), ValueError, "gate must have shape"),
-    (lambda x, sc, sh, g: gated_residual(x, g, x, backend=None), ValueError, "backend must be one of"),
+    (lambda x, sc, sh, g: gated_residual(x, g, x, backend=None), TypeError, "backend must be one of"),
 ])
 def test_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):

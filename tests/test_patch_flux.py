@@ -147,6 +147,8 @@ def test_model_without_supported_modules_is_rejected():
         dcgen_kernels.patch(TinyPipeline(tiny_flux()))
     with pytest.raises(ValueError, match="backend must be one of"):
         dcgen_kernels.patch(tiny_flux(), backend="fastest")
+    with pytest.raises(TypeError, match=r"backend must be one of .* \(a str\), got int 3"):
+        dcgen_kernels.patch(tiny_flux(), backend=3)
 
 
 def test_patched_model_compiles_without_graph_breaks_and_matches():
