@@ -181,6 +181,30 @@ def test_image_folder_and_sample_images(tmp_path):
     assert data.sample_images(["coffee"])[0].shape == (400, 600, 3)
 
 
+def test_encode_records_the_folder_row_order(models, tmp_path, capsys):
+    """encode-text's --prompts follow the cache's rows: the cache names the files in that order."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, value in (("b.png", 255), ("a.bmp", 0), ("c.PNG", 128)):
+        Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(folder / name)
+    (folder / "captions.txt").write_text("not an image\n")
+    cache = str(tmp_path / "cache.safetensors")
+    code, _, err = _run(["encode", "--images", str(folder), "--base-ae", models["kl"], "--dc-ae", models["dc"],
+                         "--size", "64", "--out", cache, "--device", "cpu"], capsys)
+    assert code == 0, err
+    base, _, meta = data.load_latent_cache(cache)
+    assert meta["images"] == ["a.bmp", "b.png", "c.PNG"] and base.shape[0] == 3
+    # rows follow that order: the black image's latents first, the white one's second
+    from diffusers import AutoencoderKL
+
+    kl = AutoencoderKL.from_pretrained(models["kl"])
+    black = data.encode_latents(-torch.ones(1, 3, 64, 64), kl)
+    # CPU convolutions differ by ~1e-3 between batch sizes here; the three images' latents differ by > 0.3
+    torch.testing.assert_close(base[:1], black, rtol=0, atol=5e-3)
+
+
 def test_images_are_center_cropped_and_resized_without_transposing():
     """A non-square image with a gradient along each axis: the cache must hold the centre square, rows as rows."""
     from PIL import Image

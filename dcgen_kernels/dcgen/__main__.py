@@ -227,6 +227,7 @@ def cmd_encode(args) -> None:
 
     from .data import (
         encode_latents,
+        image_files,
         images_to_tensor,
         load_image_folder,
         load_local_model,
@@ -236,10 +237,10 @@ def cmd_encode(args) -> None:
     _check_output_path(args.out, "--out", directory=False)
     if args.sample_images:
         images = images_to_tensor(sample_images(), args.size)
-        source = "scikit-image samples"
+        source, names = "scikit-image samples", None
     else:
         images = load_image_folder(args.images, args.size)
-        source = os.path.abspath(args.images)
+        source, names = os.path.abspath(args.images), image_files(args.images)
     device = _device(args.device)
     base_ae = load_local_model(_autoencoder_cls(args.base_ae), args.base_ae).to(device)
     dc_ae = load_local_model(_class_from_config(args.dc_ae, (AutoencoderDC,), "autoencoder"), args.dc_ae).to(device)
@@ -249,6 +250,8 @@ def cmd_encode(args) -> None:
 
     meta = dict(source=source, size=args.size, count=int(images.shape[0]), base_ae=os.path.abspath(args.base_ae),
                 dc_ae=os.path.abspath(args.dc_ae))
+    if names is not None:  # the row order, for encode-text's --prompts
+        meta["images"] = names
     save_latent_cache(args.out, base, dc, meta)
     print(f"encode: {images.shape[0]} images ({source}) at {args.size}px -> base latents {tuple(base.shape)}, "
           f"DC latents {tuple(dc.shape)}; saved to {args.out}")
@@ -484,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "+ text encoders and tokenizers; transformer and vae not loaded)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="UTF-8 text file, one prompt per line, in the cache's image order (a folder "
-                                       "is encoded in file-name order)")
+                                       "is encoded in file-name order: the cache's metadata `images`)")
     src.add_argument("--prompt", help="one prompt for every image")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="text tokens (default: the pipeline's, FLUX 512 / SANA 300; 256 for FLUX schnell)")

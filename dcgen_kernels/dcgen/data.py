@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 __all__ = ["DataError", "SAMPLE_IMAGE_NAMES", "IMAGE_EXTENSIONS", "sample_images", "images_to_tensor",
-           "load_image_folder", "encode_latents", "save_latent_cache", "load_latent_cache", "load_local_model"]
+           "image_files", "load_image_folder", "encode_latents", "save_latent_cache", "load_latent_cache",
+           "load_local_model"]
 
 SAMPLE_IMAGE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
@@ -108,22 +109,28 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def load_image_folder(path: str, size: int) -> torch.Tensor:
-    """Every image file (by extension, see `IMAGE_EXTENSIONS`) directly in `path`, sorted by name, as a
-    (N, 3, size, size) float32 tensor in [-1, 1]: converted to RGB, center-cropped to a square, resized (bicubic).
-
-    Raises FileNotFoundError for a missing folder, DataError for a folder without images or an unreadable file.
-    """
-    from PIL import Image, UnidentifiedImageError
-
+def image_files(path: str) -> List[str]:
+    """The names of the image files (by extension, see `IMAGE_EXTENSIONS`) directly in `path`, sorted: the order
+    `load_image_folder` reads them in. FileNotFoundError for a missing folder, DataError for one without images."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder {path!r} does not exist or is not a directory")
     files = sorted(f for f in os.listdir(path)
                    if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
     if not files:
         raise DataError(f"image folder {path!r} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def load_image_folder(path: str, size: int) -> torch.Tensor:
+    """Every image file of `image_files(path)`, in that order, as a (N, 3, size, size) float32 tensor in [-1, 1]:
+    converted to RGB, center-cropped to a square, resized (bicubic).
+
+    Raises FileNotFoundError for a missing folder, DataError for a folder without images or an unreadable file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
     arrays = []
-    for f in files:
+    for f in image_files(path):
         full = os.path.join(path, f)
         try:
             with Image.open(full) as im:
