@@ -246,3 +246,107 @@ def test_diffusers_feed_forward_layer_skip_applies_to_patched_flux():
         apply_layer_skip(m, config)
     with torch.no_grad():
         assert rel_l2(model(**inputs)[0], stock(**inputs)[0]) < 1e-5
+
+
+class _ScaledLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+class _ScaledRMSNorm(torch.nn.RMSNorm):
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+def _retyped(module, cls):
+    """A copy of `module` (same configuration and weights) of the subclass `cls`."""
+    copied = copy.deepcopy(module)
+    copied.__class__ = cls
+    return copied
+
+
+def _dcae_scaled_res_norm(model):
+    from diffusers.models.normalization import RMSNorm
+
+    class ScaledRMSNorm(RMSNorm):
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    block = next(m for m in model.decoder.modules() if type(m).__name__ == "ResBlock")
+    block.norm = _retyped(block.norm, ScaledRMSNorm)
+
+
+def _each(model, class_name, attribute, make):
+    for module in model.modules():
+        if type(module).__name__ == class_name:
+            setattr(module, attribute, make())
+
+
+_FLUX_SWAPS = {
+    "attn.norm_q": lambda m: setattr(m.transformer_blocks[0].attn, "norm_q",
+                                     _retyped(m.transformer_blocks[0].attn.norm_q, _ScaledRMSNorm)),
+    "norm2": lambda m: setattr(m.transformer_blocks[0], "norm2", _retyped(m.transformer_blocks[0].norm2,
+                                                                          _ScaledLayerNorm)),
+    "norm1.norm": lambda m: setattr(m.transformer_blocks[0].norm1, "norm",
+                                    _retyped(m.transformer_blocks[0].norm1.norm, _ScaledLayerNorm)),
+    "norm_out.norm": lambda m: setattr(m.norm_out, "norm", _retyped(m.norm_out.norm, _ScaledLayerNorm)),
+}
+_SANA_SWAPS = {
+    "ff.nonlinearity": lambda m: setattr(m.transformer_blocks[0].ff, "nonlinearity", torch.nn.GELU()),
+    "norm2": lambda m: setattr(m.transformer_blocks[1], "norm2", _retyped(m.transformer_blocks[1].norm2,
+                                                                          _ScaledLayerNorm)),
+    "norm_out.norm": lambda m: setattr(m.norm_out, "norm", _retyped(m.norm_out.norm, _ScaledLayerNorm)),
+}
+_DCAE_SWAPS = {
+    "attn.nonlinearity": lambda m: _each(m, "SanaMultiscaleLinearAttention", "nonlinearity", torch.nn.GELU),
+    "conv_out.nonlinearity": lambda m: _each(m, "GLUMBConv", "nonlinearity", torch.nn.GELU),
+    "ResBlock.norm": _dcae_scaled_res_norm,
+}
+_SWAP_CASES = {
+    "flux": (tiny_flux, tiny_flux_inputs, lambda m, i: run_sana(m, i), _FLUX_SWAPS),
+    "sana": (tiny_sana, tiny_sana_inputs, run_sana, _SANA_SWAPS),
+    "dcae": (tiny_dcae, lambda: torch.randn(1, 8, 5, 6), decode, _DCAE_SWAPS),
+}
+
+
+@pytest.mark.parametrize("swap", [f"{family}:{name}" for family, case in _SWAP_CASES.items() for name in case[3]])
+@pytest.mark.parametrize("after_patch", [True, False], ids=["after_patch", "before_patch"])
+def test_submodules_the_fused_code_stands_for_are_followed_when_replaced(swap, after_patch):
+    """A norm or activation that the fused code computes itself, replaced by another module (before patch(), or
+    after it, which patch() cannot see): that call runs diffusers' code, as stock runs the new module (warned)."""
+    family, name = swap.split(":")
+    make, make_inputs, run, swaps = _SWAP_CASES[family]
+    model, inputs = make(), make_inputs()
+    stock = copy.deepcopy(model)
+    swaps[name](stock)
+    expected = run(stock, inputs)
+    assert rel_l2(expected, run(copy.deepcopy(model), inputs)) > 1e-3  # the swap changes the output
+    if not after_patch:
+        swaps[name](model)
+    dcgen_kernels.patch(model, backend="reference")
+    if after_patch:
+        swaps[name](model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run(model, inputs)
+    assert rel_l2(got, expected) < 1e-5
+    assert caught or not after_patch  # before patch(), patch() may have left the module stock (reported skipped)
+
+
+def test_hooks_on_dcae_attention_nonlinearity_run():
+    """The multiscale linear attention applies ReLU itself: a hook on `attn.nonlinearity` makes diffusers'
+    processor serve the call, so the hook runs and changes the output as in stock."""
+    model, latent = tiny_dcae(), torch.randn(1, 8, 5, 6)
+
+    def hooked(m):
+        calls = []
+        for module in m.modules():
+            if type(module).__name__ == "SanaMultiscaleLinearAttention":
+                module.nonlinearity.register_forward_hook(_scale_output(calls, "relu"))
+        return decode(m, latent), calls
+
+    expected, stock_calls = hooked(copy.deepcopy(model))
+    dcgen_kernels.patch(model, backend="reference")
+    with pytest.warns(RuntimeWarning, match="nonlinearity has torch forward hooks"):
+        got, calls = hooked(model)
+    assert len(calls) == len(stock_calls) >= 2 and rel_l2(got, expected) < 1e-5

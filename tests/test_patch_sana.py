@@ -306,7 +306,9 @@ def test_sana_blocks_hand_norm1_to_their_successor(monkeypatch, dtype, backend):
 
 
 def test_sana_successor_normalises_a_changed_input_itself(monkeypatch):
-    """The handed-over rows are used only on the very tensor (and version) and timestep they were made from."""
+    """The handed-over rows are used only on the very tensor (and version) and timestep they were made from, and
+    while the successor's modulation table is the one they were made with (a hook or a weight load in between may
+    change or replace it)."""
     model = tiny_sana()
     dcgen_kernels.patch(model, backend="reference")
     calls = _counting_norm1(monkeypatch)
@@ -314,11 +316,18 @@ def test_sana_successor_normalises_a_changed_input_itself(monkeypatch):
     stock = type(second).forward  # diffusers' block forward, for the expected output
     tokens, step = torch.randn(2, 42, 64), torch.randn(2, 6 * 64)
     args = dict(encoder_hidden_states=torch.randn(2, 5, 64), height=6, width=7)
-    cases = [(lambda t: t, step, 0), (lambda t: t.clone(), step, 1), (lambda t: t.add_(0.5), step, 1),
-             (lambda t: t, step + 1, 1)]
+    same = lambda t: t  # noqa: E731
+
+    def new_table(block):
+        block.scale_shift_table = torch.nn.Parameter(block.scale_shift_table + 0.5)
+
+    cases = [(same, step, 0, same), (lambda t: t.clone(), step, 1, same), (lambda t: t.add_(0.5), step, 1, same),
+             (same, step + 1, 1, same), (same, step, 1, lambda block: block.scale_shift_table.add_(0.5)),
+             (same, step, 1, new_table)]
     with torch.no_grad():
-        for change, second_step, own_norm1 in cases:
+        for change, second_step, own_norm1, change_table in cases:
             x = change(first(tokens, timestep=step, **args))
+            change_table(second)
             calls.clear()
             got = second(x, timestep=second_step, **args)
             assert len(calls) == own_norm1

@@ -12,8 +12,9 @@ Something that gives a parameter its own tensor again (`module.to(...)`, assigni
 which puts the group side by side again (one copy) where each weight and bias still owns its whole storage: weights
 tied to other modules, made views of other tensors or sharing their storage with other tensors (warned once) are
 never moved. Until then, and with grad enabled, under torch.compile or during a CUDA-graph capture, the linears run
-one by one as modules. `unpatch` gives each parameter its own storage back. On a GPU the storages a placement frees stay in torch's caching allocator (reused by later
-allocations, released to the device before an allocation would fail).
+one by one as modules. `unpatch` gives each parameter its own storage back. On a GPU the storages a placement
+frees stay in torch's caching allocator (reused by later allocations, released to the device before an allocation
+would fail).
 """
 
 from __future__ import annotations

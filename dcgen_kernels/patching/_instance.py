@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -157,17 +157,21 @@ def _dtype_reason(dtype: torch.dtype) -> str:
     return f"its input is {str(dtype).removeprefix('torch.')} (the fused ops take float32, bfloat16 and float16)"
 
 
-def stock_when_unfusable(calls: Sequence[str] = ()):
+def stock_when_unfusable(calls: Sequence[str] = (), unfusable: Optional[Callable] = None):
     """Decorator for a patched module forward: the class's own forward runs instead, with a one-time warning
     (slower, never an error), where the fused code cannot stand in for it: activations (its first argument) in a
-    float dtype the fused ops do not take (float64), or hooks on a submodule the fused code computes itself instead
+    float dtype the fused ops do not take (float64), hooks on a submodule the fused code computes itself instead
     of calling (diffusers' layer skip of a FeedForward, group offloading, a user's capture hook) rather than one of
-    the children named in `calls`."""
+    the children named in `calls`, or `unfusable(module)` giving a reason: the checks patch() made of the submodules
+    the fused code stands for (a norm's type and affine), made again per call, as one may be replaced after
+    patch()."""
     def decorate(forward):
         @functools.wraps(forward)
         def checked(self, *args, **kwargs):
             dtype = _unsupported_dtype(args[0] if args else next(iter(kwargs.values()), None))
             reason = _dtype_reason(dtype) if dtype is not None else hooked_submodule(self, calls)
+            if reason is None and unfusable is not None:
+                reason = unfusable(self)
             if reason is not None:
                 warn_unfused(type(self).__name__, reason)
                 return type(self).forward(self, *args, **kwargs)

@@ -38,7 +38,7 @@ from ..ops.key_padding_attention import SANA_MASK_BIAS, captured_with, graph_pla
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, project_concatenated, separate
-from ._instance import (backend_of, not_plain, precomputed_call_signature, replace_forward,
+from ._instance import (backend_of, not_plain, precomputed_call_signature, qualified_type, replace_forward,
                         restore_forward, runs_own_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
                         warn_unfused)
 from .quant import QuantizedPointwiseConv
@@ -162,6 +162,9 @@ class DCGenSanaMultiscaleAttnProcessor:
         batch, _, height, width = hidden_states.shape
         if height * width <= attn.attention_head_dim:  # diffusers uses quadratic attention there
             return self.original(attn, hidden_states)
+        reason = not_plain({"nonlinearity": attn._modules["nonlinearity"]}, torch.nn.ReLU)  # the op applies ReLU
+        if reason is not None:
+            return _fallback(reason, self.original, attn, hidden_states)
         residual = hidden_states
         x = hidden_states.movedim(1, -1)
         qkv = project_concatenated(x, _qkv(attn)).movedim(-1, 1)
@@ -195,11 +198,16 @@ def _glumbconv_tokens(ff, tokens, height, width, backend):
 
 
 def _mix_ffn_unfused_reason(ff) -> Optional[str]:
-    """Why the fused Mix-FFN cannot read its convs' weights on this call (see `not_plain`), or None."""
+    """Why the fused Mix-FFN cannot read its convs' weights or stand for its SiLU on this call (see `not_plain`), or
+    None."""
     convs = {"conv_depth": ff.conv_depth}
     if not _quantized_mix_ffn(ff):  # quantized 1x1 convs are called as modules
         convs.update(conv_inverted=ff.conv_inverted, conv_point=ff.conv_point)
-    return not_plain(convs, torch.nn.Conv2d)
+    reason = not_plain(convs, torch.nn.Conv2d)
+    activation = ff._modules["nonlinearity"]  # hooks on it send the whole module to stock_when_unfusable's fallback
+    if reason is None and type(activation) is not torch.nn.SiLU:
+        reason = f"nonlinearity is {qualified_type(activation)}, not torch.nn.SiLU"
+    return reason
 
 
 def _quantized_mix_ffn(ff) -> bool:
@@ -225,7 +233,19 @@ def _fp8_self_attention_inputs(attn) -> bool:
             and all(isinstance(p, FP8Linear) for p in (attn.to_q, attn.to_k, attn.to_v)))
 
 
-@stock_when_unfusable(calls=("attn1", "attn2"))
+def _block_skip_reason(block) -> Optional[str]:
+    children = block._modules  # read per call: its dict is ~15x faster than attribute lookups of submodules
+    for name in ("norm1", "norm2"):
+        norm = children[name]
+        if type(norm) is not torch.nn.LayerNorm or norm.elementwise_affine:
+            return f"{name} is not a LayerNorm without affine"
+    ff = children["ff"]
+    if ff.norm_type is not None or ff.residual_connection:
+        return "its GLUMBConv has a norm or residual (SANA blocks have neither)"
+    return None
+
+
+@stock_when_unfusable(calls=("attn1", "attn2"), unfusable=_block_skip_reason)
 def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                         encoder_attention_mask=None, timestep=None, height=None, width=None):
     backend = backend_of(self)
@@ -287,13 +307,13 @@ def _norm1(block, hidden_states, scale, shift, backend):
 
 
 # ----------------------------------------------------------------------------------------------- block hand-over
-# A block's last op, residual + gate_mlp * ff, and the next block's first, norm1 of that sum, are one pass over
-# the activations when fused (gated_residual_ada_layer_norm_modulate: it writes the sum and the normalised rows
-# without reading the sum back; ~0.033 ms per block pair at a 128x128 SANA-1.6B latent by run F's op timings).
-# The model calls the blocks one by one, so the block hands the rows to its successor, which takes them only if
-# it is called next on exactly that sum (same tensor object and version) and the same timestep; else it
-# normalises its input itself. Only without grad and outside torch.compile (autograd and dynamo see the plain
-# ops), and not under torch.inference_mode (its tensors carry no version counter; diffusers' pipelines run under
+# A block's last op, residual + gate_mlp * ff, and the next block's first, norm1 of that sum, are one pass over the
+# activations when fused (gated_residual_ada_layer_norm_modulate: it writes the sum and the normalised rows without
+# reading the sum back; ~0.033 ms per block pair at a 128x128 SANA-1.6B latent by run F's op timings). The model calls
+# the blocks one by one, so the block hands the rows to its successor, which takes them only if it is called next on
+# exactly that sum (same tensor object and version), the same timestep and its own modulation table unchanged; else it
+# normalises its input itself. Only without grad and outside torch.compile (autograd and dynamo see the plain ops),
+# and not under torch.inference_mode (its tensors carry no version counter; diffusers' pipelines run under
 # torch.no_grad).
 _SUCCESSOR_ATTR = "_dcgen_successor"  # the next SanaTransformerBlock of the same ModuleList (a plain attribute)
 # successor block -> what it was handed: kept off the module (a forward that stops between blocks would leave
@@ -324,7 +344,9 @@ def _hand_over_norm1(successor, hidden_states, gate, ff, timestep, backend):
     else:
         total, norm = gated_residual_ada_layer_norm_modulate(hidden_states, gate, ff, scale, shift,
                                                              eps=successor.norm1.eps, backend=backend)
-    _handed_over[successor] = (weakref.ref(total), total._version, weakref.ref(timestep), timestep._version, norm)
+    table = successor.scale_shift_table
+    _handed_over[successor] = (weakref.ref(total), total._version, weakref.ref(timestep), timestep._version, table,
+                               table._version, norm)
     return total
 
 
@@ -335,9 +357,11 @@ def _handed_over_norm1(block, hidden_states, timestep):
     handed = _handed_over.pop(block, None)
     if handed is None:
         return None
-    total, total_version, step, step_version, norm = handed
+    total, total_version, step, step_version, table, table_version, norm = handed
+    # the modulation table too: a hook or a weight load between the blocks may change or replace it
     if total() is hidden_states and hidden_states._version == total_version and step() is timestep \
-            and timestep._version == step_version:
+            and timestep._version == step_version and block.scale_shift_table is table \
+            and table._version == table_version:
         return norm
     return None
 
@@ -356,7 +380,11 @@ def _unlink_blocks(blocks: torch.nn.ModuleList) -> None:
         _handed_over.pop(block, None)
 
 
-@stock_when_unfusable()
+def _modulated_norm_skip_reason(module) -> Optional[str]:
+    return None if type(module._modules["norm"]) is torch.nn.LayerNorm else "its norm is not torch.nn.LayerNorm"
+
+
+@stock_when_unfusable(unfusable=_modulated_norm_skip_reason)
 def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
     shift, scale = (scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)).chunk(2, dim=1)
     if scale.dtype != hidden_states.dtype:  # stock promotes to the modulation's dtype: keep its exact semantics
@@ -379,16 +407,6 @@ def _glumbconv_forward(self, hidden_states):
         out = self.norm(out)  # over channels, which tokens already have last
     out = out.unflatten(1, (height, width)).permute(0, 3, 1, 2)
     return out + hidden_states if self.residual_connection else out
-
-
-def _block_skip_reason(block) -> Optional[str]:
-    for name in ("norm1", "norm2"):
-        norm = getattr(block, name)
-        if type(norm) is not torch.nn.LayerNorm or norm.elementwise_affine:
-            return f"{name} is not a LayerNorm without affine"
-    if block.ff.norm_type is not None or block.ff.residual_connection:
-        return "its GLUMBConv has a norm or residual (SANA blocks have neither)"
-    return None
 
 
 def _glumbconv_skip_reason(module) -> Optional[str]:
@@ -441,7 +459,7 @@ def patch_module(module: torch.nn.Module, backend: str):
     if isinstance(module, classes["SanaTransformerBlock"]):
         return _replace(module, _sana_block_forward, _block_skip_reason(module), backend)
     if isinstance(module, classes["SanaModulatedNorm"]):
-        reason = None if type(module.norm) is torch.nn.LayerNorm else "its norm is not torch.nn.LayerNorm"
+        reason = _modulated_norm_skip_reason(module)
         return _replace(module, _modulated_norm_forward, reason, backend)
     if isinstance(module, classes["GLUMBConv"]):
         return _replace(module, _glumbconv_forward, _glumbconv_skip_reason(module), backend)
