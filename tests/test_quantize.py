@@ -184,6 +184,44 @@ def test_nvfp4_settings_with_another_quant_are_refused_not_ignored(kwargs):
         assert quant_report(model) is None
 
 
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_kept_originals_of_reloaded_quantized_weights_are_refused_not_restored(quant):
+    """Another model's quantized weights loaded into the quantized layers (load_state_dict, load_quantized) make the
+    kept 16-bit originals stale: unpatch and a format switch raise, leaving the model as it is, rather than put back
+    weights that mix the two models."""
+    settings = dict(quant=quant, keep_original=True, backend="reference", rank=8 if quant == "nvfp4" else None)
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    other = dcgen_kernels.patch(tiny_flux(), **settings)
+    dcgen_kernels.patch(model, **settings)
+    model.to(torch.bfloat16).float()  # casts and moves keep the codes: no false alarm
+    model.load_state_dict(other.state_dict())
+    before = _run(model, inputs)
+    for call, args in ((dcgen_kernels.unpatch, {}), (dcgen_kernels.patch, {"quant": "fp8" if quant == "nvfp4"
+                                                                                   else "nvfp4"})):
+        with pytest.raises(RuntimeError, match=r"quantized weights of \d+ layer\(s\) \(e.g. transformer_blocks"):
+            call(model, **args)
+        assert dcgen_kernels.is_patched(model) and quant_report(model).quant == quant
+        assert torch.equal(_run(model, inputs), before)
+    dcgen_kernels.unpatch(other)  # its own weights: restores
+    assert not dcgen_kernels.is_patched(other)
+
+
+def test_restored_originals_follow_the_models_mode_and_frozen_parameters():
+    """model.eval()/.train() and requires_grad_(False) after quantization do not reach the kept originals (off the
+    module tree): restoring applies them."""
+    model = tiny_flux().train()
+    dcgen_kernels.patch(model, quant="fp8", keep_original=True, backend="reference")
+    model.eval().requires_grad_(False)
+    dcgen_kernels.unpatch(model)
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    trainable = tiny_flux()  # parameters left trainable elsewhere: the originals keep theirs
+    dcgen_kernels.patch(trainable, quant="fp8", keep_original=True, backend="reference")
+    trainable.train()
+    dcgen_kernels.unpatch(trainable)
+    assert all(m.training for m in trainable.modules()) and all(p.requires_grad for p in trainable.parameters())
+
+
 def test_unpatch_without_originals_raises_and_leaves_model_patched():
     model, inputs = tiny_flux(), tiny_flux_inputs()
     dcgen_kernels.patch(model, quant="fp8", backend="reference")

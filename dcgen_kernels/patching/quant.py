@@ -284,7 +284,7 @@ def check_quant_settings(model: torch.nn.Module, quant: str, rank: Optional[int]
                          keep_original: Optional[bool]) -> None:
     """quantize()'s rank and keep_original, checked before anything changes (also by patch(), before it replaces
     modules): their types; for a model already in `quant`, that they are the ones its layers have; for one in another
-    format, that its 16-bit originals were kept."""
+    format, that its 16-bit originals were kept and still match its quantized layers."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
     if keep_original is not None and not isinstance(keep_original, bool):
@@ -292,9 +292,11 @@ def check_quant_settings(model: torch.nn.Module, quant: str, rank: Optional[int]
     current = current_quant(model)
     if current == quant:
         _check_requantize_settings(model, quant_report(model), rank, keep_original)
-    elif current is not None and not can_restore(model):
-        raise ValueError(f"{type(model).__name__} is already quantized to {current} without keep_original=True; it "
-                         f"cannot be re-quantized to {quant!r}. Reload the model.")
+    elif current is not None:
+        if not can_restore(model):
+            raise ValueError(f"{type(model).__name__} is already quantized to {current} without keep_original=True; "
+                             f"it cannot be re-quantized to {quant!r}. Reload the model.")
+        _check_originals_match(model)
 
 
 def _check_requantize_settings(model: torch.nn.Module, report: QuantReport, rank: Optional[int],
@@ -326,7 +328,8 @@ def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: boo
     for name, parent, attr, layer in linears:
         quantized = _quantized_module(layer, quant, backend, rank, activations, empty)
         setattr(parent, attr, quantized)
-        originals[name] = layer
+        if keep_original:
+            originals[name] = (layer, _codes_checksum(quantized))
         if isinstance(quantized, QuantizedPointwiseConv):
             report.pointwise_convs += 1
             quantized = quantized.linear
@@ -349,7 +352,10 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         raise RuntimeError(f"{type(model).__name__} was quantized to {current_quant(model)} without "
                            f"keep_original=True: its 16-bit weights are gone and the quantization cannot be undone. "
                            f"Reload the model, or quantize with keep_original=True to make it reversible.")
-    for name, linear in model.__dict__.pop(_ORIGINALS_ATTR).items():
+    _check_originals_match(model)
+    # a model.train()/.eval() or requires_grad_(False) since quantization did not reach the kept originals either
+    frozen = not any(p.requires_grad for p in model.parameters())
+    for name, (linear, _) in model.__dict__.pop(_ORIGINALS_ATTR).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         quantized = getattr(parent, attr)
@@ -357,9 +363,34 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         # follow the quantized layer's device, and the dtype its 16-bit tensors (or, without any, its block's) have.
         tensors = [*quantized.parameters(), *quantized.buffers()]
         dtype = _float_dtype(quantized) or _float_dtype(parent) or _float_dtype(model)
-        setattr(parent, attr, linear.to(device=tensors[0].device if tensors else None, dtype=dtype))
+        linear = linear.to(device=tensors[0].device if tensors else None, dtype=dtype).train(quantized.training)
+        setattr(parent, attr, linear.requires_grad_(False) if frozen else linear)
     del model.__dict__[_REPORT_ATTR]
     return model
+
+
+def _check_originals_match(model: torch.nn.Module) -> None:
+    """RuntimeError where a quantized layer's codes changed since quantization: its kept original is stale (codes
+    on the meta device, then or now, hold nothing to compare)."""
+    changed = []
+    for name, (_, checksum) in model.__dict__[_ORIGINALS_ATTR].items():
+        current = _codes_checksum(model.get_submodule(name))
+        if None not in (checksum, current) and current != checksum:
+            changed.append(name)
+    if changed:
+        raise RuntimeError(f"{type(model).__name__}: the quantized weights of {len(changed)} layer(s) (e.g. "
+                           f"{', '.join(changed[:3])}) changed since they were quantized (a load_state_dict or "
+                           f"load_quantized of other weights?): the kept 16-bit originals no longer match them, and "
+                           f"restoring them would silently mix two models. Reload the 16-bit model instead.")
+
+
+def _codes_checksum(module: torch.nn.Module) -> Optional[int]:
+    """The byte sum of a quantized layer's weight codes (FP8 bytes, or packed NVFP4 pairs): unchanged by device
+    moves and dtype casts (the codes keep their bytes), changed by loading other weights into the layer. None for
+    codes not allocated yet (meta)."""
+    layer = module.linear if isinstance(module, QuantizedPointwiseConv) else module
+    codes = layer.qweight if hasattr(layer, "qweight") else layer.weight
+    return None if codes.is_meta else int(codes.view(torch.uint8).sum(dtype=torch.int64))
 
 
 def _float_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
