@@ -143,6 +143,8 @@ def test_bad_inputs_exit_2_naming_the_problem(pipelines, tmp_path, capsys):
         (["--pipeline", flux, "--prompts", _prompts_file(tmp_path, ["a cat", " ", "a dog"])], "line(s) [2] are empty"),
         (["--pipeline", flux, "--prompts", str(tmp_path / "missing.txt")], "does not exist"),
         (["--pipeline", flux, "--prompt", "a cat", "--max-sequence-length", "0"], "--max-sequence-length must be"),
+        (["--pipeline", flux, "--prompt", "a cat", "--max-sequence-length", "1024"], "must be <= 512 for FLUX"),
+        (["--pipeline", flux, "--prompt", "  "], "--prompt is blank"),
     ]
     for argv, message in cases:
         code, _, err = _run(["encode-text", *argv, "--out", out, "--device", "cpu"], capsys)
@@ -151,3 +153,17 @@ def test_bad_inputs_exit_2_naming_the_problem(pipelines, tmp_path, capsys):
     assert code == 2 and "is a directory" in err
     with pytest.raises(TypeError, match="non-empty sequence of str"):
         text.encode_prompts(pipelines["flux"][1], "a cat")
+
+
+def test_prompts_file_lines_are_the_prompts(tmp_path):
+    """A byte-order mark (Windows editors) is not part of the first prompt; CRLF ends lines; separators that
+    str.splitlines would also split at (form feed, U+2028) stay inside a prompt."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa red cat\r\non the\u2028mat\x0c\r\nthe dog".encode("utf-8"))
+    assert text.read_prompts(str(path)) == ["a red cat", "on the\u2028mat\x0c", "the dog"]
+    path.write_text("a cat\n\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"line\(s\) \[2\] are empty"):
+        text.read_prompts(str(path))
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(data.DataError, match="holds no prompts"):
+        text.read_prompts(str(path))

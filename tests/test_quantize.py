@@ -204,22 +204,32 @@ def test_kept_originals_of_reloaded_quantized_weights_are_refused_not_restored(q
         assert torch.equal(_run(model, inputs), before)
     dcgen_kernels.unpatch(other)  # its own weights: restores
     assert not dcgen_kernels.is_patched(other)
+    # the same codes with other scales are other weights too
+    scaled = dcgen_kernels.patch(tiny_flux(), **settings)
+    state = scaled.state_dict()
+    scale = "weight_scale" if quant == "fp8" else "wtscale"
+    state[f"transformer_blocks.0.ff.net.2.{scale}"] = state[f"transformer_blocks.0.ff.net.2.{scale}"] * 2
+    scaled.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"1 layer\(s\) \(e.g. transformer_blocks.0.ff.net.2\)"):
+        dcgen_kernels.unpatch(scaled)
 
 
-def test_restored_originals_follow_the_models_mode_and_frozen_parameters():
-    """model.eval()/.train() and requires_grad_(False) after quantization do not reach the kept originals (off the
-    module tree): restoring applies them."""
-    model = tiny_flux().train()
-    dcgen_kernels.patch(model, quant="fp8", keep_original=True, backend="reference")
-    model.eval().requires_grad_(False)
-    dcgen_kernels.unpatch(model)
-    assert not any(m.training for m in model.modules())
-    assert not any(p.requires_grad for p in model.parameters())
-    trainable = tiny_flux()  # parameters left trainable elsewhere: the originals keep theirs
-    dcgen_kernels.patch(trainable, quant="fp8", keep_original=True, backend="reference")
-    trainable.train()
-    dcgen_kernels.unpatch(trainable)
-    assert all(m.training for m in trainable.modules()) and all(p.requires_grad for p in trainable.parameters())
+def test_restored_originals_follow_the_models_mode_and_requires_grad():
+    """model.eval()/.train() and requires_grad_() after quantization do not reach the kept originals (off the
+    module tree): restoring applies the mode, and the requires_grad every other parameter has where they agree."""
+    def restored(model, after_quantization):
+        dcgen_kernels.patch(model, quant="fp8", keep_original=True, backend="reference")
+        after_quantization(model)
+        dcgen_kernels.unpatch(model)
+        return model, model.transformer_blocks[0].attn.to_q
+
+    model, to_q = restored(tiny_flux().train(), lambda m: m.eval().requires_grad_(False))
+    assert not any(m.training for m in model.modules()) and not any(p.requires_grad for p in model.parameters())
+    model, to_q = restored(tiny_flux().eval().requires_grad_(False), lambda m: m.train().requires_grad_(True))
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    # partly frozen (only the head trains): no common setting, the originals keep theirs
+    model, to_q = restored(tiny_flux().requires_grad_(False), lambda m: m.proj_out.requires_grad_(True))
+    assert not to_q.weight.requires_grad and model.proj_out.weight.requires_grad
 
 
 def test_unpatch_without_originals_raises_and_leaves_model_patched():

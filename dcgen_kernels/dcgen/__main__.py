@@ -265,6 +265,8 @@ def cmd_encode_text(args) -> None:
         raise CLIError(f"--max-sequence-length must be >= 1, got {args.max_sequence_length}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise CLIError("--prompt is blank: every image would train on the null prompt (give a prompt)")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     device = _device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,

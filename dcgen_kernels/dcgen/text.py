@@ -23,6 +23,7 @@ from .data import _META_KEY, DataError
 __all__ = ["TEXT_PIPELINES", "load_text_pipeline", "encode_prompts", "read_prompts", "save_text_embeddings"]
 
 TEXT_PIPELINES = ("FluxPipeline", "SanaPipeline")
+FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs
 
 def load_text_pipeline(path: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """The text encoders and tokenizers of the FluxPipeline / SanaPipeline saved in the local directory `path`
@@ -56,12 +57,17 @@ def load_text_pipeline(path: str, device: torch.device, dtype: torch.dtype = tor
 
 
 def read_prompts(path: str) -> List[str]:
-    """One prompt per line of the UTF-8 text file `path` (a final newline ends the last line); an empty line is
-    refused: as a prompt it would silently train that image unconditionally."""
+    """One prompt per line (\\n or \\r\\n) of the UTF-8 text file `path` (a byte-order mark is dropped; a final
+    newline ends the last line); an empty line is refused: as a prompt it would silently train that image
+    unconditionally."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = f.read().splitlines()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    # not str.splitlines: it also splits at form feeds, U+2028 and other separators a prompt may hold
+    prompts = [line.removesuffix("\r") for line in text.split("\n")]
+    if prompts[-1] == "":
+        prompts.pop()
     empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise DataError(f"prompts file {path!r}: line(s) {empty[:5]} are empty; write one prompt per line")
@@ -92,6 +98,11 @@ def encode_prompts(pipeline, prompts: Sequence[str], *, max_sequence_length: Opt
     length = defaults["max_sequence_length"].default if max_sequence_length is None else max_sequence_length
     if not isinstance(length, int) or length < 1:
         raise ValueError(f"max_sequence_length must be a positive int, got {length!r}")
+    if name == "FluxPipeline" and length > FLUX_MAX_SEQUENCE_LENGTH:  # FluxPipeline refuses more at inference
+        raise ValueError(f"max_sequence_length must be <= {FLUX_MAX_SEQUENCE_LENGTH} for FLUX, got {length}")
+    blank = [i for i, p in enumerate(prompts) if not p.strip()]
+    if blank:  # the null prompt's embedding: those images would train unconditionally
+        raise ValueError(f"prompts {blank[:5]} are blank; give every image a prompt")
     device = pipeline.text_encoder.device
     batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     with torch.no_grad():

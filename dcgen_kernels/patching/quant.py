@@ -353,8 +353,10 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
                            f"keep_original=True: its 16-bit weights are gone and the quantization cannot be undone. "
                            f"Reload the model, or quantize with keep_original=True to make it reversible.")
     _check_originals_match(model)
-    # a model.train()/.eval() or requires_grad_(False) since quantization did not reach the kept originals either
-    frozen = not any(p.requires_grad for p in model.parameters())
+    # a model.train()/.eval() or requires_grad_() since quantization did not reach the kept originals either: they
+    # take the model's mode, and the requires_grad every other parameter has where they all agree
+    flags = {p.requires_grad for p in model.parameters()}
+    requires_grad = flags.pop() if len(flags) == 1 else None
     for name, (linear, _) in model.__dict__.pop(_ORIGINALS_ATTR).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -364,7 +366,7 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         tensors = [*quantized.parameters(), *quantized.buffers()]
         dtype = _float_dtype(quantized) or _float_dtype(parent) or _float_dtype(model)
         linear = linear.to(device=tensors[0].device if tensors else None, dtype=dtype).train(quantized.training)
-        setattr(parent, attr, linear.requires_grad_(False) if frozen else linear)
+        setattr(parent, attr, linear if requires_grad is None else linear.requires_grad_(requires_grad))
     del model.__dict__[_REPORT_ATTR]
     return model
 
@@ -384,13 +386,17 @@ def _check_originals_match(model: torch.nn.Module) -> None:
                            f"restoring them would silently mix two models. Reload the 16-bit model instead.")
 
 
-def _codes_checksum(module: torch.nn.Module) -> Optional[int]:
-    """The byte sum of a quantized layer's weight codes (FP8 bytes, or packed NVFP4 pairs): unchanged by device
-    moves and dtype casts (the codes keep their bytes), changed by loading other weights into the layer. None for
-    codes not allocated yet (meta)."""
+def _codes_checksum(module: torch.nn.Module) -> Optional[tuple]:
+    """Byte sums of a quantized layer's weight codes (FP8 bytes, or packed NVFP4 pairs) and of its scales: unchanged
+    by device moves and dtype casts (both keep their bytes), changed by loading other weights into the layer (its
+    bias and NVFP4 low-rank branch follow the model's dtype, so they are not compared). None for tensors not
+    allocated yet (meta)."""
     layer = module.linear if isinstance(module, QuantizedPointwiseConv) else module
-    codes = layer.qweight if hasattr(layer, "qweight") else layer.weight
-    return None if codes.is_meta else int(codes.view(torch.uint8).sum(dtype=torch.int64))
+    names = (("qweight",) if hasattr(layer, "qweight") else ()) + layer.QUANTIZED_STATE  # FP8's names its weight
+    tensors = [getattr(layer, name) for name in names]
+    if any(t.is_meta for t in tensors):
+        return None
+    return tuple(int(t.reshape(-1).contiguous().view(torch.uint8).sum(dtype=torch.int64)) for t in tensors)
 
 
 def _float_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
