@@ -232,6 +232,15 @@ def test_restored_originals_follow_the_models_mode_and_requires_grad():
     assert not to_q.weight.requires_grad and model.proj_out.weight.requires_grad
 
 
+def test_keep_original_on_a_meta_model_is_refused_before_anything_changes():
+    """A meta skeleton has no weights to keep: keep_original=True would leave unpatch nothing to restore."""
+    model = tiny_flux().to("meta")
+    for call in (dcgen_kernels.patch, dcgen_kernels.quantize):
+        with pytest.raises(ValueError, match="on the meta device, with no weights to keep"):
+            call(model, quant="fp8", keep_original=True, backend="reference")
+        assert not dcgen_kernels.is_patched(model) and quant_report(model) is None
+
+
 def test_unpatch_without_originals_raises_and_leaves_model_patched():
     model, inputs = tiny_flux(), tiny_flux_inputs()
     dcgen_kernels.patch(model, quant="fp8", backend="reference")

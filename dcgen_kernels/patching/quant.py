@@ -284,12 +284,18 @@ def check_quant_settings(model: torch.nn.Module, quant: str, rank: Optional[int]
                          keep_original: Optional[bool]) -> None:
     """quantize()'s rank and keep_original, checked before anything changes (also by patch(), before it replaces
     modules): their types; for a model already in `quant`, that they are the ones its layers have; for one in another
-    format, that its 16-bit originals were kept and still match its quantized layers."""
+    format, that its 16-bit originals were kept and still match its quantized layers; that weights to keep exist
+    (not on the meta device)."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
     if keep_original is not None and not isinstance(keep_original, bool):
         raise TypeError(f"keep_original must be a bool, got {keep_original!r}")
     current = current_quant(model)
+    keep = keep_original if keep_original is not None else current is not None and quant_report(model).keep_original
+    if current != quant and keep and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError(f"keep_original=True keeps the 16-bit weights for unpatch; {type(model).__name__} is on the "
+                         f"meta device, with no weights to keep. Load its weights first, or quantize with "
+                         f"keep_original=False (dcgen_kernels.load_quantized fills a meta skeleton from a file)")
     if current == quant:
         _check_requantize_settings(model, quant_report(model), rank, keep_original)
     elif current is not None:
