@@ -6,7 +6,9 @@
 PYTHON ?= python3
 TORCH_PINS ?= torch==2.13.0 triton==3.8.0 numpy<2.4
 DEPS = diffusers==0.42.1 peft==0.21.2 scikit-image==0.26.0 matplotlib==3.11.2 cuda-python pybind11>=2.12 ninja \
-	pytest pytest-benchmark
+	pytest pytest-benchmark pytest-xdist==3.8.0 execnet==2.1.2
+# pytest-xdist workers of `make test`: the CPU suite takes ~10 min in one process on a 2-core machine, ~6.5 on two
+TEST_WORKERS ?= 2
 # The install re-runs when its build inputs or its settings (Python, DCGEN_CUDA_ARCHS, DCGEN_BUILD_CUDA) change:
 # .installed-config holds the settings of the last install and is rewritten only when they differ.
 STAMP = .installed
@@ -29,7 +31,7 @@ bench: install
 	$(PYTHON) -m benchmarks.run --out build/bench/results.json
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) tests
 
 # Pure-Python wheels that benchmarks/gpu_check.sh installs on the GPU machine (Python 3.12, no network there):
 # diffusers, and pytest-xdist for its parallel GPU tests.

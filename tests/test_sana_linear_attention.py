@@ -358,7 +358,7 @@ def test_bad_input_raises_clear_error(call, error, match):
     (lambda q, k, v: sana_multiscale_linear_attention(q, k[..., 1:], v), ValueError, "k must have shape"),
     (lambda q, k, v: sana_multiscale_linear_attention(q, k, v.float()), TypeError, "v must have dtype"),
     (lambda q, k, v: sana_multiscale_linear_attention(q, k, v, eps=None), ValueError, "eps must be"),
-    (lambda q, k, v: sana_multiscale_linear_attention(q, k, v, backend=None), ValueError, "backend must be"),
+    (lambda q, k, v: sana_multiscale_linear_attention(q, k, v, backend=None), TypeError, "backend must be"),
 ])
 def test_multiscale_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):
