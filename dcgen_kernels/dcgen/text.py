@@ -25,6 +25,7 @@ __all__ = ["TEXT_PIPELINES", "load_text_pipeline", "encode_prompts", "read_promp
 TEXT_PIPELINES = ("FluxPipeline", "SanaPipeline")
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs
 
+
 def load_text_pipeline(path: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """The text encoders and tokenizers of the FluxPipeline / SanaPipeline saved in the local directory `path`
     (``model_index.json`` names the class), in `dtype` on `device`; transformer and VAE are not loaded."""

@@ -378,8 +378,8 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _check_originals_match(model: torch.nn.Module) -> None:
-    """RuntimeError where a quantized layer's codes changed since quantization: its kept original is stale (codes
-    on the meta device, then or now, hold nothing to compare)."""
+    """RuntimeError where a quantized layer's codes or scales changed since quantization: its kept original is stale
+    (tensors on the meta device, then or now, hold nothing to compare)."""
     changed = []
     for name, (_, checksum) in model.__dict__[_ORIGINALS_ATTR].items():
         current = _codes_checksum(model.get_submodule(name))
