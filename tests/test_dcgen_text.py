@@ -8,18 +8,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dcgen_kernels.dcgen import data, text
-from dcgen_kernels.dcgen.__main__ import main
 
 from .helpers import tiny_sana, tiny_text_pipeline
-from .test_dcgen_cli import _tiny_base_flux
+from .test_dcgen_cli import _run, _tiny_base_flux
 
 PROMPTS = ["a red cat on the mat", "a photo of a small dog", "the cat " * 6]  # the last one outruns 8 tokens
-
-
-def _run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +144,18 @@ def test_bad_inputs_exit_2_naming_the_problem(pipelines, tmp_path, capsys):
         assert code == 2 and message in err, (argv, err)
     code, _, err = _run(["encode-text", "--pipeline", flux, "--prompt", "a cat", "--out", str(tmp_path)], capsys)
     assert code == 2 and "is a directory" in err
-    with pytest.raises(TypeError, match="non-empty sequence of str"):
-        text.encode_prompts(pipelines["flux"][1], "a cat")
+    # the library functions name the argument
+    flux_pipeline = pipelines["flux"][1]
+    for kwargs, error, match in ((dict(prompts="a cat"), TypeError, "non-empty sequence of str"),
+                                 (dict(prompts=["a cat"], batch_size=0), ValueError, "batch_size must be"),
+                                 (dict(prompts=["a cat"], max_sequence_length=600), ValueError, "<= 512 for FLUX"),
+                                 (dict(prompts=["a cat", " "]), ValueError, r"prompts \[1\] are blank")):
+        with pytest.raises(error, match=match):
+            text.encode_prompts(flux_pipeline, **kwargs)
+    with pytest.raises(TypeError, match="pipeline must be one of FluxPipeline, SanaPipeline"):
+        text.encode_prompts(object(), ["a cat"])
+    with pytest.raises(TypeError, match="dtype must be torch.float32"):
+        text.load_text_pipeline(flux, torch.device("cpu"), torch.int8)
 
 
 def test_prompts_file_lines_are_the_prompts(tmp_path):

@@ -31,6 +31,8 @@ def load_text_pipeline(path: str, device: torch.device, dtype: torch.dtype = tor
     (``model_index.json`` names the class), in `dtype` on `device`; transformer and VAE are not loaded."""
     import diffusers
 
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     index = os.path.join(path or "", "model_index.json")
     if not os.path.isfile(index):
         raise FileNotFoundError(f"{path!r} is not a local diffusers pipeline directory (no model_index.json); give "

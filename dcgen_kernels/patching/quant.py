@@ -275,7 +275,7 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
     if existing is not None:
         if keep_original is None:  # the originals were kept (checked above): a format switch keeps them again
             keep_original = quant_report(model).keep_original
-        restore(model)  # raises when the originals were not kept
+        _put_back_originals(model)  # kept and current: checked by check_quant_settings above
     replace_block_linears(model, quant, bool(keep_original), backend, 32 if rank is None else rank, activations)
     return model
 
@@ -359,6 +359,12 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
                            f"keep_original=True: its 16-bit weights are gone and the quantization cannot be undone. "
                            f"Reload the model, or quantize with keep_original=True to make it reversible.")
     _check_originals_match(model)
+    _put_back_originals(model)
+    return model
+
+
+def _put_back_originals(model: torch.nn.Module) -> None:
+    """restore() once its checks passed (quantize's format switch ran them in check_quant_settings)."""
     # a model.train()/.eval() or requires_grad_() since quantization did not reach the kept originals either: they
     # take the model's mode, and the requires_grad every other parameter has where they all agree
     flags = {p.requires_grad for p in model.parameters()}
@@ -374,7 +380,6 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         linear = linear.to(device=tensors[0].device if tensors else None, dtype=dtype).train(quantized.training)
         setattr(parent, attr, linear if requires_grad is None else linear.requires_grad_(requires_grad))
     del model.__dict__[_REPORT_ATTR]
-    return model
 
 
 def _check_originals_match(model: torch.nn.Module) -> None:
