@@ -157,27 +157,45 @@ def _dtype_reason(dtype: torch.dtype) -> str:
     return f"its input is {str(dtype).removeprefix('torch.')} (the fused ops take float32, bfloat16 and float16)"
 
 
-def stock_when_unfusable(calls: Sequence[str] = (), unfusable: Optional[Callable] = None):
+def stock_when_unfusable(calls: Sequence[str] = (), unfusable: Optional[Callable] = None, tokens: bool = True):
     """Decorator for a patched module forward: the class's own forward runs instead, with a one-time warning
     (slower, never an error), where the fused code cannot stand in for it: activations (its first argument) in a
     float dtype the fused ops do not take (float64), hooks on a submodule the fused code computes itself instead
     of calling (diffusers' layer skip of a FeedForward, group offloading, a user's capture hook) rather than one of
     the children named in `calls`, or `unfusable(module)` giving a reason: the checks patch() made of the submodules
     the fused code stands for (a norm's type and affine), made again per call, as one may be replaced after
-    patch()."""
+    patch(). tokens: the activations are (..., C) rows, which reach the fused code with channel stride 1
+    (with_unit_channel_stride); False for NCHW maps (DC-AE's ResBlock, GLUMBConv), whose forwards take any layout."""
     def decorate(forward):
+        activations = list(inspect.signature(forward).parameters)[1]  # the parameter after self
+
         @functools.wraps(forward)
         def checked(self, *args, **kwargs):
-            dtype = _unsupported_dtype(args[0] if args else next(iter(kwargs.values()), None))
+            x = args[0] if args else kwargs.get(activations)
+            dtype = _unsupported_dtype(x)
             reason = _dtype_reason(dtype) if dtype is not None else hooked_submodule(self, calls)
             if reason is None and unfusable is not None:
                 reason = unfusable(self)
             if reason is not None:
                 warn_unfused(type(self).__name__, reason)
                 return type(self).forward(self, *args, **kwargs)
+            if tokens and isinstance(x, torch.Tensor) and not x.is_contiguous():
+                if args:
+                    args = (with_unit_channel_stride(x), *args[1:])
+                else:
+                    kwargs = {**kwargs, activations: with_unit_channel_stride(x)}
             return forward(self, *args, **kwargs)
         return checked
     return decorate
+
+
+def with_unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    """t with channel stride 1, which the fused ops read (a copy only where it is not): stock takes any layout, e.g.
+    the flatten(2).transpose(1, 2) of a conv patch embedding, which feeds SANA's and HunyuanVideo's first block. A
+    contiguous t costs one is_contiguous(): this runs on every patched call."""
+    if t.is_contiguous() or t.dim() == 0 or t.shape[-1] == 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
 
 
 def stock_processor_for_other_dtypes(call):

@@ -36,7 +36,7 @@ def _skip_reason(block) -> Optional[str]:
     return None
 
 
-@stock_when_unfusable(calls=("conv1", "conv2", "nonlinearity"), unfusable=_skip_reason)
+@stock_when_unfusable(calls=("conv1", "conv2", "nonlinearity"), unfusable=_skip_reason, tokens=False)
 def _res_block_forward(self, hidden_states):
     x = self.conv2(self.nonlinearity(self.conv1(hidden_states)))
     reason = _fused_tail_error(x, hidden_states, self.norm)

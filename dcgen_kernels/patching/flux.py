@@ -25,7 +25,8 @@ from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, separate
 from ._instance import (backend_of, hooked_submodule, not_plain, precomputed_call_signature, replace_forward,
-                        restore_forward, stock_processor_for_other_dtypes, stock_when_unfusable)
+                        restore_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
+                        with_unit_channel_stride)
 
 FAMILY = "flux"
 SUPPORTED = ("FluxTransformer2DModel: FluxAttention with FluxAttnProcessor, AdaLayerNormZero/ZeroSingle/Continuous, "
@@ -108,7 +109,7 @@ class DCGenFluxAttnProcessor:
                 tq, tk, tv = (_heads(t, d) for t in project(encoder_hidden_states, _projection_groups(attn)[1]))
             text = dict(txt_q=tq, txt_k=tk, txt_v=tv, norm_txt_q_weight=attn.norm_added_q.weight,
                         norm_txt_k_weight=attn.norm_added_k.weight)
-        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        cos, sin = (None, None) if image_rotary_emb is None else (t.contiguous() for t in image_rotary_emb)
         out = flux_attention(q, k, v, cos, sin, norm_q_weight=attn.norm_q.weight, norm_k_weight=attn.norm_k.weight,
                              eps=_rms_norm_eps(attn.norm_q, q.dtype), backend=self.backend, **text)
         if encoder_hidden_states is None:
@@ -308,6 +309,7 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
         # FluxPipeline hands given prompt_embeds over unrepeated for num_images_per_prompt > 1; stock broadcasts
         # them in the first block's norm and residual, whose outputs then have the image batch: the same values
         encoder_hidden_states = encoder_hidden_states.expand(hidden_states.shape[0], -1, -1)
+    encoder_hidden_states = with_unit_channel_stride(encoder_hidden_states)  # the text stream's residual
     backend = backend_of(self)
     if _fp8_attention_inputs(self, self.norm1, self.norm1_context) and _fp8(*_qkv(self.attn, False),
                                                                             *_qkv(self.attn, True)):

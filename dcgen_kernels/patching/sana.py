@@ -40,7 +40,7 @@ from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, project_concatenated, separate
 from ._instance import (backend_of, not_plain, precomputed_call_signature, qualified_type, replace_forward,
                         restore_forward, runs_own_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
-                        warn_unfused)
+                        warn_unfused, with_unit_channel_stride)
 from .quant import QuantizedPointwiseConv
 
 FAMILY = "sana"
@@ -250,10 +250,7 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
                         encoder_attention_mask=None, timestep=None, height=None, width=None):
     backend = backend_of(self)
     batch = hidden_states.shape[0]
-    if hidden_states.stride(-1) != 1:  # PatchEmbed's flatten(2).transpose(1, 2) feeds the first block channel-strided
-        hidden_states = hidden_states.contiguous()
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _block_modulation(self, timestep, batch)
 
     norm = _handed_over_norm1(self, hidden_states, timestep)
     if norm is None:
@@ -288,6 +285,12 @@ def _sana_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     if successor is None:
         return gated_residual(hidden_states, gate_mlp, ff, backend=backend)
     return _hand_over_norm1(successor, hidden_states, gate_mlp, ff, timestep, backend)
+
+
+def _block_modulation(block, timestep, batch):
+    """The six (B, 1, C) chunks of the block's scale_shift_table + timestep: shift, scale, gate of the attention
+    and of the Mix-FFN. Channel stride 1, as the fused ops read them, also for a timestep of another layout."""
+    return with_unit_channel_stride(block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
 
 
 def _as_stock_sum_dtype(residual, gate, x):
@@ -335,8 +338,7 @@ def _successor_taking_norm1(block, hidden_states, ff, timestep):
 
 def _hand_over_norm1(successor, hidden_states, gate, ff, timestep, backend):
     """hidden_states + gate * ff, with the successor's norm1 of it computed in the same pass and left for it."""
-    batch = hidden_states.shape[0]
-    shift, scale = (successor.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)[:2]
+    shift, scale = _block_modulation(successor, timestep, hidden_states.shape[0])[:2]
     if _fp8_self_attention_inputs(successor.attn1):
         total, norm = gated_residual_ada_layer_norm_modulate_fp8(hidden_states, gate, ff, scale, shift,
                                                                  eps=successor.norm1.eps,
@@ -386,14 +388,15 @@ def _modulated_norm_skip_reason(module) -> Optional[str]:
 
 @stock_when_unfusable(unfusable=_modulated_norm_skip_reason)
 def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
-    shift, scale = (scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)).chunk(2, dim=1)
+    shift, scale = with_unit_channel_stride(scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)
+                                            ).chunk(2, dim=1)
     if scale.dtype != hidden_states.dtype:  # stock promotes to the modulation's dtype: keep its exact semantics
         return self.norm(hidden_states) * (1 + scale) + shift
     return ada_layer_norm_modulate(hidden_states, scale, shift, norm_weight=self.norm.weight,
                                    norm_bias=self.norm.bias, eps=self.norm.eps, backend=backend_of(self))
 
 
-@stock_when_unfusable(calls=("norm",))
+@stock_when_unfusable(calls=("norm",), tokens=False)
 def _glumbconv_forward(self, hidden_states):
     """GLUMBConv on an NCHW map: tokens are its channels-last view (a copy unless already channels_last)."""
     reason = _mix_ffn_unfused_reason(self)
