@@ -55,7 +55,7 @@ def _flux(dtype):
 
 
 def _sana(dtype):
-    inputs = tiny_sana_inputs(dtype=dtype)
+    inputs = tiny_sana_inputs(height=3, width=4, dtype=dtype)
     return tiny_sana(dtype=dtype).eval(), lambda model: model(**inputs)
 
 
