@@ -6,7 +6,7 @@ import torch
 import dcgen_kernels
 from dcgen_kernels.patching.flux import DCGenFluxAttnProcessor
 from tests.helpers import (TOLERANCE, assert_patch_keeps_gradients, assert_patched_modules_return_stock_dtypes, rel_l2,
-                           tiny_flux, tiny_flux_inputs)
+                           rope_tables, tiny_flux, tiny_flux_inputs)
 
 
 def run(model, inputs):
@@ -125,7 +125,7 @@ def test_context_parallelism_configured_after_patch_reaches_the_fallback():
             processor._parallel_config = config
     attn = model.transformer_blocks[0].attn
     assert isinstance(attn.processor, DCGenFluxAttnProcessor) and attn.processor.original._parallel_config is config
-    assert attn.processor._unsupported(attn, torch.randn(1, 3, 128), None) == "context parallelism is configured"
+    assert attn.processor._unsupported(attn, torch.randn(1, 3, 128), None, None) == "context parallelism is configured"
     dcgen_kernels.unpatch(model)
     assert model.transformer_blocks[0].attn.processor._parallel_config is config
 
@@ -545,3 +545,50 @@ def test_blocks_given_a_temb_of_another_dtype_run_stock_code(block, monkeypatch)
         got = block(hidden, text, temb)
     assert stock_calls == [1]
     assert all(a.dtype == b.dtype and rel_l2(a, b) < TOLERANCE[torch.bfloat16] for a, b in zip(got, expected))
+
+
+def _batch_2_timesteps(model):
+    inputs = tiny_flux_inputs()
+    return model(**{**inputs, "timestep": torch.tensor([0.5, 0.7]), "pooled_projections": torch.randn(2, 16)})
+
+
+# Calls whose arithmetic stock promotes or broadcasts (a stream or the modulation in another dtype or batch):
+# patched modules must run them as stock does, not raise.
+_STOCK_ARITHMETIC_CALLS = {
+    "block: bf16 text stream in an fp32 model": lambda m, h, t, e, rope: m.transformer_blocks[0](
+        h[:1], t[:1].bfloat16(), e[:1], rope),
+    "block: image b1, text and temb b2": lambda m, h, t, e, rope: m.transformer_blocks[0](h[:1], t, e, rope),
+    "block: image and text b1, temb b2": lambda m, h, t, e, rope: m.transformer_blocks[0](h[:1], t[:1], e, rope),
+    "single block: image and text b1, temb b2": lambda m, h, t, e, rope: m.single_transformer_blocks[0](
+        h[:1], t[:1], e, rope),
+    "norm_out: x b1, conditioning b2": lambda m, h, t, e, rope: m.norm_out(h[:1], e),
+    "model: one latent, two timesteps": lambda m, h, t, e, rope: _batch_2_timesteps(m),
+}
+
+
+@pytest.mark.parametrize("call", list(_STOCK_ARITHMETIC_CALLS))
+def test_calls_stock_promotes_or_broadcasts_give_stock_results(call):
+    model = tiny_flux()
+    hidden, text, temb, rope = torch.randn(2, 64, 128), torch.randn(2, 7, 128), torch.randn(2, 128), rope_tables(71, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = _STOCK_ARITHMETIC_CALLS[call](model, hidden, text, temb, rope)
+        dcgen_kernels.patch(model, backend="reference")
+        torch.manual_seed(1)
+        got = _STOCK_ARITHMETIC_CALLS[call](model, hidden, text, temb, rope)
+    expected, got = (expected, got) if isinstance(expected, tuple) else ((expected,), (got,))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape and rel_l2(g, e) < 1e-6
+
+
+def test_float64_rotary_tables_run_diffusers_processor():
+    model = tiny_flux()
+    hidden, text, temb = torch.randn(1, 64, 128), torch.randn(1, 7, 128), torch.randn(1, 128)
+    rope = tuple(t.double() for t in rope_tables(71, 64))  # stock's RoPE then computes in float64
+    with torch.no_grad():
+        expected = model.transformer_blocks[0](hidden, text, temb, rope)
+        dcgen_kernels.patch(model, backend="reference")
+        with pytest.warns(RuntimeWarning, match="its rotary tables are torch.float64"):
+            got = model.transformer_blocks[0](hidden, text, temb, rope)
+    assert all(rel_l2(g, e) < 1e-6 for g, e in zip(got, expected))

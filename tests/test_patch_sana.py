@@ -523,3 +523,63 @@ def test_res_block_with_another_norm_class_is_skipped():
     reason = "its norm is torch.nn.modules.normalization.RMSNorm, not diffusers' RMSNorm"
     assert ("encoder.down_blocks.0.0", "dcae", reason) in dcgen_kernels.patch_report(model).skipped
     assert torch.equal(got, expected)
+
+
+def test_subclasses_keep_their_own_forward():
+    """A SanaTransformerBlock / GLUMBConv / SanaModulatedNorm subclass with its own forward is skipped (replacing it
+    would drop that code); a subclass without one is replaced like its class."""
+    from diffusers.models.transformers.sana_transformer import GLUMBConv, SanaModulatedNorm, SanaTransformerBlock
+
+    def halving(cls):
+        return type(f"Halving{cls.__name__}", (cls,), {"forward": lambda self, *a, **k: cls.forward(self, *a, **k) / 2})
+
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    model.transformer_blocks[0].__class__ = halving(SanaTransformerBlock)
+    model.transformer_blocks[1].ff.__class__ = halving(GLUMBConv)
+    model.norm_out.__class__ = halving(SanaModulatedNorm)
+    model.transformer_blocks[1].__class__ = type("PlainSubclass", (SanaTransformerBlock,), {})
+    expected = run_sana(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    report = dcgen_kernels.patch_report(model)
+    assert sorted(report.skipped) == [
+        ("norm_out", "sana", "HalvingSanaModulatedNorm overrides SanaModulatedNorm.forward"),
+        ("transformer_blocks.0", "sana", "HalvingSanaTransformerBlock overrides SanaTransformerBlock.forward"),
+        ("transformer_blocks.1.ff", "sana", "HalvingGLUMBConv overrides GLUMBConv.forward")]
+    assert ("transformer_blocks.1", "sana", "PlainSubclass") in report.replaced
+    with pytest.warns(RuntimeWarning, match="HalvingGLUMBConv overrides GLUMBConv.forward"):  # block 1's Mix-FFN
+        assert rel_l2(run_sana(model, inputs), expected) < 1e-5
+
+
+_PADDING_BIAS = torch.tensor([[0.0, 0, 0, 0, 0], [0, 0, 0, -1e4, -1e4]])[:, None]  # (2, 1, 5): SANA's own form
+# Cross-attention calls that are not SANA's key-padding form (diffusers' processor takes them, with its meaning):
+# (image batch, caption batch, mask)
+_OTHER_CROSS_ATTENTION_CALLS = {
+    "2-D float mask": (2, 2, _PADDING_BIAS[:, 0]),
+    "bool mask, a caption without kept tokens": (2, 2, torch.tensor([[True] * 5, [False] * 5])),
+    "mask batch 2 for batch 1": (1, 1, _PADDING_BIAS),
+    "caption batch 2 for image batch 1": (1, 2, _PADDING_BIAS),
+    "caption batch 1 for image batch 2": (2, 1, None),
+}
+
+
+@pytest.mark.parametrize("call", list(_OTHER_CROSS_ATTENTION_CALLS))
+def test_cross_attention_calls_in_other_forms_run_diffusers_processor(call):
+    image_batch, caption_batch, mask = _OTHER_CROSS_ATTENTION_CALLS[call]
+    model = tiny_sana()
+    x, caption = torch.randn(image_batch, 42, 64), torch.randn(caption_batch, 5, 64)
+    with torch.no_grad():
+        expected = model.transformer_blocks[0].attn2(x, encoder_hidden_states=caption, attention_mask=mask)
+        dcgen_kernels.patch(model, backend="reference")
+        with pytest.warns(RuntimeWarning, match="SANA attention falls back to diffusers' processor"):
+            got = model.transformer_blocks[0].attn2(x, encoder_hidden_states=caption, attention_mask=mask)
+    assert got.shape == expected.shape and rel_l2(got, expected) < 1e-6
+
+
+def test_norm_out_broadcasts_a_batch_1_input_as_stock():
+    model = tiny_sana()
+    hidden, temb = torch.randn(1, 42, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        expected = model.norm_out(hidden, temb, model.scale_shift_table)
+        dcgen_kernels.patch(model, backend="reference")
+        got = model.norm_out(hidden, temb, model.scale_shift_table)
+    assert got.shape == expected.shape == (2, 42, 64) and rel_l2(got, expected) < 1e-6

@@ -12,12 +12,14 @@ The attention output is quantized by one standalone pass before `to_out` / `to_a
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from ..ops._common import FLOAT_DTYPES
 from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
                                   gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8)
 from ..ops.flux_attention import flux_attention
@@ -77,9 +79,11 @@ class DCGenFluxAttnProcessor:
     _parallel_config = _forwarded_to_original("_parallel_config")
     _attention_backend = _forwarded_to_original("_attention_backend")
 
-    def _unsupported(self, attn, encoder_hidden_states, attention_mask) -> Optional[str]:
+    def _unsupported(self, attn, encoder_hidden_states, attention_mask, image_rotary_emb) -> Optional[str]:
         if attention_mask is not None:
             return "an attention_mask was passed"
+        if image_rotary_emb is not None and image_rotary_emb[0].dtype not in FLOAT_DTYPES:
+            return f"its rotary tables are {image_rotary_emb[0].dtype} (stock's RoPE then computes in that dtype)"
         if getattr(self.original, "_parallel_config", None) is not None:
             return "context parallelism is configured"
         if encoder_hidden_states is not None and attn.added_kv_proj_dim is None:
@@ -90,7 +94,7 @@ class DCGenFluxAttnProcessor:
     @stock_processor_for_other_dtypes
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
-        reason = self._unsupported(attn, encoder_hidden_states, attention_mask)
+        reason = self._unsupported(attn, encoder_hidden_states, attention_mask, image_rotary_emb)
         if reason:
             _backend.warn_once(f"flux-processor:{reason}", f"dcgen_kernels: FLUX attention falls back to diffusers' "
                                f"processor because {reason}")
@@ -153,12 +157,14 @@ def _skip_reason(attn) -> Optional[str]:
 
 # ----------------------------------------------------------------------------------------------- adaLN norms
 def _modulate(module, x, scale, shift):
-    """norm(x) * (1 + scale) + shift with (B, C) modulation, in one pass."""
+    """module.norm(x) * (1 + scale) + shift with (B, C) modulation, in one pass."""
     # Stock promotes the result to the modulation's dtype and broadcasts a batch-1 x against a larger modulation
     # (FluxPipeline's prompt_embeds with num_images_per_prompt > 1): keep its exact semantics.
     if scale.dtype != x.dtype or x.shape[0] != scale.shape[0]:
         return module.norm(x) * (1 + scale[:, None]) + shift[:, None]
-    return ada_layer_norm_modulate(x, scale, shift, eps=module.norm.eps, backend=backend_of(module))
+    norm = module.norm
+    return ada_layer_norm_modulate(x, scale, shift, norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps,
+                                   backend=backend_of(module))
 
 
 def _norm_skip_reason(module, takes_affine: bool) -> Optional[str]:
@@ -198,8 +204,7 @@ def _ada_zero_single_forward(self, x, emb=None):
 def _ada_continuous_forward(self, x, conditioning_embedding):
     emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
     scale, shift = torch.chunk(emb, 2, dim=1)  # AdaLayerNormContinuous orders its chunks (scale, shift)
-    return ada_layer_norm_modulate(x, scale, shift, norm_weight=self.norm.weight, norm_bias=self.norm.bias,
-                                   eps=self.norm.eps, backend=backend_of(self))
+    return _modulate(self, x, scale, shift)
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -217,17 +222,36 @@ def _qkv(attn, text: bool) -> tuple:
     return (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if text else (attn.to_q, attn.to_k, attn.to_v)
 
 
+@functools.cache
+def _feed_forward_classes() -> tuple:
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
+    return FeedForward, GELU
+
+
 def _gelu_tanh_ffn(ff) -> bool:
-    """diffusers FeedForward(activation_fn="gelu-approximate"): [GELU(tanh) with proj, Dropout (inactive), Linear]."""
-    net = getattr(ff, "net", None)
-    if net is None or len(net) != 3 or type(net[0]).__name__ != "GELU" or getattr(net[0], "approximate", "") != "tanh":
+    """diffusers FeedForward(activation_fn="gelu-approximate"): [GELU(tanh) with proj, Dropout (inactive), Linear].
+    Exactly these classes: the fused code computes them itself, so a subclass's own forward would not run."""
+    feed_forward, gelu = _feed_forward_classes()
+    if type(ff) is not feed_forward:
         return False
-    return type(net[1]) is torch.nn.Dropout and (net[1].p == 0 or not ff.training)
+    net = ff._modules["net"]._modules  # per call: see _skip_reason
+    if len(net) != 3 or type(net["0"]) is not gelu or net["0"].approximate != "tanh":
+        return False
+    return type(net["1"]) is torch.nn.Dropout and (net["1"].p == 0 or not ff.training)
 
 
 def _fp8_ffn(ff) -> bool:
     """A FLUX FeedForward with both linears in FP8."""
-    return _gelu_tanh_ffn(ff) and _fp8(ff.net[0].proj, ff.net[2])
+    return _gelu_tanh_ffn(ff) and _fp8(*_ffn_linears(ff))
+
+
+def _ffn_linears(ff) -> tuple:
+    """The up- (GELU's proj) and down-projection of a FeedForward _gelu_tanh_ffn accepted, read per call through the
+    modules' dicts (see _skip_reason)."""
+    net = ff._modules["net"]._modules
+    return net["0"]._modules["proj"], net["2"]
 
 
 def _gelu_tanh_linear(linear, x):
@@ -249,15 +273,16 @@ def _gelu_tanh_linear(linear, x):
 def _feed_forward(ff, x):
     """ff(x), the GELU of a FLUX FeedForward inside its first GEMM (_gelu_tanh_linear); another FeedForward as is."""
     if _gelu_tanh_ffn(ff):
-        return ff.net[2](_gelu_tanh_linear(ff.net[0].proj, x))
+        up, down = _ffn_linears(ff)
+        return down(_gelu_tanh_linear(up, x))
     return ff(x)
 
 
 def _fp8_ffn_residual(ff, x, residual, gate, backend):
     """residual + gate * ff(x): first linear (+ bias) in FP8, GELU fused into quantizing its output, second linear
     with the gated residual in its epilogue."""
-    pre = ff.net[0].proj(x)
-    return ff.net[2](quantize_fp8(pre, gelu=True, backend=_quantize_backend(backend)), gate=gate, residual=residual)
+    up, down = _ffn_linears(ff)
+    return down(quantize_fp8(up(x), gelu=True, backend=_quantize_backend(backend)), gate=gate, residual=residual)
 
 
 def _quantize_backend(backend: str) -> str:
@@ -285,10 +310,25 @@ def _gated_residual_modulate_for(consumers_fp8: bool, residual, gate, x, scale, 
 
 def _fp8_attention_inputs(block, *ada_norms) -> bool:
     """Whether the attention may be handed FP8 activations from `ada_norms`' modulation: our processor (which only
-    projects them) and adaLN modules whose norm is a plain LayerNorm without affine and no embedding of their own."""
-    plain = all(norm.emb is None if hasattr(norm, "emb") else True for norm in ada_norms) and all(
-        type(norm.norm) is torch.nn.LayerNorm and not norm.norm.elementwise_affine for norm in ada_norms)
-    return plain and isinstance(block.attn.processor, DCGenFluxAttnProcessor)
+    projects them) and adaLN modules of exactly diffusers' classes (the fused code computes them: a subclass's own
+    forward would not run) whose norm is a plain LayerNorm without affine and no embedding of their own."""
+    classes = _norm_classes()
+    for norm in ada_norms:
+        children = norm._modules  # per call: see _skip_reason
+        if type(norm) not in classes or children.get("emb") is not None:
+            return False
+        if type(children["norm"]) is not torch.nn.LayerNorm or children["norm"].elementwise_affine:
+            return False
+    return isinstance(block._modules["attn"].processor, DCGenFluxAttnProcessor)
+
+
+def _stock_arithmetic(hidden_states, encoder_hidden_states, temb) -> bool:
+    """Whether stock's arithmetic promotes dtypes (a stream or the modulation in another dtype) or broadcasts batches
+    (a batch-1 stream against a larger one or a larger modulation) here, beyond what the fused ops do: such a call
+    runs the block's stock forward, for its exact results."""
+    batch = hidden_states.shape[0]
+    return (temb.dtype != hidden_states.dtype or encoder_hidden_states.dtype != hidden_states.dtype
+            or temb.shape[0] not in (1, batch) or encoder_hidden_states.shape[0] not in (1, batch))
 
 
 def _block_skip_reason(block) -> Optional[str]:
@@ -302,7 +342,7 @@ def _block_skip_reason(block) -> Optional[str]:
 @stock_when_unfusable(calls=("attn",), unfusable=_block_skip_reason)
 def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                         joint_attention_kwargs=None):
-    if temb.dtype != hidden_states.dtype:  # stock promotes to temb's dtype: keep its exact semantics
+    if _stock_arithmetic(hidden_states, encoder_hidden_states, temb):
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
     if encoder_hidden_states.shape[0] == 1 < hidden_states.shape[0]:
@@ -378,7 +418,8 @@ def _joined(first, second):
 @stock_when_unfusable(calls=("attn",))
 def _flux_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                                joint_attention_kwargs=None):
-    if temb.dtype != hidden_states.dtype:
+    if _stock_arithmetic(hidden_states, encoder_hidden_states, temb) \
+            or encoder_hidden_states.shape[0] != hidden_states.shape[0]:  # stock's cat would not broadcast: its error
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
     backend = backend_of(self)
@@ -415,6 +456,7 @@ def _block_classes() -> dict:
     return {FluxTransformerBlock: _flux_block_forward, FluxSingleTransformerBlock: _flux_single_block_forward}
 
 
+@functools.cache
 def _norm_classes() -> dict:
     try:
         from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle

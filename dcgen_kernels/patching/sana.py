@@ -24,6 +24,7 @@ residual; the GLU output and the other linears' inputs are quantized on the way 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional
 
@@ -48,6 +49,7 @@ SUPPORTED = ("SanaTransformer2DModel and AutoencoderDC: SanaTransformerBlock, Sa
              "SanaLinearAttnProcessor2_0 / SanaAttnProcessor2_0, SanaMultiscaleLinearAttention, GLUMBConv")
 
 
+@functools.cache
 def _classes() -> Optional[dict]:
     try:
         from diffusers.models.attention_processor import (Attention, SanaLinearAttnProcessor2_0,
@@ -129,6 +131,9 @@ class DCGenSanaCrossAttnProcessor:
         if encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
         batch = hidden_states.shape[0]
+        reason = _not_key_padding(batch, encoder_hidden_states, attention_mask)
+        if reason is not None:
+            return _fallback(reason, self.original, attn, hidden_states, encoder_hidden_states, attention_mask)
         query = attn.to_q(hidden_states)
         key, value = project(encoder_hidden_states, _kv(attn))
         if attn.norm_q is not None:
@@ -146,6 +151,23 @@ class DCGenSanaCrossAttnProcessor:
         if attn.rescale_output_factor != 1.0:  # as SanaAttnProcessor2_0; x / 1.0 is exact, yet a pass over x
             out = out / attn.rescale_output_factor
         return out
+
+
+def _not_key_padding(batch, encoder_hidden_states, attention_mask) -> Optional[str]:
+    """Why this cross-attention call is not one that `key_padding_attention` reproduces exactly, or None: the
+    caption batch must be the image batch, and the mask SANA's additive float bias over the caption, (B or 1, 1,
+    S_kv) or (B or 1, 1, 1, S_kv). diffusers' processor takes others (a 2-D float mask as a bias over the heads'
+    rows, a bool mask with SDPA's meaning, where a caption without kept tokens gives zeros)."""
+    if encoder_hidden_states.shape[0] != batch:
+        return f"its caption batch {encoder_hidden_states.shape[0]} is not the image batch {batch}"
+    if attention_mask is None:
+        return None
+    shape = attention_mask.shape
+    if attention_mask.dtype == torch.bool or attention_mask.dim() not in (3, 4) or shape[0] not in (1, batch) \
+            or shape[1:] != (1,) * (attention_mask.dim() - 2) + (encoder_hidden_states.shape[1],):
+        return (f"its attention mask ({str(attention_mask.dtype).removeprefix('torch.')}, shape {tuple(shape)}) is "
+                f"not SANA's key-padding bias")
+    return None
 
 
 @precomputed_call_signature
@@ -199,19 +221,25 @@ def _glumbconv_tokens(ff, tokens, height, width, backend):
 
 def _mix_ffn_unfused_reason(ff) -> Optional[str]:
     """Why the fused Mix-FFN cannot read its convs' weights or stand for its SiLU on this call (see `not_plain`), or
-    None."""
-    convs = {"conv_depth": ff.conv_depth}
+    stand for its forward (a subclass's own), or None."""
+    reason = _overridden_forward(ff, _classes()["GLUMBConv"])
+    if reason is not None:
+        return reason
+    children = ff._modules  # per call: the dict is ~15x faster than attribute lookups of submodules
+    convs = {"conv_depth": children["conv_depth"]}
     if not _quantized_mix_ffn(ff):  # quantized 1x1 convs are called as modules
-        convs.update(conv_inverted=ff.conv_inverted, conv_point=ff.conv_point)
+        convs.update(conv_inverted=children["conv_inverted"], conv_point=children["conv_point"])
     reason = not_plain(convs, torch.nn.Conv2d)
-    activation = ff._modules["nonlinearity"]  # hooks on it send the whole module to stock_when_unfusable's fallback
+    activation = children["nonlinearity"]  # hooks on it send the whole module to stock_when_unfusable's fallback
     if reason is None and type(activation) is not torch.nn.SiLU:
         reason = f"nonlinearity is {qualified_type(activation)}, not torch.nn.SiLU"
     return reason
 
 
 def _quantized_mix_ffn(ff) -> bool:
-    return isinstance(ff.conv_inverted, QuantizedPointwiseConv) and isinstance(ff.conv_point, QuantizedPointwiseConv)
+    children = ff._modules
+    return (isinstance(children["conv_inverted"], QuantizedPointwiseConv)
+            and isinstance(children["conv_point"], QuantizedPointwiseConv))
 
 
 def _fp8_mix_ffn(ff) -> bool:
@@ -390,7 +418,9 @@ def _modulated_norm_skip_reason(module) -> Optional[str]:
 def _modulated_norm_forward(self, hidden_states, temb, scale_shift_table):
     shift, scale = with_unit_channel_stride(scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)
                                             ).chunk(2, dim=1)
-    if scale.dtype != hidden_states.dtype:  # stock promotes to the modulation's dtype: keep its exact semantics
+    # stock promotes to the modulation's dtype and broadcasts a batch-1 input against a larger modulation: keep its
+    # exact semantics
+    if scale.dtype != hidden_states.dtype or scale.shape[0] != hidden_states.shape[0]:
         return self.norm(hidden_states) * (1 + scale) + shift
     return ada_layer_norm_modulate(hidden_states, scale, shift, norm_weight=self.norm.weight,
                                    norm_bias=self.norm.bias, eps=self.norm.eps, backend=backend_of(self))
@@ -459,13 +489,12 @@ def patch_module(module: torch.nn.Module, backend: str):
     if isinstance(module, torch.nn.ModuleList):
         _link_blocks(module, classes["SanaTransformerBlock"])
         return None  # not a replacement: the blocks are reported themselves
-    if isinstance(module, classes["SanaTransformerBlock"]):
-        return _replace(module, _sana_block_forward, _block_skip_reason(module), backend)
-    if isinstance(module, classes["SanaModulatedNorm"]):
-        reason = _modulated_norm_skip_reason(module)
-        return _replace(module, _modulated_norm_forward, reason, backend)
-    if isinstance(module, classes["GLUMBConv"]):
-        return _replace(module, _glumbconv_forward, _glumbconv_skip_reason(module), backend)
+    for name, forward, skip_reason in (("SanaTransformerBlock", _sana_block_forward, _block_skip_reason),
+                                       ("SanaModulatedNorm", _modulated_norm_forward, _modulated_norm_skip_reason),
+                                       ("GLUMBConv", _glumbconv_forward, _glumbconv_skip_reason)):
+        if isinstance(module, classes[name]):
+            return _replace(module, forward, _overridden_forward(module, classes[name]) or skip_reason(module),
+                            backend)
     if isinstance(module, (classes["Attention"], classes["SanaMultiscaleLinearAttention"])):
         processor = getattr(module, "processor", None)
         if isinstance(processor, _OURS):
@@ -501,6 +530,13 @@ def _set_processor(module, processor) -> None:
         module.set_processor(processor)
     else:
         module.processor = processor
+
+
+def _overridden_forward(module, cls) -> Optional[str]:
+    """A subclass with a forward of its own: replacing it would drop that code."""
+    if type(module).forward is not cls.forward:
+        return f"{type(module).__name__} overrides {cls.__name__}.forward"
+    return None
 
 
 def _replace(module, forward, reason, backend):
