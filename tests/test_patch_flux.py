@@ -563,6 +563,8 @@ _STOCK_ARITHMETIC_CALLS = {
         h[:1], t[:1], e, rope),
     "norm_out: x b1, conditioning b2": lambda m, h, t, e, rope: m.norm_out(h[:1], e),
     "model: one latent, two timesteps": lambda m, h, t, e, rope: _batch_2_timesteps(m),
+    "model: unbatched packed latent": lambda m, h, t, e, rope: m(**{**tiny_flux_inputs(),
+                                                                    "hidden_states": torch.randn(64, 16)}),
 }
 
 

@@ -722,3 +722,25 @@ def test_quantized_pointwise_conv_keeps_the_conv_output_layout(memory_format):
     out, expected = wrapped(x), conv(x).detach()
     assert out.shape == expected.shape and out.stride() == expected.stride()
     assert rel_l2(out, expected) < MODEL_TOL
+
+
+def test_quantized_pointwise_conv_takes_unbatched_maps_as_the_conv():
+    from dcgen_kernels.patching.quant import _conv_as_linear
+    from dcgen_kernels.quant import FP8Linear
+
+    conv = torch.nn.Conv2d(16, 32, 1)
+    wrapped = QuantizedPointwiseConv(FP8Linear.from_linear(_conv_as_linear(conv), backend="reference"))
+    x = torch.randn(16, 5, 16)  # (C, H, W) whose width equals the channel count: not to be read as tokens
+    out, expected = wrapped(x), conv(x).detach()
+    assert out.shape == expected.shape == (32, 5, 16) and rel_l2(out, expected) < MODEL_TOL
+    with pytest.raises(ValueError, match="NCHW map"):
+        wrapped(torch.randn(5, 16))
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_backward_through_quantized_layers_says_they_are_inference_only(quant):
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, quant=quant, backend="reference")
+    out = model(**inputs)[0]  # grad mode on: the forward runs as before
+    with pytest.raises(RuntimeError, match="quantized layers \\(FP8, NVFP4\\) are inference only"):
+        out.square().mean().backward()

@@ -223,6 +223,18 @@ def _refuse_unsupported_autodiff(op, args: Sequence[object]) -> None:
             f"or the unpatched model (dcgen_kernels.unpatch)")
 
 
+def register_inference_only(op, name: str) -> None:
+    """Autograd for a quantized op, which has no backward: a backward through it raises saying so and what to do,
+    instead of torch's "no autograd formula was registered" (the forward runs under grad mode as before)."""
+
+    def backward(ctx, *grad_outs):
+        raise RuntimeError(f"dcgen_kernels: {name} has no backward: quantized layers (FP8, NVFP4) are inference only. "
+                           f"Run them under torch.no_grad(), or quantize with keep_original=True and "
+                           f"dcgen_kernels.unpatch(model) to train the 16-bit layers.")
+
+    op.register_autograd(backward)
+
+
 def register_reference_autograd(op, reference: Callable, n_tensor_inputs: int) -> None:
     """Backward of `op` = vjp of its fp32 reference, recomputed under autograd.
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import FLOAT_DTYPES, call_op, cdiv, check_tensor, custom_op
+from ._common import FLOAT_DTYPES, call_op, cdiv, check_tensor, custom_op, register_inference_only
 from .ada_layer_norm import _batch_stride, gated_residual
 
 __all__ = [
@@ -365,6 +365,9 @@ def _fp8_linear_op(
 @_fp8_linear_op.register_fake
 def _(x_q, x_scale, w_q, w_scale, bias, gate, residual, gelu, out_dtype, backend):
     return x_q.new_empty(x_q.shape[:-1] + (w_q.shape[0],), dtype=out_dtype)
+
+
+register_inference_only(_fp8_linear_op, "fp8_linear")
 
 
 # ----------------------------------------------------------------------------------------------- public API

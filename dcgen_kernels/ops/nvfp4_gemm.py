@@ -27,7 +27,8 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend, _cext
-from ._common import FLOAT_DTYPES, HALF_DTYPES, call_op, cdiv, check_tensor, custom_op, tma_alignment_error
+from ._common import (FLOAT_DTYPES, HALF_DTYPES, call_op, cdiv, check_tensor, custom_op, register_inference_only,
+                      tma_alignment_error)
 from .nvfp4_quantize import GROUP_SIZE, _as_global_scale, _check_packed, dequantize_nvfp4_reference
 
 __all__ = ["nvfp4_gemm", "nvfp4_gemm_reference", "nvfp4_w4a16_gemm", "nvfp4_w4a16_gemm_reference",
@@ -319,6 +320,10 @@ def _w4a16_op(
 @_w4a16_op.register_fake
 def _(x, w_packed, w_scales, w_global_scale, smooth, lora_down, lora_up, bias, backend):
     return x.new_empty(*x.shape[:-1], w_packed.shape[0])
+
+
+register_inference_only(_w4a4_op, "nvfp4_gemm")
+register_inference_only(_w4a16_op, "nvfp4_w4a16_gemm")
 
 
 # ----------------------------------------------------------------------------------------------- public API

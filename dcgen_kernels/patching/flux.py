@@ -160,7 +160,7 @@ def _modulate(module, x, scale, shift):
     """module.norm(x) * (1 + scale) + shift with (B, C) modulation, in one pass."""
     # Stock promotes the result to the modulation's dtype and broadcasts a batch-1 x against a larger modulation
     # (FluxPipeline's prompt_embeds with num_images_per_prompt > 1): keep its exact semantics.
-    if scale.dtype != x.dtype or x.shape[0] != scale.shape[0]:
+    if scale.dtype != x.dtype or x.dim() != 3 or x.shape[0] != scale.shape[0]:
         return module.norm(x) * (1 + scale[:, None]) + shift[:, None]
     norm = module.norm
     return ada_layer_norm_modulate(x, scale, shift, norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps,
@@ -324,10 +324,11 @@ def _fp8_attention_inputs(block, *ada_norms) -> bool:
 
 def _stock_arithmetic(hidden_states, encoder_hidden_states, temb) -> bool:
     """Whether stock's arithmetic promotes dtypes (a stream or the modulation in another dtype) or broadcasts batches
-    (a batch-1 stream against a larger one or a larger modulation) here, beyond what the fused ops do: such a call
-    runs the block's stock forward, for its exact results."""
+    (a batch-1 stream against a larger one or a larger modulation, an unbatched stream) here, beyond what the fused
+    ops do: such a call runs the block's stock forward, for its exact results."""
     batch = hidden_states.shape[0]
     return (temb.dtype != hidden_states.dtype or encoder_hidden_states.dtype != hidden_states.dtype
+            or hidden_states.dim() != 3 or encoder_hidden_states.dim() != 3
             or temb.shape[0] not in (1, batch) or encoder_hidden_states.shape[0] not in (1, batch))
 
 

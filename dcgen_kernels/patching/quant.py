@@ -94,8 +94,8 @@ def _is_pointwise_conv(module: torch.nn.Module) -> bool:
 class QuantizedPointwiseConv(torch.nn.Module):
     """A 1x1 Conv2d run as its quantized linear (`self.linear`: FP8Linear or SVDQuantLinear, weight [O, I]).
 
-    Takes NCHW maps like the conv it replaces (so unpatched forwards still work), or (B, N, C) tokens / an
-    FP8Activation, which patched forwards hand to `self.linear` directly (with its fused epilogue arguments)."""
+    Takes NCHW maps and unbatched (C, H, W) ones like the conv it replaces (so unpatched forwards still work);
+    patched forwards hand tokens or an FP8Activation to `self.linear` directly (with its fused epilogue arguments)."""
 
     def __init__(self, linear: torch.nn.Module):
         super().__init__()
@@ -110,8 +110,13 @@ class QuantizedPointwiseConv(torch.nn.Module):
         self.linear.backend = value
 
     def forward(self, x, **kwargs):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        if not isinstance(x, torch.Tensor):  # an FP8Activation
             return self.linear(x, **kwargs)
+        if x.dim() == 3:
+            return self.forward(x[None], **kwargs)[0]
+        if x.dim() != 4:
+            raise ValueError(f"x must be an NCHW map (B, C, H, W) or (C, H, W), as nn.Conv2d takes, got shape "
+                             f"{tuple(x.shape)}")
         batch, channels, height, width = x.shape
         # a copy unless x is channels_last: the quantizers need channel stride 1
         tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels).contiguous()
