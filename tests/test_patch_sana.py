@@ -583,3 +583,14 @@ def test_norm_out_broadcasts_a_batch_1_input_as_stock():
         dcgen_kernels.patch(model, backend="reference")
         got = model.norm_out(hidden, temb, model.scale_shift_table)
     assert got.shape == expected.shape == (2, 42, 64) and rel_l2(got, expected) < 1e-6
+
+
+def test_blocks_built_without_cross_attention_are_skipped_not_a_crash():
+    from diffusers import SanaTransformer2DModel
+
+    # diffusers builds it (no norm2 / attn2), though its stock forward then fails on the missing attn2
+    model = SanaTransformer2DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32,
+                                   num_layers=1, num_cross_attention_heads=None, cross_attention_head_dim=None,
+                                   cross_attention_dim=None, caption_channels=24, sample_size=8)
+    dcgen_kernels.patch(model, backend="reference")
+    assert [name for name, _, _ in dcgen_kernels.patch_report(model).skipped] == ["transformer_blocks.0"]

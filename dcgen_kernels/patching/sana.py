@@ -264,7 +264,7 @@ def _fp8_self_attention_inputs(attn) -> bool:
 def _block_skip_reason(block) -> Optional[str]:
     children = block._modules  # read per call: its dict is ~15x faster than attribute lookups of submodules
     for name in ("norm1", "norm2"):
-        norm = children[name]
+        norm = children.get(name)  # diffusers builds blocks without cross-attention with neither norm2 nor attn2
         if type(norm) is not torch.nn.LayerNorm or norm.elementwise_affine:
             return f"{name} is not a LayerNorm without affine"
     ff = children["ff"]
