@@ -4,9 +4,23 @@ import ast
 import importlib.util
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # rel-L2 against the fp32 reference, per input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+class RecordDcgenOps(TorchDispatchMode):
+    """Within: the names of the dcgen custom ops that ran (`names`), as a patched forward's fused path calls them."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dcgen":
+            self.names.add(func._opname)
+        return func(*args, **(kwargs or {}))
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:

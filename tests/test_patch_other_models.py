@@ -7,10 +7,9 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dcgen_kernels
-from tests.helpers import TOLERANCE, rel_l2
+from tests.helpers import TOLERANCE, RecordDcgenOps, rel_l2
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -81,17 +80,6 @@ CASES = {
     hunyuan_video: ({"AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous"},
                     {"ada_layer_norm_modulate"}),
 }
-
-
-class RecordDcgenOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "dcgen":
-            self.names.add(func._opname)
-        return func(*args, **(kwargs or {}))
 
 
 def build(make, dtype=torch.float32):

@@ -225,7 +225,8 @@ def _refuse_unsupported_autodiff(op, args: Sequence[object]) -> None:
 
 def register_inference_only(op, name: str) -> None:
     """Autograd for a quantized op, which has no backward: a backward through it raises saying so and what to do,
-    instead of torch's "no autograd formula was registered" (the forward runs under grad mode as before)."""
+    instead of torch's "no autograd formula was registered". Eager forwards run under grad mode as before; torch.compile
+    of a forward whose gradients are needed fails when it compiles, with this message."""
 
     def backward(ctx, *grad_outs):
         raise RuntimeError(f"dcgen_kernels: {name} has no backward: quantized layers (FP8, NVFP4) are inference only. "

@@ -59,13 +59,18 @@ def _validate(q, k, v, attn_mask) -> None:
         return
     check_tensor("attn_mask", attn_mask, dtypes=FLOAT_DTYPES + (torch.bool,), device=q.device)
     S_kv = k.shape[2]
-    shapes = {2: (S_kv,), 3: (1, S_kv), 4: (1, 1, S_kv)}
-    if attn_mask.dim() not in shapes or attn_mask.shape[0] not in (1, B) or attn_mask.shape[1:] != shapes[attn_mask.dim()]:
+    if not is_key_padding_shape(attn_mask, B, S_kv):
         raise ValueError(f"attn_mask must be a key-padding mask of shape (B, S_kv), (B, 1, S_kv) or (B, 1, 1, S_kv) "
                          f"with B in (1, {B}), S_kv = {S_kv}, got {tuple(attn_mask.shape)}")
     if attn_mask.dim() == 2 and attn_mask.dtype != torch.bool:
         raise TypeError("a 2-D attn_mask must be bool (True = attend); pass diffusers' additive float bias as "
                         f"(B, 1, S_kv), got dtype {attn_mask.dtype}")
+
+
+def is_key_padding_shape(attn_mask: torch.Tensor, B: int, S_kv: int) -> bool:
+    """Whether attn_mask has a key-padding mask's shape: (B or 1, S_kv), (B or 1, 1, S_kv) or (B or 1, 1, 1, S_kv)."""
+    return (2 <= attn_mask.dim() <= 4 and attn_mask.shape[0] in (1, B)
+            and attn_mask.shape[1:] == (1,) * (attn_mask.dim() - 2) + (S_kv,))
 
 
 # ----------------------------------------------------------------------------------------------- plan

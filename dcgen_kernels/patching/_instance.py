@@ -67,6 +67,19 @@ def runs_own_forward(module: torch.nn.Module, forward) -> bool:
     return isinstance(held, OwnForward) and held.func is forward
 
 
+def once(build: Callable) -> Callable:
+    """A function returning build()'s result, built on the first call (diffusers' classes, imported lazily). A plain
+    closure where patched forwards call it: torch.compile warns about every `functools.cache`-wrapped call it traces."""
+    built = []
+
+    @functools.wraps(build)
+    def get():
+        if not built:
+            built.append(build())
+        return built[0]
+    return get
+
+
 def replace_forward(module: torch.nn.Module, forward, backend: str) -> None:
     """Shadow the class's forward with `forward` bound to this instance (idempotent: re-patching updates the
     backend only)."""

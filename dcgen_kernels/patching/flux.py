@@ -12,7 +12,6 @@ The attention output is quantized by one standalone pass before `to_out` / `to_a
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -26,8 +25,8 @@ from ..ops.flux_attention import flux_attention
 from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, separate
-from ._instance import (backend_of, hooked_submodule, not_plain, precomputed_call_signature, replace_forward,
-                        restore_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
+from ._instance import (backend_of, hooked_submodule, not_plain, once, precomputed_call_signature,
+                        replace_forward, restore_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
                         with_unit_channel_stride)
 
 FAMILY = "flux"
@@ -158,9 +157,9 @@ def _skip_reason(attn) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------- adaLN norms
 def _modulate(module, x, scale, shift):
     """module.norm(x) * (1 + scale) + shift with (B, C) modulation, in one pass."""
-    # Stock promotes the result to the modulation's dtype and broadcasts a batch-1 x against a larger modulation
-    # (FluxPipeline's prompt_embeds with num_images_per_prompt > 1): keep its exact semantics.
-    if scale.dtype != x.dtype or x.dim() != 3 or x.shape[0] != scale.shape[0]:
+    # Stock promotes the result to the modulation's dtype and broadcasts a batch-1 x against a larger modulation (one
+    # latent, two timesteps), or an unbatched x: keep its exact semantics. A batch-1 modulation the op broadcasts.
+    if scale.dtype != x.dtype or x.dim() != 3 or scale.shape[0] not in (1, x.shape[0]):
         return module.norm(x) * (1 + scale[:, None]) + shift[:, None]
     norm = module.norm
     return ada_layer_norm_modulate(x, scale, shift, norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps,
@@ -222,7 +221,7 @@ def _qkv(attn, text: bool) -> tuple:
     return (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if text else (attn.to_q, attn.to_k, attn.to_v)
 
 
-@functools.cache
+@once
 def _feed_forward_classes() -> tuple:
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
@@ -324,8 +323,9 @@ def _fp8_attention_inputs(block, *ada_norms) -> bool:
 
 def _stock_arithmetic(hidden_states, encoder_hidden_states, temb) -> bool:
     """Whether stock's arithmetic promotes dtypes (a stream or the modulation in another dtype) or broadcasts batches
-    (a batch-1 stream against a larger one or a larger modulation, an unbatched stream) here, beyond what the fused
-    ops do: such a call runs the block's stock forward, for its exact results."""
+    (a batch-1 image stream against a larger text stream or modulation, an unbatched stream) here, beyond what the
+    fused code does (it expands a batch-1 text stream itself): such a call runs the block's stock forward, for its
+    exact results."""
     batch = hidden_states.shape[0]
     return (temb.dtype != hidden_states.dtype or encoder_hidden_states.dtype != hidden_states.dtype
             or hidden_states.dim() != 3 or encoder_hidden_states.dim() != 3
@@ -457,7 +457,7 @@ def _block_classes() -> dict:
     return {FluxTransformerBlock: _flux_block_forward, FluxSingleTransformerBlock: _flux_single_block_forward}
 
 
-@functools.cache
+@once
 def _norm_classes() -> dict:
     try:
         from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle

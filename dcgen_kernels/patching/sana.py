@@ -24,7 +24,6 @@ residual; the GLU output and the other linears' inputs are quantized on the way 
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Optional
 
@@ -35,13 +34,14 @@ from ..ops._common import autocast_dtype
 from ..ops.ada_layer_norm import (ada_layer_norm_modulate, ada_layer_norm_modulate_fp8, gated_residual,
                                   gated_residual_ada_layer_norm_modulate, gated_residual_ada_layer_norm_modulate_fp8)
 from ..ops.glumbconv import depthwise_glu, glumbconv
-from ..ops.key_padding_attention import SANA_MASK_BIAS, captured_with, graph_plan, key_padding_attention
+from ..ops.key_padding_attention import (SANA_MASK_BIAS, captured_with, graph_plan, is_key_padding_shape,
+                                         key_padding_attention)
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, project_concatenated, separate
-from ._instance import (backend_of, not_plain, precomputed_call_signature, qualified_type, replace_forward,
-                        restore_forward, runs_own_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
-                        warn_unfused, with_unit_channel_stride)
+from ._instance import (backend_of, not_plain, once, precomputed_call_signature, qualified_type,
+                        replace_forward, restore_forward, runs_own_forward, stock_processor_for_other_dtypes,
+                        stock_when_unfusable, warn_unfused, with_unit_channel_stride)
 from .quant import QuantizedPointwiseConv
 
 FAMILY = "sana"
@@ -49,7 +49,7 @@ SUPPORTED = ("SanaTransformer2DModel and AutoencoderDC: SanaTransformerBlock, Sa
              "SanaLinearAttnProcessor2_0 / SanaAttnProcessor2_0, SanaMultiscaleLinearAttention, GLUMBConv")
 
 
-@functools.cache
+@once
 def _classes() -> Optional[dict]:
     try:
         from diffusers.models.attention_processor import (Attention, SanaLinearAttnProcessor2_0,
@@ -162,11 +162,10 @@ def _not_key_padding(batch, encoder_hidden_states, attention_mask) -> Optional[s
         return f"its caption batch {encoder_hidden_states.shape[0]} is not the image batch {batch}"
     if attention_mask is None:
         return None
-    shape = attention_mask.shape
-    if attention_mask.dtype == torch.bool or attention_mask.dim() not in (3, 4) or shape[0] not in (1, batch) \
-            or shape[1:] != (1,) * (attention_mask.dim() - 2) + (encoder_hidden_states.shape[1],):
-        return (f"its attention mask ({str(attention_mask.dtype).removeprefix('torch.')}, shape {tuple(shape)}) is "
-                f"not SANA's key-padding bias")
+    if attention_mask.dtype == torch.bool or attention_mask.dim() == 2 \
+            or not is_key_padding_shape(attention_mask, batch, encoder_hidden_states.shape[1]):
+        return (f"its attention mask ({str(attention_mask.dtype).removeprefix('torch.')}, shape "
+                f"{tuple(attention_mask.shape)}) is not SANA's key-padding bias")
     return None
 
 
