@@ -1,6 +1,7 @@
 """DC-Gen CLI end to end on tiny models (CPU): encode -> align-embedding -> align-head -> lora -> merge."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -461,3 +462,209 @@ def test_cli_seed_fixes_the_new_weights(models, tmp_path, capsys):
     other = adapter(1)[1]
     a_names = [n for n in adapter0 if "lora_A" in n]
     assert a_names and not any(torch.equal(adapter0[n], other[n]) for n in a_names)
+
+
+# ----------------------------------------------------------------------------------------------- argument checks
+def test_sample_images_of_other_dtypes_and_channel_counts_become_rgb():
+    """skimage float images in [0, 1] (clipped), gray (H, W) / (H, W, 1) and RGBA (alpha dropped) -> RGB uint8."""
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    expected = data.images_to_tensor([rgb], 8)
+    assert torch.equal(data.images_to_tensor([rgb / 255.0], 8), expected)
+    assert torch.equal(data.images_to_tensor([np.full((4, 4, 3), 1.5)], 4), torch.ones(1, 3, 4, 4))
+    assert torch.equal(data.images_to_tensor([np.dstack([rgb, rgb[..., :1]])], 8), expected)
+    gray = data.images_to_tensor([rgb[..., 0]], 8)
+    assert torch.equal(data.images_to_tensor([rgb[..., :1]], 8), gray)
+    assert torch.equal(gray[0, 0], gray[0, 1]) and torch.equal(gray[0, 0], gray[0, 2])
+    assert torch.equal(gray[0, 0], data.images_to_tensor([np.dstack([rgb[..., 0]] * 3)], 8)[0, 0])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda: data.images_to_tensor([np.zeros((4, 4, 3), np.int16)], 4), data.DataError,
+                 "image '#0' has unsupported dtype int16", id="image-dtype"),
+    pytest.param(lambda: data.images_to_tensor([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 2), np.uint8)], 4),
+                 data.DataError, r"image '#1' has shape \(4, 4, 2\), expected \(H, W\), \(H, W, 3\) or \(H, W, 4\)",
+                 id="image-channels"),
+    pytest.param(lambda: data.images_to_tensor([np.zeros((1, 4, 4, 3), np.uint8)], 4), data.DataError,
+                 r"image '#0' has shape \(1, 4, 4, 3\), expected", id="image-ndim"),
+    pytest.param(lambda: data.images_to_tensor([np.zeros((4, 4, 3), np.uint8)], 0), ValueError,
+                 "size must be a positive int, got 0", id="size-zero"),
+    pytest.param(lambda: data.images_to_tensor([np.zeros((4, 4, 3), np.uint8)], True), ValueError,
+                 "size must be a positive int, got True", id="size-bool"),
+    pytest.param(lambda: data.images_to_tensor([np.zeros((4, 4, 3), np.uint8)], 2.5), ValueError,
+                 "size must be a positive int, got 2.5", id="size-float"),
+    pytest.param(lambda: data.images_to_tensor([], 4), data.DataError, "no images given", id="no-images"),
+    pytest.param(lambda: data.sample_images(["nope"]), data.DataError,
+                 "scikit-image has no sample image 'nope'; known: astronaut, coffee", id="sample-unknown"),
+    pytest.param(lambda: data.encode_latents(torch.zeros(3, 8, 8), None), ValueError,
+                 r"images must be a \(N, 3, H, W\) tensor, got \(3, 8, 8\)", id="encode-ndim"),
+    pytest.param(lambda: data.encode_latents(np.zeros((1, 3, 8, 8)), None), ValueError,
+                 r"images must be a \(N, 3, H, W\) tensor, got ndarray", id="encode-not-tensor"),
+    pytest.param(lambda: data.encode_latents(torch.zeros(1, 3, 8, 8), None, 0), ValueError,
+                 "batch_size must be a positive int, got 0", id="encode-batch-size"),
+    pytest.param(lambda: data.encode_latents(torch.zeros(1, 3, 8, 8), torch.nn.Linear(1, 1)), TypeError,
+                 "encode_latents supports diffusers AutoencoderKL and AutoencoderDC, got Linear", id="encode-model"),
+])
+def test_data_argument_errors_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_sample_images_that_cannot_load_offline(monkeypatch):
+    """An explicitly requested image that skimage cannot load is an error; by default it is skipped, and none at
+    all is an error too."""
+    import skimage.data
+
+    def needs_download():
+        raise OSError("would download")
+
+    monkeypatch.setattr(skimage.data, "coffee", needs_download)
+    with pytest.raises(data.DataError, match="scikit-image sample image 'coffee' could not be loaded offline: would"):
+        data.sample_images(["coffee"])
+    monkeypatch.setattr(data, "SAMPLE_IMAGE_NAMES", ("not_a_sample", "coffee"))
+    with pytest.raises(data.DataError, match="no scikit-image sample image could be loaded"):
+        data.sample_images()
+
+
+def test_latent_cache_and_model_directory_errors(models, tmp_path):
+    """A refused cache writes nothing (not even its folder); a cache without both latent sets, a corrupt one, a
+    model folder without config.json or without weights: errors naming the path."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sub" / "cache.safetensors"
+    for base, dc, match in ((torch.zeros(2, 4, 4), torch.zeros(2, 4, 2, 2), "base_latents must be a"),
+                            (torch.zeros(2, 4, 4, 4), None, r"dc_latents must be a \(N, C, h, w\) tensor"),
+                            (torch.zeros(2, 4, 4, 4), torch.zeros(3, 4, 2, 2),
+                             "base_latents and dc_latents must hold the same images, got 2 and 3")):
+        with pytest.raises(ValueError, match=match):
+            data.save_latent_cache(str(path), base, dc)
+    assert not path.parent.exists()
+    save_file(dict(base_latents=torch.zeros(1, 4, 4, 4)), str(tmp_path / "half.safetensors"))
+    with pytest.raises(data.DataError, match=r"half.safetensors' lacks \['dc_latents'\]; was it written by `encode`"):
+        data.load_latent_cache(str(tmp_path / "half.safetensors"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x07" * 32)
+    with pytest.raises(data.DataError, match="could not read latent cache '.*corrupt.safetensors'"):
+        data.load_latent_cache(str(tmp_path / "corrupt.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"AutoencoderKL: '.*' has no config.json"):
+        data.load_local_model(AutoencoderKL, str(tmp_path))
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(os.path.join(models["kl"], "config.json"), tmp_path / "config_only")
+    with pytest.raises(FileNotFoundError, match="AutoencoderKL: could not load a model from local directory "
+                                                "'.*config_only'"):
+        data.load_local_model(AutoencoderKL, str(tmp_path / "config_only"))
+
+
+@pytest.fixture(scope="module")
+def sana_dir(tmp_path_factory):
+    from .helpers import tiny_sana
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("sana") / "sana")
+    tiny_sana().save_pretrained(path)  # in_channels 8, caption_channels 24, patch size 1
+    return path
+
+
+def _save(path, **tensors):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return str(path)
+
+
+def test_text_embeddings_that_do_not_fit_exit_2_before_training(models, sana_dir, tmp_path, capsys, monkeypatch):
+    """FLUX / SANA --text-embeds with missing tensors, wrong ranks or sizes, masks or row counts that do not fit:
+    exit 2 naming the tensor and the expected shape; nothing trained, no --out written."""
+    from dcgen_kernels import dcgen
+
+    monkeypatch.setattr(dcgen, "align_head", lambda *a, **k: pytest.fail("trained despite bad text embeddings"))
+    flux_cache, sana_cache = str(tmp_path / "flux.safetensors"), str(tmp_path / "sana.safetensors")
+    data.save_latent_cache(flux_cache, torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4))
+    data.save_latent_cache(sana_cache, torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4))
+    r = torch.randn
+    flux = dict(encoder_hidden_states=r(2, 5, 32), pooled_projections=r(2, 16), null_encoder_hidden_states=r(5, 32),
+                null_pooled_projections=r(16))
+    sana = dict(encoder_hidden_states=r(2, 5, 24), encoder_attention_mask=torch.ones(2, 5),
+                null_encoder_hidden_states=r(5, 24), null_encoder_attention_mask=torch.ones(5))
+    cases = [
+        ("flux", None, r"text embeddings file '.*missing.safetensors' does not exist"),
+        ("flux", dict(encoder_hidden_states=r(2, 5, 32)), "lacks ['pooled_projections', 'null_encoder_hidden_states', "
+                                                          "'null_pooled_projections']; it needs encoder_hidden_states"),
+        ("flux", dict(flux, encoder_hidden_states=r(2, 32)), "encoder_hidden_states must be (N, L, D) and "
+                                                             "pooled_projections (N, P), got (2, 32) and (2, 16)"),
+        ("flux", dict(flux, pooled_projections=r(2, 1, 16)), "got (2, 5, 32) and (2, 1, 16)"),
+        ("flux", dict(flux, encoder_hidden_states=r(2, 5, 24)),
+         "embedding sizes 24 / 16 do not match the model's joint_attention_dim 32 / pooled_projection_dim 16"),
+        ("flux", dict(flux, encoder_hidden_states=r(3, 5, 32)),
+         "encoder_hidden_states has 3 rows, the cache holds 2 images (need 2 or 1)"),
+        ("flux", dict(flux, pooled_projections=r(3, 16)),
+         "pooled_projections has 3 rows, the cache holds 2 images (need 2 or 1)"),
+        ("sana", dict(sana, encoder_hidden_states=r(2, 5, 32)),
+         "encoder_hidden_states must be (N, L, 24) (the model's caption_channels), got (2, 5, 32)"),
+        ("sana", dict(sana, encoder_attention_mask=torch.ones(2, 4)),
+         "encoder_attention_mask must be (2, 5) and null_encoder_attention_mask (5,), got (2, 4) and (5,)"),
+        ("sana", dict(sana, null_encoder_attention_mask=torch.ones(4)), "got (2, 5) and (4,)"),
+        ("sana", dict(sana, encoder_hidden_states=r(3, 5, 24), encoder_attention_mask=torch.ones(3, 5)),
+         "encoder_hidden_states has 3 rows, the cache holds 2 images (need 2 or 1)"),
+    ]
+    out = tmp_path / "out"
+    for i, (family, tensors, message) in enumerate(cases):
+        embeds = tmp_path / "missing.safetensors" if tensors is None else _save(tmp_path / f"t{i}.safetensors",
+                                                                                **tensors)
+        transformer, cache = (models["flux"], flux_cache) if family == "flux" else (sana_dir, sana_cache)
+        code, _, err = _run(["align-head", "--transformer", transformer, "--cache", cache, "--text-embeds",
+                             str(embeds), "--steps", "1", "--out", str(out), "--quiet", "--device", "cpu"], capsys)
+        assert code == 2 and (message in err if tensors else re.search(message, err)), (i, err)
+        assert not out.exists()
+
+
+def test_model_directory_with_an_unreadable_config_is_named(tmp_path, capsys):
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4))
+    for content, message in (("{", "config.json is not valid JSON"), ("[]", "config.json must hold a JSON object")):
+        (tmp_path / "config.json").write_text(content, encoding="utf-8")
+        code, _, err = _run(["align-head", "--transformer", str(tmp_path), "--cache", cache,
+                             "--random-text", "--steps", "1", "--out", str(tmp_path / "out"), "--quiet"], capsys)
+        assert code == 2 and str(tmp_path) in err and message in err, err
+
+
+def test_models_that_do_not_fit_the_cache_exit_2_before_training(models, sana_dir, tmp_path, capsys, monkeypatch):
+    """Latent channels / patch sizes the model or cache cannot take, a device torch cannot parse, a seed or
+    t-shift that is no number: exit 2 naming the flag or model, before any training; no --out written."""
+    from dcgen_kernels import dcgen
+
+    for stage in ("align_head", "align_embedding"):
+        monkeypatch.setattr(dcgen, stage, lambda *a, **k: pytest.fail("trained despite a bad argument"))
+    caches = {}
+    for name, base, dc in (("flux", 16, 16), ("flux_dc8", 16, 8), ("sana_base16", 16, 8), ("sana_dc16", 8, 16)):
+        caches[name] = str(tmp_path / f"{name}.safetensors")
+        data.save_latent_cache(caches[name], torch.randn(2, base, 8, 8), torch.randn(2, dc, 4, 4))
+    out = tmp_path / "out"
+    tail = ["--steps", "1", "--out", str(out), "--quiet"]
+
+    def head(transformer, cache, *extra):
+        return ["align-head", "--transformer", transformer, "--cache", caches[cache], "--random-text", *extra, *tail]
+
+    def embedding(transformer, cache, *extra):
+        return ["align-embedding", "--transformer", transformer, "--cache", caches[cache], *extra, *tail]
+
+    for argv, message in (
+            (head(models["flux"], "flux_dc8", "--device", "cpu"),
+             "converted model: the model's embedder takes 64 features, which is not 8 latent channels times a square "
+             "patch"),
+            (embedding(models["flux"], "flux", "--latent-channels", "4", "--device", "cpu"),
+             "--latent-channels 4 does not match the cache's DC latents (16 channels)"),
+            (embedding(sana_dir, "sana_base16", "--device", "cpu"),
+             "base model: its patch_embed takes 8 channels, the cache's base latents have 16"),
+            (head(sana_dir, "sana_dc16", "--device", "cpu"),
+             "converted model: its patch_embed takes 8 channels, the cache's DC latents have 16"),
+            (head(models["flux"], "flux", "--patch-size", "1", "--device", "cpu"),
+             "--patch-size 1 does not match the model (2 for 16 latent channels)"),
+            (head(models["flux"], "flux", "--device", "tpu0"), "error: --device: Invalid device string: 'tpu0'"),
+            (head(models["flux"], "flux", "--seed", "abc"), "argument --seed: must be an int in [0, 2**63), got 'abc'"),
+            (head(models["flux"], "flux", "--t-shift", "abc"),
+             "argument --t-shift: must be 'auto' or a positive number, got 'abc'")):
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and message in err, (argv, err)
+        assert not out.exists()

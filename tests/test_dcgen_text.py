@@ -170,3 +170,46 @@ def test_prompts_file_lines_are_the_prompts(tmp_path):
     path.write_text("", encoding="utf-8")
     with pytest.raises(data.DataError, match="holds no prompts"):
         text.read_prompts(str(path))
+
+
+def test_pipeline_folders_that_cannot_load_and_bad_lengths_are_named(pipelines, tmp_path, capsys, monkeypatch):
+    """A pipeline folder missing a text encoder's files, a pipeline that loads without one, a bad batch size or
+    sequence length: errors naming the folder / argument; encode-text writes no --out."""
+    import shutil
+
+    import diffusers
+
+    flux, flux_pipeline = pipelines["flux"]
+    broken = tmp_path / "no_text_encoder"
+    shutil.copytree(flux, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="FluxPipeline: could not load the text encoders from local directory "
+                                                "'.*no_text_encoder'"):
+        text.load_text_pipeline(str(broken), torch.device("cpu"))
+    no_tokenizer = tmp_path / "no_tokenizer"  # transformers raises ValueError for this one, not OSError
+    shutil.copytree(flux, no_tokenizer)
+    shutil.rmtree(no_tokenizer / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="could not load the text encoders from local directory "
+                                                "'.*no_tokenizer'"):
+        text.load_text_pipeline(str(no_tokenizer), torch.device("cpu"))
+    (no_tokenizer / "model_index.json").write_text("{", encoding="utf-8")
+    with pytest.raises(data.DataError, match="model_index.json is not valid JSON"):
+        text.load_text_pipeline(str(no_tokenizer), torch.device("cpu"))
+    out = tmp_path / "text.safetensors"
+    code, _, err = _run(["encode-text", "--pipeline", flux, "--prompt", "a cat", "--batch-size", "0", "--out",
+                         str(out), "--device", "cpu"], capsys)
+    assert code == 2 and "--batch-size must be >= 1, got 0" in err and not out.exists()
+    for length, error in ((0, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=f"max_sequence_length must be a positive int, got .*{length}"):
+            text.encode_prompts(flux_pipeline, ["a cat"], max_sequence_length=length)
+    with pytest.raises(TypeError, match="batch_size must be a positive int, got bool True"):
+        text.encode_prompts(flux_pipeline, ["a cat"], batch_size=True)
+    # diffusers 0.42 itself refuses a model_index.json without a text encoder; a pipeline loaded without one
+    # (as from a diffusers that allows it) is refused by name
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(text_encoder=object(), tokenizer=object(), text_encoder_2=None, tokenizer_2=None)
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", lambda *a, **k: stub)
+    with pytest.raises(data.DataError, match="the pipeline has no text_encoder_2, tokenizer_2 "
+                                             r"\(needed to encode prompts\)"):
+        text.load_text_pipeline(flux, torch.device("cpu"))

@@ -717,3 +717,203 @@ def test_bad_arguments(tmp_path):
         T.add_lora(model, rank=2, alpha=2)
     with pytest.raises(ValueError, match="rank"):
         T.add_lora(flux_p2(), rank=0)
+
+
+# ----------------------------------------------------------------------------------------------- (h) argument checks
+_RUN = dict(steps=1, lr=1e-3, batch_size=2, seed=0, progress=False)
+
+
+def _embedding_args(teacher=None, student=None, base=(2, 16, 8, 8), dc=(2, 32, 2, 2), **kwargs):
+    """align_embedding's arguments: Linear teacher (16 channels packed 2x2) / student (32 channels, p = 1)."""
+    teacher = torch.nn.Linear(64, 8) if teacher is None else teacher
+    student = torch.nn.Linear(32, 8) if student is None else student
+    g = torch.Generator().manual_seed(0)  # the same data every call: a rerun can resume
+    return (teacher, student, torch.randn(*base, generator=g), torch.randn(*dc, generator=g)), dict(
+        dict(teacher_patch_size=2, student_patch_size=1, **_RUN), **kwargs)
+
+
+def _align_embedding(**kwargs):
+    args, kw = _embedding_args(**kwargs)
+    return T.align_embedding(*args, **kw)
+
+
+def _flux_head(latents=(2, 8, 4, 4), text=None, **kwargs):
+    """align_head on a converted tiny FLUX (8 channels, p = 1) with 2 samples' text unless overridden."""
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    return T.align_head(model, torch.randn(*latents), *(text_data(2) if text is None else text), **dict(_RUN, **kwargs))
+
+
+def _sana_head(model=None, latents=(2, 8, 4, 4), rows=2, **kwargs):
+    text, mask, null_text = sana_text(rows)
+    masks = dict(encoder_attention_mask=mask, null_encoder_attention_mask=torch.ones(5))
+    return T.align_head(tiny_sana() if model is None else model, torch.randn(*latents), text, None, null_text, None,
+                        **dict(_RUN, **masks, **kwargs))
+
+
+def _guided_sana():
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                                  cross_attention_dim=64, caption_channels=24, mlp_ratio=2.5, sample_size=8,
+                                  guidance_embeds=True)
+
+
+def _flux_loss(t=(2,), w=(2,)):
+    model, text, pooled, null_text, null_pooled, x0, noise, _, _, img_ids, txt_ids = head_loss_case()
+    return T.align_head_loss(model, x0, text, pooled, img_ids, txt_ids, torch.rand(*t), noise, 1 + torch.rand(*w),
+                             null_text, null_pooled)
+
+
+def _sana_loss(t=(2,), mask=(2, 5)):
+    x0, text = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 24)
+    return T.sana_flow_matching_loss(tiny_sana(), x0, text, torch.rand(*t), torch.randn_like(x0), torch.ones(*mask))
+
+
+def _frozen_flux_head():
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    model.requires_grad_(False)
+    return T.align_head(model, torch.randn(2, 8, 4, 4), *text_data(2), train_head_only=False, **_RUN)
+
+
+_z = torch.zeros
+_ARGUMENT_ERRORS = [
+    ("tensor-type", lambda: T.flow_matching_pair([0.0], _z(1), torch.tensor(0.5)), TypeError,
+     "x0 must be a torch.Tensor, got list"),
+    ("tensor-ndim", lambda: T.embedding_alignment_loss(_z(2, 3), _z(1, 4, 3), (1, 2), (2, 2)), ValueError,
+     r"student_tokens must have 3 dimensions, got shape \(2, 3\)"),
+    ("loss-batch-or-hidden", lambda: T.embedding_alignment_loss(_z(2, 4, 3), _z(1, 16, 3), (2, 2), (4, 4)),
+     ValueError, r"student_tokens \(2, 4, 3\) and teacher_tokens \(1, 16, 3\) must agree in batch size and hidden"),
+    ("loss-teacher-tokens", lambda: T.embedding_alignment_loss(_z(1, 4, 3), _z(1, 15, 3), (2, 2), (4, 4)),
+     ValueError, "teacher_tokens has 15 tokens, teacher_grid 4x4 has 16"),
+    ("checkpoint-every-negative", lambda: _align_embedding(checkpoint_every=-1), ValueError,
+     "checkpoint_every must be a non-negative int, got -1"),
+    ("checkpoint-every-bool", lambda: _align_embedding(checkpoint_every=True), ValueError,
+     "checkpoint_every must be a non-negative int, got True"),
+    ("embedding-patch-multiple", lambda: _align_embedding(teacher_patch_size=3), ValueError,
+     r"teacher_latents spatial size \(8, 8\) must be a multiple of teacher_patch_size \(3\)"),
+    ("embedding-mode", lambda: _align_embedding(mode="bilinear"), ValueError,
+     "mode must be 'pool' or 'upsample', got 'bilinear'"),
+    ("embedding-no-parameters", lambda: _align_embedding(student=torch.nn.Identity()), ValueError,
+     "student_embedder has no parameters to train"),
+    ("seed-float", lambda: _align_embedding(seed=1.5), TypeError, "seed must be an int, got 1.5"),
+    ("seed-bool", lambda: _align_embedding(seed=True), TypeError, "seed must be an int, got True"),
+    ("flow-t-length", lambda: T.flow_matching_pair(_z(2, 3), _z(2, 3), _z(3)), ValueError,
+     r"t must be a scalar or have shape \(2,\), got \(3,\)"),
+    ("flow-t-2d", lambda: T.flow_matching_pair(_z(2, 3), _z(2, 3), _z(2, 1)), ValueError,
+     r"t must be a scalar or have shape \(2,\), got \(2, 1\)"),
+    ("velocity-shapes", lambda: T.guidance_distilled_velocity(_z(2, 3), _z(2, 4), 2.0), ValueError,
+     r"v_guided \(2, 3\) and v_unguided \(2, 4\) differ in shape"),
+    ("velocity-w-length", lambda: T.guidance_distilled_velocity(_z(2, 3), _z(2, 3), torch.ones(3)), ValueError,
+     r"w must be a scalar or have shape \(2,\), got \(3,\)"),
+    ("velocity-w-zero", lambda: T.guidance_distilled_velocity(_z(2, 3), _z(2, 3), 0), ValueError,
+     "w must be a non-zero number or tensor, got 0"),
+    ("velocity-w-bool", lambda: T.guidance_distilled_velocity(_z(2, 3), _z(2, 3), True), ValueError,
+     "w must be a non-zero number or tensor, got True"),
+    ("velocity-w-str", lambda: T.guidance_distilled_velocity(_z(2, 3), _z(2, 3), "2"), ValueError,
+     "w must be a non-zero number or tensor, got '2'"),
+    ("guidance-range", lambda: T.sample_guidance(4, low=5.0, high=2.0), ValueError, "need low < high, got 5.0, 2.0"),
+    ("drop-text-batch", lambda: T.drop_text(_z(2, 3, 4), _z(3, 5), _z(3, 4), _z(5)), ValueError,
+     "text_embeds and pooled must have the same batch size, got 2 and 3"),
+    ("drop-text-null-pooled", lambda: T.drop_text(_z(2, 3, 4), _z(2, 5), _z(3, 4), _z(4)), ValueError,
+     r"null_pooled must have shape \(5,\) \(or with a leading 1\), got \(4,\)"),
+    ("drop-text-null-pooled-2d", lambda: T.drop_text(_z(2, 3, 4), _z(2, 5), _z(3, 4), _z(5, 1)), ValueError,
+     r"null_pooled must have shape \(5,\) \(or with a leading 1\), got \(5, 1\)"),
+    ("drop-text-null-text", lambda: T.drop_text(_z(2, 3, 4), _z(2, 5), _z(4, 4), _z(5)), ValueError,
+     r"null_text must have shape \(3, 4\) \(or with a leading 1\), got \(4, 4\)"),
+    ("flux-loss-w", lambda: _flux_loss(w=(3,)), ValueError, r"t and w must have shape \(2,\), got \(2,\) and \(3,\)"),
+    ("flux-loss-t", lambda: _flux_loss(t=(1,)), ValueError, r"t and w must have shape \(2,\), got \(1,\) and \(2,\)"),
+    ("sana-loss-t", lambda: _sana_loss(t=(3,)), ValueError,
+     r"t must have shape \(2,\) and encoder_hidden_states 2 rows, got \(3,\) and \(2, 5, 24\)"),
+    ("sana-loss-mask", lambda: _sana_loss(mask=(2, 4)), ValueError,
+     r"encoder_attention_mask must have shape \(2, 5\), got \(2, 4\)"),
+    ("flux-head-pooled", lambda: _flux_head(text=text_data(2)[:1] + (None,) + text_data(2)[2:]), ValueError,
+     "pooled_projections is required for FLUX"),
+    ("flux-head-null-pooled", lambda: _flux_head(text=text_data(2)[:3] + (None,)), ValueError,
+     "null_pooled_projections is required for FLUX"),
+    ("flux-head-samples", lambda: _flux_head(latents=(3, 8, 4, 4)), ValueError,
+     "latents, encoder_hidden_states and pooled_projections must have the same number of samples, got 3, 2, 2"),
+    ("flux-head-guidance-low", lambda: _flux_head(guidance_range=(0.0, 5.0)), ValueError,
+     r"guidance_range must be \(low, high\) with 0 < low < high, got \(0\.0, 5\.0\)"),
+    ("flux-head-guidance-order", lambda: _flux_head(guidance_range=(5.0, 2.0)), ValueError,
+     r"guidance_range must be \(low, high\) with 0 < low < high, got \(5\.0, 2\.0\)"),
+    ("flux-head-t-sampling", lambda: _flux_head(t_sampling="gaussian"), ValueError,
+     "t_sampling must be 'logit_normal' or 'uniform', got 'gaussian'"),
+    ("sana-head-guidance-embeds", lambda: _sana_head(model=_guided_sana()), ValueError,
+     r"guidance-embedded SANA \(SANA-Sprint\) is not supported by align_head"),
+    ("sana-head-patch-size", lambda: _sana_head(patch_size=2), ValueError,
+     "patch_size 2 differs from the model's config.patch_size 1"),
+    ("sana-head-patch-multiple", lambda: _sana_head(model=tiny_sana_patched_latents(patch_size=2),
+                                                    latents=(2, 8, 5, 4)), ValueError,
+     r"latents spatial size \(5, 4\) must be a multiple of the patch size 2"),
+    ("sana-head-samples", lambda: _sana_head(rows=3), ValueError,
+     "latents and encoder_hidden_states must have the same number of samples, got 2 and 3"),
+    ("sana-head-t-sampling", lambda: _sana_head(t_sampling="gaussian"), ValueError,
+     "t_sampling must be 'logit_normal' or 'uniform', got 'gaussian'"),
+    ("head-no-trainable-parameters", _frozen_flux_head, ValueError, "transformer has no trainable parameters"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [pytest.param(*case[1:], id=case[0]) for case in _ARGUMENT_ERRORS])
+def test_argument_errors_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _modes(*modules):
+    return [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for module in modules
+            for m in module.modules()]
+
+
+def test_a_refused_argument_leaves_the_models_as_they_were():
+    """An argument refused in the training loop (seed, checkpoint_every, lr): the models keep their weights, their
+    train / eval modes and requires_grad flags (the stages set those before the loop checks its settings)."""
+    for bad in (dict(seed=1.5), dict(checkpoint_every=-1)):
+        args, kw = _embedding_args(**bad)
+        args[0].requires_grad_(True).train()
+        args[1].requires_grad_(False).eval()
+        before, modes = {n: p.clone() for n, p in args[1].named_parameters()}, _modes(*args[:2])
+        with pytest.raises((TypeError, ValueError)):
+            T.align_embedding(*args, **kw)
+        assert all(torch.equal(p, before[n]) for n, p in args[1].named_parameters())
+        assert _modes(*args[:2]) == modes
+    model = flux_p2()
+    convert(model, latent_channels=8, patch_size=1)
+    model.requires_grad_(True).train()
+    modes = _modes(model)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        T.align_head(model, torch.randn(2, 8, 4, 4), *text_data(2), **dict(_RUN, lr=-1.0))
+    assert _modes(model) == modes
+
+
+def test_checkpoints_that_do_not_fit_the_run_are_refused_before_loading(tmp_path):
+    """A checkpoint whose weights name other parameters (an edited or foreign trainable.safetensors: the settings
+    already name the parameters) or hold other shapes (a student of another width): refused, the student unchanged,
+    no checkpoint written."""
+    from safetensors.torch import load_file, save_file
+
+    d = str(tmp_path)
+    args, kw = _embedding_args(checkpoint_dir=d)
+    T.align_embedding(*args, **kw)
+    weights = tmp_path / "step-00000001" / "trainable.safetensors"
+    original = load_file(str(weights))
+    save_file(dict(original, extra=torch.zeros(1)), str(weights))
+    args, kw = _embedding_args(checkpoint_dir=d, steps=2)
+    before = args[1].weight.clone()
+    with pytest.raises(ValueError, match=r"holds parameters \['extra'\] that do not match the trainable parameters"):
+        T.align_embedding(*args, **kw)
+    assert torch.equal(args[1].weight, before)
+    # a two-layer student whose second layer is narrower: its first layer fits, and must not be loaded either
+    d = str(tmp_path / "two_layers")
+    args, kw = _embedding_args(student=torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 8)),
+                               checkpoint_dir=d)
+    T.align_embedding(*args, **kw)
+    args, kw = _embedding_args(teacher=torch.nn.Linear(64, 4), checkpoint_dir=d, steps=2,
+                               student=torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 4)))
+    before = [p.clone() for p in args[1].parameters()]
+    with pytest.raises(ValueError, match=r"step-00000001: 1.weight has shape \(8, 8\), the model \(4, 8\)"):
+        T.align_embedding(*args, **kw)
+    assert all(torch.equal(p, b) for p, b in zip(args[1].parameters(), before, strict=True))
+    assert os.listdir(d) == ["step-00000001"]

@@ -25,7 +25,6 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -51,12 +50,13 @@ class _Parser(argparse.ArgumentParser):
 def _class_from_config(path: str, candidates: tuple, kind: str):
     """The class of `candidates` that the directory's config.json names (the first when there is no config.json:
     loading then reports what is missing)."""
+    from .data import read_json
+
     classes = {cls.__name__: cls for cls in candidates}
     config = os.path.join(path or "", "config.json")
     if not os.path.isfile(config):
         return candidates[0]
-    with open(config) as f:
-        name = json.load(f).get("_class_name")
+    name = read_json(config).get("_class_name")
     if name not in classes:
         raise CLIError(f"{path}: config.json names {kind} class {name!r}; supported: {', '.join(classes)}")
     return classes[name]

@@ -37,6 +37,19 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- images
+def read_json(path: str) -> dict:
+    """The JSON object in the file `path` (a model's config.json, a pipeline's model_index.json); DataError naming
+    the file when it holds something else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise DataError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _to_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8:

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .data import _META_KEY, DataError
+from .convert import _check_positive_int
+from .data import _META_KEY, DataError, read_json
 
 __all__ = ["TEXT_PIPELINES", "load_text_pipeline", "encode_prompts", "read_prompts", "save_text_embeddings"]
 
@@ -38,8 +39,7 @@ def load_text_pipeline(path: str, device: torch.device, dtype: torch.dtype = tor
         raise FileNotFoundError(f"{path!r} is not a local diffusers pipeline directory (no model_index.json); give "
                                 f"the directory of a FluxPipeline or SanaPipeline checkpoint (nothing is "
                                 f"downloaded)")
-    with open(index) as f:
-        name = json.load(f).get("_class_name")
+    name = read_json(index).get("_class_name")
     if name not in TEXT_PIPELINES:
         raise DataError(f"{path}: model_index.json names pipeline class {name!r}; supported: "
                         f"{', '.join(TEXT_PIPELINES)}")
@@ -48,7 +48,7 @@ def load_text_pipeline(path: str, device: torch.device, dtype: torch.dtype = tor
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
             pipeline = getattr(diffusers, name).from_pretrained(path, transformer=None, vae=None, torch_dtype=dtype,
                                                                 local_files_only=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # transformers raises ValueError for a tokenizer folder it cannot read
         raise FileNotFoundError(f"{name}: could not load the text encoders from local directory {path!r}: {e}") \
             from e
     encoders = ("text_encoder", "text_encoder_2") if name == "FluxPipeline" else ("text_encoder",)
@@ -92,15 +92,13 @@ def encode_prompts(pipeline, prompts: Sequence[str], *, max_sequence_length: Opt
     """
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a non-empty sequence of str")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_positive_int("batch_size", batch_size)
     name = type(pipeline).__name__
     if name not in TEXT_PIPELINES:
         raise TypeError(f"pipeline must be one of {', '.join(TEXT_PIPELINES)}, got {name}")
     defaults = inspect.signature(type(pipeline).__call__).parameters
     length = defaults["max_sequence_length"].default if max_sequence_length is None else max_sequence_length
-    if not isinstance(length, int) or length < 1:
-        raise ValueError(f"max_sequence_length must be a positive int, got {length!r}")
+    _check_positive_int("max_sequence_length", length)
     if name == "FluxPipeline" and length > FLUX_MAX_SEQUENCE_LENGTH:  # FluxPipeline refuses more at inference
         raise ValueError(f"max_sequence_length must be <= {FLUX_MAX_SEQUENCE_LENGTH} for FLUX, got {length}")
     blank = [i for i, p in enumerate(prompts) if not p.strip()]

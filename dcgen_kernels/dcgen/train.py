@@ -31,6 +31,7 @@ in ``state.pt``) and exact resume. bf16 autocast is used only on CUDA; on CPU ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -219,13 +220,9 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
                          f"{student_grid}")
     if mode not in ("pool", "upsample"):
         raise ValueError(f"mode must be 'pool' or 'upsample', got {mode!r}")
-    teacher_embedder.requires_grad_(False).eval()
-    student_embedder.train()
     params = {n: p for n, p in student_embedder.named_parameters()}
     if not params:
         raise ValueError("student_embedder has no parameters to train")
-    for p in params.values():
-        p.requires_grad_(True)
     device = next(iter(params.values())).device
     n = teacher_latents.shape[0]
 
@@ -239,11 +236,16 @@ def align_embedding(teacher_embedder: nn.Module, student_embedder: nn.Module, te
             student = _embed(student_embedder, s_lat.to(_dtype_of(student_embedder, s_lat)), sp)
         return embedding_alignment_loss(student, teacher, student_grid, teacher_grid, mode)
 
-    return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                  progress=progress, desc="align embedding",
-                  meta=dict(stage="align_embedding", mode=mode, patch_sizes=[tp, sp],
-                            data=data_fingerprint(teacher_latents, student_latents)))
+    with _modes_restored_on_error(teacher_embedder, student_embedder):
+        teacher_embedder.requires_grad_(False).eval()
+        student_embedder.train()
+        for p in params.values():
+            p.requires_grad_(True)
+        return _train(params, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                      progress=progress, desc="align embedding",
+                      meta=dict(stage="align_embedding", mode=mode, patch_sizes=[tp, sp],
+                                data=data_fingerprint(teacher_latents, student_latents)))
 
 
 def _dtype_of(module: nn.Module, fallback: torch.Tensor) -> torch.dtype:
@@ -300,6 +302,14 @@ def sample_guidance(batch: int, generator: Optional[torch.Generator] = None,
     return low + (high - low) * torch.rand(batch, generator=generator, device=device)
 
 
+def _one_sample(name: str, t: object, shape: torch.Size) -> torch.Tensor:
+    """`t` of `shape` or (1, *shape), as (1, *shape)."""
+    _check_tensor(name, t)
+    if t.shape not in (shape, (1, *shape)):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (or with a leading 1), got {tuple(t.shape)}")
+    return t.reshape(1, *shape)
+
+
 def drop_text(text_embeds: torch.Tensor, pooled: torch.Tensor, null_text: torch.Tensor, null_pooled: torch.Tensor,
               p: float = 0.1, generator: Optional[torch.Generator] = None
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,14 +325,8 @@ def drop_text(text_embeds: torch.Tensor, pooled: torch.Tensor, null_text: torch.
     b = text_embeds.shape[0]
     if pooled.shape[0] != b:
         raise ValueError(f"text_embeds and pooled must have the same batch size, got {b} and {pooled.shape[0]}")
-    null_text = _check_tensor("null_text", null_text)
-    null_text = null_text.unsqueeze(0) if null_text.dim() == 2 else null_text
-    if null_text.dim() != 3 or null_text.shape[0] != 1 or null_text.shape[1:] != text_embeds.shape[1:]:
-        raise ValueError(f"null_text must have shape {tuple(text_embeds.shape[1:])} (or with a leading 1), "
-                         f"got {tuple(null_text.shape)}")
-    null_pooled = _check_tensor("null_pooled", null_pooled).reshape(1, -1)
-    if null_pooled.shape[1:] != pooled.shape[1:]:
-        raise ValueError(f"null_pooled must have shape {tuple(pooled.shape[1:])}, got {tuple(null_pooled.shape)}")
+    null_text = _one_sample("null_text", null_text, text_embeds.shape[1:])
+    null_pooled = _one_sample("null_pooled", null_pooled, pooled.shape[1:])
     device = generator.device if generator is not None else "cpu"
     dropped = (torch.rand(b, generator=generator, device=device) < p).to(text_embeds.device)
     text = torch.where(dropped[:, None, None], null_text.to(text_embeds), text_embeds)
@@ -469,12 +473,22 @@ def align_head(transformer: nn.Module, latents: torch.Tensor, encoder_hidden_sta
     ``dict(history=[loss per step])``.
     """
     if _family(transformer) == "sana":
-        return _align_head_sana(
-            transformer, latents, encoder_hidden_states, pooled_projections, null_encoder_hidden_states,
-            null_pooled_projections, patch_size=patch_size, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-            p_drop=p_drop, t_sampling=t_sampling, t_shift=t_shift, train_head_only=train_head_only,
-            encoder_attention_mask=encoder_attention_mask, null_encoder_attention_mask=null_encoder_attention_mask,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+        align, family_args = _align_head_sana, dict(encoder_attention_mask=encoder_attention_mask,
+                                                    null_encoder_attention_mask=null_encoder_attention_mask)
+    else:
+        align, family_args = _align_head_flux, dict(guidance_range=guidance_range)
+    with _modes_restored_on_error(transformer):
+        return align(transformer, latents, encoder_hidden_states, pooled_projections, null_encoder_hidden_states,
+                     null_pooled_projections, patch_size=patch_size, steps=steps, lr=lr, batch_size=batch_size,
+                     seed=seed, p_drop=p_drop, t_sampling=t_sampling, t_shift=t_shift,
+                     train_head_only=train_head_only, checkpoint_dir=checkpoint_dir,
+                     checkpoint_every=checkpoint_every, resume=resume, progress=progress, **family_args)
+
+
+def _align_head_flux(transformer, latents, encoder_hidden_states, pooled_projections, null_encoder_hidden_states,
+                     null_pooled_projections, *, patch_size, steps, lr, batch_size, seed, p_drop, guidance_range,
+                     t_sampling, t_shift, train_head_only, checkpoint_dir, checkpoint_every, resume,
+                     progress) -> dict:
     from ..patching.latents import takes_unpacked_latents
 
     patch_size = 1 if patch_size is None else patch_size
@@ -591,6 +605,22 @@ _CKPT = re.compile(r"^step-(\d{8})$")
 _WEIGHTS, _STATE = "trainable.safetensors", "state.pt"
 
 
+@contextlib.contextmanager
+def _modes_restored_on_error(*modules: nn.Module):
+    """Puts the modules' train/eval modes and requires_grad flags back as they were if the block raises (a refused
+    setting or checkpoint, a non-finite loss); a run that ends normally leaves the modes it trained in."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+    try:
+        yield
+    except BaseException:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def _head_training_params(transformer: nn.Module, embedder: nn.Module, train_head_only: bool
                           ) -> Dict[str, nn.Parameter]:
     """The parameters align_head trains (embedder + head alone when train_head_only); puts the model in eval mode
@@ -659,11 +689,12 @@ def _load_checkpoint(path: str, params: Dict[str, nn.Parameter], optimizer, gene
     if set(weights) != set(params):
         raise ValueError(f"checkpoint {path} holds parameters {sorted(set(weights) ^ set(params))[:5]} that do not "
                          "match the trainable parameters of this run")
+    for n, p in params.items():  # every shape before any copy: a refused checkpoint leaves the model as it was
+        if weights[n].shape != p.shape:
+            raise ValueError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, the model "
+                             f"{tuple(p.shape)}")
     with torch.no_grad():
         for n, p in params.items():
-            if weights[n].shape != p.shape:
-                raise ValueError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, the model "
-                                 f"{tuple(p.shape)}")
             p.copy_(weights[n])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
