@@ -74,8 +74,6 @@ F64C128_ASSUMPTION = ("DC-AE-1.5 f64c128 decoder assumed = the DC-AE 1.0 f64c128
 PAPER_H100_S = {"FLUX.1-Krea": {"1K": 4.65, "2K": 23.76, "4K": 213.8},
                 "DC-Gen-FLUX": {"1K": 1.10, "2K": 1.41, "4K": 4.04}}
 PAPER_SPEEDUP = {"DC-Gen-FLUX": {"1K": 4.2, "2K": 16.9, "4K": 52.9}}
-PAPER_5090 = {"model": "DC-Gen-FLUX", "resolution": "4K", "seconds": 3.5, "speedup_vs_FLUX.1-Krea": 138,
-              "quantization": "NVFP4 SVDQuant", "steps": 20}
 
 # ------------------------------------------------------------------------------------------------ configs
 # The model configs of the step benchmarks (FLUX.1-dev 12B, SANA-1.6B) and the SANA 1.0 f32c32 DC-AE.

@@ -93,7 +93,7 @@ def test_triton_modulate_matches_reference(dtype, layout):
     x = activations(dtype=dtype)
     shift, scale, _ = modulation(layout, dtype=dtype)
     out = torch.full((2, 37, 200), float("nan"), dtype=dtype)
-    ada_layer_norm_modulate_into(x, scale, shift, None, None, 1e-6, out, "triton")
+    ada_layer_norm_modulate_into(x, scale, shift, None, None, 1e-6, out)
     assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift)) <= max(TOLERANCE[dtype] / 2, 1e-6)
 
 
@@ -113,7 +113,7 @@ def test_triton_gated_residual_matches_reference(dtype, layout):
     residual, x = activations(C=300, dtype=dtype), activations(C=300, dtype=dtype)
     _, _, gate = modulation(layout, C=300, dtype=dtype)
     out = torch.full((2, 37, 300), float("nan"), dtype=dtype)
-    gated_residual_into(residual, gate, x, out, "triton")
+    gated_residual_into(residual, gate, x, out)
     assert rel_l2(out, gated_residual_reference(residual, gate, x)) <= max(TOLERANCE[dtype] / 2, 1e-6)
 
 
@@ -247,11 +247,11 @@ def test_gpu_triton_at_model_shapes(model, B, N, C, dtype):
     x = activations(B, N, C, dtype=dtype, device="cuda")
     shift, scale, gate = modulation(model, B=B, C=C, dtype=dtype, device="cuda")
     out = torch.full((B, N, C), float("nan"), dtype=dtype, device="cuda")
-    ada_layer_norm_modulate_into(x, scale, shift, None, None, 1e-6, out, "triton")
+    ada_layer_norm_modulate_into(x, scale, shift, None, None, 1e-6, out)
     assert rel_l2(out, ada_layer_norm_modulate_reference(x, scale, shift)) <= TOLERANCE[dtype] / 2
     branch = torch.randn(B, N, C, device="cuda").to(dtype)
     out.fill_(float("nan"))
-    gated_residual_into(x, gate, branch, out, "triton")
+    gated_residual_into(x, gate, branch, out)
     assert rel_l2(out, gated_residual_reference(x, gate, branch)) <= TOLERANCE[dtype] / 2
 
 

@@ -298,6 +298,13 @@ def test_bad_inputs_name_the_argument():
         quantize_fp8(x, prefix=torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match="backend must be one of"):
         quantize_fp8(x, backend="cutlass")
+    act = quantize_fp8(x)
+    with pytest.raises(ValueError, match=r"x.data must be a contiguous \(M, K\) or \(B, S, K\) tensor, got shape"):
+        fp8_linear(FP8Activation(act.data[None], act.scale[None], act.dtype), wq, ws)
+    with pytest.raises(TypeError, match=r"x.dtype \(the output dtype\) must be one of .*got torch.int32"):
+        fp8_linear(FP8Activation(act.data, act.scale, torch.int32), wq, ws)
+    with pytest.raises(ValueError, match=r"weight must be contiguous \(N, K\)"):
+        fp8_linear(x, wq.t().contiguous().t(), ws)
     empty = FP8Activation(torch.empty(2, 0, dtype=FP8_DTYPE), torch.ones(2), torch.bfloat16)
     with pytest.raises(ValueError, match="K >= 1"):  # not zeros without the bias and residual
         fp8_linear(empty, torch.empty(4, 0, dtype=FP8_DTYPE), torch.ones(4), bias=torch.ones(4))
@@ -520,6 +527,13 @@ def test_fp8_linear_module_bad_arguments_raise_clear_errors(args, kwargs, error,
 
     with pytest.raises(error, match=match):
         FP8Linear(*args, **kwargs)
+
+
+def test_fp8_linear_from_linear_takes_only_nn_linear():
+    from dcgen_kernels.quant import FP8Linear
+
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear, got Conv1d"):
+        FP8Linear.from_linear(torch.nn.Conv1d(4, 4, 1))
 
 
 @pytest.mark.parametrize("x", [torch.randn(3, 48), torch.tensor(1.0), "x"], ids=["other_K", "0-dim", "str"])

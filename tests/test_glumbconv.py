@@ -146,6 +146,8 @@ def _swap(weights, index, value):
     (lambda x, w: glumbconv(x, 7, 9, *w, backend="gpu"), ValueError, "backend must be one of"),
     (lambda x, w: depthwise_glu(x[..., :15], 7, 9, torch.ones(15, 1, 3, 3), torch.ones(15)), ValueError,
      "pre must have an even channel count"),
+    (lambda x, w: depthwise_glu(x[..., :16], 7, 9.0, torch.ones(16, 1, 3, 3), torch.ones(16)), ValueError,
+     "width must be a positive int, got 9.0"),
 ])
 def test_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):

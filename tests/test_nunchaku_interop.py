@@ -172,6 +172,14 @@ def test_bad_checkpoints_raise_clear_errors():
         svdquant_linear_from_nunchaku(dict(tensors, wtscale=torch.rand(N).bfloat16()))
     with pytest.raises(ValueError, match="qweight must be 2-D"):
         svdquant_linear_from_nunchaku(dict(tensors, qweight=tensors["qweight"].reshape(-1)))
+    with pytest.raises(ValueError, match="nunchaku_kernels must be 'auto', 'never' or 'require', got 'always'"):
+        svdquant_linear_from_nunchaku(tensors, nunchaku_kernels="always")
+    for convert in (pack_nunchaku_lowrank, unpack_nunchaku_lowrank):
+        with pytest.raises(ValueError, match=r"low-rank weights need both dims multiples of 16, got \(24, 32\)"):
+            convert(torch.zeros(24, 32, dtype=torch.bfloat16), down=True)
+    w4a16 = SVDQuantLinear.from_linear(torch.nn.Linear(K, N), rank=R, activations="bf16", backend="reference")
+    with pytest.raises(ValueError, match="only W4A4 layers \\(activations='nvfp4'\\) have a nunchaku equivalent"):
+        svdquant_linear_to_nunchaku(w4a16)
 
 
 def test_nunchaku_backend_detection_without_a_gpu():

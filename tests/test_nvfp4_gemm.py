@@ -251,6 +251,16 @@ def test_bad_inputs_raise_clear_errors():
         nvfp4_w4a16_gemm(x, *wq, lora_down=lora_down[:5], lora_up=lora_up)
     with pytest.raises(ValueError, match="w_packed must have ceil"):
         nvfp4_w4a16_gemm(x[:, :40], *wq)
+    with pytest.raises(ValueError, match=r"lora_act must have shape \(8, 4\) \(rows of the input"):
+        nvfp4_gemm(a_packed, a_scales, 0.01, *wq, lora_act=lora_act[:, :3], lora_up=lora_up)
+    with pytest.raises(ValueError, match=r"w_packed must be 2-D \[N, K_pad/2\], got shape \(1, 32, 32\)"):
+        nvfp4_w4a16_gemm(x, wq[0][None], wq[1][None], wq[2])
+    with pytest.raises(ValueError, match="w_packed must be on device cpu like the input, got meta"):
+        nvfp4_w4a16_gemm(x, wq[0].to("meta"), wq[1].to("meta"), wq[2])
+    with pytest.raises(TypeError, match="out_dtype must be one of .*got torch.int32"):
+        nvfp4_gemm(a_packed, a_scales, 0.01, *wq, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"x must have at least one dimension \(K\)"):
+        nvfp4_w4a16_gemm(x[0, 0], *wq)
 
 
 def run_sm120_host_emulation(C, a_packed, a_scales, a_gs, wq, lora_act, lora_up, bias, out_dtype):

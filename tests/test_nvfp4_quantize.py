@@ -288,6 +288,16 @@ def test_bad_inputs_raise_clear_errors():
         quantize_nvfp4_activations(x, torch.ones(31), None)
     with pytest.raises(ValueError, match="lora_down must have shape"):
         quantize_nvfp4_activations(x, None, torch.ones(31, 4))
+    for scale in ("1.0", torch.ones(2), True):
+        with pytest.raises(TypeError, match="global_scale must be a positive float or a 1-element tensor"):
+            quantize_nvfp4(x, scale)
+    with pytest.raises(ValueError, match=r"packed must be \[..., K_pad/2\] with K_pad a multiple of 16, got \(4, 12\)"):
+        dequantize_nvfp4(packed[:, :12], scales[:, :1], gs)
+    with pytest.raises(TypeError, match="dtype must be one of .*got torch.int32"):
+        dequantize_nvfp4(packed, scales, gs, dtype=torch.int32)
+    for quantize in (quantize_nvfp4, lambda t: quantize_nvfp4_activations(t, None, None)):
+        with pytest.raises(ValueError, match=r"x must have at least one dimension \(K\)"):
+            quantize(x[0, 0])
 
 
 def test_triton_scale_rounding_matches_torch_for_every_e4m3_value_and_midpoint():

@@ -5,10 +5,7 @@ import pytest
 import torch
 
 from dcgen_kernels import _backend
-from dcgen_kernels.ops.patch_embed import (
-    patch_embed, patch_embed_into, patch_embed_reference, patch_unembed, patch_unembed_into,
-    patch_unembed_reference,
-)
+from dcgen_kernels.ops.patch_embed import patch_embed, patch_embed_reference, patch_unembed, patch_unembed_reference
 from tests.helpers import TOLERANCE, compile_launchers_for_sm90, flux_pipeline_static, rel_l2
 
 patch_embed_module = sys.modules["dcgen_kernels.ops.patch_embed"]
@@ -79,7 +76,7 @@ def test_triton_embed_matches_reference(dtype, shape, with_bias):
     latent, weight, bias = embed_inputs(*shape, dtype=dtype)
     bias = bias if with_bias else None
     out = torch.full((B, (h // p) * (w // p), D), float("nan"), dtype=dtype)
-    patch_embed_into(latent, weight, bias, p, out, "triton")
+    patch_embed_module._launch_embed_triton(latent, weight, bias, p, out)
     assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= max(TOLERANCE[dtype], 1e-6)
 
 
@@ -91,7 +88,7 @@ def test_triton_unembed_matches_reference(dtype, shape, with_bias):
     tokens, weight, bias = unembed_inputs(*shape, dtype=dtype)
     bias = bias if with_bias else None
     out = torch.full((B, C, h, w), float("nan"), dtype=dtype)
-    patch_unembed_into(tokens, weight, bias, p, out, "triton")
+    patch_embed_module._launch_unembed_triton(tokens, weight, bias, p, out)
     assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= max(TOLERANCE[dtype], 1e-6)
 
 
@@ -121,7 +118,7 @@ def test_triton_unembed_split_k_sums_slices_and_leaves_counters_zero(monkeypatch
         tokens, weight, bias = unembed_inputs(*shape, dtype=torch.bfloat16)
         outs = [torch.full((B, C, h, w), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
         for out in outs:
-            patch_unembed_into(tokens, weight, bias, p, out, "triton")
+            patch_embed_module._launch_unembed_triton(tokens, weight, bias, p, out)
         assert rel_l2(outs[0], patch_unembed_reference(tokens, weight, bias, p, h, w)) <= TOLERANCE[torch.bfloat16]
         assert torch.equal(outs[0], outs[1])
     forms = {(launch["TOKEN_ROWS"], launch["SPLIT_K"]) for launch in recorder.launches}
@@ -164,7 +161,7 @@ def test_triton_embed_shapes_cover_both_kernels(monkeypatch):
     for shape in SHAPES:
         B, _, h, w, p, D = shape
         latent, weight, bias = embed_inputs(*shape)
-        patch_embed_into(latent, weight, bias, p, torch.empty(B, (h // p) * (w // p), D), "triton")
+        patch_embed_module._launch_embed_triton(latent, weight, bias, p, torch.empty(B, (h // p) * (w // p), D))
     expected = [s for s in SHAPES if s[1] * s[4] <= patch_embed_module._INTERPRETER_NARROW_MAX_ROWS]
     assert 0 < len(expected) < len(SHAPES) and narrow == [s[:4] for s in expected]
 
@@ -832,12 +829,12 @@ def test_gpu_triton_at_dcgen_shapes(dtype, shape):
     B, C, h, w, p, D = shape
     latent, weight, bias = embed_inputs(*shape, dtype=dtype, device="cuda")
     out = torch.full((B, (h // p) * (w // p), D), float("nan"), dtype=dtype, device="cuda")
-    patch_embed_into(latent, weight, bias, p, out, "triton")
+    patch_embed_module._launch_embed_triton(latent, weight, bias, p, out)
     assert rel_l2(out, patch_embed_reference(latent, weight, bias, p)) <= TOLERANCE[dtype] / 2
 
     tokens, weight, bias = unembed_inputs(*shape, dtype=dtype, device="cuda")
     out = torch.full((B, C, h, w), float("nan"), dtype=dtype, device="cuda")
-    patch_unembed_into(tokens, weight, bias, p, out, "triton")
+    patch_embed_module._launch_unembed_triton(tokens, weight, bias, p, out)
     assert rel_l2(out, patch_unembed_reference(tokens, weight, bias, p, h, w)) <= TOLERANCE[dtype] / 2
 
 

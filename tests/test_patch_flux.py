@@ -447,6 +447,47 @@ def test_training_blocks_apply_the_feed_forward_dropout_as_stock():
     assert rel_l2(run(model, inputs), expected) < 1e-5
 
 
+def test_blocks_with_an_erf_gelu_run_it_as_stock():
+    """The fused GELU is the tanh form FLUX builds; a block given the erf form computes that one."""
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.transformer_blocks[0].ff.net[0].approximate = "none"
+    model.single_transformer_blocks[0].act_mlp = torch.nn.GELU()
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    assert rel_l2(run(model, inputs), expected) < 1e-6
+    # the check above can fail: the tanh form (checked per call, so fused again) moves this output by ~9e-6
+    model.single_transformer_blocks[0].act_mlp.approximate = "tanh"
+    model.transformer_blocks[0].ff.net[0].approximate = "tanh"
+    assert rel_l2(run(model, inputs), expected) > 4e-6
+
+
+def test_subclasses_keep_their_own_forward():
+    """A FLUX block or adaLN norm subclass with its own forward is skipped (replacing it would drop that code), as in
+    the SANA family; a subclass without one is replaced like its class."""
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    def halving(cls):
+        def forward(self, *args, **kwargs):
+            out = cls.forward(self, *args, **kwargs)
+            return tuple(t / 2 for t in out) if isinstance(out, tuple) else out / 2
+        return type(f"Halving{cls.__name__}", (cls,), {"forward": forward})
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    model.transformer_blocks[0].__class__ = halving(FluxTransformerBlock)
+    model.single_transformer_blocks[0].norm.__class__ = halving(AdaLayerNormZeroSingle)
+    model.single_transformer_blocks[0].__class__ = type("PlainSubclass", (FluxSingleTransformerBlock,), {})
+    expected = run(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    report = dcgen_kernels.patch_report(model)
+    assert sorted(report.skipped) == [
+        ("single_transformer_blocks.0.norm", "flux", "HalvingAdaLayerNormZeroSingle overrides "
+                                                     "AdaLayerNormZeroSingle.forward"),
+        ("transformer_blocks.0", "flux", "HalvingFluxTransformerBlock overrides FluxTransformerBlock.forward")]
+    assert ("single_transformer_blocks.0", "flux", "PlainSubclass") in report.replaced
+    assert rel_l2(run(model, inputs), expected) < 1e-5
+
+
 def _affine_layer_norm() -> torch.nn.LayerNorm:
     norm = torch.nn.LayerNorm(128, eps=1e-6)
     with torch.no_grad():

@@ -311,13 +311,54 @@ def test_sana_report_unpatch_and_state_dict():
     assert not any("forward" in vars(m) or "_dcgen_latents" in vars(m) for m in model.modules())
 
 
-def test_sana_unsupported_embedder_is_skipped_with_reason():
-    model = tiny_sana_patched_latents(patch_size=1)
-    model.patch_embed.proj.padding = (1, 1)  # no longer a patch projection (the test only looks at the report)
+class _Conv2dSubclass(torch.nn.Conv2d):
+    pass
+
+
+def _swap_proj(model, conv_class, p):
+    """The patch embedding's projection as a `conv_class` p x p patch projection (its weights where p fits them)."""
+    proj = model.patch_embed.proj
+    conv = conv_class(proj.in_channels, proj.out_channels, p, stride=p)
+    if p == proj.kernel_size[0]:
+        conv.load_state_dict(proj.state_dict())
+    model.patch_embed.proj, model.patch_embed.patch_size = conv, p
+
+
+# (change, the skipped module, its reason, whether the model still runs as stock does after the change)
+SANA_UNSUPPORTED_IO = [
+    (lambda m: setattr(m.patch_embed.proj, "padding", (1, 1)), "patch_embed",
+     "its conv is not a p x p, stride p, unpadded, ungrouped patch projection", False),
+    (lambda m: setattr(m, "patch_embed", torch.nn.Sequential(m.patch_embed)), "patch_embed",
+     "patch_embed is Sequential, not diffusers' PatchEmbed", True),
+    (lambda m: _swap_proj(m, _Conv2dSubclass, 1), "patch_embed",
+     "its proj is _Conv2dSubclass, not a plain torch.nn.Conv2d", True),
+    (lambda m: setattr(m.patch_embed, "flatten", False), "patch_embed", "it does not flatten to tokens", False),
+    (lambda m: _swap_proj(m, torch.nn.Conv2d, 2), "patch_embed", "its patch size 2 differs from config.patch_size 1",
+     False),
+    (lambda m: setattr(m, "proj_out", torch.nn.Sequential(m.proj_out)), "proj_out",
+     "proj_out is Sequential, not a plain torch.nn.Linear", True),
+]
+
+
+@pytest.mark.parametrize("change,name,reason,runs", SANA_UNSUPPORTED_IO)
+def test_sana_unsupported_embedder_or_head_is_skipped_with_reason(change, name, reason, runs):
+    model, inputs = tiny_sana_patched_latents(patch_size=1), tiny_sana_inputs()
+    change(model)
+    with torch.no_grad():
+        expected = model(**inputs)[0] if runs else None
+        report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
+        assert (name, "latents", reason) in report.skipped
+        other = "proj_out" if name == "patch_embed" else "patch_embed"
+        assert (other, "latents", "Linear" if other == "proj_out" else "PatchEmbed") in report.replaced
+        if runs:
+            assert rel_l2(model(**inputs)[0], expected) < 1e-5
+
+
+def test_sana_head_not_unpackable_is_skipped_with_reason():
+    model = tiny_sana_patched_latents(patch_size=2)
+    model.proj_out = torch.nn.Linear(model.proj_out.in_features, 6)  # 6 features: not a multiple of 2 * 2
     report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
-    assert ("patch_embed", "latents", "its conv is not a p x p, stride p, unpadded, ungrouped patch projection") \
-        in report.skipped
-    assert ("proj_out", "latents", "Linear") in report.replaced
+    assert ("proj_out", "latents", "proj_out's 6 features are not a multiple of patch_size**2 = 4") in report.skipped
 
 
 def test_sana_patched_compiles_without_graph_breaks():

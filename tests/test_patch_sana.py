@@ -462,12 +462,16 @@ def test_cross_attention_output_of_a_wider_dtype_promotes_the_residual_as_stock(
     assert got.dtype == expected.dtype and rel_l2(got, expected) < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("norm_type", ["rms_norm", "batch_norm"])  # batch_norm: diffusers' default, NCHW
 @pytest.mark.parametrize("residual_connection", [False, True])
-def test_multiscale_attention_with_and_without_its_residual_matches_stock(residual_connection):
+def test_multiscale_attention_with_and_without_its_residual_matches_stock(residual_connection, norm_type):
     from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
 
-    attn = SanaMultiscaleLinearAttention(16, 16, attention_head_dim=8, norm_type="rms_norm", kernel_sizes=(5,),
+    attn = SanaMultiscaleLinearAttention(16, 16, attention_head_dim=8, norm_type=norm_type, kernel_sizes=(5,),
                                          residual_connection=residual_connection).eval()
+    if norm_type == "batch_norm":  # running statistics away from (0, 1), so that the norm's layout matters
+        attn.norm_out.running_mean.normal_()
+        attn.norm_out.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 16, 5, 7)
     with torch.no_grad():
         expected = attn(x)
@@ -573,6 +577,30 @@ def test_cross_attention_calls_in_other_forms_run_diffusers_processor(call):
         with pytest.warns(RuntimeWarning, match="SANA attention falls back to diffusers' processor"):
             got = model.transformer_blocks[0].attn2(x, encoder_hidden_states=caption, attention_mask=mask)
     assert got.shape == expected.shape and rel_l2(got, expected) < 1e-6
+
+
+def test_linear_self_attention_given_encoder_hidden_states_runs_diffusers_processor():
+    model = tiny_sana()
+    x, context = torch.randn(2, 42, 64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expected = model.transformer_blocks[0].attn1(x, encoder_hidden_states=context)
+        dcgen_kernels.patch(model, backend="reference")
+        with pytest.warns(RuntimeWarning, match="linear attention was given encoder_hidden_states"):
+            got = model.transformer_blocks[0].attn1(x, encoder_hidden_states=context)
+    assert got.shape == expected.shape and rel_l2(got, expected) < 1e-6
+
+
+def test_glumbconv_with_a_norm_type_stock_ignores_is_skipped():
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+
+    ff = GLUMBConv(16, 16, norm_type="layer_norm").eval()  # stock builds no norm for it, the fused forward neither
+    x = torch.randn(2, 16, 5, 7)
+    with torch.no_grad():
+        expected = ff(x)
+        with pytest.raises(ValueError, match=r"no supported module in GLUMBConv \(skipped: GLUMBConv \(the model\): "
+                                             r"norm_type 'layer_norm'\)"):
+            dcgen_kernels.patch(ff, backend="reference")
+        assert not dcgen_kernels.is_patched(ff) and torch.equal(ff(x), expected)
 
 
 def test_norm_out_broadcasts_a_batch_1_input_as_stock():

@@ -91,6 +91,8 @@ def test_cuda_kernel_math_on_host(dtype, D, with_weight, with_rope):
     (lambda x, w, c, s: qk_norm_rope(x[0], w, c, s), ValueError, "x must have 4 dimensions"),
     (lambda x, w, c, s: qk_norm_rope(x, w[:-1], c, s), ValueError, r"weight must have shape \(64,\)"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, None), ValueError, "cos and sin must be given together"),
+    (lambda x, w, c, s: qk_norm_rope(x[..., :63], w[:63], c[:, :63], s[:, :63]), ValueError,
+     r"RoPE rotates pairs: head_dim \(x.shape\[-1\]\) must be even, got 63"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c[:5], s[:5]), ValueError, "cos must have shape"),
     (lambda x, w, c, s: qk_norm_rope(x, w, c, s, rope_offset=-1), ValueError, "rope_offset"),
     # 19 table rows for S = 19 from offset 1: the last token would read past the table

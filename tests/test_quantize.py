@@ -292,6 +292,14 @@ def test_bad_quant_name_and_unsupported_model():
         dcgen_kernels.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)), quant="fp8")
     with pytest.raises(ValueError, match="no transformer-block nn.Linear"):
         dcgen_kernels.quantize(torch.nn.Sequential(), quant="nvfp4")  # no parameters at all
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module .a diffusers model., got dict"):
+        dcgen_kernels.quantize({}, quant="fp8")
+    with pytest.raises(ValueError, match="quant must be one of .*got None .use unpatch/restore"):
+        dcgen_kernels.quantize(model, quant=None)
+    dcae = tiny_dcae()  # patch() supports it, quantization does not: refused before anything is replaced
+    with pytest.raises(ValueError, match=r"patch\(quant='fp8'\) found no transformer-block nn.Linear in AutoencoderDC"):
+        dcgen_kernels.patch(dcae, quant="fp8")
+    assert not dcgen_kernels.is_patched(dcae)
 
 
 @pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
@@ -536,6 +544,35 @@ def test_sana_fp8_close_to_stock_fused_inputs_and_exact_unpatch(monkeypatch):
     restored = model.state_dict()
     assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
     assert torch.equal(_run(model, inputs), stock)
+
+
+def test_sana_unfused_mix_ffn_hands_fp8_rows_to_an_fp8_successor(monkeypatch):
+    """A block whose Mix-FFN runs diffusers' code (here: another activation) still fuses its residual with the
+    successor's norm1; with the successor's Q/K/V in FP8 that pass writes the FP8 rows they read."""
+    from dcgen_kernels.patching import sana
+
+    model, inputs = tiny_sana(), tiny_sana_inputs()
+    model.transformer_blocks[0].ff.nonlinearity = torch.nn.GELU()
+    dcgen_kernels.quantize(model, quant="fp8", backend="reference")
+    quantized_stock = _run(model, inputs)
+    dcgen_kernels.patch(model, quant="fp8", backend="reference")
+    own_norm1, fp8_sums = [], []
+    norm1, fused = sana._norm1, sana.gated_residual_ada_layer_norm_modulate_fp8
+    monkeypatch.setattr(sana, "_norm1", lambda block, *args: own_norm1.append(block) or norm1(block, *args))
+    monkeypatch.setattr(sana, "gated_residual_ada_layer_norm_modulate_fp8",
+                        lambda *args, **kwargs: fp8_sums.append(kwargs["eps"]) or fused(*args, **kwargs))
+    seen = []
+    original = FP8Linear.forward
+    monkeypatch.setattr(FP8Linear, "forward", lambda self, x, **kwargs: seen.append(
+        (self, isinstance(x, FP8Activation))) or original(self, x, **kwargs))
+    with pytest.warns(RuntimeWarning, match="nonlinearity is torch.nn.modules.activation.GELU, not torch.nn.SiLU"):
+        got = _run(model, inputs)
+    assert rel_l2(got, quantized_stock) < 1e-5
+    second = model.transformer_blocks[1].attn1
+    assert {fp8 for layer, fp8 in seen if layer in (second.to_q, second.to_k, second.to_v)} == {True}
+    # Only the first block normalises its own input; FP8 sums: block 0's hand-over and block 1's norm2 for its FP8
+    # Mix-FFN (block 0's norm2 feeds diffusers' Mix-FFN: 16-bit).
+    assert own_norm1 == [model.transformer_blocks[0]] and len(fp8_sums) == 2
 
 
 @pytest.mark.parametrize("quant", ["fp8", "nvfp4"])

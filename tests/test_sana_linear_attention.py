@@ -97,7 +97,7 @@ def test_triton_matches_reference(dtype, D):
     q, k, v = make_inputs(D=D, dtype=dtype)
     wide = torch.full((2, 37, 2 * 3 * D), float("nan"), dtype=dtype)
     out = wide[..., :3 * D]  # a strided output: the kernel must write every element and nothing else
-    sana_linear_attention_into(q, k, v, 3, 1e-15, out, "triton")
+    sana_linear_attention_into(q, k, v, 3, 1e-15, out)
     assert rel_l2(out, sana_linear_attention_reference(q, k, v, 3)) <= max(TOLERANCE[dtype], 1e-6)
     assert wide[..., 3 * D:].isnan().all()
 
@@ -107,7 +107,7 @@ def test_triton_matches_reference(dtype, D):
 def test_multiscale_triton_matches_reference(dtype, D):
     q, k, v = make_multiscale_inputs(D=D, dtype=dtype)
     out = torch.full(q.shape, float("nan"), dtype=dtype)
-    sana_multiscale_linear_attention_into(q, k, v, 1e-15, out, "triton")
+    sana_multiscale_linear_attention_into(q, k, v, 1e-15, out)
     assert rel_l2(out, sana_multiscale_linear_attention_reference(q, k, v)) <= max(TOLERANCE[dtype], 1e-6)
 
 
@@ -442,7 +442,7 @@ def test_gpu_sana_shapes(N, dtype):
     """SANA-1.6B self-attention: 70 heads × 32 at 1K/2K latents (32², 64²... tokens 4096, 16384)."""
     q, k, v = make_inputs(B=1, N=N, H=70, D=32, dtype=dtype, device="cuda")
     out = torch.full((1, N, 2240), float("nan"), dtype=dtype, device="cuda")
-    sana_linear_attention_into(q, k, v, 70, 1e-15, out, "triton")
+    sana_linear_attention_into(q, k, v, 70, 1e-15, out)
     assert rel_l2(out, sana_linear_attention_reference(q, k, v, 70)) <= TOLERANCE[dtype] / 2
     again = sana_linear_attention(q, k, v, 70, backend="triton")
     assert torch.equal(out, again)  # fixed-order reduction: bitwise deterministic
@@ -507,5 +507,5 @@ def test_gpu_dc_ae_shapes(heads, N, dtype):
     """DC-AE f32c32 decoder at 4096²: 1024 ch at 128² (2 × 32 heads × 32), 512 ch at 256² (2 × 16 heads)."""
     q, k, v = make_multiscale_inputs(B=1, heads=heads, D=32, N=N, dtype=dtype, device="cuda")
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
-    sana_multiscale_linear_attention_into(q, k, v, 1e-15, out, "triton")
+    sana_multiscale_linear_attention_into(q, k, v, 1e-15, out)
     assert rel_l2(out, sana_multiscale_linear_attention_reference(q, k, v)) <= max(TOLERANCE[dtype] / 2, 1e-6)

@@ -188,6 +188,11 @@ def test_bad_arguments_raise_clear_errors():
         SVDQuantLinear.from_linear(torch.nn.Conv1d(3, 3, 1))
     with pytest.raises(ValueError, match="x must have last dimension"):
         SVDQuantLinear.from_linear(lin, rank=4, backend="reference")(torch.randn(2, 65))
+    for features in ((0, 4), (4, True), (4.0, 4)):
+        with pytest.raises(ValueError, match="(in|out)_features must be a positive int"):
+            SVDQuantLinear(*features, rank=0)
+    with pytest.raises(TypeError, match="dtype must be one of .*got torch.int8"):
+        SVDQuantLinear(4, 4, rank=0, dtype=torch.int8)
 
 
 @pytest.mark.parametrize("activations", ["nvfp4", "bf16"])

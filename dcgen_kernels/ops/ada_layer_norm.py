@@ -207,22 +207,16 @@ def select_gated_backend(residual: torch.Tensor, backend: str) -> str:
     )
 
 
-def ada_layer_norm_modulate_into(x, scale, shift, norm_weight, norm_bias, eps, out, backend: str) -> None:
-    """Write the modulated LayerNorm of `x` into `out` ((B, N, C), channel stride 1) with a chosen backend."""
-    if backend == "triton":
-        if x.numel():
-            _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out)
-    else:
-        out.copy_(ada_layer_norm_modulate_reference(x, scale, shift, norm_weight, norm_bias, eps))
+def ada_layer_norm_modulate_into(x, scale, shift, norm_weight, norm_bias, eps, out) -> None:
+    """Write the modulated LayerNorm of `x` into `out` ((B, N, C), channel stride 1) with the Triton kernel."""
+    if x.numel():
+        _launch_modulate_triton(x, scale, shift, norm_weight, norm_bias, eps, out)
 
 
-def gated_residual_into(residual, gate, x, out, backend: str) -> None:
-    """Write residual + gate * x into `out` ((B, N, C), channel stride 1) with a chosen backend."""
-    if backend == "triton":
-        if residual.numel():
-            _launch_gated_triton(residual, gate, x, out)
-    else:
-        out.copy_(gated_residual_reference(residual, gate, x))
+def gated_residual_into(residual, gate, x, out) -> None:
+    """Write residual + gate * x into `out` ((B, N, C), channel stride 1) with the Triton kernel."""
+    if residual.numel():
+        _launch_gated_triton(residual, gate, x, out)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -235,7 +229,7 @@ def _ada_layer_norm_modulate_op(
     if chosen == "reference":
         return ada_layer_norm_modulate_reference(x, scale, shift, norm_weight, norm_bias, eps)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ada_layer_norm_modulate_into(x, scale, shift, norm_weight, norm_bias, eps, out, chosen)
+    ada_layer_norm_modulate_into(x, scale, shift, norm_weight, norm_bias, eps, out)
     return out
 
 
@@ -274,7 +268,7 @@ def _gated_residual_op(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tens
     if chosen == "reference":  # contiguous like the kernel's output and the fake (inputs may be permuted)
         return gated_residual_reference(residual, gate, x).contiguous()
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    gated_residual_into(residual, gate, x, out, chosen)
+    gated_residual_into(residual, gate, x, out)
     return out
 
 

@@ -314,6 +314,7 @@ _INTERPRETER_NARROW_MAX_ROWS = 16
 
 
 def _launch_embed_triton(latent, weight, bias, patch_size, out) -> None:
+    """Write patch_embed's tokens into `out` (B, N, D), last dim contiguous."""
     if not out.numel():  # e.g. a zero-width latent: no tokens to write (a TMA descriptor cannot have zero extents)
         return
     B, C, h, w = latent.shape
@@ -441,6 +442,7 @@ def _unembed_split_plan(B, grid_h, grid_w, n_rows, dim, block_r, p, sms):
 
 
 def _launch_unembed_triton(tokens, weight, bias, patch_size, out) -> None:
+    """Write patch_unembed's latent into `out` (B, C, h, w), any strides."""
     from ..triton_kernels.patch_embed import patch_unembed_kernel
 
     if weight.stride(1) != 1:
@@ -518,22 +520,6 @@ def _unembed_output(tokens: torch.Tensor, channels: int, patch_size: int, height
     if patch_size == 1:
         return tokens.new_empty(B, height, width, channels).permute(0, 3, 1, 2)
     return tokens.new_empty(B, channels, height, width)
-
-
-def patch_embed_into(latent, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
-    """Write patch_embed's tokens into `out` (B, N, D), last dim contiguous: the Triton kernel, else the reference."""
-    if backend == "triton":
-        _launch_embed_triton(latent, weight, bias, patch_size, out)
-    else:
-        out.copy_(patch_embed_reference(latent, weight, bias, patch_size))
-
-
-def patch_unembed_into(tokens, weight, bias, patch_size: int, out: torch.Tensor, backend: str) -> None:
-    """Write patch_unembed's latent into `out` (B, C, h, w), any strides: the Triton kernel, else the reference."""
-    if backend == "triton":
-        _launch_unembed_triton(tokens, weight, bias, patch_size, out)
-    else:
-        out.copy_(patch_unembed_reference(tokens, weight, bias, patch_size, out.shape[2], out.shape[3]))
 
 
 # ----------------------------------------------------------------------------------------------- custom ops

@@ -129,13 +129,10 @@ def select_backend(x: torch.Tensor, backend: str) -> str:
 
 
 def qk_norm_rope_into(x, weight, cos, sin, eps, rope_offset, out, backend: str) -> None:
-    """Write the normalised, rotated `x` into `out` (any strides, last dim contiguous) with a chosen backend."""
-    if backend == "cuda":
-        _launch_cuda(x, weight, cos, sin, eps, rope_offset, out)
-    elif backend == "triton":
-        _launch_triton(x, weight, cos, sin, eps, rope_offset, out)
-    else:
-        out.copy_(qk_norm_rope_reference(x, weight, cos, sin, eps, rope_offset))
+    """Write the normalised, rotated `x` into `out` (any strides, last dim contiguous) with a kernel backend:
+    "cuda" or "triton"."""
+    launch = _launch_cuda if backend == "cuda" else _launch_triton
+    launch(x, weight, cos, sin, eps, rope_offset, out)
 
 
 # ----------------------------------------------------------------------------------------------- custom op

@@ -244,20 +244,14 @@ def select_backend(q: torch.Tensor, head_dim: int, backend: str) -> str:
     )
 
 
-def sana_linear_attention_into(q, k, v, heads: int, eps: float, out, backend: str) -> None:
-    """Write the token-major op into `out` (B, N, heads*D), any strides with the last dim contiguous."""
-    if backend == "triton":
-        _launch_triton(_by_head(q, heads), _by_head(k, heads), _by_head(v, heads), eps, _by_head(out, heads))
-    else:
-        out.copy_(sana_linear_attention_reference(q, k, v, heads, eps))
+def sana_linear_attention_into(q, k, v, heads: int, eps: float, out) -> None:
+    """Write the token-major op into `out` (B, N, heads*D), any strides with the last dim contiguous (Triton)."""
+    _launch_triton(_by_head(q, heads), _by_head(k, heads), _by_head(v, heads), eps, _by_head(out, heads))
 
 
-def sana_multiscale_linear_attention_into(q, k, v, eps: float, out, backend: str) -> None:
-    """Write the channel-first op into `out` (B, heads, D, N), any strides."""
-    if backend == "triton":
-        _launch_triton(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), eps, out.transpose(2, 3))
-    else:
-        out.copy_(sana_multiscale_linear_attention_reference(q, k, v, eps))
+def sana_multiscale_linear_attention_into(q, k, v, eps: float, out) -> None:
+    """Write the channel-first op into `out` (B, heads, D, N), any strides (Triton)."""
+    _launch_triton(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), eps, out.transpose(2, 3))
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -269,7 +263,7 @@ def _sana_linear_attention_op(
     if chosen == "reference":
         return sana_linear_attention_reference(q, k, v, heads, eps)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    sana_linear_attention_into(q, k, v, heads, eps, out, chosen)
+    sana_linear_attention_into(q, k, v, heads, eps, out)
     return out
 
 
@@ -289,7 +283,7 @@ def _sana_multiscale_linear_attention_op(
     if chosen == "reference":
         return sana_multiscale_linear_attention_reference(q, k, v, eps)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    sana_multiscale_linear_attention_into(q, k, v, eps, out, chosen)
+    sana_multiscale_linear_attention_into(q, k, v, eps, out)
     return out
 
 

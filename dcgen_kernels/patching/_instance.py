@@ -114,6 +114,30 @@ def not_plain(modules: dict, cls: type) -> Optional[str]:
     return None
 
 
+def overridden_forward(module: torch.nn.Module, cls: type) -> Optional[str]:
+    """Why a module of a subclass of `cls` is not replaced: a forward of its own (replacing it would drop that
+    code), else None."""
+    if type(module).forward is not cls.forward:
+        return f"{type(module).__name__} overrides {cls.__name__}.forward"
+    return None
+
+
+def replace_unless_skipped(module: torch.nn.Module, forward, reason: Optional[str], backend: str) -> tuple:
+    """(class name, reason) for the patch report; the forward is replaced when there is no reason to skip."""
+    if reason is None:
+        replace_forward(module, forward, backend)
+    return type(module).__name__, reason
+
+
+def class_rule(module: torch.nn.Module, rules: dict):
+    """(cls, rule) of the first class in `rules` ({diffusers class: rule}) that `module` is an instance of, else
+    None: a subclass is handled as its class (unless it overrides forward: `overridden_forward`)."""
+    for cls, rule in rules.items():
+        if isinstance(module, cls):
+            return cls, rule
+    return None
+
+
 def qualified_type(module: torch.nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 

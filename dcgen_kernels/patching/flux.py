@@ -25,9 +25,9 @@ from ..ops.flux_attention import flux_attention
 from ..ops.fp8_linear import quantize_fp8
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, separate
-from ._instance import (backend_of, hooked_submodule, not_plain, once, precomputed_call_signature,
-                        replace_forward, restore_forward, stock_processor_for_other_dtypes, stock_when_unfusable,
-                        with_unit_channel_stride)
+from ._instance import (backend_of, class_rule, hooked_submodule, not_plain, once, overridden_forward,
+                        precomputed_call_signature, replace_unless_skipped, restore_forward,
+                        stock_processor_for_other_dtypes, stock_when_unfusable, with_unit_channel_stride)
 
 FAMILY = "flux"
 SUPPORTED = ("FluxTransformer2DModel: FluxAttention with FluxAttnProcessor, AdaLayerNormZero/ZeroSingle/Continuous, "
@@ -293,10 +293,8 @@ def _ada_zero_chunks(norm, temb):
     return emb.chunk(6, dim=1)
 
 
-def _modulate_for(consumers_fp8: bool, x, scale, shift, eps, backend):
-    if consumers_fp8:
-        return ada_layer_norm_modulate_fp8(x, scale, shift, eps=eps, backend=_quantize_backend(backend))
-    return ada_layer_norm_modulate(x, scale, shift, eps=eps, backend=backend)
+def _modulate_fp8(x, scale, shift, eps, backend):
+    return ada_layer_norm_modulate_fp8(x, scale, shift, eps=eps, backend=_quantize_backend(backend))
 
 
 def _gated_residual_modulate_for(consumers_fp8: bool, residual, gate, x, scale, shift, eps, backend):
@@ -357,9 +355,9 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero_chunks(self.norm1, temb)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_zero_chunks(
             self.norm1_context, temb)
-        norm_hidden = _modulate_for(True, hidden_states, scale_msa, shift_msa, self.norm1.norm.eps, backend)
-        norm_context = _modulate_for(True, encoder_hidden_states, c_scale_msa, c_shift_msa,
-                                     self.norm1_context.norm.eps, backend)
+        norm_hidden = _modulate_fp8(hidden_states, scale_msa, shift_msa, self.norm1.norm.eps, backend)
+        norm_context = _modulate_fp8(encoder_hidden_states, c_scale_msa, c_shift_msa, self.norm1_context.norm.eps,
+                                     backend)
     else:
         norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
         norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states,
@@ -430,7 +428,7 @@ def _flux_single_block_forward(self, hidden_states, encoder_hidden_states, temb,
         # One FP8 quantization of the normed rows serves Q, K, V and the MLP; GELU and the [attention, MLP] concat
         # happen inside the pass that quantizes proj_out's input; proj_out adds residual + gate * y itself.
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
-        norm_hidden = _modulate_for(True, residual, scale, shift, self.norm.norm.eps, backend)
+        norm_hidden = _modulate_fp8(residual, scale, shift, self.norm.norm.eps, backend)
         mlp_pre = self.proj_mlp(norm_hidden)
         attn_output = self.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb,
                                 **(joint_attention_kwargs or {}))
@@ -471,16 +469,16 @@ def _norm_classes() -> dict:
 # ----------------------------------------------------------------------------------------------- entry points
 def patch_module(module: torch.nn.Module, backend: str):
     """(replaced class name, reason it was skipped or None) for a module this family handles, else None."""
-    norm_rule = _norm_classes().get(type(module))
-    if norm_rule is not None:
-        forward, reason = norm_rule[0], _norm_skip_reason(module, norm_rule[1])
-    else:
-        forward = _block_classes().get(type(module))
-        reason = _block_skip_reason(module) if forward is not None else None
-    if forward is not None:
-        if reason is None:
-            replace_forward(module, forward, backend)
-        return type(module).__name__, reason
+    rule = class_rule(module, _norm_classes())
+    if rule is not None:
+        cls, (forward, takes_affine) = rule
+        reason = overridden_forward(module, cls) or _norm_skip_reason(module, takes_affine)
+        return replace_unless_skipped(module, forward, reason, backend)
+    rule = class_rule(module, _block_classes())
+    if rule is not None:
+        cls, forward = rule
+        return replace_unless_skipped(module, forward, overridden_forward(module, cls) or _block_skip_reason(module),
+                                      backend)
     classes = _flux_classes()
     if classes is None or not isinstance(module, classes[0]):
         return None

@@ -39,8 +39,8 @@ from ..ops.key_padding_attention import (SANA_MASK_BIAS, captured_with, graph_pl
 from ..ops.sana_linear_attention import sana_linear_attention, sana_multiscale_linear_attention
 from ..quant.fp8 import FP8Linear
 from ._fused_projections import place_side_by_side, project, project_concatenated, separate
-from ._instance import (backend_of, not_plain, once, precomputed_call_signature, qualified_type,
-                        replace_forward, restore_forward, runs_own_forward, stock_processor_for_other_dtypes,
+from ._instance import (backend_of, not_plain, once, overridden_forward, precomputed_call_signature, qualified_type,
+                        replace_unless_skipped, restore_forward, runs_own_forward, stock_processor_for_other_dtypes,
                         stock_when_unfusable, warn_unfused, with_unit_channel_stride)
 from .quant import QuantizedPointwiseConv
 
@@ -221,7 +221,7 @@ def _glumbconv_tokens(ff, tokens, height, width, backend):
 def _mix_ffn_unfused_reason(ff) -> Optional[str]:
     """Why the fused Mix-FFN cannot read its convs' weights or stand for its SiLU on this call (see `not_plain`), or
     stand for its forward (a subclass's own), or None."""
-    reason = _overridden_forward(ff, _classes()["GLUMBConv"])
+    reason = overridden_forward(ff, _classes()["GLUMBConv"])
     if reason is not None:
         return reason
     children = ff._modules  # per call: the dict is ~15x faster than attribute lookups of submodules
@@ -492,8 +492,8 @@ def patch_module(module: torch.nn.Module, backend: str):
                                        ("SanaModulatedNorm", _modulated_norm_forward, _modulated_norm_skip_reason),
                                        ("GLUMBConv", _glumbconv_forward, _glumbconv_skip_reason)):
         if isinstance(module, classes[name]):
-            return _replace(module, forward, _overridden_forward(module, classes[name]) or skip_reason(module),
-                            backend)
+            return replace_unless_skipped(module, forward,
+                                          overridden_forward(module, classes[name]) or skip_reason(module), backend)
     if isinstance(module, (classes["Attention"], classes["SanaMultiscaleLinearAttention"])):
         processor = getattr(module, "processor", None)
         if isinstance(processor, _OURS):
@@ -529,19 +529,6 @@ def _set_processor(module, processor) -> None:
         module.set_processor(processor)
     else:
         module.processor = processor
-
-
-def _overridden_forward(module, cls) -> Optional[str]:
-    """A subclass with a forward of its own: replacing it would drop that code."""
-    if type(module).forward is not cls.forward:
-        return f"{type(module).__name__} overrides {cls.__name__}.forward"
-    return None
-
-
-def _replace(module, forward, reason, backend):
-    if reason is None:
-        replace_forward(module, forward, backend)
-    return type(module).__name__, reason
 
 
 def unpatch_module(module: torch.nn.Module) -> bool:

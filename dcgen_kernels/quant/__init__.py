@@ -4,14 +4,6 @@ whole-model quantization (`dcgen_kernels.quantize`, patching/quant.py) and safet
 
 from .fp8 import FP8Activation, FP8Linear
 from .save import load_quantized, save_quantized
+from .svdquant import SVDQuantLinear
 
 __all__ = ["FP8Activation", "FP8Linear", "load_quantized", "save_quantized", "SVDQuantLinear"]
-
-
-def __getattr__(name):
-    # svdquant.py is written separately (NVFP4); import it on first use so FP8 works without it.
-    if name == "SVDQuantLinear":
-        from .svdquant import SVDQuantLinear
-
-        return SVDQuantLinear
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
