@@ -534,6 +534,11 @@ def test_fp8_linear_from_linear_takes_only_nn_linear():
 
     with pytest.raises(TypeError, match="linear must be a torch.nn.Linear, got Conv1d"):
         FP8Linear.from_linear(torch.nn.Conv1d(4, 4, 1))
+    broken = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        broken.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"linear.weight holds non-finite values \(inf / NaN\)"):
+        FP8Linear.from_linear(broken)
 
 
 @pytest.mark.parametrize("x", [torch.randn(3, 48), torch.tensor(1.0), "x"], ids=["other_K", "0-dim", "str"])

@@ -270,6 +270,47 @@ def test_patch_checks_the_quantization_arguments_before_replacing_anything(kwarg
     assert not dcgen_kernels.is_patched(model) and quant_report(model) is None
 
 
+@pytest.mark.parametrize("call", ["quantize", "patch"])
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_non_finite_weights_are_refused_before_any_layer_is_replaced(quant, call):
+    model = tiny_flux()
+    with torch.no_grad():
+        model.single_transformer_blocks[0].proj_mlp.weight[3, 5] = float("nan")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    with pytest.raises(ValueError, match=r"single_transformer_blocks.0.proj_mlp.weight holds non-finite values"):
+        getattr(dcgen_kernels, call)(model, quant=quant, backend="reference")
+    assert all(model.get_submodule(name) is m for name, m in layers.items())
+    assert quant_report(model) is None and not dcgen_kernels.is_patched(model)
+    assert not any("forward" in vars(m) for m in model.modules())  # patch() put the forwards it replaced back
+    assert all(type(m.processor).__name__ == "FluxAttnProcessor" for m in model.modules() if hasattr(m, "processor"))
+    torch.testing.assert_close(dict(model.state_dict()), state, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_quantization_failing_midway_puts_the_replaced_layers_back(monkeypatch):
+    from dcgen_kernels.patching import quant as quant_module
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    expected = _run(model, inputs)
+    layers = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    quantize_layer, calls = quant_module._quantized_module, []
+
+    def out_of_memory_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return quantize_layer(*args, **kwargs)
+
+    monkeypatch.setattr(quant_module, "_quantized_module", out_of_memory_at_the_third)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        dcgen_kernels.quantize(model, quant="fp8", backend="reference")
+    assert all(model.get_submodule(name) is m for name, m in layers.items()) and quant_report(model) is None
+    assert torch.equal(_run(model, inputs), expected)
+    monkeypatch.setattr(quant_module, "_quantized_module", quantize_layer)
+    dcgen_kernels.quantize(model, quant="fp8", backend="reference")  # and it can be quantized afterwards
+    assert quant_report(model).quant == "fp8"
+
+
 def test_repatch_same_quant_is_idempotent_and_switches_backend():
     model = tiny_flux()
     dcgen_kernels.patch(model, quant="fp8", backend="reference")

@@ -193,6 +193,12 @@ def test_bad_arguments_raise_clear_errors():
             SVDQuantLinear(*features, rank=0)
     with pytest.raises(TypeError, match="dtype must be one of .*got torch.int8"):
         SVDQuantLinear(4, 4, rank=0, dtype=torch.int8)
+    broken = linear(16, 8)
+    with torch.no_grad():
+        broken.weight[1, 2] = float("inf")
+    for rank in (0, 4):  # at rank 4 the SVD itself would fail; at rank 0 the residual would carry the inf
+        with pytest.raises(ValueError, match=r"linear.weight holds non-finite values \(inf / NaN\)"):
+            SVDQuantLinear.from_linear(broken, rank=rank)
 
 
 @pytest.mark.parametrize("activations", ["nvfp4", "bf16"])

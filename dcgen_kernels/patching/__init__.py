@@ -101,6 +101,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
             raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "
                              f"{type(model).__name__}; quantization supports FLUX and SANA transformers")
         _quant.check_no_adapters(model)
+    was_patched = is_patched(model)
     _cuda_graph.disable(model)  # graphs captured before may launch modules replaced below
     report = PatchReport(model=type(model).__name__, backend=backend, cuda_graph=cuda_graph)
     for name, module in model.named_modules():
@@ -120,8 +121,13 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         raise ValueError(f"dcgen_kernels.patch found no supported module in {type(model).__name__}{detail}. "
                          f"Supported: {_supported_text()}")
     if quant is not None:
-        _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank,
-                        nvfp4_activations=nvfp4_activations)
+        try:
+            _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank,
+                            nvfp4_activations=nvfp4_activations)
+        except BaseException:  # e.g. a weight holding NaN: quantize put its layers back, and the forwards go back too
+            if not was_patched:
+                _unpatch_modules(model)
+            raise
     report.quantization = _quant.quant_report(model)
     if cuda_graph:
         _cuda_graph.enable(model, plan_inputs=sana.cuda_graph_plan_inputs(model))
@@ -139,13 +145,17 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     _check_model(model)
     _quant.restore(model)
     _cuda_graph.disable(model)
+    _unpatch_modules(model)
+    if hasattr(model, _REPORT_ATTR):
+        delattr(model, _REPORT_ATTR)
+    return model
+
+
+def _unpatch_modules(model: torch.nn.Module) -> None:
     for module in model.modules():
         for family in _FAMILIES:
             if family.unpatch_module(module):
                 break
-    if hasattr(model, _REPORT_ATTR):
-        delattr(model, _REPORT_ATTR)
-    return model
 
 
 def is_patched(model: torch.nn.Module) -> bool:

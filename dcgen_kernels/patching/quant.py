@@ -22,6 +22,7 @@ import torch
 
 from .. import _backend
 from ..ops._common import FLOAT_DTYPES
+from ..quant._storage import check_finite_weight
 
 QUANT_CHOICES = ("fp8", "nvfp4")
 _ORIGINALS_ATTR = "_dcgen_quant_originals"
@@ -335,16 +336,24 @@ def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: boo
     report = QuantReport(quant=quant, keep_original=keep_original, rank=rank if quant == "nvfp4" else 0,
                          activations=activations if quant == "nvfp4" else "fp8",
                          weight_bytes_before=weight_bytes(model))
+    if not empty:  # every layer before the first is replaced, each named
+        for name, *_, layer in linears:
+            check_finite_weight(layer, name)
     originals = {}
-    for name, parent, attr, layer in linears:
-        quantized = _quantized_module(layer, quant, backend, rank, activations, empty)
-        setattr(parent, attr, quantized)
-        if keep_original:
-            originals[name] = (layer, _codes_checksum(quantized))
-        if isinstance(quantized, QuantizedPointwiseConv):
-            report.pointwise_convs += 1
-            quantized = quantized.linear
-        report.layers.append((name, quantized.in_features, quantized.out_features, type(quantized).__name__))
+    try:
+        for name, parent, attr, layer in linears:
+            quantized = _quantized_module(layer, quant, backend, rank, activations, empty)
+            setattr(parent, attr, quantized)
+            if keep_original:
+                originals[name] = (layer, _codes_checksum(quantized))
+            if isinstance(quantized, QuantizedPointwiseConv):
+                report.pointwise_convs += 1
+                quantized = quantized.linear
+            report.layers.append((name, quantized.in_features, quantized.out_features, type(quantized).__name__))
+    except BaseException:  # e.g. out of memory: the layers replaced so far go back (`linears` still holds them)
+        for _, parent, attr, layer in linears:
+            setattr(parent, attr, layer)
+        raise
     report.weight_bytes_after = weight_bytes(model)
     if keep_original:
         model.__dict__[_ORIGINALS_ATTR] = originals  # off the module tree: not in state_dict, .to() or memory

@@ -1,4 +1,4 @@
-"""Quantized storage that model-wide dtype casts leave alone."""
+"""Quantized storage that model-wide dtype casts leave alone, and the weights it can be made from."""
 
 import torch
 
@@ -25,3 +25,12 @@ class KeepsQuantizedDtypes(torch.nn.Module):
             return out.view(t.dtype) if bits is not t else out
 
         return super()._apply(apply, recurse)
+
+
+def check_finite_weight(layer: torch.nn.Module, name: str = "linear") -> None:
+    """Refuse a weight holding inf / NaN (a corrupt checkpoint, an overflowed update): it has no quantization (an SVD
+    of it fails, an FP8 row scale of inf zeroes its row)."""
+    weight = layer.weight
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}.weight holds non-finite values (inf / NaN) and cannot be quantized; check the "
+                         f"checkpoint it was loaded from")

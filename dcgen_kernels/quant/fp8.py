@@ -16,7 +16,7 @@ import torch
 from .. import _backend
 from ..ops._common import FLOAT_DTYPES, autocast_dtype
 from ..ops.fp8_linear import FP8_DTYPE, FP8Activation, dequantize_fp8, fp8_linear, quantize_weight_fp8
-from ._storage import KeepsQuantizedDtypes
+from ._storage import KeepsQuantizedDtypes, check_finite_weight
 
 __all__ = ["FP8Linear", "FP8Activation"]
 
@@ -47,6 +47,7 @@ class FP8Linear(KeepsQuantizedDtypes):
         """Quantize `linear`'s weight per output channel (amax / 448); the bias keeps the linear's dtype."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        check_finite_weight(linear)
         weight = linear.weight
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=weight.dtype,
                      device=weight.device, backend=backend)
