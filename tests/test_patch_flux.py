@@ -91,6 +91,25 @@ def test_patch_is_idempotent_and_unpatch_restores_the_original_processors():
         dcgen_kernels.patch_report(model)
 
 
+def test_patch_failing_part_way_leaves_the_model_as_it_was(monkeypatch):
+    from dcgen_kernels.patching import flux
+
+    model = tiny_flux()
+    processors = {name: p for name, p in model.attn_processors.items()}
+    patch_module = flux.patch_module
+
+    def fails_at_the_single_block(module, backend):
+        if type(module).__name__ == "FluxSingleTransformerBlock":
+            raise RuntimeError("cannot patch this one")
+        return patch_module(module, backend)
+
+    monkeypatch.setattr(flux, "patch_module", fails_at_the_single_block)
+    with pytest.raises(RuntimeError, match="cannot patch this one"):
+        dcgen_kernels.patch(model, backend="reference")
+    assert not dcgen_kernels.is_patched(model) and not any("forward" in vars(m) for m in model.modules())
+    assert model.attn_processors == processors
+
+
 def test_patch_leaves_parameters_and_state_dict_untouched():
     model = tiny_flux()
     before = {k: v.clone() for k, v in model.state_dict().items()}

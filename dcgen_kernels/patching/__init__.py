@@ -104,6 +104,24 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
     was_patched = is_patched(model)
     _cuda_graph.disable(model)  # graphs captured before may launch modules replaced below
     report = PatchReport(model=type(model).__name__, backend=backend, cuda_graph=cuda_graph)
+    try:
+        _patch_modules(model, backend, report)
+        if quant is not None:
+            _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank,
+                            nvfp4_activations=nvfp4_activations)
+    except BaseException:  # e.g. a weight holding NaN (quantize puts its own layers back): the forwards go back too
+        if not was_patched:
+            _unpatch_modules(model)
+        raise
+    report.quantization = _quant.quant_report(model)
+    if cuda_graph:
+        _cuda_graph.enable(model, plan_inputs=sana.cuda_graph_plan_inputs(model))
+    setattr(model, _REPORT_ATTR, report)
+    logger.info("%s", report)
+    return model
+
+
+def _patch_modules(model: torch.nn.Module, backend: str, report: PatchReport) -> None:
     for name, module in model.named_modules():
         for family in _FAMILIES:
             result = family.patch_module(module, backend)
@@ -120,20 +138,6 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         detail = f" (skipped: {skipped})" if skipped else ""
         raise ValueError(f"dcgen_kernels.patch found no supported module in {type(model).__name__}{detail}. "
                          f"Supported: {_supported_text()}")
-    if quant is not None:
-        try:
-            _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank,
-                            nvfp4_activations=nvfp4_activations)
-        except BaseException:  # e.g. a weight holding NaN: quantize put its layers back, and the forwards go back too
-            if not was_patched:
-                _unpatch_modules(model)
-            raise
-    report.quantization = _quant.quant_report(model)
-    if cuda_graph:
-        _cuda_graph.enable(model, plan_inputs=sana.cuda_graph_plan_inputs(model))
-    setattr(model, _REPORT_ATTR, report)
-    logger.info("%s", report)
-    return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
