@@ -654,6 +654,10 @@ def test_sana_quantize_alone_stock_forward_and_save_load_bit_exact(quant, tmp_pa
         assert saved[k].dtype == loaded[k].dtype, k
         assert torch.equal(saved[k].reshape(-1).view(torch.uint8), loaded[k].reshape(-1).view(torch.uint8)), k
     assert torch.equal(_run(fresh, inputs), expected)
+    conv = fresh.transformer_blocks[0].ff.conv_point  # a 1x1 conv's backend is its quantized linear's
+    assert conv.backend == conv.linear.backend == "reference"
+    conv.backend = "triton"
+    assert conv.linear.backend == "triton"
 
 
 def test_dcae_glumbconvs_stay_16_bit():
