@@ -287,6 +287,18 @@ def test_non_finite_weights_are_refused_before_any_layer_is_replaced(quant, call
     torch.testing.assert_close(dict(model.state_dict()), state, rtol=0, atol=0, equal_nan=True)
 
 
+def test_non_finite_weights_leave_an_earlier_patch_as_it_was():
+    model = tiny_flux()
+    dcgen_kernels.patch(model, backend="reference")
+    report, state = dcgen_kernels.patch_report(model), {id(m): dict(vars(m)) for m in model.modules()}
+    with torch.no_grad():
+        model.transformer_blocks[0].attn.to_k.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"transformer_blocks.0.attn.to_k.weight holds non-finite values"):
+        dcgen_kernels.patch(model, backend="triton", quant="fp8")
+    assert dcgen_kernels.patch_report(model) is report and quant_report(model) is None
+    assert {id(m): dict(vars(m)) for m in model.modules()} == state  # the forwards keep their backend
+
+
 def test_a_quantization_failing_midway_puts_the_replaced_layers_back(monkeypatch):
     from dcgen_kernels.patching import quant as quant_module
 
@@ -309,6 +321,32 @@ def test_a_quantization_failing_midway_puts_the_replaced_layers_back(monkeypatch
     monkeypatch.setattr(quant_module, "_quantized_module", quantize_layer)
     dcgen_kernels.quantize(model, quant="fp8", backend="reference")  # and it can be quantized afterwards
     assert quant_report(model).quant == "fp8"
+
+
+@pytest.mark.parametrize("call", ["quantize", "patch"])
+def test_a_format_switch_failing_midway_keeps_the_current_format(monkeypatch, call):
+    from dcgen_kernels.patching import quant as quant_module
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, quant="fp8", keep_original=True, backend="reference")
+    expected, layers = _run(model, inputs), {name: model.get_submodule(name) for name, *_ in quant_report(model).layers}
+    quantize_layer, calls = quant_module._quantized_module, []
+
+    def out_of_memory_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return quantize_layer(*args, **kwargs)
+
+    monkeypatch.setattr(quant_module, "_quantized_module", out_of_memory_at_the_second)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        getattr(dcgen_kernels, call)(model, quant="nvfp4", rank=4, backend="reference")
+    assert all(model.get_submodule(name) is layer for name, layer in layers.items())
+    assert quant_report(model).quant == dcgen_kernels.patch_report(model).quantization.quant == "fp8"
+    assert torch.equal(_run(model, inputs), expected)
+    monkeypatch.setattr(quant_module, "_quantized_module", quantize_layer)
+    dcgen_kernels.unpatch(model)  # the kept originals are still there
+    assert all(type(model.get_submodule(name)) is torch.nn.Linear for name in layers)
 
 
 def test_repatch_same_quant_is_idempotent_and_switches_backend():
@@ -435,13 +473,34 @@ def _wider_embedder_flux():
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(16, 24, 24))
 
 
-@pytest.mark.parametrize("other,match", [
-    (_wider_embedder_flux, "3 tensors differ: .*x_embedder.weight: \\(128, 16\\) in the file"),
-    (tiny_sana, "quantizable layers: not the same architecture")])
-def test_load_quantized_refuses_another_architecture_before_changing_the_model(tmp_path, other, match):
+def _retyped(name, dtype):
+    """The saved file with one tensor stored in another dtype (same shape): a hand-made or corrupted checkpoint."""
+    def change(path):
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+        tensors[name] = tensors[name].view(dtype) if dtype.itemsize == 1 else tensors[name].to(dtype)
+        save_file(tensors, str(path), metadata=metadata)
+    return change
+
+
+@pytest.mark.parametrize("other,change,match", [
+    (_wider_embedder_flux, None, "3 tensors differ: .*x_embedder.weight: \\(128, 16\\) float in the file"),
+    (tiny_sana, None, "quantizable layers: not the same architecture"),
+    (tiny_flux, _retyped("x_embedder.weight", torch.int32), r"x_embedder.weight: \(128, 16\) I32 in the file, "
+                                                            r"\(128, 16\) float here"),
+    (tiny_flux, _retyped("transformer_blocks.0.attn.to_q.wscales", torch.uint8), r"to_q.wscales: \(128, 8\) uint8 "
+                                                                                 r"in the file, \(128, 8\) float8")],
+    ids=["wider_embedder", "sana", "int_embedder", "uint8_scales"])
+def test_load_quantized_refuses_another_architecture_before_changing_the_model(tmp_path, other, change, match):
     model = tiny_flux()
     dcgen_kernels.quantize(model, quant="nvfp4", rank=8)
     dcgen_kernels.save_quantized(model, tmp_path / "q.safetensors")
+    if change is not None:
+        change(tmp_path / "q.safetensors")
     target = other()
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(ValueError, match=match):

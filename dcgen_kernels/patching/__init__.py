@@ -97,10 +97,12 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
     if quant is not None:
         _quant.check_quant_settings(model, quant, rank, keep_original)
     if quant is not None and _quant.current_quant(model) != quant:
-        if not _quant.block_linears(model) and _quant.current_quant(model) is None:
+        linears = _quant.block_linears(model)
+        if not linears and _quant.current_quant(model) is None:
             raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "
                              f"{type(model).__name__}; quantization supports FLUX and SANA transformers")
         _quant.check_no_adapters(model)
+        _quant.check_finite_weights(linears)  # before any forward is replaced (a patched model keeps its patch)
     was_patched = is_patched(model)
     _cuda_graph.disable(model)  # graphs captured before may launch modules replaced below
     report = PatchReport(model=type(model).__name__, backend=backend, cuda_graph=cuda_graph)

@@ -278,11 +278,24 @@ def quantize(model: torch.nn.Module, quant: str = "fp8", *, keep_original: Optio
                 module.activations = report.activations = activations
         return model
     check_no_adapters(model)
+    switched = None
     if existing is not None:
         if keep_original is None:  # the originals were kept (checked above): a format switch keeps them again
             keep_original = quant_report(model).keep_original
+        # the layers of the current format, and what the model keeps about them, for a switch that fails part way
+        switched = ({name: model.get_submodule(name) for name, *_ in quant_report(model).layers},
+                    {key: model.__dict__[key] for key in (_ORIGINALS_ATTR, _REPORT_ATTR)})
         _put_back_originals(model)  # kept and current: checked by check_quant_settings above
-    replace_block_linears(model, quant, bool(keep_original), backend, 32 if rank is None else rank, activations)
+    try:
+        replace_block_linears(model, quant, bool(keep_original), backend, 32 if rank is None else rank, activations)
+    except BaseException:
+        if switched is not None:
+            layers, state = switched
+            for name, layer in layers.items():
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+            model.__dict__.update(state)
+        raise
     return model
 
 
@@ -328,6 +341,12 @@ def _check_requantize_settings(model: torch.nn.Module, report: QuantReport, rank
                      f"To change {name}, {how}")
 
 
+def check_finite_weights(linears: list) -> None:
+    """Every layer of `block_linears` checked before any is replaced, the first non-finite weight named."""
+    for name, *_, layer in linears:
+        check_finite_weight(layer, name)
+
+
 def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: bool, backend: str, rank: int,
                           activations: str, empty: bool = False) -> None:
     """quantize()'s replacement of the block linears (at least one) of an unquantized model, its arguments checked;
@@ -336,9 +355,8 @@ def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: boo
     report = QuantReport(quant=quant, keep_original=keep_original, rank=rank if quant == "nvfp4" else 0,
                          activations=activations if quant == "nvfp4" else "fp8",
                          weight_bytes_before=weight_bytes(model))
-    if not empty:  # every layer before the first is replaced, each named
-        for name, *_, layer in linears:
-            check_finite_weight(layer, name)
+    if not empty:
+        check_finite_weights(linears)
     originals = {}
     try:
         for name, parent, attr, layer in linears:

@@ -85,7 +85,7 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     # NVFP4's W4A4 / W4A16 mode as saved, not as the loading device would pick it (older files: the device's)
     activations = resolve_nvfp4_activations(metadata.get("activations", "auto"), device) if quant == "nvfp4" \
         else "fp8"
-    _check_shapes(model, path, quant, rank, activations)
+    _check_fits(model, path, quant, rank, activations)
     if skeleton:
         _cast_skeleton_to_file_dtype(model, path)
     replace_block_linears(model, quant, False, backend, rank, activations, empty=True)
@@ -156,9 +156,10 @@ def _cast_skeleton_to_file_dtype(model: torch.nn.Module, path: str) -> None:
         torch.nn.Module.to(model, sixteen_bit[0])  # diffusers' .to() warns about fp32-kept modules it does not have
 
 
-def _check_shapes(model: torch.nn.Module, path: str, quant: str, rank: int, activations: str) -> None:
-    """Refuse, before the model changes, a checkpoint whose tensors would not load strictly into it once quantized:
-    the quantized layers' shapes come from stand-ins on the meta device (nothing allocated)."""
+def _check_fits(model: torch.nn.Module, path: str, quant: str, rank: int, activations: str) -> None:
+    """Refuse, before the model changes, a checkpoint whose tensors would not load strictly into it once quantized
+    (names, shapes, and dtypes: quantized codes as stored, other tensors any float dtype): the quantized layers'
+    come from stand-ins on the meta device (nothing allocated)."""
     from safetensors import safe_open
 
     from ..patching.quant import _quantized_module, block_linears
@@ -173,15 +174,31 @@ def _check_shapes(model: torch.nn.Module, path: str, quant: str, rank: int, acti
             stand_in = torch.nn.Linear(layer.in_features, layer.out_features, bias=has_bias, device="meta",
                                        dtype=dtype)
         module = _quantized_module(stand_in, quant, "reference", rank, activations, empty=True)
-        expected.update({f"{name}.{key}": tuple(t.shape) for key, t in module.state_dict().items()})
+        expected.update({f"{name}.{key}": _kind(t) for key, t in module.state_dict().items()})
         quantized.append(name + ".")
-    expected.update({key: tuple(t.shape) for key, t in model.state_dict().items()
-                     if not key.startswith(tuple(quantized))})
+    expected.update({key: _kind(t) for key, t in model.state_dict().items() if not key.startswith(tuple(quantized))})
     with safe_open(path, framework="pt") as f:
-        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        slices = {key: f.get_slice(key) for key in f.keys()}
+        saved = {key: (tuple(part.get_shape()), _FILE_KINDS.get(part.get_dtype(), part.get_dtype()))
+                 for key, part in slices.items()}
     if saved != expected:
         differ = sorted(set(saved) ^ set(expected)) or sorted(k for k in saved if saved[k] != expected[k])
-        detail = ", ".join(f"{k}: {saved.get(k, 'missing')} in the file, {expected.get(k, 'absent')} here"
+        detail = ", ".join(f"{k}: {_describe(saved.get(k))} in the file, {_describe(expected.get(k))} here"
                            for k in differ[:3])
         raise ValueError(f"{path!r} does not fit this {type(model).__name__} ({len(differ)} tensors differ: "
                          f"{detail}): not the same architecture")
+
+
+# A checkpoint's 16-bit tensors load into the model's float dtype (cast); quantized codes and scales only as stored.
+_FILE_KINDS = {"F16": "float", "BF16": "float", "F32": "float", "F64": "float", "F8_E4M3": "float8_e4m3fn",
+               "U8": "uint8"}
+
+
+def _kind(t: torch.Tensor) -> tuple:
+    """(shape, what a file's tensor must hold to load into t): any float dtype for a 16/32-bit tensor."""
+    exact = t.dtype in (torch.float8_e4m3fn, torch.uint8)
+    return tuple(t.shape), str(t.dtype).removeprefix("torch.") if exact else "float"
+
+
+def _describe(kind) -> str:
+    return "missing" if kind is None else f"{kind[0]} {kind[1]}"
