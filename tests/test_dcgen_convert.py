@@ -304,3 +304,24 @@ def test_pack_helpers_reject_bad_inputs():
 
 def test_public_signature():
     assert list(inspect.signature(dcgen.convert).parameters) == ["transformer", "latent_channels", "patch_size"]
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_convert_failing_part_way_leaves_the_model_as_it_was(family, monkeypatch):
+    import sys
+
+    convert_module = sys.modules["dcgen_kernels.dcgen.convert"]  # the package's `convert` is the function
+    model = tiny_flux() if family == "flux" else tiny_sana()
+    modules, config = dict(model.named_modules()), dict(model.config)
+    new_linear, calls = convert_module._new_linear, []
+
+    def out_of_memory_at_the_head(*args):
+        calls.append(1)
+        if len(calls) == (2 if family == "flux" else 1):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return new_linear(*args)
+
+    monkeypatch.setattr(convert_module, "_new_linear", out_of_memory_at_the_head)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        dcgen.convert(model, latent_channels=32)
+    assert dict(model.named_modules()) == modules and dict(model.config) == config

@@ -917,3 +917,22 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_before_loading(tmp_path
         T.align_embedding(*args, **kw)
     assert all(torch.equal(p, b) for p, b in zip(args[1].parameters(), before, strict=True))
     assert os.listdir(d) == ["step-00000001"]
+
+
+def test_add_lora_refuses_what_peft_would_break_and_leaves_the_model_as_it_was():
+    """A quantized model (peft cannot wrap its layers), adapters already injected by peft directly (peft would
+    re-initialise a trained one of the same name), a bad adapter name: refused, flags and modules unchanged."""
+    import dcgen_kernels
+    from tests.helpers import add_lora as inject_lora
+
+    quantized = flux_p2()
+    dcgen_kernels.quantize(quantized, quant="fp8", backend="reference")
+    injected = inject_lora(flux_p2(), ["to_q"])
+    for model, error, match in ((quantized, ValueError, "transformer is quantized to fp8: peft cannot wrap"),
+                                (injected, ValueError, r"already has adapters \(transformer_blocks.0.attn.to_q"),
+                                (flux_p2(), TypeError, "adapter_name must be a non-empty str, got 5")):
+        flags, modules = _modes(model), dict(model.named_modules())
+        with pytest.raises(error, match=match):
+            T.add_lora(model, rank=2, alpha=2, **({"adapter_name": 5} if error is TypeError else {}))
+        assert _modes(model) == flags and dict(model.named_modules()) == modules
+        assert not getattr(model, "_hf_peft_config_loaded", False)

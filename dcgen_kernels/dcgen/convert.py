@@ -122,8 +122,8 @@ def _convert_flux(transformer: nn.Module, latent_channels: int, patch_size: int)
     old_out = _existing(transformer, "proj_out", nn.Linear)
     features = latent_channels * patch_size * patch_size
     inner_dim = old_in.out_features
-    transformer.x_embedder = _new_linear(features, inner_dim, old_in)
-    transformer.proj_out = _new_linear(inner_dim, features, old_out)
+    embed, head = _new_linear(features, inner_dim, old_in), _new_linear(inner_dim, features, old_out)
+    transformer.x_embedder, transformer.proj_out = embed, head  # both built first: a failure changes nothing
     transformer.out_channels = features  # the attribute __init__ derives from the config
     _update_config(transformer, in_channels=features, out_channels=features, patch_size=1)
 
@@ -152,8 +152,8 @@ def _convert_sana(transformer: nn.Module, latent_channels: int, patch_size: int)
                                old_conv.weight.dtype)
     if embed.pos_embed is not None and old_embed.pos_embed is not None:
         embed.pos_embed = embed.pos_embed.to(dtype=old_embed.pos_embed.dtype)
-    transformer.patch_embed = embed
-    transformer.proj_out = _new_linear(inner_dim, patch_size * patch_size * latent_channels, old_out)
+    head = _new_linear(inner_dim, patch_size * patch_size * latent_channels, old_out)
+    transformer.patch_embed, transformer.proj_out = embed, head  # both built first: a failure changes nothing
     _update_config(transformer, in_channels=latent_channels, out_channels=latent_channels, patch_size=patch_size)
 
 

@@ -776,16 +776,28 @@ def add_lora(transformer: nn.Module, rank: int = 256, alpha: float = 256, adapte
     trainable. peft initialises LoRA B to zero, so the model's output is unchanged until trained.
     """
     from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..patching.quant import current_quant
 
     family = _family(transformer)
     rank = _check_positive_int("rank", rank)
     alpha = _check_positive_float("alpha", alpha)
-    if getattr(transformer, "_hf_peft_config_loaded", False):
-        raise ValueError("transformer already has adapters; merge_lora it first")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+    # peft re-initialises an adapter of the same name (a trained LoRA B back to zero): refuse any adapter already in
+    adapted = [name for name, module in transformer.named_modules() if isinstance(module, BaseTunerLayer)]
+    if adapted or getattr(transformer, "_hf_peft_config_loaded", False):
+        raise ValueError(f"transformer already has adapters ({', '.join(adapted[:2]) or 'diffusers peft config'}); "
+                         f"merge_lora it first")
+    if current_quant(transformer) is not None:
+        raise ValueError(f"transformer is quantized to {current_quant(transformer)}: peft cannot wrap its quantized "
+                         f"linears; add the LoRA to the 16-bit model, before dcgen_kernels.quantize")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_target_modules(transformer),
                         init_lora_weights=True)
-    transformer.requires_grad_(False)
-    transformer.add_adapter(config, adapter_name=adapter_name)
+    with _modes_restored_on_error(transformer):
+        transformer.requires_grad_(False)
+        transformer.add_adapter(config, adapter_name=adapter_name)
     embedder = transformer.x_embedder if family == "flux" else transformer.patch_embed
     embedder.requires_grad_(True)
     transformer.proj_out.requires_grad_(True)
