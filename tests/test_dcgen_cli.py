@@ -668,3 +668,26 @@ def test_models_that_do_not_fit_the_cache_exit_2_before_training(models, sana_di
         code, _, err = _run(argv, capsys)
         assert code == 2 and message in err, (argv, err)
         assert not out.exists()
+
+
+def test_outputs_below_a_file_exit_2_and_a_diverged_loss_exits_1(models, tmp_path, capsys, monkeypatch):
+    from dcgen_kernels import dcgen
+
+    cache = str(tmp_path / "cache.safetensors")
+    data.save_latent_cache(cache, torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4))
+    (tmp_path / "a_file").write_text("x")
+    head = ["align-head", "--transformer", models["flux"], "--cache", cache, "--random-text", "--steps", "1",
+            "--quiet", "--device", "cpu"]
+    monkeypatch.setattr(dcgen, "align_head", lambda *a, **k: pytest.fail("trained despite an unwritable output"))
+    for flag in ("--out", "--checkpoint-dir"):
+        path = str(tmp_path / "a_file" / "sub")
+        extra = [flag, path] if flag == "--out" else ["--out", str(tmp_path / "out"), flag, path]
+        code, _, err = _run(head + extra, capsys)
+        assert code == 2 and f"{flag} '{path}' is below '{tmp_path / 'a_file'}', an existing file" in err, err
+
+    def diverges(*args, **kwargs):
+        raise FloatingPointError("align head: loss is nan at step 3")
+
+    monkeypatch.setattr(dcgen, "align_head", diverges)
+    code, _, err = _run(head + ["--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "error: align head: loss is nan at step 3" in err

@@ -463,6 +463,19 @@ def test_save_load_errors(tmp_path):
     save_file({"weight": torch.zeros(1)}, tmp_path / "other.safetensors")  # a safetensors file, but not ours
     with pytest.raises(ValueError, match="was not written by dcgen_kernels.save_quantized"):
         dcgen_kernels.load_quantized(tiny_flux(), tmp_path / "other.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(tmp_path / "q.safetensors"))
+    for damage in ({"layers": None}, {"layers": "[not json"}, {"rank": "x"}, {"quant": "int8"}, {"layers": "{}"}):
+        damaged = {k: v for k, v in {**metadata, **damage}.items() if v is not None}
+        save_file(tensors, tmp_path / "damaged.safetensors", metadata=damaged)
+        target = tiny_flux()
+        with pytest.raises(ValueError, match="damaged.safetensors': damaged save_quantized metadata"):
+            dcgen_kernels.load_quantized(target, tmp_path / "damaged.safetensors")
+        assert quant_report(target) is None
 
 
 def _wider_embedder_flux():
@@ -551,6 +564,8 @@ def test_load_quantized_device_errors_and_skeletons_a_file_cannot_fill(tmp_path)
              ({"device": 3.5}, "device must be a torch.device or a device string")]
     if not torch.cuda.is_available():  # torch's own error spoke of pin_memory
         cases.append(({"device": "cuda"}, "this machine has no CUDA GPU"))
+    if not torch.backends.mps.is_available():  # loading failed only after the skeleton was quantized
+        cases.append(({"device": "mps"}, "device='mps' is not usable here"))
     for kwargs, match in cases:
         skeleton = tiny_flux(device="meta")
         with pytest.raises(ValueError, match=match):

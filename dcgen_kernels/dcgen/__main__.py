@@ -111,6 +111,11 @@ def _check_output_path(path: str, flag: str, directory: bool) -> None:
         raise CLIError(f"{flag} {path!r} is an existing file; give a directory (created if missing)")
     if not directory and os.path.isdir(path):
         raise CLIError(f"{flag} {path!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest existing folder above it, where it or its parents are created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"{flag} {path!r} is below {parent!r}, an existing file: it cannot be created")
 
 
 def _check_training_args(args) -> None:
@@ -534,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad arguments / missing files / invalid inputs)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad arguments / missing files / invalid inputs, 1 a training run
+    stopped by a non-finite loss)."""
     from .data import DataError
 
     try:
@@ -546,6 +552,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError) as e:  # the library's argument checks (steps, lr, shapes, ...)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the loss diverged: the checkpoints written so far stay
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

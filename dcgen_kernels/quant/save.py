@@ -72,7 +72,7 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
                          f"quantized to {current_quant(model)}")
     _backend.check_backend_name(backend)
     check_no_adapters(model)
-    saved_layers = json.loads(metadata["layers"])
+    saved_layers, quant, rank = _read_metadata(path, metadata)
     layers = [name for name, *_ in block_linears(model)]
     if layers != saved_layers:
         raise ValueError(f"the checkpoint quantized {len(saved_layers)} layers, this {type(model).__name__} has "
@@ -81,7 +81,6 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     device = _load_device(model, device, skeleton)
     if skeleton:
         _check_skeleton(model)
-    quant, rank = metadata["quant"], int(metadata["rank"])
     # NVFP4's W4A4 / W4A16 mode as saved, not as the loading device would pick it (older files: the device's)
     activations = resolve_nvfp4_activations(metadata.get("activations", "auto"), device) if quant == "nvfp4" \
         else "fp8"
@@ -96,6 +95,21 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
         state = {name: tensor.clone() for name, tensor in state.items()}
     model.load_state_dict(state, strict=True, assign=skeleton)
     return model
+
+
+def _read_metadata(path: str, metadata: dict) -> tuple:
+    """(quantized layer names, quant, rank) of a file whose format says save_quantized wrote it; ValueError naming
+    the file where its metadata is damaged."""
+    from ..patching.quant import QUANT_CHOICES
+
+    try:
+        layers, quant, rank = json.loads(metadata["layers"]), metadata["quant"], int(metadata["rank"])
+    except (KeyError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path!r}: damaged save_quantized metadata ({type(error).__name__}: {error})") from error
+    if quant not in QUANT_CHOICES or not isinstance(layers, list) or rank < 0:
+        raise ValueError(f"{path!r}: damaged save_quantized metadata (quant {quant!r}, rank {rank}, layers of type "
+                         f"{type(layers).__name__})")
+    return layers, quant, rank
 
 
 def _check_module(model) -> None:
@@ -121,6 +135,11 @@ def _load_device(model: torch.nn.Module, device, skeleton: bool) -> torch.device
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but this machine has no CUDA GPU: pass device='cpu' or load "
                              "where the GPU is")
+        try:  # any other device this torch build or machine lacks: before the skeleton changes
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:
+            reason = str(error).split(". ")[0]  # torch appends the list of every backend it has
+            raise ValueError(f"device={str(device)!r} is not usable here: {reason}") from error
         return device
     own = next(model.parameters()).device
     if device is not None and (device.type, device.index or 0) != (own.type, own.index or 0):
