@@ -268,6 +268,11 @@ def test_convert_rejects_wrapped_embedder():
     model.x_embedder = nn.Sequential(model.x_embedder)
     with pytest.raises(TypeError, match="x_embedder must be a plain Linear.*Sequential"):
         dcgen.convert(model, 32)
+    from tests.helpers import add_lora
+
+    adapted = add_lora(tiny_flux(), ["x_embedder"])  # peft's layer is also named Linear: the message says whose
+    with pytest.raises(TypeError, match=r"x_embedder must be a plain Linear to be replaced, got peft\.tuners\.lora"):
+        dcgen.convert(adapted, 32)
 
 
 def test_sana_patch_larger_than_sample_size():

@@ -260,7 +260,8 @@ def test_unpatch_without_originals_raises_and_leaves_model_patched():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(quant="nvfp4", rank=-3), ValueError, "rank must be a non-negative int"),
     (dict(quant="nvfp4", keep_original="yes"), TypeError, "keep_original must be a bool"),
-    (dict(quant="nvfp4", nvfp4_activations="fp4"), ValueError, "nvfp4_activations must be None or one of")])
+    (dict(quant="nvfp4", nvfp4_activations="fp4"), ValueError, "nvfp4_activations must be None or one of"),
+    (dict(keep_original="yes"), TypeError, "keep_original must be a bool")])
 def test_patch_checks_the_quantization_arguments_before_replacing_anything(kwargs, error, match):
     model = tiny_flux()
     processors = {name: type(p) for name, p in model.attn_processors.items()}

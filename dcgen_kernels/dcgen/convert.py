@@ -78,7 +78,8 @@ def _existing(transformer: nn.Module, name: str, cls: type) -> nn.Module:
     module = getattr(transformer, name, None)
     if not isinstance(module, cls):
         raise TypeError(f"{type(transformer).__name__}.{name} must be a plain {cls.__name__} to be replaced, got "
-                        f"{type(module).__name__}; convert the base model before quantising it or adding adapters")
+                        f"{type(module).__module__}.{type(module).__qualname__}; convert the base model before "
+                        f"quantising it or adding adapters")
     return module
 
 

@@ -94,6 +94,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
                          f"no transformer blocks (an autoencoder's decode is not a forward call)")
     _quant.check_nvfp4_activations(nvfp4_activations)
     _quant.check_nvfp4_only_settings(quant, rank, nvfp4_activations)
+    _quant.check_keep_original(keep_original)  # also without quant, where it changes nothing (callers pass it on)
     if quant is not None:
         _quant.check_quant_settings(model, quant, rank, keep_original)
     if quant is not None and _quant.current_quant(model) != quant:

@@ -208,6 +208,11 @@ def check_nvfp4_only_settings(quant: Optional[str], rank: Optional[int], nvfp4_a
             raise ValueError(f"{name} applies to quant='nvfp4' only, got {name}={value!r} with quant={quant!r}")
 
 
+def check_keep_original(keep_original: Optional[bool]) -> None:
+    if keep_original is not None and not isinstance(keep_original, bool):
+        raise TypeError(f"keep_original must be a bool, got {keep_original!r}")
+
+
 def _quantized_module(layer: torch.nn.Module, quant: str, backend: str, rank: int, activations: str,
                       empty: bool = False):
     """The quantized stand-in for an nn.Linear or 1x1 conv; `empty`: its buffers allocated, not computed (for
@@ -307,8 +312,7 @@ def check_quant_settings(model: torch.nn.Module, quant: str, rank: Optional[int]
     (not on the meta device)."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
-    if keep_original is not None and not isinstance(keep_original, bool):
-        raise TypeError(f"keep_original must be a bool, got {keep_original!r}")
+    check_keep_original(keep_original)
     current = current_quant(model)
     keep = keep_original if keep_original is not None else current is not None and quant_report(model).keep_original
     if current != quant and keep and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
