@@ -300,52 +300,47 @@ def test_non_finite_weights_leave_an_earlier_patch_as_it_was():
     assert {id(m): dict(vars(m)) for m in model.modules()} == state  # the forwards keep their backend
 
 
-def test_a_quantization_failing_midway_puts_the_replaced_layers_back(monkeypatch):
+def _out_of_memory_at_layer(monkeypatch, n: int) -> None:
+    """Quantizing the n-th layer fails as a GPU out of memory would (monkeypatch.undo() lifts it)."""
     from dcgen_kernels.patching import quant as quant_module
 
-    model, inputs = tiny_flux(), tiny_flux_inputs()
-    expected = _run(model, inputs)
-    layers = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
     quantize_layer, calls = quant_module._quantized_module, []
 
-    def out_of_memory_at_the_third(*args, **kwargs):
+    def fail_at_the_nth(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return quantize_layer(*args, **kwargs)
 
-    monkeypatch.setattr(quant_module, "_quantized_module", out_of_memory_at_the_third)
+    monkeypatch.setattr(quant_module, "_quantized_module", fail_at_the_nth)
+
+
+def test_a_quantization_failing_midway_puts_the_replaced_layers_back(monkeypatch):
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    expected = _run(model, inputs)
+    layers = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    _out_of_memory_at_layer(monkeypatch, 3)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         dcgen_kernels.quantize(model, quant="fp8", backend="reference")
     assert all(model.get_submodule(name) is m for name, m in layers.items()) and quant_report(model) is None
     assert torch.equal(_run(model, inputs), expected)
-    monkeypatch.setattr(quant_module, "_quantized_module", quantize_layer)
+    monkeypatch.undo()
     dcgen_kernels.quantize(model, quant="fp8", backend="reference")  # and it can be quantized afterwards
     assert quant_report(model).quant == "fp8"
 
 
 @pytest.mark.parametrize("call", ["quantize", "patch"])
 def test_a_format_switch_failing_midway_keeps_the_current_format(monkeypatch, call):
-    from dcgen_kernels.patching import quant as quant_module
-
     model, inputs = tiny_flux(), tiny_flux_inputs()
     dcgen_kernels.patch(model, quant="fp8", keep_original=True, backend="reference")
     expected, layers = _run(model, inputs), {name: model.get_submodule(name) for name, *_ in quant_report(model).layers}
-    quantize_layer, calls = quant_module._quantized_module, []
-
-    def out_of_memory_at_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return quantize_layer(*args, **kwargs)
-
-    monkeypatch.setattr(quant_module, "_quantized_module", out_of_memory_at_the_second)
+    _out_of_memory_at_layer(monkeypatch, 2)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         getattr(dcgen_kernels, call)(model, quant="nvfp4", rank=4, backend="reference")
     assert all(model.get_submodule(name) is layer for name, layer in layers.items())
     assert quant_report(model).quant == dcgen_kernels.patch_report(model).quantization.quant == "fp8"
     assert torch.equal(_run(model, inputs), expected)
-    monkeypatch.setattr(quant_module, "_quantized_module", quantize_layer)
+    monkeypatch.undo()
     dcgen_kernels.unpatch(model)  # the kept originals are still there
     assert all(type(model.get_submodule(name)) is torch.nn.Linear for name in layers)
 
