@@ -499,7 +499,7 @@ def _retyped(name, dtype):
 @pytest.mark.parametrize("other,change,match", [
     (_wider_embedder_flux, None, "3 tensors differ: .*x_embedder.weight: \\(128, 16\\) float in the file"),
     (tiny_sana, None, "quantizable layers: not the same architecture"),
-    (tiny_flux, _retyped("x_embedder.weight", torch.int32), r"x_embedder.weight: \(128, 16\) I32 in the file, "
+    (tiny_flux, _retyped("x_embedder.weight", torch.int32), r"x_embedder.weight: \(128, 16\) int32 in the file, "
                                                             r"\(128, 16\) float here"),
     (tiny_flux, _retyped("transformer_blocks.0.attn.to_q.wscales", torch.uint8), r"to_q.wscales: \(128, 8\) uint8 "
                                                                                  r"in the file, \(128, 8\) float8")],

@@ -178,7 +178,7 @@ def _cast_skeleton_to_file_dtype(model: torch.nn.Module, path: str) -> None:
 def _check_fits(model: torch.nn.Module, path: str, quant: str, rank: int, activations: str) -> None:
     """Refuse, before the model changes, a checkpoint whose tensors would not load strictly into it once quantized
     (names, shapes, and dtypes: quantized codes as stored, other tensors any float dtype): the quantized layers'
-    come from stand-ins on the meta device (nothing allocated)."""
+    tensors come from stand-ins on the meta device (nothing allocated)."""
     from safetensors import safe_open
 
     from ..patching.quant import _quantized_module, block_linears
@@ -208,14 +208,15 @@ def _check_fits(model: torch.nn.Module, path: str, quant: str, rank: int, activa
                          f"{detail}): not the same architecture")
 
 
-# A checkpoint's 16-bit tensors load into the model's float dtype (cast); quantized codes and scales only as stored.
+# A checkpoint's 16/32-bit tensors load into the model's float dtype (cast); quantized codes (FP8, packed NVFP4
+# bytes) and any integer tensor only as stored.
 _FILE_KINDS = {"F16": "float", "BF16": "float", "F32": "float", "F64": "float", "F8_E4M3": "float8_e4m3fn",
-               "U8": "uint8"}
+               "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
 
 
 def _kind(t: torch.Tensor) -> tuple:
-    """(shape, what a file's tensor must hold to load into t): any float dtype for a 16/32-bit tensor."""
-    exact = t.dtype in (torch.float8_e4m3fn, torch.uint8)
+    """(shape, what a file's tensor must hold to load into t)."""
+    exact = not t.is_floating_point() or t.dtype == torch.float8_e4m3fn
     return tuple(t.shape), str(t.dtype).removeprefix("torch.") if exact else "float"
 
 
