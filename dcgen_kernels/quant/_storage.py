@@ -29,7 +29,7 @@ class KeepsQuantizedDtypes(torch.nn.Module):
 
 def check_finite_weight(layer: torch.nn.Module, name: str = "linear") -> None:
     """Refuse a weight holding inf / NaN (a corrupt checkpoint, an overflowed update): it has no quantization (an SVD
-    of it fails, an FP8 row scale of inf zeroes its row)."""
+    of it fails, an FP8 row scale of inf or NaN turns its whole row into NaN)."""
     weight = layer.weight
     # the extremes carry any inf and NaN: one reduction, ~20x cheaper than isfinite(weight) on the CPU
     if not weight.is_meta and weight.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(weight))).all()):
