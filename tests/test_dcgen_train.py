@@ -888,6 +888,29 @@ def test_a_refused_argument_leaves_the_models_as_they_were():
     assert _modes(model) == modes
 
 
+def test_a_learning_rate_that_overflows_is_refused_and_a_diverged_last_step_is_not_saved(tmp_path):
+    """lr past float32 in AdamW's first step size: a ValueError naming lr (torch's AdamW raised a bare RuntimeError).
+    A last step that makes the weights non-finite (its loss is never computed) raises, and writes no checkpoint."""
+    args, kw = _embedding_args(lr=1e38)
+    before = {n: p.clone() for n, p in args[1].named_parameters()}
+    with pytest.raises(ValueError, match=r"lr=1e\+38 is too large: AdamW's first step size"):
+        T.align_embedding(*args, **kw)
+    assert all(torch.equal(p, before[n]) for n, p in args[1].named_parameters())
+    def large_student():  # weight decay's first step, w * (1 - lr * 0.01), overflows float32 at |w| = 1e4
+        student = torch.nn.Linear(32, 8)
+        with torch.no_grad():
+            student.weight.fill_(1e4)
+        return student
+
+    with pytest.raises(FloatingPointError, match=r"align embedding: 2 trained parameter\(s\) not finite after "
+                                                 r"step 1, e\.g\. \['weight', 'bias'\] \(lr too large\?\)"):
+        _align_embedding(student=large_student(), lr=3e37)
+    with pytest.raises(FloatingPointError, match="not finite after step 1"):
+        _align_embedding(student=large_student(), lr=3e37, checkpoint_dir=str(tmp_path))
+    assert T.latest_checkpoint(str(tmp_path)) is None
+    assert _align_embedding(lr=1e-3)["history"]  # a sane lr trains
+
+
 def test_checkpoints_that_do_not_fit_the_run_are_refused_before_loading(tmp_path):
     """A checkpoint whose weights name other parameters (an edited or foreign trainable.safetensors: the settings
     already name the parameters) or hold other shapes (a student of another width): refused, the student unchanged,

@@ -704,12 +704,17 @@ def _load_checkpoint(path: str, params: Dict[str, nn.Parameter], optimizer, gene
     return state["step"], list(state["history"])
 
 
+_ADAMW_BETA1 = 0.9  # torch.optim.AdamW's default, used below
+
+
 def _train(params: Dict[str, nn.Parameter], loss_fn: Callable[[torch.Generator], torch.Tensor], *, steps: int,
            lr: float, batch_size: int, seed: int, checkpoint_dir: Optional[str], checkpoint_every: int,
            resume: bool, progress: bool, meta: dict, desc: str) -> dict:
     """AdamW over `params` for `steps` steps of `loss_fn(generator)`, with checkpoint / exact resume."""
     steps = _check_positive_int("steps", steps)
     lr = _check_positive_float("lr", lr)
+    if lr / (1 - _ADAMW_BETA1) > torch.finfo(torch.float32).max:  # torch's AdamW raises a bare RuntimeError then
+        raise ValueError(f"lr={lr!r} is too large: AdamW's first step size lr / (1 - beta1) overflows float32")
     _check_positive_int("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -732,22 +737,31 @@ def _train(params: Dict[str, nn.Parameter], loss_fn: Callable[[torch.Generator],
             raise ValueError(f"checkpoint {path} is at step {start}, past steps={steps}")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress)
-    for step in range(start + 1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(generator)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]:.4g}")
-        if checkpoint_dir and ((checkpoint_every and step % checkpoint_every == 0) or step == steps):
-            _save_checkpoint(checkpoint_dir, step, params, optimizer, generator, history, meta)
-    bar.close()
+    with tqdm(total=steps, initial=start, desc=desc, disable=not progress) as bar:
+        for step in range(start + 1, steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.4g}")
+            if checkpoint_dir and ((checkpoint_every and step % checkpoint_every == 0) or step == steps):
+                _check_finite_params(params, desc, step)
+                _save_checkpoint(checkpoint_dir, step, params, optimizer, generator, history, meta)
+    if not checkpoint_dir:  # else the last step's checkpoint checked them
+        _check_finite_params(params, desc, steps)
     return dict(history=history)
+
+
+def _check_finite_params(params: Dict[str, nn.Parameter], desc: str, step: int) -> None:
+    """Weights a step made non-finite show in the next step's loss: those of a saved or final step are checked."""
+    bad = [name for name, p in params.items() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"{desc}: {len(bad)} trained parameter(s) not finite after step {step}, e.g. "
+                                 f"{bad[:3]} (lr too large?)")
 
 
 # ----------------------------------------------------------------------------------------------- stage 3
