@@ -329,6 +329,30 @@ def test_a_quantization_failing_midway_puts_the_replaced_layers_back(monkeypatch
     assert quant_report(model).quant == "fp8"
 
 
+def test_a_quantization_failing_on_a_patched_model_leaves_its_patch_as_it_was(monkeypatch):
+    """patch(quant=..., backend=other) of a patched model, out of memory midway: the forwards keep the earlier
+    patch's backend and CUDA graphs (patch() had switched them first), and its report."""
+    from dcgen_kernels.patching import cuda_graph
+    from dcgen_kernels.patching._instance import _BACKEND_ATTR
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference", cuda_graph=True)
+    expected, report = _run(model, inputs), dcgen_kernels.patch_report(model)
+
+    def backends():
+        return ({name: vars(m).get(_BACKEND_ATTR) for name, m in model.named_modules()},
+                {name: p.backend for name, p in model.attn_processors.items()})
+
+    before = backends()
+    assert set(before[1].values()) == {"reference"}
+    _out_of_memory_at_layer(monkeypatch, 2)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        dcgen_kernels.patch(model, quant="fp8", backend="triton")
+    assert backends() == before and cuda_graph.graphed(model) is not None
+    assert dcgen_kernels.patch_report(model) is report and quant_report(model) is None
+    assert torch.equal(_run(model, inputs), expected)
+
+
 @pytest.mark.parametrize("call", ["quantize", "patch"])
 def test_a_format_switch_failing_midway_keeps_the_current_format(monkeypatch, call):
     model, inputs = tiny_flux(), tiny_flux_inputs()

@@ -104,7 +104,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
                              f"{type(model).__name__}; quantization supports FLUX and SANA transformers")
         _quant.check_no_adapters(model)
         _quant.check_finite_weights(linears)  # before any forward is replaced (a patched model keeps its patch)
-    was_patched = is_patched(model)
+    earlier = getattr(model, _REPORT_ATTR, None)
     _cuda_graph.disable(model)  # graphs captured before may launch modules replaced below
     report = PatchReport(model=type(model).__name__, backend=backend, cuda_graph=cuda_graph)
     try:
@@ -112,16 +112,23 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
         if quant is not None:
             _quant.quantize(model, quant, keep_original=keep_original, backend=backend, rank=rank,
                             nvfp4_activations=nvfp4_activations)
-    except BaseException:  # e.g. a weight holding NaN (quantize puts its own layers back): the forwards go back too
-        if not was_patched:
+    except BaseException:  # e.g. out of memory (quantize puts its own layers back): the forwards go back too
+        if earlier is None:
             _unpatch_modules(model)
+        else:  # to the earlier patch's backend and graphs
+            _patch_modules(model, earlier.backend, PatchReport(model=earlier.model, backend=earlier.backend))
+            _enable_cuda_graph(model, earlier.cuda_graph)
         raise
     report.quantization = _quant.quant_report(model)
-    if cuda_graph:
-        _cuda_graph.enable(model, plan_inputs=sana.cuda_graph_plan_inputs(model))
+    _enable_cuda_graph(model, cuda_graph)
     setattr(model, _REPORT_ATTR, report)
     logger.info("%s", report)
     return model
+
+
+def _enable_cuda_graph(model: torch.nn.Module, cuda_graph: bool) -> None:
+    if cuda_graph:
+        _cuda_graph.enable(model, plan_inputs=sana.cuda_graph_plan_inputs(model))
 
 
 def _patch_modules(model: torch.nn.Module, backend: str, report: PatchReport) -> None:
