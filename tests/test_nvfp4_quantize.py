@@ -288,9 +288,11 @@ def test_bad_inputs_raise_clear_errors():
         quantize_nvfp4_activations(x, torch.ones(31), None)
     with pytest.raises(ValueError, match="lora_down must have shape"):
         quantize_nvfp4_activations(x, None, torch.ones(31, 4))
-    for scale in ("1.0", torch.ones(2), True):
-        with pytest.raises(TypeError, match="global_scale must be a positive float or a 1-element tensor"):
+    for scale in ("1.0", torch.ones(2), True, torch.tensor(True), torch.tensor(1 + 0j)):  # not read as 1.0
+        with pytest.raises(TypeError, match="global_scale must be a positive float or a 1-element real tensor"):
             quantize_nvfp4(x, scale)
+    with pytest.raises(TypeError, match="global_scale must be a positive float or a 1-element real tensor"):
+        dequantize_nvfp4(packed, scales, torch.tensor(True))
     with pytest.raises(ValueError, match=r"packed must be \[..., K_pad/2\] with K_pad a multiple of 16, got \(4, 12\)"):
         dequantize_nvfp4(packed[:, :12], scales[:, :1], gs)
     with pytest.raises(TypeError, match="dtype must be one of .*got torch.int32"):

@@ -68,14 +68,15 @@ def _validate(x, height, width, inverted_weight, inverted_bias, depth_weight, de
     same = dict(dtypes=(x.dtype,), device=x.device)
     check_tensor("inverted_weight", inverted_weight, ndim=4, **same)
     hid2 = inverted_weight.shape[0]
-    if tuple(inverted_weight.shape[1:]) != (C, 1, 1) or hid2 % 2:
-        raise ValueError(f"inverted_weight must have shape (2*hidden, C={C}, 1, 1), got {tuple(inverted_weight.shape)}")
+    if tuple(inverted_weight.shape[1:]) != (C, 1, 1) or hid2 % 2 or not hid2:
+        raise ValueError(f"inverted_weight must have shape (2*hidden, C={C}, 1, 1) with hidden >= 1, "
+                         f"got {tuple(inverted_weight.shape)}")
     check_tensor("inverted_bias", inverted_bias, shape=(hid2,), **same)
     check_tensor("depth_weight", depth_weight, shape=(hid2, 1, 3, 3), **same)
     check_tensor("depth_bias", depth_bias, shape=(hid2,), **same)
     check_tensor("point_weight", point_weight, ndim=4, **same)
-    if tuple(point_weight.shape[1:]) != (hid2 // 2, 1, 1):
-        raise ValueError(f"point_weight must have shape (C_out, hidden={hid2 // 2}, 1, 1), "
+    if tuple(point_weight.shape[1:]) != (hid2 // 2, 1, 1) or not point_weight.shape[0]:
+        raise ValueError(f"point_weight must have shape (C_out >= 1, hidden={hid2 // 2}, 1, 1), "
                          f"got {tuple(point_weight.shape)}")
 
 

@@ -124,11 +124,12 @@ def quantize_nvfp4_activations_reference(x, smooth, lora_down, global_scale):
 
 # ----------------------------------------------------------------------------------------------- validation
 def _as_global_scale(global_scale, device: torch.device) -> torch.Tensor:
-    """A float or 1-element tensor -> fp32 0-dim tensor on `device`; checked on the host when it is there."""
+    """A float or 1-element real (not bool) tensor -> fp32 0-dim tensor on `device`; value checked if on the host."""
     if isinstance(global_scale, (int, float)) and not isinstance(global_scale, bool):
         global_scale = torch.tensor(float(global_scale))
-    if not isinstance(global_scale, torch.Tensor) or global_scale.numel() != 1:
-        raise TypeError(f"global_scale must be a positive float or a 1-element tensor, got {global_scale!r}")
+    if (not isinstance(global_scale, torch.Tensor) or global_scale.numel() != 1 or global_scale.dtype == torch.bool
+            or global_scale.is_complex()):
+        raise TypeError(f"global_scale must be a positive float or a 1-element real tensor, got {global_scale!r}")
     # Checked only where reading it costs nothing: a CUDA tensor is not read back (no host sync), nor is any
     # tensor while torch.compile traces (its value is unknown then).
     if global_scale.device.type == "cpu" and not torch.compiler.is_compiling():
