@@ -503,10 +503,9 @@ def test_fp8_linear_module_takes_any_leading_shape_like_nn_linear():
 
     linear = torch.nn.Linear(64, 32)
     layer = FP8Linear.from_linear(linear, backend="reference")
-    for shape in ((64,), (2, 3, 4, 64)):
-        x = torch.randn(*shape)
+    for x in (torch.randn(64), torch.randn(128)[::2], torch.randn(2, 3, 4, 64)):  # a strided 1-D one too
         out = layer(x)
-        assert out.shape == shape[:-1] + (32,)
+        assert out.shape == x.shape[:-1] + (32,)
         assert rel_l2(out, linear(x).detach()) < QUANT_TOL
     x = torch.randn(2, 3, 4, 64)  # the activation applies whatever the leading shape; a residual is never dropped
     torch.testing.assert_close(layer(x, activation="gelu_tanh"),
@@ -539,6 +538,21 @@ def test_fp8_linear_from_linear_takes_only_nn_linear():
         broken.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"linear.weight holds non-finite values \(inf / NaN\)"):
         FP8Linear.from_linear(broken)
+    with pytest.raises(TypeError, match=r"linear.weight has dtype torch.float64; quantization takes torch.float32"):
+        FP8Linear.from_linear(torch.nn.Linear(4, 4).double())
+
+
+@pytest.mark.parametrize("name", ["gate", "residual"])
+@pytest.mark.parametrize("bad,error,match", [
+    (torch.ones(2, 32, dtype=torch.float64), TypeError, "must have dtype in .*got torch.float64"),
+    ([1.0], TypeError, "must be a torch.Tensor, got list"),
+], ids=["float64", "list"])
+def test_fp8_linear_module_names_a_bad_epilogue_operand(name, bad, error, match):
+    """Named before the output dtype is promoted (a float64 residual was reported as x's dtype)."""
+    from dcgen_kernels.quant import FP8Linear
+
+    with pytest.raises(error, match=f"{name} {match}"):
+        FP8Linear(64, 32)(torch.randn(2, 64), **{name: bad})
 
 
 @pytest.mark.parametrize("x", [torch.randn(3, 48), torch.tensor(1.0), "x"], ids=["other_K", "0-dim", "str"])

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import dcgen_kernels
+from dcgen_kernels.ops import (ada_layer_norm_modulate_fp8, gated_residual_ada_layer_norm_modulate_fp8, quantize_fp8,
+                               quantize_nvfp4_activations)
 from dcgen_kernels.ops.fp8_linear import FP8Activation
 from dcgen_kernels.ops.glumbconv import glumbconv_reference
 from dcgen_kernels.patching.quant import QuantizedPointwiseConv, quant_report
@@ -920,3 +922,36 @@ def test_backward_through_quantized_layers_says_they_are_inference_only(quant):
     out = model(**inputs)[0]  # grad mode on: the forward runs as before
     with pytest.raises(RuntimeError, match="quantized layers \\(FP8, NVFP4\\) are inference only"):
         out.square().mean().backward()
+
+
+@pytest.mark.parametrize("name,produce", [
+    ("quantize_fp8", lambda x: quantize_fp8(x).scale),
+    ("quantize_nvfp4 / quantize_nvfp4_activations",
+     lambda x: quantize_nvfp4_activations(x, None, torch.ones(32, 2))[2]),
+    ("ada_layer_norm_modulate_fp8",
+     lambda x: ada_layer_norm_modulate_fp8(x, torch.ones(2, 32), torch.ones(2, 32)).scale),
+    ("gated_residual_ada_layer_norm_modulate_fp8", lambda x: gated_residual_ada_layer_norm_modulate_fp8(
+        x, torch.ones(2, 32), x, torch.ones(2, 32), torch.ones(2, 32))[0]),
+], ids=["quantize_fp8", "quantize_nvfp4_activations", "modulate_fp8", "gated_residual_modulate_fp8"])
+def test_backward_through_the_quantizing_producers_says_they_are_inference_only(name, produce):
+    """The public ops that produce quantized activations (torch's "no autograd formula was registered" before)."""
+    out = produce(torch.randn(2, 3, 32, requires_grad=True))
+    with pytest.raises(RuntimeError, match=f"{name} has no backward: quantized layers .* are inference only"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_a_float64_model_is_refused_by_name_before_anything_changes(quant, family):
+    """Both formats refuse float64 block weights up front (FP8 blamed a bias dtype; NVFP4 quantized the model, which
+    then refused its own float64 inputs)."""
+    model = (tiny_flux if family == "flux" else tiny_sana)().double()
+    layers = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    for call in (dcgen_kernels.patch, dcgen_kernels.quantize):
+        with pytest.raises(TypeError, match=r"transformer_blocks\.0\.\S+\.weight has dtype torch\.float64; "
+                                            r"quantization takes torch.float32, torch.bfloat16, torch.float16 weights: "
+                                            r"cast the model first"):
+            call(model, quant=quant, backend="reference")
+        assert all(model.get_submodule(name) is m for name, m in layers.items())
+        assert quant_report(model) is None and not dcgen_kernels.is_patched(model)
+    dcgen_kernels.patch(model, backend="reference")  # unquantized, it runs diffusers' code in float64 (README)

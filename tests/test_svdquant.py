@@ -199,6 +199,8 @@ def test_bad_arguments_raise_clear_errors():
     for rank in (0, 4):  # at rank 4 the SVD itself would fail; at rank 0 the residual would carry the inf
         with pytest.raises(ValueError, match=r"linear.weight holds non-finite values \(inf / NaN\)"):
             SVDQuantLinear.from_linear(broken, rank=rank)
+    with pytest.raises(TypeError, match=r"linear.weight has dtype torch.float64; quantization takes"):
+        SVDQuantLinear.from_linear(linear(16, 8).double(), rank=4)  # was quantized, then refused its float64 inputs
 
 
 @pytest.mark.parametrize("activations", ["nvfp4", "bf16"])

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import call_op, cdiv, check_positive_eps, check_tensor, custom_op, register_reference_autograd
+from ._common import (call_op, cdiv, check_positive_eps, check_tensor, custom_op, register_inference_only,
+                      register_reference_autograd)
 
 __all__ = [
     "ada_layer_norm_modulate", "ada_layer_norm_modulate_reference",
@@ -262,6 +263,9 @@ def _(x, scale, shift, norm_weight, norm_bias, eps, backend):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+register_inference_only(_ada_layer_norm_modulate_fp8_op, "ada_layer_norm_modulate_fp8")
+
+
 @custom_op("dcgen::gated_residual")
 def _gated_residual_op(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
     chosen = select_gated_backend(residual, backend)
@@ -330,6 +334,9 @@ def _gated_residual_modulate_fp8_op(
 def _(residual, gate, x, scale, shift, norm_weight, norm_bias, eps, backend):
     return (residual.new_empty(residual.shape), residual.new_empty(residual.shape, dtype=torch.float8_e4m3fn),
             residual.new_empty(residual.shape[:-1], dtype=torch.float32))
+
+
+register_inference_only(_gated_residual_modulate_fp8_op, "gated_residual_ada_layer_norm_modulate_fp8")
 
 
 # ----------------------------------------------------------------------------------------------- public API

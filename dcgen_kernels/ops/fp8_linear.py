@@ -345,6 +345,9 @@ def _(x, prefix, gelu, backend):
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
+register_inference_only(_quantize_fp8_op, "quantize_fp8")
+
+
 @custom_op("dcgen::fp8_linear")
 def _fp8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],

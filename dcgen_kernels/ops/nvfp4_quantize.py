@@ -34,7 +34,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
-from ._common import FLOAT_DTYPES, call_op, cdiv, check_tensor, custom_op
+from ._common import FLOAT_DTYPES, call_op, cdiv, check_tensor, custom_op, register_inference_only
 
 __all__ = [
     "quantize_nvfp4", "quantize_nvfp4_reference", "dequantize_nvfp4", "dequantize_nvfp4_reference",
@@ -234,6 +234,9 @@ def _(x, smooth, lora_down, global_scale, backend):
     return (x.new_empty(*lead, Kp // 2, dtype=torch.uint8),
             x.new_empty(*lead, Kp // GROUP_SIZE, dtype=torch.float8_e4m3fn),
             x.new_empty(*lead, R, dtype=torch.float32))
+
+
+register_inference_only(_quantize_op, "quantize_nvfp4 / quantize_nvfp4_activations")
 
 
 @custom_op("dcgen::nvfp4_dequantize")

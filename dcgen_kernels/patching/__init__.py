@@ -103,7 +103,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", quant: Optional[str]
             raise ValueError(f"dcgen_kernels.patch(quant={quant!r}) found no transformer-block nn.Linear in "
                              f"{type(model).__name__}; quantization supports FLUX and SANA transformers")
         _quant.check_no_adapters(model)
-        _quant.check_finite_weights(linears)  # before any forward is replaced (a patched model keeps its patch)
+        _quant.check_quantizable_weights(linears)  # before any forward is replaced (a patched model keeps its patch)
     earlier = getattr(model, _REPORT_ATTR, None)
     _cuda_graph.disable(model)  # graphs captured before may launch modules replaced below
     report = PatchReport(model=type(model).__name__, backend=backend, cuda_graph=cuda_graph)

@@ -22,7 +22,7 @@ import torch
 
 from .. import _backend
 from ..ops._common import FLOAT_DTYPES
-from ..quant._storage import check_finite_weight
+from ..quant._storage import check_quantizable_weight
 
 QUANT_CHOICES = ("fp8", "nvfp4")
 _ORIGINALS_ATTR = "_dcgen_quant_originals"
@@ -345,10 +345,10 @@ def _check_requantize_settings(model: torch.nn.Module, report: QuantReport, rank
                      f"To change {name}, {how}")
 
 
-def check_finite_weights(linears: list) -> None:
-    """Every layer of `block_linears` checked before any is replaced, the first non-finite weight named."""
+def check_quantizable_weights(linears: list) -> None:
+    """Every layer of `block_linears` checked before any is replaced, the first unquantizable weight named."""
     for name, *_, layer in linears:
-        check_finite_weight(layer, name)
+        check_quantizable_weight(layer, name)
 
 
 def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: bool, backend: str, rank: int,
@@ -360,7 +360,7 @@ def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: boo
                          activations=activations if quant == "nvfp4" else "fp8",
                          weight_bytes_before=weight_bytes(model))
     if not empty:
-        check_finite_weights(linears)
+        check_quantizable_weights(linears)
     originals = {}
     try:
         for name, parent, attr, layer in linears:

@@ -2,6 +2,8 @@
 
 import torch
 
+from ..ops._common import FLOAT_DTYPES
+
 _INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -27,10 +29,15 @@ class KeepsQuantizedDtypes(torch.nn.Module):
         return super()._apply(apply, recurse)
 
 
-def check_finite_weight(layer: torch.nn.Module, name: str = "linear") -> None:
-    """Refuse a weight holding inf / NaN (a corrupt checkpoint, an overflowed update): it has no quantization (an SVD
-    of it fails, an FP8 row scale of inf or NaN turns its whole row into NaN)."""
+def check_quantizable_weight(layer: torch.nn.Module, name: str = "linear") -> None:
+    """Refuse a weight the quantized layers cannot stand in for: one of another dtype than float32 / bfloat16 /
+    float16 (their activations and bias are of the weight's dtype), or holding inf / NaN (a corrupt checkpoint, an
+    overflowed update: an SVD of it fails, an FP8 row scale of inf or NaN turns its whole row into NaN)."""
     weight = layer.weight
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}.weight has dtype {weight.dtype}; quantization takes "
+                        f"{', '.join(map(str, FLOAT_DTYPES))} weights: cast the model first (e.g. "
+                        f"model.to(torch.bfloat16))")
     # the extremes carry any inf and NaN: one reduction, ~20x cheaper than isfinite(weight) on the CPU
     if not weight.is_meta and weight.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(weight))).all()):
         raise ValueError(f"{name}.weight holds non-finite values (inf / NaN) and cannot be quantized; check the "

@@ -14,9 +14,9 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
-from ..ops._common import FLOAT_DTYPES, autocast_dtype
+from ..ops._common import FLOAT_DTYPES, autocast_dtype, check_tensor
 from ..ops.fp8_linear import FP8_DTYPE, FP8Activation, dequantize_fp8, fp8_linear, quantize_weight_fp8
-from ._storage import KeepsQuantizedDtypes, check_finite_weight
+from ._storage import KeepsQuantizedDtypes, check_quantizable_weight
 
 __all__ = ["FP8Linear", "FP8Activation"]
 
@@ -47,7 +47,7 @@ class FP8Linear(KeepsQuantizedDtypes):
         """Quantize `linear`'s weight per output channel (amax / 448); the bias keeps the linear's dtype."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        check_finite_weight(linear)
+        check_quantizable_weight(linear)
         weight = linear.weight
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=weight.dtype,
                      device=weight.device, backend=backend)
@@ -71,12 +71,12 @@ class FP8Linear(KeepsQuantizedDtypes):
         # The output dtype stock's code would get: nn.Linear's (the autocast dtype under autocast), promoted by
         # `residual + gate * y`. fp8_linear returns x's dtype: x is cast, or relabelled when already quantized.
         out_dtype = autocast_dtype(x) or x.dtype
-        for extra in (gate, residual):
-            if extra is not None:
-                out_dtype = torch.promote_types(out_dtype, extra.dtype)
+        for name, extra in (("gate", gate), ("residual", residual)):
+            if extra is not None:  # checked here, by name: the promotion below would cast x to a bad dtype
+                out_dtype = torch.promote_types(out_dtype, check_tensor(name, extra).dtype)
         if out_dtype != x.dtype:
             x = x.to(out_dtype) if isinstance(x, torch.Tensor) else dataclasses.replace(x, dtype=out_dtype)
-        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.stride(-1) != 1:
+        if isinstance(x, torch.Tensor) and x.stride(-1) != 1:
             x = x.contiguous()  # e.g. diffusers' transposed patch-embedding tokens: the quantizer needs stride 1
         if isinstance(x, torch.Tensor) and x.dim() not in (2, 3) and gate is None and residual is None:
             # any leading shape, as nn.Linear: the op takes (M, K) or (B, S, K)

@@ -33,7 +33,7 @@ from .. import _backend
 from ..ops._common import FLOAT_DTYPES, autocast_dtype
 from ..ops.nvfp4_gemm import nvfp4_gemm, nvfp4_w4a16_gemm
 from ..ops.nvfp4_quantize import E2M1_MAX, E4M3_MAX, GROUP_SIZE, quantize_nvfp4, quantize_nvfp4_activations
-from ._storage import KeepsQuantizedDtypes, check_finite_weight
+from ._storage import KeepsQuantizedDtypes, check_quantizable_weight
 
 __all__ = ["SVDQuantLinear", "svdquant_decompose", "smoothing_factors", "svdquant_error_report"]
 
@@ -139,7 +139,7 @@ class SVDQuantLinear(KeepsQuantizedDtypes):
         without it smoothing is weight-only and the activation tensor scale is 1.0 (as nunchaku's)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        check_finite_weight(linear)
+        check_quantizable_weight(linear)
         weight = linear.weight
         N, K = weight.shape
         if calibration is not None:
@@ -148,8 +148,7 @@ class SVDQuantLinear(KeepsQuantizedDtypes):
                                  f"{getattr(calibration, 'shape', type(calibration).__name__)}")
             if not torch.isfinite(calibration).all():  # an fp16 overflow upstream: NaN smoothing factors
                 raise ValueError("calibration contains non-finite values (inf / NaN); pass finite sample inputs")
-        layer = cls(K, N, rank, linear.bias is not None, activations, weight.dtype if weight.dtype in FLOAT_DTYPES
-                    else torch.float32, weight.device, backend)
+        layer = cls(K, N, rank, linear.bias is not None, activations, weight.dtype, weight.device, backend)
         layer._load_decomposition(weight, linear.bias, smoothing_factors(weight, calibration), calibration)
         return layer
 
