@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import all_finite
 from .convert import _check_positive_int, _family, latent_image_ids, pack_latents, unpack_latents
 
 __all__ = [
@@ -758,9 +759,7 @@ def _train(params: Dict[str, nn.Parameter], loss_fn: Callable[[torch.Generator],
 
 def _check_finite_params(params: Dict[str, nn.Parameter], desc: str, step: int) -> None:
     """Weights a step made non-finite show in the next step's loss: those of a saved or final step are checked."""
-    # the extremes carry any inf / NaN: one reduction, ~20x cheaper than isfinite(p) on the CPU
-    bad = [name for name, p in params.items()
-           if p.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(p.detach()))).all())]
+    bad = [name for name, p in params.items() if not all_finite(p)]
     if bad:
         raise FloatingPointError(f"{desc}: {len(bad)} trained parameter(s) not finite after step {step}, e.g. "
                                  f"{bad[:3]} (lr too large?)")
