@@ -577,6 +577,27 @@ def test_load_quantized_fills_a_meta_skeleton_in_the_files_dtype(tmp_path, monke
     assert torch.equal(_run(skeleton, inputs), expected)
 
 
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_load_quantized_refuses_a_float64_model_by_name_before_changing_it(tmp_path, quant):
+    """A float64 model, or a float64 skeleton of an fp32 file (no 16-bit dtype to take): refused naming the weight.
+    FP8 had blamed a bias dtype; NVFP4 loaded a model that then refused its own float64 inputs. A float64 skeleton
+    of a bf16 file takes the file's dtype and loads."""
+    kw = dict(rank=4) if quant == "nvfp4" else {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_flux(dtype=dtype)
+        dcgen_kernels.quantize(model, quant=quant, backend="reference", **kw)
+        dcgen_kernels.save_quantized(model, tmp_path / f"{dtype}.safetensors")
+    for target in (tiny_flux().double(), tiny_flux(device="meta").double()):
+        before = {k: (v.dtype, v.device) for k, v in target.state_dict().items()}
+        with pytest.raises(TypeError, match=r"transformer_blocks\.0\.attn\.to_q\.weight has dtype torch\.float64"):
+            dcgen_kernels.load_quantized(target, tmp_path / "torch.float32.safetensors", device="cpu")
+        assert quant_report(target) is None
+        assert {k: (v.dtype, v.device) for k, v in target.state_dict().items()} == before
+    skeleton = tiny_flux(device="meta").double()
+    dcgen_kernels.load_quantized(skeleton, tmp_path / "torch.bfloat16.safetensors", device="cpu", backend="reference")
+    assert quant_report(skeleton).quant == quant and skeleton.x_embedder.weight.dtype == torch.bfloat16
+
+
 def test_load_quantized_device_errors_and_skeletons_a_file_cannot_fill(tmp_path):
     model = tiny_flux()
     dcgen_kernels.quantize(model, quant="fp8", backend="reference")

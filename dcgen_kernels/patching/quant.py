@@ -345,10 +345,11 @@ def _check_requantize_settings(model: torch.nn.Module, report: QuantReport, rank
                      f"To change {name}, {how}")
 
 
-def check_quantizable_weights(linears: list) -> None:
-    """Every layer of `block_linears` checked before any is replaced, the first unquantizable weight named."""
+def check_quantizable_weights(linears: list, finite: bool = True) -> None:
+    """Every layer of `block_linears` checked before any is replaced, the first unquantizable weight named
+    (`finite=False`: dtypes only, for layers whose quantized values come from a file)."""
     for name, *_, layer in linears:
-        check_quantizable_weight(layer, name)
+        check_quantizable_weight(layer, name, finite)
 
 
 def replace_block_linears(model: torch.nn.Module, quant: str, keep_original: bool, backend: str, rank: int,

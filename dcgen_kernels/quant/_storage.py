@@ -29,15 +29,16 @@ class KeepsQuantizedDtypes(torch.nn.Module):
         return super()._apply(apply, recurse)
 
 
-def check_quantizable_weight(layer: torch.nn.Module, name: str = "linear") -> None:
+def check_quantizable_weight(layer: torch.nn.Module, name: str = "linear", finite: bool = True) -> None:
     """Refuse a weight the quantized layers cannot stand in for: one of another dtype than float32 / bfloat16 /
-    float16 (their activations and bias are of the weight's dtype), or holding inf / NaN (a corrupt checkpoint, an
-    overflowed update: an SVD of it fails, an FP8 row scale of inf or NaN turns its whole row into NaN)."""
+    float16 (their activations and bias are of the weight's dtype), or, with `finite` (its values are quantized),
+    holding inf / NaN (a corrupt checkpoint, an overflowed update: an SVD of it fails, an FP8 row scale of inf or NaN
+    turns its whole row into NaN)."""
     weight = layer.weight
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}.weight has dtype {weight.dtype}; quantization takes "
                         f"{', '.join(map(str, FLOAT_DTYPES))} weights: cast the model first (e.g. "
                         f"model.to(torch.bfloat16))")
-    if not weight.is_meta and not all_finite(weight):
+    if finite and not weight.is_meta and not all_finite(weight):
         raise ValueError(f"{name}.weight holds non-finite values (inf / NaN) and cannot be quantized; check the "
                          f"checkpoint it was loaded from")

@@ -55,8 +55,8 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     from safetensors.torch import load_file
 
     from .. import _backend
-    from ..patching.quant import (block_linears, check_no_adapters, current_quant, replace_block_linears,
-                                  resolve_nvfp4_activations)
+    from ..patching.quant import (block_linears, check_no_adapters, check_quantizable_weights, current_quant,
+                                  replace_block_linears, resolve_nvfp4_activations)
 
     _check_module(model)
     path = os.fspath(path)
@@ -87,6 +87,8 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     _check_fits(model, path, quant, rank, activations)
     if skeleton:
         _cast_skeleton_to_file_dtype(model, path)
+    # a float64 model (or skeleton of an fp32 file, which stays as built): refused before it changes
+    check_quantizable_weights(block_linears(model), finite=False)
     replace_block_linears(model, quant, False, backend, rank, activations, empty=True)
     state = load_file(path, device=str(device))
     if skeleton and device.type == "cpu":
@@ -185,13 +187,13 @@ def _check_fits(model: torch.nn.Module, path: str, quant: str, rank: int, activa
 
     expected, quantized = {}, []
     for name, _, _, layer in block_linears(model):
-        has_bias, dtype = layer.bias is not None, layer.weight.dtype
+        # float32 stand-ins: a float tensor's dtype does not enter its kind, and a float64 model is refused later,
+        # by name, not here by the quantized layer's constructor
+        has_bias, meta = layer.bias is not None, dict(device="meta", dtype=torch.float32)
         if isinstance(layer, torch.nn.Conv2d):
-            stand_in = torch.nn.Conv2d(layer.in_channels, layer.out_channels, 1, bias=has_bias, device="meta",
-                                       dtype=dtype)
+            stand_in = torch.nn.Conv2d(layer.in_channels, layer.out_channels, 1, bias=has_bias, **meta)
         else:
-            stand_in = torch.nn.Linear(layer.in_features, layer.out_features, bias=has_bias, device="meta",
-                                       dtype=dtype)
+            stand_in = torch.nn.Linear(layer.in_features, layer.out_features, bias=has_bias, **meta)
         module = _quantized_module(stand_in, quant, "reference", rank, activations, empty=True)
         expected.update({f"{name}.{key}": _kind(t) for key, t in module.state_dict().items()})
         quantized.append(name + ".")
