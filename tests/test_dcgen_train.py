@@ -436,6 +436,27 @@ def test_lora_sana_targets():
     assert "transformer_blocks.1.attn2.to_out.0" in lora
 
 
+def test_merge_lora_merges_adapters_injected_with_peft_directly():
+    """quantize() refuses unmerged adapters and names merge_lora: it must merge those diffusers does not track."""
+    import dcgen_kernels
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .helpers import add_lora, tiny_flux, tiny_flux_inputs
+
+    model = add_lora(tiny_flux(), ["to_q", "ff.net.2", "x_embedder"])
+    inputs = tiny_flux_inputs()
+    with torch.no_grad():
+        unmerged = model(**inputs)[0]
+    with pytest.raises(ValueError, match="merge_lora"):
+        dcgen_kernels.quantize(model, "fp8", backend="reference")
+    T.merge_lora(model)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert rel_l2(model(**inputs)[0], unmerged) < 1e-5
+    dcgen_kernels.quantize(model, "fp8", backend="reference")
+
+
 # ----------------------------------------------------------------------------------------------- (f) resume
 def _embedding_run(tmp, steps, every, seed=7, base_fill=None):
     torch.manual_seed(0)

@@ -823,9 +823,13 @@ def add_lora(transformer: nn.Module, rank: int = 256, alpha: float = 256, adapte
 
 
 def merge_lora(transformer: nn.Module) -> nn.Module:
-    """Fold the LoRA adapters into the base weights and remove them (diffusers fuse_lora + unload_lora)."""
+    """Fold the LoRA adapters into the base weights and remove them (diffusers fuse_lora + unload_lora): those of
+    `add_lora` / diffusers' `add_adapter` / `load_lora_adapter`, and those injected with peft directly."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     _family(transformer)
-    if not getattr(transformer, "_hf_peft_config_loaded", False):
+    if not (getattr(transformer, "_hf_peft_config_loaded", False)
+            or any(isinstance(module, BaseTunerLayer) for module in transformer.modules())):
         raise ValueError("transformer has no LoRA adapters to merge")
     transformer.fuse_lora(lora_scale=1.0)
     transformer.unload_lora()
