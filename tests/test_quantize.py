@@ -508,6 +508,14 @@ def _wider_embedder_flux():
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(16, 24, 24))
 
 
+def _deeper_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(  # tiny_flux with a second double-stream block
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+
+
 def _retyped(name, dtype):
     """The saved file with one tensor stored in another dtype (same shape): a hand-made or corrupted checkpoint."""
     def change(path):
@@ -524,12 +532,16 @@ def _retyped(name, dtype):
 
 @pytest.mark.parametrize("other,change,match", [
     (_wider_embedder_flux, None, "3 tensors differ: .*x_embedder.weight: \\(128, 16\\) float in the file"),
-    (tiny_sana, None, "quantizable layers: not the same architecture"),
+    (_deeper_flux, None, r"17 layers, this FluxTransformer2DModel has 29 quantizable layers \(only here: "
+                         r"transformer_blocks\.1\.attn\.to_q, transformer_blocks\.1\.attn\.to_k, "
+                         r"transformer_blocks\.1\.attn\.to_v and 9 more\): not the same architecture"),
+    (tiny_sana, None, r"\(only in the file: transformer_blocks\.0\.attn\.to_q, .* and 14 more; only here: "
+                      r"transformer_blocks\.0\.attn1\.to_q, .*\): not the same architecture"),
     (tiny_flux, _retyped("x_embedder.weight", torch.int32), r"x_embedder.weight: \(128, 16\) int32 in the file, "
                                                             r"\(128, 16\) float here"),
     (tiny_flux, _retyped("transformer_blocks.0.attn.to_q.wscales", torch.uint8), r"to_q.wscales: \(128, 8\) uint8 "
                                                                                  r"in the file, \(128, 8\) float8")],
-    ids=["wider_embedder", "sana", "int_embedder", "uint8_scales"])
+    ids=["wider_embedder", "deeper", "sana", "int_embedder", "uint8_scales"])
 def test_load_quantized_refuses_another_architecture_before_changing_the_model(tmp_path, other, change, match):
     model = tiny_flux()
     dcgen_kernels.quantize(model, quant="nvfp4", rank=8)

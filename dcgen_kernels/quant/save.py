@@ -76,7 +76,8 @@ def load_quantized(model: torch.nn.Module, path, *, backend: str = "auto", devic
     layers = [name for name, *_ in block_linears(model)]
     if layers != saved_layers:
         raise ValueError(f"the checkpoint quantized {len(saved_layers)} layers, this {type(model).__name__} has "
-                         f"{len(layers)} quantizable layers: not the same architecture")
+                         f"{len(layers)} quantizable layers ({_layer_difference(saved_layers, layers)}): not the "
+                         f"same architecture")
     skeleton = next(model.parameters()).device.type == "meta"
     device = _load_device(model, device, skeleton)
     if skeleton:
@@ -175,6 +176,20 @@ def _cast_skeleton_to_file_dtype(model: torch.nn.Module, path: str) -> None:
     sixteen_bit = [named[d] for d in floats if d in named]
     if len(sixteen_bit) == 1:  # fp32 entries are the quantized layers' scales, or the model is fp32
         torch.nn.Module.to(model, sixteen_bit[0])  # diffusers' .to() warns about fp32-kept modules it does not have
+
+
+def _layer_difference(saved: list, here: list) -> str:
+    """The first layers that only the checkpoint or only the model has, or that the order differs."""
+
+    def first(names: list) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    saved_set, here_set = set(saved), set(here)
+    only_saved = [name for name in saved if name not in here_set]
+    only_here = [name for name in here if name not in saved_set]
+    parts = ([f"only in the file: {first(only_saved)}"] if only_saved else []) + \
+        ([f"only here: {first(only_here)}"] if only_here else [])
+    return "; ".join(parts) or "the same layers in another order"
 
 
 def _check_fits(model: torch.nn.Module, path: str, quant: str, rank: int, activations: str) -> None:
