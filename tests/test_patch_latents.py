@@ -1,5 +1,6 @@
 """patch() on the latent I/O of FLUX and SANA: unpacked (B, C, h, w) latents through patch_embed / patch_unembed."""
 
+import re
 import warnings
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 import dcgen_kernels
 from dcgen_kernels.patching import latents
 from dcgen_kernels.dcgen import latent_image_ids, pack_latents, unpack_latents
-from tests.helpers import add_lora, rel_l2, tiny_flux, tiny_flux_inputs, tiny_sana_inputs, tiny_sana_patched_latents
+from tests.helpers import (RecordDcgenOps, add_lora, rel_l2, tiny_flux, tiny_flux_inputs, tiny_sana_inputs,
+                           tiny_sana_patched_latents)
 
 pytest.importorskip("diffusers")
 
@@ -180,7 +182,8 @@ def test_flux_non_linear_embedder_is_skipped_with_reason():
     model, _, _ = flux_case(2)
     model.x_embedder = torch.nn.Sequential(model.x_embedder)
     report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
-    assert ("", "latents", "x_embedder is Sequential, not a plain torch.nn.Linear") in report.skipped
+    assert ("", "latents", "x_embedder is torch.nn.modules.container.Sequential, not a plain torch.nn.Linear") \
+        in report.skipped
 
 
 @pytest.mark.parametrize("return_dict", [False, True])
@@ -193,14 +196,56 @@ def test_flux_adapter_added_after_patch_runs_stock_on_packed_latents(target, ret
     inputs["return_dict"] = return_dict
     dcgen_kernels._backend._warned.clear()
     with torch.no_grad():
-        with pytest.warns(RuntimeWarning, match=f"x_embedder / proj_out runs diffusers' code because {target} is now "
-                                                f"peft"):
+        with pytest.warns(RuntimeWarning, match=f"x_embedder / proj_out runs diffusers' code because {target} is "
+                                                f"peft.tuners.lora.layer.Linear, not the module patch\\(\\) fused "
+                                                f"\\(merging the adapters into the weights"):
             got = model(**{**inputs, "hidden_states": latent})
         got = got.sample if return_dict else got[0]
         expected = unpack_latents(flux_forward(dcgen_kernels.unpatch(model), {**inputs, "return_dict": False},
                                                inputs["hidden_states"]), *latent.shape[2:], 2)
     assert got.shape == latent.shape
     assert rel_l2(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["x_embedder", "proj_out"])
+def test_flux_adapter_added_before_patch_takes_unpacked_latents_until_merged(target):
+    from dcgen_kernels.dcgen import merge_lora
+
+    model, inputs, latent = flux_case(2)
+    add_lora(model, [target])
+    with torch.no_grad():
+        expected = unpack_latents(flux_forward(model, inputs, inputs["hidden_states"]), *latent.shape[2:], 2)
+    report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
+    merge_then_patch = (r"\(merge the adapters into the weights, e.g. with dcgen_kernels.dcgen.merge_lora, then "
+                        r"dcgen_kernels.patch\(model\) again to fuse it\)")
+    skipped = [(name, reason) for name, family, reason in report.skipped if family == "latents"]
+    assert len(skipped) == 1 and skipped[0][0] == target
+    assert re.fullmatch(f"{target} is peft.tuners.lora.layer.Linear, a peft adapter layer {merge_then_patch}",
+                        skipped[0][1])
+    dcgen_kernels._backend._warned.clear()
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=f"because {target} is peft.tuners.lora.layer.Linear, not the module "
+                                                f"patch\\(\\) fused {merge_then_patch}"):
+            got = flux_forward(model, inputs, latent)
+    assert got.shape == latent.shape and rel_l2(got, expected) < 1e-5
+    merge_lora(model)
+    dcgen_kernels.patch(model, backend="reference")
+    with torch.no_grad(), warnings.catch_warnings(), RecordDcgenOps() as recorded:
+        warnings.simplefilter("error", RuntimeWarning)
+        got = flux_forward(model, inputs, latent)
+    assert {"patch_embed", "patch_unembed"} <= recorded.names and rel_l2(got, expected) < 1e-5
+
+
+def test_flux_embedder_replaced_after_patch_by_no_linear_refuses_unpacked_latents():
+    model, inputs, latent = flux_case(2)
+    dcgen_kernels.patch(model, backend="reference")
+    model.x_embedder = torch.nn.Sequential(model.x_embedder)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="unpacked .* latent, which needs FLUX's x_embedder and proj_out to be "
+                                            "nn.Linear layers, but x_embedder is torch.nn.modules.container."
+                                            "Sequential, not a plain torch.nn.Linear: pass packed tokens"):
+            flux_forward(model, inputs, latent)
+        flux_forward(model, inputs, inputs["hidden_states"])  # packed tokens still run
 
 
 def test_flux_converted_after_patch_runs_stock_until_patched_again(monkeypatch):
@@ -212,8 +257,8 @@ def test_flux_converted_after_patch_runs_stock_until_patched_again(monkeypatch):
     latent = torch.randn(1, 32, 4, 4)
     dcgen_kernels._backend._warned.clear()
     with torch.no_grad():
-        with pytest.warns(RuntimeWarning, match="x_embedder is now torch.nn.modules.linear.Linear, not the module "
-                                                "patch\\(\\) replaced \\(dcgen_kernels.patch\\(model\\) again"):
+        with pytest.warns(RuntimeWarning, match="x_embedder is torch.nn.modules.linear.Linear, not the module "
+                                                "patch\\(\\) fused \\(dcgen_kernels.patch\\(model\\) again"):
             expected = flux_forward(model, inputs, latent)
         dcgen_kernels.patch(model, backend="reference")
         with warnings.catch_warnings():
@@ -298,6 +343,21 @@ def test_sana_adapter_added_after_patch_is_applied(target, where):
     assert rel_l2(got, expected) < 1e-5
 
 
+def test_sana_adapter_added_before_patch_is_skipped_with_how_to_fuse_it():
+    model, inputs = tiny_sana_patched_latents(patch_size=2), tiny_sana_inputs(height=6, width=10)
+    add_lora(model, ["patch_embed.proj", "proj_out"])
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        report = dcgen_kernels.patch_report(dcgen_kernels.patch(model, backend="reference"))
+        got = model(**inputs)[0]
+    hint = ("(merge the adapters into the weights, e.g. with dcgen_kernels.dcgen.merge_lora, then "
+            "dcgen_kernels.patch(model) again to fuse it)")
+    assert ("", "latents", f"patch_embed: its proj is peft.tuners.lora.layer.Conv2d, not a plain torch.nn.Conv2d "
+                           f"{hint}; proj_out: proj_out is peft.tuners.lora.layer.Linear, not a plain torch.nn.Linear "
+                           f"{hint}") in report.skipped
+    assert rel_l2(got, expected) < 1e-5
+
+
 def test_sana_report_unpatch_and_state_dict():
     model = tiny_sana_patched_latents(patch_size=2, interpolation_scale=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -329,14 +389,14 @@ SANA_UNSUPPORTED_IO = [
     (lambda m: setattr(m.patch_embed.proj, "padding", (1, 1)), "patch_embed",
      "its conv is not a p x p, stride p, unpadded, ungrouped patch projection", False),
     (lambda m: setattr(m, "patch_embed", torch.nn.Sequential(m.patch_embed)), "patch_embed",
-     "patch_embed is Sequential, not diffusers' PatchEmbed", True),
+     "patch_embed is torch.nn.modules.container.Sequential, not diffusers' PatchEmbed", True),
     (lambda m: _swap_proj(m, _Conv2dSubclass, 1), "patch_embed",
-     "its proj is _Conv2dSubclass, not a plain torch.nn.Conv2d", True),
+     "its proj is tests.test_patch_latents._Conv2dSubclass, not a plain torch.nn.Conv2d", True),
     (lambda m: setattr(m.patch_embed, "flatten", False), "patch_embed", "it does not flatten to tokens", False),
     (lambda m: _swap_proj(m, torch.nn.Conv2d, 2), "patch_embed", "its patch size 2 differs from config.patch_size 1",
      False),
     (lambda m: setattr(m, "proj_out", torch.nn.Sequential(m.proj_out)), "proj_out",
-     "proj_out is Sequential, not a plain torch.nn.Linear", True),
+     "proj_out is torch.nn.modules.container.Sequential, not a plain torch.nn.Linear", True),
 ]
 
 

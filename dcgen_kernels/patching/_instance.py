@@ -142,9 +142,14 @@ def qualified_type(module: torch.nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
+def is_adapter_layer(module: torch.nn.Module) -> bool:
+    """Whether `module` is a peft adapter layer (LoRA etc.), which wraps the layer it adapts."""
+    return type(module).__module__.split(".")[0] == "peft"
+
+
 def adapter_hint(module: torch.nn.Module) -> str:
-    """How to get the fused op back when `module` is a peft adapter layer, else ''."""
-    if type(module).__module__.split(".")[0] != "peft":
+    """How to get the fused op back when `module` is a peft adapter layer around a patched module, else ''."""
+    if not is_adapter_layer(module):
         return ""
     return " (merging the adapters into the weights, e.g. with dcgen_kernels.dcgen.merge_lora, fuses it again)"
 

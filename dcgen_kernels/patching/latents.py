@@ -30,7 +30,8 @@ from .. import _backend
 from ..ops._common import FLOAT_DTYPES, autocast_dtype
 from ..ops.patch_embed import PATCH_SIZES, patch_embed, patch_unembed
 from . import cuda_graph
-from ._instance import adapter_hint, not_plain, qualified_type, reset_own_forward, set_own_forward, warn_unfused
+from ._instance import (adapter_hint, is_adapter_layer, not_plain, qualified_type, reset_own_forward,
+                        set_own_forward, warn_unfused)
 
 FAMILY = "latents"
 SUPPORTED = ("FluxTransformer2DModel (unpacked (B, C, h, w) latents) / SanaTransformer2DModel: x_embedder|"
@@ -39,6 +40,9 @@ SUPPORTED = ("FluxTransformer2DModel (unpacked (B, C, h, w) latents) / SanaTrans
 _STATE_ATTR = "_dcgen_latents"  # per patched module: {"backend": ..., "role": ...}; own name so no other family
 _SKIP_ATTR = "_dcgen_latents_skip"  # set by the model on a child that stays stock, popped when patch() reports it
 _GRID_ATTR = "_dcgen_unembed_grid"  # on proj_out during one model call: (patch_size, height, width)
+# an adapter layer found at patch() wraps a layer patch() did not fuse: merging alone does not fuse it
+_MERGE_THEN_PATCH = (" (merge the adapters into the weights, e.g. with dcgen_kernels.dcgen.merge_lora, then "
+                     "dcgen_kernels.patch(model) again to fuse it)")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -128,9 +132,15 @@ def _flux_model_forward(self, hidden_states, *args, **kwargs):
     if not (isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     _, channels, height, width = hidden_states.shape
-    p = _flux_patch_size(self.x_embedder.in_features, channels)
-    if self.proj_out.out_features % (p * p):
-        raise ValueError(f"proj_out has {self.proj_out.out_features} features, not a multiple of patch_size**2 = "
+    reason = _flux_skip_reason(self)  # a child replaced since patch() by a module that is no (adapted) Linear
+    if reason is not None:
+        raise TypeError(f"hidden_states is an unpacked (B, C, h, w) latent, which needs FLUX's x_embedder and "
+                        f"proj_out to be nn.Linear layers, but {reason}: pass packed tokens "
+                        f"(dcgen_kernels.dcgen.pack_latents)")
+    p = _flux_patch_size(_adapted_layer(self.x_embedder).in_features, channels)
+    out_features = _adapted_layer(self.proj_out).out_features
+    if out_features % (p * p):
+        raise ValueError(f"proj_out has {out_features} features, not a multiple of patch_size**2 = "
                          f"{p * p}: it cannot be unpacked to a (B, C, h, w) latent")
     # img_ids is FluxTransformer2DModel.forward's 5th argument
     img_ids = kwargs["img_ids"] if "img_ids" in kwargs else (args[3] if len(args) > 3 else None)
@@ -155,21 +165,36 @@ def _flux_model_forward(self, hidden_states, *args, **kwargs):
 
 
 def _unpatched_child_reason(model, *names: str) -> Optional[str]:
-    """Why the model's patched forward cannot hand these children the latent (grid) on this call: one is no longer
-    the module patch() replaced (peft wraps it when adapters are added afterwards), else None."""
+    """Why the model's patched forward cannot hand these children the latent (grid) on this call: one is not the
+    module patch() fused (a peft adapter layer wraps it, added before or after patch(); or a new module), else None."""
     for name in names:
         module = getattr(model, name)
         if _STATE_ATTR not in module.__dict__:
-            hint = adapter_hint(module) or " (dcgen_kernels.patch(model) again fuses the new one)"
-            return f"{name} is now {qualified_type(module)}, not the module patch() replaced{hint}"
+            hint = _adapter_fuse_hint(module) or " (dcgen_kernels.patch(model) again fuses the new one)"
+            return f"{name} is {qualified_type(module)}, not the module patch() fused{hint}"
     return None
 
 
+def _adapted_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The layer a peft adapter layer wraps, else `module`."""
+    return module.get_base_layer() if is_adapter_layer(module) and hasattr(module, "get_base_layer") else module
+
+
+def _adapter_fuse_hint(module: torch.nn.Module) -> str:
+    """How to fuse `module` when it is a peft adapter layer (merging, and patch() again unless it wraps a module
+    patch() fused), else ''."""
+    if not is_adapter_layer(module):
+        return ""
+    return adapter_hint(module) if _STATE_ATTR in _adapted_layer(module).__dict__ else _MERGE_THEN_PATCH
+
+
 def _flux_skip_reason(model) -> Optional[str]:
+    """Why the model cannot take unpacked latents: an embedder or head that is neither a plain nn.Linear nor a peft
+    adapter layer around one (the model's patched forward runs diffusers' code on packed tokens for that)."""
     for name in ("x_embedder", "proj_out"):
         module = getattr(model, name, None)
-        if type(module) is not torch.nn.Linear:
-            return f"{name} is {type(module).__name__}, not a plain torch.nn.Linear"
+        if type(_adapted_layer(module)) is not torch.nn.Linear:
+            return f"{name} is {qualified_type(module)}, not a plain torch.nn.Linear"
     return None
 
 
@@ -225,13 +250,13 @@ def _sana_embed_skip_reason(embed, model) -> Optional[str]:
     from diffusers.models.embeddings import PatchEmbed
 
     if type(embed) is not PatchEmbed:
-        return f"patch_embed is {type(embed).__name__}, not diffusers' PatchEmbed"
+        return f"patch_embed is {qualified_type(embed)}, not diffusers' PatchEmbed"
     conv = embed.proj
     p = embed.patch_size
     if p not in PATCH_SIZES:
         return f"patch size {p} (the fused op takes {PATCH_SIZES})"
     if type(conv) is not torch.nn.Conv2d:
-        return f"its proj is {type(conv).__name__}, not a plain torch.nn.Conv2d"
+        return f"its proj is {qualified_type(conv)}, not a plain torch.nn.Conv2d{_adapter_fuse_hint(conv)}"
     if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((p, p), (p, p), (0, 0), (1, 1), 1):
         return "its conv is not a p x p, stride p, unpadded, ungrouped patch projection"
     if not embed.flatten:
@@ -244,7 +269,7 @@ def _sana_embed_skip_reason(embed, model) -> Optional[str]:
 def _sana_head_skip_reason(model) -> Optional[str]:
     head, p = model.proj_out, model.config.patch_size
     if type(head) is not torch.nn.Linear:
-        return f"proj_out is {type(head).__name__}, not a plain torch.nn.Linear"
+        return f"proj_out is {qualified_type(head)}, not a plain torch.nn.Linear{_adapter_fuse_hint(head)}"
     if p not in PATCH_SIZES:
         return f"config.patch_size {p} (the fused op takes {PATCH_SIZES})"
     if head.out_features % (p * p):
@@ -264,8 +289,14 @@ def _model_classes() -> dict:
 def _patch_flux(model, backend: str):
     reason = _flux_skip_reason(model)
     if reason is None:
-        _install(model.x_embedder, _flux_embed_forward, "flux_embed", backend)
-        _install(model.proj_out, _head_forward, "flux_head", backend)
+        for name, forward, role in (("x_embedder", _flux_embed_forward, "flux_embed"),
+                                    ("proj_out", _head_forward, "flux_head")):
+            child = getattr(model, name)
+            if not is_adapter_layer(child):
+                _install(child, forward, role, backend)
+            else:  # the model still takes unpacked latents: on packed tokens through diffusers' code, warned per call
+                setattr(child, _SKIP_ATTR, f"{name} is {qualified_type(child)}, a peft adapter layer"
+                                           f"{_adapter_fuse_hint(child)}")
         _install(model, _flux_model_forward, "flux_model", backend)
     return type(model).__name__, reason
 
