@@ -117,6 +117,17 @@ def test_patch_replaces_the_modules_and_keeps_stock_results(make):
         assert any("because an attention_mask was passed" in str(w.message) for w in said)
 
 
+def test_chroma_without_an_attention_mask_runs_the_fused_attention():
+    model, inputs = build(chroma)
+    del inputs["attention_mask"]
+    expected = outputs(model, inputs)
+    dcgen_kernels.patch(model, backend="reference")
+    with RecordDcgenOps() as recorded, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = outputs(model, inputs)
+    assert "flux_attention" in recorded.names and rel_l2(got, expected) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("make", list(CASES), ids=lambda make: make.__name__)
 def test_patched_bf16_stays_as_near_fp32_as_stock(make):
     model, inputs = build(make)
