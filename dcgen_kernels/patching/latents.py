@@ -13,10 +13,10 @@ reshape/permute/reshape are free views. SANA orders head features (i, j, c), FLU
 weight rows are permuted per call (a copy of C*4 x D elements).
 
 The model's forward learns the latent grid and hands it to its `proj_out` for the duration of the call (the
-Linear alone only sees tokens). When peft has wrapped the embedder or head since patch() (a LoRA adapter), or
-SANA's embedder conv is wrapped or hooked, the call runs diffusers' code instead (FLUX: on the packed latent, its
-output unpacked), with a one-time warning. Per instance; parameters and state_dict untouched; `unpatch` restores
-all.
+Linear alone only sees tokens). When peft wraps the embedder or head (a LoRA adapter, added before or after
+patch()), or SANA's embedder conv is wrapped or hooked, the call runs diffusers' code instead (FLUX: on the packed
+latent, its output unpacked), with a one-time warning. Per instance; parameters and state_dict untouched; `unpatch`
+restores all.
 """
 
 from __future__ import annotations
