@@ -16,21 +16,22 @@ GPU model compare fairly; all are higher-is-better:
   vs_gemm                a patch (un)embedding variant over the bare GEMM on packed input, same run (patch_embed);
   speedup_vs_bf16        a quantized linear over cuBLAS bf16 on the same layer, same run (quant_linear);
   speedup_vs_bf16_with_producer  the same with the kernel producing its input on both sides (the FP8 target).
-These ratios of the baselines' own records (BASELINE_RECORDS: stock, the bare GEMM, torch's SDPA backends) are shown,
-not gated. Absolute times and throughputs (ms, s, TFLOP/s, GB/s, compile seconds) are shown, not gated: they move
-with clocks, drivers and the machine. So are the e2e ratios that involve an eager transformer step under
-HOST_BOUND_STEP_MS (in either run), and quant_linear's FLUX-12B step ratios when its eager stock step is: such steps
-are paced by the host's kernel launches, which vary between machines (two H100 runs of the same code 20 minutes
-apart, 2026-11-27: DC-Gen-FLUX 1K stock step 89.6 vs 60.9 ms, ratios moving by up to 47%); decodes, ops and steps of
-HOST_BOUND_STEP_MS or more stay gated. Likewise the model-step ratios of sana_step whose steps the run's own kernel
-profile found host-paced (GPU busy under GPU_BUSY_MIN, in either run): all of a size's ratios when its stock step
-was, its eager (non-graph) variants' when its patched step was (the 64x64 SANA step across six H100 runs of
-2026-11-27: stock 45.0-60.8 ms, patched eager 32.4-65.8 ms for ~22 ms of kernels, patched GPU busy 19-45% against
-93-98% at 128x128). A tracked metric whose record failed its correctness check in the new run, or whose new value is
-not finite (NaN, inf), counts as a regression, host-paced or not; one whose baseline record failed its check or is
-not finite is shown, not gated (it is no reference). Tracked metrics in only one file are listed, not gated (a
-section skipped for time is not a regression; the run's own `problems` list reports errors).
-Modelled numbers (the projection section) and anchor copies are not compared.
+These ratios of the baselines' own records (BASELINE_RECORDS: stock, the bare GEMM, torch's SDPA backends) are
+shown, not gated. Absolute times and throughputs (ms, s, TFLOP/s, GB/s, compile seconds) and fractions of stock (the
+eager quant_linear steps') are shown, not gated: they move with clocks, drivers and the machine. So are the e2e
+ratios that involve an eager transformer step under HOST_BOUND_STEP_MS (in either run), and quant_linear's FLUX-12B
+step ratios when its eager stock step is: such steps are paced by the host's kernel launches, which vary between
+machines (two H100 runs of the same code 20 minutes apart, 2026-11-27: DC-Gen-FLUX 1K stock step 89.6 vs 60.9 ms,
+such ratios moving by -47% to +73%); decodes, ops and steps of HOST_BOUND_STEP_MS or more stay gated. Likewise the
+model-step ratios of sana_step whose steps the run's own kernel profile found host-paced (GPU busy under
+GPU_BUSY_MIN, in either run): all of a size's ratios when its stock step was, its eager (non-graph) variants' when
+its patched step was (the 64x64 SANA step across six H100 runs of 2026-11-27: stock 45.0-60.8 ms, patched eager
+32.4-65.8 ms for ~22 ms of kernels, patched GPU busy 19-45% against 93-98% at 128x128). A tracked metric whose
+record failed its correctness check in the new run, or whose new value is not finite (NaN, inf), counts as a
+regression, host-paced or not; one whose baseline record failed its check or is not finite is shown, not gated (it
+is no reference). Tracked metrics in only one file are listed, not gated (a section skipped for time is not a
+regression; the run's own `problems` list reports errors). Modelled numbers (the projection section) and anchor
+copies are not compared.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ BASELINE_RECORDS = ("stock", "stock_conv", "stock_graph", "gemm", "sdpa_cudnn", 
                     "torch_compile", "bf16_cublas", "bf16_with_producer", "scaled_mm_core", "scaled_mm_core_fast_accum")
 TRACKED = ("speedup_vs_stock", "speedup_vs_base", "frac_of_measured_gemm", "frac_of_copy", "vs_gemm",
            "speedup_vs_bf16", "speedup_vs_bf16_with_producer")
-SHOWN = ("ms", "s", "compile_s", "tflops", "GBps", "copy_GBps", "gemm_tflops", "attention_tflops", "fp8_gemm_tflops")
+SHOWN = ("ms", "s", "compile_s", "tflops", "GBps", "copy_GBps", "gemm_tflops", "attention_tflops", "fp8_gemm_tflops",
+         "fraction_of_stock")  # the eager FLUX-12B quant_linear steps' (the FP8 step target), lower is better
 NOT_COMPARED = ("environment", "anchors", "gpu_check", "targets", "problems", "projection", "config", "sections")
 HOST_BOUND_STEP_MS = 250.0  # eager FLUX-12B steps at <= 4608 tokens (130-190 ms on an H100) are host-paced
+SCHEMA_PREFIX = "dcgen_kernels-benchmarks/"  # run.py's report["schema"]: other JSONs (profiles, anchors) are refused
 GPU_BUSY_MIN = 0.8  # a profiled step whose kernels fill less of its wall time is paced by the host
 
 
@@ -211,9 +214,10 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as err:
             print(f"compare: cannot read {name}: {err}", file=sys.stderr)
             return 2
-        if not isinstance(report, dict) or not isinstance(report.get("environment", {}), dict):
-            print(f"compare: {name} is not a benchmarks/run.py results JSON (an object with an 'environment' object)",
-                  file=sys.stderr)
+        if not (isinstance(report, dict) and str(report.get("schema")).startswith(SCHEMA_PREFIX)
+                and isinstance(report.get("environment"), dict)):
+            print(f"compare: {name} is not a benchmarks/run.py results JSON (an object with a 'schema' "
+                  f"{SCHEMA_PREFIX}... and an 'environment' object)", file=sys.stderr)
             return 2
         reports.append(report)
     devices = [r.get("environment", {}).get("gpu") or r.get("mode") for r in reports]

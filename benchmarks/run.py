@@ -936,7 +936,7 @@ def e2e_outputs(report: dict, out: str | None) -> dict:
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--tiny", action="store_true", help="force the tiny CPU configuration")
     parser.add_argument("--out", help="write the results JSON here (rewritten after every section); the e2e "
                         "table and chart go beside it as <stem>-e2e.md / <stem>-e2e.png")

@@ -186,6 +186,17 @@ def test_compare_drop_of_exactly_the_threshold_is_not_a_regression():
     assert compare.compare(report(2.0), report(1.49), 0.25)["regressions"] == ["op/dcgen/speedup_vs_stock"]
 
 
+def test_compare_shows_the_eager_fp8_step_fraction_of_stock_without_gating_it():
+    def report(fraction):
+        return {"quant_linear": {"flux_step": {"stock": {"ms": 180.0},
+                                               "patched_fp8": {"ms": 180.0 * fraction, "fraction_of_stock": fraction}}}}
+
+    result = compare.compare(report(0.6), report(0.9), 0.10)  # 50% slower relative to stock: shown, not gated
+    rows = {r["metric"]: r for r in result["rows"]}
+    assert rows["quant_linear/flux_step/patched_fp8/fraction_of_stock"]["change"] == pytest.approx(0.5)
+    assert not rows["quant_linear/flux_step/patched_fp8/fraction_of_stock"]["tracked"] and not result["regressions"]
+
+
 def test_compare_lists_tracked_metrics_present_in_one_run_only():
     old = {"a": {"dcgen": {"ms": 1.0, "speedup_vs_stock": 1.5}}, "both": {"dcgen": {"speedup_vs_stock": 1.1}}}
     new = {"b": {"dcgen": {"ms": 1.0, "speedup_vs_stock": 1.5}}, "both": {"dcgen": {"speedup_vs_stock": 1.1}}}
@@ -227,7 +238,8 @@ def test_compare_render_counts_tracked_metrics(h100):
     assert f"({tracked} compared)" in text.splitlines()[-1]
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", '{"environment": []}'])
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", '{"schema": "dcgen_kernels-benchmarks/1", "environment": []}',
+                                     '{"environment": {}, "config": {}, "profiles": []}'])
 def test_compare_refuses_json_that_is_no_results_file(tmp_path, capsys, h100, content):
     bad = tmp_path / "bad.json"
     bad.write_text(content)
