@@ -289,6 +289,22 @@ def test_patched_model_survives_torch_save_load_and_deepcopy(quant):
     assert torch.equal(run(model, inputs), expected)
 
 
+def test_patched_quantized_model_is_freed_by_the_garbage_collector():
+    """As test_patch_sana's: with FP8 layers, kept originals (held off the module tree) and CUDA graphs requested."""
+    import gc
+    import weakref
+
+    model, inputs = tiny_flux(), tiny_flux_inputs()
+    dcgen_kernels.patch(model, backend="reference", quant="fp8", keep_original=True, cuda_graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cuda_graph on the CPU: eager, warned once
+        run(model, inputs)
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None
+
+
 def test_float64_model_runs_diffusers_code_with_one_warning_per_module_kind():
     model = tiny_flux().double()
     inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
