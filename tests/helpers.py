@@ -54,6 +54,23 @@ def assert_patch_keeps_gradients(model, inputs, checkpointing: bool = False) -> 
     assert bool(checkpointed) == checkpointing
 
 
+def assert_freed_once_dropped(model, call) -> None:
+    """Each patched module holds its forward bound to itself (a reference cycle, as accelerate's hooks make): after
+    `call(model)` and the caller's last reference dropped, the collector must free the model, with its GPU memory
+    (nothing global may keep it). The caller passes its only reference and must not keep another."""
+    import gc
+    import warnings
+    import weakref
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cuda_graph on the CPU: eager, warned once
+        call(model)
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None
+
+
 def assert_patched_modules_return_stock_dtypes(model, call, quant=None, fused_epilogues=()) -> None:
     """Under the caller's autocast / dtypes: every submodule that `call(model)` runs both before and after patch()
     returns the dtypes it returned stock. Recorded with a global forward hook, which the patched forwards do not see

@@ -5,8 +5,8 @@ import torch
 
 import dcgen_kernels
 from dcgen_kernels.patching.flux import DCGenFluxAttnProcessor
-from tests.helpers import (TOLERANCE, assert_patch_keeps_gradients, assert_patched_modules_return_stock_dtypes, rel_l2,
-                           rope_tables, tiny_flux, tiny_flux_inputs)
+from tests.helpers import (TOLERANCE, assert_freed_once_dropped, assert_patch_keeps_gradients,
+                           assert_patched_modules_return_stock_dtypes, rel_l2, rope_tables, tiny_flux, tiny_flux_inputs)
 
 
 def run(model, inputs):
@@ -290,19 +290,10 @@ def test_patched_model_survives_torch_save_load_and_deepcopy(quant):
 
 
 def test_patched_quantized_model_is_freed_by_the_garbage_collector():
-    """As test_patch_sana's: with FP8 layers, kept originals (held off the module tree) and CUDA graphs requested."""
-    import gc
-    import weakref
-
-    model, inputs = tiny_flux(), tiny_flux_inputs()
-    dcgen_kernels.patch(model, backend="reference", quant="fp8", keep_original=True, cuda_graph=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # cuda_graph on the CPU: eager, warned once
-        run(model, inputs)
-    dropped = weakref.ref(model)
-    del model
-    gc.collect()
-    assert dropped() is None
+    """With FP8 layers, kept originals (held off the module tree) and CUDA graphs requested."""
+    inputs = tiny_flux_inputs()
+    assert_freed_once_dropped(dcgen_kernels.patch(tiny_flux(), backend="reference", quant="fp8", keep_original=True,
+                                                  cuda_graph=True), lambda model: run(model, inputs))
 
 
 def test_float64_model_runs_diffusers_code_with_one_warning_per_module_kind():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dcgen_kernels
-from tests.helpers import (TOLERANCE, add_lora, assert_patch_keeps_gradients,
+from tests.helpers import (TOLERANCE, add_lora, assert_freed_once_dropped, assert_patch_keeps_gradients,
                            assert_patched_modules_return_stock_dtypes, rel_l2, tiny_dcae, tiny_sana, tiny_sana_inputs)
 
 
@@ -229,21 +229,10 @@ def test_patched_model_survives_torch_save_load(family):
 
 @pytest.mark.parametrize("family", sorted(_MIX_FFN_CASES))
 def test_patched_model_is_freed_by_the_garbage_collector(family):
-    """Each patched module holds its forward bound to itself (a reference cycle, as accelerate's hooks make): once the
-    caller drops the model, the collector must free it, with its GPU memory (nothing global may keep it)."""
-    import gc
-    import weakref
-
     make, make_inputs, run, _ = _MIX_FFN_CASES[family]
-    model, inputs = make(), make_inputs()
-    dcgen_kernels.patch(model, backend="reference", cuda_graph=family == "sana")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # cuda_graph on the CPU: eager, warned once
-        run(model, inputs)
-    dropped = weakref.ref(model)
-    del model
-    gc.collect()
-    assert dropped() is None
+    inputs = make_inputs()
+    assert_freed_once_dropped(dcgen_kernels.patch(make(), backend="reference", cuda_graph=family == "sana"),
+                              lambda model: run(model, inputs))
 
 
 @pytest.mark.gpu
