@@ -24,9 +24,13 @@ ENV_VAR = "DCGEN_BACKEND"
 SupportCheck = Callable[[], Optional[str]]
 
 _warned: set[str] = set()
+# Numbers and addresses in a key (shapes, batch sizes, strides, pointers): a reason that names them would otherwise
+# warn again, and grow _warned, at every new resolution; names with digits (float16, sm_90) stay apart.
+_KEY_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|(?<![A-Za-z_])[0-9]+")
 
 
 def warn_once(key: str, message: str) -> None:
+    """Warn `message` once per kind of `key` (its numbers masked)."""
     if torch.compiler.is_compiling():
         # Dynamo cannot trace warnings.warn (fullgraph=True would fail): warn while the call is traced instead.
         from torch._dynamo.comptime import comptime
@@ -37,6 +41,7 @@ def warn_once(key: str, message: str) -> None:
 
 
 def _warn_once(key: str, message: str) -> None:
+    key = _KEY_NUMBERS.sub("#", key)  # here, not in warn_once: Dynamo would trace the regex
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -127,8 +132,7 @@ def select(
         if not quiet:
             declined.append((name, reason))
     for declined_name, reason in declined:
-        # once per kind of reason: shapes and strides (digits) in it would warn again at every resolution
-        warn_once(f"{op}:{declined_name}:{re.sub(r'[0-9]+', '#', reason)}",
+        warn_once(f"{op}:{declined_name}:{reason}",
                   f"dcgen_kernels.{op}: {declined_name} backend cannot serve this call ({reason}); falling back to "
                   f"{name}")
     return name

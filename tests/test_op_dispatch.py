@@ -211,6 +211,25 @@ def test_fallback_warnings_are_once_per_op_and_reason(monkeypatch):
     assert sorted(str(w.message).split(":")[0] for w in caught) == ["dcgen_kernels.first_op", "dcgen_kernels.second_op"]
 
 
+def test_one_time_warnings_are_keyed_by_kind_not_by_the_numbers_in_them(monkeypatch):
+    """A fallback whose reason names a shape or batch size (SANA's caption batch, a mask's shape) warns once for
+    every resolution, and the set of warned keys stays bounded in a server that sees many; names with digits (dtypes,
+    archs) stay apart."""
+    from dcgen_kernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning) as caught:
+        for batch in range(2, 300):
+            _backend.warn_once(f"sana-processor:its caption batch 1 is not the image batch {batch}",
+                               f"batch {batch}")
+        for address in ("0x7f00aa", "0x7f00bb"):
+            _backend.warn_once(f"cuda_graph:capture:tensor at {address} of shape (2, 64)", address)
+        for dtype in ("float16", "bfloat16", "float32"):
+            _backend.warn_once(f"latents:dtype:torch.{dtype}", dtype)
+    assert [str(w.message) for w in caught] == ["batch 2", "0x7f00aa", "float16", "bfloat16", "float32"]
+    assert len(_backend._warned) == 5
+
+
 @pytest.mark.parametrize("triton_reason", [None, "Triton needs a CUDA tensor"])
 def test_fallback_warning_names_the_backend_that_serves_the_call(monkeypatch, triton_reason):
     """backend="cuda" where _C cannot run: the warning names the backend the call gets, which is the reference where
