@@ -173,13 +173,101 @@ def test_image_folder_and_sample_images(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.full((40, 60), 255, np.uint8)).save(folder / "gray.png")  # gray -> RGB
-    Image.fromarray(np.zeros((50, 30, 4), np.uint8)).save(folder / "rgba.png")  # RGBA -> RGB
+    Image.fromarray(np.zeros((50, 30, 4), np.uint8)).save(folder / "rgba.png")  # RGBA -> RGB, transparent: white
+    opaque = np.zeros((50, 30, 4), np.uint8)
+    opaque[..., 3] = 255
+    Image.fromarray(opaque).save(folder / "rgba_opaque.png")
     x = data.load_image_folder(str(folder), 16)
-    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
-    assert torch.allclose(x[0], torch.ones(3, 16, 16)) and torch.allclose(x[1], -torch.ones(3, 16, 16))
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(x[0], torch.ones(3, 16, 16)) and torch.allclose(x[1], torch.ones(3, 16, 16))
+    assert torch.allclose(x[2], -torch.ones(3, 16, 16))
     images = data.sample_images()
     assert len(images) >= 5 and all(im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3 for im in images)
     assert data.sample_images(["coffee"])[0].shape == (400, 600, 3)
+
+
+def test_image_files_are_read_as_they_display(tmp_path):
+    """EXIF orientation applied, transparency over white, 16-bit gray scaled (PIL's convert clips it at 255)."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    halves = np.zeros((16, 32, 3), np.uint8)
+    halves[:, :16, 0] = 255  # red left half, blue right half as stored
+    halves[:, 16:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(halves).save(folder / "a_rotated.jpg", exif=exif, quality=100)
+    half_alpha = np.zeros((8, 8, 4), np.uint8)
+    half_alpha[..., 0], half_alpha[..., 3] = 255, 128  # red at alpha 128 over white
+    Image.fromarray(half_alpha).save(folder / "b_alpha.png")
+    ramp = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(folder / "c_gray16.png")
+    assert Image.open(folder / "c_gray16.png").mode.startswith("I")  # a 16-bit file, which convert("RGB") clips
+    x = data.load_image_folder(str(folder), 8)
+    rotated = x[0].mean(dim=2)  # displayed: red on top, blue below (stored: left / right)
+    assert rotated[0, 0] > 0.9 and rotated[2, 0] < -0.9 and rotated[0, -1] < -0.9 and rotated[2, -1] > 0.9
+    torch.testing.assert_close(x[1][:, 4, 4], torch.tensor([1.0, 127 / 127.5 - 1, 127 / 127.5 - 1]), atol=1 / 127.5,
+                               rtol=0)
+    assert torch.equal(x[2], data.images_to_tensor([ramp / 65535.0], 8)[0])  # as the array in [0, 1]
+    assert x[2][0, 0, 0] == -1 and x[2][0, 0, -1] == 1
+
+
+def test_image_folder_warns_what_it_leaves_out_and_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    (folder / "more").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "more" / "nested.png")
+    (folder / "notes.txt").write_text("captions")
+    (folder / ".DS_Store").write_bytes(b"")
+    frames = [Image.fromarray(np.full((8, 8, 3), value, np.uint8)) for value in (255, 0)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning) as caught:
+        x = data.load_image_folder(str(folder), 8)
+    messages = [str(w.message) for w in caught]
+    assert any("2 entries are not image files and are left out" in m and "more, notes.txt" in m for m in messages)
+    assert any("only the first frame of 1 multi-frame images is read: anim.gif" in m for m in messages)
+    assert x.shape == (1, 3, 8, 8) and x.min() > 0.9  # the white first frame
+
+    float_folder = tmp_path / "float"
+    float_folder.mkdir()
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(float_folder / "f.tiff")
+    with pytest.raises(data.DataError, match=r"f.tiff' has mode F \(32-bit float samples"):
+        data.load_image_folder(str(float_folder), 8)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # a 64-pixel image counts as a decompression bomb
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(big / "bomb.png")
+    with pytest.raises(data.DataError, match="could not read image .*bomb.png.*decompression bomb"):
+        data.load_image_folder(str(big), 8)
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((0, 5, 3), np.uint8), r"image '#0' is empty \(shape \(0, 5, 3\)\)"),
+    (np.full((4, 4, 3), 200.0), r"image '#0' is float64 with values in \[200, 200\]; float images must be in"),
+    (np.full((4, 4, 3), -1.0), r"values in \[-1, -1\]"),
+    (np.full((4, 4, 3), np.nan), r"values in \[nan, nan\]"),
+])
+def test_images_to_tensor_refuses_empty_or_out_of_range_images(image, match):
+    with pytest.raises(data.DataError, match=match):
+        data.images_to_tensor([image], 4)
+
+
+def test_encode_refuses_an_unwritable_out_before_work_and_reports_host_memory(models, tmp_path, capsys,
+                                                                              monkeypatch):
+    from dcgen_kernels.dcgen import data as data_module
+
+    args = ["encode", "--sample-images", "--base-ae", models["kl"], "--dc-ae", models["dc"], "--size", "64"]
+    read = []
+    monkeypatch.setattr(data_module, "sample_images", lambda: read.append(1) or [np.zeros((8, 8, 3), np.uint8)])
+    code, _, err = _run([*args, "--out", "/proc/cache.safetensors"], capsys)
+    assert code == 2 and "--out '/proc/cache.safetensors' cannot be written: creating a file in '/proc'" in err
+    assert not read
+    monkeypatch.setattr(data_module, "images_to_tensor", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    code, _, err = _run([*args, "--out", str(tmp_path / "c.safetensors")], capsys)
+    assert code == 1 and "error: out of host memory: a smaller --size" in err
 
 
 def test_encode_records_the_folder_row_order(models, tmp_path, capsys):

@@ -28,6 +28,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 import torch
@@ -116,6 +117,13 @@ def _check_output_path(path: str, flag: str, directory: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise CLIError(f"{flag} {path!r} is below {parent!r}, an existing file: it cannot be created")
+    try:  # a file created and removed where the outputs go: permissions, read-only or immutable places
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise CLIError(f"{flag} {path!r} cannot be written: creating a file in {parent!r} failed ({e})") from e
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CLIError(f"{flag} {path!r} exists and cannot be overwritten")
 
 
 def _check_training_args(args) -> None:
@@ -540,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad arguments / missing files / invalid inputs, 1 a training run
-    stopped by a non-finite loss)."""
+    stopped by a non-finite loss, or host memory exhausted)."""
     from .data import DataError
 
     try:
@@ -554,6 +562,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except FloatingPointError as e:  # the loss diverged: the checkpoints written so far stay
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:  # host memory (e.g. encode's images at a huge --size); a GPU's is torch's OutOfMemoryError
+        print("error: out of host memory: a smaller --size or --batch-size, or fewer images, needs less",
+              file=sys.stderr)
         return 1
     return 0
 

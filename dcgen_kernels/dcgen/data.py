@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,11 +53,18 @@ def read_json(path: str) -> dict:
 
 def _to_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
     image = np.asarray(image)
+    if image.size == 0:
+        raise DataError(f"image {name!r} is empty (shape {image.shape})")
     if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating):  # skimage float images live in [0, 1]
-            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        else:
+        if not np.issubdtype(image.dtype, np.floating):
             raise DataError(f"image {name!r} has unsupported dtype {image.dtype}")
+        # skimage's float images live in [0, 1], overshoots of resampling are clipped; values far outside follow
+        # another convention (0-255, [-1, 1]) that clipping would turn white or black
+        low, high = float(np.min(image)), float(np.max(image))  # NaN propagates: refused below
+        if not (low >= -0.5 and high <= 1.5):
+            raise DataError(f"image {name!r} is {image.dtype} with values in [{low:g}, {high:g}]; float images "
+                            f"must be in [0, 1] (or give uint8)")
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
     elif image.ndim == 3 and image.shape[2] == 1:
@@ -134,24 +142,65 @@ def image_files(path: str) -> List[str]:
     return files
 
 
+def _skipped_entries(path: str, files: List[str]) -> List[str]:
+    """The entries of `path` that `image_files` leaves out, hidden ones (dot files) aside."""
+    kept = set(files)
+    return sorted(f for f in os.listdir(path) if f not in kept and not f.startswith("."))
+
+
+def _file_to_rgb_uint8(im, full: str) -> np.ndarray:
+    """The RGB uint8 array a PIL image shows: EXIF orientation applied (as image viewers and diffusers' load_image
+    do), transparency composited over white (what shows through is otherwise whatever colour the file stores
+    there), 16-bit gray scaled to 8 bits (PIL's convert would clip it at 255); 32-bit int / float samples, whose
+    range a file does not fix, are refused."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16"):
+        return _to_rgb_uint8(np.asarray(im).astype(np.float64) / 65535.0, full)
+    if im.mode in ("I", "F"):
+        raise DataError(f"image {full!r} has mode {im.mode} (32-bit {'int' if im.mode == 'I' else 'float'} samples, "
+                        f"whose range the file does not fix): convert it to an 8- or 16-bit image first")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(im.convert("RGB"))
+
+
 def load_image_folder(path: str, size: int) -> torch.Tensor:
     """Every image file of `image_files(path)`, in that order, as a (N, 3, size, size) float32 tensor in [-1, 1]:
-    converted to RGB, center-cropped to a square, resized (bicubic).
+    as displayed (EXIF orientation applied, transparency over white, 16-bit gray scaled), center-cropped to a square,
+    resized (bicubic). A warning names the entries left out (subfolders, other extensions, broken links) and the
+    multi-frame files (animations, TIFF stacks), of which the first frame is read.
 
     Raises FileNotFoundError for a missing folder, DataError for a folder without images or an unreadable file.
     """
     from PIL import Image, UnidentifiedImageError
 
-    arrays = []
-    for f in image_files(path):
+    files = image_files(path)
+    skipped = _skipped_entries(path, files)
+    if skipped:
+        warnings.warn(f"{path}: {len(skipped)} entries are not image files and are left out (subfolders are not "
+                      f"read; extensions read: {', '.join(IMAGE_EXTENSIONS)}): {', '.join(skipped[:5])}"
+                      f"{' ...' if len(skipped) > 5 else ''}", UserWarning, stacklevel=2)
+    arrays, multi_frame = [], []
+    for f in files:
         full = os.path.join(path, f)
         try:
             with Image.open(full) as im:
                 im.load()
-                rgb = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+                frames = getattr(im, "n_frames", 1)
+                arrays.append(_file_to_rgb_uint8(im, full))
+        except DataError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"could not read image {full!r}: {e}") from e
-        arrays.append(np.asarray(rgb))
+        if frames > 1:
+            multi_frame.append(f)
+    if multi_frame:
+        warnings.warn(f"{path}: only the first frame of {len(multi_frame)} multi-frame images is read: "
+                      f"{', '.join(multi_frame[:5])}{' ...' if len(multi_frame) > 5 else ''}", UserWarning,
+                      stacklevel=2)
     return images_to_tensor(arrays, size)
 
 
