@@ -218,6 +218,8 @@ def test_one_time_warnings_are_keyed_by_kind_not_by_the_numbers_in_them(monkeypa
     from dcgen_kernels import _backend
 
     monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_KINDS", {})
+    monkeypatch.setattr(_backend, "_KINDS_MAX", 100)  # the key -> kind memo is cleared when full
     with pytest.warns(RuntimeWarning) as caught:
         for batch in range(2, 300):
             _backend.warn_once(f"sana-processor:its caption batch 1 is not the image batch {batch}",
@@ -227,7 +229,7 @@ def test_one_time_warnings_are_keyed_by_kind_not_by_the_numbers_in_them(monkeypa
         for dtype in ("float16", "bfloat16", "float32"):
             _backend.warn_once(f"latents:dtype:torch.{dtype}", dtype)
     assert [str(w.message) for w in caught] == ["batch 2", "0x7f00aa", "float16", "bfloat16", "float32"]
-    assert len(_backend._warned) == 5
+    assert len(_backend._warned) == 5 and len(_backend._KINDS) <= 100
 
 
 @pytest.mark.parametrize("triton_reason", [None, "Triton needs a CUDA tensor"])
